@@ -1,0 +1,108 @@
+"""Validation: raw lines become `customers` + `customer_purchases`, or `schema_errors`."""
+
+import time
+
+import dagster as dg
+from pydantic import Field
+
+from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY, raw_customers
+from pipeline_project.checks.input_checks import INPUT_CHECK_SPECS, input_check_results
+from pipeline_project.core.validation import ValidationSummary, validate_batch
+from pipeline_project.partitions import batches
+from pipeline_project.resources import DUCKDB_WRITER_POOL, Warehouse
+from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, SCHEMA_ERRORS
+
+
+class ValidationConfig(dg.Config):
+    chunk_rows: int = Field(default=100_000, description="Lines validated per chunk.")
+    max_line_bytes: int = Field(
+        default=1_048_576, description="Lines longer than this are rejected (as in ingestion)."
+    )
+    error_rate_threshold: float = Field(
+        default=0.05, description="Schema error rate above which the WARN check fails (alert)."
+    )
+    hard_error_rate_ceiling: float = Field(
+        default=0.5, description="Schema error rate above which the batch stops here (blocking)."
+    )
+
+
+_SPEC_KWARGS = {"deps": [raw_customers], "group_name": "validation", "kinds": {"duckdb"}}
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            CUSTOMERS,
+            description="Valid customers of each batch, one row per accepted landing line.",
+            metadata={"dagster/table_name": CUSTOMERS},
+            **_SPEC_KWARGS,
+        ),
+        dg.AssetSpec(
+            CUSTOMER_PURCHASES,
+            description="Purchases of the valid customers, one row per purchaseHistory entry.",
+            metadata={"dagster/table_name": CUSTOMER_PURCHASES},
+            **_SPEC_KWARGS,
+        ),
+        dg.AssetSpec(
+            SCHEMA_ERRORS,
+            description="Rejected landing lines with the raw text and every `field: message`.",
+            metadata={"dagster/table_name": SCHEMA_ERRORS},
+            **_SPEC_KWARGS,
+        ),
+    ],
+    check_specs=INPUT_CHECK_SPECS,
+    partitions_def=batches,
+    pool=DUCKDB_WRITER_POOL,
+    retry_policy=STAGE_RETRY_POLICY,
+)
+def validated_customers(
+    context: dg.AssetExecutionContext, config: ValidationConfig, warehouse: Warehouse
+):
+    """Validates each raw line against the pandera models, in chunks, in one transaction."""
+    batch_id = context.partition_key
+    started = time.perf_counter()
+
+    def progress(summary: ValidationSummary) -> None:
+        context.log.info(
+            f"{batch_id}: chunk {summary.chunks} done, {summary.rows_in:,} lines,"
+            f" {summary.invalid:,} invalid"
+        )
+
+    with warehouse.replace_batch([CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS], batch_id) as conn:
+        summary = validate_batch(
+            conn,
+            batch_id,
+            chunk_rows=config.chunk_rows,
+            max_line_bytes=config.max_line_bytes,
+            on_chunk=progress,
+        )
+    seconds = time.perf_counter() - started
+    with warehouse.get_connection() as conn:
+        checks = input_check_results(
+            conn, batch_id, config.error_rate_threshold, config.hard_error_rate_ceiling
+        )
+
+    figures = {
+        "rows_in": summary.rows_in,
+        "rows_valid": summary.valid,
+        "rows_invalid": summary.invalid,
+        "error_rate": round(summary.error_rate, 6),
+        "chunks": summary.chunks,
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(summary.rows_in / seconds) if seconds else 0,
+    }
+    yield dg.MaterializeResult(
+        asset_key=CUSTOMERS, metadata={"dagster/row_count": summary.valid, **figures}
+    )
+    yield dg.MaterializeResult(
+        asset_key=CUSTOMER_PURCHASES, metadata={"dagster/row_count": summary.purchases}
+    )
+    yield dg.MaterializeResult(
+        asset_key=SCHEMA_ERRORS,
+        metadata={
+            "dagster/row_count": summary.invalid,
+            "error_rate": round(summary.error_rate, 6),
+            "invalid_lines_by_field": dg.MetadataValue.json(dict(summary.errors_by_field)),
+        },
+    )
+    yield from checks

@@ -1,0 +1,88 @@
+"""Checks on validated input: no row vanishes, and the schema error rate stays low."""
+
+from __future__ import annotations
+
+import dagster as dg
+import duckdb
+
+from pipeline_project.partitions import batches
+
+ROWS_CONSERVED = "rows_conserved"
+ERROR_RATE_BELOW_THRESHOLD = "schema_error_rate_below_threshold"
+ERROR_RATE_BELOW_HARD_CEILING = "schema_error_rate_below_hard_ceiling"
+
+# partitions_def on a check spec is a preview API; it is the only way to keep each batch's
+# result (pass/fail per partition in the UI) instead of "latest run wins".
+INPUT_CHECK_SPECS = [
+    dg.AssetCheckSpec(
+        ROWS_CONSERVED,
+        asset="customers",
+        blocking=True,
+        partitions_def=batches,
+        description="Every raw line is in exactly one of customers or schema_errors.",
+    ),
+    dg.AssetCheckSpec(
+        ERROR_RATE_BELOW_THRESHOLD,
+        asset="customers",
+        partitions_def=batches,
+        description="Share of lines rejected into schema_errors is at most the alert threshold.",
+    ),
+    dg.AssetCheckSpec(
+        ERROR_RATE_BELOW_HARD_CEILING,
+        asset="customers",
+        blocking=True,
+        partitions_def=batches,
+        description="Above this share of rejected lines the batch does not flow downstream.",
+    ),
+]
+
+_CONSERVATION_SQL = """
+SELECT
+    (SELECT count(*) FROM raw_customers WHERE batch_id = $b) AS raw_rows,
+    (SELECT count(*) FROM customers WHERE batch_id = $b) AS valid_rows,
+    (SELECT count(*) FROM schema_errors WHERE batch_id = $b) AS invalid_rows,
+    (SELECT count(*) FROM (
+        SELECT r.line_no
+        FROM raw_customers AS r
+        LEFT JOIN (
+            SELECT line_no FROM customers WHERE batch_id = $b
+            UNION ALL
+            SELECT line_no FROM schema_errors WHERE batch_id = $b
+        ) AS placed USING (line_no)
+        WHERE r.batch_id = $b
+        GROUP BY r.line_no
+        HAVING count(placed.line_no) <> 1
+    )) AS misplaced_lines
+"""
+
+
+def input_check_results(
+    conn: duckdb.DuckDBPyConnection, batch_id: str, threshold: float, ceiling: float
+) -> list[dg.AssetCheckResult]:
+    """Evaluate the input checks on the committed tables of one batch."""
+    [(raw, valid, invalid, misplaced)] = conn.execute(_CONSERVATION_SQL, {"b": batch_id}).fetchall()
+    rate = invalid / raw if raw else 0.0
+    figures = {"raw_rows": raw, "valid_rows": valid, "invalid_rows": invalid, "error_rate": rate}
+    return [
+        dg.AssetCheckResult(
+            asset_key="customers",
+            check_name=ROWS_CONSERVED,
+            passed=raw == valid + invalid and misplaced == 0,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={**figures, "lines_not_placed_exactly_once": misplaced},
+        ),
+        dg.AssetCheckResult(
+            asset_key="customers",
+            check_name=ERROR_RATE_BELOW_THRESHOLD,
+            passed=rate <= threshold,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={**figures, "threshold": threshold},
+        ),
+        dg.AssetCheckResult(
+            asset_key="customers",
+            check_name=ERROR_RATE_BELOW_HARD_CEILING,
+            passed=rate <= ceiling,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={**figures, "ceiling": ceiling},
+        ),
+    ]

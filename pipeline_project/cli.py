@@ -1,0 +1,153 @@
+"""The project's command line: sample data, the end-to-end demo, the UI."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline_project.settings import Settings
+
+
+@click.group()
+def main() -> None:
+    """pipeline_project: a partitioned, validated AI data pipeline on Dagster and DuckDB."""
+
+
+@main.command()
+@click.option("--batches", default=2, show_default=True, help="Number of batch files.")
+@click.option("--rows", default=1000, show_default=True, help="Customers per batch.")
+@click.option("--bad-rate", default=0.03, show_default=True, help="Share of bad rows.")
+@click.option("--seed", default=42, show_default=True, help="Same seed, same files.")
+@click.option("--start", default=1, show_default=True, help="Number of the first batch (b001).")
+@click.option("--gzip", "use_gzip", is_flag=True, help="Write .jsonl.gz files.")
+@click.option(
+    "--landing-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Default: $PIPELINE_LANDING_DIR or data/landing.",
+)
+@click.option(
+    "--catalog",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Default: $PIPELINE_CATALOG_PATH or data/catalog.csv.",
+)
+def generate(
+    batches: int, rows: int, bad_rate: float, seed: int, start: int, use_gzip: bool,
+    landing_dir: Path | None, catalog: Path | None,
+) -> None:  # fmt: skip
+    """Write deterministic sample batches and the product catalog."""
+    settings = Settings.from_env()
+    _generate(
+        landing_dir or settings.landing_dir, catalog or settings.catalog_path,
+        batches=batches, rows=rows, bad_rate=bad_rate, seed=seed, start=start, use_gzip=use_gzip,
+    )  # fmt: skip
+
+
+def _generate(
+    landing_dir: Path, catalog_path: Path, *, batches: int, rows: int, bad_rate: float,
+    seed: int, start: int = 1, use_gzip: bool = False,
+) -> list[Path]:  # fmt: skip
+    from pipeline_project.core.sample_data import generate_batch, write_catalog
+
+    catalog = write_catalog(catalog_path, seed=seed)
+    click.echo(f"catalog: {catalog_path} ({len(catalog.product_ids)} products)")
+    paths = []
+    for number in range(start, start + batches):
+        path = landing_dir / f"b{number:03d}.jsonl{'.gz' if use_gzip else ''}"
+        kinds = generate_batch(path, rows, bad_rate, seed + number, catalog)
+        bad = sum(n for kind, n in kinds.items() if kind != "valid" and not kind.startswith("edge"))
+        click.echo(f"batch: {path} ({rows:,} rows, {bad:,} bad)")
+        paths.append(path)
+    return paths
+
+
+@main.command()
+@click.option("--batches", default=2, show_default=True, help="Sample batches if none landed.")
+@click.option("--rows", default=1000, show_default=True, help="Customers per sample batch.")
+@click.option("--bad-rate", default=0.03, show_default=True, help="Share of bad sample rows.")
+@click.option("--seed", default=42, show_default=True)
+def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
+    """Run the whole pipeline on every landed batch (sample data if the landing folder is empty)."""
+    from pipeline_project.instance import ensure_dagster_home
+
+    home = ensure_dagster_home()
+    settings = Settings.from_env()
+    click.echo(f"Dagster home: {home}\nwarehouse:   {settings.duckdb_path}")
+
+    import dagster as dg
+
+    from pipeline_project.definitions import build_definitions
+    from pipeline_project.partitions import batches as batch_partitions
+    from pipeline_project.resources import LandingZone
+
+    landing = LandingZone(path=str(settings.landing_dir))
+    if not landing.scan().files:
+        click.echo(f"landing folder {settings.landing_dir} is empty: generating sample data")
+        _generate(settings.landing_dir, settings.catalog_path,
+                  batches=batches, rows=rows, bad_rate=bad_rate, seed=seed)  # fmt: skip
+    scan = landing.scan()
+    for rejected in scan.rejected:
+        click.echo(f"skipped landing file {rejected.name!r}: {rejected.reason}", err=True)
+
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def("batch_ingestion_job")
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    failed = []
+    with dg.DagsterInstance.get() as instance:
+        known = set(instance.get_dynamic_partitions(batch_partitions.name))
+        new = sorted(set(scan.files) - known)
+        if new:
+            instance.add_dynamic_partitions(batch_partitions.name, new)
+        rows_out = []
+        for i, batch_id in enumerate(sorted(scan.files), start=1):
+            click.echo(f"[{i}/{len(scan.files)}] {batch_id}: ingesting and validating ...")
+            result = job.execute_in_process(
+                partition_key=batch_id, instance=instance, run_config=quiet, raise_on_error=False
+            )
+            figures = _metadata(result, "validated_customers", "customers")
+            rows_out.append((batch_id, "ok" if result.success else "FAILED", figures))
+            if not result.success:
+                failed.append(batch_id)
+    click.echo("")
+    click.echo(
+        f"{'batch':<12}{'status':<8}{'rows in':>10}{'valid':>10}{'invalid':>10}{'error rate':>12}"
+    )
+    for batch_id, status, f in rows_out:
+        click.echo(
+            f"{batch_id:<12}{status:<8}{f.get('rows_in', 0):>10,}{f.get('rows_valid', 0):>10,}"
+            f"{f.get('rows_invalid', 0):>10,}{f.get('error_rate', 0.0):>11.2%}"
+        )
+    click.echo("\nSee it in the UI: pipeline-project ui  (then open http://127.0.0.1:3000)")
+    if failed:
+        click.echo(f"runs failed for: {', '.join(failed)} (see the Dagster UI for why)", err=True)
+        sys.exit(1)
+
+
+def _metadata(result, node: str, asset: str) -> dict:
+    for materialization in result.asset_materializations_for_node(node):
+        if materialization.asset_key.to_user_string() == asset:
+            return {k: v.value for k, v in materialization.metadata.items()}
+    return {}
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=3000, show_default=True)
+@click.argument("dagster_args", nargs=-1, type=click.UNPROCESSED)
+def ui(host: str, port: int, dagster_args: tuple[str, ...]) -> None:
+    """Start `dagster dev` (UI + daemon) on loopback with the project's Dagster home."""
+    from pipeline_project.instance import ensure_dagster_home
+
+    ensure_dagster_home()
+    target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else [
+        "-m", "pipeline_project.definitions"]  # fmt: skip
+    args = ["dagster", "dev", *target, "-h", host, "-p", str(port), *dagster_args]
+    os.execvp(args[0], args)
+
+
+if __name__ == "__main__":
+    main()

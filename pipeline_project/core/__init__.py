@@ -1,0 +1,1 @@
+"""Plain functions with the pipeline's logic; no Dagster in here, so each is testable alone."""

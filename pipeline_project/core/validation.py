@@ -1,0 +1,337 @@
+"""Row-level validation of a batch: DuckDB extracts fields, pandera judges them, chunk by chunk.
+
+Every raw line ends in exactly one place: `customers` (with its purchases in
+`customer_purchases`) or `schema_errors` with every `field: message` problem of the line.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import duckdb
+import pandera.pyarrow as pa
+import pyarrow
+import pyarrow.compute as pc
+
+from pipeline_project.schemas import CustomerRecord, PurchaseElement, PurchaseRecord, RawLineRecord
+
+_JSON_KIND_MACRO = """
+CREATE OR REPLACE TEMP MACRO json_kind(t) AS CASE
+    WHEN t IS NULL THEN 'missing'
+    WHEN t = 'VARCHAR' THEN 'string'
+    WHEN t IN ('BIGINT', 'UBIGINT', 'HUGEINT', 'DOUBLE') THEN 'number'
+    ELSE lower(t) END
+"""
+
+# The parseable document of a raw line, or NULL when the line cannot hold JSON.
+_DOC = """CASE WHEN read_error IS NULL AND utf8_ok AND byte_length <= $max_line_bytes
+              THEN try_cast(raw AS JSON) END"""
+
+_DUPLICATE_IDS_SQL = f"""
+CREATE OR REPLACE TEMP TABLE batch_duplicate_ids AS
+SELECT id, min(line_no) AS first_line
+FROM (
+    SELECT line_no, lower(json_extract_string(doc, '$.id')) AS id
+    FROM (SELECT line_no, {_DOC} AS doc FROM raw_customers WHERE batch_id = $batch_id)
+    WHERE json_type(doc, '$.id') = 'VARCHAR'
+)
+GROUP BY id
+HAVING count(*) > 1
+"""
+
+
+def _string_field(alias: str, idx: int) -> str:
+    return (
+        f"json_kind(json_type(f[{idx}])) AS {alias}__type, "
+        f"CASE WHEN json_type(f[{idx}]) = 'VARCHAR' THEN json_extract_string(f[{idx}], '$') END"
+        f" AS {alias}"
+    )
+
+
+def _timestamp_field(alias: str, idx: int) -> str:
+    """The string field, and what DuckDB's TIMESTAMPTZ parser makes of it (NULL: not a date)."""
+    parsed = f"try_cast(json_extract_string(f[{idx}], '$') AS TIMESTAMPTZ)"
+    return (
+        f"{_string_field(alias, idx)}, "
+        f"CASE WHEN json_type(f[{idx}]) = 'VARCHAR' AND isfinite({parsed}) THEN {parsed} END"
+        f" AS {alias}__ts"
+    )
+
+
+_LINES_SQL = f"""
+WITH src AS (
+    SELECT line_no, raw, byte_length, utf8_ok, read_error, {_DOC} AS doc
+    FROM raw_customers
+    WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
+), fields AS (
+    SELECT *, json_extract(doc, ['$.id', '$.email', '$.createdAt', '$.purchaseHistory']) AS f
+    FROM src
+)
+SELECT
+    fields.line_no,
+    CASE WHEN read_error IS NOT NULL THEN 'an unreadable line (' || read_error || ')'
+         WHEN NOT utf8_ok THEN 'text that is not UTF-8'
+         WHEN byte_length > $max_line_bytes
+             THEN 'a line of ' || byte_length || ' bytes, over the limit of ' || $max_line_bytes
+         WHEN trim(raw) = '' THEN 'an empty line'
+         WHEN doc IS NULL THEN 'invalid JSON'
+         ELSE json_kind(json_type(doc)) END AS line,
+    {_string_field("id", 1)},
+    dup.first_line AS id__first_line,
+    {_string_field("email", 2)},
+    {_timestamp_field("createdAt", 3)},
+    json_kind(json_type(f[4])) AS purchaseHistory__type
+FROM fields
+LEFT JOIN batch_duplicate_ids AS dup
+    ON json_type(f[1]) = 'VARCHAR'
+   AND dup.id = lower(json_extract_string(f[1], '$'))
+   AND dup.first_line < fields.line_no
+ORDER BY fields.line_no
+"""
+
+_PURCHASES_SQL = f"""
+WITH src AS (
+    SELECT line_no, {_DOC} AS doc
+    FROM raw_customers
+    WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
+), lists AS (
+    SELECT line_no, json_extract(doc, '$.purchaseHistory[*]') AS items
+    FROM src
+    WHERE json_type(doc) = 'OBJECT' AND json_type(doc, '$.purchaseHistory') = 'ARRAY'
+), elems AS (
+    SELECT line_no, generate_subscripts(items, 1) - 1 AS purchase_idx, unnest(items) AS e
+    FROM lists
+), fields AS (
+    SELECT *, json_extract(e, ['$.productId', '$.amount', '$.date']) AS f FROM elems
+)
+SELECT
+    line_no,
+    purchase_idx,
+    json_kind(json_type(e)) AS purchase__type,
+    {_string_field("productId", 1)},
+    json_kind(json_type(f[2])) AS amount__type,
+    CASE WHEN json_kind(json_type(f[2])) = 'number'
+         THEN json_extract_string(f[2], '$')::DOUBLE END AS amount,
+    {_timestamp_field("date", 3)}
+FROM fields
+ORDER BY line_no, purchase_idx
+"""
+
+_NO_MESSAGES = pyarrow.table(
+    {"line_no": pyarrow.array([], pyarrow.int64()), "message": pyarrow.array([], pyarrow.string())}
+)
+
+
+@dataclass
+class ChunkResult:
+    """Valid customers and purchases of a chunk, and every invalid line with its messages."""
+
+    customers: pyarrow.Table
+    purchases: pyarrow.Table
+    errors: pyarrow.Table  # line_no, errors (list of "field: message")
+
+
+@dataclass
+class ValidationSummary:
+    rows_in: int = 0
+    valid: int = 0
+    invalid: int = 0
+    purchases: int = 0
+    chunks: int = 0
+    errors_by_field: Counter = field(default_factory=Counter)
+
+    @property
+    def error_rate(self) -> float:
+        return self.invalid / self.rows_in if self.rows_in else 0.0
+
+
+def validate_batch(
+    conn: duckdb.DuckDBPyConnection,
+    batch_id: str,
+    *,
+    chunk_rows: int,
+    max_line_bytes: int,
+    on_chunk: Callable[[ValidationSummary], None] | None = None,
+) -> ValidationSummary:
+    """Validate `raw_customers` of one batch into customers, customer_purchases, schema_errors.
+
+    Runs on the caller's connection, inside the caller's transaction: the caller deletes the
+    batch's old rows first and commits once at the end.
+    """
+    params = {"batch_id": batch_id, "max_line_bytes": max_line_bytes}
+    conn.execute(_JSON_KIND_MACRO)
+    conn.execute(_DUPLICATE_IDS_SQL, params)
+    [(last_line,)] = conn.execute(
+        "SELECT coalesce(max(line_no), 0) FROM raw_customers WHERE batch_id = ?", [batch_id]
+    ).fetchall()
+    summary = ValidationSummary()
+    for first in range(1, last_line + 1, chunk_rows):
+        chunk_params = {**params, "first": first, "last": first + chunk_rows - 1}
+        lines = _fetch(conn, _LINES_SQL, chunk_params)
+        purchases = _fetch(conn, _PURCHASES_SQL, chunk_params)
+        result = validate_chunk(lines, purchases)
+        _insert_chunk(conn, chunk_params, result)
+        summary.rows_in += lines.num_rows
+        summary.valid += result.customers.num_rows
+        summary.invalid += result.errors.num_rows
+        summary.purchases += result.purchases.num_rows
+        summary.chunks += 1
+        for messages in result.errors.column("errors").to_pylist():
+            summary.errors_by_field.update({m.split(":", 1)[0].split("[", 1)[0] for m in messages})
+        if on_chunk is not None:
+            on_chunk(summary)
+    conn.execute("DROP TABLE IF EXISTS batch_duplicate_ids")
+    return summary
+
+
+def validate_chunk(lines: pyarrow.Table, purchases: pyarrow.Table) -> ChunkResult:
+    """Judge one chunk of extracted lines and their purchases against the pandera models."""
+    messages = [_line_messages(RawLineRecord, lines)]
+    objects = lines.filter(pc.equal(lines["line"], "object"))
+    messages.append(_line_messages(CustomerRecord, objects))
+    messages.append(_purchase_messages(PurchaseElement, purchases, element_level=True))
+    object_purchases = purchases.filter(pc.equal(purchases["purchase__type"], "object"))
+    messages.append(_purchase_messages(PurchaseRecord, object_purchases))
+
+    all_messages = pyarrow.concat_tables(messages)
+    bad_lines = pc.unique(all_messages["line_no"])
+    good = objects.filter(pc.invert(pc.is_in(objects["line_no"], value_set=bad_lines)))
+    good_purchases = object_purchases.filter(
+        pc.is_in(object_purchases["line_no"], value_set=good["line_no"].combine_chunks())
+    )
+    return ChunkResult(
+        customers=good.select(["line_no", "id", "email", "createdAt__ts"]),
+        purchases=good_purchases.select(
+            ["line_no", "purchase_idx", "productId", "amount", "date__ts"]
+        ),
+        errors=_group_messages(all_messages),
+    )
+
+
+def _fetch(conn: duckdb.DuckDBPyConnection, sql: str, params: dict) -> pyarrow.Table:
+    """Run an extraction query; timestamps are relabelled to UTC (instants are unchanged), so
+    the models see one type whatever time zone the DuckDB session reports."""
+    table = conn.sql(sql, params=params).to_arrow_table()
+    for i, column in enumerate(table.schema):
+        if pyarrow.types.is_timestamp(column.type) and column.type.tz is not None:
+            table = table.set_column(i, column.name, table[i].cast(pyarrow.timestamp("us", "UTC")))
+    return table
+
+
+def render_failure(field_name: str, rule: str, got: str | None) -> str:
+    return f"{field_name}: {rule}" if got is None else f"{field_name}: {rule} (got {got})"
+
+
+def _failures(model: type[pa.DataFrameModel], table: pyarrow.Table) -> list[dict]:
+    """pandera's failure cases as dicts (column, check, failure_case, index); [] when all pass."""
+    try:
+        model.validate(table, lazy=True)
+    except pa.errors.SchemaErrors as err:
+        cases = err.failure_cases.to_pylist()
+        if any(case["index"] is None for case in cases):
+            # A table-level failure (missing column, wrong type) is a bug in the extraction SQL,
+            # not bad data: fail loudly instead of rejecting every line.
+            raise RuntimeError(f"{model.__name__} could not check the chunk: {cases[:5]}") from err
+        return cases
+    return []
+
+
+def _got(column: str, rule: str, value: str | None) -> str | None:
+    if rule == "is required":
+        return None
+    if column.endswith("__type") or column == "line":
+        return value
+    if column.endswith("__first_line"):
+        return f"line {value}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _field(column: str) -> str:
+    return column.split("__", 1)[0]
+
+
+def _line_messages(model: type[pa.DataFrameModel], lines: pyarrow.Table) -> pyarrow.Table:
+    cases = _failures(model, lines)
+    if not cases:
+        return _NO_MESSAGES
+    line_no = lines["line_no"].take([c["index"] for c in cases])
+    rendered = [
+        render_failure(
+            _field(c["column"]), c["check"], _got(c["column"], c["check"], c["failure_case"])
+        )
+        for c in cases
+    ]
+    return pyarrow.table({"line_no": line_no, "message": pyarrow.array(rendered, pyarrow.string())})
+
+
+def _purchase_messages(
+    model: type[pa.DataFrameModel], purchases: pyarrow.Table, element_level: bool = False
+) -> pyarrow.Table:
+    cases = _failures(model, purchases)
+    if not cases:
+        return _NO_MESSAGES
+    rows = purchases.select(["line_no", "purchase_idx"]).take([c["index"] for c in cases])
+    rendered = []
+    for case, idx in zip(cases, rows["purchase_idx"].to_pylist(), strict=True):
+        path = f"purchaseHistory[{idx}]"
+        if not element_level:
+            path += "." + _field(case["column"])
+        got = _got(case["column"], case["check"], case["failure_case"])
+        rendered.append(render_failure(path, case["check"], got))
+    return pyarrow.table(
+        {"line_no": rows["line_no"], "message": pyarrow.array(rendered, pyarrow.string())}
+    )
+
+
+def _group_messages(messages: pyarrow.Table) -> pyarrow.Table:
+    """One row per invalid line with all its messages, in the order they were found."""
+    if messages.num_rows == 0:
+        return pyarrow.table(
+            {
+                "line_no": pyarrow.array([], pyarrow.int64()),
+                "errors": pyarrow.array([], pyarrow.list_(pyarrow.string())),
+            }
+        )
+    numbered = messages.append_column(
+        "seq", pyarrow.array(range(messages.num_rows), pyarrow.int64())
+    )
+    grouped = (
+        numbered.sort_by([("line_no", "ascending"), ("seq", "ascending")])
+        .group_by("line_no", use_threads=False)
+        .aggregate([("message", "list")])
+    )
+    return pyarrow.table({"line_no": grouped["line_no"], "errors": grouped["message_list"]})
+
+
+def _insert_chunk(conn: duckdb.DuckDBPyConnection, params: dict, result: ChunkResult) -> None:
+    params = {"batch_id": params["batch_id"], "first": params["first"], "last": params["last"]}
+    conn.register("chunk_customers", result.customers)
+    conn.register("chunk_purchases", result.purchases)
+    conn.register("chunk_errors", result.errors)
+    try:
+        conn.execute(
+            "INSERT INTO customers SELECT $batch_id, c.line_no, lower(c.id)::UUID, c.email,"
+            " c.createdAt__ts, coalesce(p.n, 0), coalesce(p.spend, 0.0) FROM chunk_customers AS c"
+            " LEFT JOIN (SELECT line_no, count(*) AS n, sum(amount) AS spend FROM chunk_purchases"
+            " GROUP BY line_no) AS p USING (line_no)",
+            {"batch_id": params["batch_id"]},
+        )
+        conn.execute(
+            "INSERT INTO customer_purchases SELECT $batch_id, lower(c.id)::UUID, p.line_no,"
+            " p.purchase_idx, p.productId, p.amount, p.date__ts"
+            " FROM chunk_purchases AS p JOIN chunk_customers AS c USING (line_no)",
+            {"batch_id": params["batch_id"]},
+        )
+        conn.execute(
+            "INSERT INTO schema_errors SELECT $batch_id, e.line_no, r.raw, e.errors,"
+            " len(e.errors), now() FROM chunk_errors AS e JOIN raw_customers AS r"
+            " ON r.batch_id = $batch_id AND r.line_no = e.line_no"
+            " AND r.line_no BETWEEN $first AND $last",
+            params,
+        )
+    finally:
+        for view in ("chunk_customers", "chunk_purchases", "chunk_errors"):
+            conn.unregister(view)

@@ -1,0 +1,7 @@
+"""Everything that talks to the outside: the DuckDB warehouse, the landing folder, alert sinks."""
+
+from pipeline_project.resources.alerts import AlertSink
+from pipeline_project.resources.landing import LandingZone
+from pipeline_project.resources.warehouse import DUCKDB_WRITER_POOL, Warehouse
+
+__all__ = ["DUCKDB_WRITER_POOL", "AlertSink", "LandingZone", "Warehouse"]

@@ -1,0 +1,91 @@
+"""DuckDB stores: short-lived connections, and one transaction per batch write."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import duckdb
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+
+from pipeline_project.tables import ALERTS_DDL, WAREHOUSE_DDL
+
+# Steps that write the warehouse share this pool; dagster_instance.yaml gives it one slot.
+DUCKDB_WRITER_POOL = "duckdb_writer"
+
+
+class DuckDBStore(DuckDBResource):
+    """A DuckDB file whose connections are retried while another process holds the write lock."""
+
+    connect_timeout_seconds: float = Field(
+        default=120.0,
+        description="How long to keep retrying while another process holds the file lock.",
+    )
+
+    def _table_ddl(self) -> Sequence[str]:
+        return ()
+
+    @contextmanager
+    def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection that is always closed, also when the body raises (the lock is released)."""
+        conn = self._connect()
+        try:
+            for ddl in self._table_ddl():
+                conn.execute(ddl)
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """BEGIN ... COMMIT on a fresh connection; any exception rolls the whole write back."""
+        with self.get_connection() as conn:
+            conn.begin()
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        connect = retry(
+            retry=retry_if_exception_type(duckdb.IOException),
+            wait=wait_exponential_jitter(initial=0.05, max=5.0),
+            stop=stop_after_delay(self.connect_timeout_seconds),
+            reraise=True,
+        )(duckdb.connect)
+        return connect(database=self.database, read_only=False, config=dict(self.connection_config))
+
+
+class Warehouse(DuckDBStore):
+    """The pipeline's DuckDB file: every stage's tables, each keyed by batch_id."""
+
+    def _table_ddl(self) -> Sequence[str]:
+        return tuple(WAREHOUSE_DDL.values())
+
+    @contextmanager
+    def replace_batch(
+        self, tables: Sequence[str], batch_id: str
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Delete the batch from `tables` and let the caller insert it again, in ONE transaction.
+
+        A crash anywhere inside leaves the previous committed state of the batch.
+        """
+        with self.transaction() as conn:
+            for table in tables:
+                if table not in WAREHOUSE_DDL:
+                    raise ValueError(f"{table!r} is not a warehouse table")
+                conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
+            yield conn
+
+
+class AlertStore(DuckDBStore):
+    """The DuckDB file that holds the `alerts` table."""
+
+    connect_timeout_seconds: float = 10.0
+
+    def _table_ddl(self) -> Sequence[str]:
+        return tuple(ALERTS_DDL.values())

@@ -1,0 +1,140 @@
+"""pandera models for the data contract of a landing batch.
+
+The SQL in `core/validation.py` only extracts each field from the raw line: its JSON type
+(`<field>__type`, "missing" when absent), its value, and for timestamps what DuckDB's
+TIMESTAMPTZ parser made of it (`<field>__ts`). Every rule of the contract lives here. Each
+check's `error` is the rule in words; `core.validation` renders a failure as
+"field: rule (got value)".
+
+The models use pandera's pyarrow backend: chunks go from DuckDB to pandera as Arrow tables,
+with no pandas copy, which keeps validation fast and memory flat at millions of rows.
+"""
+
+from __future__ import annotations
+
+import pandera.pyarrow as pa
+import pyarrow
+import pyarrow.compute as pc
+from pandera.api.pyarrow.types import PyArrowData
+
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+EMAIL_PATTERN = r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$"
+
+REQUIRED = "is required"
+ISO_8601 = "must be an ISO-8601 date-time"
+
+_TEXT = pyarrow.string()
+_INT = pyarrow.int64()
+_TIMESTAMP = pyarrow.timestamp("us", tz="UTC")
+
+
+def _column(data: PyArrowData, name: str | None = None) -> pyarrow.ChunkedArray:
+    return data.table[name or data.key]
+
+
+def _parsed(data: PyArrowData) -> pyarrow.BooleanArray:
+    """The string value parsed as a timestamp (the `__ts` column next to it is not null)."""
+    return pc.is_valid(_column(data, f"{data.key}__ts"))
+
+
+class RawLineRecord(pa.DataFrameModel):
+    """A landing line: readable UTF-8 text holding exactly one JSON object."""
+
+    line_no: _INT = pa.Field(unique=True)
+    line: _TEXT
+
+    @pa.check("line", error="must hold one JSON object")
+    def _one_json_object(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.equal(_column(data), "object")
+
+
+class CustomerRecord(pa.DataFrameModel):
+    """A customer: UUID id (first occurrence in the batch), email, ISO-8601 createdAt, purchases."""
+
+    line_no: _INT = pa.Field(unique=True)
+    id__type: _TEXT
+    id: _TEXT = pa.Field(nullable=True)
+    id__first_line: _INT = pa.Field(nullable=True)
+    email__type: _TEXT
+    email: _TEXT = pa.Field(nullable=True)
+    createdAt__type: _TEXT
+    createdAt: _TEXT = pa.Field(nullable=True)
+    createdAt__ts: _TIMESTAMP = pa.Field(nullable=True)
+    purchaseHistory__type: _TEXT
+
+    @pa.check("id__type", "email__type", "createdAt__type", "purchaseHistory__type", error=REQUIRED)
+    def _required(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.not_equal(_column(data), "missing")
+
+    @pa.check("id__type", "email__type", "createdAt__type", error="must be a string")
+    def _string(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.is_in(_column(data), pyarrow.array(["string", "missing"]))
+
+    @pa.check("purchaseHistory__type", error="must be an array")
+    def _array(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.is_in(_column(data), pyarrow.array(["array", "missing"]))
+
+    @pa.check("id", error="must be a UUID")
+    def _uuid(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.match_substring_regex(_column(data), UUID_PATTERN)
+
+    @pa.check("id__first_line", error="duplicates the id of an earlier line")
+    def _first_occurrence(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.is_null(_column(data))
+
+    @pa.check("email", error="must be an email address")
+    def _email(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.match_substring_regex(_column(data), EMAIL_PATTERN)
+
+    @pa.check("createdAt", error=ISO_8601)
+    def _created_at(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.or_kleene(pc.is_null(_column(data)), _parsed(data))
+
+
+class PurchaseElement(pa.DataFrameModel):
+    """An entry of purchaseHistory must be a JSON object."""
+
+    purchase__type: _TEXT
+
+    @pa.check("purchase__type", error="must be an object")
+    def _object(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.equal(_column(data), "object")
+
+
+class PurchaseRecord(pa.DataFrameModel):
+    """A purchase: non-empty productId, finite amount > 0, ISO-8601 date."""
+
+    line_no: _INT
+    purchase_idx: _INT = pa.Field(ge=0)
+    productId__type: _TEXT
+    productId: _TEXT = pa.Field(nullable=True)
+    amount__type: _TEXT
+    amount: pyarrow.float64() = pa.Field(nullable=True)
+    date__type: _TEXT
+    date: _TEXT = pa.Field(nullable=True)
+    date__ts: _TIMESTAMP = pa.Field(nullable=True)
+
+    @pa.check("productId__type", "amount__type", "date__type", error=REQUIRED)
+    def _required(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.not_equal(_column(data), "missing")
+
+    @pa.check("productId__type", "date__type", error="must be a string")
+    def _string(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.is_in(_column(data), pyarrow.array(["string", "missing"]))
+
+    @pa.check("amount__type", error="must be a number")
+    def _number(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.is_in(_column(data), pyarrow.array(["number", "missing"]))
+
+    @pa.check("productId", error="must not be empty")
+    def _product_id(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(_column(data))), 0)
+
+    @pa.check("amount", error="must be a finite number > 0")
+    def _amount(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        amount = _column(data)
+        return pc.and_(pc.greater(amount, 0.0), pc.is_finite(amount))
+
+    @pa.check("date", error=ISO_8601)
+    def _date(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.or_kleene(pc.is_null(_column(data)), _parsed(data))

@@ -1,0 +1,1 @@
+"""Sensors: discovery of landing batches, and alerting."""

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+# Versions that install together (dagster 1.13.27 pins every integration at 0.29.27).
+INSTALL_REQUIRES = [
+    "dagster==1.13.27",
+    "dagster-webserver==1.13.27",
+    "dagster-graphql==1.13.27",
+    "dagster-duckdb==0.29.27",
+    "dagster-dg-cli==1.13.27",
+    "duckdb==2.0.1",
+    "pandas==2.3.3",
+    "pandera==0.35.0",
+    "pyarrow==26.0.1",
+    "openai==3.57.0",
+    "tenacity==9.2.1",
+    "click>=8.1,<9",
+]
+
+setup(
+    name="pipeline_project",
+    version="0.1.0",
+    description="Production-grade, partitioned AI data pipeline on Dagster and DuckDB",
+    python_requires=">=3.11,<3.14",
+    packages=find_packages(exclude=["pipeline_project_tests", "pipeline_project_tests.*"]),
+    package_data={"pipeline_project": ["dagster_instance.yaml"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "dev": ["pytest==9.2.0", "hypothesis==6.170.17", "ruff==0.17.6"],
+    },
+    entry_points={"console_scripts": ["pipeline-project=pipeline_project.cli:main"]},
+)

@@ -5,7 +5,7 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from pipeline_project.core.landing_files import iter_raw_line_chunks
+from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunks, store_raw_lines
 from pipeline_project.partitions import batches
 from pipeline_project.resources import DUCKDB_WRITER_POOL, LandingZone, Warehouse
 from pipeline_project.tables import RAW_CUSTOMERS
@@ -42,39 +42,33 @@ def raw_customers(
     """Every line of the batch's landing file, numbered from 1, as raw text: nothing is lost
     before validation."""
     batch_id = context.partition_key
-    landing_file = landing.batch_file(batch_id)
+    try:
+        landing_file = landing.batch_file(batch_id)
+    except (FileNotFoundError, FileExistsError) as err:
+        # Retrying cannot bring a file back: fail at once with the reason.
+        raise dg.Failure(description=str(err), allow_retries=False) from err
     started = time.perf_counter()
-    lines = chunks = 0
-    read_errors = []
+
+    def progress(stored: StoredLines) -> None:
+        context.log.info(f"{batch_id}: {stored.lines:,} lines stored ({stored.chunks} chunks)")
+
+    chunks = iter_raw_line_chunks(landing_file.path, config.chunk_rows, config.max_line_bytes)
     with warehouse.replace_batch([RAW_CUSTOMERS], batch_id) as conn:
-        for chunk in iter_raw_line_chunks(
-            landing_file.path, config.chunk_rows, config.max_line_bytes
-        ):
-            conn.register("raw_chunk", chunk)
-            try:
-                conn.execute(
-                    "INSERT INTO raw_customers SELECT ?, line_no, raw, byte_length, utf8_ok,"
-                    " read_error, now() FROM raw_chunk",
-                    [batch_id],
-                )
-            finally:
-                conn.unregister("raw_chunk")
-            read_errors += [e for e in chunk["read_error"].to_pylist() if e is not None]
-            lines += chunk.num_rows
-            chunks += 1
-            context.log.info(f"{batch_id}: {lines:,} lines stored ({chunks} chunks)")
+        stored = store_raw_lines(conn, batch_id, chunks, on_chunk=progress)
     seconds = time.perf_counter() - started
-    if read_errors:
-        context.log.warning(f"{batch_id}: {landing_file.path.name} ends early: {read_errors[0]}")
+    if stored.read_errors:
+        context.log.warning(
+            f"{batch_id}: {landing_file.path.name} ends early: {stored.read_errors[0]}"
+        )
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": lines,
+            "dagster/row_count": stored.lines,
             "landing_file": landing_file.path.name,
             "landing_fingerprint": landing_file.fingerprint,
             "file_bytes": landing_file.size,
-            "chunks": chunks,
-            "read_error": read_errors[0] if read_errors else "",
+            "chunks": stored.chunks,
+            "read_error": stored.read_errors[0] if stored.read_errors else "",
             "seconds": round(seconds, 3),
-            "rows_per_second": round(lines / seconds) if seconds else 0,
+            "rows_per_second": round(stored.lines / seconds) if seconds else 0,
         }
     )

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import duckdb
 import pyarrow as pa
 
 RAW_LINE_SCHEMA = pa.schema(
@@ -97,3 +99,36 @@ def _skip_rest_of_line(f: BinaryIO, piece: int = 1 << 20) -> int:
         if part.endswith(b"\n"):
             return skipped + len(part) - 1  # the newline is not part of the line
         skipped += len(part)
+
+
+@dataclass
+class StoredLines:
+    lines: int = 0
+    chunks: int = 0
+    read_errors: list[str] = field(default_factory=list)
+
+
+def store_raw_lines(
+    conn: duckdb.DuckDBPyConnection,
+    batch_id: str,
+    chunks: Iterator[pa.Table],
+    on_chunk: Callable[[StoredLines], None] | None = None,
+) -> StoredLines:
+    """Append line chunks to raw_customers (the caller owns the transaction)."""
+    stored = StoredLines()
+    for chunk in chunks:
+        conn.register("raw_chunk", chunk)
+        try:
+            conn.execute(
+                "INSERT INTO raw_customers SELECT ?, line_no, raw, byte_length, utf8_ok,"
+                " read_error, now() FROM raw_chunk",
+                [batch_id],
+            )
+        finally:
+            conn.unregister("raw_chunk")
+        stored.read_errors += [e for e in chunk["read_error"].to_pylist() if e is not None]
+        stored.lines += chunk.num_rows
+        stored.chunks += 1
+        if on_chunk is not None:
+            on_chunk(stored)
+    return stored

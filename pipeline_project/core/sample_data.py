@@ -159,13 +159,14 @@ def iter_batch_lines(
             _chunk_records(rng, start, n, personas, catalog, edge_rows)
         ):
             i = start + offset
-            first_id = first_id or record["id"]
             kind = edge_rows.get(i) or bad_order.get(i, "valid")
+            if kind == "duplicate_id" and first_id is None:
+                kind = "bad_email"  # nothing valid to duplicate yet
             if kind in BAD_KINDS:
-                if kind == "duplicate_id" and i == 0:
-                    kind = "bad_email"
                 yield kind, _break(kind, record, rng, first_id)
             else:
+                # A duplicate repeats the first *valid* line's id: that line owns the id.
+                first_id = first_id or record["id"]
                 yield kind, json.dumps(record, separators=(",", ":"))
 
 
@@ -262,7 +263,7 @@ def _chunk_records(
         yield record
 
 
-def _break(kind: str, record: dict, rng: np.random.Generator, first_id: str) -> str:
+def _break(kind: str, record: dict, rng: np.random.Generator, first_id: str | None) -> str:
     """Turn a valid record into a bad line of the given kind."""
     if kind == "broken_json":
         text = json.dumps(record, separators=(",", ":"))

@@ -8,12 +8,17 @@ from contextlib import contextmanager
 import duckdb
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
-from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from pipeline_project.tables import ALERTS_DDL, WAREHOUSE_DDL
 
 # Steps that write the warehouse share this pool; dagster_instance.yaml gives it one slot.
 DUCKDB_WRITER_POOL = "duckdb_writer"
+
+
+def _is_lock_conflict(err: BaseException) -> bool:
+    """Another process holds the file: worth waiting for. Other IO errors are not."""
+    return isinstance(err, duckdb.IOException) and "lock" in str(err).lower()
 
 
 class DuckDBStore(DuckDBResource):
@@ -52,7 +57,7 @@ class DuckDBStore(DuckDBResource):
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         connect = retry(
-            retry=retry_if_exception_type(duckdb.IOException),
+            retry=retry_if_exception(_is_lock_conflict),
             wait=wait_exponential_jitter(initial=0.05, max=5.0),
             stop=stop_after_delay(self.connect_timeout_seconds),
             reraise=True,

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+import yaml
+
+from pipeline_project.core.sample_data import Catalog, write_catalog
+from pipeline_project.definitions import build_definitions, build_resources
+from pipeline_project.instance import INSTANCE_TEMPLATE
+from pipeline_project.settings import Settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        landing_dir=tmp_path / "landing",
+        duckdb_path=tmp_path / "warehouse.duckdb",
+        alerts_duckdb_path=tmp_path / "alerts.duckdb",
+        catalog_path=tmp_path / "catalog.csv",
+        duckdb_memory_limit="512MB",
+    )
+
+
+@pytest.fixture
+def catalog(settings: Settings) -> Catalog:
+    return write_catalog(settings.catalog_path, seed=1)
+
+
+@pytest.fixture
+def defs(settings: Settings) -> dg.Definitions:
+    settings.landing_dir.mkdir(parents=True, exist_ok=True)
+    return build_definitions(settings)
+
+
+@pytest.fixture
+def resources(settings: Settings) -> dict:
+    return build_resources(settings)
+
+
+@pytest.fixture
+def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
+    """A persistent test instance configured like the project's own dagster.yaml."""
+    overrides = yaml.safe_load(INSTANCE_TEMPLATE.read_text())
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home), overrides=overrides) as inst:
+        yield inst
+
+
+def write_lines(path: Path, lines: list[str | bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = b"".join((ln if isinstance(ln, bytes) else ln.encode()) + b"\n" for ln in lines)
+    path.write_bytes(data)
+    return path
+
+
+def customer(**overrides) -> str:
+    """One valid customer line; keyword arguments replace (or with None, remove) fields."""
+    record = {
+        "id": "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b",
+        "email": "anna.smith@example.com",
+        "createdAt": "2023-04-01T10:00:00Z",
+        "purchaseHistory": [
+            {"productId": "P00001", "amount": 12.5, "date": "2024-01-02T03:04:05Z"}
+        ],
+    }
+    for key, value in overrides.items():
+        if value is None:
+            record.pop(key, None)
+        else:
+            record[key] = value
+    return json.dumps(record)
+
+
+def run_batch(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    batch_id: str,
+    run_config: dict | None = None,
+) -> dg.ExecuteInProcessResult:
+    if batch_id not in instance.get_dynamic_partitions("batches"):
+        instance.add_dynamic_partitions("batches", [batch_id])
+    job = defs.resolve_job_def("batch_ingestion_job")
+    return job.execute_in_process(
+        partition_key=batch_id, instance=instance, run_config=run_config or {}, raise_on_error=False
+    )
+
+
+def table_rows(db: Path, table: str, batch_id: str | None = None) -> list[tuple]:
+    """All rows of a table (one batch or all), sorted, without load timestamps."""
+    time_columns = {"ingested_at", "detected_at"}
+    with duckdb.connect(str(db), read_only=True) as conn:
+        cols = [
+            r[0] for r in conn.execute(f"DESCRIBE {table}").fetchall() if r[0] not in time_columns
+        ]
+        where = "WHERE batch_id = ?" if batch_id else ""
+        sql = f"SELECT {', '.join(cols)} FROM {table} {where} ORDER BY ALL"
+        return conn.execute(sql, [batch_id] if batch_id else []).fetchall()

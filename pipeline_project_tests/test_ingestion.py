@@ -1,0 +1,177 @@
+"""raw_customers and the validation step as Dagster assets: idempotent, transactional, checked."""
+
+import subprocess
+import sys
+
+import dagster as dg
+import pytest
+
+from pipeline_project.assets.ingestion import raw_customers
+from pipeline_project.assets.validation import validated_customers
+from pipeline_project.core.sample_data import generate_batch
+from pipeline_project.resources import Warehouse
+from pipeline_project.tables import RAW_CUSTOMERS
+from pipeline_project_tests.conftest import customer, run_batch, table_rows, write_lines
+
+TABLES = ["raw_customers", "customers", "customer_purchases", "schema_errors"]
+
+
+def snapshot(settings, batch_id=None) -> dict[str, list[tuple]]:
+    return {t: table_rows(settings.duckdb_path, t, batch_id) for t in TABLES}
+
+
+def test_materializing_a_batch_three_times_leaves_identical_tables(
+    defs, instance, settings, catalog
+):
+    generate_batch(settings.landing_dir / "b001.jsonl", 300, 0.1, 1, catalog)
+    generate_batch(settings.landing_dir / "b002.jsonl.gz", 200, 0.1, 2, catalog)
+    assert run_batch(defs, instance, "b002").success
+    snapshots = []
+    for _ in range(3):
+        assert run_batch(defs, instance, "b001").success
+        snapshots.append(snapshot(settings))
+    assert snapshots[0] == snapshots[1] == snapshots[2]
+    counts = {t: len(rows) for t, rows in snapshots[0].items()}
+    assert counts["raw_customers"] == 500
+    assert counts["customers"] + counts["schema_errors"] == 500
+    assert len(snapshot(settings, "b002")["raw_customers"]) == 200
+
+
+def test_redelivered_file_replaces_exactly_its_batch(defs, instance, settings, catalog):
+    generate_batch(settings.landing_dir / "b001.jsonl", 100, 0.0, 1, catalog)
+    generate_batch(settings.landing_dir / "b002.jsonl", 100, 0.0, 2, catalog)
+    run_batch(defs, instance, "b001")
+    run_batch(defs, instance, "b002")
+    before_b002 = snapshot(settings, "b002")
+
+    write_lines(settings.landing_dir / "b001.jsonl", [customer(), customer(email="broken")])
+    assert run_batch(defs, instance, "b001").success
+    after = snapshot(settings, "b001")
+    assert [r[1] for r in after["raw_customers"]] == [1, 2]
+    assert len(after["customers"]) == 1 and len(after["schema_errors"]) == 1
+    assert snapshot(settings, "b002") == before_b002
+
+
+def test_crash_inside_the_write_transaction_keeps_the_previous_batch(
+    defs, instance, settings, catalog
+):
+    generate_batch(settings.landing_dir / "b001.jsonl", 50, 0.0, 1, catalog)
+    run_batch(defs, instance, "b001")
+    before = snapshot(settings)
+    warehouse = Warehouse(database=str(settings.duckdb_path))
+    with (
+        pytest.raises(RuntimeError, match="crash"),
+        warehouse.replace_batch([RAW_CUSTOMERS], "b001") as conn,
+    ):
+        conn.execute("INSERT INTO raw_customers VALUES ('b001', 999, 'x', 1, true, NULL, now())")
+        raise RuntimeError("crash after delete and insert")
+    assert snapshot(settings) == before
+
+
+def test_metadata_reports_rows_in_valid_invalid_error_rate_and_chunks(defs, instance, settings):
+    lines = [customer(id=f"6f1c2a3b-4d5e-4f60-8a7b-{i:012d}") for i in range(9)] + ["{oops"]
+    write_lines(settings.landing_dir / "b001.jsonl", lines)
+    config = {"ops": {"validated_customers": {"config": {"chunk_rows": 4}}}}
+    result = run_batch(defs, instance, "b001", run_config=config)
+    assert result.success
+    materializations = [
+        e.event_specific_data.materialization for e in result.get_asset_materialization_events()
+    ]
+    meta = {
+        m.asset_key.to_user_string(): {k: v.value for k, v in m.metadata.items()}
+        for m in materializations
+    }
+    assert meta["customers"]["rows_in"] == 10
+    assert meta["customers"]["rows_valid"] == 9
+    assert meta["customers"]["rows_invalid"] == 1
+    assert meta["customers"]["error_rate"] == pytest.approx(0.1)
+    assert meta["customers"]["chunks"] == 3
+    assert meta["raw_customers"]["dagster/row_count"] == 10
+    assert meta["schema_errors"]["invalid_lines_by_field"] == {"line": 1}
+
+
+def check_results(result) -> dict[str, tuple[bool, str]]:
+    return {
+        e.check_name: (e.passed, e.severity.value) for e in result.get_asset_check_evaluations()
+    }
+
+
+def test_error_rate_above_threshold_warns_but_the_batch_flows_on(defs, instance, settings):
+    lines = [customer(id=f"6f1c2a3b-4d5e-4f60-8a7b-{i:012d}") for i in range(9)] + ["{oops"]
+    write_lines(settings.landing_dir / "b001.jsonl", lines)
+    result = run_batch(defs, instance, "b001")
+    assert result.success
+    assert check_results(result) == {
+        "rows_conserved": (True, "ERROR"),
+        "schema_error_rate_below_threshold": (False, "WARN"),
+        "schema_error_rate_below_hard_ceiling": (True, "ERROR"),
+    }
+    evaluation = result.get_asset_check_evaluations()[0]
+    assert evaluation.partition == "b001"
+
+
+def test_error_rate_above_hard_ceiling_fails_the_step_so_nothing_flows_downstream(
+    defs, instance, settings
+):
+    write_lines(settings.landing_dir / "b001.jsonl", [customer(), "{", "[]"])
+    result = run_batch(defs, instance, "b001")
+    assert not result.success
+    assert check_results(result)["schema_error_rate_below_hard_ceiling"] == (False, "ERROR")
+    failure = result.get_step_failure_events()[0]
+    assert "schema_error_rate_below_hard_ceiling" in failure.event_specific_data.error.message
+
+
+def test_threshold_and_ceiling_are_launchpad_config(defs, instance, settings):
+    write_lines(settings.landing_dir / "b001.jsonl", [customer(), "{", "[]"])
+    config = {
+        "ops": {
+            "validated_customers": {
+                "config": {"error_rate_threshold": 0.9, "hard_error_rate_ceiling": 0.9}
+            }
+        }
+    }
+    result = run_batch(defs, instance, "b001", run_config=config)
+    assert result.success
+    assert all(passed for passed, _ in check_results(result).values())
+
+
+def test_missing_landing_file_fails_with_a_clear_error(defs, instance, settings):
+    result = run_batch(defs, instance, "b404")
+    assert not result.success
+    message = result.get_step_failure_events()[0].event_specific_data.error.message
+    assert "no landing file for batch 'b404'" in message
+
+
+def test_rows_conserved_check_fails_when_a_line_is_lost(settings, defs, instance):
+    from pipeline_project.checks.input_checks import input_check_results
+
+    write_lines(settings.landing_dir / "b001.jsonl", [customer(), "{"])
+    assert run_batch(defs, instance, "b001").success
+    warehouse = Warehouse(database=str(settings.duckdb_path))
+    with warehouse.transaction() as conn:
+        conn.execute("DELETE FROM schema_errors WHERE batch_id = 'b001'")
+    with warehouse.get_connection() as conn:
+        conserved = input_check_results(conn, "b001", 0.05, 0.5)[0]
+    assert conserved.check_name == "rows_conserved" and conserved.passed is False
+    assert conserved.metadata["lines_not_placed_exactly_once"].value == 1
+
+
+def test_connections_are_closed_after_a_run(defs, instance, settings):
+    write_lines(settings.landing_dir / "b001.jsonl", [customer()])
+    assert run_batch(defs, instance, "b001").success
+    # Another process can take the write lock at once: nothing was left open.
+    probe = f"import duckdb; duckdb.connect({str(settings.duckdb_path)!r}).close()"
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)
+
+
+def test_steps_share_the_duckdb_writer_pool(defs):
+    job = defs.resolve_job_def("batch_ingestion_job")
+    pools = {node.name: node.definition.pool for node in job.graph.node_dict.values()}
+    assert pools == {"raw_customers": "duckdb_writer", "validated_customers": "duckdb_writer"}
+
+
+def test_retry_policy_on_every_stage():
+    for stage in (raw_customers, validated_customers):
+        policy = stage.op.retry_policy
+        assert policy is not None and policy.max_retries >= 1
+        assert policy.backoff == dg.Backoff.EXPONENTIAL

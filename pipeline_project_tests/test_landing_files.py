@@ -1,0 +1,71 @@
+import gzip
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline_project.core.landing_files import iter_raw_line_chunks
+from pipeline_project_tests.conftest import write_lines
+
+
+def read_all(path: Path, chunk_rows: int = 1000, max_line_bytes: int = 1 << 20) -> list[dict]:
+    chunks = list(iter_raw_line_chunks(path, chunk_rows, max_line_bytes))
+    return pa.concat_tables(chunks).to_pylist() if chunks else []
+
+
+def test_every_line_is_numbered_from_one_in_chunks(tmp_path):
+    path = write_lines(tmp_path / "b.jsonl", [f'{{"n": {i}}}' for i in range(25)])
+    chunks = list(iter_raw_line_chunks(path, chunk_rows=10, max_line_bytes=1000))
+    assert [c.num_rows for c in chunks] == [10, 10, 5]
+    rows = pa.concat_tables(chunks).to_pylist()
+    assert [r["line_no"] for r in rows] == list(range(1, 26))
+    assert rows[24]["raw"] == '{"n": 24}'
+
+
+def test_crlf_blank_lines_and_missing_final_newline_are_kept_exactly(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(b'{"a":1}\r\n\n   \n{"b":2}')
+    rows = read_all(path)
+    assert [r["raw"] for r in rows] == ['{"a":1}', "", "   ", '{"b":2}']
+    assert [r["byte_length"] for r in rows] == [7, 0, 3, 7]
+
+
+def test_invalid_utf8_is_kept_and_flagged(tmp_path):
+    path = write_lines(tmp_path / "b.jsonl", [b'{"email": "\xff\xfe"}', b'{"ok": "\xc3\xa9"}'])
+    rows = read_all(path)
+    assert [r["utf8_ok"] for r in rows] == [False, True]
+    assert "\ufffd" in rows[0]["raw"]
+    assert rows[1]["raw"] == '{"ok": "é"}'
+
+
+def test_over_long_line_keeps_its_head_and_true_length_without_reading_it_whole(tmp_path):
+    long_line = b'{"x": "' + b"a" * 5000 + b'"}'
+    path = write_lines(tmp_path / "b.jsonl", [long_line, b'{"y": 1}'])
+    rows = read_all(path, max_line_bytes=100)
+    assert rows[0]["byte_length"] == len(long_line)
+    assert len(rows[0]["raw"]) == 100
+    assert rows[1] == {**rows[1], "line_no": 2, "raw": '{"y": 1}', "byte_length": 8}
+
+
+def test_gzip_batches_are_read(tmp_path):
+    path = tmp_path / "b.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b'{"a": 1}\n{"a": 2}\n')
+    assert [r["raw"] for r in read_all(path)] == ['{"a": 1}', '{"a": 2}']
+
+
+def test_truncated_gzip_keeps_what_was_read_and_records_the_read_error(tmp_path):
+    payload = b"".join(b'{"n": %d}\n' % i for i in range(20000))
+    whole = gzip.compress(payload)
+    path = tmp_path / "b.jsonl.gz"
+    path.write_bytes(whole[: len(whole) // 2])
+    rows = read_all(path)
+    assert rows[-1]["read_error"] is not None and "EOFError" in rows[-1]["read_error"]
+    assert all(r["read_error"] is None for r in rows[:-1])
+    assert 0 < len(rows) - 1 < 20000
+    assert [r["line_no"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_empty_file_gives_no_chunks(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(b"")
+    assert list(iter_raw_line_chunks(path, 10, 100)) == []

@@ -1,0 +1,46 @@
+import gzip
+import json
+from collections import Counter
+
+from pipeline_project.core.sample_data import (
+    BAD_KINDS,
+    EDGE_KINDS,
+    build_catalog,
+    generate_batch,
+    iter_batch_lines,
+)
+
+
+def test_same_seed_writes_the_same_bytes_and_another_seed_does_not(tmp_path):
+    catalog, _ = build_catalog(seed=3)
+    generate_batch(tmp_path / "a.jsonl", 500, 0.1, 7, catalog)
+    generate_batch(tmp_path / "b.jsonl", 500, 0.1, 7, catalog)
+    generate_batch(tmp_path / "c.jsonl", 500, 0.1, 8, catalog)
+    a, b, c = ((tmp_path / n).read_bytes() for n in ("a.jsonl", "b.jsonl", "c.jsonl"))
+    assert a == b
+    assert a != c
+
+
+def test_bad_rows_cover_every_failure_kind_and_edge_cases_are_present():
+    catalog, _ = build_catalog()
+    kinds = Counter(kind for kind, _ in iter_batch_lines(400, 0.2, 1, catalog))
+    assert set(BAD_KINDS) <= set(kinds)
+    assert all(kinds[k] == 1 for k in EDGE_KINDS)
+    assert sum(kinds.values()) == 400
+
+
+def test_edge_cases_are_valid_json_with_the_promised_shape():
+    catalog, _ = build_catalog()
+    lines = dict((k, line) for k, line in iter_batch_lines(50, 0.0, 1, catalog) if k in EDGE_KINDS)
+    assert json.loads(lines["edge_empty_purchases"])["purchaseHistory"] == []
+    assert "loyaltyTier" in json.loads(lines["edge_extra_fields"])
+    assert len(json.loads(lines["edge_many_purchases"])["purchaseHistory"]) >= 100
+
+
+def test_gzip_output_and_catalog_prices_are_positive(tmp_path):
+    catalog, rows = build_catalog(n_products=50)
+    kinds = generate_batch(tmp_path / "b.jsonl.gz", 100, 0.0, 1, catalog)
+    with gzip.open(tmp_path / "b.jsonl.gz", "rt") as f:
+        assert sum(1 for _ in f) == 100 == sum(kinds.values())
+    assert all(r["price"] > 0 for r in rows)
+    assert len({r["product_id"] for r in rows}) == 50

@@ -1,0 +1,173 @@
+"""The data contract: each bad-row kind is rejected with a readable reason; valid edge cases pass."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline_project.core.landing_files import iter_raw_line_chunks, store_raw_lines
+from pipeline_project.core.sample_data import BAD_KINDS, EDGE_KINDS, build_catalog, iter_batch_lines
+from pipeline_project.core.validation import validate_batch
+from pipeline_project.resources import Warehouse
+from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, RAW_CUSTOMERS, SCHEMA_ERRORS
+from pipeline_project_tests.conftest import customer, write_lines
+
+OTHER_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
+
+
+def validate_lines(
+    tmp_path: Path, lines: list, chunk_rows: int = 1000, max_line_bytes: int = 1 << 20
+):
+    """Store `lines` as batch b1 and validate it; returns (summary, errors by line, customers)."""
+    warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
+    path = write_lines(tmp_path / "b1.jsonl", lines)
+    with warehouse.replace_batch([RAW_CUSTOMERS], "b1") as conn:
+        store_raw_lines(conn, "b1", iter_raw_line_chunks(path, chunk_rows, max_line_bytes))
+    with warehouse.replace_batch([CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS], "b1") as conn:
+        summary = validate_batch(conn, "b1", chunk_rows=chunk_rows, max_line_bytes=max_line_bytes)
+    with warehouse.get_connection() as conn:
+        errors = dict(conn.execute("SELECT line_no, errors FROM schema_errors").fetchall())
+        customers = conn.execute(
+            "SELECT line_no, customer_id::VARCHAR, email, purchase_count, total_spend FROM customers"
+            " ORDER BY line_no"
+        ).fetchall()
+    return summary, errors, customers
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('{"id": "6f1c2a3b-4d5e', ["line: must hold one JSON object (got invalid JSON)"]),
+        ("", ["line: must hold one JSON object (got an empty line)"]),
+        ("[1, 2]", ["line: must hold one JSON object (got array)"]),
+        (customer(email=None), ["email: is required"]),
+        (
+            customer(createdAt=None, purchaseHistory=None),
+            ["createdAt: is required", "purchaseHistory: is required"],
+        ),
+        (customer(id=12345), ["id: must be a string (got number)"]),
+        (customer(purchaseHistory="none"), ["purchaseHistory: must be an array (got string)"]),
+        (customer(id="cust-000123"), ["id: must be a UUID (got 'cust-000123')"]),
+        (
+            customer(email="anna at example.com"),
+            ["email: must be an email address (got 'anna at example.com')"],
+        ),
+        (
+            customer(createdAt="2024-13-45T25:61:00Z"),
+            ["createdAt: must be an ISO-8601 date-time (got '2024-13-45T25:61:00Z')"],
+        ),
+        (
+            customer(createdAt="yesterday"),
+            ["createdAt: must be an ISO-8601 date-time (got 'yesterday')"],
+        ),
+        (
+            customer(purchaseHistory=[{"productId": "P1", "amount": -3, "date": "2024-01-01"}]),
+            ["purchaseHistory[0].amount: must be a finite number > 0 (got '-3.0')"],
+        ),
+        (
+            customer(purchaseHistory=[{"productId": "P1", "amount": 0, "date": "2024-01-01"}]),
+            ["purchaseHistory[0].amount: must be a finite number > 0 (got '0.0')"],
+        ),
+        (
+            '{"id": "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b", "email": "a@b.io", "createdAt": "2024-01-01",'
+            ' "purchaseHistory": [{"productId": "P1", "amount": NaN, "date": "2024-01-01"}]}',
+            ["purchaseHistory[0].amount: must be a finite number > 0 (got 'nan')"],
+        ),
+        (
+            customer(purchaseHistory=[{"productId": "P1", "amount": 5, "date": "soon"}, 7]),
+            [
+                "purchaseHistory[1]: must be an object (got number)",
+                "purchaseHistory[0].date: must be an ISO-8601 date-time (got 'soon')",
+            ],
+        ),
+        (
+            customer(purchaseHistory=[{"productId": " ", "amount": "5", "date": None}]),
+            [
+                "purchaseHistory[0].productId: must not be empty (got ' ')",
+                "purchaseHistory[0].amount: must be a number (got string)",
+                "purchaseHistory[0].date: must be a string (got null)",
+            ],
+        ),
+    ],
+)
+def test_bad_line_lands_in_schema_errors_with_every_reason(tmp_path, line, expected):
+    summary, errors, customers = validate_lines(tmp_path, [customer(id=OTHER_ID), line])
+    assert [c[0] for c in customers] == [1]
+    assert sorted(errors) == [2]
+    assert sorted(errors[2]) == sorted(expected)
+    assert (summary.valid, summary.invalid) == (1, 1)
+
+
+def test_invalid_utf8_and_over_long_lines_are_rejected_with_their_reason(tmp_path):
+    lines = [customer().encode()[:-2] + b'\xff"}', customer(id=OTHER_ID, email="x" * 500 + "@a.io")]
+    _, errors, _ = validate_lines(tmp_path, lines, max_line_bytes=400)
+    assert errors[1] == ["line: must hold one JSON object (got text that is not UTF-8)"]
+    assert errors[2][0].startswith("line: must hold one JSON object (got a line of ")
+
+
+def test_duplicate_id_keeps_the_first_line_even_across_chunks(tmp_path):
+    lines = [customer(), customer(id=OTHER_ID), customer(email="other@example.com"), customer()]
+    summary, errors, customers = validate_lines(tmp_path, lines, chunk_rows=2)
+    assert [c[0] for c in customers] == [1, 2]
+    assert errors == {
+        3: ["id: duplicates the id of an earlier line (got line 1)"],
+        4: ["id: duplicates the id of an earlier line (got line 1)"],
+    }
+    assert summary.chunks == 2
+
+
+def test_uppercase_uuid_counts_as_the_same_id_and_is_stored_lowercase(tmp_path):
+    _, errors, customers = validate_lines(
+        tmp_path, [customer(id=OTHER_ID.upper()), customer(id=OTHER_ID)]
+    )
+    assert customers[0][1] == OTHER_ID
+    assert errors == {2: ["id: duplicates the id of an earlier line (got line 1)"]}
+
+
+def test_valid_edge_cases_pass_and_extra_fields_are_dropped(tmp_path):
+    many = [
+        {"productId": f"P{i}", "amount": 1.5, "date": "2024-05-01T00:00:00+02:00"}
+        for i in range(300)
+    ]
+    lines = [
+        customer(purchaseHistory=[]),
+        customer(id=OTHER_ID, loyaltyTier="gold", nested={"a": [1, 2]}),
+        customer(
+            id="11111111-2222-4333-8444-555555555555", purchaseHistory=many, createdAt="2020-02-29"
+        ),
+    ]
+    summary, errors, customers = validate_lines(tmp_path, lines)
+    assert errors == {}
+    assert [(c[0], c[3]) for c in customers] == [(1, 0), (2, 1), (3, 300)]
+    assert customers[2][4] == pytest.approx(450.0)
+    assert summary.error_rate == 0.0
+
+
+def test_every_generated_kind_lands_in_its_place(tmp_path):
+    catalog, _ = build_catalog()
+    generated = list(iter_batch_lines(300, 0.15, 5, catalog))
+    _, errors, customers = validate_lines(tmp_path, [line for _, line in generated], chunk_rows=64)
+    kinds = {i + 1: kind for i, (kind, _) in enumerate(generated)}
+    assert {kinds[n] for n in errors} == set(BAD_KINDS)
+    accepted = {kinds[c[0]] for c in customers}
+    assert accepted == {"valid", *EDGE_KINDS}
+    assert len(errors) + len(customers) == 300
+    for messages in errors.values():
+        assert messages and all(": " in m for m in messages)
+
+
+def test_purchases_of_valid_customers_are_stored_with_their_customer(tmp_path):
+    warehouse_path = tmp_path / "w.duckdb"
+    validate_lines(tmp_path, [customer(), customer(id=OTHER_ID, email="bad")])
+    import duckdb
+
+    with duckdb.connect(str(warehouse_path), read_only=True) as conn:
+        rows = conn.execute(
+            "SELECT customer_id::VARCHAR, line_no, purchase_idx, product_id, amount,"
+            " strftime(purchased_at, '%Y-%m-%dT%H:%M:%S') FROM customer_purchases"
+        ).fetchall()
+        raw = conn.execute("SELECT raw FROM schema_errors").fetchall()
+    assert rows == [
+        ("6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b", 1, 0, "P00001", 12.5, "2024-01-02T03:04:05")
+    ]
+    assert json.loads(raw[0][0])["email"] == "bad"

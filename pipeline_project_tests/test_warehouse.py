@@ -1,0 +1,79 @@
+"""DuckDB stores: wait out another process's write lock, release it on every exit."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pipeline_project.resources import AlertSink, Warehouse
+from pipeline_project.resources.warehouse import AlertStore
+
+HOLD_LOCK = """
+import duckdb, sys, time
+conn = duckdb.connect(sys.argv[1])
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.close()
+"""
+
+
+def hold_lock(path, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(path), str(seconds)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_warehouse_waits_for_another_process_to_release_the_lock(tmp_path):
+    db = tmp_path / "w.duckdb"
+    holder = hold_lock(db, 2.0)
+    started = time.monotonic()
+    with Warehouse(database=str(db)).get_connection() as conn:
+        waited = time.monotonic() - started
+        assert conn.execute("SELECT count(*) FROM raw_customers").fetchall() == [(0,)]
+    holder.wait(timeout=30)
+    assert 1.0 < waited < 30
+
+
+def test_alert_sink_gives_up_quickly_and_says_so_instead_of_raising(tmp_path):
+    db = tmp_path / "alerts.duckdb"
+    holder = hold_lock(db, 20.0)
+    try:
+        sink = AlertSink(store=AlertStore(database=str(db), connect_timeout_seconds=1.0))
+        messages = []
+
+        class Log:
+            warning = error = staticmethod(messages.append)
+
+        started = time.monotonic()
+        stored = sink.emit(severity="warning", monitor="m", key="k", message="hello", log=Log)
+        assert stored is False
+        assert time.monotonic() - started < 10
+        assert any("could not be stored" in m for m in messages)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_replace_batch_refuses_tables_that_are_not_the_warehouse_s(tmp_path):
+    warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
+    with (
+        pytest.raises(ValueError, match="not a warehouse table"),
+        warehouse.replace_batch(["alerts; DROP"], "b1"),
+    ):
+        pass
+
+
+def test_batch_id_is_a_parameter_never_part_of_the_sql(tmp_path):
+    warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
+    hostile = "b1' OR '1'='1"
+    with warehouse.transaction() as conn:
+        conn.execute("INSERT INTO raw_customers VALUES ('b2', 1, 'x', 1, true, NULL, now())")
+    with warehouse.replace_batch(["raw_customers"], hostile):
+        pass
+    with warehouse.get_connection() as conn:
+        assert conn.execute("SELECT batch_id FROM raw_customers").fetchall() == [("b2",)]

@@ -9,7 +9,10 @@ INSTALL_REQUIRES = [
     "dagster-dg-cli==1.13.27",
     "duckdb==2.0.1",
     "pandas==2.3.3",
-    "pandera==0.35.0",
+    # The pyarrow backend validates Arrow chunks straight from DuckDB; it needs narwhals.
+    "pandera[pyarrow]==0.35.0",
+    "narwhals==2.29.0",
+    "numpy==2.4.6",
     "pyarrow==26.0.1",
     "openai==3.57.0",
     "tenacity==9.2.1",

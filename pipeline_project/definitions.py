@@ -7,7 +7,6 @@ import dagster as dg
 from pipeline_project.assets.ingestion import raw_customers
 from pipeline_project.assets.validation import validated_customers
 from pipeline_project.resources import AlertSink, LandingZone, Warehouse
-from pipeline_project.resources.warehouse import AlertStore
 from pipeline_project.sensors.landing import build_landing_batches_sensor
 from pipeline_project.settings import Settings
 
@@ -29,7 +28,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             database=str(settings.duckdb_path), connection_config=connection_config
         ),
         "landing": LandingZone(path=str(settings.landing_dir)),
-        "alerts": AlertSink(store=AlertStore(database=str(settings.alerts_duckdb_path))),
+        "alerts": AlertSink(database=str(settings.alerts_duckdb_path)),
     }
 
 

@@ -7,7 +7,6 @@ import time
 import pytest
 
 from pipeline_project.resources import AlertSink, Warehouse
-from pipeline_project.resources.warehouse import AlertStore
 
 HOLD_LOCK = """
 import duckdb, sys, time
@@ -25,6 +24,7 @@ def hold_lock(path, seconds: float) -> subprocess.Popen:
         text=True,
     )
     assert proc.stdout.readline().strip() == "locked"
+    proc.stdout.close()
     return proc
 
 
@@ -43,7 +43,7 @@ def test_alert_sink_gives_up_quickly_and_says_so_instead_of_raising(tmp_path):
     db = tmp_path / "alerts.duckdb"
     holder = hold_lock(db, 20.0)
     try:
-        sink = AlertSink(store=AlertStore(database=str(db), connect_timeout_seconds=1.0))
+        sink = AlertSink(database=str(db), connect_timeout_seconds=1.0)
         messages = []
 
         class Log:

@@ -16,7 +16,17 @@ from pipeline_project.resources.warehouse import AlertStore
 class AlertSink(dg.ConfigurableResource):
     """Records alerts. A failing sink is logged, never raised into a sensor or a run."""
 
-    store: AlertStore = Field(description="DuckDB file holding the alerts table.")
+    database: str = Field(description="DuckDB file holding the alerts table.")
+    connect_timeout_seconds: float = Field(
+        default=10.0, description="How long to wait for another writer of the alerts file."
+    )
+
+    def _store(self) -> AlertStore:
+        # Built here rather than nested as a resource field: a nested resource makes Dagster
+        # call a deprecated API (InitResourceContext.dagster_run) while initializing it.
+        return AlertStore(
+            database=self.database, connect_timeout_seconds=self.connect_timeout_seconds
+        )
 
     def emit(
         self,
@@ -35,7 +45,7 @@ class AlertSink(dg.ConfigurableResource):
         log_fn = log.error if severity == "error" else log.warning
         log_fn(f"ALERT [{severity}] {monitor} {key}: {message}")
         try:
-            with self.store.transaction() as conn:
+            with self._store().transaction() as conn:
                 conn.execute(
                     "INSERT INTO alerts (severity, monitor, alert_key, batch_id, status, message,"
                     " figures, run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -58,7 +58,7 @@ class DuckDBStore(DuckDBResource):
     def _connect(self) -> duckdb.DuckDBPyConnection:
         connect = retry(
             retry=retry_if_exception(_is_lock_conflict),
-            wait=wait_exponential_jitter(initial=0.05, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.05, max=5.0),
             stop=stop_after_delay(self.connect_timeout_seconds),
             reraise=True,
         )(duckdb.connect)

@@ -84,7 +84,7 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
     from pipeline_project.partitions import batches as batch_partitions
     from pipeline_project.resources import LandingZone
 
-    landing = LandingZone(path=str(settings.landing_dir))
+    landing = LandingZone(path=str(settings.landing_dir), catalog_path=str(settings.catalog_path))
     if not landing.scan().files:
         click.echo(f"landing folder {settings.landing_dir} is empty: generating sample data")
         _generate(settings.landing_dir, settings.catalog_path,
@@ -94,32 +94,46 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
         click.echo(f"skipped landing file {rejected.name!r}: {rejected.reason}", err=True)
 
     defs = build_definitions(settings)
-    job = defs.resolve_job_def("batch_ingestion_job")
+    batch_job = defs.resolve_job_def("batch_pipeline_job")
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     failed = []
     with dg.DagsterInstance.get() as instance:
+        if landing.catalog_fingerprint() is not None:
+            click.echo(f"product catalog: loading {settings.catalog_path}")
+            catalog_run = defs.resolve_job_def("catalog_job").execute_in_process(
+                instance=instance, run_config=quiet, raise_on_error=False
+            )
+            if not catalog_run.success:
+                failed.append("product_catalog")
         known = set(instance.get_dynamic_partitions(batch_partitions.name))
         new = sorted(set(scan.files) - known)
         if new:
             instance.add_dynamic_partitions(batch_partitions.name, new)
         rows_out = []
         for i, batch_id in enumerate(sorted(scan.files), start=1):
-            click.echo(f"[{i}/{len(scan.files)}] {batch_id}: ingesting and validating ...")
-            result = job.execute_in_process(
+            click.echo(f"[{i}/{len(scan.files)}] {batch_id}: ingest, validate, embed ...")
+            result = batch_job.execute_in_process(
                 partition_key=batch_id, instance=instance, run_config=quiet, raise_on_error=False
             )
-            figures = _metadata(result, "validated_customers", "customers")
+            figures = {
+                **_metadata(result, "validated_customers", "customers"),
+                **_metadata(result, "customer_embeddings", "customer_embeddings"),
+            }
             rows_out.append((batch_id, "ok" if result.success else "FAILED", figures))
             if not result.success:
                 failed.append(batch_id)
     click.echo("")
-    click.echo(
-        f"{'batch':<12}{'status':<8}{'rows in':>10}{'valid':>10}{'invalid':>10}{'error rate':>12}"
+    header = (
+        f"{'batch':<10}{'status':<8}{'rows in':>9}{'valid':>8}{'invalid':>8}{'err rate':>9}"
+        f"{'profiles':>10}{'cache hits':>11}{'model calls':>12}{'dead-lettered':>14}"
     )
+    click.echo(header)
     for batch_id, status, f in rows_out:
         click.echo(
-            f"{batch_id:<12}{status:<8}{f.get('rows_in', 0):>10,}{f.get('rows_valid', 0):>10,}"
-            f"{f.get('rows_invalid', 0):>10,}{f.get('error_rate', 0.0):>11.2%}"
+            f"{batch_id:<10}{status:<8}{f.get('rows_in', 0):>9,}{f.get('rows_valid', 0):>8,}"
+            f"{f.get('rows_invalid', 0):>8,}{f.get('error_rate', 0.0):>9.2%}"
+            f"{f.get('distinct_profiles', 0):>10,}{f.get('cache_hits', 0):>11,}"
+            f"{f.get('model_calls', 0):>12,}{f.get('dead_lettered', 0):>14,}"
         )
     click.echo("\nSee it in the UI: pipeline-project ui  (then open http://127.0.0.1:3000)")
     if failed:

@@ -2,45 +2,118 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 import dagster as dg
 
+from pipeline_project.assets.catalog import product_catalog
+from pipeline_project.assets.inference import customer_embeddings
 from pipeline_project.assets.ingestion import raw_customers
 from pipeline_project.assets.validation import validated_customers
 from pipeline_project.resources import AlertSink, LandingZone, Warehouse
+from pipeline_project.resources.embeddings import (
+    Embedder,
+    LocalE5Embedder,
+    OpenAIEmbedder,
+    SentenceTransformersEmbedder,
+)
+from pipeline_project.sensors.catalog import build_catalog_file_sensor
 from pipeline_project.sensors.landing import build_landing_batches_sensor
 from pipeline_project.settings import Settings
 
-BATCH_ASSETS = [raw_customers, validated_customers]
+INGESTION_ASSETS = [raw_customers, validated_customers]
+BATCH_ASSETS = [*INGESTION_ASSETS, customer_embeddings]
 
-# Everything a landing batch needs to become validated tables; the landing sensor targets it.
+# What a new landing batch needs first; the automation sensor carries it on downstream.
 batch_ingestion_job = dg.define_asset_job(
     "batch_ingestion_job",
-    selection=dg.AssetSelection.assets(*BATCH_ASSETS),
+    selection=dg.AssetSelection.assets(*INGESTION_ASSETS),
     description="Ingest and validate one landing batch (one partition).",
+)
+# Every stage of one batch in one run: the CLI demo and manual re-runs.
+batch_pipeline_job = dg.define_asset_job(
+    "batch_pipeline_job",
+    selection=dg.AssetSelection.assets(*BATCH_ASSETS),
+    description="Every stage of one batch, ingestion to the last stage.",
+)
+catalog_job = dg.define_asset_job(
+    "catalog_job",
+    selection=dg.AssetSelection.assets(product_catalog),
+    description="Reload the product catalog from its file.",
+)
+
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "pipeline_automation_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Runs each batch's downstream stages once its upstream has landed and passed.",
 )
 
 
-def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+def build_embedder(environ: Mapping[str, str] | None = None) -> Embedder:
+    """The embedding backend named by PIPELINE_EMBEDDING_BACKEND (default: local)."""
+    env = os.environ if environ is None else environ
+    backend = env.get("PIPELINE_EMBEDDING_BACKEND", "local")
+    if backend == "local":
+        return LocalE5Embedder()
+    if backend == "openai":
+        return OpenAIEmbedder(
+            base_url=env.get("PIPELINE_OPENAI_BASE_URL", "https://api.openai.com/v1"),
+            api_key=dg.EnvVar("PIPELINE_OPENAI_API_KEY"),
+            model=env.get("PIPELINE_EMBEDDING_MODEL", "text-embedding-3-small"),
+            dimensions=int(env.get("PIPELINE_EMBEDDING_DIMENSIONS", "1536")),
+            send_dimensions=env.get("PIPELINE_OPENAI_SEND_DIMENSIONS", "false") == "true",
+            request_timeout_seconds=float(env.get("PIPELINE_OPENAI_TIMEOUT_SECONDS", "30")),
+            max_batch_size=int(env.get("PIPELINE_OPENAI_MAX_BATCH_SIZE", "256")),
+            max_concurrency=int(env.get("PIPELINE_OPENAI_MAX_CONCURRENCY", "4")),
+            requests_per_minute=int(env.get("PIPELINE_OPENAI_REQUESTS_PER_MINUTE", "0")),
+            tokens_per_minute=int(env.get("PIPELINE_OPENAI_TOKENS_PER_MINUTE", "0")),
+        )
+    if backend == "sentence-transformers":
+        return SentenceTransformersEmbedder(
+            model_name_or_path=env.get("PIPELINE_EMBEDDING_MODEL", "all-MiniLM-L6-v2"),
+            dimensions=int(env.get("PIPELINE_EMBEDDING_DIMENSIONS", "384")),
+            device=env.get("PIPELINE_EMBEDDING_DEVICE", "cpu"),
+        )
+    raise ValueError(
+        f"PIPELINE_EMBEDDING_BACKEND={backend!r}: use local, openai or sentence-transformers"
+    )
+
+
+def build_resources(
+    settings: Settings, embedder: Embedder | None = None
+) -> dict[str, dg.ConfigurableResource]:
     """The embedded defaults and production differ only here, in resource configuration."""
     connection_config = {"memory_limit": settings.duckdb_memory_limit}
     return {
         "warehouse": Warehouse(
             database=str(settings.duckdb_path), connection_config=connection_config
         ),
-        "landing": LandingZone(path=str(settings.landing_dir)),
+        "landing": LandingZone(
+            path=str(settings.landing_dir), catalog_path=str(settings.catalog_path)
+        ),
         "alerts": AlertSink(database=str(settings.alerts_duckdb_path)),
+        "embedder": embedder or build_embedder(),
     }
 
 
-def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+def build_definitions(
+    settings: Settings | None = None, embedder: Embedder | None = None
+) -> dg.Definitions:
     settings = settings or Settings.from_env()
     for path in (settings.duckdb_path, settings.alerts_duckdb_path):
         path.parent.mkdir(parents=True, exist_ok=True)
     return dg.Definitions(
-        assets=BATCH_ASSETS,
-        jobs=[batch_ingestion_job],
-        sensors=[build_landing_batches_sensor(batch_ingestion_job)],
-        resources=build_resources(settings),
+        assets=[product_catalog, *BATCH_ASSETS],
+        jobs=[batch_ingestion_job, batch_pipeline_job, catalog_job],
+        sensors=[
+            build_landing_batches_sensor(batch_ingestion_job),
+            build_catalog_file_sensor(catalog_job),
+            automation_sensor,
+        ],
+        resources=build_resources(settings, embedder),
     )
 
 

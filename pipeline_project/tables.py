@@ -4,6 +4,10 @@ RAW_CUSTOMERS = "raw_customers"
 CUSTOMERS = "customers"
 CUSTOMER_PURCHASES = "customer_purchases"
 SCHEMA_ERRORS = "schema_errors"
+PRODUCT_CATALOG = "product_catalog"
+CUSTOMER_EMBEDDINGS = "customer_embeddings"
+EMBEDDING_CACHE = "embedding_cache"
+DEAD_LETTER = "dead_letter"
 ALERTS = "alerts"
 
 # No primary keys: DuckDB keeps ART indexes in memory, which would grow with the batch size.
@@ -48,6 +52,60 @@ WAREHOUSE_DDL: dict[str, str] = {
             error_count INTEGER NOT NULL,
             detected_at TIMESTAMPTZ NOT NULL
         )""",
+    PRODUCT_CATALOG: """
+        CREATE TABLE IF NOT EXISTS product_catalog (
+            product_id VARCHAR NOT NULL,
+            name VARCHAR NOT NULL,
+            category VARCHAR NOT NULL,
+            price DOUBLE NOT NULL,
+            in_stock BOOLEAN NOT NULL
+        )""",
+    # One vector per distinct text and model: customers who behave alike share a profile text,
+    # so a batch of millions of customers stores (and embeds) only its few thousand profiles.
+    # FLOAT[] rather than FLOAT[n]: one cache serves models of different widths; every row is
+    # checked to hold exactly `dimensions` finite values before it is written.
+    EMBEDDING_CACHE: """
+        CREATE TABLE IF NOT EXISTS embedding_cache (
+            model VARCHAR NOT NULL,
+            dimensions INTEGER NOT NULL,
+            text_hash VARCHAR NOT NULL,
+            text VARCHAR NOT NULL,
+            embedding FLOAT[] NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (model, dimensions, text_hash)
+        )""",
+    CUSTOMER_EMBEDDINGS: """
+        CREATE TABLE IF NOT EXISTS customer_embeddings (
+            batch_id VARCHAR NOT NULL,
+            line_no BIGINT NOT NULL,
+            customer_id UUID NOT NULL,
+            model VARCHAR NOT NULL,
+            dimensions INTEGER NOT NULL,
+            text_hash VARCHAR NOT NULL,
+            profile_text VARCHAR NOT NULL
+        )""",
+    DEAD_LETTER: """
+        CREATE TABLE IF NOT EXISTS dead_letter (
+            batch_id VARCHAR NOT NULL,
+            stage VARCHAR NOT NULL,
+            record_key VARCHAR NOT NULL,
+            reason VARCHAR NOT NULL,
+            error VARCHAR NOT NULL,
+            attempts INTEGER NOT NULL,
+            payload VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL,
+            replayed_at TIMESTAMPTZ
+        )""",
+}
+
+# Views: the vector of each customer, as a fixed-size array is `embedding::FLOAT[<dimensions>]`.
+WAREHOUSE_VIEWS: dict[str, str] = {
+    "customer_embedding_vectors": """
+        CREATE VIEW IF NOT EXISTS customer_embedding_vectors AS
+        SELECT e.batch_id, e.line_no, e.customer_id, e.model, e.dimensions, e.text_hash,
+               c.embedding
+        FROM customer_embeddings AS e
+        JOIN embedding_cache AS c USING (model, dimensions, text_hash)""",
 }
 
 ALERTS_DDL: dict[str, str] = {

@@ -53,18 +53,33 @@ def test_demo_runs_two_batches_end_to_end_in_a_project_local_home_and_is_idempot
     assert len(tables["raw_customers"]) == 600
     assert len(tables["customers"]) + len(tables["schema_errors"]) == 600
 
+    first_figures = {row[0]: [int(x.replace(",", "")) for x in row[6:]] for row in summary}
+    for profiles, cache_hits, model_calls, dead_lettered in first_figures.values():
+        assert 0 < profiles <= 300 and dead_lettered == 0
+    assert first_figures["b001"][1] == 0 and first_figures["b001"][2] > 0  # cold cache
+    embeddings = table_rows(db, "customer_embeddings")
+    assert len(embeddings) == len(tables["customers"])
+
     second = cli("demo", "--rows", "300", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "generating sample data" not in second.stdout
     assert {t: table_rows(db, t) for t in tables} == tables
+    assert table_rows(db, "customer_embeddings") == embeddings
+    rerun = [ln.split() for ln in second.stdout.splitlines() if ln.startswith("b00")]
+    for row in rerun:  # every profile is cached now: no model call
+        profiles, cache_hits, model_calls = (int(x.replace(",", "")) for x in row[6:9])
+        assert cache_hits == profiles and model_calls == 0
 
     home = tmp_path / ".dagster_home"
     assert (home / "dagster.yaml").exists()
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert sorted(instance.get_dynamic_partitions("batches")) == ["b001", "b002"]
         runs = instance.get_runs()
-        assert len(runs) == 4 and all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
-        assert {r.tags["dagster/partition"] for r in runs} == {"b001", "b002"}
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        batch_runs = [r for r in runs if r.job_name == "batch_pipeline_job"]
+        assert len(batch_runs) == 4
+        assert {r.tags["dagster/partition"] for r in batch_runs} == {"b001", "b002"}
+        assert len([r for r in runs if r.job_name == "catalog_job"]) == 2
 
 
 @pytest.mark.slow

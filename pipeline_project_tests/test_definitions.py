@@ -41,10 +41,15 @@ def test_dg_check_defs_accepts_the_project_layout():
 
 def test_definitions_wire_every_stage_job_sensor_and_resource(defs):
     keys = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
-    assert keys == {"raw_customers", "customers", "customer_purchases", "schema_errors"}
-    assert defs.resolve_job_def("batch_ingestion_job") is not None
-    assert defs.resolve_sensor_def("landing_batches_sensor") is not None
-    assert set(defs.resources) == {"warehouse", "landing", "alerts"}
+    assert keys == {
+        "raw_customers", "customers", "customer_purchases", "schema_errors",
+        "product_catalog", "customer_embeddings",
+    }  # fmt: skip
+    for job in ("batch_ingestion_job", "batch_pipeline_job", "catalog_job"):
+        assert defs.resolve_job_def(job) is not None
+    for sensor in ("landing_batches_sensor", "catalog_file_sensor", "pipeline_automation_sensor"):
+        assert defs.resolve_sensor_def(sensor).default_status == dg.DefaultSensorStatus.RUNNING
+    assert set(defs.resources) == {"warehouse", "landing", "alerts", "embedder"}
 
 
 def test_settings_come_from_the_environment_with_defaults(tmp_path):

@@ -196,7 +196,7 @@ def _personas(rng: np.random.Generator) -> dict[str, np.ndarray]:
         "weights": weights / weights.sum(),
         "primary": rng.integers(0, len(CATEGORIES), _N_PERSONAS),
         "secondary": rng.integers(0, len(CATEGORIES), _N_PERSONAS),
-        "frequency": rng.choice([1.0, 4.0, 12.0], _N_PERSONAS, p=[0.35, 0.45, 0.2]),
+        "frequency": rng.choice([2.0, 5.0, 12.0], _N_PERSONAS, p=[0.35, 0.45, 0.2]),
         "quantity": rng.choice([1, 2, 3], _N_PERSONAS, p=[0.6, 0.3, 0.1]),
     }
 
@@ -242,7 +242,9 @@ def _chunk_records(
     ).astype(np.int64)
     quantity = np.maximum(1, rng.poisson(personas["quantity"][persona[owner]]))
     amount = np.round(catalog.prices[product] * quantity, 2)
-    when = created[owner] + (rng.random(total) * (_PURCHASES_END - created[owner])).astype(np.int64)
+    # sqrt skews purchase dates toward the present: recent activity is the common case.
+    span = _PURCHASES_END - created[owner]
+    when = created[owner] + (np.sqrt(rng.random(total)) * span).astype(np.int64)
     when_text = np.datetime_as_string(when.astype("datetime64[s]"), unit="s")
     product_ids = catalog.product_ids
     purchases = [

@@ -46,6 +46,15 @@ class LandingZone(dg.ConfigurableResource):
     """The folder where batch files (`<batch_id>.jsonl` or `<batch_id>.jsonl.gz`) land."""
 
     path: str = Field(description="Landing folder; PIPELINE_LANDING_DIR.")
+    catalog_path: str = Field(description="Product catalog CSV; PIPELINE_CATALOG_PATH.")
+
+    def catalog_fingerprint(self) -> str | None:
+        """Size and modification time of the catalog file, or None when it is missing."""
+        try:
+            stat = Path(self.catalog_path).stat()
+        except FileNotFoundError:
+            return None
+        return f"{stat.st_size}-{stat.st_mtime_ns}"
 
     def scan(self) -> LandingScan:
         """List batch files with a stat each; file contents are never read here."""

@@ -10,7 +10,7 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from pipeline_project.tables import ALERTS_DDL, WAREHOUSE_DDL
+from pipeline_project.tables import ALERTS_DDL, DEAD_LETTER, WAREHOUSE_DDL, WAREHOUSE_VIEWS
 
 # Steps that write the warehouse share this pool; dagster_instance.yaml gives it one slot.
 DUCKDB_WRITER_POOL = "duckdb_writer"
@@ -69,13 +69,14 @@ class Warehouse(DuckDBStore):
     """The pipeline's DuckDB file: every stage's tables, each keyed by batch_id."""
 
     def _table_ddl(self) -> Sequence[str]:
-        return tuple(WAREHOUSE_DDL.values())
+        return (*WAREHOUSE_DDL.values(), *WAREHOUSE_VIEWS.values())
 
     @contextmanager
     def replace_batch(
-        self, tables: Sequence[str], batch_id: str
+        self, tables: Sequence[str], batch_id: str, dead_letter_stage: str | None = None
     ) -> Iterator[duckdb.DuckDBPyConnection]:
-        """Delete the batch from `tables` and let the caller insert it again, in ONE transaction.
+        """Delete the batch from `tables` (and the stage's dead letters) and let the caller
+        insert it again, in ONE transaction.
 
         A crash anywhere inside leaves the previous committed state of the batch.
         """
@@ -84,6 +85,11 @@ class Warehouse(DuckDBStore):
                 if table not in WAREHOUSE_DDL:
                     raise ValueError(f"{table!r} is not a warehouse table")
                 conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
+            if dead_letter_stage is not None:
+                conn.execute(
+                    f"DELETE FROM {DEAD_LETTER} WHERE batch_id = ? AND stage = ?",
+                    [batch_id, dead_letter_stage],
+                )
             yield conn
 
 

@@ -1,0 +1,235 @@
+"""AI inference: an embedding per customer profile, cached, retried, validated, dead-lettered."""
+
+import time
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY
+from pipeline_project.checks.model_checks import EMBEDDING_CHECK_SPECS, embedding_check_results
+from pipeline_project.core.inference import (
+    INFERENCE_FAILED,
+    INVALID_OUTPUT,
+    ChunkResult,
+    CircuitBreakerOpen,
+    InferenceOutcome,
+    run_inference,
+)
+from pipeline_project.core.profiles import PROFILES_SQL
+from pipeline_project.partitions import batches
+from pipeline_project.resources import Warehouse
+from pipeline_project.resources.embeddings import Embedder
+from pipeline_project.tables import CUSTOMER_EMBEDDINGS
+
+INFERENCE_STAGE = "inference"
+# One inference step at a time across all runs: the local model uses every core, and an API's
+# rate limit is shared by every request this deployment sends.
+MODEL_INFERENCE_POOL = "model_inference"
+
+_MISSING_TEXTS_SQL = f"""
+SELECT text_hash, any_value(profile_text) AS profile_text
+FROM ({PROFILES_SQL}) AS p
+WHERE NOT EXISTS (
+    SELECT 1 FROM embedding_cache AS c
+    WHERE c.model = $model AND c.dimensions = $dimensions AND c.text_hash = p.text_hash)
+GROUP BY text_hash
+ORDER BY text_hash
+"""
+
+_PROFILE_COUNTS_SQL = f"""
+SELECT count(*), count(DISTINCT text_hash) FROM ({PROFILES_SQL})
+"""
+
+
+class InferenceConfig(dg.Config):
+    chunk_size: int = Field(
+        default=64, description="Texts per model request (capped at the backend's batch limit)."
+    )
+    request_attempts: int = Field(default=3, description="Attempts per request before it fails.")
+    backoff_initial_seconds: float = Field(default=0.5, description="First retry wait.")
+    backoff_max_seconds: float = Field(default=30.0, description="Longest retry wait.")
+    max_failed_chunk_share: float = Field(
+        default=0.25, description="Circuit breaker: above this share of failed chunks, stop."
+    )
+    dead_letter_threshold: float = Field(
+        default=0.01, description="Dead-lettered share of customers above which a WARN check fails."
+    )
+    cache_flush_texts: int = Field(
+        default=512, description="Write new vectors to the cache every this many texts."
+    )
+
+
+@dg.asset(
+    partitions_def=batches,
+    deps=["customers", "customer_purchases", "product_catalog"],
+    check_specs=EMBEDDING_CHECK_SPECS,
+    pool=MODEL_INFERENCE_POOL,
+    retry_policy=STAGE_RETRY_POLICY,
+    group_name="inference",
+    kinds={"duckdb"},
+    metadata={"dagster/table_name": CUSTOMER_EMBEDDINGS},
+    automation_condition=(
+        dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+    ).ignore(dg.AssetSelection.assets("product_catalog")),
+)
+def customer_embeddings(
+    context: dg.AssetExecutionContext,
+    config: InferenceConfig,
+    warehouse: Warehouse,
+    embedder: Embedder,
+):
+    """Each valid customer's profile text and the key of its embedding in embedding_cache;
+    customers whose embedding failed are in dead_letter instead."""
+    batch_id = context.partition_key
+    model, dimensions = embedder.model_id(), embedder.output_dimensions()
+    params = {"batch_id": batch_id, "model": model, "dimensions": dimensions}
+    started = time.perf_counter()
+    with warehouse.get_connection() as conn:
+        missing = conn.execute(_MISSING_TEXTS_SQL, params).fetchall()
+        [(customers_in, distinct_profiles)] = conn.execute(
+            _PROFILE_COUNTS_SQL, {"batch_id": batch_id}
+        ).fetchall()
+    context.log.info(
+        f"{batch_id}: {customers_in:,} customers, {distinct_profiles:,} distinct profiles, "
+        f"{len(missing):,} not in the cache for {model}"
+    )
+
+    chunk_size = max(1, min(config.chunk_size, embedder.max_batch_size))
+    pending: list[tuple[str, np.ndarray]] = []
+
+    def flush() -> None:
+        if pending:
+            _write_cache(warehouse, model, dimensions, dict(missing), pending)
+            pending.clear()
+
+    def on_chunk(result: ChunkResult, outcome: InferenceOutcome) -> None:
+        pending.extend(result.vectors.items())
+        if len(pending) >= config.cache_flush_texts:
+            flush()
+        seconds = time.perf_counter() - started
+        context.log.info(
+            f"{batch_id}: chunk {outcome.chunks_done}/{outcome.chunks_total} "
+            f"({outcome.chunks_failed} failed), {len(outcome.vectors) / seconds:.1f} texts/s"
+        )
+
+    try:
+        with embedder.open() as client:
+            outcome = run_inference(
+                missing,
+                client,
+                chunk_size=chunk_size,
+                dimensions=dimensions,
+                max_concurrency=embedder.max_concurrency,
+                attempts=config.request_attempts,
+                backoff_initial_seconds=config.backoff_initial_seconds,
+                backoff_max_seconds=config.backoff_max_seconds,
+                max_failed_chunk_share=config.max_failed_chunk_share,
+                redact=embedder.redact,
+                on_chunk=on_chunk,
+            )
+    except CircuitBreakerOpen as err:
+        flush()  # keep what was embedded: the retry will not pay for it again
+        raise dg.Failure(description=str(err)) from err
+    flush()
+
+    failures = pa.table(
+        {
+            "text_hash": pa.array(list(outcome.failures), pa.string()),
+            "reason": pa.array([f.reason for f in outcome.failures.values()], pa.string()),
+            "error": pa.array([f.error for f in outcome.failures.values()], pa.string()),
+            "attempts": pa.array([f.attempts for f in outcome.failures.values()], pa.int32()),
+        }
+    )
+    with warehouse.replace_batch(
+        [CUSTOMER_EMBEDDINGS], batch_id, dead_letter_stage=INFERENCE_STAGE
+    ) as conn:
+        conn.execute(
+            f"CREATE OR REPLACE TEMP TABLE batch_profiles AS {PROFILES_SQL}", {"batch_id": batch_id}
+        )
+        conn.execute(
+            "INSERT INTO customer_embeddings SELECT $batch_id, p.line_no, p.customer_id, $model,"
+            " $dimensions, p.text_hash, p.profile_text FROM batch_profiles AS p"
+            " JOIN embedding_cache AS c ON c.model = $model AND c.dimensions = $dimensions"
+            " AND c.text_hash = p.text_hash",
+            params,
+        )
+        conn.register("inference_failures", failures)
+        conn.execute(
+            "INSERT INTO dead_letter SELECT $batch_id, $stage, p.customer_id::VARCHAR, f.reason,"
+            " f.error, f.attempts, p.profile_text, now(), NULL FROM batch_profiles AS p"
+            " JOIN inference_failures AS f USING (text_hash)",
+            {"batch_id": batch_id, "stage": INFERENCE_STAGE},
+        )
+        conn.unregister("inference_failures")
+        dead_by_reason = dict(
+            conn.execute(
+                "SELECT reason, count(*) FROM dead_letter WHERE batch_id = ? AND stage = ?"
+                " GROUP BY reason",
+                [batch_id, INFERENCE_STAGE],
+            ).fetchall()
+        )
+        conn.execute("DROP TABLE batch_profiles")
+    seconds = time.perf_counter() - started
+    with warehouse.get_connection() as conn:
+        checks = embedding_check_results(
+            conn, batch_id, INFERENCE_STAGE, config.dead_letter_threshold
+        )
+
+    dead_lettered = sum(dead_by_reason.values())
+    latency = outcome.latency_percentiles()
+    metadata = {
+        "dagster/row_count": customers_in - dead_lettered,
+        "customers_in": customers_in,
+        "dead_lettered": dead_lettered,
+        "dead_lettered_inference_failed": dead_by_reason.get(INFERENCE_FAILED, 0),
+        "dead_lettered_invalid_output": dead_by_reason.get(INVALID_OUTPUT, 0),
+        "distinct_profiles": distinct_profiles,
+        "cache_hits": distinct_profiles - len(missing),
+        "texts_embedded": len(outcome.vectors),
+        "model_calls": outcome.model_calls,
+        "chunks_done": outcome.chunks_done,
+        "chunks_total": outcome.chunks_total,
+        "chunks_failed": outcome.chunks_failed,
+        "latency_p50_seconds": round(latency["p50"], 4),
+        "latency_p95_seconds": round(latency["p95"], 4),
+        "latency_p99_seconds": round(latency["p99"], 4),
+        "model": model,
+        "dimensions": dimensions,
+        "seconds": round(seconds, 3),
+        "customers_per_second": round(customers_in / seconds) if seconds else 0,
+    }
+    if outcome.tokens is not None:
+        metadata["tokens"] = outcome.tokens
+    yield dg.MaterializeResult(metadata=metadata)
+    yield from checks
+
+
+def _write_cache(
+    warehouse: Warehouse,
+    model: str,
+    dimensions: int,
+    texts: dict[str, str],
+    vectors: list[tuple[str, np.ndarray]],
+) -> None:
+    """Add new vectors to embedding_cache in one short transaction (first writer wins)."""
+    hashes = [h for h, _ in vectors]
+    flat = np.stack([v for _, v in vectors]).astype(np.float32).ravel()
+    rows = pa.table(
+        {
+            "text_hash": pa.array(hashes, pa.string()),
+            "text": pa.array([texts[h] for h in hashes], pa.string()),
+            "embedding": pa.ListArray.from_arrays(
+                pa.array(np.arange(0, len(flat) + 1, dimensions, dtype=np.int32)), pa.array(flat)
+            ),
+        }
+    )
+    with warehouse.transaction() as conn:
+        conn.register("new_vectors", rows)
+        conn.execute(
+            "INSERT INTO embedding_cache SELECT $model, $dimensions, text_hash, text, embedding,"
+            " now() FROM new_vectors ON CONFLICT DO NOTHING",
+            {"model": model, "dimensions": dimensions},
+        )
+        conn.unregister("new_vectors")

@@ -1,0 +1,71 @@
+"""Checks on model output: every customer is embedded or dead-lettered; few are dead-lettered."""
+
+import dagster as dg
+import duckdb
+
+from pipeline_project.partitions import batches
+
+EMBEDDED_OR_DEAD_LETTERED = "every_customer_embedded_or_dead_lettered"
+DEAD_LETTER_SHARE_BELOW_THRESHOLD = "embedding_dead_letter_share_below_threshold"
+
+# partitions_def on a check spec is a preview API; it is the only way to keep each batch's
+# result (pass/fail per partition) instead of "latest run wins".
+EMBEDDING_CHECK_SPECS = [
+    dg.AssetCheckSpec(
+        EMBEDDED_OR_DEAD_LETTERED,
+        asset="customer_embeddings",
+        blocking=True,
+        partitions_def=batches,
+        description="Each valid customer has an embedding or a dead-letter record, never both.",
+    ),
+    dg.AssetCheckSpec(
+        DEAD_LETTER_SHARE_BELOW_THRESHOLD,
+        asset="customer_embeddings",
+        partitions_def=batches,
+        description="Share of customers dead-lettered by inference is at most the threshold.",
+    ),
+]
+
+_COUNTS_SQL = """
+SELECT
+    (SELECT count(*) FROM customers WHERE batch_id = $b) AS customers,
+    (SELECT count(*) FROM customer_embeddings WHERE batch_id = $b) AS embedded,
+    (SELECT count(*) FROM dead_letter WHERE batch_id = $b AND stage = $stage) AS dead_lettered,
+    (SELECT count(*) FROM (
+        SELECT c.customer_id FROM customers AS c
+        LEFT JOIN (
+            SELECT customer_id FROM customer_embeddings WHERE batch_id = $b
+            UNION ALL
+            SELECT record_key::UUID FROM dead_letter WHERE batch_id = $b AND stage = $stage
+        ) AS placed USING (customer_id)
+        WHERE c.batch_id = $b
+        GROUP BY c.customer_id
+        HAVING count(placed.customer_id) <> 1
+    )) AS misplaced
+"""
+
+
+def embedding_check_results(
+    conn: duckdb.DuckDBPyConnection, batch_id: str, stage: str, dead_letter_threshold: float
+) -> list[dg.AssetCheckResult]:
+    [(customers, embedded, dead, misplaced)] = conn.execute(
+        _COUNTS_SQL, {"b": batch_id, "stage": stage}
+    ).fetchall()
+    share = dead / customers if customers else 0.0
+    figures = {"customers": customers, "embedded": embedded, "dead_lettered": dead}
+    return [
+        dg.AssetCheckResult(
+            asset_key="customer_embeddings",
+            check_name=EMBEDDED_OR_DEAD_LETTERED,
+            passed=customers == embedded + dead and misplaced == 0,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={**figures, "customers_not_placed_exactly_once": misplaced},
+        ),
+        dg.AssetCheckResult(
+            asset_key="customer_embeddings",
+            check_name=DEAD_LETTER_SHARE_BELOW_THRESHOLD,
+            passed=share <= dead_letter_threshold,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={**figures, "dead_letter_share": share, "threshold": dead_letter_threshold},
+        ),
+    ]

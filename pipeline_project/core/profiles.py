@@ -1,0 +1,61 @@
+"""Customer profile texts: what a customer buys, how much, how often, how recently.
+
+Customers who behave alike get the same text, so the model embeds each profile once:
+
+    "Customer who buys mostly electronics and books. Spend: high. Purchase frequency: regular.
+     Last purchase: this quarter."
+
+- categories: the (at most) two categories with the highest spend, from the product catalog
+  ("unknown" for products missing from it);
+- spend band of total spend: none, low (< 50), moderate (< 200), high (< 1,000), very high;
+- frequency band of the purchase count: none, occasional (1-2), regular (3-9), frequent (10+);
+- recency band of the days between the last purchase and the batch's latest purchase:
+  this month (<= 30), this quarter (<= 90), this year (<= 365), lapsed.
+"""
+
+PROFILES_SQL = """
+WITH c AS (
+    SELECT line_no, customer_id, purchase_count, total_spend
+    FROM customers WHERE batch_id = $batch_id
+), p AS (
+    SELECT p.line_no, coalesce(cat.category, 'unknown') AS category, p.amount, p.purchased_at
+    FROM customer_purchases AS p
+    LEFT JOIN product_catalog AS cat ON cat.product_id = p.product_id
+    WHERE p.batch_id = $batch_id
+), as_of AS (
+    SELECT max(purchased_at) AS as_of FROM p
+), by_category AS (
+    SELECT line_no, category, sum(amount) AS spend FROM p GROUP BY line_no, category
+), top_categories AS (
+    SELECT line_no, list(category ORDER BY spend DESC, category)[1:2] AS top
+    FROM by_category GROUP BY line_no
+), last_purchase AS (
+    SELECT line_no, max(purchased_at) AS last_at FROM p GROUP BY line_no
+), profiles AS (
+    SELECT
+        c.line_no,
+        c.customer_id,
+        CASE WHEN c.purchase_count = 0 THEN 'Customer with no purchases yet.'
+        ELSE 'Customer who buys mostly ' || array_to_string(t.top, ' and ') || '. '
+            || 'Spend: ' || CASE
+                WHEN c.total_spend < 50 THEN 'low'
+                WHEN c.total_spend < 200 THEN 'moderate'
+                WHEN c.total_spend < 1000 THEN 'high'
+                ELSE 'very high' END || '. '
+            || 'Purchase frequency: ' || CASE
+                WHEN c.purchase_count <= 2 THEN 'occasional'
+                WHEN c.purchase_count <= 9 THEN 'regular'
+                ELSE 'frequent' END || '. '
+            || 'Last purchase: ' || CASE
+                WHEN date_diff('day', l.last_at, a.as_of) <= 30 THEN 'this month'
+                WHEN date_diff('day', l.last_at, a.as_of) <= 90 THEN 'this quarter'
+                WHEN date_diff('day', l.last_at, a.as_of) <= 365 THEN 'this year'
+                ELSE 'lapsed' END || '.'
+        END AS profile_text
+    FROM c
+    LEFT JOIN top_categories AS t USING (line_no)
+    LEFT JOIN last_purchase AS l USING (line_no)
+    CROSS JOIN as_of AS a
+)
+SELECT line_no, customer_id, profile_text, md5(profile_text) AS text_hash FROM profiles
+"""

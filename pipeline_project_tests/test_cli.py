@@ -54,7 +54,7 @@ def test_demo_runs_two_batches_end_to_end_in_a_project_local_home_and_is_idempot
     assert len(tables["customers"]) + len(tables["schema_errors"]) == 600
 
     first_figures = {row[0]: [int(x.replace(",", "")) for x in row[6:]] for row in summary}
-    for profiles, cache_hits, model_calls, dead_lettered in first_figures.values():
+    for profiles, _hits, _calls, dead_lettered in first_figures.values():
         assert 0 < profiles <= 300 and dead_lettered == 0
     assert first_figures["b001"][1] == 0 and first_figures["b001"][2] > 0  # cold cache
     embeddings = table_rows(db, "customer_embeddings")

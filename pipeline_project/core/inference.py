@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 from tenacity import Retrying, stop_after_attempt, wait_exponential_jitter
@@ -152,8 +153,11 @@ def run_inference(
         }
         return ChunkResult(keys, vectors, failures, tries, failed=not vectors)
 
-    with ThreadPoolExecutor(max_workers=max(1, max_concurrency)) as pool:
-        pending: set[Future] = {pool.submit(embed_chunk, chunk) for chunk in chunks}
+    workers = max(1, max_concurrency)
+    queue = iter(chunks)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # Only `workers` requests in flight: nothing queued is sent after the breaker trips.
+        pending: set[Future] = {pool.submit(embed_chunk, c) for c in islice(queue, workers)}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
@@ -165,7 +169,6 @@ def run_inference(
                 if on_chunk is not None:
                     on_chunk(result, outcome)
             if outcome.chunks_failed > max_failed_chunk_share * outcome.chunks_total:
-                for future in pending:
-                    future.cancel()
                 raise CircuitBreakerOpen(outcome, max_failed_chunk_share)
+            pending |= {pool.submit(embed_chunk, c) for c in islice(queue, len(done))}
     return outcome

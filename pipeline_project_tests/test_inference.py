@@ -355,3 +355,19 @@ def test_token_rate_limit_spreads_requests_over_time():
             run_inference(items, client, chunk_size=1, dimensions=8, max_concurrency=3)
     starts = sorted(r.at for r in server.requests)
     assert starts[-1] - starts[0] >= 1.5  # 100 tokens per second: ~1 s per request
+
+
+def test_sentence_transformers_backend_with_the_packaged_model():
+    pytest.importorskip(
+        "sentence_transformers", reason="the sentence-transformers extra is not installed"
+    )
+    from pipeline_project.definitions import build_embedder
+
+    embedder = build_embedder({"PIPELINE_EMBEDDING_BACKEND": "sentence-transformers"})
+    texts = ["Customer who buys mostly toys. Spend: low.", "Customer who buys mostly toys. Spend: moderate.",
+             "Customer with no purchases yet."]  # fmt: skip
+    with embedder.open() as client:
+        vectors = client.embed(texts).vectors
+    assert vectors.shape == (3, embedder.output_dimensions()) == (3, 384)
+    assert validate_vectors(vectors, 3, 384) == [None, None, None]
+    assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])

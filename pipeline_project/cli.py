@@ -99,7 +99,7 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
     failed = []
     with dg.DagsterInstance.get() as instance:
         if landing.catalog_fingerprint() is not None:
-            click.echo(f"product catalog: loading {settings.catalog_path}")
+            click.echo(f"product catalog: loading and embedding {settings.catalog_path}")
             catalog_run = defs.resolve_job_def("catalog_job").execute_in_process(
                 instance=instance, run_config=quiet, raise_on_error=False
             )
@@ -111,13 +111,25 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
             instance.add_dynamic_partitions(batch_partitions.name, new)
         rows_out = []
         for i, batch_id in enumerate(sorted(scan.files), start=1):
-            click.echo(f"[{i}/{len(scan.files)}] {batch_id}: ingest, validate, embed ...")
+            click.echo(
+                f"[{i}/{len(scan.files)}] {batch_id}: ingest, validate, embed, segment, recommend"
+            )
             result = batch_job.execute_in_process(
                 partition_key=batch_id, instance=instance, run_config=quiet, raise_on_error=False
             )
             figures = {
                 **_metadata(result, "validated_customers", "customers"),
                 **_metadata(result, "customer_embeddings", "customer_embeddings"),
+                "segments": _metadata(result, "customer_segments", "customer_segments").get(
+                    "segment_shares", {}
+                ),
+                **{
+                    f"kept_{k}": v
+                    for k, v in _metadata(
+                        result, "validated_recommendations", "validated_recommendations"
+                    ).items()
+                },
+                **_metadata(result, "validated_recommendations", "rejected_recommendations"),
             }
             rows_out.append((batch_id, "ok" if result.success else "FAILED", figures))
             if not result.success:
@@ -134,6 +146,20 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
             f"{f.get('rows_invalid', 0):>8,}{f.get('error_rate', 0.0):>9.2%}"
             f"{f.get('distinct_profiles', 0):>10,}{f.get('cache_hits', 0):>11,}"
             f"{f.get('model_calls', 0):>12,}{f.get('dead_lettered', 0):>14,}"
+        )
+    click.echo("")
+    click.echo(
+        f"{'batch':<10}{'segments':>9}{'kept':>8}{'rejected':>9}   rejected by rule"
+        " (out_of_stock, low_confidence, already_purchased, implausible_value)"
+    )
+    for batch_id, _, f in rows_out:
+        by_rule = ", ".join(
+            str(f.get(f"rejected_{rule}", 0))
+            for rule in ("out_of_stock", "low_confidence", "already_purchased", "implausible_value")
+        )
+        click.echo(
+            f"{batch_id:<10}{len(f.get('segments', {})):>9}"
+            f"{f.get('kept_dagster/row_count', 0):>8,}{f.get('kept_rejected', 0):>9,}   {by_rule}"
         )
     click.echo("\nSee it in the UI: pipeline-project ui  (then open http://127.0.0.1:3000)")
     if failed:

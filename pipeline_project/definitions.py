@@ -10,6 +10,12 @@ import dagster as dg
 from pipeline_project.assets.catalog import product_catalog
 from pipeline_project.assets.inference import customer_embeddings
 from pipeline_project.assets.ingestion import raw_customers
+from pipeline_project.assets.recommendations import (
+    product_embeddings,
+    recommendations,
+    validated_recommendations,
+)
+from pipeline_project.assets.segmentation import customer_segments, segment_model
 from pipeline_project.assets.validation import validated_customers
 from pipeline_project.resources import AlertSink, LandingZone, Warehouse
 from pipeline_project.resources.embeddings import (
@@ -23,7 +29,14 @@ from pipeline_project.sensors.landing import build_landing_batches_sensor
 from pipeline_project.settings import Settings
 
 INGESTION_ASSETS = [raw_customers, validated_customers]
-BATCH_ASSETS = [*INGESTION_ASSETS, customer_embeddings]
+BATCH_ASSETS = [
+    *INGESTION_ASSETS,
+    customer_embeddings,
+    customer_segments,
+    recommendations,
+    validated_recommendations,
+]
+CATALOG_ASSETS = [product_catalog, product_embeddings]
 
 # What a new landing batch needs first; the automation sensor carries it on downstream.
 batch_ingestion_job = dg.define_asset_job(
@@ -39,8 +52,20 @@ batch_pipeline_job = dg.define_asset_job(
 )
 catalog_job = dg.define_asset_job(
     "catalog_job",
-    selection=dg.AssetSelection.assets(product_catalog),
-    description="Reload the product catalog from its file.",
+    selection=dg.AssetSelection.assets(*CATALOG_ASSETS),
+    description="Reload the product catalog from its file and embed new product texts.",
+)
+segment_model_job = dg.define_asset_job(
+    "segment_model_job",
+    selection=dg.AssetSelection.assets(segment_model),
+    description="Retrain the segment model on every batch; automation then re-assigns segments.",
+)
+weekly_segment_model_retrain = dg.ScheduleDefinition(
+    name="weekly_segment_model_retrain",
+    job=segment_model_job,
+    cron_schedule="0 3 * * 1",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Mondays 03:00 UTC: retrain segments on the week's data.",
 )
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
@@ -115,8 +140,9 @@ def build_definitions(
     for path in (settings.duckdb_path, settings.alerts_duckdb_path):
         path.parent.mkdir(parents=True, exist_ok=True)
     return dg.Definitions(
-        assets=[product_catalog, *BATCH_ASSETS],
-        jobs=[batch_ingestion_job, batch_pipeline_job, catalog_job],
+        assets=[*CATALOG_ASSETS, segment_model, *BATCH_ASSETS],
+        jobs=[batch_ingestion_job, batch_pipeline_job, catalog_job, segment_model_job],
+        schedules=[weekly_segment_model_retrain],
         sensors=[
             build_landing_batches_sensor(batch_ingestion_job),
             build_catalog_file_sensor(catalog_job),

@@ -8,7 +8,31 @@ PRODUCT_CATALOG = "product_catalog"
 CUSTOMER_EMBEDDINGS = "customer_embeddings"
 EMBEDDING_CACHE = "embedding_cache"
 DEAD_LETTER = "dead_letter"
+SEGMENT_MODEL = "segment_model"
+CUSTOMER_SEGMENTS = "customer_segments"
+PRODUCT_EMBEDDINGS = "product_embeddings"
+RECOMMENDATIONS = "recommendations"
+VALIDATED_RECOMMENDATIONS = "validated_recommendations"
+REJECTED_RECOMMENDATIONS = "rejected_recommendations"
 ALERTS = "alerts"
+
+# A recommendation and the parts of its score (explainable): confidence =
+# segment_weight * segment_affinity + similarity_weight * similarity_score.
+_RECOMMENDATION_COLUMNS = """
+    CREATE TABLE IF NOT EXISTS {table} (
+        batch_id VARCHAR NOT NULL,
+        line_no BIGINT NOT NULL,
+        customer_id UUID NOT NULL,
+        rank INTEGER NOT NULL,
+        product_id VARCHAR NOT NULL,
+        segment_id INTEGER NOT NULL,
+        confidence DOUBLE NOT NULL,
+        predicted_value DOUBLE NOT NULL,
+        segment_affinity DOUBLE NOT NULL,
+        similarity DOUBLE NOT NULL,
+        similarity_score DOUBLE NOT NULL,
+        model_version INTEGER NOT NULL{extra}
+    )"""
 
 # No primary keys: DuckDB keeps ART indexes in memory, which would grow with the batch size.
 # Uniqueness and conservation are asset checks instead.
@@ -96,6 +120,43 @@ WAREHOUSE_DDL: dict[str, str] = {
             created_at TIMESTAMPTZ NOT NULL,
             replayed_at TIMESTAMPTZ
         )""",
+    # Every trained model is kept; the newest version assigns segments.
+    SEGMENT_MODEL: """
+        CREATE TABLE IF NOT EXISTS segment_model (
+            model_version INTEGER NOT NULL,
+            segment_id INTEGER NOT NULL,
+            centroid FLOAT[] NOT NULL,
+            weight DOUBLE NOT NULL,
+            embedding_model VARCHAR NOT NULL,
+            dimensions INTEGER NOT NULL,
+            trained_at TIMESTAMPTZ NOT NULL
+        )""",
+    CUSTOMER_SEGMENTS: """
+        CREATE TABLE IF NOT EXISTS customer_segments (
+            batch_id VARCHAR NOT NULL,
+            line_no BIGINT NOT NULL,
+            customer_id UUID NOT NULL,
+            text_hash VARCHAR NOT NULL,
+            segment_id INTEGER NOT NULL,
+            distance DOUBLE NOT NULL,
+            model_version INTEGER NOT NULL
+        )""",
+    PRODUCT_EMBEDDINGS: """
+        CREATE TABLE IF NOT EXISTS product_embeddings (
+            product_id VARCHAR NOT NULL,
+            model VARCHAR NOT NULL,
+            dimensions INTEGER NOT NULL,
+            text_hash VARCHAR NOT NULL,
+            product_text VARCHAR NOT NULL
+        )""",
+    RECOMMENDATIONS: _RECOMMENDATION_COLUMNS.format(table=RECOMMENDATIONS, extra=""),
+    VALIDATED_RECOMMENDATIONS: _RECOMMENDATION_COLUMNS.format(
+        table=VALIDATED_RECOMMENDATIONS, extra=""
+    ),
+    REJECTED_RECOMMENDATIONS: _RECOMMENDATION_COLUMNS.format(
+        table=REJECTED_RECOMMENDATIONS,
+        extra=", rejected_rule VARCHAR NOT NULL, failed_rules VARCHAR[] NOT NULL",
+    ),
 }
 
 # Views: the vector of each customer, as a fixed-size array is `embedding::FLOAT[<dimensions>]`.

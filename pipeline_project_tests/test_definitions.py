@@ -43,9 +43,11 @@ def test_definitions_wire_every_stage_job_sensor_and_resource(defs):
     keys = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
     assert keys == {
         "raw_customers", "customers", "customer_purchases", "schema_errors",
-        "product_catalog", "customer_embeddings",
+        "product_catalog", "customer_embeddings", "product_embeddings", "segment_model",
+        "customer_segments", "recommendations", "validated_recommendations",
+        "rejected_recommendations",
     }  # fmt: skip
-    for job in ("batch_ingestion_job", "batch_pipeline_job", "catalog_job"):
+    for job in ("batch_ingestion_job", "batch_pipeline_job", "catalog_job", "segment_model_job"):
         assert defs.resolve_job_def(job) is not None
     for sensor in ("landing_batches_sensor", "catalog_file_sensor", "pipeline_automation_sensor"):
         assert defs.resolve_sensor_def(sensor).default_status == dg.DefaultSensorStatus.RUNNING

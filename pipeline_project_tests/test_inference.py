@@ -36,15 +36,26 @@ def openai_embedder(base_url: str, **overrides) -> OpenAIEmbedder:
     return OpenAIEmbedder(**{**settings, **overrides})
 
 
+INFERENCE_STAGES = ["raw_customers", "customers", "customer_purchases", "schema_errors", "customer_embeddings"]
+
+
 def materialize(settings, instance, embedder, batch_id="b1", config=None):
+    """Catalog, then ingestion, validation and inference of one batch (no later stages)."""
     defs = build_definitions(settings, embedder=embedder)
-    assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
+    catalog = defs.resolve_job_def("catalog_job").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("product_catalog")]
+    )
+    assert catalog.success
     if batch_id not in instance.get_dynamic_partitions("batches"):
         instance.add_dynamic_partitions("batches", [batch_id])
     run_config = {"ops": {"customer_embeddings": {"config": {**FAST_RETRIES, **(config or {})}}}}
     job = defs.resolve_job_def("batch_pipeline_job")
     return job.execute_in_process(
-        partition_key=batch_id, instance=instance, run_config=run_config, raise_on_error=False
+        partition_key=batch_id,
+        instance=instance,
+        run_config=run_config,
+        raise_on_error=False,
+        asset_selection=[dg.AssetKey(k) for k in INFERENCE_STAGES],
     )
 
 

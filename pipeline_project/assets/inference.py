@@ -96,43 +96,7 @@ def customer_embeddings(
         f"{len(missing):,} not in the cache for {model}"
     )
 
-    chunk_size = max(1, min(config.chunk_size, embedder.max_batch_size))
-    pending: list[tuple[str, np.ndarray]] = []
-
-    def flush() -> None:
-        if pending:
-            _write_cache(warehouse, model, dimensions, dict(missing), pending)
-            pending.clear()
-
-    def on_chunk(result: ChunkResult, outcome: InferenceOutcome) -> None:
-        pending.extend(result.vectors.items())
-        if len(pending) >= config.cache_flush_texts:
-            flush()
-        seconds = time.perf_counter() - started
-        context.log.info(
-            f"{batch_id}: chunk {outcome.chunks_done}/{outcome.chunks_total} "
-            f"({outcome.chunks_failed} failed), {len(outcome.vectors) / seconds:.1f} texts/s"
-        )
-
-    try:
-        with embedder.open() as client:
-            outcome = run_inference(
-                missing,
-                client,
-                chunk_size=chunk_size,
-                dimensions=dimensions,
-                max_concurrency=embedder.max_concurrency,
-                attempts=config.request_attempts,
-                backoff_initial_seconds=config.backoff_initial_seconds,
-                backoff_max_seconds=config.backoff_max_seconds,
-                max_failed_chunk_share=config.max_failed_chunk_share,
-                redact=embedder.redact,
-                on_chunk=on_chunk,
-            )
-    except CircuitBreakerOpen as err:
-        flush()  # keep what was embedded: the retry will not pay for it again
-        raise dg.Failure(description=str(err)) from err
-    flush()
+    outcome = embed_into_cache(context, warehouse, embedder, missing, config, label=batch_id)
 
     failures = pa.table(
         {
@@ -204,6 +168,58 @@ def customer_embeddings(
         metadata["tokens"] = outcome.tokens
     yield dg.MaterializeResult(metadata=metadata)
     yield from checks
+
+
+def embed_into_cache(
+    context: dg.AssetExecutionContext,
+    warehouse: Warehouse,
+    embedder: Embedder,
+    missing: list[tuple[str, str]],
+    config: InferenceConfig,
+    label: str,
+) -> InferenceOutcome:
+    """Embed (text_hash, text) pairs with the configured model, writing valid vectors to the
+    cache as they come; the circuit breaker fails the step (vectors so far are kept)."""
+    model, dimensions = embedder.model_id(), embedder.output_dimensions()
+    texts = dict(missing)
+    pending: list[tuple[str, np.ndarray]] = []
+    started = time.perf_counter()
+
+    def flush() -> None:
+        if pending:
+            _write_cache(warehouse, model, dimensions, texts, pending)
+            pending.clear()
+
+    def on_chunk(result: ChunkResult, outcome: InferenceOutcome) -> None:
+        pending.extend(result.vectors.items())
+        if len(pending) >= config.cache_flush_texts:
+            flush()
+        seconds = time.perf_counter() - started
+        context.log.info(
+            f"{label}: chunk {outcome.chunks_done}/{outcome.chunks_total} "
+            f"({outcome.chunks_failed} failed), {len(outcome.vectors) / seconds:.1f} texts/s"
+        )
+
+    try:
+        with embedder.open() as client:
+            outcome = run_inference(
+                missing,
+                client,
+                chunk_size=max(1, min(config.chunk_size, embedder.max_batch_size)),
+                dimensions=dimensions,
+                max_concurrency=embedder.max_concurrency,
+                attempts=config.request_attempts,
+                backoff_initial_seconds=config.backoff_initial_seconds,
+                backoff_max_seconds=config.backoff_max_seconds,
+                max_failed_chunk_share=config.max_failed_chunk_share,
+                redact=embedder.redact,
+                on_chunk=on_chunk,
+            )
+    except CircuitBreakerOpen as err:
+        flush()  # keep what was embedded: the retry will not pay for it again
+        raise dg.Failure(description=str(err)) from err
+    flush()
+    return outcome
 
 
 def _write_cache(

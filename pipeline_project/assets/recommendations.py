@@ -1,0 +1,336 @@
+"""Recommendations: product embeddings, scored recommendations, and the business-rule filter."""
+
+import dagster as dg
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from pipeline_project.assets.inference import InferenceConfig, embed_into_cache
+from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY
+from pipeline_project.assets.segmentation import vectors_of
+from pipeline_project.checks.output_checks import (
+    RECOMMENDATION_CHECK_SPECS,
+    recommendation_check_results,
+)
+from pipeline_project.core.recommendations import (
+    RULES,
+    ScoringInputs,
+    rules_sql,
+    score_profiles,
+    segment_tables,
+)
+from pipeline_project.partitions import batches
+from pipeline_project.resources import DUCKDB_WRITER_POOL, Warehouse
+from pipeline_project.resources.embeddings import Embedder
+from pipeline_project.tables import (
+    PRODUCT_EMBEDDINGS,
+    RECOMMENDATIONS,
+    REJECTED_RECOMMENDATIONS,
+    VALIDATED_RECOMMENDATIONS,
+)
+
+_CATALOG = dg.AssetSelection.assets("product_catalog", "product_embeddings")
+
+# Per batch: run once upstream landed and passed; catalog reloads do not re-run old batches.
+_PER_BATCH_AUTOMATION = (
+    dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+).ignore(_CATALOG)
+
+_PRODUCT_TEXTS_SQL = """
+SELECT product_id, 'Product: ' || name || '. Category: ' || category || '.' AS product_text,
+       md5('Product: ' || name || '. Category: ' || category || '.') AS text_hash
+FROM product_catalog
+"""
+
+_PRODUCTS_SQL = """
+SELECT p.product_id, c.embedding, cat.price
+FROM product_embeddings AS p
+JOIN embedding_cache AS c USING (model, dimensions, text_hash)
+JOIN product_catalog AS cat USING (product_id)
+WHERE p.model = $model AND p.dimensions = $dimensions
+ORDER BY p.product_id
+"""
+
+_SEGMENT_PURCHASES_SQL = """
+SELECT s.segment_id, p.product_id, count(*) AS purchases, avg(p.amount) AS avg_amount
+FROM customer_purchases AS p
+JOIN customer_segments AS s ON s.batch_id = p.batch_id AND s.line_no = p.line_no
+WHERE s.model_version = $version
+GROUP BY ALL
+"""
+
+_BATCH_PROFILES_SQL = """
+SELECT s.text_hash, any_value(s.segment_id) AS segment_id, any_value(c.embedding) AS embedding
+FROM customer_segments AS s
+JOIN embedding_cache AS c
+    ON c.model = $model AND c.dimensions = $dimensions AND c.text_hash = s.text_hash
+WHERE s.batch_id = $batch_id
+GROUP BY s.text_hash
+ORDER BY s.text_hash
+"""
+
+
+@dg.asset(
+    deps=["product_catalog"],
+    pool=DUCKDB_WRITER_POOL,
+    retry_policy=STAGE_RETRY_POLICY,
+    group_name="recommendations",
+    kinds={"duckdb"},
+    metadata={"dagster/table_name": PRODUCT_EMBEDDINGS},
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def product_embeddings(
+    context: dg.AssetExecutionContext,
+    config: InferenceConfig,
+    warehouse: Warehouse,
+    embedder: Embedder,
+) -> dg.MaterializeResult:
+    """Each catalog product's text ("Product: <name>. Category: <category>.") and the key of
+    its embedding in embedding_cache, from the same model as the customers."""
+    model, dimensions = embedder.model_id(), embedder.output_dimensions()
+    params = {"model": model, "dimensions": dimensions}
+    with warehouse.get_connection() as conn:
+        missing = conn.execute(
+            f"SELECT DISTINCT text_hash, product_text FROM ({_PRODUCT_TEXTS_SQL}) AS p"
+            " WHERE NOT EXISTS (SELECT 1 FROM embedding_cache AS c WHERE c.model = $model"
+            " AND c.dimensions = $dimensions AND c.text_hash = p.text_hash) ORDER BY text_hash",
+            params,
+        ).fetchall()
+    outcome = embed_into_cache(context, warehouse, embedder, missing, config, label="products")
+    if outcome.failures:
+        example = next(iter(outcome.failures.values()))
+        raise dg.Failure(
+            description=f"{len(outcome.failures)} product texts could not be embedded "
+            f"(e.g. {example.reason}: {example.error})"
+        )
+    with warehouse.transaction() as conn:
+        conn.execute(
+            "DELETE FROM product_embeddings WHERE model = $model AND dimensions = $dimensions",
+            params,
+        )
+        conn.execute(
+            "INSERT INTO product_embeddings SELECT product_id, $model, $dimensions, text_hash,"
+            f" product_text FROM ({_PRODUCT_TEXTS_SQL})",
+            params,
+        )
+        [(products,)] = conn.execute("SELECT count(*) FROM product_catalog").fetchall()
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": products,
+            "texts_embedded": len(outcome.vectors),
+            "model_calls": outcome.model_calls,
+            "model": model,
+        }
+    )
+
+
+class RecommendationConfig(dg.Config):
+    top_n: int = Field(default=5, description="Recommendations per customer.")
+    segment_weight: float = Field(
+        default=0.7, description="Weight of segment affinity; similarity gets the rest."
+    )
+    profile_chunk: int = Field(default=2048, description="Profiles scored per chunk.")
+
+
+@dg.asset(
+    partitions_def=batches,
+    deps=["customer_segments", "product_embeddings", "product_catalog"],
+    pool=DUCKDB_WRITER_POOL,
+    retry_policy=STAGE_RETRY_POLICY,
+    group_name="recommendations",
+    kinds={"duckdb"},
+    metadata={"dagster/table_name": RECOMMENDATIONS},
+    automation_condition=_PER_BATCH_AUTOMATION,
+)
+def recommendations(
+    context: dg.AssetExecutionContext,
+    config: RecommendationConfig,
+    warehouse: Warehouse,
+    embedder: Embedder,
+) -> dg.MaterializeResult:
+    """Top-N products per segmented customer with confidence in [0, 1], predicted value and
+    the parts of the score (segment affinity, similarity)."""
+    batch_id = context.partition_key
+    model, dimensions = embedder.model_id(), embedder.output_dimensions()
+    params = {"model": model, "dimensions": dimensions}
+    with warehouse.replace_batch([RECOMMENDATIONS], batch_id) as conn:
+        versions = conn.execute(
+            "SELECT DISTINCT model_version FROM customer_segments WHERE batch_id = ?", [batch_id]
+        ).fetchall()
+        products = conn.sql(_PRODUCTS_SQL, params=params).to_arrow_table()
+        if not versions or products.num_rows == 0:
+            context.log.warning(f"{batch_id}: no segmented customers or no product embeddings")
+            return dg.MaterializeResult(metadata={"dagster/row_count": 0})
+        [(version,)] = versions
+        [(n_segments,)] = conn.execute(
+            "SELECT count(*) FROM segment_model WHERE model_version = ? AND embedding_model = ?",
+            [version, model],
+        ).fetchall()
+        product_ids = products["product_id"].to_pylist()
+        affinity, expected_value = segment_tables(
+            n_segments,
+            product_ids,
+            products["price"].to_numpy(),
+            conn.sql(_SEGMENT_PURCHASES_SQL, params={"version": version}).to_arrow_table(),
+        )
+        inputs = ScoringInputs(
+            product_ids, vectors_of(products, "embedding", dimensions), affinity, expected_value
+        )
+        reader = conn.sql(
+            _BATCH_PROFILES_SQL, params={**params, "batch_id": batch_id}
+        ).to_arrow_reader(config.profile_chunk)
+        scored = [
+            _score_chunk(chunk, inputs, config, dimensions) for chunk in reader if chunk.num_rows
+        ]
+        for i, table in enumerate(scored):
+            conn.register("scored_profiles", table)
+            conn.execute(
+                "INSERT INTO recommendations SELECT s.batch_id, s.line_no, s.customer_id, r.rank,"
+                " r.product_id, s.segment_id, r.confidence, r.predicted_value,"
+                " r.segment_affinity, r.similarity, r.similarity_score, s.model_version"
+                " FROM customer_segments AS s JOIN scored_profiles AS r USING (text_hash)"
+                " WHERE s.batch_id = $batch_id",
+                {"batch_id": batch_id},
+            )
+            conn.unregister("scored_profiles")
+            context.log.info(f"{batch_id}: scored profile chunk {i + 1}/{len(scored)}")
+        [(rows, customers, mean_confidence)] = conn.execute(
+            "SELECT count(*), count(DISTINCT line_no), coalesce(avg(confidence), 0)"
+            " FROM recommendations WHERE batch_id = ?",
+            [batch_id],
+        ).fetchall()
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": rows,
+            "customers": customers,
+            "segment_model_version": version,
+            "mean_confidence": round(mean_confidence, 4),
+        }
+    )
+
+
+def _score_chunk(
+    chunk: pa.RecordBatch, inputs: ScoringInputs, config: RecommendationConfig, dimensions: int
+) -> pa.Table:
+    vectors = vectors_of(chunk, "embedding", dimensions)
+    segments = chunk.column("segment_id").to_numpy()
+    scored = score_profiles(
+        vectors, segments, inputs, top_n=config.top_n, segment_weight=config.segment_weight
+    )
+    return pa.table(
+        {
+            "text_hash": chunk.column("text_hash").take(pa.array(scored["profile"])),
+            "rank": pa.array(scored["rank"]),
+            "product_id": pa.array(np.asarray(inputs.product_ids, dtype=object)[scored["product"]]),
+            "confidence": pa.array(scored["confidence"]),
+            "predicted_value": pa.array(scored["predicted_value"]),
+            "segment_affinity": pa.array(scored["segment_affinity"]),
+            "similarity": pa.array(scored["similarity"].astype(np.float64)),
+            "similarity_score": pa.array(scored["similarity_score"].astype(np.float64)),
+        }
+    )
+
+
+class BusinessRulesConfig(dg.Config):
+    min_confidence: float = Field(default=0.3, description="Lowest confidence kept.")
+    max_predicted_value: float = Field(
+        default=10_000.0, description="Predicted value must be in (0, this]."
+    )
+    rejected_share_ceiling: float = Field(
+        default=0.5, description="WARN when one rule rejects more than this share."
+    )
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            VALIDATED_RECOMMENDATIONS,
+            deps=["recommendations", "product_catalog", "customer_purchases"],
+            description="Recommendations that pass every business rule.",
+            group_name="recommendations",
+            kinds={"duckdb"},
+            metadata={"dagster/table_name": VALIDATED_RECOMMENDATIONS},
+            automation_condition=_PER_BATCH_AUTOMATION,
+        ),
+        dg.AssetSpec(
+            REJECTED_RECOMMENDATIONS,
+            deps=["recommendations", "product_catalog", "customer_purchases"],
+            description="Recommendations a business rule rejected, with the rule(s).",
+            group_name="recommendations",
+            kinds={"duckdb"},
+            metadata={"dagster/table_name": REJECTED_RECOMMENDATIONS},
+            automation_condition=_PER_BATCH_AUTOMATION,
+        ),
+    ],
+    check_specs=RECOMMENDATION_CHECK_SPECS,
+    partitions_def=batches,
+    pool=DUCKDB_WRITER_POOL,
+    retry_policy=STAGE_RETRY_POLICY,
+)
+def validated_recommendations(
+    context: dg.AssetExecutionContext, config: BusinessRulesConfig, warehouse: Warehouse
+):
+    """Applies the business rules: in stock, confidence >= minimum, not already bought,
+    predicted value in (0, max]. Don't blindly trust model output."""
+    batch_id = context.partition_key
+    params = {
+        "batch_id": batch_id,
+        "min_confidence": config.min_confidence,
+        "max_predicted_value": config.max_predicted_value,
+    }
+    with warehouse.replace_batch(
+        [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS], batch_id
+    ) as conn:
+        conn.execute(f"CREATE OR REPLACE TEMP TABLE ruled AS {rules_sql(RECOMMENDATIONS)}", params)
+        columns = (
+            "batch_id, line_no, customer_id, rank, product_id, segment_id, confidence,"
+            " predicted_value, segment_affinity, similarity, similarity_score, model_version"
+        )
+        conn.execute(
+            f"INSERT INTO validated_recommendations SELECT {columns} FROM ruled"
+            " WHERE len(failed_rules) = 0"
+        )
+        conn.execute(
+            f"INSERT INTO rejected_recommendations SELECT {columns}, failed_rules[1],"
+            " failed_rules FROM ruled WHERE len(failed_rules) > 0"
+        )
+        [(kept, rejected)] = conn.execute(
+            "SELECT count(*) FILTER (len(failed_rules) = 0),"
+            " count(*) FILTER (len(failed_rules) > 0) FROM ruled"
+        ).fetchall()
+        by_rule = dict(
+            conn.execute(
+                "SELECT rule, count(*) FROM (SELECT unnest(failed_rules) AS rule FROM ruled)"
+                " GROUP BY rule"
+            ).fetchall()
+        )
+        suspicious = conn.execute(
+            "SELECT customer_id::VARCHAR, product_id, predicted_value FROM ruled"
+            " WHERE list_contains(failed_rules, 'implausible_value') LIMIT 5"
+        ).fetchall()
+        conn.execute("DROP TABLE ruled")
+    if suspicious:
+        context.log.warning(
+            f"{batch_id}: {by_rule.get('implausible_value', 0)} recommendations with an "
+            f"implausible predicted value, e.g. {suspicious}"
+        )
+    with warehouse.get_connection() as conn:
+        checks = recommendation_check_results(
+            conn,
+            batch_id,
+            min_confidence=config.min_confidence,
+            max_predicted_value=config.max_predicted_value,
+            rejected_share_ceiling=config.rejected_share_ceiling,
+        )
+    yield dg.MaterializeResult(
+        asset_key=VALIDATED_RECOMMENDATIONS,
+        metadata={"dagster/row_count": kept, "rejected": rejected},
+    )
+    yield dg.MaterializeResult(
+        asset_key=REJECTED_RECOMMENDATIONS,
+        metadata={
+            "dagster/row_count": rejected,
+            **{f"rejected_{rule}": by_rule.get(rule, 0) for rule in RULES},
+        },
+    )
+    yield from checks

@@ -1,0 +1,113 @@
+"""Recommendations: score products per customer profile, then apply the business rules.
+
+confidence = segment_weight * segment_affinity + (1 - segment_weight) * similarity_score, where
+- segment_affinity: how much the customer's segment buys the product, relative to the
+  segment's most bought product (0..1, from every batch's purchases under the same model);
+- similarity_score: cosine similarity between the customer's profile embedding and the
+  product's embedding, rescaled to 0..1 over the catalog for that profile.
+predicted_value = confidence * the segment's average amount for the product (its price if the
+segment never bought it). Every part is stored with the recommendation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+RULES = ("out_of_stock", "low_confidence", "already_purchased", "implausible_value")
+
+
+@dataclass(frozen=True)
+class ScoringInputs:
+    product_ids: list[str]
+    product_vectors: np.ndarray  # (products, dims), unit length
+    affinity: np.ndarray  # (segments, products) in 0..1
+    expected_value: np.ndarray  # (segments, products)
+
+
+def segment_tables(
+    n_segments: int,
+    product_ids: list[str],
+    prices: np.ndarray,
+    purchases: pa.Table,  # segment_id, product_id, purchases, avg_amount
+) -> tuple[np.ndarray, np.ndarray]:
+    """Affinity (purchases / the segment's top product's purchases) and expected value."""
+    index = {p: i for i, p in enumerate(product_ids)}
+    counts = np.zeros((n_segments, len(product_ids)))
+    value = np.tile(np.asarray(prices, dtype=float), (n_segments, 1))
+    for seg, prod, n, avg in zip(
+        purchases["segment_id"].to_pylist(),
+        purchases["product_id"].to_pylist(),
+        purchases["purchases"].to_pylist(),
+        purchases["avg_amount"].to_pylist(),
+        strict=True,
+    ):
+        if prod in index and 0 <= seg < n_segments:
+            counts[seg, index[prod]] = n
+            value[seg, index[prod]] = avg
+    top = counts.max(axis=1, keepdims=True)
+    affinity = np.divide(counts, top, out=np.zeros_like(counts), where=top > 0)
+    return affinity, value
+
+
+def score_profiles(
+    profile_vectors: np.ndarray,
+    profile_segments: np.ndarray,
+    inputs: ScoringInputs,
+    *,
+    top_n: int,
+    segment_weight: float,
+) -> dict[str, np.ndarray]:
+    """Top-N products per profile with every part of the score; arrays of length profiles*N."""
+    n = min(top_n, len(inputs.product_ids))
+    similarity = profile_vectors @ inputs.product_vectors.T  # (profiles, products)
+    low = similarity.min(axis=1, keepdims=True)
+    span = similarity.max(axis=1, keepdims=True) - low
+    similarity_score = np.divide(
+        similarity - low, span, out=np.zeros_like(similarity), where=span > 0
+    )
+    affinity = inputs.affinity[profile_segments]
+    confidence = np.clip(
+        segment_weight * affinity + (1.0 - segment_weight) * similarity_score, 0.0, 1.0
+    )
+    top = np.argsort(-confidence, axis=1, kind="stable")[:, :n]
+    rows = np.repeat(np.arange(len(profile_vectors)), n)
+    cols = top.ravel()
+    return {
+        "profile": rows,
+        "rank": np.tile(np.arange(1, n + 1, dtype=np.int32), len(profile_vectors)),
+        "product": cols,
+        "confidence": confidence[rows, cols],
+        "predicted_value": confidence[rows, cols]
+        * inputs.expected_value[profile_segments[rows], cols],
+        "segment_affinity": affinity[rows, cols],
+        "similarity": similarity[rows, cols],
+        "similarity_score": similarity_score[rows, cols],
+    }
+
+
+def rules_sql(source: str) -> str:
+    """`source` rows with `failed_rules`: every business rule each recommendation breaks.
+
+    Parameters: $batch_id, $min_confidence, $max_predicted_value. `source` is a table name
+    from the code, never from data.
+    """
+    return f"""
+    SELECT r.*, list_filter([
+        CASE WHEN NOT coalesce(c.in_stock, false) THEN 'out_of_stock' END,
+        CASE WHEN isnan(r.confidence) OR r.confidence < $min_confidence OR r.confidence > 1
+             THEN 'low_confidence' END,
+        CASE WHEN bought.product_id IS NOT NULL THEN 'already_purchased' END,
+        CASE WHEN isnan(r.predicted_value) OR NOT (r.predicted_value > 0
+                  AND r.predicted_value <= $max_predicted_value)
+             THEN 'implausible_value' END
+    ], lambda rule: rule IS NOT NULL) AS failed_rules
+    FROM {source} AS r
+    LEFT JOIN product_catalog AS c USING (product_id)
+    LEFT JOIN (
+        SELECT DISTINCT line_no, product_id FROM customer_purchases WHERE batch_id = $batch_id
+    ) AS bought ON bought.line_no = r.line_no AND bought.product_id = r.product_id
+    WHERE r.batch_id = $batch_id
+    """

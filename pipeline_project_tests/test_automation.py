@@ -50,3 +50,33 @@ def test_a_catalog_reload_does_not_re_embed_every_batch(defs, instance, settings
     assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     assert not {p for key, p in requested(tick) if key == "customer_embeddings"}
+
+
+def test_each_downstream_stage_follows_its_upstream_once(settings, instance, catalog):
+    """Acts as the daemon: each tick's requests are run, until a tick requests nothing."""
+    from pipeline_project.definitions import build_definitions
+    from pipeline_project.resources.embeddings import LocalE5Embedder
+
+    defs = build_definitions(settings, embedder=LocalE5Embedder())
+    write_lines(settings.landing_dir / "b1.jsonl", [customer()])
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert run_batch(defs, instance, "b1").success
+    assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
+    job = defs.resolve_job_def("batch_pipeline_job")
+    requests: list[set[str]] = []
+    for _ in range(6):
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+        wanted = {key for key, partition in requested(tick) if partition == "b1"}
+        if not wanted:
+            break
+        requests.append(wanted)
+        result = job.execute_in_process(
+            partition_key="b1", instance=instance, asset_selection=[dg.AssetKey(k) for k in wanted]
+        )
+        assert result.success
+    downstream = {
+        "customer_embeddings", "customer_segments", "recommendations",
+        "validated_recommendations", "rejected_recommendations",
+    }  # fmt: skip
+    assert set().union(*requests) == downstream
+    assert sum(len(r) for r in requests) == len(downstream)  # none requested twice

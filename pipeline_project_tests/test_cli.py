@@ -42,7 +42,9 @@ def test_demo_runs_two_batches_end_to_end_in_a_project_local_home_and_is_idempot
     first = cli("demo", "--rows", "300", cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "generating sample data" in first.stdout
-    summary = [ln.split() for ln in first.stdout.splitlines() if ln.startswith("b00") and " ok " in ln]
+    summary = [
+        ln.split() for ln in first.stdout.splitlines() if ln.startswith("b00") and " ok " in ln
+    ]
     assert [row[:2] for row in summary] == [["b001", "ok"], ["b002", "ok"]]
     for row in summary:
         rows_in, valid, invalid = (int(x.replace(",", "")) for x in row[2:5])
@@ -65,7 +67,9 @@ def test_demo_runs_two_batches_end_to_end_in_a_project_local_home_and_is_idempot
     assert "generating sample data" not in second.stdout
     assert {t: table_rows(db, t) for t in tables} == tables
     assert table_rows(db, "customer_embeddings") == embeddings
-    rerun = [ln.split() for ln in second.stdout.splitlines() if ln.startswith("b00") and " ok " in ln]
+    rerun = [
+        ln.split() for ln in second.stdout.splitlines() if ln.startswith("b00") and " ok " in ln
+    ]
     for row in rerun:  # every profile is cached now: no model call
         profiles, cache_hits, model_calls = (int(x.replace(",", "")) for x in row[6:9])
         assert cache_hits == profiles and model_calls == 0

@@ -36,7 +36,13 @@ def openai_embedder(base_url: str, **overrides) -> OpenAIEmbedder:
     return OpenAIEmbedder(**{**settings, **overrides})
 
 
-INFERENCE_STAGES = ["raw_customers", "customers", "customer_purchases", "schema_errors", "customer_embeddings"]
+INFERENCE_STAGES = [
+    "raw_customers",
+    "customers",
+    "customer_purchases",
+    "schema_errors",
+    "customer_embeddings",
+]
 
 
 def materialize(settings, instance, embedder, batch_id="b1", config=None):

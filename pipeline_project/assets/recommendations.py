@@ -13,9 +13,8 @@ from pipeline_project.checks.output_checks import (
     recommendation_check_results,
 )
 from pipeline_project.core.recommendations import (
-    RULES,
     ScoringInputs,
-    rules_sql,
+    apply_business_rules,
     score_profiles,
     segment_tables,
 )
@@ -273,46 +272,19 @@ def validated_recommendations(
     """Applies the business rules: in stock, confidence >= minimum, not already bought,
     predicted value in (0, max]. Don't blindly trust model output."""
     batch_id = context.partition_key
-    params = {
-        "batch_id": batch_id,
-        "min_confidence": config.min_confidence,
-        "max_predicted_value": config.max_predicted_value,
-    }
     with warehouse.replace_batch(
         [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS], batch_id
     ) as conn:
-        conn.execute(f"CREATE OR REPLACE TEMP TABLE ruled AS {rules_sql(RECOMMENDATIONS)}", params)
-        columns = (
-            "batch_id, line_no, customer_id, rank, product_id, segment_id, confidence,"
-            " predicted_value, segment_affinity, similarity, similarity_score, model_version"
+        outcome = apply_business_rules(
+            conn,
+            batch_id,
+            min_confidence=config.min_confidence,
+            max_predicted_value=config.max_predicted_value,
         )
-        conn.execute(
-            f"INSERT INTO validated_recommendations SELECT {columns} FROM ruled"
-            " WHERE len(failed_rules) = 0"
-        )
-        conn.execute(
-            f"INSERT INTO rejected_recommendations SELECT {columns}, failed_rules[1],"
-            " failed_rules FROM ruled WHERE len(failed_rules) > 0"
-        )
-        [(kept, rejected)] = conn.execute(
-            "SELECT count(*) FILTER (len(failed_rules) = 0),"
-            " count(*) FILTER (len(failed_rules) > 0) FROM ruled"
-        ).fetchall()
-        by_rule = dict(
-            conn.execute(
-                "SELECT rule, count(*) FROM (SELECT unnest(failed_rules) AS rule FROM ruled)"
-                " GROUP BY rule"
-            ).fetchall()
-        )
-        suspicious = conn.execute(
-            "SELECT customer_id::VARCHAR, product_id, predicted_value FROM ruled"
-            " WHERE list_contains(failed_rules, 'implausible_value') LIMIT 5"
-        ).fetchall()
-        conn.execute("DROP TABLE ruled")
-    if suspicious:
+    if outcome.suspicious:
         context.log.warning(
-            f"{batch_id}: {by_rule.get('implausible_value', 0)} recommendations with an "
-            f"implausible predicted value, e.g. {suspicious}"
+            f"{batch_id}: {outcome.by_rule['implausible_value']} recommendations with an "
+            f"implausible predicted value, e.g. {outcome.suspicious}"
         )
     with warehouse.get_connection() as conn:
         checks = recommendation_check_results(
@@ -324,13 +296,13 @@ def validated_recommendations(
         )
     yield dg.MaterializeResult(
         asset_key=VALIDATED_RECOMMENDATIONS,
-        metadata={"dagster/row_count": kept, "rejected": rejected},
+        metadata={"dagster/row_count": outcome.kept, "rejected": outcome.rejected},
     )
     yield dg.MaterializeResult(
         asset_key=REJECTED_RECOMMENDATIONS,
         metadata={
-            "dagster/row_count": rejected,
-            **{f"rejected_{rule}": by_rule.get(rule, 0) for rule in RULES},
+            "dagster/row_count": outcome.rejected,
+            **{f"rejected_{rule}": n for rule, n in outcome.by_rule.items()},
         },
     )
     yield from checks

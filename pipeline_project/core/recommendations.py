@@ -111,3 +111,55 @@ def rules_sql(source: str) -> str:
     ) AS bought ON bought.line_no = r.line_no AND bought.product_id = r.product_id
     WHERE r.batch_id = $batch_id
     """
+
+
+_COLUMNS = (
+    "batch_id, line_no, customer_id, rank, product_id, segment_id, confidence,"
+    " predicted_value, segment_affinity, similarity, similarity_score, model_version"
+)
+
+
+@dataclass(frozen=True)
+class RuleOutcome:
+    kept: int
+    rejected: int
+    by_rule: dict[str, int]
+    suspicious: list[tuple]  # a few recommendations with an implausible value
+
+
+def apply_business_rules(
+    conn, batch_id: str, *, min_confidence: float, max_predicted_value: float
+) -> RuleOutcome:
+    """Split the batch's recommendations into validated_recommendations and
+    rejected_recommendations (with every rule broken). The caller owns the transaction and
+    has deleted the batch's old rows."""
+    params = {
+        "batch_id": batch_id,
+        "min_confidence": min_confidence,
+        "max_predicted_value": max_predicted_value,
+    }
+    conn.execute(f"CREATE OR REPLACE TEMP TABLE ruled AS {rules_sql('recommendations')}", params)
+    conn.execute(
+        f"INSERT INTO validated_recommendations SELECT {_COLUMNS} FROM ruled"
+        " WHERE len(failed_rules) = 0"
+    )
+    conn.execute(
+        f"INSERT INTO rejected_recommendations SELECT {_COLUMNS}, failed_rules[1], failed_rules"
+        " FROM ruled WHERE len(failed_rules) > 0"
+    )
+    [(kept, rejected)] = conn.execute(
+        "SELECT count(*) FILTER (len(failed_rules) = 0),"
+        " count(*) FILTER (len(failed_rules) > 0) FROM ruled"
+    ).fetchall()
+    by_rule = dict(
+        conn.execute(
+            "SELECT rule, count(*) FROM (SELECT unnest(failed_rules) AS rule FROM ruled)"
+            " GROUP BY rule"
+        ).fetchall()
+    )
+    suspicious = conn.execute(
+        "SELECT customer_id::VARCHAR, product_id, predicted_value FROM ruled"
+        " WHERE list_contains(failed_rules, 'implausible_value') LIMIT 5"
+    ).fetchall()
+    conn.execute("DROP TABLE ruled")
+    return RuleOutcome(kept, rejected, {rule: by_rule.get(rule, 0) for rule in RULES}, suspicious)

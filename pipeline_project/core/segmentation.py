@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import MiniBatchKMeans
+from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import silhouette_score
 
 Chunks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # (vectors, weights) per chunk
@@ -27,38 +27,68 @@ class SegmentModel:
 
 
 def train_segments(
-    chunks: Chunks, n_segments: int, *, epochs: int = 3, seed: int = 0, sample_size: int = 5000
+    chunks: Chunks,
+    n_segments: int,
+    *,
+    epochs: int = 3,
+    seed: int = 0,
+    sample_size: int = 5000,
 ) -> SegmentModel:
-    """Fit centroids with MiniBatchKMeans.partial_fit over `epochs` passes of the chunks.
+    """Fit centroids: k-means++ on a bounded random sample of all chunks for the start, then
+    MiniBatchKMeans.partial_fit over `epochs` passes of the chunks.
 
-    `chunks` is called once per pass and yields (vectors, weights); at least `n_segments`
-    vectors must be seen in the first chunk (smaller data: fewer segments).
+    `chunks` is called once per pass and yields (vectors, weights). With fewer distinct
+    vectors than `n_segments`, there are fewer segments.
     """
-    first_vectors, _ = next(iter(chunks()), (np.empty((0, 0)), None))
-    if len(first_vectors) == 0:
+    sample, sample_weights = _random_sample(chunks(), sample_size, seed)
+    if len(sample) == 0:
         raise ValueError("no embeddings to learn segments from")
-    k = min(n_segments, len(first_vectors))
-    kmeans = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=3, batch_size=4096)
+    k = min(n_segments, len(np.unique(sample, axis=0)))
+    start = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(
+        sample, sample_weight=sample_weights
+    )
+    # No reassignment: chunks from a database scan need not be random, and a chunk that holds
+    # one kind of customer must not pull the other segments' centroids into it.
+    kmeans = MiniBatchKMeans(
+        n_clusters=k,
+        init=start.cluster_centers_,
+        n_init=1,
+        random_state=seed,
+        batch_size=4096,
+        reassignment_ratio=0.0,
+    )
     for _ in range(max(1, epochs)):
         for vectors, weights in chunks():
-            if len(vectors) >= k or hasattr(kmeans, "cluster_centers_"):
-                kmeans.partial_fit(vectors, sample_weight=weights)
+            kmeans.partial_fit(vectors, sample_weight=weights)
     centroids = kmeans.cluster_centers_.astype(np.float32)
 
     sizes = np.zeros(k)
     inertia = 0.0
-    sample_x: list[np.ndarray] = []
-    sample_w: list[np.ndarray] = []
     for vectors, weights in chunks():
         segment, distance = assign_segments(vectors, centroids)
         sizes += np.bincount(segment, weights=weights, minlength=k)
         inertia += float(np.sum(weights * distance**2))
-        if sum(len(x) for x in sample_x) < sample_size:
-            sample_x.append(vectors)
-            sample_w.append(weights)
-    return SegmentModel(
-        centroids, sizes, inertia, _silhouette(sample_x, centroids, sample_size, seed)
-    )
+    return SegmentModel(centroids, sizes, inertia, _silhouette(sample, centroids, seed))
+
+
+def _random_sample(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]], size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A uniform random sample of at most `size` rows over all chunks, in bounded memory."""
+    rng = np.random.default_rng(seed)
+    keep_x: np.ndarray | None = None
+    keep_w = keep_key = np.empty(0)
+    for vectors, weights in chunks:
+        keys = rng.random(len(vectors))
+        x = vectors if keep_x is None else np.concatenate([keep_x, vectors])
+        w, key = np.concatenate([keep_w, weights]), np.concatenate([keep_key, keys])
+        if len(key) > size:
+            chosen = np.argpartition(key, size)[:size]
+            x, w, key = x[chosen], w[chosen], key[chosen]
+        keep_x, keep_w, keep_key = x, w, key
+    if keep_x is None:
+        return np.empty((0, 0), dtype=np.float32), keep_w
+    return keep_x, keep_w
 
 
 def assign_segments(vectors: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,13 +119,11 @@ def stable_order(previous: np.ndarray | None, new: np.ndarray) -> np.ndarray:
     return np.asarray(order)
 
 
-def _silhouette(
-    sample: Iterable[np.ndarray], centroids: np.ndarray, sample_size: int, seed: int
-) -> float | None:
-    x = np.concatenate(list(sample))[:sample_size] if sample else np.empty((0, 0))
-    if len(x) < 3:
+def _silhouette(sample: np.ndarray, centroids: np.ndarray, seed: int) -> float | None:
+    """Silhouette score of the segments on the bounded training sample (None if undefined)."""
+    if len(sample) < 3:
         return None
-    labels, _ = assign_segments(x, centroids)
-    if len(np.unique(labels)) < 2 or len(np.unique(labels)) >= len(x):
+    labels, _ = assign_segments(sample, centroids)
+    if not 2 <= len(np.unique(labels)) < len(sample):
         return None
-    return float(silhouette_score(x, labels, random_state=seed))
+    return float(silhouette_score(sample, labels, random_state=seed))

@@ -1,0 +1,240 @@
+"""Recommendations: scored with their parts, filtered by the business rules, checked per batch."""
+
+import json
+import math
+
+import dagster as dg
+import duckdb
+import pytest
+
+from pipeline_project.checks.output_checks import recommendation_check_results
+from pipeline_project.core.recommendations import apply_business_rules
+from pipeline_project.core.sample_data import CATEGORIES, write_catalog
+from pipeline_project.definitions import build_definitions
+from pipeline_project.resources import Warehouse
+from pipeline_project.resources.embeddings import LocalE5Embedder
+from pipeline_project_tests.conftest import customer, write_lines
+
+PER_CATEGORY = 4  # a 40-product catalog: P00001-P00004 electronics, P00005-P00008 books, ...
+TABLES = [
+    "customer_segments",
+    "recommendations",
+    "validated_recommendations",
+    "rejected_recommendations",
+]
+
+
+def shopper(n: int, category: str, products: int = 1) -> str:
+    first = CATEGORIES.index(category) * PER_CATEGORY + 1
+    history = [
+        {
+            "productId": f"P{first + i % PER_CATEGORY:05d}",
+            "amount": 20.0 + i,
+            "date": "2025-09-01T00:00:00Z",
+        }
+        for i in range(products)
+    ]
+    return customer(
+        id=f"7a1c2a3b-4d5e-4f60-8a7b-{n:012d}", email=f"s{n}@example.com", purchaseHistory=history
+    )
+
+
+def everything_buyer(n: int) -> str:
+    history = [
+        {"productId": f"P{p:05d}", "amount": 10.0, "date": "2025-09-01T00:00:00Z"}
+        for p in range(1, len(CATEGORIES) * PER_CATEGORY + 1)
+    ]
+    return customer(
+        id=f"8b1c2a3b-4d5e-4f60-8a7b-{n:012d}", email=f"e{n}@example.com", purchaseHistory=history
+    )
+
+
+@pytest.fixture
+def small_catalog(settings):
+    return write_catalog(settings.catalog_path, n_products=len(CATEGORIES) * PER_CATEGORY, seed=2)
+
+
+def run_pipeline(settings, instance, batch_id, config=None):
+    defs = build_definitions(settings, embedder=LocalE5Embedder())
+    if not instance.get_latest_materialization_event(dg.AssetKey("product_embeddings")):
+        assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
+    if batch_id not in instance.get_dynamic_partitions("batches"):
+        instance.add_dynamic_partitions("batches", [batch_id])
+    return defs.resolve_job_def("batch_pipeline_job").execute_in_process(
+        partition_key=batch_id, instance=instance, run_config=config or {}, raise_on_error=False
+    )
+
+
+def rows(settings, sql, params=()):
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as conn:
+        return conn.execute(sql, list(params)).fetchall()
+
+
+# ---- the rules, each proved by a crafted row ----------------------------------------------
+
+RECOMMENDATION = (
+    "INSERT INTO recommendations VALUES ('b', $line, $customer::UUID, 1, $product, 0,"
+    " $confidence, $value, 0.5, 0.8, 0.5, 1)"
+)
+
+
+def test_each_business_rule_rejects_the_row_that_breaks_it(tmp_path):
+    warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
+    cases = {  # line: (product, confidence, value, expected failed rules)
+        1: ("IN", 0.9, 50.0, []),
+        2: ("OUT", 0.9, 50.0, ["out_of_stock"]),
+        3: ("GONE", 0.9, 50.0, ["out_of_stock"]),  # not in the catalog at all
+        4: ("IN", 0.1, 50.0, ["low_confidence"]),
+        5: ("IN", math.nan, 50.0, ["low_confidence"]),
+        6: ("BOUGHT", 0.9, 50.0, ["already_purchased"]),
+        7: ("IN", 0.9, 20_000.0, ["implausible_value"]),
+        8: ("IN", 0.9, 0.0, ["implausible_value"]),
+        9: ("IN", 0.9, math.nan, ["implausible_value"]),
+        10: ("OUT", 0.1, -1.0, ["out_of_stock", "low_confidence", "implausible_value"]),
+    }
+    with warehouse.transaction() as conn:
+        conn.execute(
+            "INSERT INTO product_catalog VALUES ('IN', 'a', 'books', 10, true),"
+            " ('OUT', 'b', 'books', 10, false), ('BOUGHT', 'c', 'books', 10, true)"
+        )
+        conn.execute(
+            "INSERT INTO customer_purchases VALUES ('b', '00000000-0000-4000-8000-000000000006'::UUID,"
+            " 6, 0, 'BOUGHT', 10, now()), ('other', '00000000-0000-4000-8000-000000000001'::UUID,"
+            " 1, 0, 'IN', 10, now())"  # another batch's purchase must not count
+        )
+        for line, (product, confidence, value, _) in cases.items():
+            conn.execute(
+                RECOMMENDATION,
+                {"line": line, "customer": f"00000000-0000-4000-8000-{line:012d}",
+                 "product": product, "confidence": confidence, "value": value},
+            )  # fmt: skip
+        outcome = apply_business_rules(conn, "b", min_confidence=0.3, max_predicted_value=10_000)
+    assert (outcome.kept, outcome.rejected) == (1, 9)
+    assert outcome.by_rule == {
+        "out_of_stock": 3,
+        "low_confidence": 3,
+        "already_purchased": 1,
+        "implausible_value": 4,
+    }
+    with warehouse.get_connection() as conn:
+        assert conn.execute("SELECT line_no FROM validated_recommendations").fetchall() == [(1,)]
+        rejected = dict(
+            conn.execute("SELECT line_no, failed_rules FROM rejected_recommendations").fetchall()
+        )
+        first_rule = dict(
+            conn.execute("SELECT line_no, rejected_rule FROM rejected_recommendations").fetchall()
+        )
+    assert rejected == {line: expected for line, (*_, expected) in cases.items() if expected}
+    assert all(first_rule[line] == rejected[line][0] for line in rejected)
+
+
+# ---- the stages on the real local model ----------------------------------------------------
+
+
+def test_recommendations_are_explainable_confident_and_rematerialize_identically(
+    settings, instance, small_catalog
+):
+    lines = [
+        shopper(i, ["books", "toys", "garden", "beauty"][i % 4], products=1 + i % 3)
+        for i in range(16)
+    ]
+    write_lines(settings.landing_dir / "b1.jsonl", lines)
+    assert run_pipeline(settings, instance, "b1").success
+    first = {t: rows(settings, f"SELECT * FROM {t} ORDER BY ALL") for t in TABLES}
+    assert len(first["recommendations"]) == 16 * 5
+    for _, _, _, rank, _, _, confidence, value, affinity, similarity, score, _ in first[
+        "recommendations"
+    ]:
+        assert 1 <= rank <= 5 and 0.0 <= confidence <= 1.0 and value >= 0
+        assert confidence == pytest.approx(0.7 * affinity + 0.3 * score)
+        assert -1.0 <= similarity <= 1.0
+    assert len(first["validated_recommendations"]) + len(first["rejected_recommendations"]) == 80
+
+    assert run_pipeline(settings, instance, "b1").success
+    assert {t: rows(settings, f"SELECT * FROM {t} ORDER BY ALL") for t in TABLES} == first
+
+
+def test_checks_judge_each_batch_on_its_own_rows(settings, instance, small_catalog):
+    write_lines(
+        settings.landing_dir / "good.jsonl",
+        [shopper(i, ["books", "toys"][i % 2]) for i in range(8)],
+    )
+    write_lines(settings.landing_dir / "bad.jsonl", [everything_buyer(i) for i in range(4)])
+    rules = {"rejected_share_ceiling": 0.5, "min_confidence": 0.0}  # sparse test data: low scores
+    config = {"ops": {"validated_recommendations": {"config": rules}}}
+    good = run_pipeline(settings, instance, "good", config)
+    bad = run_pipeline(settings, instance, "bad", config)
+    assert good.success and bad.success  # WARN checks never fail a run
+
+    def verdicts(result):
+        return {e.check_name: (e.passed, e.partition) for e in result.get_asset_check_evaluations()
+                if e.asset_key == dg.AssetKey("validated_recommendations")}  # fmt: skip
+
+    assert verdicts(good)["rejected_share_per_rule_below_ceiling"] == (True, "good")
+    assert verdicts(bad)["rejected_share_per_rule_below_ceiling"] == (False, "bad")
+    assert verdicts(bad)["every_segmented_customer_has_a_recommendation_or_reason"] == (True, "bad")
+    assert rows(
+        settings, "SELECT count(*) FROM validated_recommendations WHERE batch_id = 'bad'"
+    ) == [(0,)]
+
+    # The stored history is per partition: one failure for bad, a success for good.
+    from dagster._core.event_api import PartitionKeyFilter  # storage API, test only
+
+    key = dg.AssetCheckKey(
+        dg.AssetKey("validated_recommendations"), "rejected_share_per_rule_below_ceiling"
+    )
+    for partition, expected in (("bad", "FAILED"), ("good", "SUCCEEDED")):
+        history = instance.event_log_storage.get_asset_check_execution_history(
+            key, limit=10, partition_filter=PartitionKeyFilter(key=partition)
+        )
+        assert [record.status.value for record in history] == [expected]
+
+
+def test_a_planted_violation_fails_only_its_own_batch(settings, instance, small_catalog):
+    write_lines(settings.landing_dir / "good.jsonl", [shopper(i, "books") for i in range(4)])
+    write_lines(settings.landing_dir / "bad.jsonl", [shopper(10 + i, "toys") for i in range(4)])
+    assert run_pipeline(settings, instance, "good").success
+    assert run_pipeline(settings, instance, "bad").success
+    warehouse = Warehouse(database=str(settings.duckdb_path))
+    with warehouse.transaction() as conn:
+        conn.execute(
+            "INSERT INTO validated_recommendations SELECT * REPLACE (0.01 AS confidence)"
+            " FROM validated_recommendations WHERE batch_id = 'bad' LIMIT 1"
+        )
+        conn.execute("DELETE FROM rejected_recommendations WHERE batch_id = 'bad'")
+        conn.execute(
+            "DELETE FROM validated_recommendations WHERE batch_id = 'bad' AND confidence > 0.01"
+        )
+    with warehouse.get_connection() as conn:
+
+        def check(batch_id):
+            results = recommendation_check_results(
+                conn,
+                batch_id,
+                min_confidence=0.3,
+                max_predicted_value=10_000,
+                rejected_share_ceiling=0.5,
+            )
+            return {r.check_name: r.passed for r in results}
+
+        good, bad = check("good"), check("bad")
+    assert good["no_validated_recommendation_breaks_a_rule"] is True
+    assert good["every_segmented_customer_has_a_recommendation_or_reason"] is True
+    assert bad["no_validated_recommendation_breaks_a_rule"] is False
+    assert bad["every_segmented_customer_has_a_recommendation_or_reason"] is False
+
+
+def test_suspicious_values_are_logged(settings, instance, small_catalog):
+    write_lines(
+        settings.landing_dir / "b1.jsonl", [shopper(i, "electronics", products=3) for i in range(4)]
+    )
+    config = {"ops": {"validated_recommendations": {"config": {"max_predicted_value": 0.5}}}}
+    result = run_pipeline(settings, instance, "b1", config)
+    assert result.success
+    logs = [r.user_message for r in instance.all_logs(result.run_id) if r.user_message]
+    assert any("implausible predicted value" in m for m in logs)
+    meta = json.dumps(
+        {k: v.value for m in result.asset_materializations_for_node("validated_recommendations")
+         for k, v in m.metadata.items()}, default=str,
+    )  # fmt: skip
+    assert '"rejected_implausible_value": 20' in meta

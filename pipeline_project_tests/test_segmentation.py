@@ -1,0 +1,149 @@
+"""Segments: streaming k-means, stable IDs, bootstrap, retrain."""
+
+import dagster as dg
+import duckdb
+import numpy as np
+
+from pipeline_project.core.segmentation import assign_segments, stable_order, train_segments
+from pipeline_project.definitions import build_definitions
+from pipeline_project.resources.embeddings import LocalE5Embedder
+from pipeline_project_tests.conftest import write_lines
+from pipeline_project_tests.test_inference import buyer
+
+SEGMENT_STAGES = [
+    "raw_customers", "customers", "customer_purchases", "schema_errors",
+    "customer_embeddings", "customer_segments",
+]  # fmt: skip
+
+
+def blobs(seed: int = 0, per_blob: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centers = np.eye(3, 16, dtype=np.float32) * 5
+    labels = np.repeat(np.arange(3), per_blob)
+    x = centers[labels] + rng.normal(scale=0.1, size=(len(labels), 16)).astype(np.float32)
+    return x, labels, rng.integers(1, 50, len(labels)).astype(float)
+
+
+def test_streaming_kmeans_finds_the_clusters_reading_the_data_in_chunks():
+    x, labels, weights = blobs()
+    calls = []
+
+    def chunks():
+        calls.append(1)
+        for start in range(0, len(x), 50):
+            yield x[start : start + 50], weights[start : start + 50]
+
+    model = train_segments(chunks, 3, epochs=2, seed=1)
+    segment, distance = assign_segments(x, model.centroids)
+    for blob in range(3):  # each blob lands in one segment, and segments differ
+        assert len(set(segment[labels == blob])) == 1
+    assert len(set(segment)) == 3
+    assert model.weights.sum() == weights.sum()
+    assert model.silhouette is not None and model.silhouette > 0.9
+    assert np.all(distance < 1.0)
+    assert len(calls) >= 3  # the data is read again per pass, never held whole
+
+
+def test_fewer_distinct_vectors_than_segments_gives_fewer_segments():
+    x, _, weights = blobs(per_blob=1)
+    model = train_segments(lambda: iter([(x, weights)]), 8)
+    assert len(model.centroids) == 3
+
+
+def test_stable_order_keeps_ids_when_a_retrain_permutes_centroids():
+    old = np.eye(4, 8, dtype=np.float32)
+    new = old[[2, 0, 3, 1]] + 0.01
+    order = stable_order(old, new)
+    assert np.allclose(new[order], old + 0.01)
+    assert list(stable_order(None, new)) == [0, 1, 2, 3]
+
+
+def materialize(settings, instance, batch_id, stages=SEGMENT_STAGES):
+    defs = build_definitions(settings, embedder=LocalE5Embedder())
+    catalog = defs.resolve_job_def("catalog_job").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("product_catalog")]
+    )
+    assert catalog.success
+    if batch_id not in instance.get_dynamic_partitions("batches"):
+        instance.add_dynamic_partitions("batches", [batch_id])
+    result = defs.resolve_job_def("batch_pipeline_job").execute_in_process(
+        partition_key=batch_id, instance=instance, asset_selection=[dg.AssetKey(s) for s in stages]
+    )
+    assert result.success
+    return defs, result
+
+
+def segments_by_profile(settings, batch_id) -> dict[str, tuple[int, int]]:
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as conn:
+        return {
+            text_hash: (segment, version)
+            for text_hash, segment, version in conn.execute(
+                "SELECT text_hash, segment_id, model_version FROM customer_segments WHERE batch_id = ?",
+                [batch_id],
+            ).fetchall()
+        }
+
+
+CATEGORY_MIX = ["books", "garden", "toys", "grocery", "electronics", "beauty"]
+
+
+def test_first_batch_bootstraps_the_model_and_ids_stay_stable_for_the_next(
+    settings, instance, catalog
+):
+    lines = [
+        buyer(i, CATEGORY_MIX[i % 6], purchases=1 + i % 4, amount=15.0 * (1 + i % 5))
+        for i in range(24)
+    ]
+    write_lines(settings.landing_dir / "b1.jsonl", lines)
+    write_lines(settings.landing_dir / "b2.jsonl", list(reversed(lines)))
+
+    _, first = materialize(settings, instance, "b1")
+    segments_meta, model_meta = (
+        next(
+            m
+            for m in first.asset_materializations_for_node("customer_segments")
+            if m.asset_key == dg.AssetKey(k)
+        )
+        for k in ("customer_segments", "segment_model")
+    )
+    assert model_meta.metadata["model_version"].value == 1
+    assert segments_meta.metadata["bootstrapped_segment_model"].value is True
+    model_events = instance.fetch_materializations(dg.AssetKey("segment_model"), limit=5).records
+    assert (
+        len(model_events) == 1
+        and "bootstrapped" in model_events[0].asset_materialization.description
+    )
+
+    _, second = materialize(settings, instance, "b2")
+    [segments_meta] = second.asset_materializations_for_node("customer_segments")  # no bootstrap
+    assert segments_meta.metadata["bootstrapped_segment_model"].value is False
+    b1, b2 = segments_by_profile(settings, "b1"), segments_by_profile(settings, "b2")
+    assert b1 == b2 and len(b1) >= 4
+    assert {version for _, version in b1.values()} == {1}
+    assert len({segment for segment, _ in b1.values()}) > 1
+
+
+def test_retrain_makes_a_new_version_and_keeps_segment_ids(settings, instance, catalog):
+    lines = [buyer(i, CATEGORY_MIX[i % 6], purchases=1 + i % 4) for i in range(24)]
+    write_lines(settings.landing_dir / "b1.jsonl", lines)
+    defs, _ = materialize(settings, instance, "b1")
+    before = segments_by_profile(settings, "b1")
+
+    retrain = defs.resolve_job_def("segment_model_job").execute_in_process(instance=instance)
+    assert retrain.success
+    [meta] = retrain.asset_materializations_for_node("segment_model")
+    assert meta.metadata["model_version"].value == 2
+    for key in ("inertia", "silhouette", "segment_sizes", "n_segments"):
+        assert key in meta.metadata
+
+    materialize(settings, instance, "b1", stages=["customer_segments"])
+    after = segments_by_profile(settings, "b1")
+    assert {h: s for h, (s, _) in after.items()} == {h: s for h, (s, _) in before.items()}
+    assert {v for _, v in after.values()} == {2}
+
+
+def test_retrain_is_on_demand_and_weekly(defs):
+    schedule = defs.resolve_schedule_def("weekly_segment_model_retrain")
+    assert schedule.cron_schedule == "0 3 * * 1"
+    assert schedule.job_name == "segment_model_job"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING

@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "scipy==1.17.1",
     "tenacity==9.2.1",
     "click>=8.1,<9",
+    "requests>=2.31,<3",
 ]
 
 setup(

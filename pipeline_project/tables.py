@@ -181,6 +181,8 @@ ALERTS_DDL: dict[str, str] = {
             status VARCHAR NOT NULL,
             message VARCHAR NOT NULL,
             figures JSON,
-            run_id VARCHAR
+            run_id VARCHAR,
+            link VARCHAR,
+            webhook_status VARCHAR NOT NULL
         )""",
 }

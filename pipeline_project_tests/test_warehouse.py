@@ -50,8 +50,8 @@ def test_alert_sink_gives_up_quickly_and_says_so_instead_of_raising(tmp_path):
             warning = error = staticmethod(messages.append)
 
         started = time.monotonic()
-        stored = sink.emit(severity="warning", monitor="m", key="k", message="hello", log=Log)
-        assert stored is False
+        outcome = sink.emit(severity="warning", monitor="m", key="k", message="hello", log=Log)
+        assert outcome.sent is True and outcome.stored is False
         assert time.monotonic() - started < 10
         assert any("could not be stored" in m for m in messages)
     finally:

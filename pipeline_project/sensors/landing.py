@@ -75,7 +75,7 @@ def build_landing_batches_sensor(
             still_rejected[rejected.name] = rejected.fingerprint
             if reported.get(rejected.name) == rejected.fingerprint:
                 continue
-            stored = alerts.emit(
+            outcome = alerts.emit(
                 severity="warning",
                 monitor="landing_file_name",
                 key=f"landing_file_name:{rejected.name}",
@@ -83,7 +83,7 @@ def build_landing_batches_sensor(
                 log=context.log,
                 figures={"file": rejected.name, "reason": rejected.reason},
             )
-            if not stored:  # report again on the next tick
+            if outcome.sent and not outcome.stored:  # report again on the next tick
                 del still_rejected[rejected.name]
 
         # Only files still in the landing folder stay in the cursor, so it cannot grow forever.

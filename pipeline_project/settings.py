@@ -43,3 +43,17 @@ class Settings:
             catalog_path=Path(get("PIPELINE_CATALOG_PATH")).resolve(),
             duckdb_memory_limit=get("PIPELINE_DUCKDB_MEMORY_LIMIT"),
         )
+
+
+def freshness_policy(environ: Mapping[str, str] | None = None):
+    """The freshness time window of the ingestion and final assets, from the environment."""
+    from datetime import timedelta
+
+    import dagster as dg
+
+    env = os.environ if environ is None else environ
+    warn = float(env.get("PIPELINE_FRESHNESS_WARN_HOURS") or 12)
+    fail = float(env.get("PIPELINE_FRESHNESS_FAIL_HOURS") or 24)
+    return dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(hours=fail), warn_window=timedelta(hours=min(warn, fail))
+    )

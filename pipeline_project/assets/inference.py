@@ -17,6 +17,7 @@ from pipeline_project.core.inference import (
     InferenceOutcome,
     run_inference,
 )
+from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.profiles import PROFILES_SQL
 from pipeline_project.partitions import batches
 from pipeline_project.resources import Warehouse
@@ -86,6 +87,7 @@ def customer_embeddings(
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
     params = {"batch_id": batch_id, "model": model, "dimensions": dimensions}
     started = time.perf_counter()
+    usage = StepUsage()
     with warehouse.get_connection() as conn:
         missing = conn.execute(_MISSING_TEXTS_SQL, params).fetchall()
         [(customers_in, distinct_profiles)] = conn.execute(
@@ -135,6 +137,10 @@ def customer_embeddings(
             ).fetchall()
         )
         conn.execute("DROP TABLE batch_profiles")
+        [(dead_letter_total,)] = conn.execute(
+            "SELECT count(*) FROM dead_letter WHERE stage = ? AND replayed_at IS NULL",
+            [INFERENCE_STAGE],
+        ).fetchall()
     seconds = time.perf_counter() - started
     with warehouse.get_connection() as conn:
         checks = embedding_check_results(
@@ -147,6 +153,9 @@ def customer_embeddings(
         "dagster/row_count": customers_in - dead_lettered,
         "customers_in": customers_in,
         "dead_lettered": dead_lettered,
+        # failed + invalid outputs over customers: the batch's model error rate
+        "error_rate": round(dead_lettered / customers_in, 6) if customers_in else 0.0,
+        "dead_letter_total": dead_letter_total,
         "dead_lettered_inference_failed": dead_by_reason.get(INFERENCE_FAILED, 0),
         "dead_lettered_invalid_output": dead_by_reason.get(INVALID_OUTPUT, 0),
         "distinct_profiles": distinct_profiles,
@@ -163,6 +172,7 @@ def customer_embeddings(
         "dimensions": dimensions,
         "seconds": round(seconds, 3),
         "customers_per_second": round(customers_in / seconds) if seconds else 0,
+        **usage.figures(),
     }
     if outcome.tokens is not None:
         metadata["tokens"] = outcome.tokens

@@ -6,8 +6,11 @@ import dagster as dg
 from pydantic import Field
 
 from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunks, store_raw_lines
+from pipeline_project.core.monitoring import StepUsage, count_anomaly
+from pipeline_project.monitoring import recent_batch_metadata
 from pipeline_project.partitions import batches
 from pipeline_project.resources import DUCKDB_WRITER_POOL, LandingZone, Warehouse
+from pipeline_project.settings import freshness_policy
 from pipeline_project.tables import RAW_CUSTOMERS
 
 # Transient trouble (a lock held past the connect timeout, a file still being replaced) clears
@@ -17,12 +20,26 @@ STAGE_RETRY_POLICY = dg.RetryPolicy(
 )
 
 
+# A new batch is expected at least this often (PIPELINE_FRESHNESS_WARN_HOURS / _FAIL_HOURS).
+INGESTION_FRESHNESS = freshness_policy()
+
+
 class IngestionConfig(dg.Config):
     chunk_rows: int = Field(default=100_000, description="Lines read and written per chunk.")
     max_line_bytes: int = Field(
         default=1_048_576,
         description="Longer lines keep only this many bytes and fail validation.",
     )
+    count_anomaly_tolerance: float = Field(
+        default=0.3, description="Alert when lines differ from the recent mean by more (±30%)."
+    )
+    count_baseline_batches: int = Field(default=5, description="Recent batches in the mean.")
+    count_min_baseline_batches: int = Field(
+        default=3, description="No count alert before this many earlier batches."
+    )
+
+
+RECORD_COUNT_CHECK = "record_count_within_expected_range"
 
 
 @dg.asset(
@@ -32,15 +49,60 @@ class IngestionConfig(dg.Config):
     group_name="ingestion",
     kinds={"duckdb"},
     metadata={"dagster/table_name": RAW_CUSTOMERS},
+    freshness_policy=INGESTION_FRESHNESS,
+    check_specs=[
+        # partitions_def on a check spec is a preview API; the only way to keep one result
+        # per batch rather than "latest run wins".
+        dg.AssetCheckSpec(
+            RECORD_COUNT_CHECK,
+            asset=RAW_CUSTOMERS,
+            partitions_def=batches,
+            description="The batch's line count is within ±30% of the recent batches' mean.",
+        )
+    ],
 )
 def raw_customers(
     context: dg.AssetExecutionContext,
     config: IngestionConfig,
     landing: LandingZone,
     warehouse: Warehouse,
-) -> dg.MaterializeResult:
+):
     """Every line of the batch's landing file, numbered from 1, as raw text: nothing is lost
     before validation."""
+    usage = StepUsage()
+    result = _ingest(context, config, landing, warehouse)
+    yield dg.MaterializeResult(metadata={**result, **usage.figures()})
+    baseline = recent_batch_metadata(
+        context.instance,
+        RAW_CUSTOMERS,
+        "dagster/row_count",
+        exclude_partition=context.partition_key,
+        batches=config.count_baseline_batches,
+    )
+    rows = result["dagster/row_count"]
+    anomalous, mean, deviation = count_anomaly(
+        rows, baseline, config.count_anomaly_tolerance, config.count_min_baseline_batches
+    )
+    yield dg.AssetCheckResult(
+        check_name=RECORD_COUNT_CHECK,
+        passed=not anomalous,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "rows": rows,
+            "baseline_batches": len(baseline),
+            "baseline_mean": round(mean, 1) if mean is not None else -1.0,
+            "deviation": round(deviation, 4) if deviation is not None else 0.0,
+            "tolerance": config.count_anomaly_tolerance,
+        },
+    )
+
+
+def _ingest(
+    context: dg.AssetExecutionContext,
+    config: IngestionConfig,
+    landing: LandingZone,
+    warehouse: Warehouse,
+) -> dict:
     batch_id = context.partition_key
     try:
         landing_file = landing.batch_file(batch_id)
@@ -60,15 +122,13 @@ def raw_customers(
         context.log.warning(
             f"{batch_id}: {landing_file.path.name} ends early: {stored.read_errors[0]}"
         )
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": stored.lines,
-            "landing_file": landing_file.path.name,
-            "landing_fingerprint": landing_file.fingerprint,
-            "file_bytes": landing_file.size,
-            "chunks": stored.chunks,
-            "read_error": stored.read_errors[0] if stored.read_errors else "",
-            "seconds": round(seconds, 3),
-            "rows_per_second": round(stored.lines / seconds) if seconds else 0,
-        }
-    )
+    return {
+        "dagster/row_count": stored.lines,
+        "landing_file": landing_file.path.name,
+        "landing_fingerprint": landing_file.fingerprint,
+        "file_bytes": landing_file.size,
+        "chunks": stored.chunks,
+        "read_error": stored.read_errors[0] if stored.read_errors else "",
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(stored.lines / seconds) if seconds else 0,
+    }

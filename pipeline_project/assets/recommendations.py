@@ -8,19 +8,27 @@ from pydantic import Field
 from pipeline_project.assets.inference import InferenceConfig, embed_into_cache
 from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY
 from pipeline_project.assets.segmentation import vectors_of
+from pipeline_project.checks.drift_checks import (
+    CONFIDENCE_DRIFT,
+    drift_check_result,
+    drift_check_spec,
+)
 from pipeline_project.checks.output_checks import (
     RECOMMENDATION_CHECK_SPECS,
     recommendation_check_results,
 )
+from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.recommendations import (
     ScoringInputs,
     apply_business_rules,
     score_profiles,
     segment_tables,
 )
+from pipeline_project.monitoring import recent_batch_metadata
 from pipeline_project.partitions import batches
 from pipeline_project.resources import DUCKDB_WRITER_POOL, Warehouse
 from pipeline_project.resources.embeddings import Embedder
+from pipeline_project.settings import freshness_policy
 from pipeline_project.tables import (
     PRODUCT_EMBEDDINGS,
     RECOMMENDATIONS,
@@ -129,6 +137,10 @@ class RecommendationConfig(dg.Config):
         default=0.7, description="Weight of segment affinity; similarity gets the rest."
     )
     profile_chunk: int = Field(default=2048, description="Profiles scored per chunk.")
+    psi_threshold: float = Field(
+        default=0.25, description="WARN when the confidence distribution shifts more (PSI)."
+    )
+    drift_baseline_batches: int = Field(default=5, description="Recent batches in the baseline.")
 
 
 @dg.asset(
@@ -140,16 +152,18 @@ class RecommendationConfig(dg.Config):
     kinds={"duckdb"},
     metadata={"dagster/table_name": RECOMMENDATIONS},
     automation_condition=_PER_BATCH_AUTOMATION,
+    check_specs=[drift_check_spec(CONFIDENCE_DRIFT, RECOMMENDATIONS, "the confidence histogram")],
 )
 def recommendations(
     context: dg.AssetExecutionContext,
     config: RecommendationConfig,
     warehouse: Warehouse,
     embedder: Embedder,
-) -> dg.MaterializeResult:
+):
     """Top-N products per segmented customer with confidence in [0, 1], predicted value and
     the parts of the score (segment affinity, similarity)."""
     batch_id = context.partition_key
+    usage = StepUsage()
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
     params = {"model": model, "dimensions": dimensions}
     with warehouse.replace_batch([RECOMMENDATIONS], batch_id) as conn:
@@ -159,7 +173,9 @@ def recommendations(
         products = conn.sql(_PRODUCTS_SQL, params=params).to_arrow_table()
         if not versions or products.num_rows == 0:
             context.log.warning(f"{batch_id}: no segmented customers or no product embeddings")
-            return dg.MaterializeResult(metadata={"dagster/row_count": 0})
+            yield dg.MaterializeResult(metadata={"dagster/row_count": 0})
+            yield drift_check_result(CONFIDENCE_DRIFT, RECOMMENDATIONS, [], [], threshold=1.0)
+            return
         [(version,)] = versions
         [(n_segments,)] = conn.execute(
             "SELECT count(*) FROM segment_model WHERE model_version = ? AND embedding_model = ?",
@@ -193,18 +209,54 @@ def recommendations(
             )
             conn.unregister("scored_profiles")
             context.log.info(f"{batch_id}: scored profile chunk {i + 1}/{len(scored)}")
-        [(rows, customers, mean_confidence)] = conn.execute(
-            "SELECT count(*), count(DISTINCT line_no), coalesce(avg(confidence), 0)"
+        [(rows, customers)] = conn.execute(
+            "SELECT count(*), count(DISTINCT line_no) FROM recommendations WHERE batch_id = ?",
+            [batch_id],
+        ).fetchall()
+        bins = conn.execute(
+            "SELECT least(floor(confidence * 10), 9)::INT AS bin, count(*) FROM recommendations"
+            " WHERE batch_id = ? GROUP BY bin",
+            [batch_id],
+        ).fetchall()
+        [quantiles] = conn.execute(
+            "SELECT quantile_cont(confidence, [0.05, 0.25, 0.5, 0.75, 0.95]), avg(confidence)"
             " FROM recommendations WHERE batch_id = ?",
             [batch_id],
         ).fetchall()
-    return dg.MaterializeResult(
+    histogram = [0] * 10
+    for b, n in bins:
+        histogram[b] = n
+    (p05, p25, p50, p75, p95), mean_confidence = (quantiles[0] or [0.0] * 5), quantiles[1] or 0.0
+    yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": rows,
             "customers": customers,
             "segment_model_version": version,
             "mean_confidence": round(mean_confidence, 4),
+            **{f"confidence_{k}": round(v, 4) for k, v in
+               (("p05", p05), ("p25", p25), ("p50", p50), ("p75", p75), ("p95", p95))},
+            "confidence_histogram": dg.MetadataValue.json(histogram),
+            "confidence_distribution": dg.MetadataValue.table(
+                records=[
+                    dg.TableRecord({"confidence": f"{i / 10:.1f}-{(i + 1) / 10:.1f}", "count": n})
+                    for i, n in enumerate(histogram)
+                ],
+                schema=dg.TableSchema(
+                    columns=[dg.TableColumn("confidence", "string"), dg.TableColumn("count", "int")]
+                ),
+            ),
+            **usage.figures(),
         }
+    )  # fmt: skip
+    baselines = recent_batch_metadata(
+        context.instance,
+        RECOMMENDATIONS,
+        "confidence_histogram",
+        exclude_partition=batch_id,
+        batches=config.drift_baseline_batches,
+    )
+    yield drift_check_result(
+        CONFIDENCE_DRIFT, RECOMMENDATIONS, histogram, baselines, threshold=config.psi_threshold
     )
 
 
@@ -250,6 +302,7 @@ class BusinessRulesConfig(dg.Config):
             kinds={"duckdb"},
             metadata={"dagster/table_name": VALIDATED_RECOMMENDATIONS},
             automation_condition=_PER_BATCH_AUTOMATION,
+            freshness_policy=freshness_policy(),
         ),
         dg.AssetSpec(
             REJECTED_RECOMMENDATIONS,
@@ -272,6 +325,7 @@ def validated_recommendations(
     """Applies the business rules: in stock, confidence >= minimum, not already bought,
     predicted value in (0, max]. Don't blindly trust model output."""
     batch_id = context.partition_key
+    usage = StepUsage()
     with warehouse.replace_batch(
         [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS], batch_id
     ) as conn:
@@ -296,7 +350,11 @@ def validated_recommendations(
         )
     yield dg.MaterializeResult(
         asset_key=VALIDATED_RECOMMENDATIONS,
-        metadata={"dagster/row_count": outcome.kept, "rejected": outcome.rejected},
+        metadata={
+            "dagster/row_count": outcome.kept,
+            "rejected": outcome.rejected,
+            **usage.figures(),
+        },
     )
     yield dg.MaterializeResult(
         asset_key=REJECTED_RECOMMENDATIONS,

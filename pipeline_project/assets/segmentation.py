@@ -9,12 +9,19 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY
+from pipeline_project.checks.drift_checks import (
+    SEGMENT_SHARE_DRIFT,
+    drift_check_result,
+    drift_check_spec,
+)
+from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.segmentation import (
     SegmentModel,
     assign_segments,
     stable_order,
     train_segments,
 )
+from pipeline_project.monitoring import recent_batch_metadata
 from pipeline_project.partitions import batches
 from pipeline_project.resources import DUCKDB_WRITER_POOL, Warehouse
 from pipeline_project.resources.embeddings import Embedder
@@ -54,6 +61,10 @@ ORDER BY e.text_hash
 
 class SegmentModelConfig(dg.Config):
     n_segments: int = Field(default=8, description="Number of customer segments.")
+    psi_threshold: float = Field(
+        default=0.25, description="WARN when segment shares shift more (PSI) than this."
+    )
+    drift_baseline_batches: int = Field(default=5, description="Recent batches in the baseline.")
     epochs: int = Field(default=3, description="Passes over the training vectors.")
     chunk_vectors: int = Field(default=10_000, description="Vectors read per training chunk.")
     seed: int = Field(default=0, description="Random seed: same data, same model.")
@@ -172,6 +183,7 @@ def segment_model(
     group_name="segmentation",
     kinds={"duckdb"},
     metadata={"dagster/table_name": CUSTOMER_SEGMENTS},
+    check_specs=[drift_check_spec(SEGMENT_SHARE_DRIFT, CUSTOMER_SEGMENTS, "segment shares")],
     # A missing segment_model does not hold a batch back (its first batch trains one), but a
     # retrained model re-assigns every batch.
     automation_condition=(
@@ -186,9 +198,10 @@ def customer_segments(
     config: SegmentModelConfig,
     warehouse: Warehouse,
     embedder: Embedder,
-) -> dg.MaterializeResult:
+):
     """Each embedded customer's segment (nearest centroid of the newest model) and distance."""
     batch_id = context.partition_key
+    usage = StepUsage()
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
     params = {"batch_id": batch_id, "model": model, "dimensions": dimensions}
     with warehouse.replace_batch([CUSTOMER_SEGMENTS], batch_id) as conn:
@@ -233,7 +246,10 @@ def customer_segments(
             [batch_id],
         ).fetchall()
     total = sum(n for _, n in shares)
-    return dg.MaterializeResult(
+    counts = [0] * len(centroids)
+    for segment_id, n in shares:
+        counts[segment_id] = n
+    yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": total,
             "model_version": version,
@@ -242,5 +258,21 @@ def customer_segments(
             "segment_shares": dg.MetadataValue.json(
                 {str(s): round(n / total, 4) for s, n in shares} if total else {}
             ),
+            "segment_counts": dg.MetadataValue.json({"model_version": version, "counts": counts}),
+            **usage.figures(),
         }
+    )
+    baselines = [
+        b["counts"]
+        for b in recent_batch_metadata(
+            context.instance,
+            CUSTOMER_SEGMENTS,
+            "segment_counts",
+            exclude_partition=batch_id,
+            batches=config.drift_baseline_batches,
+        )
+        if b.get("model_version") == version
+    ]
+    yield drift_check_result(
+        SEGMENT_SHARE_DRIFT, CUSTOMER_SEGMENTS, counts, baselines, threshold=config.psi_threshold
     )

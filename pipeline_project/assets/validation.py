@@ -7,6 +7,7 @@ from pydantic import Field
 
 from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY, raw_customers
 from pipeline_project.checks.input_checks import INPUT_CHECK_SPECS, input_check_results
+from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.validation import ValidationSummary, validate_batch
 from pipeline_project.partitions import batches
 from pipeline_project.resources import DUCKDB_WRITER_POOL, Warehouse
@@ -61,6 +62,7 @@ def validated_customers(
     """Validates each raw line against the pandera models, in chunks, in one transaction."""
     batch_id = context.partition_key
     started = time.perf_counter()
+    usage = StepUsage()
 
     def progress(summary: ValidationSummary) -> None:
         context.log.info(
@@ -92,7 +94,8 @@ def validated_customers(
         "rows_per_second": round(summary.rows_in / seconds) if seconds else 0,
     }
     yield dg.MaterializeResult(
-        asset_key=CUSTOMERS, metadata={"dagster/row_count": summary.valid, **figures}
+        asset_key=CUSTOMERS,
+        metadata={"dagster/row_count": summary.valid, **figures, **usage.figures()},
     )
     yield dg.MaterializeResult(
         asset_key=CUSTOMER_PURCHASES, metadata={"dagster/row_count": summary.purchases}

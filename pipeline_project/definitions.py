@@ -24,6 +24,7 @@ from pipeline_project.resources.embeddings import (
     OpenAIEmbedder,
     SentenceTransformersEmbedder,
 )
+from pipeline_project.sensors.alerting import ALERTING_SENSORS
 from pipeline_project.sensors.catalog import build_catalog_file_sensor
 from pipeline_project.sensors.landing import build_landing_batches_sensor
 from pipeline_project.settings import Settings
@@ -128,7 +129,12 @@ def build_resources(
         "landing": LandingZone(
             path=str(settings.landing_dir), catalog_path=str(settings.catalog_path)
         ),
-        "alerts": AlertSink(database=str(settings.alerts_duckdb_path)),
+        "alerts": AlertSink(
+            database=str(settings.alerts_duckdb_path),
+            webhook_url=os.environ.get("PIPELINE_ALERT_WEBHOOK_URL", ""),
+            webhook_format=os.environ.get("PIPELINE_ALERT_WEBHOOK_FORMAT", "json"),
+            cooldown_seconds=float(os.environ.get("PIPELINE_ALERT_COOLDOWN_SECONDS") or 3600),
+        ),
         "embedder": embedder or build_embedder(),
     }
 
@@ -147,6 +153,7 @@ def build_definitions(
             build_landing_batches_sensor(batch_ingestion_job),
             build_catalog_file_sensor(catalog_job),
             automation_sensor,
+            *ALERTING_SENSORS,
         ],
         resources=build_resources(settings, embedder),
     )

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import dagster as dg
 
 from pipeline_project.assets.catalog import product_catalog
+from pipeline_project.assets.health import pipeline_health
 from pipeline_project.assets.inference import customer_embeddings
 from pipeline_project.assets.ingestion import raw_customers
 from pipeline_project.assets.recommendations import (
@@ -60,6 +61,18 @@ segment_model_job = dg.define_asset_job(
     "segment_model_job",
     selection=dg.AssetSelection.assets(segment_model),
     description="Retrain the segment model on every batch; automation then re-assigns segments.",
+)
+pipeline_health_job = dg.define_asset_job(
+    "pipeline_health_job",
+    selection=dg.AssetSelection.assets(pipeline_health),
+    description="Refresh the pipeline health summary.",
+)
+hourly_pipeline_health = dg.ScheduleDefinition(
+    name="hourly_pipeline_health",
+    job=pipeline_health_job,
+    cron_schedule="0 * * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Refresh pipeline_health every hour.",
 )
 weekly_segment_model_retrain = dg.ScheduleDefinition(
     name="weekly_segment_model_retrain",
@@ -146,9 +159,15 @@ def build_definitions(
     for path in (settings.duckdb_path, settings.alerts_duckdb_path):
         path.parent.mkdir(parents=True, exist_ok=True)
     return dg.Definitions(
-        assets=[*CATALOG_ASSETS, segment_model, *BATCH_ASSETS],
-        jobs=[batch_ingestion_job, batch_pipeline_job, catalog_job, segment_model_job],
-        schedules=[weekly_segment_model_retrain],
+        assets=[*CATALOG_ASSETS, segment_model, *BATCH_ASSETS, pipeline_health],
+        jobs=[
+            batch_ingestion_job,
+            batch_pipeline_job,
+            catalog_job,
+            segment_model_job,
+            pipeline_health_job,
+        ],
+        schedules=[weekly_segment_model_retrain, hourly_pipeline_health],
         sensors=[
             build_landing_batches_sensor(batch_ingestion_job),
             build_catalog_file_sensor(catalog_job),

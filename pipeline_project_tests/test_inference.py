@@ -187,6 +187,8 @@ def test_failing_chunk_is_dead_lettered_and_the_rest_of_the_batch_is_stored(
     assert result.success
     meta = embedding_metadata(result)
     assert meta["dead_lettered_inference_failed"] == 2 and meta["dagster/row_count"] == 6
+    assert meta["error_rate"] == pytest.approx(2 / 8) and meta["dead_letter_total"] == 2
+    assert meta["latency_p50_seconds"] <= meta["latency_p95_seconds"] <= meta["latency_p99_seconds"]
     garden_requests = [r for r in server.requests if any("garden" in t for t in r.texts)]
     assert len(garden_requests) == 3  # request_attempts=3
     dead = rows(

@@ -139,7 +139,8 @@ def test_recommendations_are_explainable_confident_and_rematerialize_identically
         for i in range(16)
     ]
     write_lines(settings.landing_dir / "b1.jsonl", lines)
-    assert run_pipeline(settings, instance, "b1").success
+    result = run_pipeline(settings, instance, "b1")
+    assert result.success
     first = {t: rows(settings, f"SELECT * FROM {t} ORDER BY ALL") for t in TABLES}
     assert len(first["recommendations"]) == 16 * 5
     for _, _, _, rank, _, _, confidence, value, affinity, similarity, score, _ in first[
@@ -149,6 +150,17 @@ def test_recommendations_are_explainable_confident_and_rematerialize_identically
         assert confidence == pytest.approx(0.7 * affinity + 0.3 * score)
         assert -1.0 <= similarity <= 1.0
     assert len(first["validated_recommendations"]) + len(first["rejected_recommendations"]) == 80
+    [meta] = [m for m in result.asset_materializations_for_node("recommendations")]
+    histogram = meta.metadata["confidence_histogram"].value
+    assert sum(histogram) == 80 and len(histogram) == 10
+    assert meta.metadata["confidence_p05"].value <= meta.metadata["confidence_p50"].value
+    assert meta.metadata["confidence_p50"].value <= meta.metadata["confidence_p95"].value
+    drift = [
+        e
+        for e in result.get_asset_check_evaluations()
+        if e.check_name == "confidence_drift_below_threshold"
+    ]
+    assert drift[0].passed  # the first batch: no baseline yet
 
     assert run_pipeline(settings, instance, "b1").success
     assert {t: rows(settings, f"SELECT * FROM {t} ORDER BY ALL") for t in TABLES} == first

@@ -45,11 +45,16 @@ def test_definitions_wire_every_stage_job_sensor_and_resource(defs):
         "raw_customers", "customers", "customer_purchases", "schema_errors",
         "product_catalog", "customer_embeddings", "product_embeddings", "segment_model",
         "customer_segments", "recommendations", "validated_recommendations",
-        "rejected_recommendations",
+        "rejected_recommendations", "pipeline_health",
     }  # fmt: skip
-    for job in ("batch_ingestion_job", "batch_pipeline_job", "catalog_job", "segment_model_job"):
+    jobs = ("batch_ingestion_job", "batch_pipeline_job", "catalog_job", "segment_model_job",
+            "pipeline_health_job")  # fmt: skip
+    for job in jobs:
         assert defs.resolve_job_def(job) is not None
-    for sensor in ("landing_batches_sensor", "catalog_file_sensor", "pipeline_automation_sensor"):
+    sensors = ("landing_batches_sensor", "catalog_file_sensor", "pipeline_automation_sensor",
+               "run_failure_alert_sensor", "check_results_alert_sensor", "freshness_alert_sensor",
+               "dead_letter_growth_sensor", "error_rate_alert_sensor")  # fmt: skip
+    for sensor in sensors:
         assert defs.resolve_sensor_def(sensor).default_status == dg.DefaultSensorStatus.RUNNING
     assert set(defs.resources) == {"warehouse", "landing", "alerts", "embedder"}
 

@@ -92,14 +92,21 @@ def test_freshness_fail_alerts_and_pass_resolves(instance, resources, settings):
         )  # fmt: skip
 
     assert "UNKNOWN" in tick(freshness_alert_sensor, instance, resources).skip_message
-    change(FreshnessState.FAIL)
+    change(FreshnessState.WARN)
+    tick(freshness_alert_sensor, instance, resources)
+    tick(freshness_alert_sensor, instance, resources)  # still WARN: no second alert
+    change(FreshnessState.FAIL)  # escalation: an alert of its own despite the cooldown
     tick(freshness_alert_sensor, instance, resources)
     assert alerts(settings) == [
-        ("freshness:validated_recommendations", "firing", "error", None, None)
+        ("freshness:validated_recommendations:warn", "firing", "warning", None, None),
+        ("freshness:validated_recommendations:fail", "firing", "error", None, None),
     ]
     change(FreshnessState.PASS)
     tick(freshness_alert_sensor, instance, resources)
-    assert [s for _, s, *_ in alerts(settings)] == ["firing", "resolved"]
+    assert sorted((k, s) for k, s, *_ in alerts(settings)[2:]) == [
+        ("freshness:validated_recommendations:fail", "resolved"),
+        ("freshness:validated_recommendations:warn", "resolved"),
+    ]
 
 
 def embeddings_materialized(

@@ -110,21 +110,25 @@ def freshness_alert_sensor(context: dg.SensorEvaluationContext, alerts: AlertSin
     for key in keys:
         record = records.get(key)
         state = record.freshness_state.value if record else "UNKNOWN"
-        states[key.to_user_string()] = state
-        alert_key = f"freshness:{key.to_user_string()}"
+        asset = key.to_user_string()
+        states[asset] = state
+        # One key per level, so WARN turning into FAIL is an alert of its own.
         if state in ("WARN", "FAIL"):
             alerts.emit(
                 severity="error" if state == "FAIL" else "warning",
                 monitor="freshness",
-                key=alert_key,
-                message=f"{key.to_user_string()} is stale: freshness {state}",
+                key=f"freshness:{asset}:{state.lower()}",
+                message=f"{asset} is stale: freshness {state}",
                 log=context.log,
                 figures={"state": state, "since": record.updated_at},
             )
-        elif state == "PASS":
-            alerts.resolve(
-                monitor="freshness", key=alert_key, message="fresh again", log=context.log
-            )
+        if state in ("PASS", "WARN"):
+            levels = ("warn", "fail") if state == "PASS" else ("fail",)
+            for level in levels:
+                alerts.resolve(
+                    monitor="freshness", key=f"freshness:{asset}:{level}",
+                    message=f"{asset} freshness is {state} again", log=context.log,
+                )  # fmt: skip
     return dg.SkipReason(f"freshness states: {json.dumps(states)}")
 
 

@@ -147,3 +147,29 @@ def test_retrain_is_on_demand_and_weekly(defs):
     assert schedule.cron_schedule == "0 3 * * 1"
     assert schedule.job_name == "segment_model_job"
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+def test_segment_share_drift_warns_on_a_shifted_batch_and_not_on_a_normal_one(
+    settings, instance, catalog
+):
+    mixed = [buyer(i, CATEGORY_MIX[i % 6], purchases=1 + i % 3) for i in range(24)]
+    for i in range(2):
+        write_lines(settings.landing_dir / f"base{i}.jsonl", mixed)
+        materialize(settings, instance, f"base{i}")
+    write_lines(settings.landing_dir / "normal.jsonl", mixed)
+    write_lines(
+        settings.landing_dir / "shifted.jsonl", [buyer(100 + i, "garden") for i in range(24)]
+    )
+
+    def drift(batch_id):
+        _, result = materialize(settings, instance, batch_id)
+        [evaluation] = [
+            e
+            for e in result.get_asset_check_evaluations()
+            if e.check_name == "segment_share_drift_below_threshold"
+        ]
+        return evaluation
+
+    normal, shifted = drift("normal"), drift("shifted")
+    assert normal.passed and normal.metadata["baseline_batches"].value == 2
+    assert not shifted.passed and shifted.metadata["psi"].value > 0.25

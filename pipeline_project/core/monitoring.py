@@ -1,4 +1,4 @@
-"""Monitoring figures: distribution shift (PSI), histograms, record-count anomalies, step usage."""
+"""Monitoring figures: distribution shift (PSI), record-count anomalies, step usage."""
 
 from __future__ import annotations
 
@@ -23,11 +23,6 @@ def psi(current: Sequence[float], baseline: Sequence[float], eps: float = 1e-4) 
     p = np.clip(cur / cur.sum(), eps, None)
     q = np.clip(base / base.sum(), eps, None)
     return float(np.sum((p - q) * np.log(p / q)))
-
-
-def histogram(values: np.ndarray, bins: int = 10, low: float = 0.0, high: float = 1.0) -> list[int]:
-    counts, _ = np.histogram(np.clip(values, low, high), bins=bins, range=(low, high))
-    return counts.astype(int).tolist()
 
 
 def count_anomaly(

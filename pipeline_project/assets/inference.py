@@ -19,6 +19,7 @@ from pipeline_project.core.inference import (
 )
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.profiles import PROFILES_SQL
+from pipeline_project.core.vectors import matrix_to_list_array
 from pipeline_project.partitions import batches
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import Embedder
@@ -241,14 +242,11 @@ def _write_cache(
 ) -> None:
     """Add new vectors to embedding_cache in one short transaction (first writer wins)."""
     hashes = [h for h, _ in vectors]
-    flat = np.stack([v for _, v in vectors]).astype(np.float32).ravel()
     rows = pa.table(
         {
             "text_hash": pa.array(hashes, pa.string()),
             "text": pa.array([texts[h] for h in hashes], pa.string()),
-            "embedding": pa.ListArray.from_arrays(
-                pa.array(np.arange(0, len(flat) + 1, dimensions, dtype=np.int32)), pa.array(flat)
-            ),
+            "embedding": matrix_to_list_array(np.stack([v for _, v in vectors])),
         }
     )
     with warehouse.transaction() as conn:

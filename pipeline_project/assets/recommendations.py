@@ -7,7 +7,6 @@ from pydantic import Field
 
 from pipeline_project.assets.inference import InferenceConfig, embed_into_cache
 from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY
-from pipeline_project.assets.segmentation import vectors_of
 from pipeline_project.checks.drift_checks import (
     CONFIDENCE_DRIFT,
     drift_check_result,
@@ -24,6 +23,7 @@ from pipeline_project.core.recommendations import (
     score_profiles,
     segment_tables,
 )
+from pipeline_project.core.vectors import list_column_to_matrix
 from pipeline_project.monitoring import recent_batch_metadata
 from pipeline_project.partitions import batches
 from pipeline_project.resources import DUCKDB_WRITER_POOL, Warehouse
@@ -189,7 +189,10 @@ def recommendations(
             conn.sql(_SEGMENT_PURCHASES_SQL, params={"version": version}).to_arrow_table(),
         )
         inputs = ScoringInputs(
-            product_ids, vectors_of(products, "embedding", dimensions), affinity, expected_value
+            product_ids,
+            list_column_to_matrix(products, "embedding", dimensions),
+            affinity,
+            expected_value,
         )
         reader = conn.sql(
             _BATCH_PROFILES_SQL, params={**params, "batch_id": batch_id}
@@ -263,7 +266,7 @@ def recommendations(
 def _score_chunk(
     chunk: pa.RecordBatch, inputs: ScoringInputs, config: RecommendationConfig, dimensions: int
 ) -> pa.Table:
-    vectors = vectors_of(chunk, "embedding", dimensions)
+    vectors = list_column_to_matrix(chunk, "embedding", dimensions)
     segments = chunk.column("segment_id").to_numpy()
     scored = score_profiles(
         vectors, segments, inputs, top_n=config.top_n, segment_weight=config.segment_weight

@@ -21,6 +21,7 @@ from pipeline_project.core.segmentation import (
     stable_order,
     train_segments,
 )
+from pipeline_project.core.vectors import list_column_to_matrix, matrix_to_list_array
 from pipeline_project.monitoring import recent_batch_metadata
 from pipeline_project.partitions import batches
 from pipeline_project.resources import DUCKDB_WRITER_POOL, Warehouse
@@ -70,13 +71,6 @@ class SegmentModelConfig(dg.Config):
     seed: int = Field(default=0, description="Random seed: same data, same model.")
 
 
-def vectors_of(batch: pa.RecordBatch | pa.Table, column: str, dimensions: int) -> np.ndarray:
-    flat = batch.column(column)
-    if isinstance(flat, pa.ChunkedArray):
-        flat = flat.combine_chunks()
-    return np.asarray(flat.flatten(), dtype=np.float32).reshape(-1, dimensions)
-
-
 def latest_segment_model(
     conn: duckdb.DuckDBPyConnection, model: str, dimensions: int
 ) -> tuple[int, np.ndarray] | None:
@@ -85,7 +79,9 @@ def latest_segment_model(
     ).to_arrow_table()
     if table.num_rows == 0:
         return None
-    return int(table["model_version"][0].as_py()), vectors_of(table, "centroid", dimensions)
+    return int(table["model_version"][0].as_py()), list_column_to_matrix(
+        table, "centroid", dimensions
+    )
 
 
 def train_and_store(
@@ -99,7 +95,7 @@ def train_and_store(
         for batch in reader:
             if batch.num_rows:
                 yield (
-                    vectors_of(batch, "embedding", dimensions),
+                    list_column_to_matrix(batch, "embedding", dimensions),
                     batch.column("customers").to_numpy(),
                 )
 
@@ -110,14 +106,10 @@ def train_and_store(
         trained.centroids[order], trained.weights[order], trained.inertia, trained.silhouette
     )
     version = (previous[0] if previous else 0) + 1
-    k, dims = trained.centroids.shape
     rows = pa.table(
         {
-            "segment_id": pa.array(np.arange(k, dtype=np.int32)),
-            "centroid": pa.ListArray.from_arrays(
-                pa.array(np.arange(0, k * dims + 1, dims, dtype=np.int32)),
-                pa.array(trained.centroids.ravel()),
-            ),
+            "segment_id": pa.array(np.arange(len(trained.centroids), dtype=np.int32)),
+            "centroid": matrix_to_list_array(trained.centroids),
             "weight": pa.array(trained.weights),
         }
     )
@@ -220,7 +212,7 @@ def customer_segments(
         version, centroids = current
         profiles = conn.sql(_BATCH_PROFILES_SQL, params=params).to_arrow_table()
         segment, distance = assign_segments(
-            vectors_of(profiles, "embedding", dimensions), centroids
+            list_column_to_matrix(profiles, "embedding", dimensions), centroids
         )
         conn.register(
             "profile_segments",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 import duckdb
 
+from pipeline_project.checks.conservation import count_not_placed_exactly_once
 from pipeline_project.partitions import batches
 
 ROWS_CONSERVED = "rows_conserved"
@@ -40,19 +41,7 @@ _CONSERVATION_SQL = """
 SELECT
     (SELECT count(*) FROM raw_customers WHERE batch_id = $b) AS raw_rows,
     (SELECT count(*) FROM customers WHERE batch_id = $b) AS valid_rows,
-    (SELECT count(*) FROM schema_errors WHERE batch_id = $b) AS invalid_rows,
-    (SELECT count(*) FROM (
-        SELECT r.line_no
-        FROM raw_customers AS r
-        LEFT JOIN (
-            SELECT line_no FROM customers WHERE batch_id = $b
-            UNION ALL
-            SELECT line_no FROM schema_errors WHERE batch_id = $b
-        ) AS placed USING (line_no)
-        WHERE r.batch_id = $b
-        GROUP BY r.line_no
-        HAVING count(placed.line_no) <> 1
-    )) AS misplaced_lines
+    (SELECT count(*) FROM schema_errors WHERE batch_id = $b) AS invalid_rows
 """
 
 
@@ -60,7 +49,17 @@ def input_check_results(
     conn: duckdb.DuckDBPyConnection, batch_id: str, threshold: float, ceiling: float
 ) -> list[dg.AssetCheckResult]:
     """Evaluate the input checks on the committed tables of one batch."""
-    [(raw, valid, invalid, misplaced)] = conn.execute(_CONSERVATION_SQL, {"b": batch_id}).fetchall()
+    [(raw, valid, invalid)] = conn.execute(_CONSERVATION_SQL, {"b": batch_id}).fetchall()
+    misplaced = count_not_placed_exactly_once(
+        conn,
+        source="SELECT line_no FROM raw_customers WHERE batch_id = $b",
+        key="line_no",
+        destinations=[
+            "SELECT line_no FROM customers WHERE batch_id = $b",
+            "SELECT line_no FROM schema_errors WHERE batch_id = $b",
+        ],
+        params={"b": batch_id},
+    )
     rate = invalid / raw if raw else 0.0
     figures = {"raw_rows": raw, "valid_rows": valid, "invalid_rows": invalid, "error_rate": rate}
     return [

@@ -3,6 +3,7 @@
 import dagster as dg
 import duckdb
 
+from pipeline_project.checks.conservation import count_not_placed_exactly_once
 from pipeline_project.partitions import batches
 
 EMBEDDED_OR_DEAD_LETTERED = "every_customer_embedded_or_dead_lettered"
@@ -30,27 +31,26 @@ _COUNTS_SQL = """
 SELECT
     (SELECT count(*) FROM customers WHERE batch_id = $b) AS customers,
     (SELECT count(*) FROM customer_embeddings WHERE batch_id = $b) AS embedded,
-    (SELECT count(*) FROM dead_letter WHERE batch_id = $b AND stage = $stage) AS dead_lettered,
-    (SELECT count(*) FROM (
-        SELECT c.customer_id FROM customers AS c
-        LEFT JOIN (
-            SELECT customer_id FROM customer_embeddings WHERE batch_id = $b
-            UNION ALL
-            SELECT record_key::UUID FROM dead_letter WHERE batch_id = $b AND stage = $stage
-        ) AS placed USING (customer_id)
-        WHERE c.batch_id = $b
-        GROUP BY c.customer_id
-        HAVING count(placed.customer_id) <> 1
-    )) AS misplaced
+    (SELECT count(*) FROM dead_letter WHERE batch_id = $b AND stage = $stage) AS dead_lettered
 """
 
 
 def embedding_check_results(
     conn: duckdb.DuckDBPyConnection, batch_id: str, stage: str, dead_letter_threshold: float
 ) -> list[dg.AssetCheckResult]:
-    [(customers, embedded, dead, misplaced)] = conn.execute(
-        _COUNTS_SQL, {"b": batch_id, "stage": stage}
-    ).fetchall()
+    params = {"b": batch_id, "stage": stage}
+    [(customers, embedded, dead)] = conn.execute(_COUNTS_SQL, params).fetchall()
+    misplaced = count_not_placed_exactly_once(
+        conn,
+        source="SELECT customer_id FROM customers WHERE batch_id = $b",
+        key="customer_id",
+        destinations=[
+            "SELECT customer_id FROM customer_embeddings WHERE batch_id = $b",
+            "SELECT record_key::UUID AS customer_id FROM dead_letter"
+            " WHERE batch_id = $b AND stage = $stage",
+        ],
+        params=params,
+    )
     share = dead / customers if customers else 0.0
     figures = {"customers": customers, "embedded": embedded, "dead_lettered": dead}
     return [

@@ -69,9 +69,9 @@ class AlertSink(dg.ConfigurableResource):
         run_id: str | None = None,
     ) -> AlertOutcome:
         """Fire an alert, unless the same key fired within the cooldown."""
-        latest = self._latest(key, log)
-        if latest is not None and latest[0] == FIRING:
-            age = datetime.now(UTC) - latest[1]
+        fired_at = self._firing_since(key, log)
+        if fired_at is not None:
+            age = datetime.now(UTC) - fired_at
             if age < timedelta(seconds=self.cooldown_seconds):
                 log.info(f"alert {key} suppressed: fired {age.total_seconds():.0f} s ago")
                 return AlertOutcome(False, False, "suppressed")
@@ -91,17 +91,16 @@ class AlertSink(dg.ConfigurableResource):
         run_id: str | None = None,
     ) -> AlertOutcome:
         """Record that a firing key's condition cleared (nothing happens if it is not firing)."""
-        latest = self._latest(key, log)
-        if latest is None or latest[0] != FIRING:
+        if self._firing_since(key, log) is None:
             return AlertOutcome(False, False, "not firing")
         log.info(f"RESOLVED {monitor} {key}: {message}")
         return self._record("info", monitor, key, message, RESOLVED, log, batch_id, figures, run_id)
 
     def is_firing(self, key: str, log: logging.Logger | Any) -> bool:
-        latest = self._latest(key, log)
-        return latest is not None and latest[0] == FIRING
+        return self._firing_since(key, log) is not None
 
-    def _latest(self, key: str, log) -> tuple[str, datetime] | None:
+    def _firing_since(self, key: str, log) -> datetime | None:
+        """When the key last fired, if its latest alert is a firing one (else None)."""
         try:
             with self._store().get_connection() as conn:
                 rows = conn.execute(
@@ -112,7 +111,9 @@ class AlertSink(dg.ConfigurableResource):
         except (duckdb.Error, OSError) as err:
             log.warning(f"alert history unavailable ({type(err).__name__}: {err})")
             return None
-        return rows[0] if rows else None
+        if not rows or rows[0][0] != FIRING:
+            return None
+        return rows[0][1]
 
     def _record(
         self, severity, monitor, key, message, status, log, batch_id, figures, run_id

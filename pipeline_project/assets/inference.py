@@ -30,18 +30,17 @@ INFERENCE_STAGE = "inference"
 # rate limit is shared by every request this deployment sends.
 MODEL_INFERENCE_POOL = "model_inference"
 
-_MISSING_TEXTS_SQL = f"""
+# The batch's profiles, computed once per connection and read from there.
+_BATCH_PROFILES_SQL = f"CREATE OR REPLACE TEMP TABLE batch_profiles AS {PROFILES_SQL}"
+
+_MISSING_TEXTS_SQL = """
 SELECT text_hash, any_value(profile_text) AS profile_text
-FROM ({PROFILES_SQL}) AS p
+FROM batch_profiles AS p
 WHERE NOT EXISTS (
     SELECT 1 FROM embedding_cache AS c
     WHERE c.model = $model AND c.dimensions = $dimensions AND c.text_hash = p.text_hash)
 GROUP BY text_hash
 ORDER BY text_hash
-"""
-
-_PROFILE_COUNTS_SQL = f"""
-SELECT count(*), count(DISTINCT text_hash) FROM ({PROFILES_SQL})
 """
 
 
@@ -90,9 +89,12 @@ def customer_embeddings(
     started = time.perf_counter()
     usage = StepUsage()
     with warehouse.get_connection() as conn:
-        missing = conn.execute(_MISSING_TEXTS_SQL, params).fetchall()
+        conn.execute(_BATCH_PROFILES_SQL, {"batch_id": batch_id})
+        missing = conn.execute(
+            _MISSING_TEXTS_SQL, {"model": model, "dimensions": dimensions}
+        ).fetchall()
         [(customers_in, distinct_profiles)] = conn.execute(
-            _PROFILE_COUNTS_SQL, {"batch_id": batch_id}
+            "SELECT count(*), count(DISTINCT text_hash) FROM batch_profiles"
         ).fetchall()
     context.log.info(
         f"{batch_id}: {customers_in:,} customers, {distinct_profiles:,} distinct profiles, "
@@ -112,9 +114,7 @@ def customer_embeddings(
     with warehouse.replace_batch(
         [CUSTOMER_EMBEDDINGS], batch_id, dead_letter_stage=INFERENCE_STAGE
     ) as conn:
-        conn.execute(
-            f"CREATE OR REPLACE TEMP TABLE batch_profiles AS {PROFILES_SQL}", {"batch_id": batch_id}
-        )
+        conn.execute(_BATCH_PROFILES_SQL, {"batch_id": batch_id})
         conn.execute(
             "INSERT INTO customer_embeddings SELECT $batch_id, p.line_no, p.customer_id, $model,"
             " $dimensions, p.text_hash, p.profile_text FROM batch_profiles AS p"

@@ -295,26 +295,28 @@ class BusinessRulesConfig(dg.Config):
     )
 
 
+_RULED_SPEC_KWARGS = {
+    "deps": ["recommendations", "product_catalog", "customer_purchases"],
+    "group_name": "recommendations",
+    "kinds": {"duckdb"},
+    "automation_condition": _PER_BATCH_AUTOMATION,
+}
+
+
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(
             VALIDATED_RECOMMENDATIONS,
-            deps=["recommendations", "product_catalog", "customer_purchases"],
             description="Recommendations that pass every business rule.",
-            group_name="recommendations",
-            kinds={"duckdb"},
             metadata={"dagster/table_name": VALIDATED_RECOMMENDATIONS},
-            automation_condition=_PER_BATCH_AUTOMATION,
             freshness_policy=freshness_policy(),
+            **_RULED_SPEC_KWARGS,
         ),
         dg.AssetSpec(
             REJECTED_RECOMMENDATIONS,
-            deps=["recommendations", "product_catalog", "customer_purchases"],
             description="Recommendations a business rule rejected, with the rule(s).",
-            group_name="recommendations",
-            kinds={"duckdb"},
             metadata={"dagster/table_name": REJECTED_RECOMMENDATIONS},
-            automation_condition=_PER_BATCH_AUTOMATION,
+            **_RULED_SPEC_KWARGS,
         ),
     ],
     check_specs=RECOMMENDATION_CHECK_SPECS,

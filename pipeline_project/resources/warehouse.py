@@ -81,10 +81,9 @@ class Warehouse(DuckDBStore):
 
         A crash anywhere inside leaves the previous committed state of the batch.
         """
+        _check_tables(tables)
         with self.transaction() as conn:
             for table in tables:
-                if table not in WAREHOUSE_DDL:
-                    raise ValueError(f"{table!r} is not a warehouse table")
                 conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
             if dead_letter_stage is not None:
                 conn.execute(
@@ -102,29 +101,27 @@ class Warehouse(DuckDBStore):
 
         Still all-or-nothing for the batch (a crash before the swap leaves the previous state
         and only staging rows, which the next run replaces), but no transaction holds every
-        chunk in memory: at 2M rows this halves the peak memory of a stage. Yields the
-        connection and the staging table of each table.
+        chunk in memory: at 2M rows ingestion's peak RSS fell from 1,896 to 1,396 MiB
+        (benchmarks/README.md). Yields the connection and the staging table of each table.
         """
+        _check_tables(tables)
         suffix = hashlib.md5(batch_id.encode()).hexdigest()[:16]
-        staging = {}
-        for table in tables:
-            if table not in WAREHOUSE_DDL:
-                raise ValueError(f"{table!r} is not a warehouse table")
-            staging[table] = f"{table}__staging_{suffix}"
+        staging = {table: f"{table}__staging_{suffix}" for table in tables}
         with self.get_connection() as conn:
             for table, stage in staging.items():
                 conn.execute(f"CREATE OR REPLACE TABLE {stage} AS SELECT * FROM {table} LIMIT 0")
             yield conn, staging
-            conn.begin()
-            try:
-                for table, stage in staging.items():
-                    conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
-                    conn.execute(f"INSERT INTO {table} SELECT * FROM {stage}")
-                    conn.execute(f"DROP TABLE {stage}")
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.commit()
+        with self.replace_batch(tables, batch_id) as conn:
+            for table, stage in staging.items():
+                conn.execute(f"INSERT INTO {table} SELECT * FROM {stage}")
+                conn.execute(f"DROP TABLE {stage}")
+
+
+def _check_tables(tables: Sequence[str]) -> None:
+    """Table names go into SQL text: only the warehouse's own tables are accepted."""
+    for table in tables:
+        if table not in WAREHOUSE_DDL:
+            raise ValueError(f"{table!r} is not a warehouse table")
 
 
 class AlertStore(DuckDBStore):

@@ -1,23 +1,35 @@
-"""One batch through every stage, each step in its own process (multiprocess executor), so each
-step's peak RSS is its own. Prints a per-stage table. Figures only, never pass/fail.
+"""One batch through every stage of the pipeline, and the same data through the baselines.
 
-    python benchmarks/pipeline_scale.py --rows 200000 [--bad-rate 0.01] [--workdir DIR]
+Each step runs in its own process (multiprocess executor, one step at a time), so each step's
+peak RSS is its own. Prints a per-stage table (wall time, rows/s, peak RSS) and the totals.
+Figures only, never pass/fail.
 
-The embedding model is the default local one; its time depends on the number of distinct
-customer profiles (each embedded once), not on the number of customers.
+    python benchmarks/pipeline_scale.py --rows 2000000 [--backend hashing] [--baselines]
+    python benchmarks/pipeline_scale.py --rows 200000,1000000,2000000 --backend hashing
+
+--backend: the embedding backend (PIPELINE_EMBEDDING_BACKEND). `hashing` takes the model's
+time out (scikit-learn's HashingVectorizer, no neural model); `local` is the default model.
+--baselines: also run benchmarks/duckdb_script.py and benchmarks/notebook_way.py on the same
+file, with the pipeline's own vectors, and print the ratios (measured in this one run).
+Several sizes print the peak-RSS curve of every step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import yaml
 
+HERE = Path(__file__).parent
 STAGES = [
     ("raw_customers", "raw_customers"),
     ("validated_customers", "customers"),
@@ -41,13 +53,8 @@ def build_job() -> dg.JobDefinition:
     ).resolve_job_def("batch_pipeline_job")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--bad-rate", type=float, default=0.01)
-    parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args()
-    root = args.workdir or Path(tempfile.mkdtemp(prefix="pipeline_scale_"))
+def run_pipeline(rows: int, bad_rate: float, root: Path) -> dict:
+    """Generate (or reuse) the batch file, run the pipeline job; per-stage figures."""
     os.environ.update(
         PIPELINE_LANDING_DIR=str(root / "landing"),
         PIPELINE_DUCKDB_PATH=str(root / "warehouse.duckdb"),
@@ -58,14 +65,13 @@ def main() -> None:
     from pipeline_project.definitions import build_definitions
     from pipeline_project.instance import INSTANCE_TEMPLATE
 
-    started = time.perf_counter()
     catalog = write_catalog(root / "catalog.csv")
     batch_file = root / "landing" / "scale.jsonl"
     if not batch_file.exists():
-        generate_batch(batch_file, args.rows, args.bad_rate, 1, catalog)
-    print(f"data: {args.rows:,} rows, {batch_file.stat().st_size / 1e6:,.0f} MB "
-          f"({time.perf_counter() - started:.1f} s to generate)")  # fmt: skip
-
+        started = time.perf_counter()
+        generate_batch(batch_file, rows, bad_rate, 1, catalog)
+        print(f"generated {rows:,} rows, {batch_file.stat().st_size / 1e6:,.0f} MB "
+              f"in {time.perf_counter() - started:.1f} s")  # fmt: skip
     home = root / "dagster_home"
     home.mkdir(exist_ok=True)
     overrides = yaml.safe_load(INSTANCE_TEMPLATE.read_text())
@@ -77,26 +83,107 @@ def main() -> None:
         with dg.execute_job(
             dg.reconstructable(build_job), instance=instance, tags={"dagster/partition": "scale"}
         ) as result:
-            total = time.perf_counter() - started
-            ok = result.success
+            wall = time.perf_counter() - started
+            success = result.success
         meta = {}
         for _, asset in STAGES:
             event = instance.get_latest_materialization_event(dg.AssetKey(asset))
             if event is not None:
                 m = event.asset_materialization
                 meta[asset] = {k: v.value for k, v in m.metadata.items()}
+    return {"rows": rows, "wall": wall, "success": success, "meta": meta, "file": batch_file}
 
-    print(f"\n{'stage':<28}{'seconds':>9}{'rows/s':>11}{'cpu s':>8}{'peak RSS MiB':>14}")
+
+def print_stages(run: dict) -> None:
+    rows = run["rows"]
+    print(f"\n{'stage':<28}{'seconds':>9}{'rows/s':>12}{'cpu s':>8}{'peak RSS MiB':>14}")
+    total = 0.0
     for _, asset in STAGES:
-        m = meta.get(asset, {})
+        m = run["meta"].get(asset, {})
         seconds = m.get("step_seconds", 0.0)
-        rows_per_s = round(args.rows / seconds) if seconds else 0
-        print(f"{asset:<28}{seconds:>9.1f}{rows_per_s:>11,}{m.get('cpu_seconds', 0.0):>8.1f}"
-              f"{m.get('peak_rss_mib', 0.0):>14,.0f}")  # fmt: skip
-    print(f"{'run (wall, with Dagster)':<28}{total:>9.1f}{round(args.rows / total):>11,}")
-    emb = meta.get("customer_embeddings", {})
-    print(f"\nsuccess={ok}  distinct profiles={emb.get('distinct_profiles')}  "
-          f"model calls={emb.get('model_calls')}  workdir={root}")  # fmt: skip
+        total += seconds
+        print(f"{asset:<28}{seconds:>9.1f}{round(rows / seconds) if seconds else 0:>12,}"
+              f"{m.get('cpu_seconds', 0.0):>8.1f}{m.get('peak_rss_mib', 0.0):>14,.0f}")  # fmt: skip
+    ingest = sum(
+        run["meta"].get(a, {}).get("step_seconds", 0.0) for a in ("raw_customers", "customers")
+    )
+    print(f"{'sum of stages':<28}{total:>9.1f}{round(rows / total) if total else 0:>12,}")
+    print(f"{'run wall (with Dagster)':<28}{run['wall']:>9.1f}{round(rows / run['wall']):>12,}")
+    print(
+        f"ingestion + validation: {ingest:.1f} s, {round(rows / ingest) if ingest else 0:,} rows/s"
+    )
+    emb = run["meta"].get("customer_embeddings", {})
+    print(f"success={run['success']}  distinct profiles={emb.get('distinct_profiles')}  "
+          f"model calls={emb.get('model_calls')}  model={emb.get('model')}")  # fmt: skip
+
+
+def export_vectors(root: Path) -> tuple[Path, Path]:
+    """The pipeline's profile and product vectors, as the baselines' input."""
+    vectors, products = root / "vectors.parquet", root / "product_vectors.parquet"
+    with duckdb.connect(str(root / "warehouse.duckdb"), read_only=True) as conn:
+        conn.execute(
+            "COPY (SELECT text_hash, text, embedding FROM embedding_cache) TO"
+            f" '{vectors}' (FORMAT parquet)"
+        )
+        conn.execute(
+            "COPY (SELECT p.product_id, c.embedding FROM product_embeddings AS p"
+            " JOIN embedding_cache AS c USING (model, dimensions, text_hash)) TO"
+            f" '{products}' (FORMAT parquet)"
+        )
+    return vectors, products
+
+
+def run_baseline(script: str, *args: Path) -> dict:
+    out = subprocess.run(
+        [sys.executable, str(HERE / script), *map(str, args)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", default="200000", help="a size, or sizes separated by commas")
+    parser.add_argument("--bad-rate", type=float, default=0.01)
+    parser.add_argument("--backend", default=os.environ.get("PIPELINE_EMBEDDING_BACKEND", "local"))
+    parser.add_argument("--baselines", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    os.environ["PIPELINE_EMBEDDING_BACKEND"] = args.backend
+    base = args.workdir or Path(tempfile.mkdtemp(prefix="pipeline_scale_"))
+    runs = []
+    for rows in [int(r) for r in args.rows.split(",")]:
+        root = base / f"rows_{rows}"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "warehouse.duckdb").unlink(missing_ok=True)
+        run = run_pipeline(rows, args.bad_rate, root)
+        print(f"\n== {rows:,} rows, backend {args.backend} ==")
+        print_stages(run)
+        runs.append(run)
+        if args.baselines:
+            vectors, products = export_vectors(root)
+            work = root / "baseline"
+            script = run_baseline("duckdb_script.py", run["file"], root / "catalog.csv",
+                                  vectors, products, work)  # fmt: skip
+            notebook = run_baseline("notebook_way.py", run["file"], root / "catalog.csv",
+                                    vectors, products)  # fmt: skip
+            ours = sum(m.get("step_seconds", 0.0) for m in run["meta"].values())
+            print(f"\nhand-written DuckDB script: {json.dumps(script)}")
+            print(f"notebook way:               {json.dumps(notebook)}")
+            print(f"\npipeline sum of stages {ours:.1f} s, run wall {run['wall']:.1f} s; "
+                  f"DuckDB script {script['total_seconds']:.1f} s; "
+                  f"notebook {notebook['total_seconds']:.1f} s")  # fmt: skip
+            versus_script = run["wall"] / script["total_seconds"]
+            versus_notebook = notebook["total_seconds"] / run["wall"]
+            print(f"pipeline wall / DuckDB script = {versus_script:.2f}x;"
+                  f" notebook / pipeline wall = {versus_notebook:.1f}x")  # fmt: skip
+    if len(runs) > 1:
+        print(f"\npeak RSS MiB per step\n{'stage':<28}"
+              + "".join(f"{r['rows']:>12,}" for r in runs) + f"{'max/min':>10}")  # fmt: skip
+        for _, asset in STAGES:
+            peaks = [r["meta"].get(asset, {}).get("peak_rss_mib", 0.0) for r in runs]
+            spread = max(peaks) / min(peaks) if min(peaks) else 0.0
+            print(f"{asset:<28}" + "".join(f"{p:>12,.0f}" for p in peaks) + f"{spread:>10.2f}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pipeline_project.assets.validation import validated_customers
 from pipeline_project.resources import AlertSink, LandingZone, Warehouse
 from pipeline_project.resources.embeddings import (
     Embedder,
+    HashingEmbedder,
     LocalE5Embedder,
     OpenAIEmbedder,
     SentenceTransformersEmbedder,
@@ -116,8 +117,11 @@ def build_embedder(environ: Mapping[str, str] | None = None) -> Embedder:
             dimensions=int(env.get("PIPELINE_EMBEDDING_DIMENSIONS", "384")),
             device=env.get("PIPELINE_EMBEDDING_DEVICE", "cpu"),
         )
+    if backend == "hashing":
+        return HashingEmbedder(dimensions=int(env.get("PIPELINE_EMBEDDING_DIMENSIONS", "384")))
     raise ValueError(
-        f"PIPELINE_EMBEDDING_BACKEND={backend!r}: use local, openai or sentence-transformers"
+        f"PIPELINE_EMBEDDING_BACKEND={backend!r}:"
+        " use local, openai, sentence-transformers or hashing"
     )
 
 

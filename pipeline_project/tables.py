@@ -34,19 +34,20 @@ _RECOMMENDATION_COLUMNS = """
         model_version INTEGER NOT NULL{extra}
     )"""
 
+# raw_customers is a view over one Parquet file per batch (see resources/warehouse.py).
+RAW_CUSTOMERS_COLUMNS: dict[str, str] = {
+    "batch_id": "VARCHAR",
+    "line_no": "BIGINT",
+    "raw": "VARCHAR",
+    "byte_length": "BIGINT",
+    "utf8_ok": "BOOLEAN",
+    "read_error": "VARCHAR",
+    "ingested_at": "TIMESTAMPTZ",
+}
+
 # No primary keys: DuckDB keeps ART indexes in memory, which would grow with the batch size.
 # Uniqueness and conservation are asset checks instead.
 WAREHOUSE_DDL: dict[str, str] = {
-    RAW_CUSTOMERS: """
-        CREATE TABLE IF NOT EXISTS raw_customers (
-            batch_id VARCHAR NOT NULL,
-            line_no BIGINT NOT NULL,
-            raw VARCHAR NOT NULL,
-            byte_length BIGINT NOT NULL,
-            utf8_ok BOOLEAN NOT NULL,
-            read_error VARCHAR,
-            ingested_at TIMESTAMPTZ NOT NULL
-        )""",
     CUSTOMERS: """
         CREATE TABLE IF NOT EXISTS customers (
             batch_id VARCHAR NOT NULL,

@@ -390,3 +390,19 @@ def test_sentence_transformers_backend_with_the_packaged_model():
     assert vectors.shape == (3, embedder.output_dimensions()) == (3, 384)
     assert validate_vectors(vectors, 3, 384) == [None, None, None]
     assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])
+
+
+def test_hashing_backend_is_deterministic_unit_length_and_keeps_similar_texts_close():
+    from pipeline_project.definitions import build_embedder
+
+    embedder = build_embedder({"PIPELINE_EMBEDDING_BACKEND": "hashing"})
+    texts = ["Customer who buys mostly toys. Spend: low.", "Customer who buys mostly toys. Spend: moderate.",
+             "Customer with no purchases yet."]  # fmt: skip
+    with embedder.open() as client:
+        vectors = client.embed(texts).vectors
+        again = client.embed(texts[:1]).vectors
+    assert vectors.shape == (3, 384) and embedder.model_id().startswith("sklearn/hashing")
+    assert validate_vectors(vectors, 3, 384) == [None, None, None]
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(again[0], vectors[0])
+    assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])

@@ -1,19 +1,22 @@
 """raw_customers and the validation step as Dagster assets: idempotent, transactional, checked."""
 
+import itertools
 import subprocess
 import sys
 
 import dagster as dg
-import duckdb
 import pytest
 
 from pipeline_project.assets.ingestion import raw_customers
 from pipeline_project.assets.validation import validated_customers
+from pipeline_project.core.landing_files import iter_raw_line_chunks, store_raw_lines
 from pipeline_project.core.sample_data import generate_batch
 from pipeline_project.resources import Warehouse
-from pipeline_project.tables import RAW_CUSTOMERS
+from pipeline_project.resources.warehouse import write_staged
+from pipeline_project.tables import CUSTOMERS
 from pipeline_project_tests.conftest import customer, run_batch, table_rows, write_lines
 
+OTHER_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 TABLES = ["raw_customers", "customers", "customer_purchases", "schema_errors"]
 
 
@@ -62,11 +65,26 @@ def test_crash_inside_the_write_transaction_keeps_the_previous_batch(
     warehouse = Warehouse(database=str(settings.duckdb_path))
     with (
         pytest.raises(RuntimeError, match="crash"),
-        warehouse.replace_batch([RAW_CUSTOMERS], "b001") as conn,
+        warehouse.replace_batch([CUSTOMERS], "b001") as conn,
     ):
-        conn.execute("INSERT INTO raw_customers VALUES ('b001', 999, 'x', 1, true, NULL, now())")
+        conn.execute(f"INSERT INTO customers VALUES ('b001', 999, '{OTHER_ID}', 'x', now(), 0, 0)")
         raise RuntimeError("crash after delete and insert")
     assert snapshot(settings) == before
+
+
+def test_crash_while_writing_the_raw_file_keeps_the_previous_lines(
+    defs, instance, settings, catalog
+):
+    generate_batch(settings.landing_dir / "b001.jsonl", 50, 0.0, 1, catalog)
+    run_batch(defs, instance, "b001")
+    before = snapshot(settings)
+    warehouse = Warehouse(database=str(settings.duckdb_path))
+    lines = iter_raw_line_chunks(settings.landing_dir / "b001.jsonl", 10, 1000)
+    with pytest.raises(RuntimeError, match="crash"), warehouse.replacing_raw_file("b001") as writer:
+        store_raw_lines(writer, itertools.islice(lines, 2))
+        raise RuntimeError("crash after two chunks")
+    assert snapshot(settings) == before
+    assert [p.name for p in warehouse.raw_file("b001").parent.iterdir()] == ["lines.parquet"]
 
 
 def test_metadata_reports_rows_in_valid_invalid_error_rate_and_chunks(defs, instance, settings):
@@ -187,20 +205,14 @@ def test_crash_between_staged_chunks_keeps_the_previous_batch_and_the_rerun_is_c
     warehouse = Warehouse(database=str(settings.duckdb_path))
     with (
         pytest.raises(RuntimeError, match="crash"),
-        warehouse.staged_batch([RAW_CUSTOMERS], "b001") as (conn, staging),
+        warehouse.staged_batch([CUSTOMERS], "b001") as (conn, staging),
     ):
-        conn.execute(
-            f"INSERT INTO {staging[RAW_CUSTOMERS]} VALUES ('b001', 999, 'x', 1, true, NULL, now())"
-        )
-        raise RuntimeError("crash after a committed chunk")  # the chunk above is committed
+        part = conn.sql(
+            f"SELECT 'b001', 999, '{OTHER_ID}'::UUID, 'x', now(), 0, 0.0"
+        ).to_arrow_table()
+        write_staged(staging[CUSTOMERS], 0, part)
+        raise RuntimeError("crash after a staged chunk")
     assert snapshot(settings) == before
-    assert run_batch(defs, instance, "b001").success  # leftovers of the crashed run are replaced
+    assert list((warehouse.files_dir / "staging").iterdir()) == []
+    assert run_batch(defs, instance, "b001").success
     assert snapshot(settings) == before
-    with duckdb.connect(str(settings.duckdb_path), read_only=True) as conn:
-        tables = {
-            name
-            for (name,) in conn.execute(
-                "SELECT table_name FROM information_schema.tables"
-            ).fetchall()
-        }
-    assert not {t for t in tables if "__staging_" in t}

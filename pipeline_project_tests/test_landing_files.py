@@ -1,7 +1,9 @@
 import gzip
+import random
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from pipeline_project.core.landing_files import iter_raw_line_chunks
 from pipeline_project_tests.conftest import write_lines
@@ -69,3 +71,28 @@ def test_empty_file_gives_no_chunks(tmp_path):
     path = tmp_path / "b.jsonl"
     path.write_bytes(b"")
     assert list(iter_raw_line_chunks(path, 10, 100)) == []
+
+
+@pytest.mark.parametrize("block_bytes", [1, 7, 64, 1 << 20])
+def test_lines_split_across_read_blocks_come_out_whole(tmp_path, block_bytes):
+    rng = random.Random(block_bytes)
+    lines = [
+        bytes(rng.choice(b'ab{}":\r \xc3\xa9\xff\x00') for _ in range(rng.randrange(0, 40)))
+        for _ in range(300)
+    ]
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(b"\n".join(line.replace(b"\n", b"") for line in lines))
+    chunks = list(iter_raw_line_chunks(path, 50, 30, block_bytes=block_bytes))
+    rows = pa.concat_tables(chunks).to_pylist()
+    expected = path.read_bytes().split(b"\n")
+    assert [r["line_no"] for r in rows] == list(range(1, len(expected) + 1))
+    for row, line in zip(rows, expected, strict=True):
+        if line.endswith(b"\r"):
+            line = line[:-1] if row is not rows[-1] else line
+        assert row["byte_length"] == len(line)
+        head = line[:30]
+        try:
+            text, ok = head.decode("utf-8"), b"\x00" not in head
+        except UnicodeDecodeError:
+            text, ok = head.decode("utf-8", errors="replace"), False
+        assert (row["raw"], row["utf8_ok"]) == (text.replace("\x00", "\ufffd"), ok)

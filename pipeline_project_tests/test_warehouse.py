@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -72,8 +73,10 @@ def test_batch_id_is_a_parameter_never_part_of_the_sql(tmp_path):
     warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
     hostile = "b1' OR '1'='1"
     with warehouse.transaction() as conn:
-        conn.execute("INSERT INTO raw_customers VALUES ('b2', 1, 'x', 1, true, NULL, now())")
-    with warehouse.replace_batch(["raw_customers"], hostile):
+        conn.execute(f"INSERT INTO customers VALUES ('b2', 1, '{uuid.uuid4()}', 'x', now(), 0, 0)")
+    with warehouse.replace_batch(["customers"], hostile):
         pass
     with warehouse.get_connection() as conn:
-        assert conn.execute("SELECT batch_id FROM raw_customers").fetchall() == [("b2",)]
+        assert conn.execute("SELECT batch_id FROM customers").fetchall() == [("b2",)]
+    with pytest.raises(ValueError, match="not a valid batch ID"):
+        warehouse.raw_file("../../etc/b1")

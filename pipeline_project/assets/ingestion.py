@@ -115,10 +115,8 @@ def _ingest(
         context.log.info(f"{batch_id}: {stored.lines:,} lines stored ({stored.chunks} chunks)")
 
     chunks = iter_raw_line_chunks(landing_file.path, config.chunk_rows, config.max_line_bytes)
-    with warehouse.staged_batch([RAW_CUSTOMERS], batch_id) as (conn, staging):
-        stored = store_raw_lines(
-            conn, batch_id, chunks, on_chunk=progress, table=staging[RAW_CUSTOMERS]
-        )
+    with warehouse.replacing_raw_file(batch_id) as writer:
+        stored = store_raw_lines(writer, chunks, on_chunk=progress)
     seconds = time.perf_counter() - started
     if stored.read_errors:
         context.log.warning(

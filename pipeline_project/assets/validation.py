@@ -75,10 +75,11 @@ def validated_customers(
         summary = validate_batch(
             conn,
             batch_id,
+            warehouse.raw_file(batch_id),
+            staging,
             chunk_rows=config.chunk_rows,
             max_line_bytes=config.max_line_bytes,
             on_chunk=progress,
-            targets=staging,
         )
     seconds = time.perf_counter() - started
     with warehouse.get_connection() as conn:

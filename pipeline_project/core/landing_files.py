@@ -6,11 +6,14 @@ import gzip
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 RAW_LINE_SCHEMA = pa.schema(
     [
@@ -25,80 +28,158 @@ RAW_LINE_SCHEMA = pa.schema(
 # Errors that end a file early: truncated or corrupt gzip, or a failing disk.
 READ_ERRORS = (EOFError, OSError, zlib.error)
 
+# Bytes read (decompressed) per block; lines are split out of a block with numpy and Arrow.
+BLOCK_BYTES = 16 << 20
+
 
 def open_landing_file(path: Path) -> BinaryIO:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
 
 
-def iter_raw_line_chunks(path: Path, chunk_rows: int, max_line_bytes: int) -> Iterator[pa.Table]:
+def iter_raw_line_chunks(
+    path: Path, chunk_rows: int, max_line_bytes: int, block_bytes: int = BLOCK_BYTES
+) -> Iterator[pa.Table]:
     """Every line of the file, numbered from 1, in chunks of at most `chunk_rows` lines.
 
     Nothing is dropped: a line that is not UTF-8 is kept (decoded with replacement characters,
     utf8_ok=False); a line longer than `max_line_bytes` keeps its first `max_line_bytes` bytes
     and its true length; if the file cannot be read to the end (a truncated gzip, say), one last
-    row records the read error, so the loss is visible downstream.
+    row records the read error, so the loss is visible downstream. Memory is bounded by the
+    block size and the longest kept line head, whatever the file size.
     """
     if chunk_rows < 1 or max_line_bytes < 1:
         raise ValueError("chunk_rows and max_line_bytes must be positive")
+    for table in _iter_blocks_as_lines(path, max_line_bytes, block_bytes):
+        for start in range(0, table.num_rows, chunk_rows):
+            yield table.slice(start, chunk_rows)
+
+
+def _iter_blocks_as_lines(path: Path, max_line_bytes: int, block_bytes: int) -> Iterator[pa.Table]:
     line_no = 0
-    cols: dict[str, list] = {name: [] for name in RAW_LINE_SCHEMA.names}
-
-    def flush() -> pa.Table:
-        table = pa.table(cols, schema=RAW_LINE_SCHEMA)
-        for values in cols.values():
-            values.clear()
-        return table
-
+    carry = b""  # the start of a line whose newline has not been read yet
+    long_head: bytes | None = None  # an over-long line being skipped: its kept head ...
+    long_length = 0  # ... its length so far ...
+    long_last = b""  # ... and its last byte read (a \r there belongs to the line end)
     with open_landing_file(path) as f:
         while True:
-            try:
-                line = f.readline(max_line_bytes + 1)
-                if not line:
-                    break
-                length = len(line)
-                if length > max_line_bytes and not line.endswith(b"\n"):
-                    line = line[:max_line_bytes]
-                    length += _skip_rest_of_line(f)
-            except READ_ERRORS as err:
-                line_no += 1
-                _append(cols, line_no, "", 0, True, f"{type(err).__name__}: {err}")
+            data, error = _read_block(f, block_bytes)
+            at_end = error is not None or not data
+            if long_head is not None and data:
+                newline = data.find(b"\n")
+                if newline < 0:
+                    long_length += len(data)
+                    long_last, data = data[-1:], b""
+                else:
+                    before = data[newline - 1 : newline] if newline else long_last
+                    long_length += newline - (before == b"\r")
+                    table = _lines_table([long_head], [long_length], line_no)
+                    line_no += 1
+                    yield table
+                    long_head, data = None, data[newline + 1 :]
+            buffer = carry + data if carry else data
+            end = buffer.rfind(b"\n") + 1
+            if end:
+                table = _split_lines(buffer[:end], line_no, max_line_bytes)
+                line_no += table.num_rows
+                yield table
+            carry = buffer[end:]
+            if len(carry) > max_line_bytes:
+                long_head, long_length, long_last = carry[:max_line_bytes], len(carry), carry[-1:]
+                carry = b""
+            if at_end:
                 break
+        last = [long_head] if long_head is not None else [carry] if carry else []
+        if last:
+            yield _lines_table(
+                last, [long_length if long_head is not None else len(carry)], line_no
+            )
             line_no += 1
-            if line.endswith(b"\n"):
-                line = line[:-1]
-                length -= 1
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                    length -= 1
-            try:
-                text, utf8_ok = line.decode("utf-8"), True
-            except UnicodeDecodeError:
-                text, utf8_ok = line.decode("utf-8", errors="replace"), False
-            _append(cols, line_no, text, length, utf8_ok, None)
-            if len(cols["line_no"]) >= chunk_rows:
-                yield flush()
-    if cols["line_no"]:
-        yield flush()
+        if error is not None:
+            yield pa.table(
+                {
+                    "line_no": [line_no + 1],
+                    "raw": [""],
+                    "byte_length": [0],
+                    "utf8_ok": [True],
+                    "read_error": [f"{type(error).__name__}: {error}"],
+                },
+                schema=RAW_LINE_SCHEMA,
+            )
 
 
-def _append(cols: dict[str, list], line_no: int, raw: str, length: int, ok: bool, err: str | None):
-    cols["line_no"].append(line_no)
-    cols["raw"].append(raw.replace("\x00", "\ufffd"))
-    cols["byte_length"].append(length)
-    cols["utf8_ok"].append(ok and "\x00" not in raw)
-    cols["read_error"].append(err)
+def _read_block(f: BinaryIO, size: int) -> tuple[bytes, BaseException | None]:
+    """Up to `size` bytes, and the error that ended the file early, if any. Reads in pieces so
+    that what was read before the error (a truncated gzip) is kept."""
+    pieces: list[bytes] = []
+    got = 0
+    try:
+        while got < size:
+            piece = f.read1(size - got)
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+    except READ_ERRORS as err:
+        return b"".join(pieces), err
+    return b"".join(pieces), None
 
 
-def _skip_rest_of_line(f: BinaryIO, piece: int = 1 << 20) -> int:
-    """Read past the rest of an over-long line without holding it; returns the bytes skipped."""
-    skipped = 0
-    while True:
-        part = f.readline(piece)
-        if not part:
-            return skipped
-        if part.endswith(b"\n"):
-            return skipped + len(part) - 1  # the newline is not part of the line
-        skipped += len(part)
+def _split_lines(buffer: bytes, first_line_no: int, max_line_bytes: int) -> pa.Table:
+    """The lines of `buffer` (which ends with a newline), without their line ends (\\n, \\r\\n)."""
+    data = np.frombuffer(buffer, dtype=np.uint8)
+    newlines = np.flatnonzero(data == 10)
+    starts = np.concatenate(([0], newlines[:-1] + 1))
+    ends = newlines - ((newlines > starts) & (data[newlines - 1] == 13))
+    lengths = ends - starts
+    if lengths.max(initial=0) <= max_line_bytes and not (data == 0).any():
+        # Fast path: lines are slices of one buffer; Arrow checks the UTF-8 of all at once.
+        offsets = np.concatenate(([0], newlines + 1)).astype(np.int64)
+        lines = pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), len(newlines), [None, pa.py_buffer(offsets), pa.py_buffer(buffer)]
+        )
+        cut = pc.binary_slice(lines, 0, -1)  # the \n
+        crlf = ends < newlines
+        if crlf.any():
+            cut = pc.if_else(pa.array(crlf), pc.binary_slice(cut, 0, -1), cut)  # the \r of \r\n
+        try:
+            text = cut.cast(pa.large_string()).cast(pa.string())
+        except pa.ArrowInvalid:
+            text = None  # some line is not UTF-8: the slow path finds which
+        if text is not None:
+            return pa.table(
+                {
+                    "line_no": np.arange(first_line_no + 1, first_line_no + 1 + len(lengths)),
+                    "raw": text,
+                    "byte_length": lengths.astype(np.int64),
+                    "utf8_ok": np.ones(len(lengths), dtype=bool),
+                    "read_error": pa.nulls(len(lengths), pa.string()),
+                },
+                schema=RAW_LINE_SCHEMA,
+            )
+    heads = [buffer[s : s + min(n, max_line_bytes)] for s, n in zip(starts, lengths, strict=True)]
+    return _lines_table(heads, lengths.tolist(), first_line_no)
+
+
+def _lines_table(heads: list[bytes], lengths: list[int], first_line_no: int) -> pa.Table:
+    """Lines one by one: the way for text that is not clean UTF-8 (or holds NUL bytes)."""
+    raw, ok = [], []
+    for head in heads:
+        try:
+            text, utf8_ok = head.decode("utf-8"), True
+        except UnicodeDecodeError:
+            text, utf8_ok = head.decode("utf-8", errors="replace"), False
+        raw.append(text.replace("\x00", "\ufffd"))
+        ok.append(utf8_ok and "\x00" not in text)
+    return pa.table(
+        {
+            "line_no": range(first_line_no + 1, first_line_no + 1 + len(heads)),
+            "raw": raw,
+            "byte_length": lengths,
+            "utf8_ok": ok,
+            "read_error": pa.nulls(len(heads), pa.string()),
+        },
+        schema=RAW_LINE_SCHEMA,
+    )
 
 
 @dataclass
@@ -108,27 +189,26 @@ class StoredLines:
     read_errors: list[str] = field(default_factory=list)
 
 
+# Small row groups: a chunk of lines spans several, so DuckDB reads it on every core, and a
+# line-number range skips the rest of the file.
+RAW_ROW_GROUP_ROWS = 20_000
+
+
 def store_raw_lines(
-    conn: duckdb.DuckDBPyConnection,
-    batch_id: str,
+    writer: pq.ParquetWriter,
     chunks: Iterator[pa.Table],
     on_chunk: Callable[[StoredLines], None] | None = None,
-    table: str = "raw_customers",
 ) -> StoredLines:
-    """Append line chunks to `table` (raw_customers or its staging table; a name from the
-    code, never from data)."""
+    """Write line chunks to the batch's raw_customers file."""
     stored = StoredLines()
+    ingested_at = pa.scalar(datetime.now(UTC), pa.timestamp("us", tz="UTC"))
     for chunk in chunks:
-        conn.register("raw_chunk", chunk)
-        try:
-            conn.execute(
-                f"INSERT INTO {table} SELECT ?, line_no, raw, byte_length, utf8_ok,"
-                " read_error, now() FROM raw_chunk",
-                [batch_id],
-            )
-        finally:
-            conn.unregister("raw_chunk")
-        stored.read_errors += [e for e in chunk["read_error"].to_pylist() if e is not None]
+        writer.write_table(
+            chunk.append_column("ingested_at", pa.repeat(ingested_at, chunk.num_rows)),
+            row_group_size=RAW_ROW_GROUP_ROWS,
+        )
+        errors = chunk["read_error"].drop_null()
+        stored.read_errors += errors.to_pylist() if len(errors) else []
         stored.lines += chunk.num_rows
         stored.chunks += 1
         if on_chunk is not None:

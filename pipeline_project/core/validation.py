@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import duckdb
 import pandera.pyarrow as pa
 import pyarrow
 import pyarrow.compute as pc
 
+from pipeline_project.resources.warehouse import write_staged
 from pipeline_project.schemas import CustomerRecord, PurchaseElement, PurchaseRecord, RawLineRecord
 
 _JSON_KIND_MACRO = """
@@ -33,8 +35,8 @@ _DUPLICATE_IDS_SQL = f"""
 CREATE OR REPLACE TEMP TABLE batch_duplicate_ids AS
 SELECT id, min(line_no) AS first_line
 FROM (
-    SELECT line_no, lower(json_extract_string(doc, '$.id')) AS id
-    FROM (SELECT line_no, {_DOC} AS doc FROM raw_customers WHERE batch_id = $batch_id)
+    SELECT line_no, lower(doc ->> '$.id') AS id
+    FROM (SELECT line_no, {_DOC} AS doc FROM read_parquet($raw_path))
     WHERE json_type(doc, '$.id') = 'VARCHAR'
 )
 GROUP BY id
@@ -42,80 +44,95 @@ HAVING count(*) > 1
 """
 
 
-def _string_field(alias: str, idx: int) -> str:
+def _extract(doc: str, names: list[str]) -> str:
+    """Every field of `doc` in ONE parse: `<field>__j`, its JSON text (NULL when absent), and
+    `<field>__t`, its JSON type. Asking the document for each field would parse it each time."""
+    paths = ", ".join(f"'$.{name}'" for name in names)
+    return f"""SELECT *, {", ".join(
+        f"f[{i}] AS {name}__j, json_type(f[{i}]) AS {name}__t"
+        for i, name in enumerate(names, start=1)
+    )} FROM (SELECT *, json_extract({doc}, [{paths}]) AS f FROM {{source}})"""
+
+
+def _string(name: str) -> str:
+    """The field's JSON kind, and its value when it is a string."""
     return (
-        f"json_kind(json_type(f[{idx}])) AS {alias}__type, "
-        f"CASE WHEN json_type(f[{idx}]) = 'VARCHAR' THEN json_extract_string(f[{idx}], '$') END"
-        f" AS {alias}"
+        f"json_kind({name}__t) AS {name}__type, "
+        f"CASE WHEN {name}__t = 'VARCHAR' THEN {name}__j ->> '$' END AS {name}"
     )
 
 
-def _timestamp_field(alias: str, idx: int) -> str:
-    """The string field, and what DuckDB's TIMESTAMPTZ parser makes of it (NULL: not a date)."""
-    parsed = f"try_cast(json_extract_string(f[{idx}], '$') AS TIMESTAMPTZ)"
+def _parsed(name: str) -> str:
+    """What DuckDB's TIMESTAMPTZ parser makes of a string field (NULL: not a date)."""
+    return f"try_cast(CASE WHEN {name}__t = 'VARCHAR' THEN {name}__j ->> '$' END AS TIMESTAMPTZ)"
+
+
+def _timestamp(name: str) -> str:
+    """The string field, and its parsed instant as `<field>__ts` (from `<field>__parsed`)."""
     return (
-        f"{_string_field(alias, idx)}, "
-        f"CASE WHEN json_type(f[{idx}]) = 'VARCHAR' AND isfinite({parsed}) THEN {parsed} END"
-        f" AS {alias}__ts"
+        f"{_string(name)}, "
+        f"CASE WHEN isfinite({name}__parsed) THEN {name}__parsed END AS {name}__ts"
     )
 
 
+_RAW_CHUNK = """read_parquet($raw_path) WHERE line_no BETWEEN $first AND $last"""
+
+_LINE_FIELDS = ["id", "email", "createdAt", "purchaseHistory"]
 _LINES_SQL = f"""
 WITH src AS (
-    SELECT line_no, raw, byte_length, utf8_ok, read_error, {_DOC} AS doc
-    FROM raw_customers
-    WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
+    SELECT line_no, raw, byte_length, utf8_ok, read_error, {_DOC} AS doc FROM {_RAW_CHUNK}
 ), fields AS (
-    SELECT *, json_extract(doc, ['$.id', '$.email', '$.createdAt', '$.purchaseHistory']) AS f
-    FROM src
+    {_extract("doc", _LINE_FIELDS).format(source="src")}
+), parsed AS (
+    SELECT *, json_type(doc) AS doc__t, {_parsed("createdAt")} AS createdAt__parsed FROM fields
 )
 SELECT
-    fields.line_no,
+    parsed.line_no,
     CASE WHEN read_error IS NOT NULL THEN 'an unreadable line (' || read_error || ')'
          WHEN NOT utf8_ok THEN 'text that is not UTF-8'
          WHEN byte_length > $max_line_bytes
              THEN 'a line of ' || byte_length || ' bytes, over the limit of ' || $max_line_bytes
          WHEN trim(raw) = '' THEN 'an empty line'
          WHEN doc IS NULL THEN 'invalid JSON'
-         ELSE json_kind(json_type(doc)) END AS line,
-    {_string_field("id", 1)},
+         ELSE json_kind(doc__t) END AS line,
+    {_string("id")},
     dup.first_line AS id__first_line,
-    {_string_field("email", 2)},
-    {_timestamp_field("createdAt", 3)},
-    json_kind(json_type(f[4])) AS purchaseHistory__type
-FROM fields
+    {_string("email")},
+    {_timestamp("createdAt")},
+    json_kind(purchaseHistory__t) AS purchaseHistory__type
+FROM parsed
 LEFT JOIN batch_duplicate_ids AS dup
-    ON json_type(f[1]) = 'VARCHAR'
-   AND dup.id = lower(json_extract_string(f[1], '$'))
-   AND dup.first_line < fields.line_no
-ORDER BY fields.line_no
+    ON id__t = 'VARCHAR'
+   AND dup.id = lower(id__j ->> '$')
+   AND dup.first_line < parsed.line_no
+ORDER BY parsed.line_no
 """
 
+_PURCHASE_FIELDS = ["productId", "amount", "date"]
 _PURCHASES_SQL = f"""
 WITH src AS (
-    SELECT line_no, {_DOC} AS doc
-    FROM raw_customers
-    WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
+    SELECT line_no, {_DOC} AS doc FROM {_RAW_CHUNK}
 ), lists AS (
     SELECT line_no, json_extract(doc, '$.purchaseHistory[*]') AS items
     FROM src
-    WHERE json_type(doc) = 'OBJECT' AND json_type(doc, '$.purchaseHistory') = 'ARRAY'
+    WHERE json_type(doc, '$.purchaseHistory') = 'ARRAY' AND json_type(doc) = 'OBJECT'
 ), elems AS (
     SELECT line_no, generate_subscripts(items, 1) - 1 AS purchase_idx, unnest(items) AS e
     FROM lists
 ), fields AS (
-    SELECT *, json_extract(e, ['$.productId', '$.amount', '$.date']) AS f FROM elems
+    {_extract("e", _PURCHASE_FIELDS).format(source="elems")}
+), parsed AS (
+    SELECT *, json_type(e) AS e__t, {_parsed("date")} AS date__parsed FROM fields
 )
 SELECT
     line_no,
     purchase_idx,
-    json_kind(json_type(e)) AS purchase__type,
-    {_string_field("productId", 1)},
-    json_kind(json_type(f[2])) AS amount__type,
-    CASE WHEN json_kind(json_type(f[2])) = 'number'
-         THEN json_extract_string(f[2], '$')::DOUBLE END AS amount,
-    {_timestamp_field("date", 3)}
-FROM fields
+    json_kind(e__t) AS purchase__type,
+    {_string("productId")},
+    json_kind(amount__t) AS amount__type,
+    CASE WHEN json_kind(amount__t) = 'number' THEN (amount__j ->> '$')::DOUBLE END AS amount,
+    {_timestamp("date")}
+FROM parsed
 ORDER BY line_no, purchase_idx
 """
 
@@ -150,32 +167,32 @@ class ValidationSummary:
 def validate_batch(
     conn: duckdb.DuckDBPyConnection,
     batch_id: str,
+    raw_path: Path,
+    staging: dict[str, Path],
     *,
     chunk_rows: int,
     max_line_bytes: int,
     on_chunk: Callable[[ValidationSummary], None] | None = None,
-    targets: dict[str, str] | None = None,
 ) -> ValidationSummary:
-    """Validate `raw_customers` of one batch into customers, customer_purchases, schema_errors.
+    """Validate the batch's raw lines (its raw_customers Parquet file) chunk by chunk.
 
-    Runs on the caller's connection; the caller makes the write atomic (one transaction, or
-    staging tables swapped in at the end). `targets` maps each of the three tables to the
-    table to write (a staging table); names come from the code, never from data.
+    Each chunk's valid customers, their purchases and the invalid lines are written as Parquet
+    parts into `staging` (the folder of customers, customer_purchases and schema_errors; see
+    Warehouse.staged_batch, which loads them in one transaction). Memory holds one chunk.
     """
-    targets = {t: t for t in ("customers", "customer_purchases", "schema_errors")} | (targets or {})
-    params = {"batch_id": batch_id, "max_line_bytes": max_line_bytes}
+    params = {"raw_path": str(raw_path), "max_line_bytes": max_line_bytes}
     conn.execute(_JSON_KIND_MACRO)
     conn.execute(_DUPLICATE_IDS_SQL, params)
     [(last_line,)] = conn.execute(
-        "SELECT coalesce(max(line_no), 0) FROM raw_customers WHERE batch_id = ?", [batch_id]
+        "SELECT coalesce(max(line_no), 0) FROM read_parquet(?)", [str(raw_path)]
     ).fetchall()
     summary = ValidationSummary()
-    for first in range(1, last_line + 1, chunk_rows):
+    for part, first in enumerate(range(1, last_line + 1, chunk_rows)):
         chunk_params = {**params, "first": first, "last": first + chunk_rows - 1}
         lines = _fetch(conn, _LINES_SQL, chunk_params)
         purchases = _fetch(conn, _PURCHASES_SQL, chunk_params)
         result = validate_chunk(lines, purchases)
-        _insert_chunk(conn, chunk_params, result, targets)
+        _stage_chunk(conn, batch_id, chunk_params, result, staging, part)
         summary.rows_in += lines.num_rows
         summary.valid += result.customers.num_rows
         summary.invalid += result.errors.num_rows
@@ -309,36 +326,45 @@ def _group_messages(messages: pyarrow.Table) -> pyarrow.Table:
     return pyarrow.table({"line_no": grouped["line_no"], "errors": grouped["message_list"]})
 
 
-def _insert_chunk(
-    conn: duckdb.DuckDBPyConnection, params: dict, result: ChunkResult, targets: dict[str, str]
+def _stage_chunk(
+    conn: duckdb.DuckDBPyConnection,
+    batch_id: str,
+    params: dict,
+    result: ChunkResult,
+    staging: dict[str, Path],
+    part: int,
 ) -> None:
-    params = {"batch_id": params["batch_id"], "first": params["first"], "last": params["last"]}
+    """The chunk's rows of customers, customer_purchases and schema_errors, in table order."""
     conn.register("chunk_customers", result.customers)
     conn.register("chunk_purchases", result.purchases)
     conn.register("chunk_errors", result.errors)
     try:
-        conn.execute(
-            f"INSERT INTO {targets['customers']} SELECT $batch_id, c.line_no, lower(c.id)::UUID,"
-            " c.email,"
-            " c.createdAt__ts, coalesce(p.n, 0), coalesce(p.spend, 0.0) FROM chunk_customers AS c"
-            " LEFT JOIN (SELECT line_no, count(*) AS n, sum(amount) AS spend FROM chunk_purchases"
-            " GROUP BY line_no) AS p USING (line_no)",
-            {"batch_id": params["batch_id"]},
-        )
-        conn.execute(
-            f"INSERT INTO {targets['customer_purchases']} SELECT $batch_id, lower(c.id)::UUID,"
-            " p.line_no,"
-            " p.purchase_idx, p.productId, p.amount, p.date__ts"
-            " FROM chunk_purchases AS p JOIN chunk_customers AS c USING (line_no)",
-            {"batch_id": params["batch_id"]},
-        )
-        conn.execute(
-            f"INSERT INTO {targets['schema_errors']} SELECT $batch_id, e.line_no, r.raw, e.errors,"
-            " len(e.errors), now() FROM chunk_errors AS e JOIN raw_customers AS r"
-            " ON r.batch_id = $batch_id AND r.line_no = e.line_no"
-            " AND r.line_no BETWEEN $first AND $last",
-            params,
-        )
+        queries = {
+            "customers": (
+                "SELECT $batch_id AS batch_id, c.line_no, lower(c.id)::UUID AS customer_id,"
+                " c.email, c.createdAt__ts AS created_at, coalesce(p.n, 0)::INTEGER,"
+                " coalesce(p.spend, 0.0) FROM chunk_customers AS c"
+                " LEFT JOIN (SELECT line_no, count(*) AS n, sum(amount) AS spend"
+                " FROM chunk_purchases GROUP BY line_no) AS p USING (line_no) ORDER BY c.line_no",
+                {"batch_id": batch_id},
+            ),
+            "customer_purchases": (
+                "SELECT $batch_id AS batch_id, lower(c.id)::UUID AS customer_id, p.line_no,"
+                " p.purchase_idx::INTEGER, p.productId, p.amount, p.date__ts"
+                " FROM chunk_purchases AS p JOIN chunk_customers AS c USING (line_no)"
+                " ORDER BY p.line_no, p.purchase_idx",
+                {"batch_id": batch_id},
+            ),
+            "schema_errors": (
+                "SELECT $batch_id AS batch_id, e.line_no, r.raw, e.errors,"
+                " len(e.errors)::INTEGER, now() FROM chunk_errors AS e"
+                " JOIN read_parquet($raw_path) AS r ON r.line_no = e.line_no"
+                " AND r.line_no BETWEEN $first AND $last ORDER BY e.line_no",
+                {"batch_id": batch_id, **{k: params[k] for k in ("raw_path", "first", "last")}},
+            ),
+        }
+        for table, (sql, query_params) in queries.items():
+            write_staged(staging[table], part, conn.sql(sql, params=query_params).to_arrow_table())
     finally:
         for view in ("chunk_customers", "chunk_purchases", "chunk_errors"):
             conn.unregister(view)

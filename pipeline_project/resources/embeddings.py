@@ -5,6 +5,7 @@
 - `OpenAIEmbedder`: any OpenAI-compatible embeddings API through the `openai` client, with a
   client-side rate limit in requests and tokens per minute.
 - `SentenceTransformersEmbedder` (extra `sentence-transformers`): any local model.
+- `HashingEmbedder`: no model at all (hashed words), for benchmarks that take model time out.
 
 Each backend's `open()` gives a client whose `embed(texts)` returns one vector per text (no
 checks: the inference stage validates every output) and the tokens used where reported.
@@ -206,3 +207,33 @@ class SentenceTransformersEmbedder(Embedder):
         yield _SentenceTransformersClient(
             SentenceTransformer(self.model_name_or_path, device=self.device)
         )
+
+
+class _HashingClient:
+    def __init__(self, dimensions: int) -> None:
+        from sklearn.feature_extraction.text import HashingVectorizer
+
+        self._vectorizer = HashingVectorizer(n_features=dimensions, ngram_range=(1, 2))
+
+    def embed(self, texts: Sequence[str]) -> EmbeddingResponse:
+        vectors = self._vectorizer.transform(list(texts)).toarray().astype(np.float32)
+        return EmbeddingResponse(vectors)
+
+
+class HashingEmbedder(Embedder):
+    """Not a language model: scikit-learn's HashingVectorizer (words and word pairs hashed into
+    `dimensions` buckets, unit length). Instant and deterministic, for benchmarks that take
+    the model's time out, and for machines where no model can run."""
+
+    dimensions: int = Field(default=384, description="Width of every vector.")
+    max_batch_size: int = 1024
+
+    def model_id(self) -> str:
+        return f"sklearn/hashing-vectorizer-1-2-grams/{self.dimensions}"
+
+    def output_dimensions(self) -> int:
+        return self.dimensions
+
+    @contextmanager
+    def open(self) -> Iterator[EmbeddingClient]:
+        yield _HashingClient(self.dimensions)

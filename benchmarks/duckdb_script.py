@@ -24,6 +24,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 from sklearn.cluster import MiniBatchKMeans
 
 from pipeline_project.core.profiles import PROFILES_SQL
@@ -132,7 +133,7 @@ def main() -> None:
     segments = kmeans.predict(matrix)
     conn.register(
         "profile_segments",
-        {"text_hash": distinct["text_hash"].to_pylist(), "segment_id": segments.tolist()},
+        pa.table({"text_hash": distinct["text_hash"], "segment_id": segments}),
     )
     conn.execute(
         "CREATE TABLE customer_segments AS SELECT p.line_no, p.customer_id, s.segment_id"
@@ -167,13 +168,15 @@ def main() -> None:
     scored = score_profiles(matrix, segments, inputs, top_n=TOP_N, segment_weight=SEGMENT_WEIGHT)
     conn.register(
         "scored",
-        {
-            "text_hash": distinct["text_hash"].take(scored["profile"]).to_pylist(),
-            "rank": scored["rank"].tolist(),
-            "product_id": [product_ids[i] for i in scored["product"]],
-            "confidence": scored["confidence"].tolist(),
-            "predicted_value": scored["predicted_value"].tolist(),
-        },
+        pa.table(
+            {
+                "text_hash": distinct["text_hash"].take(scored["profile"]),
+                "rank": scored["rank"],
+                "product_id": pa.array(product_ids).take(scored["product"]),
+                "confidence": scored["confidence"],
+                "predicted_value": scored["predicted_value"],
+            }
+        ),
     )
     conn.execute(
         "CREATE TABLE recommendations AS SELECT 'b' AS batch_id, p.line_no, p.customer_id,"

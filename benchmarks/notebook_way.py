@@ -130,7 +130,7 @@ def main() -> None:
     similarity = (similarity - low) / np.where(high > low, high - low, 1)
     bought = purchases.merge(customers[["id", "segment"]], on="id")
     affinity = bought.groupby(["segment", "productId"]).size().unstack(fill_value=0)
-    affinity = affinity.reindex(columns=products["product_id"], fill_value=0)
+    affinity = affinity.reindex(index=range(SEGMENTS), columns=products["product_id"], fill_value=0)
     affinity = (affinity.T / affinity.max(axis=1).clip(lower=1)).T.to_numpy()
     confidence = (
         SEGMENT_WEIGHT * affinity[customers["segment"].to_numpy()]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -88,6 +90,7 @@ WITH src AS (
 )
 SELECT
     parsed.line_no,
+    raw,
     CASE WHEN read_error IS NOT NULL THEN 'an unreadable line (' || read_error || ')'
          WHEN NOT utf8_ok THEN 'text that is not UTF-8'
          WHEN byte_length > $max_line_bytes
@@ -115,7 +118,7 @@ WITH src AS (
 ), lists AS (
     SELECT line_no, json_extract(doc, '$.purchaseHistory[*]') AS items
     FROM src
-    WHERE json_type(doc, '$.purchaseHistory') = 'ARRAY' AND json_type(doc) = 'OBJECT'
+    WHERE json_type(doc, '$.purchaseHistory') = 'ARRAY'
 ), elems AS (
     SELECT line_no, generate_subscripts(items, 1) - 1 AS purchase_idx, unnest(items) AS e
     FROM lists
@@ -147,7 +150,7 @@ class ChunkResult:
 
     customers: pyarrow.Table
     purchases: pyarrow.Table
-    errors: pyarrow.Table  # line_no, errors (list of "field: message")
+    errors: pyarrow.Table  # line_no, errors (list of "field: message"), raw
 
 
 @dataclass
@@ -187,21 +190,33 @@ def validate_batch(
         "SELECT coalesce(max(line_no), 0) FROM read_parquet(?)", [str(raw_path)]
     ).fetchall()
     summary = ValidationSummary()
-    for part, first in enumerate(range(1, last_line + 1, chunk_rows)):
+
+    def extract(first: int) -> tuple[pyarrow.Table, pyarrow.Table]:
         chunk_params = {**params, "first": first, "last": first + chunk_rows - 1}
-        lines = _fetch(conn, _LINES_SQL, chunk_params)
-        purchases = _fetch(conn, _PURCHASES_SQL, chunk_params)
-        result = validate_chunk(lines, purchases)
-        _stage_chunk(conn, batch_id, chunk_params, result, staging, part)
-        summary.rows_in += lines.num_rows
-        summary.valid += result.customers.num_rows
-        summary.invalid += result.errors.num_rows
-        summary.purchases += result.purchases.num_rows
-        summary.chunks += 1
-        for messages in result.errors.column("errors").to_pylist():
-            summary.errors_by_field.update({m.split(":", 1)[0].split("[", 1)[0] for m in messages})
-        if on_chunk is not None:
-            on_chunk(summary)
+        return _fetch(conn, _LINES_SQL, chunk_params), _fetch(conn, _PURCHASES_SQL, chunk_params)
+
+    # DuckDB extracts the next chunk (in a worker thread, without the GIL) while pandera
+    # judges this one; only the worker uses the connection until the loop ends.
+    starts = range(1, last_line + 1, chunk_rows)
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending = worker.submit(extract, starts[0]) if starts else None
+        for part in range(len(starts)):
+            lines, purchases = pending.result()
+            if part + 1 < len(starts):
+                pending = worker.submit(extract, starts[part + 1])
+            result = validate_chunk(lines, purchases)
+            _stage_chunk(batch_id, result, staging, part)
+            summary.rows_in += lines.num_rows
+            summary.valid += result.customers.num_rows
+            summary.invalid += result.errors.num_rows
+            summary.purchases += result.purchases.num_rows
+            summary.chunks += 1
+            for messages in result.errors.column("errors").to_pylist():
+                summary.errors_by_field.update(
+                    {m.split(":", 1)[0].split("[", 1)[0] for m in messages}
+                )
+            if on_chunk is not None:
+                on_chunk(summary)
     conn.execute("DROP TABLE IF EXISTS batch_duplicate_ids")
     return summary
 
@@ -221,12 +236,15 @@ def validate_chunk(lines: pyarrow.Table, purchases: pyarrow.Table) -> ChunkResul
     good_purchases = object_purchases.filter(
         pc.is_in(object_purchases["line_no"], value_set=good["line_no"].combine_chunks())
     )
+    errors = _group_messages(all_messages)
     return ChunkResult(
         customers=good.select(["line_no", "id", "email", "createdAt__ts"]),
         purchases=good_purchases.select(
             ["line_no", "purchase_idx", "productId", "amount", "date__ts"]
         ),
-        errors=_group_messages(all_messages),
+        errors=errors.append_column(
+            "raw", lines["raw"].take(pc.index_in(errors["line_no"], value_set=lines["line_no"]))
+        ),
     )
 
 
@@ -326,45 +344,55 @@ def _group_messages(messages: pyarrow.Table) -> pyarrow.Table:
     return pyarrow.table({"line_no": grouped["line_no"], "errors": grouped["message_list"]})
 
 
-def _stage_chunk(
-    conn: duckdb.DuckDBPyConnection,
-    batch_id: str,
-    params: dict,
-    result: ChunkResult,
-    staging: dict[str, Path],
-    part: int,
-) -> None:
-    """The chunk's rows of customers, customer_purchases and schema_errors, in table order."""
-    conn.register("chunk_customers", result.customers)
-    conn.register("chunk_purchases", result.purchases)
-    conn.register("chunk_errors", result.errors)
-    try:
-        queries = {
-            "customers": (
-                "SELECT $batch_id AS batch_id, c.line_no, lower(c.id)::UUID AS customer_id,"
-                " c.email, c.createdAt__ts AS created_at, coalesce(p.n, 0)::INTEGER,"
-                " coalesce(p.spend, 0.0) FROM chunk_customers AS c"
-                " LEFT JOIN (SELECT line_no, count(*) AS n, sum(amount) AS spend"
-                " FROM chunk_purchases GROUP BY line_no) AS p USING (line_no) ORDER BY c.line_no",
-                {"batch_id": batch_id},
-            ),
-            "customer_purchases": (
-                "SELECT $batch_id AS batch_id, lower(c.id)::UUID AS customer_id, p.line_no,"
-                " p.purchase_idx::INTEGER, p.productId, p.amount, p.date__ts"
-                " FROM chunk_purchases AS p JOIN chunk_customers AS c USING (line_no)"
-                " ORDER BY p.line_no, p.purchase_idx",
-                {"batch_id": batch_id},
-            ),
-            "schema_errors": (
-                "SELECT $batch_id AS batch_id, e.line_no, r.raw, e.errors,"
-                " len(e.errors)::INTEGER, now() FROM chunk_errors AS e"
-                " JOIN read_parquet($raw_path) AS r ON r.line_no = e.line_no"
-                " AND r.line_no BETWEEN $first AND $last ORDER BY e.line_no",
-                {"batch_id": batch_id, **{k: params[k] for k in ("raw_path", "first", "last")}},
-            ),
-        }
-        for table, (sql, query_params) in queries.items():
-            write_staged(staging[table], part, conn.sql(sql, params=query_params).to_arrow_table())
-    finally:
-        for view in ("chunk_customers", "chunk_purchases", "chunk_errors"):
-            conn.unregister(view)
+def _stage_chunk(batch_id: str, result: ChunkResult, staging: dict[str, Path], part: int) -> None:
+    """The chunk's rows of customers, customer_purchases and schema_errors (columns in table
+    order) as Parquet parts; DuckDB casts the id text to UUID when it loads them."""
+    customers, purchases, errors = result.customers, result.purchases, result.errors
+    customer_ids = pc.utf8_lower(customers["id"])
+    per_line = purchases.group_by("line_no", use_threads=False).aggregate(
+        [("amount", "count"), ("amount", "sum")]
+    )
+    at = pc.index_in(customers["line_no"], value_set=per_line["line_no"])
+    count = pc.coalesce(per_line["amount_count"].take(at), 0).cast(pyarrow.int32())
+    spend = pc.coalesce(per_line["amount_sum"].take(at), 0.0)
+    owner = pc.index_in(purchases["line_no"], value_set=customers["line_no"])
+    batch = pyarrow.scalar(batch_id)
+    tables = {
+        "customers": pyarrow.table(
+            {
+                "batch_id": pyarrow.repeat(batch, customers.num_rows),
+                "line_no": customers["line_no"],
+                "customer_id": customer_ids,
+                "email": customers["email"],
+                "created_at": customers["createdAt__ts"],
+                "purchase_count": count,
+                "total_spend": spend,
+            }
+        ),
+        "customer_purchases": pyarrow.table(
+            {
+                "batch_id": pyarrow.repeat(batch, purchases.num_rows),
+                "customer_id": customer_ids.take(owner),
+                "line_no": purchases["line_no"],
+                "purchase_idx": purchases["purchase_idx"].cast(pyarrow.int32()),
+                "product_id": purchases["productId"],
+                "amount": purchases["amount"],
+                "purchased_at": purchases["date__ts"],
+            }
+        ),
+        "schema_errors": pyarrow.table(
+            {
+                "batch_id": pyarrow.repeat(batch, errors.num_rows),
+                "line_no": errors["line_no"],
+                "raw": errors["raw"],
+                "errors": errors["errors"],
+                "error_count": pc.list_value_length(errors["errors"]).cast(pyarrow.int32()),
+                "detected_at": pyarrow.repeat(
+                    pyarrow.scalar(datetime.now(UTC), pyarrow.timestamp("us", "UTC")),
+                    errors.num_rows,
+                ),
+            }
+        ),
+    }
+    for table, rows in tables.items():
+        write_staged(staging[table], part, rows)

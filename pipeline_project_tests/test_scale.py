@@ -1,0 +1,74 @@
+"""Memory stays flat in rows: the small-scale version of benchmarks/pipeline_scale.py.
+
+Each size runs the whole batch pipeline in a fresh process (the model's time taken out by the
+hashing backend) and reports its peak RSS. Every stage works in bounded chunks, so five times
+the rows must cost about the same memory; a stage that loads the whole batch into Python
+objects (100k records as dicts are several hundred MiB) breaks the bound.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RUN_ONE_SIZE = """
+import json, resource, sys
+from pathlib import Path
+import dagster as dg
+from pipeline_project.core.sample_data import generate_batch, write_catalog
+from pipeline_project.definitions import build_definitions
+from pipeline_project.resources.embeddings import HashingEmbedder
+from pipeline_project.settings import Settings
+
+rows, root = int(sys.argv[1]), Path(sys.argv[2])
+settings = Settings(
+    landing_dir=root / "landing", duckdb_path=root / "w.duckdb",
+    alerts_duckdb_path=root / "alerts.duckdb", catalog_path=root / "catalog.csv",
+    duckdb_memory_limit="256MB",
+)
+catalog = write_catalog(settings.catalog_path)
+generate_batch(settings.landing_dir / "b1.jsonl", rows, 0.01, 1, catalog)
+defs = build_definitions(settings, embedder=HashingEmbedder())
+chunks = {"raw_customers": 10_000, "validated_customers": 10_000}
+config = {"ops": {op: {"config": {"chunk_rows": n}} for op, n in chunks.items()}}
+with dg.instance_for_test() as instance:
+    assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
+    instance.add_dynamic_partitions("batches", ["b1"])
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = defs.resolve_job_def("batch_pipeline_job").execute_in_process(
+        partition_key="b1", instance=instance, run_config=config
+    )
+    counts = {}
+    for event in result.get_asset_materialization_events():
+        row_count = event.event_specific_data.materialization.metadata.get("dagster/row_count")
+        if row_count is not None:
+            counts[event.asset_key.to_user_string()] = row_count.value
+print(json.dumps({
+    "success": result.success, "counts": counts, "baseline_mib": baseline,
+    "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+}))
+"""
+
+
+def run_size(rows: int, root: Path) -> dict:
+    root.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-c", RUN_ONE_SIZE, str(rows), str(root)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_five_times_the_rows_costs_about_the_same_memory(tmp_path):
+    small = run_size(20_000, tmp_path / "small")
+    large = run_size(100_000, tmp_path / "large")
+    for run, rows in ((small, 20_000), (large, 100_000)):
+        assert run["success"]
+        assert run["counts"]["raw_customers"] == rows
+        assert run["counts"]["customers"] + run["counts"]["schema_errors"] == rows
+        assert run["counts"]["validated_recommendations"] > 0
+    grown = large["peak_mib"] - small["peak_mib"]
+    working = small["peak_mib"] - small["baseline_mib"]
+    print(f"peak RSS 20k {small['peak_mib']:.0f} MiB, 100k {large['peak_mib']:.0f} MiB")
+    assert grown < max(150.0, 0.5 * working), (small, large)

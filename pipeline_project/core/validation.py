@@ -50,10 +50,12 @@ def _extract(doc: str, names: list[str]) -> str:
     """Every field of `doc` in ONE parse: `<field>__j`, its JSON text (NULL when absent), and
     `<field>__t`, its JSON type. Asking the document for each field would parse it each time."""
     paths = ", ".join(f"'$.{name}'" for name in names)
-    return f"""SELECT *, {", ".join(
-        f"f[{i}] AS {name}__j, json_type(f[{i}]) AS {name}__t"
-        for i, name in enumerate(names, start=1)
-    )} FROM (SELECT *, json_extract({doc}, [{paths}]) AS f FROM {{source}})"""
+    return f"""SELECT *, {
+        ", ".join(
+            f"f[{i}] AS {name}__j, json_type(f[{i}]) AS {name}__t"
+            for i, name in enumerate(names, start=1)
+        )
+    } FROM (SELECT *, json_extract({doc}, [{paths}]) AS f FROM {{source}})"""
 
 
 def _string(name: str) -> str:
@@ -72,8 +74,7 @@ def _parsed(name: str) -> str:
 def _timestamp(name: str) -> str:
     """The string field, and its parsed instant as `<field>__ts` (from `<field>__parsed`)."""
     return (
-        f"{_string(name)}, "
-        f"CASE WHEN isfinite({name}__parsed) THEN {name}__parsed END AS {name}__ts"
+        f"{_string(name)}, CASE WHEN isfinite({name}__parsed) THEN {name}__parsed END AS {name}__ts"
     )
 
 

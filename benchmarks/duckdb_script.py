@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 from sklearn.cluster import MiniBatchKMeans
 
-from pipeline_project.core.profiles import PROFILES_SQL
+from pipeline_project.core.profiles import AS_OF_SQL, PROFILES_SQL
 from pipeline_project.core.recommendations import ScoringInputs, rules_sql, score_profiles
 from pipeline_project.schemas import EMAIL_PATTERN, UUID_PATTERN
 
@@ -114,7 +114,11 @@ def main() -> None:
     conn.execute(
         "CREATE TABLE product_catalog AS SELECT * FROM read_csv(?, header = true)", [str(catalog)]
     )
-    conn.execute(f"CREATE TABLE profiles AS {PROFILES_SQL}", {"batch_id": "b"})
+    [(as_of,)] = conn.execute(AS_OF_SQL, {"batch_id": "b"}).fetchall()
+    conn.execute(
+        f"CREATE TABLE profiles AS {PROFILES_SQL}",
+        {"batch_id": "b", "as_of": as_of, "first": 0, "last": 2**62},
+    )
     conn.execute(
         "CREATE TABLE vectors AS SELECT text_hash, embedding FROM read_parquet(?)",
         [str(vectors_file)],

@@ -1,10 +1,12 @@
 """AI inference: an embedding per customer profile, cached, retried, validated, dead-lettered."""
 
 import time
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY
@@ -18,11 +20,12 @@ from pipeline_project.core.inference import (
     run_inference,
 )
 from pipeline_project.core.monitoring import StepUsage
-from pipeline_project.core.profiles import PROFILES_SQL
+from pipeline_project.core.profiles import AS_OF_SQL, PROFILES_SQL
 from pipeline_project.core.vectors import matrix_to_list_array
 from pipeline_project.partitions import batches
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import Embedder
+from pipeline_project.resources.warehouse import write_staged
 from pipeline_project.tables import CUSTOMER_EMBEDDINGS
 
 INFERENCE_STAGE = "inference"
@@ -30,12 +33,10 @@ INFERENCE_STAGE = "inference"
 # rate limit is shared by every request this deployment sends.
 MODEL_INFERENCE_POOL = "model_inference"
 
-# The batch's profiles, computed once per connection and read from there.
-_BATCH_PROFILES_SQL = f"CREATE OR REPLACE TEMP TABLE batch_profiles AS {PROFILES_SQL}"
-
+# Distinct profile texts of the batch (its staged profile files) not in the cache yet.
 _MISSING_TEXTS_SQL = """
 SELECT text_hash, any_value(profile_text) AS profile_text
-FROM batch_profiles AS p
+FROM read_parquet($profiles) AS p
 WHERE NOT EXISTS (
     SELECT 1 FROM embedding_cache AS c
     WHERE c.model = $model AND c.dimensions = $dimensions AND c.text_hash = p.text_hash)
@@ -56,6 +57,9 @@ class InferenceConfig(dg.Config):
     )
     dead_letter_threshold: float = Field(
         default=0.01, description="Dead-lettered share of customers above which a WARN check fails."
+    )
+    profile_chunk_rows: int = Field(
+        default=200_000, description="Customers profiled per query (bounds memory)."
     )
     cache_flush_texts: int = Field(
         default=512, description="Write new vectors to the cache every this many texts."
@@ -88,60 +92,60 @@ def customer_embeddings(
     params = {"batch_id": batch_id, "model": model, "dimensions": dimensions}
     started = time.perf_counter()
     usage = StepUsage()
-    with warehouse.get_connection() as conn:
-        conn.execute(_BATCH_PROFILES_SQL, {"batch_id": batch_id})
-        missing = conn.execute(
-            _MISSING_TEXTS_SQL, {"model": model, "dimensions": dimensions}
-        ).fetchall()
-        [(customers_in, distinct_profiles)] = conn.execute(
-            "SELECT count(*), count(DISTINCT text_hash) FROM batch_profiles"
-        ).fetchall()
-    context.log.info(
-        f"{batch_id}: {customers_in:,} customers, {distinct_profiles:,} distinct profiles, "
-        f"{len(missing):,} not in the cache for {model}"
-    )
-
-    outcome = embed_into_cache(context, warehouse, embedder, missing, config, label=batch_id)
-
-    failures = pa.table(
-        {
-            "text_hash": pa.array(list(outcome.failures), pa.string()),
-            "reason": pa.array([f.reason for f in outcome.failures.values()], pa.string()),
-            "error": pa.array([f.error for f in outcome.failures.values()], pa.string()),
-            "attempts": pa.array([f.attempts for f in outcome.failures.values()], pa.int32()),
-        }
-    )
-    with warehouse.replace_batch(
-        [CUSTOMER_EMBEDDINGS], batch_id, dead_letter_stage=INFERENCE_STAGE
-    ) as conn:
-        conn.execute(_BATCH_PROFILES_SQL, {"batch_id": batch_id})
-        conn.execute(
-            "INSERT INTO customer_embeddings SELECT $batch_id, p.line_no, p.customer_id, $model,"
-            " $dimensions, p.text_hash, p.profile_text FROM batch_profiles AS p"
-            " JOIN embedding_cache AS c ON c.model = $model AND c.dimensions = $dimensions"
-            " AND c.text_hash = p.text_hash",
-            params,
-        )
-        conn.register("inference_failures", failures)
-        conn.execute(
-            "INSERT INTO dead_letter SELECT $batch_id, $stage, p.customer_id::VARCHAR, f.reason,"
-            " f.error, f.attempts, p.profile_text, now(), NULL FROM batch_profiles AS p"
-            " JOIN inference_failures AS f USING (text_hash)",
-            {"batch_id": batch_id, "stage": INFERENCE_STAGE},
-        )
-        conn.unregister("inference_failures")
-        dead_by_reason = dict(
-            conn.execute(
-                "SELECT reason, count(*) FROM dead_letter WHERE batch_id = ? AND stage = ?"
-                " GROUP BY reason",
-                [batch_id, INFERENCE_STAGE],
+    with warehouse.scratch_folder(batch_id) as scratch:
+        profiles = str(scratch / "*.parquet")
+        with warehouse.get_connection() as conn:
+            _stage_profiles(conn, batch_id, scratch, config.profile_chunk_rows)
+            missing = conn.execute(
+                _MISSING_TEXTS_SQL, {"profiles": profiles, "model": model, "dimensions": dimensions}
             ).fetchall()
+            [(customers_in, distinct_profiles)] = conn.execute(
+                "SELECT count(*), count(DISTINCT text_hash) FROM read_parquet(?)", [profiles]
+            ).fetchall()
+        context.log.info(
+            f"{batch_id}: {customers_in:,} customers, {distinct_profiles:,} distinct profiles, "
+            f"{len(missing):,} not in the cache for {model}"
         )
-        conn.execute("DROP TABLE batch_profiles")
-        [(dead_letter_total,)] = conn.execute(
-            "SELECT count(*) FROM dead_letter WHERE stage = ? AND replayed_at IS NULL",
-            [INFERENCE_STAGE],
-        ).fetchall()
+
+        outcome = embed_into_cache(context, warehouse, embedder, missing, config, label=batch_id)
+
+        failures = pa.table(
+            {
+                "text_hash": pa.array(list(outcome.failures), pa.string()),
+                "reason": pa.array([f.reason for f in outcome.failures.values()], pa.string()),
+                "error": pa.array([f.error for f in outcome.failures.values()], pa.string()),
+                "attempts": pa.array([f.attempts for f in outcome.failures.values()], pa.int32()),
+            }
+        )
+        with warehouse.replace_batch(
+            [CUSTOMER_EMBEDDINGS], batch_id, dead_letter_stage=INFERENCE_STAGE
+        ) as conn:
+            conn.execute(
+                "INSERT INTO customer_embeddings SELECT $batch_id, p.line_no, p.customer_id,"
+                " $model, $dimensions, p.text_hash, p.profile_text FROM read_parquet($profiles)"
+                " AS p JOIN embedding_cache AS c ON c.model = $model"
+                " AND c.dimensions = $dimensions AND c.text_hash = p.text_hash",
+                {**params, "profiles": profiles},
+            )
+            conn.register("inference_failures", failures)
+            conn.execute(
+                "INSERT INTO dead_letter SELECT $batch_id, $stage, p.customer_id::VARCHAR,"
+                " f.reason, f.error, f.attempts, p.profile_text, now(), NULL"
+                " FROM read_parquet($profiles) AS p JOIN inference_failures AS f USING (text_hash)",
+                {"batch_id": batch_id, "stage": INFERENCE_STAGE, "profiles": profiles},
+            )
+            conn.unregister("inference_failures")
+            dead_by_reason = dict(
+                conn.execute(
+                    "SELECT reason, count(*) FROM dead_letter WHERE batch_id = ? AND stage = ?"
+                    " GROUP BY reason",
+                    [batch_id, INFERENCE_STAGE],
+                ).fetchall()
+            )
+            [(dead_letter_total,)] = conn.execute(
+                "SELECT count(*) FROM dead_letter WHERE stage = ? AND replayed_at IS NULL",
+                [INFERENCE_STAGE],
+            ).fetchall()
     seconds = time.perf_counter() - started
     with warehouse.get_connection() as conn:
         checks = embedding_check_results(
@@ -179,6 +183,29 @@ def customer_embeddings(
         metadata["tokens"] = outcome.tokens
     yield dg.MaterializeResult(metadata=metadata)
     yield from checks
+
+
+_PROFILE_SCHEMA = pa.schema(
+    [
+        ("line_no", pa.int64()),
+        ("customer_id", pa.uuid()),
+        ("profile_text", pa.string()),
+        ("text_hash", pa.string()),
+    ]
+)
+
+
+def _stage_profiles(conn, batch_id: str, folder: Path, chunk_rows: int) -> None:
+    """The batch's customer profiles as Parquet parts in `folder`, one line range at a time."""
+    [(as_of,)] = conn.execute(AS_OF_SQL, {"batch_id": batch_id}).fetchall()
+    [(last_line,)] = conn.execute(
+        "SELECT coalesce(max(line_no), 0) FROM customers WHERE batch_id = ?", [batch_id]
+    ).fetchall()
+    pq.write_table(_PROFILE_SCHEMA.empty_table(), folder / "part-empty.parquet")
+    for part, first in enumerate(range(1, last_line + 1, chunk_rows)):
+        params = {"batch_id": batch_id, "as_of": as_of, "first": first,
+                  "last": first + chunk_rows - 1}  # fmt: skip
+        write_staged(folder, part, conn.sql(PROFILES_SQL, params=params).to_arrow_table())
 
 
 def embed_into_cache(

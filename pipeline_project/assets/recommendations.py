@@ -200,18 +200,20 @@ def recommendations(
         scored = [
             _score_chunk(chunk, inputs, config, dimensions) for chunk in reader if chunk.num_rows
         ]
-        for i, table in enumerate(scored):
-            conn.register("scored_profiles", table)
-            conn.execute(
-                "INSERT INTO recommendations SELECT s.batch_id, s.line_no, s.customer_id, r.rank,"
-                " r.product_id, s.segment_id, r.confidence, r.predicted_value,"
-                " r.segment_affinity, r.similarity, r.similarity_score, s.model_version"
-                " FROM customer_segments AS s JOIN scored_profiles AS r USING (text_hash)"
-                " WHERE s.batch_id = $batch_id",
-                {"batch_id": batch_id},
-            )
-            conn.unregister("scored_profiles")
-            context.log.info(f"{batch_id}: scored profile chunk {i + 1}/{len(scored)}")
+        # A few rows per distinct profile: small. ONE insert joins them to the batch's
+        # customers, so DuckDB writes the rows as it makes them (many inserts in a transaction
+        # would hold them all in memory until the commit).
+        conn.register("scored_profiles", pa.concat_tables(scored) if scored else _NO_SCORES)
+        conn.execute(
+            "INSERT INTO recommendations SELECT s.batch_id, s.line_no, s.customer_id, r.rank,"
+            " r.product_id, s.segment_id, r.confidence, r.predicted_value,"
+            " r.segment_affinity, r.similarity, r.similarity_score, s.model_version"
+            " FROM customer_segments AS s JOIN scored_profiles AS r USING (text_hash)"
+            " WHERE s.batch_id = $batch_id",
+            {"batch_id": batch_id},
+        )
+        conn.unregister("scored_profiles")
+        context.log.info(f"{batch_id}: scored {len(scored)} chunks of profiles")
         [(rows, customers)] = conn.execute(
             "SELECT count(*), count(DISTINCT line_no) FROM recommendations WHERE batch_id = ?",
             [batch_id],
@@ -261,6 +263,20 @@ def recommendations(
     yield drift_check_result(
         CONFIDENCE_DRIFT, RECOMMENDATIONS, histogram, baselines, threshold=config.psi_threshold
     )
+
+
+_NO_SCORES = pa.table(
+    {
+        "text_hash": pa.array([], pa.string()),
+        "rank": pa.array([], pa.int32()),
+        "product_id": pa.array([], pa.string()),
+        **{
+            name: pa.array([], pa.float64())
+            for name in ("confidence", "predicted_value", "segment_affinity", "similarity",
+                         "similarity_score")
+        },
+    }
+)  # fmt: skip
 
 
 def _score_chunk(

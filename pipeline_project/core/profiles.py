@@ -13,17 +13,22 @@ Customers who behave alike get the same text, so the model embeds each profile o
   this month (<= 30), this quarter (<= 90), this year (<= 365), lapsed.
 """
 
+# The batch's latest purchase: recency is measured from it ($as_of of PROFILES_SQL).
+AS_OF_SQL = "SELECT max(purchased_at) FROM customer_purchases WHERE batch_id = $batch_id"
+
+# The profiles of the customers on lines $first..$last of the batch: a batch is profiled in
+# line ranges, so memory does not grow with the batch.
 PROFILES_SQL = """
 WITH c AS (
     SELECT line_no, customer_id, purchase_count, total_spend
-    FROM customers WHERE batch_id = $batch_id
+    FROM customers WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
 ), p AS (
     SELECT p.line_no, coalesce(cat.category, 'unknown') AS category, p.amount, p.purchased_at
     FROM customer_purchases AS p
     LEFT JOIN product_catalog AS cat ON cat.product_id = p.product_id
-    WHERE p.batch_id = $batch_id
+    WHERE p.batch_id = $batch_id AND p.line_no BETWEEN $first AND $last
 ), as_of AS (
-    SELECT max(purchased_at) AS as_of FROM p
+    SELECT $as_of::TIMESTAMPTZ AS as_of
 ), by_category AS (
     SELECT line_no, category, sum(amount) AS spend FROM p GROUP BY line_no, category
 ), top_categories AS (

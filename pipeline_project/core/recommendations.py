@@ -138,28 +138,36 @@ def apply_business_rules(
         "min_confidence": min_confidence,
         "max_predicted_value": max_predicted_value,
     }
-    conn.execute(f"CREATE OR REPLACE TEMP TABLE ruled AS {rules_sql('recommendations')}", params)
+    # Two inserts straight from the rules query, instead of a temporary table of the whole
+    # batch's recommendations (which would grow with the batch).
+    ruled = rules_sql("recommendations")
     conn.execute(
-        f"INSERT INTO validated_recommendations SELECT {_COLUMNS} FROM ruled"
-        " WHERE len(failed_rules) = 0"
+        f"INSERT INTO validated_recommendations SELECT {_COLUMNS} FROM ({ruled})"
+        " WHERE len(failed_rules) = 0",
+        params,
     )
     conn.execute(
         f"INSERT INTO rejected_recommendations SELECT {_COLUMNS}, failed_rules[1], failed_rules"
-        " FROM ruled WHERE len(failed_rules) > 0"
+        f" FROM ({ruled}) WHERE len(failed_rules) > 0",
+        params,
     )
-    [(kept, rejected)] = conn.execute(
-        "SELECT count(*) FILTER (len(failed_rules) = 0),"
-        " count(*) FILTER (len(failed_rules) > 0) FROM ruled"
+    batch = {"batch_id": batch_id}
+    [(kept,)] = conn.execute(
+        "SELECT count(*) FROM validated_recommendations WHERE batch_id = $batch_id", batch
+    ).fetchall()
+    [(rejected,)] = conn.execute(
+        "SELECT count(*) FROM rejected_recommendations WHERE batch_id = $batch_id", batch
     ).fetchall()
     by_rule = dict(
         conn.execute(
-            "SELECT rule, count(*) FROM (SELECT unnest(failed_rules) AS rule FROM ruled)"
-            " GROUP BY rule"
+            "SELECT rule, count(*) FROM (SELECT unnest(failed_rules) AS rule"
+            " FROM rejected_recommendations WHERE batch_id = $batch_id) GROUP BY rule",
+            batch,
         ).fetchall()
     )
     suspicious = conn.execute(
-        "SELECT customer_id::VARCHAR, product_id, predicted_value FROM ruled"
-        " WHERE list_contains(failed_rules, 'implausible_value') LIMIT 5"
+        "SELECT customer_id::VARCHAR, product_id, predicted_value FROM rejected_recommendations"
+        " WHERE batch_id = $batch_id AND list_contains(failed_rules, 'implausible_value') LIMIT 5",
+        batch,
     ).fetchall()
-    conn.execute("DROP TABLE ruled")
     return RuleOutcome(kept, rejected, {rule: by_rule.get(rule, 0) for rule in RULES}, suspicious)

@@ -196,10 +196,7 @@ class Warehouse(DuckDBStore):
         Yields a connection for the caller's reads and each table's staging folder.
         """
         _check_tables(tables)
-        staging_root = self.files_dir / "staging"
-        staging_root.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(prefix=f"{batch_id}-", dir=staging_root))
-        try:
+        with self.scratch_folder(batch_id) as root:
             staging = {table: root / table for table in tables}
             for folder in staging.values():
                 folder.mkdir()
@@ -212,6 +209,15 @@ class Warehouse(DuckDBStore):
                             f"INSERT INTO {table} SELECT * FROM read_parquet(?)",
                             [str(folder / "*.parquet")],
                         )
+
+    @contextmanager
+    def scratch_folder(self, batch_id: str) -> Iterator[Path]:
+        """A private folder for a step's intermediate Parquet files, removed afterwards."""
+        staging_root = self.files_dir / "staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        root = Path(tempfile.mkdtemp(prefix=f"{batch_id}-", dir=staging_root))
+        try:
+            yield root
         finally:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -108,7 +108,11 @@ def test_each_business_rule_rejects_the_row_that_breaks_it(tmp_path):
                 {"line": line, "customer": f"00000000-0000-4000-8000-{line:012d}",
                  "product": product, "confidence": confidence, "value": value},
             )  # fmt: skip
-        outcome = apply_business_rules(conn, "b", min_confidence=0.3, max_predicted_value=10_000)
+    tables = ["validated_recommendations", "rejected_recommendations"]
+    with warehouse.staged_batch(tables, "b") as (conn, staging):
+        outcome = apply_business_rules(
+            conn, "b", staging, min_confidence=0.3, max_predicted_value=10_000, rows_per_part=4
+        )
     assert (outcome.kept, outcome.rejected) == (1, 9)
     assert outcome.by_rule == {
         "out_of_stock": 3,

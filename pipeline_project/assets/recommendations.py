@@ -347,12 +347,13 @@ def validated_recommendations(
     predicted value in (0, max]. Don't blindly trust model output."""
     batch_id = context.partition_key
     usage = StepUsage()
-    with warehouse.replace_batch(
+    with warehouse.staged_batch(
         [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS], batch_id
-    ) as conn:
+    ) as (conn, staging):
         outcome = apply_business_rules(
             conn,
             batch_id,
+            staging,
             min_confidence=config.min_confidence,
             max_predicted_value=config.max_predicted_value,
         )

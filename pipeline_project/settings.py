@@ -15,7 +15,7 @@ ENV_DEFAULTS: dict[str, str] = {
     "PIPELINE_DUCKDB_PATH": "data/warehouse.duckdb",
     "PIPELINE_ALERTS_DUCKDB_PATH": "data/alerts.duckdb",
     "PIPELINE_CATALOG_PATH": "data/catalog.csv",
-    "PIPELINE_DUCKDB_MEMORY_LIMIT": "1GB",
+    "PIPELINE_DUCKDB_MEMORY_LIMIT": "512MB",
 }
 
 

@@ -139,7 +139,7 @@ def apply_business_rules(
     *,
     min_confidence: float,
     max_predicted_value: float,
-    rows_per_part: int = 500_000,
+    rows_per_part: int = 200_000,
 ) -> RuleOutcome:
     """Split the batch's recommendations into validated_recommendations and
     rejected_recommendations (with every rule broken), as Parquet parts in their `staging`

@@ -49,19 +49,24 @@ WITH lines AS (
         CASE WHEN json_type(f[2]) = 'VARCHAR' THEN f[2] ->> '$' END AS email,
         try_cast(CASE WHEN json_type(f[3]) = 'VARCHAR' THEN f[3] ->> '$' END AS TIMESTAMPTZ)
             AS created_at,
-        json_type(doc) AS doc_type, json_type(f[4]) AS purchases_type,
-        (SELECT bool_and(json_type(e) = 'OBJECT'
-                         AND json_type(e, '$.productId') = 'VARCHAR'
-                         AND length(trim(e ->> '$.productId')) > 0
-                         AND json_type(e, '$.amount') IN ('BIGINT', 'UBIGINT', 'DOUBLE')
-                         AND (e ->> '$.amount')::DOUBLE > 0
-                         AND isfinite((e ->> '$.amount')::DOUBLE)
-                         AND json_type(e, '$.date') = 'VARCHAR'
-                         AND try_cast(e ->> '$.date' AS TIMESTAMPTZ) IS NOT NULL)
-         FROM (SELECT unnest(json_extract(f[4], '$[*]')) AS e)) AS purchases_ok
+        json_type(doc) AS doc_type, json_type(f[4]) AS purchases_type
     FROM fields
+), elements AS (
+    SELECT line_no, unnest(json_extract(purchases, '$[*]')) AS e
+    FROM typed WHERE purchases_type = 'ARRAY'
+), purchase_checks AS (
+    SELECT line_no, bool_and(json_type(e) = 'OBJECT'
+                             AND json_type(e, '$.productId') = 'VARCHAR'
+                             AND length(trim(e ->> '$.productId')) > 0
+                             AND json_type(e, '$.amount') IN ('BIGINT', 'UBIGINT', 'DOUBLE')
+                             AND (e ->> '$.amount')::DOUBLE > 0
+                             AND isfinite((e ->> '$.amount')::DOUBLE)
+                             AND json_type(e, '$.date') = 'VARCHAR'
+                             AND try_cast(e ->> '$.date' AS TIMESTAMPTZ) IS NOT NULL)
+           AS purchases_ok
+    FROM elements GROUP BY line_no
 )
-SELECT *,
+SELECT typed.*, purchases_ok,
     CASE WHEN doc_type IS DISTINCT FROM 'OBJECT' THEN 'not a JSON object'
          WHEN id IS NULL OR NOT regexp_full_match(id, '{UUID_PATTERN}') THEN 'bad id'
          WHEN row_number() OVER (PARTITION BY lower(id) ORDER BY line_no) > 1 THEN 'duplicate id'
@@ -70,7 +75,7 @@ SELECT *,
          WHEN purchases_type IS DISTINCT FROM 'ARRAY' THEN 'bad purchaseHistory'
          WHEN NOT coalesce(purchases_ok, true) THEN 'bad purchase'
     END AS reason
-FROM typed
+FROM typed LEFT JOIN purchase_checks USING (line_no)
 """
 
 SPLIT_SQL = """
@@ -98,7 +103,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     db = workdir / "script.duckdb"
     db.unlink(missing_ok=True)
-    conn = duckdb.connect(str(db), config={"memory_limit": "2GB"})
+    conn = duckdb.connect(str(db))
     seconds: dict[str, float] = {}
 
     def stage(name: str, started: float) -> float:

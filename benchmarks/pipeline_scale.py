@@ -176,8 +176,9 @@ def main() -> None:
             wall = run["wall"]
             for name, figures in (("DuckDB script", script), ("notebook way", notebook)):
                 if "failed" in figures:
-                    print(f"{name}: did not finish, {figures['failed']} after "
-                          f"{figures['after_seconds']} s; pipeline run wall {wall:.1f} s")  # fmt: skip
+                    after = figures["after_seconds"]
+                    print(f"{name}: did not finish, {figures['failed']} after {after} s;"
+                          f" pipeline run wall {wall:.1f} s")  # fmt: skip
                 else:
                     total = figures["total_seconds"]
                     print(f"{name}: {total:.1f} s; pipeline run wall {wall:.1f} s = "

@@ -33,60 +33,80 @@ from pipeline_project.schemas import EMAIL_PATTERN, UUID_PATTERN
 
 SEGMENTS, TOP_N, SEGMENT_WEIGHT = 8, 5, 0.7
 
-VALIDATE_SQL = f"""
-CREATE TABLE checked AS
+VALIDATE_SQL = """
+CREATE TEMP TABLE typed AS
 WITH lines AS (
     SELECT row_number() OVER () AS line_no, line AS raw, try_cast(line AS JSON) AS doc
-    FROM read_csv($path, columns = {{'line': 'VARCHAR'}}, delim = '\\x01', quote = '',
+    FROM read_csv($path, columns = {'line': 'VARCHAR'}, delim = '\\x01', quote = '',
                   escape = '', header = false, auto_detect = false, max_line_size = 2000000)
 ), fields AS (
     SELECT line_no, raw, doc,
         json_extract(doc, ['$.id', '$.email', '$.createdAt', '$.purchaseHistory']) AS f
     FROM lines
-), typed AS (
-    SELECT line_no, raw, f[4] AS purchases,
+)
+SELECT line_no, raw, f[4] AS purchases,
         CASE WHEN json_type(f[1]) = 'VARCHAR' THEN f[1] ->> '$' END AS id,
         CASE WHEN json_type(f[2]) = 'VARCHAR' THEN f[2] ->> '$' END AS email,
         try_cast(CASE WHEN json_type(f[3]) = 'VARCHAR' THEN f[3] ->> '$' END AS TIMESTAMPTZ)
             AS created_at,
         json_type(doc) AS doc_type, json_type(f[4]) AS purchases_type
-    FROM fields
+FROM fields
+"""
+
+# Each purchase parsed once; checked and kept from the same table.
+ELEMENTS_SQL = """
+CREATE TEMP TABLE elements AS
+WITH items AS (
+    SELECT line_no, json_extract(purchases, '$[*]') AS items FROM typed
+    WHERE purchases_type = 'ARRAY'
 ), elements AS (
-    SELECT line_no, unnest(json_extract(purchases, '$[*]')) AS e
-    FROM typed WHERE purchases_type = 'ARRAY'
-), purchase_checks AS (
-    SELECT line_no, bool_and(json_type(e) = 'OBJECT'
-                             AND json_type(e, '$.productId') = 'VARCHAR'
-                             AND length(trim(e ->> '$.productId')) > 0
-                             AND json_type(e, '$.amount') IN ('BIGINT', 'UBIGINT', 'DOUBLE')
-                             AND (e ->> '$.amount')::DOUBLE > 0
-                             AND isfinite((e ->> '$.amount')::DOUBLE)
-                             AND json_type(e, '$.date') = 'VARCHAR'
-                             AND try_cast(e ->> '$.date' AS TIMESTAMPTZ) IS NOT NULL)
-           AS purchases_ok
-    FROM elements GROUP BY line_no
+    SELECT line_no, generate_subscripts(items, 1) - 1 AS purchase_idx, unnest(items) AS e
+    FROM items
+), fields AS (
+    SELECT line_no, purchase_idx, json_type(e) AS e_type,
+           json_extract(e, ['$.productId', '$.amount', '$.date']) AS f
+    FROM elements
 )
-SELECT typed.*, purchases_ok,
+SELECT line_no, purchase_idx, e_type,
+    CASE WHEN json_type(f[1]) = 'VARCHAR' THEN f[1] ->> '$' END AS product_id,
+    CASE WHEN json_type(f[2]) IN ('BIGINT', 'UBIGINT', 'DOUBLE')
+         THEN (f[2] ->> '$')::DOUBLE END AS amount,
+    try_cast(CASE WHEN json_type(f[3]) = 'VARCHAR' THEN f[3] ->> '$' END AS TIMESTAMPTZ)
+        AS purchased_at
+FROM fields
+"""
+
+CHECK_SQL = f"""
+CREATE TABLE checked AS
+WITH purchase_checks AS (
+    SELECT line_no, bool_and(e_type = 'OBJECT' AND length(trim(product_id)) > 0
+                             AND amount > 0 AND isfinite(amount)
+                             AND purchased_at IS NOT NULL) AS purchases_ok
+    FROM elements GROUP BY line_no
+), first_lines AS (
+    SELECT lower(id) AS key, min(line_no) AS first_line FROM typed WHERE id IS NOT NULL
+    GROUP BY key HAVING count(*) > 1
+)
+SELECT line_no, raw, id, email, created_at,
     CASE WHEN doc_type IS DISTINCT FROM 'OBJECT' THEN 'not a JSON object'
          WHEN id IS NULL OR NOT regexp_full_match(id, '{UUID_PATTERN}') THEN 'bad id'
-         WHEN row_number() OVER (PARTITION BY lower(id) ORDER BY line_no) > 1 THEN 'duplicate id'
+         WHEN first_line < line_no THEN 'duplicate id'
          WHEN email IS NULL OR NOT regexp_full_match(email, '{EMAIL_PATTERN}') THEN 'bad email'
          WHEN created_at IS NULL THEN 'bad createdAt'
          WHEN purchases_type IS DISTINCT FROM 'ARRAY' THEN 'bad purchaseHistory'
          WHEN NOT coalesce(purchases_ok, true) THEN 'bad purchase'
     END AS reason
 FROM typed LEFT JOIN purchase_checks USING (line_no)
+LEFT JOIN first_lines ON first_lines.key = lower(typed.id);
+DROP TABLE typed;
 """
 
 SPLIT_SQL = """
 CREATE TABLE dead_letter AS SELECT line_no, raw, reason FROM checked WHERE reason IS NOT NULL;
 CREATE TABLE customer_purchases AS
-SELECT 'b' AS batch_id, id::UUID AS customer_id, line_no, i - 1 AS purchase_idx,
-       e ->> '$.productId' AS product_id, (e ->> '$.amount')::DOUBLE AS amount,
-       (e ->> '$.date')::TIMESTAMPTZ AS purchased_at
-FROM (SELECT line_no, id, unnest(json_extract(purchases, '$[*]')) AS e,
-             generate_subscripts(json_extract(purchases, '$[*]'), 1) AS i
-      FROM checked WHERE reason IS NULL);
+SELECT 'b' AS batch_id, c.id::UUID AS customer_id, e.line_no, e.purchase_idx, e.product_id,
+       e.amount, e.purchased_at
+FROM elements AS e JOIN checked AS c USING (line_no) WHERE c.reason IS NULL;
 CREATE TABLE customers AS
 SELECT 'b' AS batch_id, c.line_no, c.id::UUID AS customer_id, c.email, c.created_at,
        coalesce(p.n, 0) AS purchase_count, coalesce(p.spend, 0) AS total_spend
@@ -95,6 +115,7 @@ LEFT JOIN (SELECT line_no, count(*) AS n, sum(amount) AS spend FROM customer_pur
            GROUP BY line_no) AS p USING (line_no)
 WHERE c.reason IS NULL;
 DROP TABLE checked;
+DROP TABLE elements;
 """
 
 
@@ -113,6 +134,8 @@ def main() -> None:
     t = time.perf_counter()
     conn.execute("SET preserve_insertion_order = true")
     conn.execute(VALIDATE_SQL, {"path": str(landing)})
+    conn.execute(ELEMENTS_SQL)
+    conn.execute(CHECK_SQL)
     conn.execute(SPLIT_SQL)
     t = stage("ingest_validate", t)
 

@@ -80,3 +80,16 @@ def test_batch_id_is_a_parameter_never_part_of_the_sql(tmp_path):
         assert conn.execute("SELECT batch_id FROM customers").fetchall() == [("b2",)]
     with pytest.raises(ValueError, match="not a valid batch ID"):
         warehouse.raw_file("../../etc/b1")
+
+
+def test_a_killed_run_s_staging_folder_is_removed_by_the_next_write_of_its_batch(tmp_path):
+    warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
+    with warehouse.scratch_folder("b1") as left_behind:
+        pass
+    left_behind.mkdir()  # as if the process had been killed inside the block
+    (left_behind / "part-000000.parquet").write_bytes(b"x")
+    other = warehouse.files_dir / "staging" / "b1-x.abc"
+    other.mkdir()
+    with warehouse.scratch_folder("b1") as folder:
+        assert folder.is_dir() and not left_behind.exists()
+    assert other.exists()  # another batch's folder ("b1-x") is not touched

@@ -213,9 +213,15 @@ class Warehouse(DuckDBStore):
     @contextmanager
     def scratch_folder(self, batch_id: str) -> Iterator[Path]:
         """A private folder for a step's intermediate Parquet files, removed afterwards."""
+        if not is_valid_batch_id(batch_id):
+            raise ValueError(f"{batch_id!r} is not a valid batch ID")
         staging_root = self.files_dir / "staging"
         staging_root.mkdir(parents=True, exist_ok=True)
-        root = Path(tempfile.mkdtemp(prefix=f"{batch_id}-", dir=staging_root))
+        # Left by a killed run of this batch ('.' never occurs in a batch ID, so the pattern
+        # matches this batch only); writers of the warehouse run one at a time (the pool).
+        for stale in staging_root.glob(f"{batch_id}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        root = Path(tempfile.mkdtemp(prefix=f"{batch_id}.", dir=staging_root))
         try:
             yield root
         finally:

@@ -88,11 +88,11 @@ def _iter_blocks_as_lines(path: Path, max_line_bytes: int, block_bytes: int) -> 
                 carry = b""
             if at_end:
                 break
-        last = [long_head] if long_head is not None else [carry] if carry else []
-        if last:
-            yield _lines_table(
-                last, [long_length if long_head is not None else len(carry)], line_no
-            )
+        if long_head is not None:
+            yield _lines_table([long_head], [long_length], line_no)
+            line_no += 1
+        elif carry:  # a last line without a newline
+            yield _lines_table([carry], [len(carry)], line_no)
             line_no += 1
         if error is not None:
             yield pa.table(

@@ -161,6 +161,19 @@ def test_missing_landing_file_fails_with_a_clear_error(defs, instance, settings)
     assert "no landing file for batch 'b404'" in message
 
 
+def test_validating_a_batch_that_was_never_ingested_fails_at_once_with_the_reason(defs, instance):
+    instance.add_dynamic_partitions("batches", ["b405"])
+    job = defs.resolve_job_def("batch_ingestion_job")
+    result = job.execute_in_process(
+        partition_key="b405", instance=instance, op_selection=["validated_customers"],
+        raise_on_error=False,
+    )  # fmt: skip
+    assert not result.success
+    [failure] = result.get_step_failure_events()
+    assert "b405: no raw_customers file" in failure.event_specific_data.error.message
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+
+
 def test_rows_conserved_check_fails_when_a_line_is_lost(settings, defs, instance):
     from pipeline_project.checks.input_checks import input_check_results
 

@@ -70,12 +70,19 @@ def validated_customers(
             f" {summary.invalid:,} invalid"
         )
 
+    raw_file = warehouse.raw_file(batch_id)
+    if not raw_file.exists():
+        raise dg.Failure(
+            description=f"{batch_id}: no raw_customers file ({raw_file}); materialize"
+            " raw_customers for this batch first",
+            allow_retries=False,
+        )
     tables = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
     with warehouse.staged_batch(tables, batch_id) as (conn, staging):
         summary = validate_batch(
             conn,
             batch_id,
-            warehouse.raw_file(batch_id),
+            raw_file,
             staging,
             chunk_rows=config.chunk_rows,
             max_line_bytes=config.max_line_bytes,

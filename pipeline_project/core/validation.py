@@ -182,7 +182,8 @@ def validate_batch(
 
     Each chunk's valid customers, their purchases and the invalid lines are written as Parquet
     parts into `staging` (the folder of customers, customer_purchases and schema_errors; see
-    Warehouse.staged_batch, which loads them in one transaction). Memory holds one chunk.
+    Warehouse.staged_batch, which loads them in one transaction). Memory holds two chunks:
+    the one being judged and the next one being extracted.
     """
     params = {"raw_path": str(raw_path), "max_line_bytes": max_line_bytes}
     conn.execute(_JSON_KIND_MACRO)

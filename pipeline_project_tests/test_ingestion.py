@@ -56,13 +56,16 @@ def test_redelivered_file_replaces_exactly_its_batch(defs, instance, settings, c
     assert snapshot(settings, "b002") == before_b002
 
 
-def test_crash_inside_the_write_transaction_keeps_the_previous_batch(
-    defs, instance, settings, catalog
-):
+@pytest.fixture
+def ingested_b001(defs, instance, settings, catalog) -> tuple[dict, Warehouse]:
+    """Batch b001 (50 valid lines) ingested and validated: its tables, and the warehouse."""
     generate_batch(settings.landing_dir / "b001.jsonl", 50, 0.0, 1, catalog)
     run_batch(defs, instance, "b001")
-    before = snapshot(settings)
-    warehouse = Warehouse(database=str(settings.duckdb_path))
+    return snapshot(settings), Warehouse(database=str(settings.duckdb_path))
+
+
+def test_crash_inside_the_write_transaction_keeps_the_previous_batch(settings, ingested_b001):
+    before, warehouse = ingested_b001
     with (
         pytest.raises(RuntimeError, match="crash"),
         warehouse.replace_batch([CUSTOMERS], "b001") as conn,
@@ -72,13 +75,8 @@ def test_crash_inside_the_write_transaction_keeps_the_previous_batch(
     assert snapshot(settings) == before
 
 
-def test_crash_while_writing_the_raw_file_keeps_the_previous_lines(
-    defs, instance, settings, catalog
-):
-    generate_batch(settings.landing_dir / "b001.jsonl", 50, 0.0, 1, catalog)
-    run_batch(defs, instance, "b001")
-    before = snapshot(settings)
-    warehouse = Warehouse(database=str(settings.duckdb_path))
+def test_crash_while_writing_the_raw_file_keeps_the_previous_lines(settings, ingested_b001):
+    before, warehouse = ingested_b001
     lines = iter_raw_line_chunks(settings.landing_dir / "b001.jsonl", 10, 1000)
     with pytest.raises(RuntimeError, match="crash"), warehouse.replacing_raw_file("b001") as writer:
         store_raw_lines(writer, itertools.islice(lines, 2))
@@ -210,12 +208,9 @@ def test_retry_policy_on_every_stage():
 
 
 def test_crash_between_staged_chunks_keeps_the_previous_batch_and_the_rerun_is_clean(
-    defs, instance, settings, catalog
+    defs, instance, settings, ingested_b001
 ):
-    generate_batch(settings.landing_dir / "b001.jsonl", 50, 0.0, 1, catalog)
-    run_batch(defs, instance, "b001")
-    before = snapshot(settings)
-    warehouse = Warehouse(database=str(settings.duckdb_path))
+    before, warehouse = ingested_b001
     with (
         pytest.raises(RuntimeError, match="crash"),
         warehouse.staged_batch([CUSTOMERS], "b001") as (conn, staging),

@@ -105,8 +105,7 @@ class Warehouse(DuckDBStore):
         return self.files_dir / RAW_CUSTOMERS
 
     def raw_file(self, batch_id: str) -> Path:
-        if not is_valid_batch_id(batch_id):
-            raise ValueError(f"{batch_id!r} is not a valid batch ID")
+        _check_batch_id(batch_id)
         return self.raw_dir / f"batch_id={batch_id}" / RAW_FILE_NAME
 
     def _table_ddl(self) -> Sequence[str]:
@@ -213,8 +212,7 @@ class Warehouse(DuckDBStore):
     @contextmanager
     def scratch_folder(self, batch_id: str) -> Iterator[Path]:
         """A private folder for a step's intermediate Parquet files, removed afterwards."""
-        if not is_valid_batch_id(batch_id):
-            raise ValueError(f"{batch_id!r} is not a valid batch ID")
+        _check_batch_id(batch_id)
         staging_root = self.files_dir / "staging"
         staging_root.mkdir(parents=True, exist_ok=True)
         # Left by a killed run of this batch ('.' never occurs in a batch ID, so the pattern
@@ -245,6 +243,12 @@ def write_staged(folder: Path, part: int, table: pa.Table) -> None:
     """One Parquet part of a staged table (see Warehouse.staged_batch)."""
     if table.num_rows:
         pq.write_table(table, folder / f"part-{part:06d}.parquet", compression="none")
+
+
+def _check_batch_id(batch_id: str) -> None:
+    """Batch IDs go into file names: only safe ones are accepted."""
+    if not is_valid_batch_id(batch_id):
+        raise ValueError(f"{batch_id!r} is not a valid batch ID")
 
 
 def _check_tables(tables: Sequence[str]) -> None:

@@ -192,5 +192,90 @@ def ui(host: str, port: int, dagster_args: tuple[str, ...]) -> None:
     os.execvp(args[0], args)
 
 
+@main.group()
+def dlq() -> None:
+    """The dead-letter queue: customers whose embedding failed, and their replay."""
+
+
+def _warehouse():
+    from pipeline_project.definitions import build_resources
+
+    return build_resources(Settings.from_env())["warehouse"]
+
+
+@dlq.command("list")
+def dlq_list() -> None:
+    """Dead letters per batch, stage and reason: pending (not replayed yet) and replayed."""
+    with _warehouse().get_connection() as conn:
+        rows = conn.execute(
+            "SELECT batch_id, stage, reason, count(*) FILTER (WHERE replayed_at IS NULL),"
+            " count(*) FILTER (WHERE replayed_at IS NOT NULL), max(created_at)"
+            " FROM dead_letter GROUP BY ALL ORDER BY ALL"
+        ).fetchall()
+    if not rows:
+        click.echo("the dead-letter queue is empty")
+        return
+    click.echo(f"{'batch':<24}{'stage':<12}{'reason':<18}{'pending':>9}{'replayed':>10}  last")
+    for batch_id, stage, reason, pending, replayed, last in rows:
+        click.echo(
+            f"{batch_id:<24}{stage:<12}{reason:<18}{pending:>9,}{replayed:>10,}  {last:%Y-%m-%d %H:%M}"
+        )
+
+
+@dlq.command("show")
+@click.argument("batch_id")
+@click.option("--limit", default=20, show_default=True, help="Rows to show.")
+@click.option("--all", "show_all", is_flag=True, help="Replayed dead letters too.")
+def dlq_show(batch_id: str, limit: int, show_all: bool) -> None:
+    """One batch's dead letters: record, reason, error, attempts, payload."""
+    pending_only = "" if show_all else " AND replayed_at IS NULL"
+    with _warehouse().get_connection() as conn:
+        rows = conn.execute(
+            "SELECT record_key, stage, reason, attempts, error, payload, replayed_at"
+            f" FROM dead_letter WHERE batch_id = ?{pending_only} ORDER BY record_key LIMIT ?",
+            [batch_id, limit],
+        ).fetchall()
+    if not rows:
+        click.echo(f"{batch_id}: no {'' if show_all else 'pending '}dead letters")
+        return
+    for key, stage, reason, attempts, error, payload, replayed_at in rows:
+        state = f"replayed {replayed_at:%Y-%m-%d %H:%M}" if replayed_at else "pending"
+        click.echo(f"{key}  {stage}  {reason}  attempts={attempts}  {state}")
+        click.echo(f"    error:   {error}")
+        click.echo(f"    payload: {payload}")
+
+
+@dlq.command("replay")
+@click.argument("batch_id")
+def dlq_replay(batch_id: str) -> None:
+    """Re-run BATCH_ID's pending dead letters through inference (dead_letter_replay_job)."""
+    from pipeline_project.instance import ensure_dagster_home
+
+    ensure_dagster_home()
+    import dagster as dg
+
+    from pipeline_project.definitions import build_definitions
+    from pipeline_project.partitions import batches as batch_partitions
+
+    with dg.DagsterInstance.get() as instance:
+        if batch_id not in instance.get_dynamic_partitions(batch_partitions.name):
+            click.echo(f"{batch_id}: no such batch", err=True)
+            sys.exit(2)
+        result = (
+            build_definitions()
+            .resolve_job_def("dead_letter_replay_job")
+            .execute_in_process(partition_key=batch_id, instance=instance, raise_on_error=False)
+        )
+    figures = _metadata(result, "customer_embeddings", "customer_embeddings")
+    if not result.success:
+        click.echo(f"{batch_id}: replay failed (see the run {result.run_id} in the UI)", err=True)
+        sys.exit(1)
+    click.echo(
+        f"{batch_id}: {figures['replay_candidates']:,} pending, {figures['replayed']:,} replayed,"
+        f" {figures['still_dead_lettered']:,} still dead-lettered"
+        f" ({figures['model_calls']:,} model calls)"
+    )
+
+
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ import dagster as dg
 
 from pipeline_project.assets.catalog import product_catalog
 from pipeline_project.assets.health import pipeline_health
-from pipeline_project.assets.inference import customer_embeddings
+from pipeline_project.assets.inference import InferenceConfig, customer_embeddings
 from pipeline_project.assets.ingestion import raw_customers
 from pipeline_project.assets.recommendations import (
     product_embeddings,
@@ -52,6 +52,14 @@ batch_pipeline_job = dg.define_asset_job(
     "batch_pipeline_job",
     selection=dg.AssetSelection.assets(*BATCH_ASSETS),
     description="Every stage of one batch, ingestion to the last stage.",
+)
+# Launch it for a batch (UI or `pipeline-project dlq replay`) once the cause of its dead
+# letters is fixed; automation then refreshes the batch's downstream stages.
+dead_letter_replay_job = dg.define_asset_job(
+    "dead_letter_replay_job",
+    selection=dg.AssetSelection.assets(customer_embeddings),
+    config=dg.RunConfig(ops={"customer_embeddings": InferenceConfig(replay_dead_letters=True)}),
+    description="Re-run one batch's dead-lettered customers through inference and merge them in.",
 )
 catalog_job = dg.define_asset_job(
     "catalog_job",
@@ -167,6 +175,7 @@ def build_definitions(
         jobs=[
             batch_ingestion_job,
             batch_pipeline_job,
+            dead_letter_replay_job,
             catalog_job,
             segment_model_job,
             pipeline_health_job,

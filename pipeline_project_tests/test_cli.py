@@ -103,3 +103,57 @@ def test_demo_exits_non_zero_and_says_which_batch_stopped(tmp_path):
         if ln.startswith(("bad", "good")) and ln.split()[1] in ("ok", "FAILED")
     }
     assert rows == {"bad": "FAILED", "good": "ok"}
+
+
+@pytest.mark.slow
+def test_dlq_list_show_and_replay_through_the_cli_against_a_real_openai_server(tmp_path):
+    from pipeline_project_tests.openai_servers import FaultyEmbeddingsServer, Rule
+    from pipeline_project_tests.test_inference import FAKE_KEY, buyer
+
+    from pipeline_project.core.sample_data import write_catalog
+
+    landing, catalog = tmp_path / "landing", tmp_path / "catalog.csv"
+    write_catalog(catalog, seed=1)
+    write_lines(landing / "b1.jsonl", [
+        buyer(i, c) for i, c in enumerate(["books", "garden", "toys", "grocery"] * 2)
+    ])  # fmt: skip
+    env = {
+        "PIPELINE_LANDING_DIR": str(landing),
+        "PIPELINE_CATALOG_PATH": str(catalog),
+        "PIPELINE_EMBEDDING_BACKEND": "openai",
+        "PIPELINE_OPENAI_API_KEY": FAKE_KEY,
+        "PIPELINE_EMBEDDING_MODEL": "test-embed",
+        "PIPELINE_EMBEDDING_DIMENSIONS": "8",
+        "PIPELINE_OPENAI_MAX_BATCH_SIZE": "1",
+    }
+    # one of the four customer profiles fails (the breaker trips above 25% of chunks)
+    outage = FaultyEmbeddingsServer(rules=[Rule("500", contains="mostly garden")])
+    with outage.running() as url:
+        env["PIPELINE_OPENAI_BASE_URL"] = url
+        demo = cli("demo", cwd=tmp_path, env=env)
+        empty_replay = cli("dlq", "replay", "nope", cwd=tmp_path, env=env)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert empty_replay.returncode == 2 and "nope: no such batch" in empty_replay.stderr
+
+    listed = cli("dlq", "list", cwd=tmp_path, env=env)
+    [row] = [ln.split() for ln in listed.stdout.splitlines() if ln.startswith("b1 ")]
+    assert row[:5] == ["b1", "inference", "inference_failed", "2", "0"]
+    shown = cli("dlq", "show", "b1", cwd=tmp_path, env=env).stdout
+    assert shown.count("inference_failed  attempts=3  pending") == 2
+    assert "InternalServerError" in shown and "garden" in shown and FAKE_KEY not in shown
+
+    healthy = FaultyEmbeddingsServer()
+    with healthy.running() as url:
+        env["PIPELINE_OPENAI_BASE_URL"] = url
+        first = cli("dlq", "replay", "b1", cwd=tmp_path, env=env)
+        second = cli("dlq", "replay", "b1", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "b1: 2 pending, 2 replayed, 0 still dead-lettered (1 model calls)" in first.stdout
+    assert "b1: 0 pending, 0 replayed, 0 still dead-lettered (0 model calls)" in second.stdout
+    assert len(healthy.requests) == 1 and "garden" in healthy.requests[0].texts[0]
+    row = [ln.split() for ln in cli("dlq", "list", cwd=tmp_path, env=env).stdout.splitlines()
+           if ln.startswith("b1 ")][0]  # fmt: skip
+    assert row[3:5] == ["0", "2"]
+    assert "no pending dead letters" in cli("dlq", "show", "b1", cwd=tmp_path, env=env).stdout
+    db = tmp_path / "data" / "warehouse.duckdb"
+    assert len(table_rows(db, "customer_embeddings", "b1")) == 8

@@ -406,3 +406,87 @@ def test_hashing_backend_is_deterministic_unit_length_and_keeps_similar_texts_cl
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(again[0], vectors[0])
     assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])
+
+
+# ---- dead-letter replay --------------------------------------------------------------------
+
+
+def replay(settings, instance, embedder):
+    defs = build_definitions(settings, embedder=embedder)
+    config = {**FAST_RETRIES, "replay_dead_letters": True, "max_failed_chunk_share": 1.0}
+    return defs.resolve_job_def("dead_letter_replay_job").execute_in_process(
+        partition_key="b1",
+        instance=instance,
+        run_config={"ops": {"customer_embeddings": {"config": config}}},
+        raise_on_error=False,
+    )
+
+
+EMBEDDINGS_SQL = "SELECT * FROM customer_embeddings ORDER BY customer_id"
+DEAD_SQL = (
+    "SELECT record_key, reason, attempts, replayed_at IS NOT NULL FROM dead_letter ORDER BY 1"
+)
+
+
+def test_replay_sends_only_the_dead_letters_merges_them_once_and_marks_them(
+    settings, instance, four_profiles, api_key
+):
+    outage = FaultyEmbeddingsServer(rules=[Rule("500", contains="garden")])
+    with outage.running() as url:
+        first = materialize(
+            settings, instance, openai_embedder(url, max_batch_size=1),
+            config={"max_failed_chunk_share": 0.5},
+        )  # fmt: skip
+    assert first.success and embedding_metadata(first)["dead_lettered"] == 2
+    before = rows(settings, EMBEDDINGS_SQL)
+
+    still_down = FaultyEmbeddingsServer(rules=[Rule("500", contains="garden")])
+    with still_down.running() as url:
+        failed_again = replay(settings, instance, openai_embedder(url))
+    assert failed_again.success
+    assert embedding_metadata(failed_again)["still_dead_lettered"] == 2
+    assert [r[1:] for r in rows(settings, DEAD_SQL)] == [("inference_failed", 6, False)] * 2
+    assert rows(settings, EMBEDDINGS_SQL) == before
+
+    healthy = FaultyEmbeddingsServer()
+    with healthy.running() as url:
+        replayed = replay(settings, instance, openai_embedder(url))
+        again = replay(settings, instance, openai_embedder(url))
+    assert replayed.success and again.success
+    # one distinct profile text (the two garden customers share it), nothing else re-sent
+    assert [r.texts for r in healthy.requests] == [[t for (t,) in rows(
+        settings, "SELECT DISTINCT payload FROM dead_letter")]]  # fmt: skip
+    meta = embedding_metadata(replayed)
+    assert (meta["replay_candidates"], meta["replayed"], meta["still_dead_lettered"]) == (2, 2, 0)
+    after = rows(settings, EMBEDDINGS_SQL)
+    assert len(after) == 8 and set(before) < set(after)
+    assert [r[3] for r in rows(settings, DEAD_SQL)] == [True, True]
+    checks = {e.check_name: e.passed for e in replayed.get_asset_check_evaluations()}
+    assert checks == {
+        "every_customer_embedded_or_dead_lettered": True,
+        "embedding_dead_letter_share_below_threshold": True,
+    }
+
+    second = embedding_metadata(again)
+    assert (second["replay_candidates"], second["model_calls"]) == (0, 0)
+    assert rows(settings, EMBEDDINGS_SQL) == after
+    assert [r[3] for r in rows(settings, DEAD_SQL)] == [True, True]
+
+
+def test_replay_refuses_a_different_model_than_the_batch_was_embedded_with(
+    settings, instance, four_profiles, api_key
+):
+    outage = FaultyEmbeddingsServer(rules=[Rule("500", contains="garden")])
+    with outage.running() as url:
+        assert materialize(
+            settings, instance, openai_embedder(url, max_batch_size=1),
+            config={"max_failed_chunk_share": 0.5},
+        ).success  # fmt: skip
+    healthy = FaultyEmbeddingsServer()
+    with healthy.running() as url:
+        result = replay(settings, instance, openai_embedder(url, model="other-embed"))
+    assert not result.success
+    error = result.get_step_failure_events()[0].event_specific_data.error.to_string()
+    assert "materialize the whole batch instead" in error
+    assert healthy.requests == []
+    assert [r[3] for r in rows(settings, DEAD_SQL)] == [False, False]

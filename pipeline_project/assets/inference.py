@@ -64,6 +64,11 @@ class InferenceConfig(dg.Config):
     cache_flush_texts: int = Field(
         default=512, description="Write new vectors to the cache every this many texts."
     )
+    replay_dead_letters: bool = Field(
+        default=False,
+        description="Re-run only this batch's dead-lettered customers not replayed yet, merge"
+        " them in and mark them replayed; the rest of the batch is left as it is.",
+    )
 
 
 @dg.asset(
@@ -88,6 +93,9 @@ def customer_embeddings(
     """Each valid customer's profile text and the key of its embedding in embedding_cache;
     customers whose embedding failed are in dead_letter instead."""
     batch_id = context.partition_key
+    if config.replay_dead_letters:
+        yield from replay_dead_letters(context, config, warehouse, embedder)
+        return
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
     params = {"batch_id": batch_id, "model": model, "dimensions": dimensions}
     started = time.perf_counter()
@@ -109,14 +117,7 @@ def customer_embeddings(
 
         outcome = embed_into_cache(context, warehouse, embedder, missing, config, label=batch_id)
 
-        failures = pa.table(
-            {
-                "text_hash": pa.array(list(outcome.failures), pa.string()),
-                "reason": pa.array([f.reason for f in outcome.failures.values()], pa.string()),
-                "error": pa.array([f.error for f in outcome.failures.values()], pa.string()),
-                "attempts": pa.array([f.attempts for f in outcome.failures.values()], pa.int32()),
-            }
-        )
+        failures = _failures_table(outcome)
         with warehouse.replace_batch(
             [CUSTOMER_EMBEDDINGS], batch_id, dead_letter_stage=INFERENCE_STAGE
         ) as conn:
@@ -142,10 +143,7 @@ def customer_embeddings(
                     [batch_id, INFERENCE_STAGE],
                 ).fetchall()
             )
-            [(dead_letter_total,)] = conn.execute(
-                "SELECT count(*) FROM dead_letter WHERE stage = ? AND replayed_at IS NULL",
-                [INFERENCE_STAGE],
-            ).fetchall()
+            dead_letter_total = _pending_dead_letters(conn)
     seconds = time.perf_counter() - started
     with warehouse.get_connection() as conn:
         checks = embedding_check_results(
@@ -183,6 +181,144 @@ def customer_embeddings(
         metadata["tokens"] = outcome.tokens
     yield dg.MaterializeResult(metadata=metadata)
     yield from checks
+
+
+def _pending_dead_letters(conn) -> int:
+    """Dead-lettered customers of every batch that wait for a replay."""
+    [(total,)] = conn.execute(
+        "SELECT count(*) FROM dead_letter WHERE stage = ? AND replayed_at IS NULL",
+        [INFERENCE_STAGE],
+    ).fetchall()
+    return total
+
+
+# The batch's dead-lettered customers waiting for a replay, with the profile they had.
+_REPLAY_SQL = """
+SELECT c.line_no, c.customer_id, d.payload AS profile_text, md5(d.payload) AS text_hash
+FROM dead_letter AS d
+JOIN customers AS c ON c.batch_id = d.batch_id AND c.customer_id::VARCHAR = d.record_key
+WHERE d.batch_id = $batch_id AND d.stage = $stage AND d.replayed_at IS NULL
+  AND d.payload IS NOT NULL
+"""
+_REPLAY_MISSING_SQL = """
+SELECT DISTINCT text_hash, profile_text FROM replay AS r
+WHERE NOT EXISTS (
+    SELECT 1 FROM embedding_cache AS c
+    WHERE c.model = $model AND c.dimensions = $dimensions AND c.text_hash = r.text_hash)
+ORDER BY text_hash
+"""
+# Idempotent merge: customers now in the cache get their row (once) and are marked replayed;
+# the others keep their dead letter, with the replay's error and attempts added.
+_MERGE_REPLAYED_SQL = """
+INSERT INTO customer_embeddings
+SELECT $batch_id, r.line_no, r.customer_id, $model, $dimensions, r.text_hash, r.profile_text
+FROM replay AS r
+JOIN embedding_cache AS c
+  ON c.model = $model AND c.dimensions = $dimensions AND c.text_hash = r.text_hash
+WHERE NOT EXISTS (
+    SELECT 1 FROM customer_embeddings AS e
+    WHERE e.batch_id = $batch_id AND e.customer_id = r.customer_id)
+"""
+_MARK_REPLAYED_SQL = """
+UPDATE dead_letter SET replayed_at = now()
+WHERE batch_id = $batch_id AND stage = $stage AND replayed_at IS NULL
+  AND record_key IN (
+      SELECT customer_id::VARCHAR FROM customer_embeddings WHERE batch_id = $batch_id)
+"""
+_STILL_FAILING_SQL = """
+UPDATE dead_letter AS d
+SET reason = f.reason, error = f.error, attempts = d.attempts + f.attempts, created_at = now()
+FROM replay AS r JOIN replay_failures AS f USING (text_hash)
+WHERE d.batch_id = $batch_id AND d.stage = $stage AND d.replayed_at IS NULL
+  AND d.record_key = r.customer_id::VARCHAR
+"""
+
+
+def replay_dead_letters(
+    context: dg.AssetExecutionContext,
+    config: InferenceConfig,
+    warehouse: Warehouse,
+    embedder: Embedder,
+):
+    """The dead-letter replay of one batch: only its pending dead-lettered customers go to the
+    model again; a second replay finds none and changes nothing."""
+    batch_id = context.partition_key
+    model, dimensions = embedder.model_id(), embedder.output_dimensions()
+    params = {"batch_id": batch_id, "model": model, "dimensions": dimensions}
+    keys = {"batch_id": batch_id, "stage": INFERENCE_STAGE}
+    started = time.perf_counter()
+    with warehouse.get_connection() as conn:
+        used = {
+            m for (m,) in conn.execute(
+                "SELECT DISTINCT model || '/' || dimensions FROM customer_embeddings"
+                " WHERE batch_id = ?", [batch_id],
+            ).fetchall()
+        }  # fmt: skip
+        if used - {f"{model}/{dimensions}"}:
+            raise dg.Failure(
+                description=f"{batch_id} was embedded with {sorted(used)}, the replay would use"
+                f" {model}/{dimensions}: materialize the whole batch instead",
+                allow_retries=False,
+            )
+        replay = conn.sql(_REPLAY_SQL, params=keys).to_arrow_table()
+        conn.register("replay", replay)
+        missing = conn.execute(
+            _REPLAY_MISSING_SQL, {"model": model, "dimensions": dimensions}
+        ).fetchall()
+        conn.unregister("replay")
+    context.log.info(
+        f"{batch_id}: replaying {replay.num_rows:,} dead-lettered customers,"
+        f" {len(missing):,} texts for {model}"
+    )
+    outcome = embed_into_cache(context, warehouse, embedder, missing, config, label=batch_id)
+    failures = _failures_table(outcome)
+    with warehouse.transaction() as conn:
+        conn.register("replay", replay)
+        conn.register("replay_failures", failures)
+        conn.execute(_MERGE_REPLAYED_SQL, params)
+        [(replayed,)] = conn.execute(_MARK_REPLAYED_SQL, keys).fetchall()
+        conn.execute(_STILL_FAILING_SQL, keys)
+        conn.unregister("replay")
+        conn.unregister("replay_failures")
+        [(embedded, still_dead)] = conn.execute(
+            "SELECT (SELECT count(*) FROM customer_embeddings WHERE batch_id = $batch_id),"
+            " (SELECT count(*) FROM dead_letter WHERE batch_id = $batch_id AND stage = $stage"
+            " AND replayed_at IS NULL)",
+            keys,
+        ).fetchall()
+        dead_letter_total = _pending_dead_letters(conn)
+    with warehouse.get_connection() as conn:
+        checks = embedding_check_results(
+            conn, batch_id, INFERENCE_STAGE, config.dead_letter_threshold
+        )
+    yield dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": embedded,
+            "mode": "dead-letter replay",
+            "replay_candidates": replay.num_rows,
+            "replayed": replayed,
+            "still_dead_lettered": still_dead,
+            "dead_letter_total": dead_letter_total,
+            "texts_embedded": len(outcome.vectors),
+            "model_calls": outcome.model_calls,
+            "model": model,
+            "dimensions": dimensions,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    )
+    yield from checks
+
+
+def _failures_table(outcome: InferenceOutcome) -> pa.Table:
+    """The texts the model failed on, with reason, error and attempts."""
+    return pa.table(
+        {
+            "text_hash": pa.array(list(outcome.failures), pa.string()),
+            "reason": pa.array([f.reason for f in outcome.failures.values()], pa.string()),
+            "error": pa.array([f.error for f in outcome.failures.values()], pa.string()),
+            "attempts": pa.array([f.attempts for f in outcome.failures.values()], pa.int32()),
+        }
+    )
 
 
 _PROFILE_SCHEMA = pa.schema(

@@ -17,7 +17,8 @@ EMBEDDING_CHECK_SPECS = [
         asset="customer_embeddings",
         blocking=True,
         partitions_def=batches,
-        description="Each valid customer has an embedding or a dead-letter record, never both.",
+        description="Each valid customer has an embedding or a pending dead-letter record (one"
+        " not replayed yet), never both.",
     ),
     dg.AssetCheckSpec(
         DEAD_LETTER_SHARE_BELOW_THRESHOLD,
@@ -31,7 +32,8 @@ _COUNTS_SQL = """
 SELECT
     (SELECT count(*) FROM customers WHERE batch_id = $b) AS customers,
     (SELECT count(*) FROM customer_embeddings WHERE batch_id = $b) AS embedded,
-    (SELECT count(*) FROM dead_letter WHERE batch_id = $b AND stage = $stage) AS dead_lettered
+    (SELECT count(*) FROM dead_letter
+     WHERE batch_id = $b AND stage = $stage AND replayed_at IS NULL) AS dead_lettered
 """
 
 
@@ -47,7 +49,7 @@ def embedding_check_results(
         destinations=[
             "SELECT customer_id FROM customer_embeddings WHERE batch_id = $b",
             "SELECT record_key::UUID AS customer_id FROM dead_letter"
-            " WHERE batch_id = $b AND stage = $stage",
+            " WHERE batch_id = $b AND stage = $stage AND replayed_at IS NULL",
         ],
         params=params,
     )

@@ -130,3 +130,20 @@ def test_sensor_is_running_by_default_and_targets_the_ingestion_job(defs):
     sensor = defs.resolve_sensor_def("landing_batches_sensor")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert sensor.job_name == "batch_ingestion_job"
+
+
+def test_a_symbolic_link_is_reported_and_never_read(defs, instance, resources, settings, tmp_path):
+    secret = write_lines(tmp_path / "outside" / "secret.jsonl", [customer()])
+    settings.landing_dir.mkdir(parents=True, exist_ok=True)
+    (settings.landing_dir / "b009.jsonl").symlink_to(secret)
+    result = tick(defs, instance, resources)
+    assert result.run_requests == [] and instance.get_dynamic_partitions("batches") == []
+    [(monitor, key, _, message)] = alerts(settings)
+    assert (monitor, key) == ("landing_file_name", "landing_file_name:b009.jsonl")
+    assert "symbolic link" in message
+
+    launched = run_batch(defs, instance, "b009")  # launched by hand, e.g. from the UI
+    assert not launched.success
+    error = launched.get_step_failure_events()[0].event_specific_data.error.message
+    assert "symbolic link" in error
+    assert not (settings.duckdb_path.parent / "warehouse.duckdb.files").exists()  # nothing read

@@ -106,8 +106,8 @@ def _ingest(
     batch_id = context.partition_key
     try:
         landing_file = landing.batch_file(batch_id)
-    except (FileNotFoundError, FileExistsError) as err:
-        # Retrying cannot bring a file back: fail at once with the reason.
+    except (FileNotFoundError, FileExistsError, ValueError) as err:
+        # Missing, ambiguous or not a regular file: a retry cannot fix it; fail with the reason.
         raise dg.Failure(description=str(err), allow_retries=False) from err
     started = time.perf_counter()
 

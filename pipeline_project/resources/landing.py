@@ -66,10 +66,15 @@ class LandingZone(dg.ConfigurableResource):
         with os.scandir(root) as entries:
             for entry in entries:
                 # Dot-files are uploads in progress by convention (write, then rename into place).
-                if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                if entry.name.startswith("."):
                     continue
                 stat = entry.stat(follow_symlinks=False)
                 fingerprint = f"{stat.st_size}-{stat.st_mtime_ns}"
+                if entry.is_symlink():
+                    rejected.append(RejectedFile(entry.name, _SYMLINK, fingerprint))
+                    continue
+                if not entry.is_file(follow_symlinks=False):
+                    continue
                 batch_id = batch_id_for_file_name(entry.name)
                 if batch_id is None:
                     rejected.append(
@@ -96,6 +101,8 @@ class LandingZone(dg.ConfigurableResource):
         found = []
         for suffix in BATCH_FILE_SUFFIXES:
             path = Path(self.path) / f"{batch_id}{suffix}"
+            if path.is_symlink():
+                raise ValueError(f"{path}: {_SYMLINK}")
             if path.is_file():
                 stat = path.stat()
                 found.append(LandingFile(batch_id, path, stat.st_size, stat.st_mtime_ns))
@@ -108,6 +115,10 @@ class LandingZone(dg.ConfigurableResource):
             names = ", ".join(f.path.name for f in found)
             raise FileExistsError(f"batch {batch_id!r} has more than one landing file: {names}")
         return found[0]
+
+
+# A link could point anywhere on the machine: only regular files in the folder are read.
+_SYMLINK = "a symbolic link: a batch file must be a regular file in the landing folder"
 
 
 def _name_problem(name: str) -> str:

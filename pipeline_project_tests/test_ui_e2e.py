@@ -1,0 +1,314 @@
+"""End to end through the real UI path: `dagster dev` (webserver + daemon) on 127.0.0.1 with a
+temporary Dagster home and DuckDB file, driven through the GraphQL API the UI uses."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from pipeline_project.core.sample_data import generate_batch, write_catalog
+from pipeline_project.instance import write_instance_yaml
+from pipeline_project.resources import Warehouse
+from pipeline_project.resources.warehouse import AlertStore
+from pipeline_project.settings import Settings
+
+CLI = Path(sys.executable).parent / "pipeline-project"
+BATCH_TABLES = ["customers", "customer_embeddings", "customer_segments", "recommendations"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, from /proc (children of children included)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(text.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class DagsterDev:
+    def __init__(self, url: str, proc: subprocess.Popen, settings: Settings):
+        self.url, self.proc, self.settings = url, proc, settings
+
+    def graphql(self, query: str, **variables) -> dict:
+        request = urllib.request.Request(
+            f"{self.url}/graphql",
+            data=json.dumps({"query": query, "variables": variables}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            body = json.load(response)
+        assert "errors" not in body, body["errors"]
+        return body["data"]
+
+    def runs(self) -> list[dict]:
+        data = self.graphql(
+            "{ runsOrError { ... on Runs { results { runId status jobName"
+            " tags { key value } } } } }"
+        )
+        runs = data["runsOrError"]["results"]
+        for run in runs:
+            run["tags"] = {t["key"]: t["value"] for t in run.pop("tags")}
+        return runs
+
+    def idle(self) -> bool:
+        active = {"QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"}
+        return not any(run["status"] in active for run in self.runs())
+
+    def asset_node(self, asset: str, fields: str) -> dict:
+        query = (
+            "query($path: [String!]!) { assetNodeOrError(assetKey: {path: $path})"
+            f" {{ ... on AssetNode {{ {fields} }} }} }}"
+        )
+        return self.graphql(query, path=[asset])["assetNodeOrError"]
+
+    def materialized(self, asset: str, partitions: list[str]) -> list[str]:
+        node = self.graphql(
+            "query($path: [String!]!, $parts: [String!]!) { assetNodeOrError(assetKey:"
+            " {path: $path}) { ... on AssetNode { latestMaterializationByPartition("
+            "partitions: $parts) { partition } } } }",
+            path=[asset],
+            parts=partitions,
+        )["assetNodeOrError"]
+        return sorted(m["partition"] for m in node["latestMaterializationByPartition"] if m)
+
+
+def wait_for(what: str, condition: Callable[[], object], timeout: float = 300) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(2)
+
+
+def stop(proc: subprocess.Popen) -> set[int]:
+    """Stop dagster dev by its PID, then any child still alive by its own PID."""
+    children = descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        left = {pid for pid in children if alive(pid)}
+        for pid in left:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in left) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return children
+
+
+@pytest.fixture
+def dagster_dev(tmp_path: Path) -> Iterator[DagsterDev]:
+    home = tmp_path / "dagster_home"
+    write_instance_yaml(home)
+    settings = Settings(
+        landing_dir=tmp_path / "landing",
+        duckdb_path=tmp_path / "data" / "warehouse.duckdb",
+        alerts_duckdb_path=tmp_path / "data" / "alerts.duckdb",
+        catalog_path=tmp_path / "data" / "catalog.csv",
+        duckdb_memory_limit="256MB",
+    )
+    # Two good batches and a bad one (error rate above the hard ceiling) are in the landing
+    # folder when the user starts the UI: the sensor's first tick finds them.
+    catalog = write_catalog(settings.catalog_path, seed=1)
+    for number, bad_rate in ((1, 0.03), (2, 0.03), (3, 0.9)):
+        generate_batch(settings.landing_dir / f"b00{number}.jsonl", 300, bad_rate, number, catalog)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "DAGSTER_"))}
+    env = {
+        **base,
+        "DAGSTER_HOME": str(home),
+        "PIPELINE_LANDING_DIR": str(settings.landing_dir),
+        "PIPELINE_DUCKDB_PATH": str(settings.duckdb_path),
+        "PIPELINE_ALERTS_DUCKDB_PATH": str(settings.alerts_duckdb_path),
+        "PIPELINE_CATALOG_PATH": str(settings.catalog_path),
+        "PIPELINE_DUCKDB_MEMORY_LIMIT": settings.duckdb_memory_limit,
+        "PIPELINE_EMBEDDING_BACKEND": "hashing",  # the model's speed is not under test here
+        "PIPELINE_ALERT_SENSOR_INTERVAL_SECONDS": "5",
+    }
+    port = free_port()
+    log = (tmp_path / "dagster_dev.log").open("w")
+    # the product's own command, with its default host: it becomes `dagster dev` (same PID)
+    proc = subprocess.Popen(
+        [str(CLI), "ui", "--port", str(port)],
+        cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    dev = DagsterDev(f"http://127.0.0.1:{port}", proc, settings)
+    try:
+        wait_for("the webserver", lambda: _answers(dev.url), timeout=120)
+        assert listening_addresses(port) == {"127.0.0.1"}  # loopback only, by default
+        yield dev
+    finally:
+        children = stop(proc)
+        log.close()
+        assert proc.returncode is not None
+        assert not any(alive(pid) for pid in children), "a child of dagster dev is still running"
+        assert listening_addresses(port) == set()  # nothing listens on the port any more
+        with duckdb.connect(str(settings.duckdb_path)) as conn:  # no lock left on the file
+            conn.execute("SELECT 1").fetchall()
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses with a listening TCP socket on `port` (from /proc/net)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                if len(address) == 8:
+                    found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1]))
+                else:
+                    words = [bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, 32, 8)]
+                    found.add(socket.inet_ntop(socket.AF_INET6, b"".join(words)))
+    return found
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/server_info", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def batch_tables(settings: Settings) -> dict[str, list[tuple]]:
+    """The good batches' rows (load timestamps left out), read while the daemon may write."""
+    warehouse = Warehouse(database=str(settings.duckdb_path))
+    tables = {}
+    with warehouse.get_connection() as conn:
+        for table in BATCH_TABLES:
+            columns = [
+                name for name, kind, *_ in conn.execute(f"DESCRIBE {table}").fetchall()
+                if "TIMESTAMP WITH TIME ZONE" not in kind or name in ("created_at",)
+            ]  # fmt: skip
+            tables[table] = conn.execute(
+                f"SELECT {', '.join(columns)} FROM {table}"
+                " WHERE batch_id IN ('b001', 'b002') ORDER BY ALL"
+            ).fetchall()
+    return tables
+
+
+@pytest.mark.slow
+def test_landing_automation_backfill_bad_batch_checks_and_freshness_through_the_ui(dagster_dev):
+    dev, settings = dagster_dev, dagster_dev.settings
+
+    # the landing sensor registers the batches and runs them; automation carries the good ones
+    # to validated recommendations
+    good = ["b001", "b002"]
+    wait_for(
+        "validated recommendations of b001 and b002, and no run in progress",
+        lambda: dev.materialized("validated_recommendations", good) == good and dev.idle(),
+    )
+    ingestion = {
+        run["tags"]["dagster/partition"]: run["status"]
+        for run in dev.runs()
+        if run["jobName"] == "batch_ingestion_job"
+    }
+    assert ingestion == {"b001": "SUCCESS", "b002": "SUCCESS", "b003": "FAILURE"}
+    automated = [r for r in dev.runs() if r["tags"].get("dagster/sensor_name") ==
+                 "pipeline_automation_sensor"]  # fmt: skip
+    assert automated and all(r["status"] == "SUCCESS" for r in automated)
+    assert {r["tags"]["dagster/partition"] for r in automated} == set(good)
+
+    # the bad batch: the blocking check failed, nothing downstream ran, an alert row is stored
+    checks = dev.asset_node(
+        "customers",
+        "assetChecksOrError { ... on AssetChecks { checks { name partitionStatuses {"
+        " ... on AssetCheckDefaultPartitionStatuses { succeededPartitions failedPartitions }"
+        " } } } }",
+    )["assetChecksOrError"]["checks"]
+    statuses = {c["name"]: c["partitionStatuses"] for c in checks}
+    ceiling = statuses["schema_error_rate_below_hard_ceiling"]
+    assert sorted(ceiling["succeededPartitions"]) == good
+    assert ceiling["failedPartitions"] == ["b003"]
+    assert sorted(statuses["rows_conserved"]["succeededPartitions"]) == ["b001", "b002", "b003"]
+    assert dev.materialized("customer_embeddings", ["b003"]) == []
+    alerts = wait_for("an alert for b003", lambda: _alerts_for(settings, "b003"), timeout=120)
+    assert any("b003" in message for _, message in alerts)
+
+    # freshness, as the UI's asset page shows it
+    freshness = wait_for(
+        "a freshness state",
+        lambda: _freshness(dev, "raw_customers"),
+        timeout=120,
+    )
+    assert freshness == "HEALTHY"
+
+    # a backfill of one stage for both batches, as the UI's backfill dialog launches it
+    before = batch_tables(settings)
+    launched = dev.graphql(
+        "mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams:"
+        " $params) { __typename ... on LaunchBackfillSuccess { backfillId }"
+        " ... on PythonError { message } } }",
+        params={"partitionNames": good, "assetSelection": [{"path": ["customer_segments"]}]},
+    )["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    status = wait_for(
+        "the backfill to finish",
+        lambda: _backfill_status(dev, launched["backfillId"]),
+    )
+    assert status == "COMPLETED_SUCCESS"
+    backfill_runs = [r for r in dev.runs() if r["tags"].get("dagster/backfill") ==
+                     launched["backfillId"]]  # fmt: skip
+    assert {r["tags"]["dagster/partition"] for r in backfill_runs} == set(good)
+    assert all(r["status"] == "SUCCESS" for r in backfill_runs)
+    assert batch_tables(settings) == before
+
+
+def _alerts_for(settings: Settings, batch_id: str) -> list[tuple]:
+    if not settings.alerts_duckdb_path.exists():
+        return []
+    with AlertStore(database=str(settings.alerts_duckdb_path)).get_connection() as conn:
+        return conn.execute(
+            "SELECT monitor, message FROM alerts WHERE message LIKE '%' || ? || '%'", [batch_id]
+        ).fetchall()
+
+
+def _freshness(dev: DagsterDev, asset: str) -> str | None:
+    info = dev.asset_node(asset, "freshnessStatusInfo { freshnessStatus }")
+    state = (info.get("freshnessStatusInfo") or {}).get("freshnessStatus")
+    return None if state in (None, "UNKNOWN") else state
+
+
+def _backfill_status(dev: DagsterDev, backfill_id: str) -> str | None:
+    status = dev.graphql(
+        "query($id: String!) { partitionBackfillOrError(backfillId: $id) {"
+        " ... on PartitionBackfill { status } } }",
+        id=backfill_id,
+    )["partitionBackfillOrError"]["status"]
+    return None if status in ("REQUESTED",) else status

@@ -221,7 +221,8 @@ def dlq_list() -> None:
     click.echo(f"{'batch':<24}{'stage':<12}{'reason':<18}{'pending':>9}{'replayed':>10}  last")
     for batch_id, stage, reason, pending, replayed, last in rows:
         click.echo(
-            f"{batch_id:<24}{stage:<12}{reason:<18}{pending:>9,}{replayed:>10,}  {last:%Y-%m-%d %H:%M}"
+            f"{batch_id:<24}{stage:<12}{reason:<18}{pending:>9,}{replayed:>10,}"
+            f"  {last:%Y-%m-%d %H:%M}"
         )
 
 

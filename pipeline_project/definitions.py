@@ -9,7 +9,7 @@ import dagster as dg
 
 from pipeline_project.assets.catalog import product_catalog
 from pipeline_project.assets.health import pipeline_health
-from pipeline_project.assets.inference import InferenceConfig, customer_embeddings
+from pipeline_project.assets.inference import DEAD_LETTER_REPLAY_TAG, customer_embeddings
 from pipeline_project.assets.ingestion import raw_customers
 from pipeline_project.assets.recommendations import (
     product_embeddings,
@@ -58,7 +58,7 @@ batch_pipeline_job = dg.define_asset_job(
 dead_letter_replay_job = dg.define_asset_job(
     "dead_letter_replay_job",
     selection=dg.AssetSelection.assets(customer_embeddings),
-    config=dg.RunConfig(ops={"customer_embeddings": InferenceConfig(replay_dead_letters=True)}),
+    tags={DEAD_LETTER_REPLAY_TAG: "true"},
     description="Re-run one batch's dead-lettered customers through inference and merge them in.",
 )
 catalog_job = dg.define_asset_job(

@@ -15,15 +15,20 @@ from pipeline_project.instance import INSTANCE_TEMPLATE
 from pipeline_project.settings import Settings
 
 
+def settings_in(root: Path, duckdb_memory_limit: str = "512MB") -> Settings:
+    """The project's settings with every file in `root`."""
+    return Settings(
+        landing_dir=root / "landing",
+        duckdb_path=root / "warehouse.duckdb",
+        alerts_duckdb_path=root / "alerts.duckdb",
+        catalog_path=root / "catalog.csv",
+        duckdb_memory_limit=duckdb_memory_limit,
+    )
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        landing_dir=tmp_path / "landing",
-        duckdb_path=tmp_path / "warehouse.duckdb",
-        alerts_duckdb_path=tmp_path / "alerts.duckdb",
-        catalog_path=tmp_path / "catalog.csv",
-        duckdb_memory_limit="512MB",
-    )
+    return settings_in(tmp_path)
 
 
 @pytest.fixture

@@ -25,19 +25,9 @@ import dagster as dg
 
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources import Warehouse
-from pipeline_project.settings import Settings
+from pipeline_project_tests.conftest import settings_in
 
 STEPS = ["raw_customers", "customers", "customer_purchases", "schema_errors", "customer_embeddings"]
-
-
-def settings_for(root: Path) -> Settings:
-    return Settings(
-        landing_dir=root / "landing",
-        duckdb_path=root / "warehouse.duckdb",
-        alerts_duckdb_path=root / "alerts.duckdb",
-        catalog_path=root / "catalog.csv",
-        duckdb_memory_limit="256MB",
-    )
 
 
 def pause(root: Path) -> None:
@@ -92,7 +82,7 @@ def main() -> None:
     root, batch_id = Path(sys.argv[1]), sys.argv[2]
     if len(sys.argv) > 3:
         install_pause(root, sys.argv[3])
-    settings = settings_for(root)
+    settings = settings_in(root, duckdb_memory_limit="256MB")
     defs = build_definitions(settings)
     with dg.instance_for_test() as instance:  # a temporary Dagster home of its own
         instance.add_dynamic_partitions("batches", [batch_id])

@@ -143,9 +143,7 @@ def test_two_processes_write_different_batches_to_one_duckdb_file_at_the_same_ti
     first, second = child(root, "b001"), child(root, "b002")
     outputs = [p.communicate(timeout=300) for p in (first, second)]
     assert first.returncode == 0 and second.returncode == 0, [e[-3000:] for _, e in outputs]
-    spans = [
-        tuple(float(part.split("=")[1]) for part in out.split()[2:4]) for out, _ in outputs
-    ]
+    spans = [tuple(float(part.split("=")[1]) for part in out.split()[2:4]) for out, _ in outputs]
     assert max(s for s, _ in spans) < min(e for _, e in spans)  # the runs overlapped
 
     alone = make_root(tmp_path / "alone", 1000, seed=1)

@@ -19,9 +19,8 @@ from pipeline_project.core.validation import validate_batch
 from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.partitions import BATCH_ID_PATTERN, batch_id_for_file_name
 from pipeline_project.resources import Warehouse
-from pipeline_project.settings import Settings
 from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, SCHEMA_ERRORS
-from pipeline_project_tests.conftest import customer
+from pipeline_project_tests.conftest import customer, settings_in
 
 EXAMPLES = settings(
     max_examples=25,
@@ -161,11 +160,7 @@ def test_hostile_file_names_never_crash_the_sensor_and_only_valid_batches_run(na
     names = [n for n in names if n not in (".", "..") and len(os.fsencode(n)) <= 200]
     with tempfile.TemporaryDirectory() as tmp, dg.instance_for_test() as instance:
         root = Path(tmp)
-        settings_ = Settings(
-            landing_dir=root / "landing", duckdb_path=root / "w.duckdb",
-            alerts_duckdb_path=root / "alerts.duckdb", catalog_path=root / "catalog.csv",
-            duckdb_memory_limit="256MB",
-        )  # fmt: skip
+        settings_ = settings_in(root)
         settings_.landing_dir.mkdir()
         for name in names:
             (settings_.landing_dir / name).write_bytes(customer().encode() + b"\n")

@@ -429,7 +429,7 @@ def test_hashing_backend_is_deterministic_unit_length_and_keeps_similar_texts_cl
 
 def replay(settings, instance, embedder):
     defs = build_definitions(settings, embedder=embedder)
-    config = {**FAST_RETRIES, "replay_dead_letters": True, "max_failed_chunk_share": 1.0}
+    config = {**FAST_RETRIES, "max_failed_chunk_share": 1.0}
     return defs.resolve_job_def("dead_letter_replay_job").execute_in_process(
         partition_key="b1",
         instance=instance,

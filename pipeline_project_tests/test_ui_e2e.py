@@ -289,6 +289,30 @@ def test_landing_automation_backfill_bad_batch_checks_and_freshness_through_the_
     assert all(r["status"] == "SUCCESS" for r in backfill_runs)
     assert batch_tables(settings) == before
 
+    # the dead-letter replay job, launched for one batch as from the UI's launchpad (its
+    # default config selects the replay); b001 has no dead letters, so it changes nothing
+    launched = dev.graphql(
+        "mutation($params: ExecutionParams!) { launchRun(executionParams: $params) {"
+        " __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }"
+        " ... on RunConfigValidationInvalid { errors { message } } } }",
+        params={
+            "selector": {
+                "repositoryLocationName": "pipeline_project.definitions",
+                "repositoryName": "__repository__",
+                "jobName": "dead_letter_replay_job",
+            },
+            "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "b001"}]},
+        },
+    )["launchRun"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    run_id = launched["run"]["runId"]
+    status = wait_for("the replay run", lambda: _finished(dev, run_id), timeout=120)
+    assert status == "SUCCESS"
+    [replay] = [m for m in _materializations(dev, "customer_embeddings", "b001")
+                if m["runId"] == run_id]  # fmt: skip
+    assert replay["mode"] == "dead-letter replay" and replay["replay_candidates"] == 0
+    assert batch_tables(settings) == before
+
 
 def _alerts_for(settings: Settings, batch_id: str) -> list[tuple]:
     if not settings.alerts_duckdb_path.exists():
@@ -303,6 +327,27 @@ def _freshness(dev: DagsterDev, asset: str) -> str | None:
     info = dev.asset_node(asset, "freshnessStatusInfo { freshnessStatus }")
     state = (info.get("freshnessStatusInfo") or {}).get("freshnessStatus")
     return None if state in (None, "UNKNOWN") else state
+
+
+def _finished(dev: DagsterDev, run_id: str) -> str | None:
+    [run] = [r for r in dev.runs() if r["runId"] == run_id]
+    return run["status"] if run["status"] in ("SUCCESS", "FAILURE", "CANCELED") else None
+
+
+def _materializations(dev: DagsterDev, asset: str, partition: str) -> list[dict]:
+    """The partition's materializations: run ID and the metadata values."""
+    events = dev.graphql(
+        "query($path: [String!]!, $parts: [String!]!) { assetOrError(assetKey: {path: $path})"
+        " { ... on Asset { assetMaterializations(partitions: $parts) { runId metadataEntries {"
+        " label ... on TextMetadataEntry { text } ... on IntMetadataEntry { intValue } } } } } }",
+        path=[asset],
+        parts=[partition],
+    )["assetOrError"]["assetMaterializations"]
+    return [
+        {"runId": e["runId"], **{
+            m["label"]: m.get("text", m.get("intValue")) for m in e["metadataEntries"]}}
+        for e in events
+    ]  # fmt: skip
 
 
 def _backfill_status(dev: DagsterDev, backfill_id: str) -> str | None:

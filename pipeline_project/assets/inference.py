@@ -29,6 +29,10 @@ from pipeline_project.resources.warehouse import write_staged
 from pipeline_project.tables import CUSTOMER_EMBEDDINGS
 
 INFERENCE_STAGE = "inference"
+# A run with this tag (every run of dead_letter_replay_job) re-runs only the batch's pending
+# dead letters, merges them in and marks them replayed; the rest of the batch is left as it is.
+# A tag, not run config: a launch with no config (GraphQL, a sensor) still replays.
+DEAD_LETTER_REPLAY_TAG = "pipeline/dead_letter_replay"
 # One inference step at a time across all runs: the local model uses every core, and an API's
 # rate limit is shared by every request this deployment sends.
 MODEL_INFERENCE_POOL = "model_inference"
@@ -64,11 +68,6 @@ class InferenceConfig(dg.Config):
     cache_flush_texts: int = Field(
         default=512, description="Write new vectors to the cache every this many texts."
     )
-    replay_dead_letters: bool = Field(
-        default=False,
-        description="Re-run only this batch's dead-lettered customers not replayed yet, merge"
-        " them in and mark them replayed; the rest of the batch is left as it is.",
-    )
 
 
 @dg.asset(
@@ -93,7 +92,7 @@ def customer_embeddings(
     """Each valid customer's profile text and the key of its embedding in embedding_cache;
     customers whose embedding failed are in dead_letter instead."""
     batch_id = context.partition_key
-    if config.replay_dead_letters:
+    if context.run.tags.get(DEAD_LETTER_REPLAY_TAG) == "true":
         yield from replay_dead_letters(context, config, warehouse, embedder)
         return
     model, dimensions = embedder.model_id(), embedder.output_dimensions()

@@ -226,7 +226,7 @@ WHERE batch_id = $batch_id AND stage = $stage AND replayed_at IS NULL
 """
 _STILL_FAILING_SQL = """
 UPDATE dead_letter AS d
-SET reason = f.reason, error = f.error, attempts = d.attempts + f.attempts, created_at = now()
+SET reason = f.reason, error = f.error, attempts = d.attempts + f.attempts
 FROM replay AS r JOIN replay_failures AS f USING (text_hash)
 WHERE d.batch_id = $batch_id AND d.stage = $stage AND d.replayed_at IS NULL
   AND d.record_key = r.customer_id::VARCHAR

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -192,6 +193,10 @@ def ui(host: str, port: int, dagster_args: tuple[str, ...]) -> None:
     beside = Path(sys.executable).parent / "dagster"
     dagster = str(beside) if beside.exists() else "dagster"
     args = [dagster, "dev", *target, "-h", host, "-p", str(port), *dagster_args]
+    # A process started in the background (`&` in a script, a test runner's worker) inherits
+    # SIGINT ignored, and dagster dev handles SIGTERM as SIGINT: it could not be stopped by its
+    # PID. Restore the default so that SIGINT and SIGTERM stop it and its children.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.execvp(args[0], args)
 
 

@@ -156,9 +156,10 @@ _name_bytes = st.binary(min_size=1, max_size=40).map(  # not UTF-8 at all, as Li
         unique=True,
     )
 )
-def test_hostile_file_names_never_crash_the_sensor_and_only_valid_batches_run(names):
+def test_hostile_file_names_never_crash_the_sensor_and_only_valid_batches_run(instance, names):
+    # one instance for every example: the sensor only reads it (partitions are not added here)
     names = [n for n in names if n not in (".", "..") and len(os.fsencode(n)) <= 200]
-    with tempfile.TemporaryDirectory() as tmp, dg.instance_for_test() as instance:
+    with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         settings_ = settings_in(root)
         settings_.landing_dir.mkdir()

@@ -22,7 +22,10 @@ from pipeline_project.resources.warehouse import AlertStore
 from pipeline_project.settings import Settings
 
 CLI = Path(sys.executable).parent / "pipeline-project"
-BATCH_TABLES = ["customers", "customer_embeddings", "customer_segments", "recommendations"]
+# What the backfill (customer_segments) and the replay (customer_embeddings) could change.
+# Not recommendations: automation re-runs them after the backfill, and a batch's segment
+# affinities come from every batch segmented so far, so they may move as b002 lands.
+BATCH_TABLES = ["customers", "customer_embeddings", "customer_segments"]
 
 
 def free_port() -> int:
@@ -114,13 +117,13 @@ def wait_for(what: str, condition: Callable[[], object], timeout: float = 300) -
 
 
 def stop(proc: subprocess.Popen) -> set[int]:
-    """Stop dagster dev by its PID, then any child still alive by its own PID."""
+    """Stop dagster dev by its PID (SIGTERM), then any child still alive by its own PID."""
     children = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        proc.kill()  # it ignored SIGTERM: the fixture fails on the return code
         proc.wait(timeout=10)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         left = {pid for pid in children if alive(pid)}
@@ -175,7 +178,7 @@ def dagster_dev(tmp_path: Path) -> Iterator[DagsterDev]:
     finally:
         children = stop(proc)
         log.close()
-        assert proc.returncode is not None
+        assert proc.returncode != -signal.SIGKILL, "dagster dev did not stop on SIGTERM"
         assert not any(alive(pid) for pid in children), "a child of dagster dev is still running"
         assert listening_addresses(port) == set()  # nothing listens on the port any more
         with duckdb.connect(str(settings.duckdb_path)) as conn:  # no lock left on the file

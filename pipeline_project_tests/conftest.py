@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,10 +10,23 @@ import duckdb
 import pytest
 import yaml
 
+from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunks, store_raw_lines
 from pipeline_project.core.sample_data import Catalog, write_catalog
+from pipeline_project.core.validation import ValidationSummary, validate_batch
 from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.instance import INSTANCE_TEMPLATE
+from pipeline_project.resources import Warehouse
 from pipeline_project.settings import Settings
+from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, SCHEMA_ERRORS
+
+# The stages of one batch up to inference (a run's asset selection).
+INFERENCE_STAGES = [
+    "raw_customers",
+    "customers",
+    "customer_purchases",
+    "schema_errors",
+    "customer_embeddings",
+]
 
 
 def settings_in(root: Path, duckdb_memory_limit: str = "512MB") -> Settings:
@@ -94,6 +108,28 @@ def run_batch(
     return job.execute_in_process(
         partition_key=batch_id, instance=instance, run_config=run_config or {}, raise_on_error=False
     )
+
+
+def store_and_validate(
+    warehouse: Warehouse, path: Path, batch_id: str, chunk_rows: int, max_line_bytes: int
+) -> tuple[StoredLines, ValidationSummary]:
+    """Ingest a landing file as the batch's raw lines and validate them, as the two steps do."""
+    with warehouse.replacing_raw_file(batch_id) as writer:
+        stored = store_raw_lines(writer, iter_raw_line_chunks(path, chunk_rows, max_line_bytes))
+    tables = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
+    with warehouse.staged_batch(tables, batch_id) as (conn, staging):
+        summary = validate_batch(
+            conn, batch_id, warehouse.raw_file(batch_id), staging,
+            chunk_rows=chunk_rows, max_line_bytes=max_line_bytes,
+        )  # fmt: skip
+    return stored, summary
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def table_rows(db: Path, table: str, batch_id: str | None = None) -> list[tuple]:

@@ -25,9 +25,7 @@ import dagster as dg
 
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources import Warehouse
-from pipeline_project_tests.conftest import settings_in
-
-STEPS = ["raw_customers", "customers", "customer_purchases", "schema_errors", "customer_embeddings"]
+from pipeline_project_tests.conftest import INFERENCE_STAGES, settings_in
 
 
 def pause(root: Path) -> None:
@@ -91,7 +89,7 @@ def main() -> None:
         result = defs.resolve_job_def("batch_pipeline_job").execute_in_process(
             partition_key=batch_id,
             instance=instance,
-            asset_selection=[dg.AssetKey(step) for step in STEPS],
+            asset_selection=[dg.AssetKey(step) for step in INFERENCE_STAGES],
             raise_on_error=False,
             run_config={
                 "ops": {

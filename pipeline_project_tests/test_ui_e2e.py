@@ -20,18 +20,13 @@ from pipeline_project.instance import write_instance_yaml
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.warehouse import AlertStore
 from pipeline_project.settings import Settings
+from pipeline_project_tests.conftest import free_port
 
 CLI = Path(sys.executable).parent / "pipeline-project"
 # What the backfill (customer_segments) and the replay (customer_embeddings) could change.
 # Not recommendations: automation re-runs them after the backfill, and a batch's segment
 # affinities come from every batch segmented so far, so they may move as b002 lands.
 BATCH_TABLES = ["customers", "customer_embeddings", "customer_segments"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def descendants(pid: int) -> set[int]:

@@ -5,12 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_project.core.landing_files import iter_raw_line_chunks, store_raw_lines
 from pipeline_project.core.sample_data import BAD_KINDS, EDGE_KINDS, build_catalog, iter_batch_lines
-from pipeline_project.core.validation import validate_batch
 from pipeline_project.resources import Warehouse
-from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, SCHEMA_ERRORS
-from pipeline_project_tests.conftest import customer, write_lines
+from pipeline_project_tests.conftest import customer, store_and_validate, write_lines
 
 OTHER_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 
@@ -21,18 +18,7 @@ def validate_lines(
     """Store `lines` as batch b1 and validate it; returns (summary, errors by line, customers)."""
     warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
     path = write_lines(tmp_path / "b1.jsonl", lines)
-    with warehouse.replacing_raw_file("b1") as writer:
-        store_raw_lines(writer, iter_raw_line_chunks(path, chunk_rows, max_line_bytes))
-    tables = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
-    with warehouse.staged_batch(tables, "b1") as (conn, staging):
-        summary = validate_batch(
-            conn,
-            "b1",
-            warehouse.raw_file("b1"),
-            staging,
-            chunk_rows=chunk_rows,
-            max_line_bytes=max_line_bytes,
-        )
+    _, summary = store_and_validate(warehouse, path, "b1", chunk_rows, max_line_bytes)
     with warehouse.get_connection() as conn:
         errors = dict(conn.execute("SELECT line_no, errors FROM schema_errors").fetchall())
         customers = conn.execute(

@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipeline_project.core.sample_data import generate_batch, write_catalog
+from pipeline_project.core.sample_data import Catalog, generate_batch, write_catalog
 from pipeline_project_tests.conftest import table_rows
 
 TABLES = [
@@ -61,10 +61,11 @@ def state(root: Path, batch_id: str | None = None) -> dict[str, list[tuple]]:
     return tables
 
 
-def make_root(path: Path, rows: int, seed: int) -> Path:
+def make_root(path: Path, rows: int, seed: int) -> tuple[Path, Catalog]:
+    """A folder with the catalog and batch b001 in its landing folder."""
     catalog = write_catalog(path / "catalog.csv", seed=1)
     generate_batch(path / "landing" / "b001.jsonl", rows, 0.1, seed, catalog)
-    return path
+    return path, catalog
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +73,9 @@ def committed_and_reference(tmp_path_factory) -> tuple[Path, dict, Path]:
     """b001 committed from a first file, then a second file landed for it (copied for each
     test); and a reference folder where the second file ran once, never interrupted."""
     base = tmp_path_factory.mktemp("crash")
-    root = make_root(base / "committed", 300, seed=1)
+    root, catalog = make_root(base / "committed", 300, seed=1)
     run_to_end(root, "b001")
     before = state(root)
-    catalog = write_catalog(root / "catalog.csv", seed=1)
     generate_batch(root / "landing" / "b001.jsonl", 400, 0.1, 2, catalog)
     reference = base / "reference"
     (reference / "landing").mkdir(parents=True)
@@ -137,8 +137,7 @@ def test_sigkill_mid_write_keeps_the_committed_batch_and_the_rerun_matches_a_cle
 
 @pytest.mark.slow
 def test_two_processes_write_different_batches_to_one_duckdb_file_at_the_same_time(tmp_path):
-    root = make_root(tmp_path / "shared", 1000, seed=1)
-    catalog = write_catalog(root / "catalog.csv", seed=1)
+    root, catalog = make_root(tmp_path / "shared", 1000, seed=1)
     generate_batch(root / "landing" / "b002.jsonl", 1000, 0.1, 2, catalog)
     first, second = child(root, "b001"), child(root, "b002")
     outputs = [p.communicate(timeout=300) for p in (first, second)]
@@ -146,7 +145,7 @@ def test_two_processes_write_different_batches_to_one_duckdb_file_at_the_same_ti
     spans = [tuple(float(part.split("=")[1]) for part in out.split()[2:4]) for out, _ in outputs]
     assert max(s for s, _ in spans) < min(e for _, e in spans)  # the runs overlapped
 
-    alone = make_root(tmp_path / "alone", 1000, seed=1)
+    alone, _ = make_root(tmp_path / "alone", 1000, seed=1)
     shutil.copy(root / "landing" / "b002.jsonl", alone / "landing" / "b002.jsonl")
     run_to_end(alone, "b001")
     run_to_end(alone, "b002")

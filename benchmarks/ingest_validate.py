@@ -13,8 +13,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipeline_project.core.sample_data import generate_batch, write_catalog
 from pipeline_project.definitions import build_definitions
+from pipeline_project.sample_data import generate_batch, write_catalog
 from pipeline_project.settings import Settings
 
 

@@ -61,9 +61,9 @@ def run_pipeline(rows: int, bad_rate: float, root: Path) -> dict:
         PIPELINE_ALERTS_DUCKDB_PATH=str(root / "alerts.duckdb"),
         PIPELINE_CATALOG_PATH=str(root / "catalog.csv"),
     )
-    from pipeline_project.core.sample_data import generate_batch, write_catalog
     from pipeline_project.definitions import build_definitions
     from pipeline_project.instance import INSTANCE_TEMPLATE
+    from pipeline_project.sample_data import generate_batch, write_catalog
 
     catalog = write_catalog(root / "catalog.csv")
     batch_file = root / "landing" / "scale.jsonl"

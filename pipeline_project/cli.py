@@ -52,7 +52,7 @@ def _generate(
     landing_dir: Path, catalog_path: Path, *, batches: int, rows: int, bad_rate: float,
     seed: int, start: int = 1, use_gzip: bool = False,
 ) -> list[Path]:  # fmt: skip
-    from pipeline_project.core.sample_data import generate_batch, write_catalog
+    from pipeline_project.sample_data import generate_batch, write_catalog
 
     catalog = write_catalog(catalog_path, seed=seed)
     click.echo(f"catalog: {catalog_path} ({len(catalog.product_ids)} products)")

@@ -25,7 +25,7 @@ import dagster as dg
 
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources import Warehouse
-from pipeline_project_tests.conftest import INFERENCE_STAGES, settings_in
+from pipeline_project_tests.helpers import INFERENCE_STAGES, settings_in
 
 
 def pause(root: Path) -> None:

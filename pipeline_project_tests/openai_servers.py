@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline_project_tests.conftest import free_port
+from pipeline_project_tests.helpers import free_port
 
 
 def text_vector(text: str, dimensions: int) -> list[float]:

@@ -12,7 +12,7 @@ from pipeline_project.sensors.alerting import (
     freshness_alert_sensor,
     run_failure_alert_sensor,
 )
-from pipeline_project_tests.conftest import customer, run_batch, write_lines
+from pipeline_project_tests.helpers import customer, run_batch, write_lines
 
 
 def alerts(settings) -> list[tuple]:

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from pipeline_project_tests.conftest import customer, run_batch, write_lines
+from pipeline_project_tests.helpers import customer, run_batch, write_lines
 
 
 def requested(result) -> set[tuple[str, str]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from pipeline_project_tests.conftest import customer, table_rows, write_lines
+from pipeline_project_tests.helpers import customer, table_rows, write_lines
 
 CLI = Path(sys.executable).parent / "pipeline-project"
 
@@ -107,7 +107,7 @@ def test_demo_exits_non_zero_and_says_which_batch_stopped(tmp_path):
 
 @pytest.mark.slow
 def test_dlq_list_show_and_replay_through_the_cli_against_a_real_openai_server(tmp_path):
-    from pipeline_project.core.sample_data import write_catalog
+    from pipeline_project.sample_data import write_catalog
     from pipeline_project_tests.openai_servers import FaultyEmbeddingsServer, Rule
     from pipeline_project_tests.test_inference import FAKE_KEY, buyer
 

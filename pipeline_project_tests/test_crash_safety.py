@@ -16,8 +16,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipeline_project.core.sample_data import Catalog, generate_batch, write_catalog
-from pipeline_project_tests.conftest import table_rows
+from pipeline_project.sample_data import Catalog, generate_batch, write_catalog
+from pipeline_project_tests.helpers import table_rows
 
 TABLES = [
     "raw_customers",

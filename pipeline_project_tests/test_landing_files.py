@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline_project.core.landing_files import iter_raw_line_chunks
-from pipeline_project_tests.conftest import write_lines
+from pipeline_project_tests.helpers import write_lines
 
 
 def read_all(path: Path, chunk_rows: int = 1000, max_line_bytes: int = 1 << 20) -> list[dict]:

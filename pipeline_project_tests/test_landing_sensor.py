@@ -5,7 +5,7 @@ import os
 import dagster as dg
 import duckdb
 
-from pipeline_project_tests.conftest import customer, run_batch, write_lines
+from pipeline_project_tests.helpers import customer, run_batch, write_lines
 
 
 def tick(defs, instance, resources, cursor=None):

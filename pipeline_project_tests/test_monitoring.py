@@ -5,7 +5,7 @@ import pytest
 
 from pipeline_project.checks.drift_checks import drift_check_result
 from pipeline_project.core.monitoring import count_anomaly, psi
-from pipeline_project_tests.conftest import customer, run_batch, write_lines
+from pipeline_project_tests.helpers import customer, run_batch, write_lines
 
 
 def lines(n: int, start: int = 0) -> list[str]:

@@ -9,11 +9,11 @@ import pytest
 
 from pipeline_project.checks.output_checks import recommendation_check_results
 from pipeline_project.core.recommendations import apply_business_rules
-from pipeline_project.core.sample_data import CATEGORIES, write_catalog
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import LocalE5Embedder
-from pipeline_project_tests.conftest import customer, write_lines
+from pipeline_project.sample_data import CATEGORIES, write_catalog
+from pipeline_project_tests.helpers import customer, write_lines
 
 PER_CATEGORY = 4  # a 40-product catalog: P00001-P00004 electronics, P00005-P00008 books, ...
 TABLES = [

@@ -2,7 +2,7 @@ import gzip
 import json
 from collections import Counter
 
-from pipeline_project.core.sample_data import (
+from pipeline_project.sample_data import (
     BAD_KINDS,
     EDGE_KINDS,
     build_catalog,

@@ -15,7 +15,7 @@ RUN_ONE_SIZE = """
 import json, resource, sys
 from pathlib import Path
 import dagster as dg
-from pipeline_project.core.sample_data import generate_batch, write_catalog
+from pipeline_project.sample_data import generate_batch, write_catalog
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources.embeddings import HashingEmbedder
 from pipeline_project.settings import Settings

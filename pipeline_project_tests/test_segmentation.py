@@ -7,8 +7,7 @@ import numpy as np
 from pipeline_project.core.segmentation import assign_segments, stable_order, train_segments
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources.embeddings import LocalE5Embedder
-from pipeline_project_tests.conftest import write_lines
-from pipeline_project_tests.test_inference import buyer
+from pipeline_project_tests.helpers import buyer, write_lines
 
 SEGMENT_STAGES = [
     "raw_customers", "customers", "customer_purchases", "schema_errors",

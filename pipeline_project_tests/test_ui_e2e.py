@@ -15,12 +15,12 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipeline_project.core.sample_data import generate_batch, write_catalog
 from pipeline_project.instance import write_instance_yaml
 from pipeline_project.resources import Warehouse
-from pipeline_project.resources.warehouse import AlertStore
+from pipeline_project.resources.alerts import AlertStore
+from pipeline_project.sample_data import generate_batch, write_catalog
 from pipeline_project.settings import Settings
-from pipeline_project_tests.conftest import free_port
+from pipeline_project_tests.helpers import free_port
 
 CLI = Path(sys.executable).parent / "pipeline-project"
 # What the backfill (customer_segments) and the replay (customer_embeddings) could change.

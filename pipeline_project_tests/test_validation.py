@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_project.core.sample_data import BAD_KINDS, EDGE_KINDS, build_catalog, iter_batch_lines
 from pipeline_project.resources import Warehouse
-from pipeline_project_tests.conftest import customer, store_and_validate, write_lines
+from pipeline_project.sample_data import BAD_KINDS, EDGE_KINDS, build_catalog, iter_batch_lines
+from pipeline_project_tests.helpers import customer, store_and_validate, write_lines
 
 OTHER_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
-from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY
 from pipeline_project.checks.catalog_checks import CATALOG_CHECK_SPECS, catalog_check_results
-from pipeline_project.resources import DUCKDB_WRITER_POOL, LandingZone, Warehouse
+from pipeline_project.policies import DUCKDB_WRITER_POOL, STAGE_RETRY_POLICY
+from pipeline_project.resources import LandingZone, Warehouse
 from pipeline_project.tables import PRODUCT_CATALOG
 
 _LOAD_SQL = """

@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY
 from pipeline_project.checks.model_checks import EMBEDDING_CHECK_SPECS, embedding_check_results
 from pipeline_project.core.inference import (
     INFERENCE_FAILED,
@@ -21,11 +20,12 @@ from pipeline_project.core.inference import (
 )
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.profiles import AS_OF_SQL, PROFILES_SQL
+from pipeline_project.core.staging import write_staged
 from pipeline_project.core.vectors import matrix_to_list_array
 from pipeline_project.partitions import batches
+from pipeline_project.policies import MODEL_INFERENCE_POOL, STAGE_RETRY_POLICY
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import Embedder
-from pipeline_project.resources.warehouse import write_staged
 from pipeline_project.tables import CUSTOMER_EMBEDDINGS
 
 INFERENCE_STAGE = "inference"
@@ -33,9 +33,6 @@ INFERENCE_STAGE = "inference"
 # dead letters, merges them in and marks them replayed; the rest of the batch is left as it is.
 # A tag, not run config: a launch with no config (GraphQL, a sensor) still replays.
 DEAD_LETTER_REPLAY_TAG = "pipeline/dead_letter_replay"
-# One inference step at a time across all runs: the local model uses every core, and an API's
-# rate limit is shared by every request this deployment sends.
-MODEL_INFERENCE_POOL = "model_inference"
 
 # Distinct profile texts of the batch (its staged profile files) not in the cache yet.
 _MISSING_TEXTS_SQL = """

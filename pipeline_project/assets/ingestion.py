@@ -5,20 +5,14 @@ import time
 import dagster as dg
 from pydantic import Field
 
+from pipeline_project.batch_history import recent_batch_metadata
 from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunks, store_raw_lines
 from pipeline_project.core.monitoring import StepUsage, count_anomaly
-from pipeline_project.monitoring import recent_batch_metadata
 from pipeline_project.partitions import batches
-from pipeline_project.resources import DUCKDB_WRITER_POOL, LandingZone, Warehouse
+from pipeline_project.policies import DUCKDB_WRITER_POOL, STAGE_RETRY_POLICY
+from pipeline_project.resources import LandingZone, Warehouse
 from pipeline_project.settings import freshness_policy
 from pipeline_project.tables import RAW_CUSTOMERS
-
-# Transient trouble (a lock held past the connect timeout, a file still being replaced) clears
-# up on its own; bad data does not fail the step, it lands in schema_errors.
-STAGE_RETRY_POLICY = dg.RetryPolicy(
-    max_retries=2, delay=5.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
-)
-
 
 # A new batch is expected at least this often (PIPELINE_FRESHNESS_WARN_HOURS / _FAIL_HOURS).
 INGESTION_FRESHNESS = freshness_policy()

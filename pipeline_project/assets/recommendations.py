@@ -6,7 +6,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline_project.assets.inference import InferenceConfig, embed_into_cache
-from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY
+from pipeline_project.batch_history import recent_batch_metadata
 from pipeline_project.checks.drift_checks import (
     CONFIDENCE_DRIFT,
     drift_check_result,
@@ -24,9 +24,9 @@ from pipeline_project.core.recommendations import (
     segment_tables,
 )
 from pipeline_project.core.vectors import list_column_to_matrix
-from pipeline_project.monitoring import recent_batch_metadata
 from pipeline_project.partitions import batches
-from pipeline_project.resources import DUCKDB_WRITER_POOL, Warehouse
+from pipeline_project.policies import DUCKDB_WRITER_POOL, STAGE_RETRY_POLICY
+from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import Embedder
 from pipeline_project.settings import freshness_policy
 from pipeline_project.tables import (

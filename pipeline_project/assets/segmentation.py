@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY
+from pipeline_project.batch_history import recent_batch_metadata
 from pipeline_project.checks.drift_checks import (
     SEGMENT_SHARE_DRIFT,
     drift_check_result,
@@ -22,9 +22,9 @@ from pipeline_project.core.segmentation import (
     train_segments,
 )
 from pipeline_project.core.vectors import list_column_to_matrix, matrix_to_list_array
-from pipeline_project.monitoring import recent_batch_metadata
 from pipeline_project.partitions import batches
-from pipeline_project.resources import DUCKDB_WRITER_POOL, Warehouse
+from pipeline_project.policies import DUCKDB_WRITER_POOL, STAGE_RETRY_POLICY
+from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import Embedder
 from pipeline_project.tables import CUSTOMER_SEGMENTS, SEGMENT_MODEL
 

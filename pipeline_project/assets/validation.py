@@ -5,12 +5,13 @@ import time
 import dagster as dg
 from pydantic import Field
 
-from pipeline_project.assets.ingestion import STAGE_RETRY_POLICY, raw_customers
+from pipeline_project.assets.ingestion import raw_customers
 from pipeline_project.checks.input_checks import INPUT_CHECK_SPECS, input_check_results
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.validation import ValidationSummary, validate_batch
 from pipeline_project.partitions import batches
-from pipeline_project.resources import DUCKDB_WRITER_POOL, Warehouse
+from pipeline_project.policies import DUCKDB_WRITER_POOL, STAGE_RETRY_POLICY
+from pipeline_project.resources import Warehouse
 from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, SCHEMA_ERRORS
 
 

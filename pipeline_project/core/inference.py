@@ -18,7 +18,7 @@ from itertools import islice
 import numpy as np
 from tenacity import Retrying, stop_after_attempt, wait_exponential_jitter
 
-from pipeline_project.resources.embeddings import EmbeddingClient
+from pipeline_project.core.embedding_client import EmbeddingClient
 
 INFERENCE_FAILED = "inference_failed"
 INVALID_OUTPUT = "invalid_output"

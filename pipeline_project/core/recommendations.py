@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline_project.resources.warehouse import write_staged
+from pipeline_project.core.staging import write_staged
 
 RULES = ("out_of_stock", "low_confidence", "already_purchased", "implausible_value")
 

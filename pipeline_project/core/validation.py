@@ -18,7 +18,7 @@ import pandera.pyarrow as pa
 import pyarrow
 import pyarrow.compute as pc
 
-from pipeline_project.resources.warehouse import write_staged
+from pipeline_project.core.staging import write_staged
 from pipeline_project.schemas import CustomerRecord, PurchaseElement, PurchaseRecord, RawLineRecord
 
 _JSON_KIND_MACRO = """

@@ -2,6 +2,6 @@
 
 from pipeline_project.resources.alerts import AlertSink
 from pipeline_project.resources.landing import LandingZone
-from pipeline_project.resources.warehouse import DUCKDB_WRITER_POOL, Warehouse
+from pipeline_project.resources.warehouse import Warehouse
 
-__all__ = ["DUCKDB_WRITER_POOL", "AlertSink", "LandingZone", "Warehouse"]
+__all__ = ["AlertSink", "LandingZone", "Warehouse"]

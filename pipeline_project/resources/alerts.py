@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,10 +22,20 @@ import requests
 from pydantic import Field
 from tenacity import Retrying, stop_after_attempt, wait_exponential_jitter
 
-from pipeline_project.resources.warehouse import AlertStore
+from pipeline_project.resources.warehouse import DuckDBStore
+from pipeline_project.tables import ALERTS_DDL
 
 FIRING = "firing"
 RESOLVED = "resolved"
+
+
+class AlertStore(DuckDBStore):
+    """The DuckDB file that holds the `alerts` table."""
+
+    connect_timeout_seconds: float = 10.0
+
+    def _table_ddl(self) -> Sequence[str]:
+        return tuple(ALERTS_DDL.values())
 
 
 @dataclass(frozen=True)

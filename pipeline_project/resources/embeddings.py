@@ -16,22 +16,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Protocol
 
 import dagster as dg
 import numpy as np
 from pydantic import Field
 
-
-@dataclass(frozen=True)
-class EmbeddingResponse:
-    vectors: np.ndarray  # (n_returned, width); n_returned may differ from the texts sent
-    tokens: int | None = None
-
-
-class EmbeddingClient(Protocol):
-    def embed(self, texts: Sequence[str]) -> EmbeddingResponse: ...
+from pipeline_project.core.embedding_client import EmbeddingClient, EmbeddingResponse
 
 
 class Embedder(dg.ConfigurableResource):

@@ -19,16 +19,12 @@ from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponenti
 
 from pipeline_project.partitions import is_valid_batch_id
 from pipeline_project.tables import (
-    ALERTS_DDL,
     DEAD_LETTER,
     RAW_CUSTOMERS,
     RAW_CUSTOMERS_COLUMNS,
     WAREHOUSE_DDL,
     WAREHOUSE_VIEWS,
 )
-
-# Steps that write the warehouse share this pool; dagster_instance.yaml gives it one slot.
-DUCKDB_WRITER_POOL = "duckdb_writer"
 
 
 def _is_lock_conflict(err: BaseException) -> bool:
@@ -239,12 +235,6 @@ RAW_FILE_SCHEMA = pa.schema(
 )
 
 
-def write_staged(folder: Path, part: int, table: pa.Table) -> None:
-    """One Parquet part of a staged table (see Warehouse.staged_batch)."""
-    if table.num_rows:
-        pq.write_table(table, folder / f"part-{part:06d}.parquet", compression="none")
-
-
 def _check_batch_id(batch_id: str) -> None:
     """Batch IDs go into file names: only safe ones are accepted."""
     if not is_valid_batch_id(batch_id):
@@ -256,12 +246,3 @@ def _check_tables(tables: Sequence[str]) -> None:
     for table in tables:
         if table not in WAREHOUSE_DDL:
             raise ValueError(f"{table!r} is not a warehouse table")
-
-
-class AlertStore(DuckDBStore):
-    """The DuckDB file that holds the `alerts` table."""
-
-    connect_timeout_seconds: float = 10.0
-
-    def _table_ddl(self) -> Sequence[str]:
-        return tuple(ALERTS_DDL.values())

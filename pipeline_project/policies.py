@@ -1,0 +1,73 @@
+"""The stages' policies in one place: retries, pools, the per-batch automation condition, freshness.
+
+Every stage's decorator takes its retry policy, pool and automation condition from here, so
+that a change of policy is one edit. What differs between deployments (the freshness windows)
+comes from `Settings` and is applied by `build_definitions`, never read at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+
+import dagster as dg
+
+from pipeline_project.partitions import batches
+from pipeline_project.tables import RAW_CUSTOMERS, VALIDATED_RECOMMENDATIONS
+
+# Transient trouble (a lock held past the connect timeout, a file still being replaced) clears
+# up on its own; bad data does not fail the step, it lands in schema_errors.
+STAGE_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=2, delay=5.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+
+# Steps that write the warehouse share this pool; dagster_instance.yaml gives it one slot.
+DUCKDB_WRITER_POOL = "duckdb_writer"
+# One inference step at a time across all runs: the local model uses every core, and an API's
+# rate limit is shared by every request this deployment sends.
+MODEL_INFERENCE_POOL = "model_inference"
+
+# The assets whose freshness says "a new batch arrived": the first and the last stage.
+FRESHNESS_MONITORED = (RAW_CUSTOMERS, VALIDATED_RECOMMENDATIONS)
+
+
+def per_batch_automation(
+    ignore: Sequence[str] = (), may_be_missing: Sequence[str] = ()
+) -> dg.AutomationCondition:
+    """Run a batch's stage once its upstream landed and every blocking check upstream passed.
+
+    `ignore`: upstream assets whose updates never re-run old batches (the catalog).
+    `may_be_missing`: upstream assets that do not hold a batch back while they do not exist yet
+    (the segment model, which the first batch trains), but whose updates do re-run batches.
+    """
+    condition = (
+        dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+    )
+    if may_be_missing:
+        condition = condition.replace(
+            "any_deps_missing",
+            dg.AutomationCondition.any_deps_missing().ignore(
+                dg.AssetSelection.assets(*may_be_missing)
+            ),
+        )
+    if ignore:
+        condition = condition.ignore(dg.AssetSelection.assets(*ignore))
+    return condition
+
+
+def batch_stage(group_name: str, pool: str = DUCKDB_WRITER_POOL) -> dict:
+    """The decorator arguments every per-batch stage shares."""
+    return {
+        "partitions_def": batches,
+        "pool": pool,
+        "retry_policy": STAGE_RETRY_POLICY,
+        "group_name": group_name,
+    }
+
+
+def freshness_policy(warn_hours: float, fail_hours: float) -> dg.FreshnessPolicy:
+    """A new batch is expected at least every `warn_hours` (WARN) / `fail_hours` (FAIL)."""
+    return dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(hours=fail_hours),
+        warn_window=timedelta(hours=min(warn_hours, fail_hours)),
+    )

@@ -1,0 +1,119 @@
+"""Helpers the test modules share: sample lines, settings in a folder, running a batch."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+
+from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunks, store_raw_lines
+from pipeline_project.core.validation import ValidationSummary, validate_batch
+from pipeline_project.resources import Warehouse
+from pipeline_project.sample_data import CATEGORIES
+from pipeline_project.settings import Settings
+from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, SCHEMA_ERRORS
+
+# The stages of one batch up to inference (a run's asset selection).
+INFERENCE_STAGES = [
+    "raw_customers",
+    "customers",
+    "customer_purchases",
+    "schema_errors",
+    "customer_embeddings",
+]
+
+
+def settings_in(root: Path, duckdb_memory_limit: str = "512MB") -> Settings:
+    """The project's settings with every file in `root`."""
+    return Settings(
+        landing_dir=root / "landing",
+        duckdb_path=root / "warehouse.duckdb",
+        alerts_duckdb_path=root / "alerts.duckdb",
+        catalog_path=root / "catalog.csv",
+        duckdb_memory_limit=duckdb_memory_limit,
+    )
+
+
+def write_lines(path: Path, lines: list[str | bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = b"".join((ln if isinstance(ln, bytes) else ln.encode()) + b"\n" for ln in lines)
+    path.write_bytes(data)
+    return path
+
+
+def customer(**overrides) -> str:
+    """One valid customer line; keyword arguments replace (or with None, remove) fields."""
+    record = {
+        "id": "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b",
+        "email": "anna.smith@example.com",
+        "createdAt": "2023-04-01T10:00:00Z",
+        "purchaseHistory": [
+            {"productId": "P00001", "amount": 12.5, "date": "2024-01-02T03:04:05Z"}
+        ],
+    }
+    for key, value in overrides.items():
+        if value is None:
+            record.pop(key, None)
+        else:
+            record[key] = value
+    return json.dumps(record)
+
+
+def run_batch(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    batch_id: str,
+    run_config: dict | None = None,
+) -> dg.ExecuteInProcessResult:
+    if batch_id not in instance.get_dynamic_partitions("batches"):
+        instance.add_dynamic_partitions("batches", [batch_id])
+    job = defs.resolve_job_def("batch_ingestion_job")
+    return job.execute_in_process(
+        partition_key=batch_id, instance=instance, run_config=run_config or {}, raise_on_error=False
+    )
+
+
+def store_and_validate(
+    warehouse: Warehouse, path: Path, batch_id: str, chunk_rows: int, max_line_bytes: int
+) -> tuple[StoredLines, ValidationSummary]:
+    """Ingest a landing file as the batch's raw lines and validate them, as the two steps do."""
+    with warehouse.replacing_raw_file(batch_id) as writer:
+        stored = store_raw_lines(writer, iter_raw_line_chunks(path, chunk_rows, max_line_bytes))
+    tables = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
+    with warehouse.staged_batch(tables, batch_id) as (conn, staging):
+        summary = validate_batch(
+            conn, batch_id, warehouse.raw_file(batch_id), staging,
+            chunk_rows=chunk_rows, max_line_bytes=max_line_bytes,
+        )  # fmt: skip
+    return stored, summary
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def table_rows(db: Path, table: str, batch_id: str | None = None) -> list[tuple]:
+    """All rows of a table (one batch or all), sorted, without load timestamps."""
+    time_columns = {"ingested_at", "detected_at"}
+    with duckdb.connect(str(db), read_only=True) as conn:
+        cols = [
+            r[0] for r in conn.execute(f"DESCRIBE {table}").fetchall() if r[0] not in time_columns
+        ]
+        where = "WHERE batch_id = ?" if batch_id else ""
+        sql = f"SELECT {', '.join(cols)} FROM {table} {where} ORDER BY ALL"
+        return conn.execute(sql, [batch_id] if batch_id else []).fetchall()
+
+
+def buyer(n: int, category: str, purchases: int = 1, amount: float = 20.0) -> str:
+    """A customer whose purchases are all in one category (catalog: 50 products per category)."""
+    product = f"P{CATEGORIES.index(category) * 50 + 1:05d}"
+    history = [{"productId": product, "amount": amount, "date": "2025-10-01T00:00:00Z"}] * purchases
+    return customer(
+        id=f"6f1c2a3b-4d5e-4f60-8a7b-{n:012d}", email=f"c{n}@example.com", purchaseHistory=history
+    )

@@ -18,6 +18,7 @@ from pipeline_project.assets.recommendations import (
 )
 from pipeline_project.assets.segmentation import customer_segments, segment_model
 from pipeline_project.assets.validation import validated_customers
+from pipeline_project.policies import FRESHNESS_MONITORED, freshness_policy
 from pipeline_project.resources import AlertSink, LandingZone, Warehouse
 from pipeline_project.resources.embeddings import (
     Embedder,
@@ -173,8 +174,17 @@ def build_definitions(
     settings = settings or Settings.from_env()
     for path in (settings.duckdb_path, settings.alerts_duckdb_path):
         path.parent.mkdir(parents=True, exist_ok=True)
+    fresh = freshness_policy(settings.freshness_warn_hours, settings.freshness_fail_hours)
+    assets = dg.map_asset_specs(
+        lambda spec: (
+            spec.replace_attributes(freshness_policy=fresh)
+            if spec.key.to_user_string() in FRESHNESS_MONITORED
+            else spec
+        ),
+        [*CATALOG_ASSETS, segment_model, *BATCH_ASSETS, pipeline_health],
+    )
     return dg.Definitions(
-        assets=[*CATALOG_ASSETS, segment_model, *BATCH_ASSETS, pipeline_health],
+        assets=assets,
         jobs=[
             batch_ingestion_job,
             batch_pipeline_job,

@@ -16,6 +16,8 @@ ENV_DEFAULTS: dict[str, str] = {
     "PIPELINE_ALERTS_DUCKDB_PATH": "data/alerts.duckdb",
     "PIPELINE_CATALOG_PATH": "data/catalog.csv",
     "PIPELINE_DUCKDB_MEMORY_LIMIT": "512MB",
+    "PIPELINE_FRESHNESS_WARN_HOURS": "12",
+    "PIPELINE_FRESHNESS_FAIL_HOURS": "24",
 }
 
 
@@ -28,6 +30,9 @@ class Settings:
     alerts_duckdb_path: Path
     catalog_path: Path
     duckdb_memory_limit: str
+    # A new batch is expected at least this often (WARN / FAIL) at the first and last stage.
+    freshness_warn_hours: float = 12.0
+    freshness_fail_hours: float = 24.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -42,18 +47,6 @@ class Settings:
             alerts_duckdb_path=Path(get("PIPELINE_ALERTS_DUCKDB_PATH")).resolve(),
             catalog_path=Path(get("PIPELINE_CATALOG_PATH")).resolve(),
             duckdb_memory_limit=get("PIPELINE_DUCKDB_MEMORY_LIMIT"),
+            freshness_warn_hours=float(get("PIPELINE_FRESHNESS_WARN_HOURS")),
+            freshness_fail_hours=float(get("PIPELINE_FRESHNESS_FAIL_HOURS")),
         )
-
-
-def freshness_policy(environ: Mapping[str, str] | None = None):
-    """The freshness time window of the ingestion and final assets, from the environment."""
-    from datetime import timedelta
-
-    import dagster as dg
-
-    env = os.environ if environ is None else environ
-    warn = float(env.get("PIPELINE_FRESHNESS_WARN_HOURS") or 12)
-    fail = float(env.get("PIPELINE_FRESHNESS_FAIL_HOURS") or 24)
-    return dg.FreshnessPolicy.time_window(
-        fail_window=timedelta(hours=fail), warn_window=timedelta(hours=min(warn, fail))
-    )

@@ -11,11 +11,7 @@ from pipeline_project.core.monitoring import StepUsage, count_anomaly
 from pipeline_project.partitions import batches
 from pipeline_project.policies import DUCKDB_WRITER_POOL, STAGE_RETRY_POLICY
 from pipeline_project.resources import LandingZone, Warehouse
-from pipeline_project.settings import freshness_policy
 from pipeline_project.tables import RAW_CUSTOMERS
-
-# A new batch is expected at least this often (PIPELINE_FRESHNESS_WARN_HOURS / _FAIL_HOURS).
-INGESTION_FRESHNESS = freshness_policy()
 
 
 class IngestionConfig(dg.Config):
@@ -43,7 +39,6 @@ RECORD_COUNT_CHECK = "record_count_within_expected_range"
     group_name="ingestion",
     kinds={"duckdb"},
     metadata={"dagster/table_name": RAW_CUSTOMERS},
-    freshness_policy=INGESTION_FRESHNESS,
     check_specs=[
         # partitions_def on a check spec is a preview API; the only way to keep one result
         # per batch rather than "latest run wins".

@@ -28,7 +28,6 @@ from pipeline_project.partitions import batches
 from pipeline_project.policies import DUCKDB_WRITER_POOL, STAGE_RETRY_POLICY
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import Embedder
-from pipeline_project.settings import freshness_policy
 from pipeline_project.tables import (
     PRODUCT_EMBEDDINGS,
     RECOMMENDATIONS,
@@ -325,7 +324,6 @@ _RULED_SPEC_KWARGS = {
             VALIDATED_RECOMMENDATIONS,
             description="Recommendations that pass every business rule.",
             metadata={"dagster/table_name": VALIDATED_RECOMMENDATIONS},
-            freshness_policy=freshness_policy(),
             **_RULED_SPEC_KWARGS,
         ),
         dg.AssetSpec(

@@ -9,9 +9,9 @@ import os
 
 import dagster as dg
 
+from pipeline_project.policies import FRESHNESS_MONITORED
 from pipeline_project.resources import AlertSink
 
-FRESHNESS_MONITORED = ("raw_customers", "validated_recommendations")
 ERROR_RATE_MONITORED = ("customers", "customer_embeddings")
 
 

@@ -1,14 +1,19 @@
-"""The product catalog: loaded from the catalog CSV next to the landing folder."""
+"""The product catalog: loaded from the catalog CSV next to the landing folder, and embedded."""
 
 from pathlib import Path
 
 import dagster as dg
 import duckdb
 
+from pipeline_project.assets.inference import InferenceConfig
 from pipeline_project.checks.catalog_checks import CATALOG_CHECK_SPECS, catalog_check_results
+from pipeline_project.core.embedding_cache import missing_texts
+from pipeline_project.core.inference import CircuitBreakerOpen, embed_into_cache
+from pipeline_project.core.recommendations import PRODUCT_TEXTS_SQL, store_product_embeddings
 from pipeline_project.policies import DUCKDB_WRITER_POOL, STAGE_RETRY_POLICY
 from pipeline_project.resources import LandingZone, Warehouse
-from pipeline_project.tables import PRODUCT_CATALOG
+from pipeline_project.resources.embeddings import Embedder
+from pipeline_project.tables import PRODUCT_CATALOG, PRODUCT_EMBEDDINGS
 
 _LOAD_SQL = """
 INSERT INTO product_catalog
@@ -60,3 +65,47 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
         },
     )
     yield from checks
+
+
+@dg.asset(
+    deps=[PRODUCT_CATALOG],
+    pool=DUCKDB_WRITER_POOL,
+    retry_policy=STAGE_RETRY_POLICY,
+    group_name="recommendations",
+    kinds={"duckdb"},
+    metadata={"dagster/table_name": PRODUCT_EMBEDDINGS},
+    automation_condition=dg.AutomationCondition.eager(),
+)
+def product_embeddings(
+    context: dg.AssetExecutionContext,
+    config: InferenceConfig,
+    warehouse: Warehouse,
+    embedder: Embedder,
+) -> dg.MaterializeResult:
+    """Each catalog product's text ("Product: <name>. Category: <category>.") and the key of
+    its embedding in embedding_cache, from the same model as the customers."""
+    model, dimensions = embedder.model_id(), embedder.output_dimensions()
+    with warehouse.get_connection() as conn:
+        missing = missing_texts(conn, PRODUCT_TEXTS_SQL, model, dimensions)
+    try:
+        outcome = embed_into_cache(
+            missing, embedder, config, warehouse.transaction, context.log.info, "products"
+        )
+    except CircuitBreakerOpen as err:
+        raise dg.Failure(description=str(err)) from err
+    if outcome.failures:
+        example = next(iter(outcome.failures.values()))
+        raise dg.Failure(
+            description=f"{len(outcome.failures)} product texts could not be embedded "
+            f"(e.g. {example.reason}: {example.error})"
+        )
+    with warehouse.transaction() as conn:
+        products = store_product_embeddings(conn, model, dimensions)
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": products,
+            "texts_embedded": len(outcome.vectors),
+            "model_calls": outcome.model_calls,
+            "model": model,
+        }
+    )

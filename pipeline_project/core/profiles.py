@@ -13,6 +13,16 @@ Customers who behave alike get the same text, so the model embeds each profile o
   this month (<= 30), this quarter (<= 90), this year (<= 365), lapsed.
 """
 
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline_project.core.staging import write_staged
+
 # The batch's latest purchase: recency is measured from it ($as_of of PROFILES_SQL).
 AS_OF_SQL = "SELECT max(purchased_at) FROM customer_purchases WHERE batch_id = $batch_id"
 
@@ -64,3 +74,37 @@ WITH c AS (
 )
 SELECT line_no, customer_id, profile_text, md5(profile_text) AS text_hash FROM profiles
 """
+
+PROFILE_SCHEMA = pa.schema(
+    [
+        ("line_no", pa.int64()),
+        ("customer_id", pa.uuid()),
+        ("profile_text", pa.string()),
+        ("text_hash", pa.string()),
+    ]
+)
+
+# The texts of the staged profiles ($profiles: the glob of their parts), as a source of
+# embedding_cache.missing_texts.
+STAGED_TEXTS_SQL = "SELECT text_hash, profile_text AS text FROM read_parquet($profiles)"
+
+
+def stage_profiles(
+    conn: duckdb.DuckDBPyConnection, batch_id: str, folder: Path, chunk_rows: int
+) -> tuple[int, int]:
+    """The batch's customer profiles as Parquet parts in `folder`, one line range at a time;
+    returns how many customers and how many distinct profiles the batch has."""
+    [(as_of,)] = conn.execute(AS_OF_SQL, {"batch_id": batch_id}).fetchall()
+    [(last_line,)] = conn.execute(
+        "SELECT coalesce(max(line_no), 0) FROM customers WHERE batch_id = ?", [batch_id]
+    ).fetchall()
+    pq.write_table(PROFILE_SCHEMA.empty_table(), folder / "part-empty.parquet")
+    for part, first in enumerate(range(1, last_line + 1, chunk_rows)):
+        params = {"batch_id": batch_id, "as_of": as_of, "first": first,
+                  "last": first + chunk_rows - 1}  # fmt: skip
+        write_staged(folder, part, conn.sql(PROFILES_SQL, params=params).to_arrow_table())
+    [(customers, distinct_profiles)] = conn.execute(
+        "SELECT count(*), count(DISTINCT text_hash) FROM read_parquet(?)",
+        [str(folder / "*.parquet")],
+    ).fetchall()
+    return customers, distinct_profiles

@@ -7,6 +7,9 @@ confidence = segment_weight * segment_affinity + (1 - segment_weight) * similari
   product's embedding, rescaled to 0..1 over the catalog for that profile.
 predicted_value = confidence * the segment's average amount for the product (its price if the
 segment never bought it). Every part is stored with the recommendation.
+
+The product embeddings (the catalog's texts, embedded by the customers' model), loading the
+scoring inputs and scoring a batch are here too.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline_project.core.embedding_cache import with_vectors
 from pipeline_project.core.staging import write_staged
+from pipeline_project.core.vectors import list_column_to_matrix
 
 RULES = ("out_of_stock", "low_confidence", "already_purchased", "implausible_value")
 
@@ -91,6 +97,202 @@ def score_profiles(
         "similarity": similarity[rows, cols],
         "similarity_score": similarity_score[rows, cols],
     }
+
+
+# ---- product embeddings -------------------------------------------------------------------
+
+# Each catalog product's text; a source of embedding_cache.missing_texts.
+PRODUCT_TEXTS_SQL = """
+SELECT product_id, 'Product: ' || name || '. Category: ' || category || '.' AS text,
+       md5('Product: ' || name || '. Category: ' || category || '.') AS text_hash
+FROM product_catalog
+"""
+
+
+def store_product_embeddings(conn: duckdb.DuckDBPyConnection, model: str, dimensions: int) -> int:
+    """Replace the model's product_embeddings with the catalog's texts (embedded already);
+    returns the number of products."""
+    params = {"model": model, "dimensions": dimensions}
+    conn.execute(
+        "DELETE FROM product_embeddings WHERE model = $model AND dimensions = $dimensions",
+        params,
+    )
+    conn.execute(
+        "INSERT INTO product_embeddings SELECT product_id, $model, $dimensions, text_hash,"
+        f" text FROM ({PRODUCT_TEXTS_SQL})",
+        params,
+    )
+    [(products,)] = conn.execute("SELECT count(*) FROM product_catalog").fetchall()
+    return products
+
+
+# ---- scoring a batch ------------------------------------------------------------------------
+
+_PRODUCTS_SQL = """
+SELECT p.product_id, p.text_hash, cat.price
+FROM product_embeddings AS p
+JOIN product_catalog AS cat USING (product_id)
+WHERE p.model = $model AND p.dimensions = $dimensions
+"""
+
+_SEGMENT_PURCHASES_SQL = """
+SELECT s.segment_id, p.product_id, count(*) AS purchases, avg(p.amount) AS avg_amount
+FROM customer_purchases AS p
+JOIN customer_segments AS s ON s.batch_id = p.batch_id AND s.line_no = p.line_no
+WHERE s.model_version = $version
+GROUP BY ALL
+"""
+
+# The batch's distinct profiles and their segment.
+_BATCH_PROFILES_SQL = """
+SELECT text_hash, any_value(segment_id) AS segment_id
+FROM customer_segments
+WHERE batch_id = $batch_id
+GROUP BY text_hash
+"""
+
+
+def load_scoring_inputs(
+    conn: duckdb.DuckDBPyConnection, batch_id: str, model: str, dimensions: int
+) -> tuple[int, ScoringInputs] | None:
+    """The batch's segment model version and what scoring needs (the product vectors and each
+    segment's affinity and expected value); None without segmented customers or products."""
+    versions = conn.execute(
+        "SELECT DISTINCT model_version FROM customer_segments WHERE batch_id = ?", [batch_id]
+    ).fetchall()
+    products = with_vectors(
+        conn, _PRODUCTS_SQL, model, dimensions, order_by="product_id"
+    ).to_arrow_table()
+    if not versions or products.num_rows == 0:
+        return None
+    [(version,)] = versions
+    [(n_segments,)] = conn.execute(
+        "SELECT count(*) FROM segment_model WHERE model_version = ? AND embedding_model = ?",
+        [version, model],
+    ).fetchall()
+    product_ids = products["product_id"].to_pylist()
+    affinity, expected_value = segment_tables(
+        n_segments,
+        product_ids,
+        products["price"].to_numpy(),
+        conn.sql(_SEGMENT_PURCHASES_SQL, params={"version": version}).to_arrow_table(),
+    )
+    inputs = ScoringInputs(
+        product_ids,
+        list_column_to_matrix(products, "embedding", dimensions),
+        affinity,
+        expected_value,
+    )
+    return version, inputs
+
+
+_NO_SCORES = pa.table(
+    {
+        "text_hash": pa.array([], pa.string()),
+        "rank": pa.array([], pa.int32()),
+        "product_id": pa.array([], pa.string()),
+        **{
+            name: pa.array([], pa.float64())
+            for name in ("confidence", "predicted_value", "segment_affinity", "similarity",
+                         "similarity_score")
+        },
+    }
+)  # fmt: skip
+
+
+def score_batch(
+    conn: duckdb.DuckDBPyConnection,
+    batch_id: str,
+    model: str,
+    dimensions: int,
+    inputs: ScoringInputs,
+    *,
+    top_n: int,
+    segment_weight: float,
+    profile_chunk: int,
+) -> int:
+    """Score the batch's distinct profiles `profile_chunk` at a time and write every segmented
+    customer's top-N into recommendations; returns the number of chunks scored."""
+    reader = with_vectors(
+        conn, _BATCH_PROFILES_SQL, model, dimensions, {"batch_id": batch_id}
+    ).to_arrow_reader(profile_chunk)
+    scored = [
+        _score_chunk(chunk, inputs, dimensions, top_n=top_n, segment_weight=segment_weight)
+        for chunk in reader
+        if chunk.num_rows
+    ]
+    # A few rows per distinct profile: small. ONE insert joins them to the batch's
+    # customers, so DuckDB writes the rows as it makes them (many inserts in a transaction
+    # would hold them all in memory until the commit).
+    conn.register("scored_profiles", pa.concat_tables(scored) if scored else _NO_SCORES)
+    conn.execute(
+        "INSERT INTO recommendations SELECT s.batch_id, s.line_no, s.customer_id, r.rank,"
+        " r.product_id, s.segment_id, r.confidence, r.predicted_value,"
+        " r.segment_affinity, r.similarity, r.similarity_score, s.model_version"
+        " FROM customer_segments AS s JOIN scored_profiles AS r USING (text_hash)"
+        " WHERE s.batch_id = $batch_id",
+        {"batch_id": batch_id},
+    )
+    conn.unregister("scored_profiles")
+    return len(scored)
+
+
+def _score_chunk(
+    chunk: pa.RecordBatch,
+    inputs: ScoringInputs,
+    dimensions: int,
+    *,
+    top_n: int,
+    segment_weight: float,
+) -> pa.Table:
+    vectors = list_column_to_matrix(chunk, "embedding", dimensions)
+    segments = chunk.column("segment_id").to_numpy()
+    scored = score_profiles(vectors, segments, inputs, top_n=top_n, segment_weight=segment_weight)
+    return pa.table(
+        {
+            "text_hash": chunk.column("text_hash").take(pa.array(scored["profile"])),
+            "rank": pa.array(scored["rank"]),
+            "product_id": pa.array(np.asarray(inputs.product_ids, dtype=object)[scored["product"]]),
+            "confidence": pa.array(scored["confidence"]),
+            "predicted_value": pa.array(scored["predicted_value"]),
+            "segment_affinity": pa.array(scored["segment_affinity"]),
+            "similarity": pa.array(scored["similarity"].astype(np.float64)),
+            "similarity_score": pa.array(scored["similarity_score"].astype(np.float64)),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class ConfidenceSummary:
+    rows: int
+    customers: int
+    histogram: list[int]  # recommendations per confidence bin [0, 0.1), ..., [0.9, 1]
+    mean: float
+    quantiles: dict[str, float]  # p05, p25, p50, p75, p95
+
+
+def confidence_summary(conn: duckdb.DuckDBPyConnection, batch_id: str) -> ConfidenceSummary:
+    """How many recommendations the batch has, for how many customers, and how confident."""
+    [(rows, customers)] = conn.execute(
+        "SELECT count(*), count(DISTINCT line_no) FROM recommendations WHERE batch_id = ?",
+        [batch_id],
+    ).fetchall()
+    bins = conn.execute(
+        "SELECT least(floor(confidence * 10), 9)::INT AS bin, count(*) FROM recommendations"
+        " WHERE batch_id = ? GROUP BY bin",
+        [batch_id],
+    ).fetchall()
+    [(quantiles, mean)] = conn.execute(
+        "SELECT quantile_cont(confidence, [0.05, 0.25, 0.5, 0.75, 0.95]), avg(confidence)"
+        " FROM recommendations WHERE batch_id = ?",
+        [batch_id],
+    ).fetchall()
+    histogram = [0] * 10
+    for b, n in bins:
+        histogram[b] = n
+    names = ("p05", "p25", "p50", "p75", "p95")
+    quantiles = dict(zip(names, quantiles or [0.0] * 5, strict=True))
+    return ConfidenceSummary(rows, customers, histogram, mean or 0.0, quantiles)
 
 
 def rules_sql(source: str) -> str:

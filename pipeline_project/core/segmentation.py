@@ -3,17 +3,26 @@
 Customers who behave alike share a profile and so a vector; the model learns from each distinct
 vector once, weighted by how many customers have it, in chunks: memory is bounded by the chunk,
 not by the number of customers.
+
+Below the model: training and storing it (segment_model), and assigning a batch's customers
+(customer_segments).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
+import duckdb
 import numpy as np
+import pyarrow as pa
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import silhouette_score
+
+from pipeline_project.core.embedding_cache import with_vectors
+from pipeline_project.core.vectors import list_column_to_matrix, matrix_to_list_array
 
 Chunks = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]  # (vectors, weights) per chunk
 
@@ -127,3 +136,165 @@ def _silhouette(sample: np.ndarray, centroids: np.ndarray, seed: int) -> float |
     if not 2 <= len(np.unique(labels)) < len(sample):
         return None
     return float(silhouette_score(sample, labels, random_state=seed))
+
+
+# ---- the segment model in the warehouse --------------------------------------------------
+
+# Distinct profiles of all batches, each weighted by how many customers have it.
+_TRAINING_PROFILES_SQL = """
+SELECT text_hash, count(*)::DOUBLE AS customers
+FROM customer_embeddings WHERE model = $model AND dimensions = $dimensions
+GROUP BY text_hash
+"""
+
+_LATEST_MODEL_SQL = """
+SELECT model_version, segment_id, centroid FROM segment_model
+WHERE embedding_model = $model AND dimensions = $dimensions
+  AND model_version = (SELECT max(model_version) FROM segment_model
+                       WHERE embedding_model = $model AND dimensions = $dimensions)
+ORDER BY segment_id
+"""
+
+
+class TrainingSettings(Protocol):
+    """How a segment model is trained (the fields of SegmentModelConfig)."""
+
+    n_segments: int
+    epochs: int
+    chunk_vectors: int
+    seed: int
+
+
+def latest_segment_model(
+    conn: duckdb.DuckDBPyConnection, model: str, dimensions: int
+) -> tuple[int, np.ndarray] | None:
+    """The newest segment model's version and centroids for the embedding model, if any."""
+    table = conn.sql(
+        _LATEST_MODEL_SQL, params={"model": model, "dimensions": dimensions}
+    ).to_arrow_table()
+    if table.num_rows == 0:
+        return None
+    return int(table["model_version"][0].as_py()), list_column_to_matrix(
+        table, "centroid", dimensions
+    )
+
+
+def train_and_store(
+    conn: duckdb.DuckDBPyConnection, model: str, dimensions: int, settings: TrainingSettings
+) -> tuple[int, SegmentModel]:
+    """Train on every batch's profile vectors and store the model as a new version."""
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        reader = with_vectors(conn, _TRAINING_PROFILES_SQL, model, dimensions).to_arrow_reader(
+            settings.chunk_vectors
+        )
+        for batch in reader:
+            if batch.num_rows:
+                yield (
+                    list_column_to_matrix(batch, "embedding", dimensions),
+                    batch.column("customers").to_numpy(),
+                )
+
+    trained = train_segments(
+        chunks, settings.n_segments, epochs=settings.epochs, seed=settings.seed
+    )
+    previous = latest_segment_model(conn, model, dimensions)
+    order = stable_order(previous[1] if previous else None, trained.centroids)
+    trained = SegmentModel(
+        trained.centroids[order], trained.weights[order], trained.inertia, trained.silhouette
+    )
+    version = (previous[0] if previous else 0) + 1
+    rows = pa.table(
+        {
+            "segment_id": pa.array(np.arange(len(trained.centroids), dtype=np.int32)),
+            "centroid": matrix_to_list_array(trained.centroids),
+            "weight": pa.array(trained.weights),
+        }
+    )
+    conn.register("new_segments", rows)
+    conn.execute(
+        "INSERT INTO segment_model SELECT $version, segment_id, centroid, weight, $model,"
+        " $dimensions, now() FROM new_segments",
+        {"version": version, "model": model, "dimensions": dimensions},
+    )
+    conn.unregister("new_segments")
+    return version, trained
+
+
+def segment_model_figures(version: int, trained: SegmentModel, model: str) -> dict:
+    """The figures of a trained model, for its materialization (segment sizes apart)."""
+    return {
+        "model_version": version,
+        "n_segments": len(trained.centroids),
+        "inertia": round(trained.inertia, 4),
+        "silhouette": round(trained.silhouette, 4) if trained.silhouette is not None else -1.0,
+        "customers": int(trained.weights.sum()),
+        "embedding_model": model,
+    }
+
+
+# The batch's distinct profiles, to assign each one segment.
+_BATCH_PROFILES_SQL = """
+SELECT DISTINCT text_hash FROM customer_embeddings
+WHERE batch_id = $batch_id AND model = $model AND dimensions = $dimensions
+"""
+
+
+@dataclass(frozen=True)
+class BatchSegments:
+    customers: int
+    distinct_profiles: int
+    shares: dict[str, float]  # segment ID -> share of the batch's customers
+    counts: list[int]  # customers per segment ID, every segment of the model
+
+
+def assign_batch(
+    conn: duckdb.DuckDBPyConnection,
+    batch_id: str,
+    model: str,
+    dimensions: int,
+    version: int,
+    centroids: np.ndarray,
+) -> BatchSegments:
+    """Each embedded customer of the batch into customer_segments: its profile's nearest
+    centroid of model `version` and the distance to it."""
+    params = {"batch_id": batch_id, "model": model, "dimensions": dimensions}
+    profiles = with_vectors(
+        conn, _BATCH_PROFILES_SQL, model, dimensions, {"batch_id": batch_id}
+    ).to_arrow_table()
+    segment, distance = assign_segments(
+        list_column_to_matrix(profiles, "embedding", dimensions), centroids
+    )
+    conn.register(
+        "profile_segments",
+        pa.table(
+            {
+                "text_hash": profiles["text_hash"],
+                "segment_id": pa.array(segment),
+                "distance": pa.array(distance),
+            }
+        ),
+    )
+    conn.execute(
+        "INSERT INTO customer_segments SELECT e.batch_id, e.line_no, e.customer_id,"
+        " e.text_hash, s.segment_id, s.distance, $version FROM customer_embeddings AS e"
+        " JOIN profile_segments AS s USING (text_hash)"
+        " WHERE e.batch_id = $batch_id AND e.model = $model AND e.dimensions = $dimensions",
+        {**params, "version": version},
+    )
+    conn.unregister("profile_segments")
+    shares = conn.execute(
+        "SELECT segment_id, count(*) FROM customer_segments WHERE batch_id = ?"
+        " GROUP BY 1 ORDER BY 1",
+        [batch_id],
+    ).fetchall()
+    total = sum(n for _, n in shares)
+    counts = [0] * len(centroids)
+    for segment_id, n in shares:
+        counts[segment_id] = n
+    return BatchSegments(
+        customers=total,
+        distinct_profiles=profiles.num_rows,
+        shares={str(s): round(n / total, 4) for s, n in shares} if total else {},
+        counts=counts,
+    )

@@ -17,9 +17,9 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
+from pipeline_project.core import dead_letters
 from pipeline_project.partitions import is_valid_batch_id
 from pipeline_project.tables import (
-    DEAD_LETTER,
     RAW_CUSTOMERS,
     RAW_CUSTOMERS_COLUMNS,
     WAREHOUSE_DDL,
@@ -172,10 +172,7 @@ class Warehouse(DuckDBStore):
             for table in tables:
                 conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
             if dead_letter_stage is not None:
-                conn.execute(
-                    f"DELETE FROM {DEAD_LETTER} WHERE batch_id = ? AND stage = ?",
-                    [batch_id, dead_letter_stage],
-                )
+                dead_letters.delete_batch(conn, batch_id, dead_letter_stage)
             yield conn
 
     @contextmanager

@@ -1,0 +1,102 @@
+"""The embedding_cache table: one vector per text and model, shared by every stage. All its SQL.
+
+A text is keyed by its md5 (`text_hash`). Statements that combine the cache with another
+table take that part as `source`: a SELECT from the code, never from data, whose $-parameters
+come in `params` ($model and $dimensions are always set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from pipeline_project.core.vectors import matrix_to_list_array
+
+# Whether the row `s` of a source has a vector for $model and $dimensions.
+_CACHED = """EXISTS (
+    SELECT 1 FROM embedding_cache AS c
+    WHERE c.model = $model AND c.dimensions = $dimensions AND c.text_hash = s.text_hash)"""
+
+
+def _params(model: str, dimensions: int, params: Mapping[str, object] | None) -> dict:
+    return {**(params or {}), "model": model, "dimensions": dimensions}
+
+
+def missing_texts(
+    conn: duckdb.DuckDBPyConnection,
+    source: str,
+    model: str,
+    dimensions: int,
+    params: Mapping[str, object] | None = None,
+) -> list[tuple[str, str]]:
+    """The distinct (text_hash, text) pairs of `source` (columns text_hash, text) that have no
+    vector for the model yet, by hash."""
+    return conn.execute(
+        f"SELECT text_hash, any_value(text) AS text FROM ({source}) AS s WHERE NOT {_CACHED}"
+        " GROUP BY text_hash ORDER BY text_hash",
+        _params(model, dimensions, params),
+    ).fetchall()
+
+
+def add_vectors(
+    conn: duckdb.DuckDBPyConnection,
+    model: str,
+    dimensions: int,
+    texts: Mapping[str, str],
+    vectors: Sequence[tuple[str, np.ndarray]],
+) -> None:
+    """Add (text_hash, vector) pairs, with their text from `texts`; the first writer wins."""
+    hashes = [h for h, _ in vectors]
+    rows = pa.table(
+        {
+            "text_hash": pa.array(hashes, pa.string()),
+            "text": pa.array([texts[h] for h in hashes], pa.string()),
+            "embedding": matrix_to_list_array(np.stack([v for _, v in vectors])),
+        }
+    )
+    conn.register("new_vectors", rows)
+    try:
+        conn.execute(
+            "INSERT INTO embedding_cache SELECT $model, $dimensions, text_hash, text, embedding,"
+            " now() FROM new_vectors ON CONFLICT DO NOTHING",
+            {"model": model, "dimensions": dimensions},
+        )
+    finally:
+        conn.unregister("new_vectors")
+
+
+def insert_cached(
+    conn: duckdb.DuckDBPyConnection,
+    table: str,
+    source: str,
+    model: str,
+    dimensions: int,
+    params: Mapping[str, object] | None = None,
+) -> None:
+    """Insert into `table` the rows of `source` (the table's columns in order, text_hash among
+    them) whose text has a vector for the model: a row whose text failed is never written."""
+    conn.execute(
+        f"INSERT INTO {table} SELECT s.* FROM ({source}) AS s WHERE {_CACHED}",
+        _params(model, dimensions, params),
+    )
+
+
+def with_vectors(
+    conn: duckdb.DuckDBPyConnection,
+    source: str,
+    model: str,
+    dimensions: int,
+    params: Mapping[str, object] | None = None,
+    order_by: str = "text_hash",
+) -> duckdb.DuckDBPyRelation:
+    """The rows of `source` (with a text_hash column) that have a vector for the model, with it
+    as `embedding`, ordered by `order_by` (a column of `source`, named in the code)."""
+    return conn.sql(
+        f"SELECT s.*, c.embedding FROM ({source}) AS s JOIN embedding_cache AS c"
+        " ON c.model = $model AND c.dimensions = $dimensions AND c.text_hash = s.text_hash"
+        f" ORDER BY s.{order_by}",
+        params=_params(model, dimensions, params),
+    )

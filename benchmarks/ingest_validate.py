@@ -15,7 +15,7 @@ import dagster as dg
 
 from pipeline_project.definitions import build_definitions
 from pipeline_project.sample_data import generate_batch, write_catalog
-from pipeline_project.settings import Settings
+from pipeline_project.settings import AlertSettings, LandingSettings, Settings, WarehouseSettings
 
 
 def peak_rss_mib() -> float:
@@ -31,17 +31,16 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        landing = LandingSettings(root / "landing", catalog_path=root / "catalog.csv")
         settings = Settings(
-            landing_dir=root / "landing",
-            duckdb_path=root / "warehouse.duckdb",
-            alerts_duckdb_path=root / "alerts.duckdb",
-            catalog_path=root / "catalog.csv",
-            duckdb_memory_limit="1GB",
+            warehouse=WarehouseSettings(root / "warehouse.duckdb", memory_limit="1GB"),
+            landing=landing,
+            alerts=AlertSettings(alerts_duckdb_path=root / "alerts.duckdb"),
         )
         started = time.perf_counter()
-        catalog = write_catalog(settings.catalog_path)
-        generate_batch(settings.landing_dir / "bench.jsonl", args.rows, args.bad_rate, 1, catalog)
-        size_mb = (settings.landing_dir / "bench.jsonl").stat().st_size / 1e6
+        catalog = write_catalog(landing.catalog_path)
+        generate_batch(landing.landing_dir / "bench.jsonl", args.rows, args.bad_rate, 1, catalog)
+        size_mb = (landing.landing_dir / "bench.jsonl").stat().st_size / 1e6
         seconds = time.perf_counter() - started
         print(f"generated {args.rows:,} rows ({size_mb:,.0f} MB) in {seconds:.1f} s")
 

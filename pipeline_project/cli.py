@@ -41,7 +41,7 @@ def generate(
     landing_dir: Path | None, catalog: Path | None,
 ) -> None:  # fmt: skip
     """Write deterministic sample batches and the product catalog."""
-    settings = Settings.from_env()
+    settings = Settings.from_env().landing
     _generate(
         landing_dir or settings.landing_dir, catalog or settings.catalog_path,
         batches=batches, rows=rows, bad_rate=bad_rate, seed=seed, start=start, use_gzip=use_gzip,
@@ -77,7 +77,7 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
 
     home = ensure_dagster_home()
     settings = Settings.from_env()
-    click.echo(f"Dagster home: {home}\nwarehouse:   {settings.duckdb_path}")
+    click.echo(f"Dagster home: {home}\nwarehouse:   {settings.warehouse.duckdb_path}")
 
     import dagster as dg
 
@@ -85,10 +85,11 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
     from pipeline_project.partitions import batches as batch_partitions
     from pipeline_project.resources import LandingZone
 
-    landing = LandingZone(path=str(settings.landing_dir), catalog_path=str(settings.catalog_path))
+    paths = settings.landing
+    landing = LandingZone.from_settings(paths)
     if not landing.scan().files:
-        click.echo(f"landing folder {settings.landing_dir} is empty: generating sample data")
-        _generate(settings.landing_dir, settings.catalog_path,
+        click.echo(f"landing folder {paths.landing_dir} is empty: generating sample data")
+        _generate(paths.landing_dir, paths.catalog_path,
                   batches=batches, rows=rows, bad_rate=bad_rate, seed=seed)  # fmt: skip
     scan = landing.scan()
     for rejected in scan.rejected:
@@ -100,7 +101,7 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
     failed = []
     with dg.DagsterInstance.get() as instance:
         if landing.catalog_fingerprint() is not None:
-            click.echo(f"product catalog: loading and embedding {settings.catalog_path}")
+            click.echo(f"product catalog: loading and embedding {paths.catalog_path}")
             catalog_run = defs.resolve_job_def("catalog_job").execute_in_process(
                 instance=instance, run_config=quiet, raise_on_error=False
             )
@@ -214,12 +215,10 @@ def _warehouse():
 @dlq.command("list")
 def dlq_list() -> None:
     """Dead letters per batch, stage and reason: pending (not replayed yet) and replayed."""
+    from pipeline_project.core import dead_letters
+
     with _warehouse().get_connection() as conn:
-        rows = conn.execute(
-            "SELECT batch_id, stage, reason, count(*) FILTER (WHERE replayed_at IS NULL),"
-            " count(*) FILTER (WHERE replayed_at IS NOT NULL), max(created_at)"
-            " FROM dead_letter GROUP BY ALL ORDER BY ALL"
-        ).fetchall()
+        rows = dead_letters.summary(conn)
     if not rows:
         click.echo("the dead-letter queue is empty")
         return
@@ -237,13 +236,10 @@ def dlq_list() -> None:
 @click.option("--all", "show_all", is_flag=True, help="Replayed dead letters too.")
 def dlq_show(batch_id: str, limit: int, show_all: bool) -> None:
     """One batch's dead letters: record, reason, error, attempts, payload."""
-    pending_only = "" if show_all else " AND replayed_at IS NULL"
+    from pipeline_project.core import dead_letters
+
     with _warehouse().get_connection() as conn:
-        rows = conn.execute(
-            "SELECT record_key, stage, reason, attempts, error, payload, replayed_at"
-            f" FROM dead_letter WHERE batch_id = ?{pending_only} ORDER BY record_key LIMIT ?",
-            [batch_id, limit],
-        ).fetchall()
+        rows = dead_letters.records(conn, batch_id, limit, pending_only=not show_all)
     if not rows:
         click.echo(f"{batch_id}: no {'' if show_all else 'pending '}dead letters")
         return

@@ -22,6 +22,8 @@ def write_instance_yaml(home: Path) -> Path:
 
 def ensure_dagster_home(cwd: Path | None = None) -> Path:
     """Use $DAGSTER_HOME when set, else `./.dagster_home` (made with the project's settings)."""
+    # DAGSTER_HOME is Dagster's own variable, not a pipeline setting: Dagster reads it to find
+    # its instance, so it is read and set here, in the environment, rather than in Settings.
     if os.environ.get("DAGSTER_HOME"):
         return Path(os.environ["DAGSTER_HOME"])
     home = ((cwd or Path.cwd()) / ".dagster_home").resolve()

@@ -1,52 +1,134 @@
-"""Where the pipeline keeps its files: environment variables with embedded defaults.
+"""Every setting of a deployment, in sections, read from the environment in one place.
 
-Relative paths resolve against the working directory (the repository root under `dagster dev`).
+Each field names its environment variable and its default; an unset or empty variable means
+the default. `Settings.from_env()` is the only reader of the environment (secrets excepted:
+the OpenAI API key stays a `dg.EnvVar`, read by Dagster when the resource starts). Paths read
+by `from_env` resolve against the working directory (the repository root under `dagster dev`).
 """
 
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-ENV_DEFAULTS: dict[str, str] = {
-    "PIPELINE_LANDING_DIR": "data/landing",
-    "PIPELINE_DUCKDB_PATH": "data/warehouse.duckdb",
-    "PIPELINE_ALERTS_DUCKDB_PATH": "data/alerts.duckdb",
-    "PIPELINE_CATALOG_PATH": "data/catalog.csv",
-    "PIPELINE_DUCKDB_MEMORY_LIMIT": "512MB",
-    "PIPELINE_FRESHNESS_WARN_HOURS": "12",
-    "PIPELINE_FRESHNESS_FAIL_HOURS": "24",
-}
+
+def _env(name: str, default: Any, *, shown: bool = True) -> Any:
+    """A setting read from the environment variable `name`; unset or empty: `default`.
+    `shown=False` keeps a value that may carry a token out of the settings' repr."""
+    return field(default=default, repr=shown, metadata={"env": name})
+
+
+@dataclass(frozen=True)
+class WarehouseSettings:
+    duckdb_path: Path = _env("PIPELINE_DUCKDB_PATH", Path("data/warehouse.duckdb"))
+    memory_limit: str = _env("PIPELINE_DUCKDB_MEMORY_LIMIT", "512MB")
+
+
+@dataclass(frozen=True)
+class LandingSettings:
+    landing_dir: Path = _env("PIPELINE_LANDING_DIR", Path("data/landing"))
+    catalog_path: Path = _env("PIPELINE_CATALOG_PATH", Path("data/catalog.csv"))
+
+
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """The backend and its options; None means the backend's own default."""
+
+    backend: str = _env("PIPELINE_EMBEDDING_BACKEND", "local")
+    model: str | None = _env("PIPELINE_EMBEDDING_MODEL", None)
+    dimensions: int | None = _env("PIPELINE_EMBEDDING_DIMENSIONS", None)
+    device: str = _env("PIPELINE_EMBEDDING_DEVICE", "cpu")
+    openai_base_url: str = _env("PIPELINE_OPENAI_BASE_URL", "https://api.openai.com/v1")
+    openai_send_dimensions: bool = _env("PIPELINE_OPENAI_SEND_DIMENSIONS", False)
+    openai_timeout_seconds: float = _env("PIPELINE_OPENAI_TIMEOUT_SECONDS", 30.0)
+    openai_max_batch_size: int = _env("PIPELINE_OPENAI_MAX_BATCH_SIZE", 256)
+    openai_max_concurrency: int = _env("PIPELINE_OPENAI_MAX_CONCURRENCY", 4)
+    openai_requests_per_minute: int = _env("PIPELINE_OPENAI_REQUESTS_PER_MINUTE", 0)
+    openai_tokens_per_minute: int = _env("PIPELINE_OPENAI_TOKENS_PER_MINUTE", 0)
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    # Alerts live in their own DuckDB file so that a sensor never queues behind a pipeline run
+    # that holds the warehouse's single-writer lock for a long write.
+    alerts_duckdb_path: Path = _env("PIPELINE_ALERTS_DUCKDB_PATH", Path("data/alerts.duckdb"))
+    webhook_url: str = _env("PIPELINE_ALERT_WEBHOOK_URL", "", shown=False)
+    webhook_format: str = _env("PIPELINE_ALERT_WEBHOOK_FORMAT", "json")
+    cooldown_seconds: float = _env("PIPELINE_ALERT_COOLDOWN_SECONDS", 3600.0)
+    sensor_interval_seconds: int = _env("PIPELINE_ALERT_SENSOR_INTERVAL_SECONDS", 30)
+    error_rate_threshold: float = _env("PIPELINE_ALERT_ERROR_RATE", 0.05)
+    dlq_growth_batches: int = _env("PIPELINE_DLQ_GROWTH_BATCHES", 3)
+
+
+@dataclass(frozen=True)
+class FreshnessSettings:
+    """A new batch is expected at least this often (WARN / FAIL) at the first and last stage."""
+
+    warn_hours: float = _env("PIPELINE_FRESHNESS_WARN_HOURS", 12.0)
+    fail_hours: float = _env("PIPELINE_FRESHNESS_FAIL_HOURS", 24.0)
 
 
 @dataclass(frozen=True)
 class Settings:
-    landing_dir: Path
-    duckdb_path: Path
-    # Alerts live in their own DuckDB file so that a sensor never queues behind a pipeline run
-    # that holds the warehouse's single-writer lock for a long write.
-    alerts_duckdb_path: Path
-    catalog_path: Path
-    duckdb_memory_limit: str
-    # A new batch is expected at least this often (WARN / FAIL) at the first and last stage.
-    freshness_warn_hours: float = 12.0
-    freshness_fail_hours: float = 24.0
+    warehouse: WarehouseSettings = field(default_factory=WarehouseSettings)
+    landing: LandingSettings = field(default_factory=LandingSettings)
+    embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
+    freshness: FreshnessSettings = field(default_factory=FreshnessSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings from `environ` (default: the process environment)."""
         env = os.environ if environ is None else environ
+        sections = typing.get_type_hints(cls)
+        return cls(**{f.name: _section_from_env(sections[f.name], env) for f in fields(cls)})
 
-        def get(name: str) -> str:
-            return env.get(name) or ENV_DEFAULTS[name]
+    # Shortcuts to the four paths that tests and scripts use most.
+    @property
+    def duckdb_path(self) -> Path:
+        return self.warehouse.duckdb_path
 
-        return cls(
-            landing_dir=Path(get("PIPELINE_LANDING_DIR")).resolve(),
-            duckdb_path=Path(get("PIPELINE_DUCKDB_PATH")).resolve(),
-            alerts_duckdb_path=Path(get("PIPELINE_ALERTS_DUCKDB_PATH")).resolve(),
-            catalog_path=Path(get("PIPELINE_CATALOG_PATH")).resolve(),
-            duckdb_memory_limit=get("PIPELINE_DUCKDB_MEMORY_LIMIT"),
-            freshness_warn_hours=float(get("PIPELINE_FRESHNESS_WARN_HOURS")),
-            freshness_fail_hours=float(get("PIPELINE_FRESHNESS_FAIL_HOURS")),
-        )
+    @property
+    def alerts_duckdb_path(self) -> Path:
+        return self.alerts.alerts_duckdb_path
+
+    @property
+    def landing_dir(self) -> Path:
+        return self.landing.landing_dir
+
+    @property
+    def catalog_path(self) -> Path:
+        return self.landing.catalog_path
+
+
+def _section_from_env(section: type, env: Mapping[str, str]) -> Any:
+    types = typing.get_type_hints(section)
+    values = {}
+    for f in fields(section):
+        raw = env.get(f.metadata["env"])
+        value = _parse(f.metadata["env"], raw, types[f.name]) if raw else f.default
+        values[f.name] = value.resolve() if isinstance(value, Path) else value
+    return section(**values)
+
+
+def _parse(name: str, raw: str, kind: Any) -> Any:
+    # `int | None` reads as an int
+    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+    if base is bool:
+        return raw == "true"
+    try:
+        return base(raw)
+    except ValueError as err:
+        raise ValueError(f"{name}={raw!r}: expected {base.__name__}") from err
+
+
+# Every environment variable the settings read, with its default.
+ENV_DEFAULTS: dict[str, Any] = {
+    f.metadata["env"]: f.default
+    for section in typing.get_type_hints(Settings).values()
+    for f in fields(section)
+}

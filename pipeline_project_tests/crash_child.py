@@ -19,12 +19,14 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
 
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources import Warehouse
+from pipeline_project.settings import Settings
 from pipeline_project_tests.helpers import INFERENCE_STAGES, settings_in
 
 
@@ -80,7 +82,10 @@ def main() -> None:
     root, batch_id = Path(sys.argv[1]), sys.argv[2]
     if len(sys.argv) > 3:
         install_pause(root, sys.argv[3])
-    settings = settings_in(root, duckdb_memory_limit="256MB")
+    # test_crash_safety picks the embedding backend through PIPELINE_EMBEDDING_BACKEND
+    settings = replace(
+        settings_in(root, duckdb_memory_limit="256MB"), embedding=Settings.from_env().embedding
+    )
     defs = build_definitions(settings)
     with dg.instance_for_test() as instance:  # a temporary Dagster home of its own
         instance.add_dynamic_partitions("batches", [batch_id])

@@ -6,12 +6,14 @@ import pytest
 from dagster._core.definitions.freshness import FreshnessState, FreshnessStateChange
 
 from pipeline_project.sensors.alerting import (
+    build_alerting_sensors,
     check_results_alert_sensor,
     dead_letter_growth_sensor,
     error_rate_alert_sensor,
     freshness_alert_sensor,
     run_failure_alert_sensor,
 )
+from pipeline_project.settings import AlertSettings
 from pipeline_project_tests.helpers import customer, run_batch, write_lines
 
 
@@ -120,19 +122,25 @@ def embeddings_materialized(
     )  # fmt: skip
 
 
+def sensor_with(name: str, **settings) -> dg.SensorDefinition:
+    """The alerting sensor `name`, built from alert settings other than the defaults."""
+    [sensor] = [s for s in build_alerting_sensors(AlertSettings(**settings)) if s.name == name]
+    return sensor
+
+
 def test_dead_letter_queue_growing_for_k_batches_alerts_then_resolves(
-    instance, resources, settings, monkeypatch
+    instance, resources, settings
 ):
-    monkeypatch.setenv("PIPELINE_DLQ_GROWTH_BATCHES", "3")
+    growth = sensor_with("dead_letter_growth_sensor", dlq_growth_batches=3)
     for i, total in enumerate([5, 5, 6, 8]):
         embeddings_materialized(instance, f"b{i}", total)
-        tick(dead_letter_growth_sensor, instance, resources)
+        tick(growth, instance, resources)
     assert alerts(settings) == []  # 5 -> 5 did not grow: only 2 growing batches so far
     embeddings_materialized(instance, "b4", 9)
-    tick(dead_letter_growth_sensor, instance, resources)
+    tick(growth, instance, resources)
     assert [(k, s) for k, s, *_ in alerts(settings)] == [("dead_letter_growth", "firing")]
     embeddings_materialized(instance, "b5", 9)
-    tick(dead_letter_growth_sensor, instance, resources)
+    tick(growth, instance, resources)
     assert [(k, s) for k, s, *_ in alerts(settings)][-1] == ("dead_letter_growth", "resolved")
 
 
@@ -146,6 +154,17 @@ def test_error_rate_sensor_alerts_per_batch_above_the_threshold_once(instance, r
     again = tick(error_rate_alert_sensor, instance, resources, cursor=result.cursor)
     assert "0 new materializations" in again.skip_reason.skip_message
     assert len(alerts(settings)) == 1
+
+
+def test_the_error_rate_threshold_and_growth_window_come_from_the_alert_settings(
+    instance, resources, settings
+):
+    embeddings_materialized(instance, "b0", 1, error_rate=0.09)
+    tick(sensor_with("error_rate_alert_sensor", error_rate_threshold=0.10), instance, resources)
+    assert alerts(settings) == []  # 9% is below a 10% threshold
+    embeddings_materialized(instance, "b1", 2)
+    tick(sensor_with("dead_letter_growth_sensor", dlq_growth_batches=1), instance, resources)
+    assert [(k, s) for k, s, *_ in alerts(settings)] == [("dead_letter_growth", "firing")]
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,22 @@
 
 import subprocess
 import sys
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
-from pipeline_project.settings import ENV_DEFAULTS, Settings
+from pipeline_project.definitions import build_definitions, build_resources
+from pipeline_project.policies import FRESHNESS_MONITORED
+from pipeline_project.resources.embeddings import HashingEmbedder, OpenAIEmbedder, build_embedder
+from pipeline_project.settings import EmbeddingSettings, FreshnessSettings
 
 REPO = Path(__file__).resolve().parents[1]
+ALERTING_SENSOR_NAMES = ("run_failure_alert_sensor", "check_results_alert_sensor",
+                         "freshness_alert_sensor", "dead_letter_growth_sensor",
+                         "error_rate_alert_sensor")  # fmt: skip
 LOAD = (
     "import dagster as dg, pipeline_project.definitions as d; "
     "dg.Definitions.validate_loadable(d.defs); print('loaded', len(list(d.defs.assets)))"
@@ -52,25 +61,84 @@ def test_definitions_wire_every_stage_job_sensor_and_resource(defs):
     for job in jobs:
         assert defs.resolve_job_def(job) is not None
     sensors = ("landing_batches_sensor", "catalog_file_sensor", "pipeline_automation_sensor",
-               "run_failure_alert_sensor", "check_results_alert_sensor", "freshness_alert_sensor",
-               "dead_letter_growth_sensor", "error_rate_alert_sensor")  # fmt: skip
+               *ALERTING_SENSOR_NAMES)  # fmt: skip
     for sensor in sensors:
         assert defs.resolve_sensor_def(sensor).default_status == dg.DefaultSensorStatus.RUNNING
     assert set(defs.resources) == {"warehouse", "landing", "alerts", "embedder"}
 
 
-def test_settings_come_from_the_environment_with_defaults(tmp_path):
-    defaults = Settings.from_env({})
-    assert defaults.landing_dir == Path(ENV_DEFAULTS["PIPELINE_LANDING_DIR"]).resolve()
-    assert defaults.duckdb_path.name == "warehouse.duckdb"
-    custom = Settings.from_env(
-        {
-            "PIPELINE_LANDING_DIR": str(tmp_path / "in"),
-            "PIPELINE_DUCKDB_PATH": str(tmp_path / "x.db"),
-        }
+def test_build_definitions_takes_sensor_interval_and_freshness_windows_from_settings(settings):
+    settings = replace(
+        settings,
+        alerts=replace(settings.alerts, sensor_interval_seconds=7),
+        freshness=FreshnessSettings(warn_hours=1.0, fail_hours=2.0),
     )
-    assert custom.landing_dir == tmp_path / "in"
-    assert custom.duckdb_path == tmp_path / "x.db"
+    defs = build_definitions(settings)
+    for sensor in ALERTING_SENSOR_NAMES:
+        assert defs.resolve_sensor_def(sensor).minimum_interval_seconds == 7
+    for asset in FRESHNESS_MONITORED:
+        assert freshness_windows(defs, asset) == (timedelta(hours=1), timedelta(hours=2))
+    assert freshness_windows(defs, "customers") is None
+
+
+def freshness_windows(defs, asset: str) -> tuple[timedelta, timedelta] | None:
+    """(warn, fail) of the asset's freshness policy, or None without one."""
+    spec = defs.resolve_assets_def(asset).specs_by_key[dg.AssetKey(asset)]
+    policy = spec.freshness_policy
+    if policy is None:
+        return None
+    return policy.warn_window.to_timedelta(), policy.fail_window.to_timedelta()
+
+
+def test_the_defaults_tick_every_30_seconds_and_expect_a_batch_every_12_and_24_hours(defs):
+    for sensor in ALERTING_SENSOR_NAMES:
+        assert defs.resolve_sensor_def(sensor).minimum_interval_seconds == 30
+    for asset in FRESHNESS_MONITORED:
+        assert freshness_windows(defs, asset) == (timedelta(hours=12), timedelta(hours=24))
+
+
+def test_resources_are_configured_from_the_settings(settings):
+    settings = replace(
+        settings,
+        warehouse=replace(settings.warehouse, memory_limit="300MB"),
+        alerts=replace(settings.alerts, webhook_format="slack", cooldown_seconds=60.0),
+        embedding=EmbeddingSettings(backend="hashing", dimensions=16),
+    )
+    resources = build_resources(settings)
+    assert resources["warehouse"].database == str(settings.warehouse.duckdb_path)
+    assert resources["warehouse"].connection_config == {"memory_limit": "300MB"}
+    assert resources["landing"].path == str(settings.landing.landing_dir)
+    assert resources["landing"].catalog_path == str(settings.landing.catalog_path)
+    alerts = resources["alerts"]
+    assert (alerts.database, alerts.webhook_format, alerts.cooldown_seconds) == (
+        str(settings.alerts.alerts_duckdb_path),
+        "slack",
+        60.0,
+    )
+    assert resources["embedder"] == HashingEmbedder(dimensions=16)
+
+
+def test_the_openai_backend_takes_its_options_from_settings_and_its_key_from_an_env_var():
+    embedder = build_embedder(
+        EmbeddingSettings(
+            backend="openai", openai_base_url="http://127.0.0.1:9/v1", openai_max_batch_size=8,
+            openai_requests_per_minute=60, openai_send_dimensions=True,
+        )
+    )  # fmt: skip
+    assert isinstance(embedder, OpenAIEmbedder)
+    assert (embedder.base_url, embedder.model, embedder.dimensions) == (
+        "http://127.0.0.1:9/v1",
+        "text-embedding-3-small",
+        1536,
+    )
+    assert (embedder.max_batch_size, embedder.requests_per_minute) == (8, 60)
+    assert embedder.send_dimensions and embedder.max_concurrency == 4
+    assert embedder.api_key == dg.EnvVar("PIPELINE_OPENAI_API_KEY")  # the name, never the value
+
+
+def test_an_unknown_embedding_backend_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="PIPELINE_EMBEDDING_BACKEND='gpt': use local, openai"):
+        build_embedder(EmbeddingSettings(backend="gpt"))
 
 
 def test_project_instance_has_retries_a_bounded_run_queue_and_a_single_writer_pool(instance):

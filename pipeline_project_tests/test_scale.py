@@ -18,16 +18,12 @@ import dagster as dg
 from pipeline_project.sample_data import generate_batch, write_catalog
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources.embeddings import HashingEmbedder
-from pipeline_project.settings import Settings
+from pipeline_project_tests.helpers import settings_in
 
 rows, root = int(sys.argv[1]), Path(sys.argv[2])
-settings = Settings(
-    landing_dir=root / "landing", duckdb_path=root / "w.duckdb",
-    alerts_duckdb_path=root / "alerts.duckdb", catalog_path=root / "catalog.csv",
-    duckdb_memory_limit="256MB",
-)
-catalog = write_catalog(settings.catalog_path)
-generate_batch(settings.landing_dir / "b1.jsonl", rows, 0.01, 1, catalog)
+settings = settings_in(root, duckdb_memory_limit="256MB")
+catalog = write_catalog(settings.landing.catalog_path)
+generate_batch(settings.landing.landing_dir / "b1.jsonl", rows, 0.01, 1, catalog)
 defs = build_definitions(settings, embedder=HashingEmbedder())
 chunks = {"raw_customers": 10_000, "validated_customers": 10_000}
 config = {"ops": {op: {"config": {"chunk_rows": n}} for op, n in chunks.items()}}

@@ -134,30 +134,25 @@ def stop(proc: subprocess.Popen) -> set[int]:
 def dagster_dev(tmp_path: Path) -> Iterator[DagsterDev]:
     home = tmp_path / "dagster_home"
     write_instance_yaml(home)
-    settings = Settings(
-        landing_dir=tmp_path / "landing",
-        duckdb_path=tmp_path / "data" / "warehouse.duckdb",
-        alerts_duckdb_path=tmp_path / "data" / "alerts.duckdb",
-        catalog_path=tmp_path / "data" / "catalog.csv",
-        duckdb_memory_limit="256MB",
-    )
-    # Two good batches and a bad one (error rate above the hard ceiling) are in the landing
-    # folder when the user starts the UI: the sensor's first tick finds them.
-    catalog = write_catalog(settings.catalog_path, seed=1)
-    for number, bad_rate in ((1, 0.03), (2, 0.03), (3, 0.9)):
-        generate_batch(settings.landing_dir / f"b00{number}.jsonl", 300, bad_rate, number, catalog)
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "DAGSTER_"))}
-    env = {
-        **base,
-        "DAGSTER_HOME": str(home),
-        "PIPELINE_LANDING_DIR": str(settings.landing_dir),
-        "PIPELINE_DUCKDB_PATH": str(settings.duckdb_path),
-        "PIPELINE_ALERTS_DUCKDB_PATH": str(settings.alerts_duckdb_path),
-        "PIPELINE_CATALOG_PATH": str(settings.catalog_path),
-        "PIPELINE_DUCKDB_MEMORY_LIMIT": settings.duckdb_memory_limit,
+    data = tmp_path / "data"
+    pipeline_env = {
+        "PIPELINE_LANDING_DIR": str(tmp_path / "landing"),
+        "PIPELINE_DUCKDB_PATH": str(data / "warehouse.duckdb"),
+        "PIPELINE_ALERTS_DUCKDB_PATH": str(data / "alerts.duckdb"),
+        "PIPELINE_CATALOG_PATH": str(data / "catalog.csv"),
+        "PIPELINE_DUCKDB_MEMORY_LIMIT": "256MB",
         "PIPELINE_EMBEDDING_BACKEND": "hashing",  # the model's speed is not under test here
         "PIPELINE_ALERT_SENSOR_INTERVAL_SECONDS": "5",
     }
+    settings = Settings.from_env(pipeline_env)  # what `dagster dev` reads from them
+    # Two good batches and a bad one (error rate above the hard ceiling) are in the landing
+    # folder when the user starts the UI: the sensor's first tick finds them.
+    catalog = write_catalog(settings.landing.catalog_path, seed=1)
+    for number, bad_rate in ((1, 0.03), (2, 0.03), (3, 0.9)):
+        batch_file = settings.landing.landing_dir / f"b00{number}.jsonl"
+        generate_batch(batch_file, 300, bad_rate, number, catalog)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "DAGSTER_"))}
+    env = {**base, "DAGSTER_HOME": str(home), **pipeline_env}
     port = free_port()
     log = (tmp_path / "dagster_dev.log").open("w")
     # the product's own command, with its default host: it becomes `dagster dev` (same PID)
@@ -176,7 +171,8 @@ def dagster_dev(tmp_path: Path) -> Iterator[DagsterDev]:
         assert proc.returncode != -signal.SIGKILL, "dagster dev did not stop on SIGTERM"
         assert not any(alive(pid) for pid in children), "a child of dagster dev is still running"
         assert listening_addresses(port) == set()  # nothing listens on the port any more
-        with duckdb.connect(str(settings.duckdb_path)) as conn:  # no lock left on the file
+        # no lock left on the file
+        with duckdb.connect(str(settings.warehouse.duckdb_path)) as conn:
             conn.execute("SELECT 1").fetchall()
 
 
@@ -206,7 +202,7 @@ def _answers(url: str) -> bool:
 
 def batch_tables(settings: Settings) -> dict[str, list[tuple]]:
     """The good batches' rows (load timestamps left out), read while the daemon may write."""
-    warehouse = Warehouse(database=str(settings.duckdb_path))
+    warehouse = Warehouse(database=str(settings.warehouse.duckdb_path))
     tables = {}
     with warehouse.get_connection() as conn:
         for table in BATCH_TABLES:
@@ -313,9 +309,9 @@ def test_landing_automation_backfill_bad_batch_checks_and_freshness_through_the_
 
 
 def _alerts_for(settings: Settings, batch_id: str) -> list[tuple]:
-    if not settings.alerts_duckdb_path.exists():
+    if not settings.alerts.alerts_duckdb_path.exists():
         return []
-    with AlertStore(database=str(settings.alerts_duckdb_path)).get_connection() as conn:
+    with AlertStore(database=str(settings.alerts.alerts_duckdb_path)).get_connection() as conn:
         return conn.execute(
             "SELECT monitor, message FROM alerts WHERE message LIKE '%' || ? || '%'", [batch_id]
         ).fetchall()

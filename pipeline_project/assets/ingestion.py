@@ -9,7 +9,7 @@ from pipeline_project.batch_history import recent_batch_metadata
 from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunks, store_raw_lines
 from pipeline_project.core.monitoring import StepUsage, count_anomaly
 from pipeline_project.partitions import batches
-from pipeline_project.policies import DUCKDB_WRITER_POOL, STAGE_RETRY_POLICY
+from pipeline_project.policies import batch_stage
 from pipeline_project.resources import LandingZone, Warehouse
 from pipeline_project.tables import RAW_CUSTOMERS
 
@@ -33,10 +33,7 @@ RECORD_COUNT_CHECK = "record_count_within_expected_range"
 
 
 @dg.asset(
-    partitions_def=batches,
-    pool=DUCKDB_WRITER_POOL,
-    retry_policy=STAGE_RETRY_POLICY,
-    group_name="ingestion",
+    **batch_stage("ingestion"),
     kinds={"duckdb"},
     metadata={"dagster/table_name": RAW_CUSTOMERS},
     check_specs=[

@@ -1,18 +1,17 @@
 """Validation: raw lines become `customers` + `customer_purchases`, or `schema_errors`."""
 
 import time
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from pipeline_project.assets.ingestion import raw_customers
 from pipeline_project.checks.input_checks import INPUT_CHECK_SPECS, input_check_results
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.validation import ValidationSummary, validate_batch
-from pipeline_project.partitions import batches
-from pipeline_project.policies import DUCKDB_WRITER_POOL, STAGE_RETRY_POLICY
+from pipeline_project.policies import batch_stage
 from pipeline_project.resources import Warehouse
-from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, SCHEMA_ERRORS
+from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, RAW_CUSTOMERS, SCHEMA_ERRORS
 
 
 class ValidationConfig(dg.Config):
@@ -28,7 +27,8 @@ class ValidationConfig(dg.Config):
     )
 
 
-_SPEC_KWARGS = {"deps": [raw_customers], "group_name": "validation", "kinds": {"duckdb"}}
+_SPEC_KWARGS = {"deps": [RAW_CUSTOMERS], "kinds": {"duckdb"}}
+VALIDATED_TABLES = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
 
 
 @dg.multi_asset(
@@ -53,9 +53,7 @@ _SPEC_KWARGS = {"deps": [raw_customers], "group_name": "validation", "kinds": {"
         ),
     ],
     check_specs=INPUT_CHECK_SPECS,
-    partitions_def=batches,
-    pool=DUCKDB_WRITER_POOL,
-    retry_policy=STAGE_RETRY_POLICY,
+    **batch_stage("validation"),
 )
 def validated_customers(
     context: dg.AssetExecutionContext, config: ValidationConfig, warehouse: Warehouse
@@ -71,15 +69,8 @@ def validated_customers(
             f" {summary.invalid:,} invalid"
         )
 
-    raw_file = warehouse.raw_file(batch_id)
-    if not raw_file.exists():
-        raise dg.Failure(
-            description=f"{batch_id}: no raw_customers file ({raw_file}); materialize"
-            " raw_customers for this batch first",
-            allow_retries=False,
-        )
-    tables = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
-    with warehouse.staged_batch(tables, batch_id) as (conn, staging):
+    raw_file = _raw_file(warehouse, batch_id)
+    with warehouse.staged_batch(VALIDATED_TABLES, batch_id) as (conn, staging):
         summary = validate_batch(
             conn,
             batch_id,
@@ -94,7 +85,25 @@ def validated_customers(
         checks = input_check_results(
             conn, batch_id, config.error_rate_threshold, config.hard_error_rate_ceiling
         )
+    yield from _materializations(summary, seconds, usage)
+    yield from checks
 
+
+def _raw_file(warehouse: Warehouse, batch_id: str) -> Path:
+    raw_file = warehouse.raw_file(batch_id)
+    if not raw_file.exists():
+        raise dg.Failure(
+            description=f"{batch_id}: no raw_customers file ({raw_file}); materialize"
+            " raw_customers for this batch first",
+            allow_retries=False,
+        )
+    return raw_file
+
+
+def _materializations(
+    summary: ValidationSummary, seconds: float, usage: StepUsage
+) -> list[dg.MaterializeResult]:
+    """The three tables' metadata: counts, error rate, throughput, the step's usage."""
     figures = {
         "rows_in": summary.rows_in,
         "rows_valid": summary.valid,
@@ -104,19 +113,20 @@ def validated_customers(
         "seconds": round(seconds, 3),
         "rows_per_second": round(summary.rows_in / seconds) if seconds else 0,
     }
-    yield dg.MaterializeResult(
-        asset_key=CUSTOMERS,
-        metadata={"dagster/row_count": summary.valid, **figures, **usage.figures()},
-    )
-    yield dg.MaterializeResult(
-        asset_key=CUSTOMER_PURCHASES, metadata={"dagster/row_count": summary.purchases}
-    )
-    yield dg.MaterializeResult(
-        asset_key=SCHEMA_ERRORS,
-        metadata={
-            "dagster/row_count": summary.invalid,
-            "error_rate": round(summary.error_rate, 6),
-            "invalid_lines_by_field": dg.MetadataValue.json(dict(summary.errors_by_field)),
-        },
-    )
-    yield from checks
+    return [
+        dg.MaterializeResult(
+            asset_key=CUSTOMERS,
+            metadata={"dagster/row_count": summary.valid, **figures, **usage.figures()},
+        ),
+        dg.MaterializeResult(
+            asset_key=CUSTOMER_PURCHASES, metadata={"dagster/row_count": summary.purchases}
+        ),
+        dg.MaterializeResult(
+            asset_key=SCHEMA_ERRORS,
+            metadata={
+                "dagster/row_count": summary.invalid,
+                "error_rate": round(summary.error_rate, 6),
+                "invalid_lines_by_field": dg.MetadataValue.json(dict(summary.errors_by_field)),
+            },
+        ),
+    ]

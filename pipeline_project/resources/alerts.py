@@ -23,6 +23,7 @@ from pydantic import Field
 from tenacity import Retrying, stop_after_attempt, wait_exponential_jitter
 
 from pipeline_project.resources.warehouse import DuckDBStore
+from pipeline_project.settings import AlertSettings
 from pipeline_project.tables import ALERTS_DDL
 
 FIRING = "firing"
@@ -59,6 +60,15 @@ class AlertSink(dg.ConfigurableResource):
     cooldown_seconds: float = Field(
         default=3600.0, description="A key that fired is not sent again within this time."
     )
+
+    @classmethod
+    def from_settings(cls, settings: AlertSettings) -> AlertSink:
+        return cls(
+            database=str(settings.alerts_duckdb_path),
+            webhook_url=settings.webhook_url,
+            webhook_format=settings.webhook_format,
+            cooldown_seconds=settings.cooldown_seconds,
+        )
 
     def _store(self) -> AlertStore:
         # Built here rather than nested as a resource field: a nested resource makes Dagster

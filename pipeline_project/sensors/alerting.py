@@ -1,43 +1,27 @@
 """Alerting sensors: run failures, failed WARN checks, freshness, dead-letter growth, error rates.
 
 Every alert goes through the `alerts` resource (table, log, optional webhook) with a cooldown
-per key; a condition that clears records a "resolved" alert.
+per key; a condition that clears records a "resolved" alert. `build_alerting_sensors` makes
+them from the alert settings (interval, error-rate threshold, K batches of dead-letter growth).
 """
 
 import json
-import os
 
 import dagster as dg
 
 from pipeline_project.policies import FRESHNESS_MONITORED
 from pipeline_project.resources import AlertSink
+from pipeline_project.settings import AlertSettings
+from pipeline_project.tables import CUSTOMER_EMBEDDINGS, CUSTOMERS
 
-ERROR_RATE_MONITORED = ("customers", "customer_embeddings")
-
-
-def _interval() -> int:
-    return int(os.environ.get("PIPELINE_ALERT_SENSOR_INTERVAL_SECONDS") or 30)
-
-
-def _error_rate_threshold() -> float:
-    return float(os.environ.get("PIPELINE_ALERT_ERROR_RATE") or 0.05)
-
-
-def _dlq_growth_batches() -> int:
-    return int(os.environ.get("PIPELINE_DLQ_GROWTH_BATCHES") or 3)
+ERROR_RATE_MONITORED = (CUSTOMERS, CUSTOMER_EMBEDDINGS)
 
 
 def _run_key(run: dg.DagsterRun) -> str:
     return f"run_failure:{run.job_name}:{run.tags.get('dagster/partition', '-')}"
 
 
-@dg.run_failure_sensor(
-    name="run_failure_alert_sensor",
-    minimum_interval_seconds=_interval(),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Alerts (error) when a run fails, e.g. a blocking check or a circuit breaker.",
-)
-def run_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: AlertSink) -> None:
+def _alert_run_failure(context: dg.RunFailureSensorContext, alerts: AlertSink) -> None:
     run = context.dagster_run
     partition = run.tags.get("dagster/partition")
     alerts.emit(
@@ -54,15 +38,7 @@ def run_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: AlertS
     )
 
 
-@dg.run_status_sensor(
-    name="check_results_alert_sensor",
-    run_status=dg.DagsterRunStatus.SUCCESS,
-    minimum_interval_seconds=_interval(),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Alerts on failed non-blocking (WARN) checks of successful runs, which a "
-    "run-failure sensor never sees; resolves alerts whose check passes again.",
-)
-def check_results_alert_sensor(context: dg.RunStatusSensorContext, alerts: AlertSink) -> None:
+def _alert_check_results(context: dg.RunStatusSensorContext, alerts: AlertSink) -> None:
     run = context.dagster_run
     alerts.resolve(
         monitor="run_failure", key=_run_key(run), message="a later run succeeded",
@@ -96,14 +72,7 @@ def check_results_alert_sensor(context: dg.RunStatusSensorContext, alerts: Alert
         )
 
 
-@dg.sensor(
-    name="freshness_alert_sensor",
-    minimum_interval_seconds=_interval(),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Alerts when the stored freshness state of the ingestion or final asset turns "
-    "WARN or FAIL (the freshness daemon evaluates the policies).",
-)
-def freshness_alert_sensor(context: dg.SensorEvaluationContext, alerts: AlertSink):
+def _alert_freshness(context: dg.SensorEvaluationContext, alerts: AlertSink) -> dg.SkipReason:
     keys = [dg.AssetKey(name) for name in FRESHNESS_MONITORED]
     records = context.instance.get_freshness_state_records(keys)
     states = {}
@@ -132,17 +101,11 @@ def freshness_alert_sensor(context: dg.SensorEvaluationContext, alerts: AlertSin
     return dg.SkipReason(f"freshness states: {json.dumps(states)}")
 
 
-@dg.sensor(
-    name="dead_letter_growth_sensor",
-    minimum_interval_seconds=_interval(),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Alerts when the dead-letter queue grew with each of the last K batches "
-    "(PIPELINE_DLQ_GROWTH_BATCHES, default 3).",
-)
-def dead_letter_growth_sensor(context: dg.SensorEvaluationContext, alerts: AlertSink):
-    k = _dlq_growth_batches()
+def _alert_dead_letter_growth(
+    context: dg.SensorEvaluationContext, alerts: AlertSink, k: int
+) -> dg.SkipReason:
     records = context.instance.fetch_materializations(
-        dg.AssetKey("customer_embeddings"), limit=k + 1
+        dg.AssetKey(CUSTOMER_EMBEDDINGS), limit=k + 1
     ).records
     totals = [
         r.asset_materialization.metadata["dead_letter_total"].value
@@ -167,16 +130,10 @@ def dead_letter_growth_sensor(context: dg.SensorEvaluationContext, alerts: Alert
     return dg.SkipReason(f"dead-letter totals (oldest first): {totals}")
 
 
-@dg.sensor(
-    name="error_rate_alert_sensor",
-    minimum_interval_seconds=_interval(),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Alerts when a batch's schema error rate or model error rate is above "
-    "PIPELINE_ALERT_ERROR_RATE (default 5%).",
-)
-def error_rate_alert_sensor(context: dg.SensorEvaluationContext, alerts: AlertSink):
+def _alert_error_rates(
+    context: dg.SensorEvaluationContext, alerts: AlertSink, threshold: float
+) -> dg.SensorResult:
     cursor = json.loads(context.cursor) if context.cursor else {}
-    threshold = _error_rate_threshold()
     seen = 0
     for asset in ERROR_RATE_MONITORED:
         result = context.instance.fetch_materializations(
@@ -216,10 +173,77 @@ def error_rate_alert_sensor(context: dg.SensorEvaluationContext, alerts: AlertSi
     )
 
 
-ALERTING_SENSORS = [
+def build_alerting_sensors(settings: AlertSettings) -> list[dg.SensorDefinition]:
+    """The five alerting sensors, ticking every `settings.sensor_interval_seconds`."""
+    common = {
+        "minimum_interval_seconds": settings.sensor_interval_seconds,
+        "default_status": dg.DefaultSensorStatus.RUNNING,
+    }
+
+    @dg.run_failure_sensor(
+        name="run_failure_alert_sensor",
+        description="Alerts (error) when a run fails, e.g. a blocking check or a circuit breaker.",
+        **common,
+    )
+    def run_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: AlertSink) -> None:
+        _alert_run_failure(context, alerts)
+
+    @dg.run_status_sensor(
+        name="check_results_alert_sensor",
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        description="Alerts on failed non-blocking (WARN) checks of successful runs, which a "
+        "run-failure sensor never sees; resolves alerts whose check passes again.",
+        **common,
+    )
+    def check_results_alert_sensor(context: dg.RunStatusSensorContext, alerts: AlertSink) -> None:
+        _alert_check_results(context, alerts)
+
+    @dg.sensor(
+        name="freshness_alert_sensor",
+        description="Alerts when the stored freshness state of the ingestion or final asset "
+        "turns WARN or FAIL (the freshness daemon evaluates the policies).",
+        **common,
+    )
+    def freshness_alert_sensor(context: dg.SensorEvaluationContext, alerts: AlertSink):
+        return _alert_freshness(context, alerts)
+
+    k = settings.dlq_growth_batches
+
+    @dg.sensor(
+        name="dead_letter_growth_sensor",
+        description=f"Alerts when the dead-letter queue grew with each of the last {k} batches "
+        "(PIPELINE_DLQ_GROWTH_BATCHES).",
+        **common,
+    )
+    def dead_letter_growth_sensor(context: dg.SensorEvaluationContext, alerts: AlertSink):
+        return _alert_dead_letter_growth(context, alerts, k)
+
+    threshold = settings.error_rate_threshold
+
+    @dg.sensor(
+        name="error_rate_alert_sensor",
+        description="Alerts when a batch's schema error rate or model error rate is above "
+        f"{threshold:.0%} (PIPELINE_ALERT_ERROR_RATE).",
+        **common,
+    )
+    def error_rate_alert_sensor(context: dg.SensorEvaluationContext, alerts: AlertSink):
+        return _alert_error_rates(context, alerts, threshold)
+
+    return [
+        run_failure_alert_sensor,
+        check_results_alert_sensor,
+        freshness_alert_sensor,
+        dead_letter_growth_sensor,
+        error_rate_alert_sensor,
+    ]
+
+
+# With the default settings, for callers that tick one sensor directly (tests); the deployed
+# sensors are built by build_definitions from the deployment's settings.
+(
     run_failure_alert_sensor,
     check_results_alert_sensor,
     freshness_alert_sensor,
     dead_letter_growth_sensor,
     error_rate_alert_sensor,
-]
+) = build_alerting_sensors(AlertSettings())

@@ -7,6 +7,7 @@ import dagster as dg
 from pipeline_project.partitions import batches
 from pipeline_project.resources import AlertSink, LandingZone
 from pipeline_project.resources.landing import LandingFile
+from pipeline_project.tables import RAW_CUSTOMERS
 
 LANDING_SENSOR_INTERVAL_SECONDS = 30
 
@@ -16,7 +17,7 @@ def _already_ingested(instance: dg.DagsterInstance, landing_file: LandingFile) -
     started outside the sensor; only asked for batches the sensor's cursor does not know."""
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(
-            asset_key=dg.AssetKey("raw_customers"), asset_partitions=[landing_file.batch_id]
+            asset_key=dg.AssetKey(RAW_CUSTOMERS), asset_partitions=[landing_file.batch_id]
         ),
         limit=1,
     ).records

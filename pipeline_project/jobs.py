@@ -1,0 +1,107 @@
+"""Jobs, schedules and the automation sensor: which assets run together, and when."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from pipeline_project.assets.catalog import product_catalog, product_embeddings
+from pipeline_project.assets.health import pipeline_health
+from pipeline_project.assets.inference import DEAD_LETTER_REPLAY_TAG, customer_embeddings
+from pipeline_project.assets.ingestion import raw_customers
+from pipeline_project.assets.recommendations import recommendations, validated_recommendations
+from pipeline_project.assets.segmentation import customer_segments, segment_model
+from pipeline_project.assets.validation import validated_customers
+
+INGESTION_ASSETS = [raw_customers, validated_customers]
+BATCH_ASSETS = [
+    *INGESTION_ASSETS,
+    customer_embeddings,
+    customer_segments,
+    recommendations,
+    validated_recommendations,
+]
+CATALOG_ASSETS = [product_catalog, product_embeddings]
+ASSETS = [*CATALOG_ASSETS, segment_model, *BATCH_ASSETS, pipeline_health]
+
+
+def _job(name: str, assets: list, description: str, **kwargs) -> dg.UnresolvedAssetJobDefinition:
+    return dg.define_asset_job(
+        name, selection=dg.AssetSelection.assets(*assets), description=description, **kwargs
+    )
+
+
+# What a new landing batch needs first; the automation sensor carries it on downstream.
+batch_ingestion_job = _job(
+    "batch_ingestion_job",
+    INGESTION_ASSETS,
+    "Ingest and validate one landing batch (one partition).",
+)
+# Every stage of one batch in one run: the CLI demo and manual re-runs.
+batch_pipeline_job = _job(
+    "batch_pipeline_job", BATCH_ASSETS, "Every stage of one batch, ingestion to the last stage."
+)
+# Launch it for a batch (UI or `pipeline-project dlq replay`) once the cause of its dead
+# letters is fixed; automation then refreshes the batch's downstream stages.
+dead_letter_replay_job = _job(
+    "dead_letter_replay_job",
+    [customer_embeddings],
+    "Re-run one batch's dead-lettered customers through inference and merge them in.",
+    tags={DEAD_LETTER_REPLAY_TAG: "true"},
+)
+catalog_job = _job(
+    "catalog_job",
+    CATALOG_ASSETS,
+    "Reload the product catalog from its file and embed new product texts.",
+)
+segment_model_job = _job(
+    "segment_model_job",
+    [segment_model],
+    "Retrain the segment model on every batch; automation then re-assigns segments.",
+)
+pipeline_health_job = _job(
+    "pipeline_health_job", [pipeline_health], "Refresh the pipeline health summary."
+)
+JOBS = [
+    batch_ingestion_job,
+    batch_pipeline_job,
+    dead_letter_replay_job,
+    catalog_job,
+    segment_model_job,
+    pipeline_health_job,
+]
+
+
+def _running_schedule(name: str, job, cron: str, description: str) -> dg.ScheduleDefinition:
+    return dg.ScheduleDefinition(
+        name=name,
+        job=job,
+        cron_schedule=cron,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=description,
+    )
+
+
+hourly_pipeline_health = _running_schedule(
+    "hourly_pipeline_health",
+    pipeline_health_job,
+    "0 * * * *",
+    "Refresh pipeline_health every hour.",
+)
+weekly_segment_model_retrain = _running_schedule(
+    "weekly_segment_model_retrain",
+    segment_model_job,
+    "0 3 * * 1",
+    "Mondays 03:00 UTC: retrain segments on the week's data.",
+)
+SCHEDULES = [weekly_segment_model_retrain, hourly_pipeline_health]
+
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "pipeline_automation_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Runs each batch's downstream stages once its upstream has landed and passed.",
+    # One run per batch, launched in the tick; a backfill would wait for the backfill daemon's
+    # next pass (up to 30 s more per stage of latency).
+    emit_backfills=False,
+)

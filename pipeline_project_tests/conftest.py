@@ -11,7 +11,7 @@ from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.instance import INSTANCE_TEMPLATE
 from pipeline_project.sample_data import Catalog, write_catalog
 from pipeline_project.settings import Settings
-from pipeline_project_tests.helpers import settings_in
+from pipeline_project_tests.helpers import FAKE_KEY, buyer, settings_in, write_lines
 
 
 @pytest.fixture
@@ -21,12 +21,12 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def catalog(settings: Settings) -> Catalog:
-    return write_catalog(settings.catalog_path, seed=1)
+    return write_catalog(settings.landing.catalog_path, seed=1)
 
 
 @pytest.fixture
 def defs(settings: Settings) -> dg.Definitions:
-    settings.landing_dir.mkdir(parents=True, exist_ok=True)
+    settings.landing.landing_dir.mkdir(parents=True, exist_ok=True)
     return build_definitions(settings)
 
 
@@ -43,6 +43,26 @@ def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
     home.mkdir()
     with dg.instance_for_test(temp_dir=str(home), overrides=overrides) as inst:
         yield inst
+
+
+@pytest.fixture(name="api_key")
+def api_key_fixture(monkeypatch):
+    monkeypatch.setenv("PIPELINE_OPENAI_API_KEY", FAKE_KEY)
+    return FAKE_KEY
+
+
+@pytest.fixture(name="four_profiles")
+def four_profiles_fixture(settings, catalog):
+    """Eight customers, four distinct profiles (two customers each)."""
+    lines = [
+        buyer(i, cat)
+        for i, cat in enumerate(["books", "books", "garden", "garden", "toys", "toys"])
+    ]
+    lines += [
+        buyer(6, "grocery", purchases=12, amount=90.0),
+        buyer(7, "grocery", purchases=12, amount=90.0),
+    ]
+    write_lines(settings.landing_dir / "b1.jsonl", lines)
 
 
 # The longest modules start first, so that the two workers (see pyproject.toml) end together.

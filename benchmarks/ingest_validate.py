@@ -33,7 +33,7 @@ def main() -> None:
         root = Path(tmp)
         landing = LandingSettings(root / "landing", catalog_path=root / "catalog.csv")
         settings = Settings(
-            warehouse=WarehouseSettings(root / "warehouse.duckdb", memory_limit="1GB"),
+            warehouse=WarehouseSettings(duckdb_path=root / "warehouse.duckdb", memory_limit="1GB"),
             landing=landing,
             alerts=AlertSettings(alerts_duckdb_path=root / "alerts.duckdb"),
         )

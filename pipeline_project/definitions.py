@@ -19,10 +19,7 @@ def build_resources(
 ) -> dict[str, dg.ConfigurableResource]:
     """The embedded defaults and production differ only here, in resource configuration."""
     return {
-        "warehouse": Warehouse(
-            database=str(settings.warehouse.duckdb_path),
-            connection_config={"memory_limit": settings.warehouse.memory_limit},
-        ),
+        "warehouse": Warehouse.from_settings(settings.warehouse),
         "landing": LandingZone.from_settings(settings.landing),
         "alerts": AlertSink.from_settings(settings.alerts),
         "embedder": embedder or build_embedder(settings.embedding),

@@ -24,8 +24,17 @@ def _env(name: str, default: Any, *, shown: bool = True) -> Any:
 
 @dataclass(frozen=True)
 class WarehouseSettings:
+    """`duckdb`: the embedded file. `ducklake`: a catalog in PostgreSQL (its password only from
+    PIPELINE_DUCKLAKE_PASSWORD, read by Dagster as a secret) and data under a shared path."""
+
+    backend: str = _env("PIPELINE_WAREHOUSE_BACKEND", "duckdb")
     duckdb_path: Path = _env("PIPELINE_DUCKDB_PATH", Path("data/warehouse.duckdb"))
     memory_limit: str = _env("PIPELINE_DUCKDB_MEMORY_LIMIT", "512MB")
+    ducklake_catalog: str = _env("PIPELINE_DUCKLAKE_CATALOG", "")
+    ducklake_data_path: Path | None = _env("PIPELINE_DUCKLAKE_DATA_PATH", None)
+    # Steps writing the warehouse at once (the duckdb_writer pool): 1 for the file backend.
+    writer_pool_limit: int = _env("PIPELINE_WRITER_POOL_LIMIT", 1)
+    commit_attempts: int = _env("PIPELINE_DUCKLAKE_COMMIT_ATTEMPTS", 5)
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,18 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
     except ValueError as err:
         raise ValueError(f"{name}={raw!r}: expected {base.__name__}") from err
 
+
+# Read by Dagster itself, never by the settings: secrets (`dg.EnvVar`, never shown in the UI)
+# and the scale-out instance file's PostgreSQL connection (deploy/dagster.yaml).
+READ_BY_DAGSTER = (
+    "PIPELINE_OPENAI_API_KEY",
+    "PIPELINE_DUCKLAKE_PASSWORD",
+    "PIPELINE_DAGSTER_PG_HOST",
+    "PIPELINE_DAGSTER_PG_PORT",
+    "PIPELINE_DAGSTER_PG_USER",
+    "PIPELINE_DAGSTER_PG_PASSWORD",
+    "PIPELINE_DAGSTER_PG_DB",
+)
 
 # Every environment variable the settings read, with its default.
 ENV_DEFAULTS: dict[str, Any] = {

@@ -1,5 +1,7 @@
 """DDL of every table the pipeline owns. Each table is named after the asset that writes it."""
 
+import re
+
 RAW_CUSTOMERS = "raw_customers"
 CUSTOMERS = "customers"
 CUSTOMER_PURCHASES = "customer_purchases"
@@ -159,6 +161,13 @@ WAREHOUSE_DDL: dict[str, str] = {
         extra=", rejected_rule VARCHAR NOT NULL, failed_rules VARCHAR[] NOT NULL",
     ),
 }
+
+
+def lakehouse_ddl(ddl: str) -> str:
+    """The DDL for DuckLake, which enforces NOT NULL but no PRIMARY KEY or UNIQUE constraint:
+    the writes keep those rows unique themselves (see core/embedding_cache.py)."""
+    return re.sub(r",\s*PRIMARY KEY \([^)]*\)", "", ddl)
+
 
 # Views: the vector of each customer, as a fixed-size array is `embedding::FLOAT[<dimensions>]`.
 WAREHOUSE_VIEWS: dict[str, str] = {

@@ -32,7 +32,9 @@ INFERENCE_STAGES = [
 def settings_in(root: Path, duckdb_memory_limit: str = "512MB") -> Settings:
     """The project's default settings with every file in `root`."""
     return Settings(
-        warehouse=WarehouseSettings(root / "warehouse.duckdb", memory_limit=duckdb_memory_limit),
+        warehouse=WarehouseSettings(
+            duckdb_path=root / "warehouse.duckdb", memory_limit=duckdb_memory_limit
+        ),
         landing=LandingSettings(root / "landing", catalog_path=root / "catalog.csv"),
         alerts=AlertSettings(alerts_duckdb_path=root / "alerts.duckdb"),
     )

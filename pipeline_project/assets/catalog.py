@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
-from pipeline_project.assets.inference import InferenceConfig
+from pipeline_project.assets.inference import InferenceConfig, cache_writer
 from pipeline_project.checks.catalog_checks import CATALOG_CHECK_SPECS, catalog_check_results
 from pipeline_project.core.embedding_cache import missing_texts
 from pipeline_project.core.inference import CircuitBreakerOpen, embed_into_cache
@@ -45,13 +45,15 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
     if fingerprint is None:
         raise dg.Failure(description=f"catalog file {path} not found", allow_retries=False)
     try:
-        with warehouse.transaction() as conn:
-            conn.execute(f"DELETE FROM {PRODUCT_CATALOG}")
-            conn.execute(_LOAD_SQL, [str(path)])
-            [(rows, categories, in_stock)] = conn.execute(
-                "SELECT count(*), count(DISTINCT category), avg(in_stock::INT) FROM product_catalog"
-            ).fetchall()
-            checks = catalog_check_results(conn)
+        for attempt in warehouse.write_attempts():
+            with attempt, warehouse.transaction() as conn:
+                conn.execute(f"DELETE FROM {PRODUCT_CATALOG}")
+                conn.execute(_LOAD_SQL, [str(path)])
+                [(rows, categories, in_stock)] = conn.execute(
+                    "SELECT count(*), count(DISTINCT category), avg(in_stock::INT)"
+                    " FROM product_catalog"
+                ).fetchall()
+                checks = catalog_check_results(conn)
     except duckdb.ConversionException as err:
         raise dg.Failure(description=f"catalog file {path} is malformed: {err}") from err
     context.log.info(f"catalog: {rows} products in {categories} categories")
@@ -89,7 +91,7 @@ def product_embeddings(
         missing = missing_texts(conn, PRODUCT_TEXTS_SQL, model, dimensions)
     try:
         outcome = embed_into_cache(
-            missing, embedder, config, warehouse.transaction, context.log.info, "products"
+            missing, embedder, config, cache_writer(warehouse), context.log.info, "products"
         )
     except CircuitBreakerOpen as err:
         raise dg.Failure(description=str(err)) from err
@@ -99,8 +101,9 @@ def product_embeddings(
             description=f"{len(outcome.failures)} product texts could not be embedded "
             f"(e.g. {example.reason}: {example.error})"
         )
-    with warehouse.transaction() as conn:
-        products = store_product_embeddings(conn, model, dimensions)
+    for attempt in warehouse.write_attempts():
+        with attempt, warehouse.transaction() as conn:
+            products = store_product_embeddings(conn, model, dimensions)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": products,

@@ -28,6 +28,7 @@ from pipeline_project.tables import (
     CUSTOMER_EMBEDDINGS,
     CUSTOMER_PURCHASES,
     CUSTOMERS,
+    EMBEDDING_CACHE,
     PRODUCT_CATALOG,
 )
 
@@ -93,13 +94,17 @@ def customer_embeddings(
             f"{len(missing):,} not in the cache for {model}"
         )
         outcome = _embed(context, warehouse, embedder, missing, config, batch_id)
-        with warehouse.replace_batch(
-            [CUSTOMER_EMBEDDINGS], batch_id, dead_letter_stage=INFERENCE_STAGE
-        ) as conn:
-            dead_by_reason = store_embeddings(
-                conn, batch_id, INFERENCE_STAGE, model, dimensions, profiles, outcome
-            )
-            dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
+        for attempt in warehouse.write_attempts():
+            with (
+                attempt,
+                warehouse.replace_batch(
+                    [CUSTOMER_EMBEDDINGS], batch_id, dead_letter_stage=INFERENCE_STAGE
+                ) as conn,
+            ):
+                dead_by_reason = store_embeddings(
+                    conn, batch_id, INFERENCE_STAGE, model, dimensions, profiles, outcome
+                )
+                dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
     seconds = time.perf_counter() - started
     checks = _checks(warehouse, batch_id, config)
     yield dg.MaterializeResult(
@@ -107,7 +112,8 @@ def customer_embeddings(
             outcome, customers_in=customers, distinct_profiles=distinct,
             cache_hits=distinct - len(missing), dead_by_reason=dead_by_reason,
             dead_letter_total=dead_letter_total, model=model, dimensions=dimensions,
-            seconds=seconds, usage=usage.figures(),
+            seconds=seconds,
+            usage={**usage.figures(), "commit_retries": warehouse.commit_retries()},
         )
     )  # fmt: skip
     yield from checks
@@ -132,9 +138,12 @@ def replay_dead_letters(
         f" {len(missing):,} texts for {model}"
     )
     outcome = _embed(context, warehouse, embedder, missing, config, batch_id)
-    with warehouse.transaction() as conn:
-        merged = merge_replay(conn, batch_id, INFERENCE_STAGE, model, dimensions, replay, outcome)
-        dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
+    for attempt in warehouse.write_attempts():
+        with attempt, warehouse.transaction() as conn:
+            merged = merge_replay(
+                conn, batch_id, INFERENCE_STAGE, model, dimensions, replay, outcome
+            )
+            dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
     checks = _checks(warehouse, batch_id, config)
     yield dg.MaterializeResult(
         metadata={
@@ -178,10 +187,16 @@ def _embed(
     """embed_into_cache; the circuit breaker fails the step (the vectors so far are kept)."""
     try:
         return embed_into_cache(
-            missing, embedder, config, warehouse.transaction, context.log.info, label
+            missing, embedder, config, cache_writer(warehouse), context.log.info, label
         )
     except CircuitBreakerOpen as err:
         raise dg.Failure(description=str(err)) from err
+
+
+def cache_writer(warehouse: Warehouse):
+    """The transaction that adds vectors to the cache, locked against another worker adding the
+    same texts at the same moment."""
+    return lambda: warehouse.locked_transaction(EMBEDDING_CACHE)
 
 
 def _checks(

@@ -68,20 +68,24 @@ def recommendations(
     batch_id = context.partition_key
     usage = StepUsage()
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
-    with warehouse.replace_batch([RECOMMENDATIONS], batch_id) as conn:
+    with warehouse.get_connection() as conn:
         loaded = load_scoring_inputs(conn, batch_id, model, dimensions)
-        if loaded is None:
-            context.log.warning(f"{batch_id}: no segmented customers or no product embeddings")
-            yield dg.MaterializeResult(metadata={"dagster/row_count": 0})
-            yield drift_check_result(CONFIDENCE_DRIFT, RECOMMENDATIONS, [], [], threshold=1.0)
-            return
-        version, inputs = loaded
-        chunks = score_batch(
-            conn, batch_id, model, dimensions, inputs, top_n=config.top_n,
-            segment_weight=config.segment_weight, profile_chunk=config.profile_chunk,
-        )  # fmt: skip
-        context.log.info(f"{batch_id}: scored {chunks} chunks of profiles")
-        summary = confidence_summary(conn, batch_id)
+    if loaded is None:
+        with warehouse.replace_batch([RECOMMENDATIONS], batch_id):
+            pass  # a batch with nothing to recommend holds no recommendations
+        context.log.warning(f"{batch_id}: no segmented customers or no product embeddings")
+        yield dg.MaterializeResult(metadata={"dagster/row_count": 0})
+        yield drift_check_result(CONFIDENCE_DRIFT, RECOMMENDATIONS, [], [], threshold=1.0)
+        return
+    version, inputs = loaded
+    for attempt in warehouse.write_attempts():
+        with attempt, warehouse.replace_batch([RECOMMENDATIONS], batch_id) as conn:
+            chunks = score_batch(
+                conn, batch_id, model, dimensions, inputs, top_n=config.top_n,
+                segment_weight=config.segment_weight, profile_chunk=config.profile_chunk,
+            )  # fmt: skip
+            summary = confidence_summary(conn, batch_id)
+    context.log.info(f"{batch_id}: scored {chunks} chunks of profiles")
     yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": summary.rows,
@@ -92,6 +96,7 @@ def recommendations(
             "confidence_histogram": dg.MetadataValue.json(summary.histogram),
             "confidence_distribution": _distribution_table(summary.histogram),
             **usage.figures(),
+            "commit_retries": warehouse.commit_retries(),
         }
     )
     yield _confidence_drift(context, config, summary.histogram)
@@ -197,6 +202,7 @@ def validated_recommendations(
             "dagster/row_count": outcome.kept,
             "rejected": outcome.rejected,
             **usage.figures(),
+            "commit_retries": warehouse.commit_retries(),
         },
     )
     yield dg.MaterializeResult(

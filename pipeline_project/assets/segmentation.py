@@ -76,7 +76,7 @@ def segment_model(
     """Segment centroids learned from the embeddings of all batches (mini-batch k-means,
     streamed, weighted by customers per profile). Retrain on purpose: IDs stay stable."""
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
-    with warehouse.transaction() as conn:
+    with warehouse.locked_transaction(SEGMENT_MODEL) as conn:
         version, trained = train_and_store(conn, model, dimensions, config)
     context.log.info(f"segment model v{version}: {len(trained.centroids)} segments")
     return dg.MaterializeResult(metadata=segment_model_metadata(version, trained, model))
@@ -102,13 +102,16 @@ def customer_segments(
     batch_id = context.partition_key
     usage = StepUsage()
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
-    with warehouse.replace_batch([CUSTOMER_SEGMENTS], batch_id) as conn:
+    # The first batches to arrive train the first model once between them (lock, look again).
+    with warehouse.locked_transaction(SEGMENT_MODEL) as conn:
         current = latest_segment_model(conn, model, dimensions)
         bootstrapped = current is None
         if current is None:
             current = _bootstrap_segment_model(context, conn, model, dimensions, config)
-        version, centroids = current
-        assigned = assign_batch(conn, batch_id, model, dimensions, version, centroids)
+    version, centroids = current
+    for attempt in warehouse.write_attempts():
+        with attempt, warehouse.replace_batch([CUSTOMER_SEGMENTS], batch_id) as conn:
+            assigned = assign_batch(conn, batch_id, model, dimensions, version, centroids)
     yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": assigned.customers,
@@ -120,6 +123,7 @@ def customer_segments(
                 {"model_version": version, "counts": assigned.counts}
             ),
             **usage.figures(),
+            "commit_retries": warehouse.commit_retries(),
         }
     )
     yield drift_check_result(

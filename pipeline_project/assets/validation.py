@@ -85,7 +85,7 @@ def validated_customers(
         checks = input_check_results(
             conn, batch_id, config.error_rate_threshold, config.hard_error_rate_ceiling
         )
-    yield from _materializations(summary, seconds, usage)
+    yield from _materializations(summary, seconds, usage, warehouse.commit_retries())
     yield from checks
 
 
@@ -101,7 +101,7 @@ def _raw_file(warehouse: Warehouse, batch_id: str) -> Path:
 
 
 def _materializations(
-    summary: ValidationSummary, seconds: float, usage: StepUsage
+    summary: ValidationSummary, seconds: float, usage: StepUsage, commit_retries: int
 ) -> list[dg.MaterializeResult]:
     """The three tables' metadata: counts, error rate, throughput, the step's usage."""
     figures = {
@@ -112,6 +112,7 @@ def _materializations(
         "chunks": summary.chunks,
         "seconds": round(seconds, 3),
         "rows_per_second": round(summary.rows_in / seconds) if seconds else 0,
+        "commit_retries": commit_retries,
     }
     return [
         dg.MaterializeResult(

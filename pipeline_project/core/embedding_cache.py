@@ -48,7 +48,10 @@ def add_vectors(
     texts: Mapping[str, str],
     vectors: Sequence[tuple[str, np.ndarray]],
 ) -> None:
-    """Add (text_hash, vector) pairs, with their text from `texts`; the first writer wins."""
+    """Add (text_hash, vector) pairs, with their text from `texts`, that are not cached yet.
+
+    The statement itself keeps one row per text (the DuckLake backend has no key to do it); two
+    workers that could add the same text at once hold `Warehouse.lock(EMBEDDING_CACHE)`."""
     hashes = [h for h, _ in vectors]
     rows = pa.table(
         {
@@ -61,7 +64,7 @@ def add_vectors(
     try:
         conn.execute(
             "INSERT INTO embedding_cache SELECT $model, $dimensions, text_hash, text, embedding,"
-            " now() FROM new_vectors ON CONFLICT DO NOTHING",
+            f" now() FROM new_vectors AS s WHERE NOT {_CACHED}",
             {"model": model, "dimensions": dimensions},
         )
     finally:

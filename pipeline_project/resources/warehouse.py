@@ -1,35 +1,58 @@
-"""DuckDB stores: short-lived connections, and one transaction per batch write."""
+"""DuckDB stores: short-lived connections, and one transaction per batch write.
+
+The warehouse has two backends behind one interface: `duckdb`, the embedded file (one writing
+process at a time), and `ducklake`, a lakehouse whose catalog is a PostgreSQL database and whose
+data are Parquet files under a data path every worker reaches (several writers at once). The
+assets never know which one they write to.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 from dagster_duckdb import DuckDBResource
-from pydantic import Field
-from tenacity import retry, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from pydantic import Field, PrivateAttr
+from tenacity import (
+    Retrying,
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+    wait_random_exponential,
+)
 
 from pipeline_project.core import dead_letters
 from pipeline_project.partitions import is_valid_batch_id
+from pipeline_project.settings import WarehouseSettings
 from pipeline_project.tables import (
     RAW_CUSTOMERS,
     RAW_CUSTOMERS_COLUMNS,
     WAREHOUSE_DDL,
     WAREHOUSE_VIEWS,
+    lakehouse_ddl,
 )
 
 
 def _is_lock_conflict(err: BaseException) -> bool:
     """Another process holds the file: worth waiting for. Other IO errors are not."""
     return isinstance(err, duckdb.IOException) and "lock" in str(err).lower()
+
+
+def _is_commit_conflict(err: BaseException) -> bool:
+    """Another writer committed a conflicting change first: the whole write may be retried."""
+    return isinstance(err, duckdb.TransactionException) and "conflict" in str(err).lower()
 
 
 class DuckDBStore(DuckDBResource):
@@ -82,19 +105,80 @@ class DuckDBStore(DuckDBResource):
 RAW_FILE_NAME = "lines.parquet"
 
 
-class Warehouse(DuckDBStore):
-    """The pipeline's DuckDB file: every stage's tables, each keyed by batch_id.
+DUCKDB, DUCKLAKE = "duckdb", "ducklake"
+# One attached lakehouse per process and configuration: attaching costs about a second (the
+# extensions load, the catalog is read), so each connection is a cursor of this one.
+_LAKES: dict[tuple, duckdb.DuckDBPyConnection] = {}
+_LAKES_LOCK = threading.Lock()
 
-    `raw_customers` is the exception: one Parquet file per batch next to the DuckDB file
-    (`<name>.files/raw_customers/batch_id=<id>/lines.parquet`), queried through a view of the
-    same name. Writing raw text into a DuckDB table cost 5.5-7 s per 2M lines; a Parquet file
-    takes under 1 s, and a file rename replaces a batch atomically.
+
+class Warehouse(DuckDBStore):
+    """The pipeline's warehouse: every stage's tables, each keyed by batch_id.
+
+    `raw_customers` is the exception: one Parquet file per batch under `files_dir`
+    (`raw_customers/batch_id=<id>/lines.parquet`), queried through a view of the same name.
+    Writing raw text into a DuckDB table cost 5.5-7 s per 2M lines; a Parquet file takes under
+    1 s, and a file rename replaces a batch atomically. On the file backend `files_dir` is next
+    to the DuckDB file; on DuckLake it is under the data path, so every worker sees it.
     """
+
+    backend: str = Field(default=DUCKDB, description="duckdb (the embedded file) or ducklake.")
+    ducklake_catalog: str = Field(
+        default="",
+        description="DuckLake: libpq connection string of the catalog database, no password.",
+    )
+    ducklake_password: str = Field(
+        default="", description="DuckLake: the catalog's password (from the environment)."
+    )
+    ducklake_data_path: str = Field(
+        default="", description="DuckLake: the folder every worker reaches (data and files)."
+    )
+    commit_attempts: int = Field(
+        default=5, description="Attempts of a write whose commit conflicts with another writer."
+    )
+    # Writes retried after a commit conflict, in this resource's lifetime (one step).
+    _commit_retries: list[str] = PrivateAttr(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, settings: WarehouseSettings) -> Warehouse:
+        if settings.backend not in (DUCKDB, DUCKLAKE):
+            raise ValueError(
+                f"PIPELINE_WAREHOUSE_BACKEND={settings.backend!r}: use {DUCKDB} or {DUCKLAKE}"
+            )
+        lake = settings.backend == DUCKLAKE
+        if lake and not (settings.ducklake_catalog and settings.ducklake_data_path):
+            raise ValueError(
+                "PIPELINE_WAREHOUSE_BACKEND=ducklake needs PIPELINE_DUCKLAKE_CATALOG (a libpq"
+                " connection string without password) and PIPELINE_DUCKLAKE_DATA_PATH"
+            )
+        return cls(
+            backend=settings.backend,
+            database=str(settings.duckdb_path),
+            connection_config={"memory_limit": settings.memory_limit},
+            ducklake_catalog=settings.ducklake_catalog,
+            # A secret: Dagster reads it when the resource starts; never shown in the UI.
+            ducklake_password=dg.EnvVar("PIPELINE_DUCKLAKE_PASSWORD") if lake else "",
+            ducklake_data_path=str(settings.ducklake_data_path or ""),
+            commit_attempts=settings.commit_attempts,
+        )
+
+    @property
+    def is_lakehouse(self) -> bool:
+        return self.backend == DUCKLAKE
 
     @property
     def files_dir(self) -> Path:
+        if self.is_lakehouse:
+            return Path(self.ducklake_data_path) / "pipeline_files"
         database = Path(self.database)
         return database.with_name(f"{database.name}.files")
+
+    @property
+    def location(self) -> str:
+        """Where the tables are, for messages: never the catalog's password."""
+        if self.is_lakehouse:
+            return f"DuckLake {self.ducklake_catalog!r} with data in {self.ducklake_data_path}"
+        return self.database
 
     @property
     def raw_dir(self) -> Path:
@@ -108,8 +192,81 @@ class Warehouse(DuckDBStore):
         return (*WAREHOUSE_DDL.values(), *WAREHOUSE_VIEWS.values())
 
     def _prepare(self, conn: duckdb.DuckDBPyConnection) -> None:
-        super()._prepare(conn)
+        if not self.is_lakehouse:  # the lakehouse's tables are made once per process
+            super()._prepare(conn)
         self._ensure_raw_view(conn)
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        if not self.is_lakehouse:
+            return super()._connect()
+        from pipeline_project.resources.lakehouse import LAKE_ALIAS
+
+        conn = self._lake().cursor()
+        conn.execute(f"USE {LAKE_ALIAS}")
+        return conn
+
+    def _lake(self) -> duckdb.DuckDBPyConnection:
+        from pipeline_project.resources.lakehouse import attach_ducklake
+
+        key = (
+            self.ducklake_catalog,
+            self.ducklake_data_path,
+            tuple(self.connection_config.items()),
+        )
+        with _LAKES_LOCK:
+            if key not in _LAKES:
+                if "://" in self.ducklake_data_path:
+                    raise ValueError(
+                        f"PIPELINE_DUCKLAKE_DATA_PATH={self.ducklake_data_path!r}: the raw files"
+                        " and staging parts need a folder every worker mounts (a shared volume)"
+                    )
+                base = duckdb.connect(config={**self.connection_config,
+                                              "autoinstall_known_extensions": False})  # fmt: skip
+                # Under the lock: two workers creating a new lakehouse's catalog at once collide.
+                with self.lock("attach"):
+                    attach_ducklake(
+                        base,
+                        catalog=self.ducklake_catalog,
+                        password=self.ducklake_password,
+                        data_path=str(Path(self.ducklake_data_path) / "tables") + "/",
+                    )
+                    for ddl in self._table_ddl():
+                        base.execute(lakehouse_ddl(ddl))
+                _LAKES[key] = base
+            return _LAKES[key]
+
+    def lock(self, name: str) -> AbstractContextManager:
+        """Held by a write that must stay unique across concurrent writers (a cache entry, the
+        first segment model). The file backend has one writer at a time and needs none."""
+        if not self.is_lakehouse:
+            return nullcontext()
+        from pipeline_project.resources.lakehouse import catalog_lock
+
+        return catalog_lock(self.ducklake_catalog, self.ducklake_password, name)
+
+    @contextmanager
+    def locked_transaction(self, name: str) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A transaction under `lock(name)`: for appends that must stay unique (see lock)."""
+        with self.lock(name), self.transaction() as conn:
+            yield conn
+
+    def write_attempts(self) -> Retrying:
+        """Attempts of one whole write transaction: a commit that conflicts with another
+        writer's (DuckLake, two batches replaced in one table at once) is retried from the
+        start, with random exponential waits. Use as
+        `for attempt in warehouse.write_attempts(): with attempt, warehouse.transaction() ...`;
+        `attempt.retry_state.attempt_number` afterwards is what it took."""
+        return Retrying(
+            retry=retry_if_exception(_is_commit_conflict),
+            stop=stop_after_attempt(self.commit_attempts),
+            wait=wait_random_exponential(multiplier=0.2, max=5.0),
+            before_sleep=lambda state: self._commit_retries.append(str(state.outcome.exception())),
+            reraise=True,
+        )
+
+    def commit_retries(self) -> int:
+        """How many writes of this step were retried after a commit conflict (for metadata)."""
+        return len(self._commit_retries)
 
     def _ensure_raw_view(self, conn: duckdb.DuckDBPyConnection) -> None:
         """The raw_customers view reads every batch's file, or is empty while there is none.
@@ -131,6 +288,11 @@ class Warehouse(DuckDBStore):
                 )
                 + " WHERE false)"
             )
+        if self.is_lakehouse:  # a view of this connection only: no catalog write per connection
+            conn.execute(
+                f"CREATE OR REPLACE TEMP VIEW {RAW_CUSTOMERS} AS SELECT {columns} FROM {source}"
+            )
+            return
         sql = f"CREATE OR REPLACE VIEW {RAW_CUSTOMERS} AS SELECT {columns} FROM {source}"
         current = conn.execute(
             "SELECT sql FROM duckdb_views() WHERE view_name = ? AND NOT internal", [RAW_CUSTOMERS]
@@ -194,13 +356,14 @@ class Warehouse(DuckDBStore):
                 folder.mkdir()
             with self.get_connection() as conn:
                 yield conn, staging
-            with self.replace_batch(tables, batch_id) as conn:
-                for table, folder in staging.items():
-                    if any(folder.glob("*.parquet")):
-                        conn.execute(
-                            f"INSERT INTO {table} SELECT * FROM read_parquet(?)",
-                            [str(folder / "*.parquet")],
-                        )
+            for attempt in self.write_attempts():
+                with attempt, self.replace_batch(tables, batch_id) as conn:
+                    for table, folder in staging.items():
+                        if any(folder.glob("*.parquet")):
+                            conn.execute(
+                                f"INSERT INTO {table} SELECT * FROM read_parquet(?)",
+                                [str(folder / "*.parquet")],
+                            )
 
     @contextmanager
     def scratch_folder(self, batch_id: str) -> Iterator[Path]:

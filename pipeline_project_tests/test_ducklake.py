@@ -1,0 +1,349 @@
+"""The DuckLake backend with its catalog in a real PostgreSQL, and Dagster's state in PostgreSQL
+(deploy/dagster.yaml): the same pipeline, the same rows as the file backend, several writers at
+once, commit conflicts retried, uniqueness kept by the writes, the password kept out of sight.
+
+These run in the scale-out environment (DuckDB 1.5.5 and the extension wheels; see README,
+"Scaling out"): `.venv-lake/bin/pytest -m ducklake`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import psycopg2
+import pytest
+
+from pipeline_project.definitions import build_definitions, build_resources
+from pipeline_project.resources.embeddings import HashingEmbedder
+from pipeline_project.sample_data import generate_batch, write_catalog
+from pipeline_project.settings import Settings
+from pipeline_project.tables import (
+    CUSTOMER_SEGMENTS,
+    EMBEDDING_CACHE,
+    RAW_CUSTOMERS,
+    SEGMENT_MODEL,
+    WAREHOUSE_DDL,
+)
+from pipeline_project_tests.helpers import INFERENCE_STAGES
+from pipeline_project_tests.postgres_server import PASSWORD, PostgresServer, postgres_server
+
+pytestmark = pytest.mark.ducklake
+
+REPO = Path(__file__).resolve().parents[1]
+TIME_COLUMNS = {"ingested_at", "detected_at", "created_at", "trained_at", "replayed_at"}
+# Every table of a batch's run, and the shared ones.
+TABLES = [RAW_CUSTOMERS, *WAREHOUSE_DDL]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    with postgres_server() as server:
+        yield server
+
+
+class Lake:
+    """One scale-out deployment in a folder: a lake database and a Dagster database on the
+    PostgreSQL server, the environment a run worker gets, and the deploy instance file."""
+
+    def __init__(self, root: Path, server: PostgresServer, name: str):
+        self.root = root
+        self.home = root / "dagster_home"
+        self.home.mkdir(parents=True)
+        shutil.copy(REPO / "deploy" / "dagster.yaml", self.home / "dagster.yaml")
+        self.env = {
+            "PIPELINE_WAREHOUSE_BACKEND": "ducklake",
+            "PIPELINE_DUCKLAKE_CATALOG": server.dsn(server.create_database(f"{name}_lake")),
+            "PIPELINE_DUCKLAKE_PASSWORD": server.password,
+            "PIPELINE_DUCKLAKE_DATA_PATH": str(root / "shared" / "lake"),
+            "PIPELINE_LANDING_DIR": str(root / "shared" / "landing"),
+            "PIPELINE_CATALOG_PATH": str(root / "shared" / "catalog.csv"),
+            "PIPELINE_ALERTS_DUCKDB_PATH": str(root / "shared" / "alerts.duckdb"),
+            "PIPELINE_DUCKDB_PATH": str(root / "unused" / "warehouse.duckdb"),
+            "PIPELINE_DAGSTER_PG_HOST": server.host,
+            "PIPELINE_DAGSTER_PG_PORT": str(server.port),
+            "PIPELINE_DAGSTER_PG_USER": server.user,
+            "PIPELINE_DAGSTER_PG_PASSWORD": server.password,
+            "PIPELINE_DAGSTER_PG_DB": server.create_database(f"{name}_dagster"),
+            "DAGSTER_HOME": str(self.home),
+            "PIPELINE_TEST_ROOT": str(root),
+        }
+        self.settings = Settings.from_env(self.env)
+
+    def instance(self) -> dg.DagsterInstance:
+        """The deploy instance file on this deployment's Dagster database (the file reads its
+        connection from the environment, as in a container)."""
+        os.environ.update({k: v for k, v in self.env.items() if "DAGSTER_PG" in k})
+        return dg.DagsterInstance.from_config(str(self.home))
+
+    def warehouse(self):
+        """The resource as a step gets it: Dagster resolves the password's EnvVar at start."""
+        resource = build_resources(self.settings, HashingEmbedder(dimensions=32))["warehouse"]
+        return resource.model_copy(
+            update={"ducklake_password": self.env["PIPELINE_DUCKLAKE_PASSWORD"]}
+        )
+
+
+@pytest.fixture
+def lake_factory(tmp_path, postgres, monkeypatch):
+    # In-process runs resolve the password's EnvVar from this process's environment.
+    monkeypatch.setenv("PIPELINE_DUCKLAKE_PASSWORD", postgres.password)
+    for key in ("HOST", "PORT", "USER", "PASSWORD", "DB"):
+        monkeypatch.setenv(f"PIPELINE_DAGSTER_PG_{key}", "")  # restored afterwards
+
+    def make(name: str) -> Lake:
+        return Lake(tmp_path / name, postgres, f"{name}_{uuid.uuid4().hex[:8]}")
+
+    return make
+
+
+def write_batches(landing: Path, catalog_path: Path, batch_ids: list[str], rows: int = 300):
+    catalog = write_catalog(catalog_path, seed=3)
+    for n, batch_id in enumerate(batch_ids):
+        generate_batch(landing / f"{batch_id}.jsonl", rows, 0.05, 100 + n, catalog)
+
+
+def run_in_process(settings: Settings, instance: dg.DagsterInstance, batch_ids: list[str]):
+    defs = build_definitions(settings, embedder=HashingEmbedder(dimensions=32))
+    assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
+    instance.add_dynamic_partitions("batches", batch_ids)
+    results = []
+    for batch_id in batch_ids:
+        result = defs.resolve_job_def("batch_pipeline_job").execute_in_process(
+            partition_key=batch_id, instance=instance, raise_on_error=False
+        )
+        assert result.success, batch_id
+        results.append(result)
+    return results
+
+
+def table_contents(warehouse, tables=TABLES) -> dict[str, list[tuple]]:
+    """Every row of each table, sorted, without load timestamps."""
+    contents = {}
+    with warehouse.get_connection() as conn:
+        for table in tables:
+            columns = [
+                name
+                for name, *_ in conn.execute(f"DESCRIBE {table}").fetchall()
+                if name not in TIME_COLUMNS
+            ]
+            rows = conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY ALL")
+            contents[table] = [tuple(map(_rounded, row)) for row in rows.fetchall()]
+    return contents
+
+
+def _rounded(value):
+    """Doubles to 9 decimals: a sum's last bits depend on the order DuckDB adds its parts in."""
+    return round(value, 9) if isinstance(value, float) else value
+
+
+def start_workers(
+    lake: Lake, jobs: list[tuple[str, str]], settle: float = 8
+) -> list[subprocess.Popen]:
+    """Worker processes, each waiting for the go file: then they start together."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline_project_tests.lake_child", mode, *arg.split()],
+            env={**os.environ, **lake.env},
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for mode, arg in jobs
+    ]
+    time.sleep(settle)  # let each import Dagster and the project before they go
+    (lake.root / "go").touch()
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[dict]:
+    outcomes = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, err[-3000:]
+        outcomes.append(json.loads(out.strip().splitlines()[-1]))
+    return outcomes
+
+
+def test_the_pipeline_on_ducklake_gives_the_same_rows_as_the_file_backend(
+    lake_factory, settings, instance
+):
+    lake = lake_factory("lake")
+    write_batches(lake.settings.landing_dir, lake.settings.catalog_path, ["b001", "b002"])
+    write_batches(settings.landing_dir, settings.catalog_path, ["b001", "b002"])
+    with lake.instance() as instance:
+        lake_results = run_in_process(lake.settings, instance, ["b001", "b002"])
+    run_in_process(settings, instance, ["b001", "b002"])
+    file_warehouse = build_resources(settings, HashingEmbedder(dimensions=32))["warehouse"]
+    on_lake, on_file = table_contents(lake.warehouse()), table_contents(file_warehouse)
+    for table in TABLES:
+        assert on_lake[table] == on_file[table], table
+    assert len(on_lake["customers"]) > 500 and len(on_lake["validated_recommendations"]) > 0
+    # the data are Parquet files under the shared data path, the batch's raw file too
+    assert list((Path(lake.env["PIPELINE_DUCKLAKE_DATA_PATH"]) / "tables").rglob("*.parquet"))
+    assert lake.warehouse().raw_file("b001").exists()
+    assert not Path(lake.env["PIPELINE_DUCKDB_PATH"]).exists()  # no local warehouse file
+    # the password is in no log line, no metadata value, no stored event
+    for result in lake_results:
+        with lake.instance() as instance:
+            for record in instance.all_logs(result.run_id):
+                assert PASSWORD not in str(record)
+
+
+def test_a_commit_conflict_is_retried_as_a_whole_and_succeeds(lake_factory):
+    lake = lake_factory("conflict")
+    warehouse = lake.warehouse()
+    rows = "SELECT $batch, range, uuid(), 'h', 0, 0.0, 1 FROM range(5)"
+    for batch in ("b1", "b2"):
+        with warehouse.replace_batch([CUSTOMER_SEGMENTS], batch) as conn:
+            conn.execute(f"INSERT INTO {CUSTOMER_SEGMENTS} {rows}", {"batch": batch})
+    tries = []
+    for attempt in warehouse.write_attempts():
+        with attempt, warehouse.replace_batch([CUSTOMER_SEGMENTS], "b1") as conn:
+            conn.execute(f"INSERT INTO {CUSTOMER_SEGMENTS} {rows}", {"batch": "b1"})
+            tries.append(attempt.retry_state.attempt_number)
+            if len(tries) == 1:  # another worker replaces its own batch and commits first
+                with lake.warehouse().replace_batch([CUSTOMER_SEGMENTS], "b2") as other:
+                    other.execute(f"INSERT INTO {CUSTOMER_SEGMENTS} {rows}", {"batch": "b2"})
+    assert tries == [1, 2] and warehouse.commit_retries() == 1
+    with warehouse.get_connection() as conn:
+        counts = conn.execute(
+            f"SELECT batch_id, count(*) FROM {CUSTOMER_SEGMENTS} GROUP BY ALL ORDER BY ALL"
+        ).fetchall()
+    assert counts == [("b1", 5), ("b2", 5)]
+
+
+def test_two_workers_embedding_the_same_texts_at_once_leave_one_cache_row_per_text(
+    lake_factory,
+):
+    lake = lake_factory("cache")
+    texts = lake.root / "texts.json"
+    texts.write_text(json.dumps([f"Customer profile number {i}" for i in range(300)]))
+    outcomes = finish(start_workers(lake, [("embed", str(texts)), ("embed", str(texts))]))
+    assert all(o["success"] for o in outcomes)
+    assert all(o["embedded"] == 300 for o in outcomes)  # both sent every text to the model
+    assert max(o["start"] for o in outcomes) < min(o["end"] for o in outcomes)  # at once
+    with lake.warehouse().get_connection() as conn:
+        [(rows, distinct)] = conn.execute(
+            f"SELECT count(*), count(DISTINCT text_hash) FROM {EMBEDDING_CACHE}"
+        ).fetchall()
+    assert (rows, distinct) == (300, 300)
+
+
+def test_four_first_batches_at_once_train_segment_model_version_1_once(lake_factory):
+    lake = lake_factory("bootstrap")
+    batch_ids = ["b1", "b2", "b3", "b4"]
+    write_batches(lake.settings.landing_dir, lake.settings.catalog_path, batch_ids, rows=200)
+    defs = build_definitions(lake.settings, embedder=HashingEmbedder(dimensions=32))
+    with lake.instance() as instance:
+        assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
+        instance.add_dynamic_partitions("batches", batch_ids)
+        instance.event_log_storage.set_concurrency_slots("duckdb_writer", 4)
+        for batch_id in batch_ids:
+            assert (
+                defs.resolve_job_def("batch_pipeline_job")
+                .execute_in_process(
+                    partition_key=batch_id,
+                    instance=instance,
+                    asset_selection=[dg.AssetKey(k) for k in INFERENCE_STAGES],
+                )  # fmt: skip
+                .success
+            )
+    outcomes = finish(start_workers(lake, [("segments", b) for b in batch_ids]))
+    assert all(o["success"] for o in outcomes)
+    with lake.warehouse().get_connection() as conn:
+        versions = conn.execute(
+            f"SELECT model_version, count(*) FROM {SEGMENT_MODEL} GROUP BY ALL"
+        ).fetchall()
+        assigned = conn.execute(
+            f"SELECT DISTINCT batch_id, model_version FROM {CUSTOMER_SEGMENTS} ORDER BY ALL"
+        ).fetchall()
+    assert versions == [(1, 8)]  # one model of 8 segments, trained once
+    assert assigned == [(b, 1) for b in batch_ids]
+
+
+def test_four_batches_at_once_as_four_processes_overlap_and_equal_a_sequential_run(
+    lake_factory,
+):
+    batch_ids = ["b1", "b2", "b3", "b4"]
+    parallel, sequential = lake_factory("parallel"), lake_factory("sequential")
+    for lake in (parallel, sequential):
+        write_batches(lake.settings.landing_dir, lake.settings.catalog_path, ["b0", *batch_ids])
+        with lake.instance() as instance:
+            # the catalog and a first batch (which trains the segment model) on both
+            run_in_process(lake.settings, instance, ["b0"])
+            instance.add_dynamic_partitions("batches", batch_ids)
+            instance.event_log_storage.set_concurrency_slots("duckdb_writer", 4)
+    with sequential.instance() as instance:
+        defs = build_definitions(sequential.settings, embedder=HashingEmbedder(dimensions=32))
+        for batch_id in batch_ids:
+            assert (
+                defs.resolve_job_def("batch_pipeline_job")
+                .execute_in_process(partition_key=batch_id, instance=instance)
+                .success
+            )
+    outcomes = finish(start_workers(parallel, [("pipeline", b) for b in batch_ids]))
+    assert all(o["success"] for o in outcomes)
+    overlapping = sum(
+        1
+        for i, a in enumerate(outcomes)
+        for b in outcomes[i + 1 :]
+        if a["start"] < b["end"] and b["start"] < a["end"]
+    )
+    assert overlapping >= 3, outcomes  # the runs ran at the same time, not one after another
+    writes = {
+        o["run_id"]: step_span(parallel, o["run_id"], "validated_customers") for o in outcomes
+    }
+    spans = sorted(writes.values())
+    assert any(a[1] > b[0] for a, b in zip(spans, spans[1:], strict=False)), (
+        spans
+    )  # writers at once
+    # A batch's recommendations score with purchase affinities of every batch segmented so far,
+    # which depends on the order batches finish: compared up to the segments.
+    upto_segments = [t for t in TABLES if "recommendations" not in t]
+    assert table_contents(parallel.warehouse(), upto_segments) == table_contents(
+        sequential.warehouse(), upto_segments
+    )
+    with parallel.warehouse().get_connection() as conn:
+        per_batch = dict(
+            conn.execute(
+                "SELECT batch_id, count(*) FROM validated_recommendations GROUP BY ALL"
+            ).fetchall()
+        )
+    assert set(per_batch) == {"b0", *batch_ids}
+
+
+def step_span(lake: Lake, run_id: str, step: str) -> tuple[float, float]:
+    """When a step of a run started and succeeded, from the events in PostgreSQL."""
+    kinds = {dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS}
+    with lake.instance() as instance:
+        times = {
+            e.dagster_event_type: e.timestamp
+            for e in instance.all_logs(run_id, of_type=kinds)
+            if e.step_key == step
+        }
+    return times[dg.DagsterEventType.STEP_START], times[dg.DagsterEventType.STEP_SUCCESS]
+
+
+def test_a_wrong_catalog_password_fails_clearly_and_never_shows_a_password(lake_factory):
+    lake = lake_factory("wrong")
+    warehouse = lake.warehouse().model_copy(update={"ducklake_password": "Wrong-pw-51c2"})
+    # the catalog lock (psycopg2) or DuckDB's attach, whichever reaches the server first
+    with pytest.raises((psycopg2.Error, duckdb.Error)) as failure, warehouse.get_connection():
+        pass
+    message = str(failure.value)
+    assert "password authentication failed" in message
+    assert "Wrong-pw-51c2" not in message and PASSWORD not in message
+    with pytest.raises(ValueError, match="must not hold a password"):
+        lake.warehouse().model_copy(
+            update={"ducklake_catalog": lake.env["PIPELINE_DUCKLAKE_CATALOG"] + " password=x"}
+        )._lake()

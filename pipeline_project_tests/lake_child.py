@@ -2,6 +2,7 @@
 Dagster's own state in PostgreSQL, configured by the environment like a deployed run worker.
 
     python -m pipeline_project_tests.lake_child pipeline BATCH_ID    (every stage of the batch)
+    python -m pipeline_project_tests.lake_child catalog -             (the catalog job)
     python -m pipeline_project_tests.lake_child segments BATCH_ID    (customer_segments only)
     python -m pipeline_project_tests.lake_child inference BATCH_ID [PAUSE_AT]
         (the stages up to inference; PAUSE_AT as in crash_child: stop there to be killed)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -44,8 +46,37 @@ def run_stages(batch_id: str, selection: list[str] | None) -> dict:
             asset_selection=[dg.AssetKey(key) for key in selection] if selection else None,
             raise_on_error=False,
         )
+        failures = [
+            f"{e.step_key}: {e.event_specific_data.error.message.strip()}"
+            for e in result.all_events
+            if e.event_type == dg.DagsterEventType.STEP_FAILURE
+        ] + [
+            f"check {e.asset_check_evaluation_data.check_name} failed: "
+            f"{ {k: v.value for k, v in e.asset_check_evaluation_data.metadata.items()} }"
+            for e in result.all_events
+            if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+            and not e.asset_check_evaluation_data.passed
+            and e.asset_check_evaluation_data.severity == dg.AssetCheckSeverity.ERROR
+        ] + [
+            str(getattr(e.event_specific_data, "error", None) or e.message)[-1500:]
+            for e in result.all_events
+            if e.event_type == dg.DagsterEventType.RUN_FAILURE
+        ]
         return {"success": result.success, "start": started, "end": time.time(),
-                "run_id": result.run_id}  # fmt: skip
+                "run_id": result.run_id, "peak_rss_mib": _peak_rss_mib(),
+                "failures": failures}  # fmt: skip
+
+
+def run_catalog() -> dict:
+    defs = build_definitions(embedder=HashingEmbedder(dimensions=32))
+    with dg.DagsterInstance.get() as instance:
+        started = time.time()
+        result = defs.resolve_job_def("catalog_job").execute_in_process(instance=instance)
+        return {"success": result.success, "start": started, "end": time.time()}
+
+
+def _peak_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def embed(texts_file: Path) -> dict:
@@ -82,6 +113,8 @@ def main() -> None:
     mode, arg = sys.argv[1], sys.argv[2]
     if mode == "embed":
         outcome = embed(Path(arg))
+    elif mode == "catalog":
+        outcome = run_catalog()
     else:
         if mode == "inference" and len(sys.argv) > 3:
             from pipeline_project_tests.crash_child import install_pause

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 TIME_COLUMNS = {"ingested_at", "detected_at", "created_at", "trained_at", "replayed_at"}
 # Every table of a batch's run, and the shared ones.
 TABLES = [RAW_CUSTOMERS, *WAREHOUSE_DDL]
+VALIDATED = ["customers", "customer_purchases", "schema_errors"]
+# What the stages up to inference write for a batch.
+BATCH_TABLES = [RAW_CUSTOMERS, *VALIDATED, "customer_embeddings", "dead_letter"]
 
 
 @pytest.fixture(scope="module")
@@ -148,18 +152,21 @@ def _rounded(value):
 def start_workers(
     lake: Lake, jobs: list[tuple[str, str]], settle: float = 8
 ) -> list[subprocess.Popen]:
-    """Worker processes, each waiting for the go file: then they start together."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "pipeline_project_tests.lake_child", mode, *arg.split()],
-            env={**os.environ, **lake.env},
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    """Worker processes, each waiting for the go file: then they start together. Their output
+    goes to files (a pipe nobody reads would stop a chatty worker)."""
+    procs = []
+    for n, (mode, arg) in enumerate(jobs):
+        log = lake.root / f"worker-{n}.log"
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "pipeline_project_tests.lake_child", mode, *arg.split()],
+                env={**os.environ, **lake.env},
+                cwd=REPO,
+                stdout=(lake.root / f"worker-{n}.out").open("w"),
+                stderr=log.open("w"),
+            )
         )
-        for mode, arg in jobs
-    ]
+        procs[-1].log = log
     time.sleep(settle)  # let each import Dagster and the project before they go
     (lake.root / "go").touch()
     return procs
@@ -168,8 +175,9 @@ def start_workers(
 def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[dict]:
     outcomes = []
     for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, err[-3000:]
+        proc.wait(timeout=timeout)
+        assert proc.returncode == 0, proc.log.read_text()[-3000:]
+        out = proc.log.with_suffix(".out").read_text()
         outcomes.append(json.loads(out.strip().splitlines()[-1]))
     return outcomes
 
@@ -320,6 +328,63 @@ def test_four_batches_at_once_as_four_processes_overlap_and_equal_a_sequential_r
             ).fetchall()
         )
     assert set(per_batch) == {"b0", *batch_ids}
+
+
+@pytest.mark.parametrize("pause_at", ["validation_swap", "embeddings_swap"])
+def test_sigkill_inside_a_ducklake_transaction_keeps_the_committed_batch_and_the_rerun_is_clean(
+    lake_factory, pause_at
+):
+    crashed, reference = lake_factory("crashed"), lake_factory("reference")
+    write_batches(crashed.settings.landing_dir, crashed.settings.catalog_path, ["b1"])
+    inference = [dg.AssetKey(step) for step in INFERENCE_STAGES]
+
+    def run(lake: Lake, instance, first: bool) -> None:
+        defs = defs_for(lake)
+        if first:
+            assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
+            instance.add_dynamic_partitions("batches", ["b1"])
+        result = defs.resolve_job_def("batch_pipeline_job").execute_in_process(
+            partition_key="b1", instance=instance, asset_selection=inference
+        )
+        assert result.success
+
+    with crashed.instance() as instance:
+        run(crashed, instance, first=True)
+    committed = table_contents(crashed.warehouse(), BATCH_TABLES)
+    # a new file lands for b1; its run is killed inside the write transaction
+    write_batches(crashed.settings.landing_dir, crashed.settings.catalog_path, ["b1"], rows=400)
+    [proc] = start_workers(crashed, [("inference", f"b1 {pause_at}")], settle=0)
+    deadline = time.monotonic() + 240
+    while not (crashed.root / "paused").exists():
+        assert proc.poll() is None, proc.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the worker never reached the pause point"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    after = table_contents(crashed.warehouse(), BATCH_TABLES)
+    killed = VALIDATED if pause_at == "validation_swap" else ["customer_embeddings", "dead_letter"]
+    for table in killed:
+        assert after[table] == committed[table], table  # the transaction never committed
+    assert after[RAW_CUSTOMERS] != committed[RAW_CUSTOMERS]  # the step before it did
+    # the rerun equals a lakehouse where the new file ran once, never interrupted
+    with crashed.instance() as instance:
+        # What run monitoring does under the daemon (deploy/dagster.yaml): the dead run is
+        # failed and its duckdb_writer slot freed, else the rerun would wait for it for ever.
+        [dead] = instance.get_runs(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED]))
+        instance.report_run_failed(dead)
+        instance.event_log_storage.free_concurrency_slots_for_run(dead.run_id)
+        run(crashed, instance, first=False)
+    shutil.copytree(crashed.settings.landing_dir, reference.settings.landing_dir)
+    shutil.copy(crashed.settings.catalog_path, reference.settings.catalog_path)
+    with reference.instance() as instance:
+        run(reference, instance, first=True)
+    assert table_contents(crashed.warehouse(), BATCH_TABLES) == table_contents(
+        reference.warehouse(), BATCH_TABLES
+    )
+
+
+def defs_for(lake: Lake) -> dg.Definitions:
+    return build_definitions(lake.settings, embedder=HashingEmbedder(dimensions=32))
 
 
 def step_span(lake: Lake, run_id: str, step: str) -> tuple[float, float]:

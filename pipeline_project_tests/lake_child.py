@@ -46,22 +46,26 @@ def run_stages(batch_id: str, selection: list[str] | None) -> dict:
             asset_selection=[dg.AssetKey(key) for key in selection] if selection else None,
             raise_on_error=False,
         )
-        failures = [
-            f"{e.step_key}: {e.event_specific_data.error.message.strip()}"
-            for e in result.all_events
-            if e.event_type == dg.DagsterEventType.STEP_FAILURE
-        ] + [
-            f"check {e.asset_check_evaluation_data.check_name} failed: "
-            f"{ {k: v.value for k, v in e.asset_check_evaluation_data.metadata.items()} }"
-            for e in result.all_events
-            if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
-            and not e.asset_check_evaluation_data.passed
-            and e.asset_check_evaluation_data.severity == dg.AssetCheckSeverity.ERROR
-        ] + [
-            str(getattr(e.event_specific_data, "error", None) or e.message)[-1500:]
-            for e in result.all_events
-            if e.event_type == dg.DagsterEventType.RUN_FAILURE
-        ]
+        failures = (
+            [
+                f"{e.step_key}: {e.event_specific_data.error.message.strip()}"
+                for e in result.all_events
+                if e.event_type == dg.DagsterEventType.STEP_FAILURE
+            ]
+            + [
+                f"check {e.asset_check_evaluation_data.check_name} failed: "
+                f"{ {k: v.value for k, v in e.asset_check_evaluation_data.metadata.items()} }"
+                for e in result.all_events
+                if e.event_type == dg.DagsterEventType.ASSET_CHECK_EVALUATION
+                and not e.asset_check_evaluation_data.passed
+                and e.asset_check_evaluation_data.severity == dg.AssetCheckSeverity.ERROR
+            ]
+            + [
+                str(getattr(e.event_specific_data, "error", None) or e.message)[-1500:]
+                for e in result.all_events
+                if e.event_type == dg.DagsterEventType.RUN_FAILURE
+            ]
+        )
         return {"success": result.success, "start": started, "end": time.time(),
                 "run_id": result.run_id, "peak_rss_mib": _peak_rss_mib(),
                 "failures": failures}  # fmt: skip

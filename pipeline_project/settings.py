@@ -32,8 +32,6 @@ class WarehouseSettings:
     memory_limit: str = _env("PIPELINE_DUCKDB_MEMORY_LIMIT", "512MB")
     ducklake_catalog: str = _env("PIPELINE_DUCKLAKE_CATALOG", "")
     ducklake_data_path: Path | None = _env("PIPELINE_DUCKLAKE_DATA_PATH", None)
-    # Steps writing the warehouse at once (the duckdb_writer pool): 1 for the file backend.
-    writer_pool_limit: int = _env("PIPELINE_WRITER_POOL_LIMIT", 1)
     commit_attempts: int = _env("PIPELINE_DUCKLAKE_COMMIT_ATTEMPTS", 5)
 
 
@@ -135,9 +133,11 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
         raise ValueError(f"{name}={raw!r}: expected {base.__name__}") from err
 
 
-# Read by Dagster itself, never by the settings: secrets (`dg.EnvVar`, never shown in the UI)
-# and the scale-out instance file's PostgreSQL connection (deploy/dagster.yaml).
+# Read by Dagster itself, never by the settings: secrets (`dg.EnvVar`, never shown in the UI),
+# the scale-out instance file's PostgreSQL connection (deploy/dagster.yaml), and the writer
+# pool's limit, which the deploy's init job gives the instance (`dagster instance concurrency`).
 READ_BY_DAGSTER = (
+    "PIPELINE_WRITER_POOL_LIMIT",
     "PIPELINE_OPENAI_API_KEY",
     "PIPELINE_DUCKLAKE_PASSWORD",
     "PIPELINE_DAGSTER_PG_HOST",

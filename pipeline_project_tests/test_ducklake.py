@@ -22,6 +22,7 @@ import dagster as dg
 import duckdb
 import psycopg2
 import pytest
+import yaml
 
 from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.resources.embeddings import HashingEmbedder
@@ -34,6 +35,7 @@ from pipeline_project.tables import (
     SEGMENT_MODEL,
     WAREHOUSE_DDL,
 )
+from pipeline_project_tests.dagster_dev import running_ui, wait_for
 from pipeline_project_tests.helpers import INFERENCE_STAGES
 from pipeline_project_tests.postgres_server import PASSWORD, PostgresServer, postgres_server
 
@@ -381,6 +383,44 @@ def test_sigkill_inside_a_ducklake_transaction_keeps_the_committed_batch_and_the
     assert table_contents(crashed.warehouse(), BATCH_TABLES) == table_contents(
         reference.warehouse(), BATCH_TABLES
     )
+
+
+@pytest.mark.slow
+def test_through_the_ui_the_sensor_and_automation_carry_two_batches_on_ducklake(lake_factory):
+    """`pipeline-project ui` on the scale-out configuration: Dagster's state in PostgreSQL
+    (deploy/dagster.yaml, with runs launched as local processes instead of containers: there
+    is no container runtime here) and the warehouse on DuckLake."""
+    lake = lake_factory("ui")
+    instance_yaml = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
+    del instance_yaml["run_launcher"]
+    (lake.home / "dagster.yaml").write_text(yaml.safe_dump(instance_yaml))
+    write_batches(lake.settings.landing_dir, lake.settings.catalog_path, ["b001", "b002"])
+    with lake.instance() as instance:  # what the deploy's init job does
+        instance.event_log_storage.set_concurrency_slots("duckdb_writer", 2)
+        instance.event_log_storage.set_concurrency_slots("model_inference", 1)
+    env = {**lake.env, "PIPELINE_EMBEDDING_BACKEND": "hashing",
+           "PIPELINE_ALERT_SENSOR_INTERVAL_SECONDS": "5"}  # fmt: skip
+    with running_ui(lake.root, env, lake.settings) as dev:
+        done = wait_for(
+            "validated recommendations of both batches",
+            lambda: (
+                dev.materialized("validated_recommendations", ["b001", "b002"]) == ["b001", "b002"]
+            ),
+            timeout=600,
+        )
+        assert done
+        wait_for("every run to end", dev.idle, timeout=120)
+        runs = dev.runs()
+    assert runs and all(run["status"] == "SUCCESS" for run in runs), runs
+    assert {"batch_ingestion_job", "catalog_job"} <= {run["jobName"] for run in runs}
+    with lake.warehouse().get_connection() as conn:
+        kept = dict(
+            conn.execute(
+                "SELECT batch_id, count(*) FROM validated_recommendations GROUP BY ALL"
+            ).fetchall()
+        )
+    assert set(kept) == {"b001", "b002"} and min(kept.values()) > 0
+    assert PASSWORD not in (lake.root / "dagster_dev.log").read_text()
 
 
 def defs_for(lake: Lake) -> dg.Definitions:

@@ -18,7 +18,6 @@ VARIABLES = {
     "PIPELINE_WAREHOUSE_BACKEND": ("warehouse", "backend", "duckdb", "ducklake", "ducklake"),
     "PIPELINE_DUCKLAKE_CATALOG": ("warehouse", "ducklake_catalog", "", "host=db dbname=lake", "host=db dbname=lake"),
     "PIPELINE_DUCKLAKE_DATA_PATH": ("warehouse", "ducklake_data_path", None, "/x/lake", Path("/x/lake")),
-    "PIPELINE_WRITER_POOL_LIMIT": ("warehouse", "writer_pool_limit", 1, "4", 4),
     "PIPELINE_DUCKLAKE_COMMIT_ATTEMPTS": ("warehouse", "commit_attempts", 5, "8", 8),
     "PIPELINE_LANDING_DIR": ("landing", "landing_dir", Path("data/landing").resolve(), "in", Path("in").resolve()),
     "PIPELINE_CATALOG_PATH": ("landing", "catalog_path", Path("data/catalog.csv").resolve(), "/x/c.csv", Path("/x/c.csv")),

@@ -2,9 +2,9 @@
 
 The SQL in `core/validation.py` only extracts each field from the raw line: its JSON type
 (`<field>__type`, "missing" when absent), its value, and for timestamps what DuckDB's
-TIMESTAMPTZ parser made of it (`<field>__ts`). Every rule of the contract lives here. Each
-check's `error` is the rule in words; `core.validation` renders a failure as
-"field: rule (got value)".
+TIMESTAMPTZ parser made of a value of ISO-8601 shape (`<field>__ts`; ISO_8601_PATTERN, matched
+in that SQL, vectorized). Every rule of the contract lives here. Each check's `error` is the
+rule in words; `core.validation` renders a failure as "field: rule (got value)".
 
 The models use pandera's pyarrow backend: chunks go from DuckDB to pandera as Arrow tables,
 with no pandas copy, which keeps validation fast and memory flat at millions of rows.
@@ -19,6 +19,16 @@ from pandera.api.pyarrow.types import PyArrowData
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$"
+
+# The ISO-8601 (RFC 3339-like) forms the contract accepts, matched whole (regexp_full_match):
+# YYYY-MM-DD, or that with T or a space and HH:MM[:SS[.fraction]], then Z, ±HH:MM or ±HH (an
+# offset that exists: hour <= 14). DuckDB's cast alone takes far more (epoch, infinity, 2024-1-5,
+# +99, 12024-01-05, (BC), zone names) and makes real-looking instants of it; after this shape,
+# the cast checks the calendar (no 2024-02-30).
+ISO_8601_PATTERN = (
+    r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+    r"([T ]([01]\d|2[0-3]):[0-5]\d(:[0-5]\d(\.\d+)?)?(Z|[+-](0\d|1[0-4])(:[0-5]\d)?)?)?"
+)
 
 REQUIRED = "is required"
 ISO_8601 = "must be an ISO-8601 date-time"

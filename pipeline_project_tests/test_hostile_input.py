@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline_project.core.landing_files import BLANK_LINE_SQL, UTF8_BOM
 from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.partitions import BATCH_ID_PATTERN, batch_id_for_file_name
 from pipeline_project.resources import Warehouse
@@ -43,11 +44,14 @@ _line = st.one_of(
         lambda enc: customer(email="jürgen.öl@example.com").encode(enc).replace(b"\n", b"")
     ),
     st.integers(300, 5_000).map(lambda n: customer(email="a" * n + "@example.com").encode()),
+    st.sampled_from([b"", b"   ", b"\t\r", UTF8_BOM, UTF8_BOM + customer().encode()]),  # exports
 )
 
 
 def expected_lines(data: bytes) -> int:
-    """What a reader of lines counts: every newline ends one, and a last unterminated one."""
+    """What a reader of lines counts: every newline ends one, and a last unterminated one (a
+    leading byte-order mark is no text)."""
+    data = data.removeprefix(UTF8_BOM)
     return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
 
 
@@ -66,18 +70,21 @@ def ingest_and_validate(root: Path, path: Path, chunk_rows: int, max_line_bytes:
             "rejected": line_numbers(
                 "SELECT line_no FROM schema_errors WHERE error_count > 0 ORDER BY 1"
             ),
+            "blank": line_numbers(
+                f"SELECT line_no FROM raw_customers WHERE {BLANK_LINE_SQL} ORDER BY 1"
+            ),
             "orphan_purchases": line_numbers(
                 "SELECT line_no FROM customer_purchases EXCEPT SELECT line_no FROM customers"
             ),
         }
     assert summary.rows_in == stored.lines == len(places["raw"])
+    assert summary.blank_lines == stored.blank_lines == len(places["blank"])
     return {**places, "read_errors": stored.read_errors}
 
 
 def assert_each_line_in_one_place(places: dict, lines: int) -> None:
     assert places["raw"] == list(range(1, lines + 1))
-    assert set(places["valid"]).isdisjoint(places["rejected"])
-    assert sorted(places["valid"] + places["rejected"]) == places["raw"]
+    assert sorted(places["valid"] + places["rejected"] + places["blank"]) == places["raw"]
     assert places["orphan_purchases"] == []
 
 
@@ -123,7 +130,7 @@ def test_truncated_gzip_keeps_the_lines_read_and_says_where_it_stopped(lines, ke
     assert_each_line_in_one_place(places, len(places["raw"]))
     # the file ends early and the batch says so, in a last line of its own
     assert len(places["read_errors"]) == 1 and raw[-1][0] == "" and raw[-1][2] is not None
-    whole = data.split(b"\n")
+    whole = data.removeprefix(UTF8_BOM).split(b"\n")
     for i, (text, utf8_ok, _) in enumerate(raw[:-1]):
         if utf8_ok:  # lines before the cut are intact; the cut line keeps what was read
             assert whole[i] == text.encode() if i < len(raw) - 2 else whole[i].startswith(

@@ -2,10 +2,16 @@ import gzip
 import random
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pytest
 
-from pipeline_project.core.landing_files import iter_raw_line_chunks
+from pipeline_project.core.landing_files import (
+    BLANK_LINE_SQL,
+    UTF8_BOM,
+    is_blank_line,
+    iter_raw_line_chunks,
+)
 from pipeline_project_tests.helpers import write_lines
 
 
@@ -96,3 +102,39 @@ def test_lines_split_across_read_blocks_come_out_whole(tmp_path, block_bytes):
         except UnicodeDecodeError:
             text, ok = head.decode("utf-8", errors="replace"), False
         assert (row["raw"], row["utf8_ok"]) == (text.replace("\x00", "\ufffd"), ok)
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2, 3, 4, 1 << 20])
+@pytest.mark.parametrize("name", ["b.jsonl", "b.jsonl.gz"])
+def test_a_leading_byte_order_mark_is_stripped_from_the_first_line_only(
+    tmp_path, name, block_bytes
+):
+    data = UTF8_BOM + b'{"a": 1}\r\n' + UTF8_BOM + b'{"b": 2}\n'
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    chunks = list(iter_raw_line_chunks(path, 1000, 1 << 20, block_bytes=block_bytes))
+    rows = pa.concat_tables(chunks).to_pylist()
+    assert [(r["raw"], r["byte_length"]) for r in rows] == [
+        ('{"a": 1}', 8),
+        ('\ufeff{"b": 2}', 11),  # not the start of the file: kept, and fails validation
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "lines"),
+    [(UTF8_BOM, []), (UTF8_BOM + b"\n", [""]), (UTF8_BOM[:2], ["\ufffd"]), (b"ab", ["ab"])],
+)
+def test_a_file_shorter_than_a_byte_order_mark_or_only_one_is_read_exactly(tmp_path, data, lines):
+    path = tmp_path / "b.jsonl"
+    path.write_bytes(data)
+    assert [r["raw"] for r in read_all(path)] == lines
+
+
+def test_blank_lines_are_the_same_in_arrow_and_in_sql(tmp_path):
+    lines = [b"", b"   ", b"\t\r", b"\r", b" x ", b"\x0c", b"\xc2\xa0", b" " * 50, b"\xff ", b"{}"]
+    path = write_lines(tmp_path / "b.jsonl", lines)
+    lines_table = pa.concat_tables(iter_raw_line_chunks(path, 4, 40))  # 50 spaces cut: not blank
+    arrow = is_blank_line(lines_table).to_pylist()
+    assert arrow == [True, True, True, True, False, False, False, False, False, False]
+    sql = duckdb.sql(f"SELECT {BLANK_LINE_SQL} FROM lines_table ORDER BY line_no").fetchall()
+    assert [blank for (blank,) in sql] == arrow

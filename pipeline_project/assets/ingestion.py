@@ -54,7 +54,7 @@ def raw_customers(
     warehouse: Warehouse,
 ):
     """Every line of the batch's landing file, numbered from 1, as raw text: nothing is lost
-    before validation."""
+    before validation (a leading byte-order mark is no text; blank lines are counted)."""
     usage = StepUsage()
     result = _ingest(context, config, landing, warehouse)
     yield dg.MaterializeResult(metadata={**result, **usage.figures()})
@@ -110,6 +110,7 @@ def _ingest(
         )
     return {
         "dagster/row_count": stored.lines,
+        "blank_lines": stored.blank_lines,
         "landing_file": landing_file.path.name,
         "landing_fingerprint": landing_file.fingerprint,
         "file_bytes": landing_file.size,

@@ -66,7 +66,7 @@ def validated_customers(
     def progress(summary: ValidationSummary) -> None:
         context.log.info(
             f"{batch_id}: chunk {summary.chunks} done, {summary.rows_in:,} lines,"
-            f" {summary.invalid:,} invalid"
+            f" {summary.invalid:,} invalid, {summary.blank_lines:,} blank"
         )
 
     raw_file = _raw_file(warehouse, batch_id)
@@ -103,11 +103,13 @@ def _raw_file(warehouse: Warehouse, batch_id: str) -> Path:
 def _materializations(
     summary: ValidationSummary, seconds: float, usage: StepUsage, commit_retries: int
 ) -> list[dg.MaterializeResult]:
-    """The three tables' metadata: counts, error rate, throughput, the step's usage."""
+    """The three tables' metadata: counts (lines in = valid + invalid + blank lines), the error
+    rate (invalid / records: blank lines are no records), throughput, the step's usage."""
     figures = {
         "rows_in": summary.rows_in,
         "rows_valid": summary.valid,
         "rows_invalid": summary.invalid,
+        "blank_lines": summary.blank_lines,
         "error_rate": round(summary.error_rate, 6),
         "chunks": summary.chunks,
         "seconds": round(seconds, 3),

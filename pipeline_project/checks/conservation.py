@@ -1,5 +1,6 @@
 """The conservation rule shared by the stage checks: every input record ends in exactly one
-place (e.g. a raw line in customers or schema_errors, a customer embedded or dead-lettered)."""
+place (e.g. a raw line in customers or schema_errors or among the blank lines, a customer
+embedded or dead-lettered)."""
 
 from collections.abc import Sequence
 

@@ -31,6 +31,17 @@ READ_ERRORS = (EOFError, OSError, zlib.error)
 # Bytes read (decompressed) per block; lines are split out of a block with numpy and Arrow.
 BLOCK_BYTES = 16 << 20
 
+# The UTF-8 byte-order mark that Windows and spreadsheet exports put at the start of a file: it
+# marks the encoding and is no part of the first line.
+UTF8_BOM = b"\xef\xbb\xbf"
+
+# A blank line holds no record: nothing but JSON whitespace (space, tab, a stray CR), read whole
+# (not cut at the length limit), readable and UTF-8. It is kept in raw_customers and counted
+# apart. The same rule in Arrow (ingestion's count) and in SQL (validation and its checks).
+BLANK_LINE_PATTERN = r"[ \t\r]*"
+BLANK_LINE_SQL = f"""(read_error IS NULL AND utf8_ok AND byte_length = strlen(raw)
+    AND regexp_full_match(raw, '{BLANK_LINE_PATTERN}'))"""
+
 
 def open_landing_file(path: Path) -> BinaryIO:
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
@@ -44,8 +55,9 @@ def iter_raw_line_chunks(
     Nothing is dropped: a line that is not UTF-8 is kept (decoded with replacement characters,
     utf8_ok=False); a line longer than `max_line_bytes` keeps its first `max_line_bytes` bytes
     and its true length; if the file cannot be read to the end (a truncated gzip, say), one last
-    row records the read error, so the loss is visible downstream. Memory is bounded by the
-    block size and the longest kept line head, whatever the file size.
+    row records the read error, so the loss is visible downstream. Only a UTF-8 byte-order mark
+    at the start of the (decompressed) file is left out. Memory is bounded by the block size and
+    the longest kept line head, whatever the file size.
     """
     if chunk_rows < 1 or max_line_bytes < 1:
         raise ValueError("chunk_rows and max_line_bytes must be positive")
@@ -61,9 +73,13 @@ def _iter_blocks_as_lines(path: Path, max_line_bytes: int, block_bytes: int) -> 
     long_length = 0  # ... its length so far ...
     long_last = b""  # ... and its last byte read (a \r there belongs to the line end)
     with open_landing_file(path) as f:
+        start, error = _read_block(f, len(UTF8_BOM))
+        start = start.removeprefix(UTF8_BOM)
         while True:
-            data, error = _read_block(f, block_bytes)
+            data, error = _read_block(f, block_bytes) if error is None else (b"", error)
             at_end = error is not None or not data
+            if start:  # the file's first bytes, read apart to find the byte-order mark
+                data, start = start + data, b""
             if long_head is not None and data:
                 newline = data.find(b"\n")
                 if newline < 0:
@@ -182,9 +198,18 @@ def _lines_table(heads: list[bytes], lengths: list[int], first_line_no: int) -> 
     )
 
 
+def is_blank_line(chunk: pa.Table) -> pa.ChunkedArray:
+    """Which lines of a chunk are blank (see BLANK_LINE_SQL, the same rule)."""
+    whole = pc.equal(chunk["byte_length"], pc.binary_length(chunk["raw"]))
+    clean = pc.and_(pc.is_null(chunk["read_error"]), chunk["utf8_ok"])
+    blank = pc.match_substring_regex(chunk["raw"], f"^{BLANK_LINE_PATTERN}$")
+    return pc.and_(pc.and_(clean, whole), blank)
+
+
 @dataclass
 class StoredLines:
     lines: int = 0
+    blank_lines: int = 0
     chunks: int = 0
     read_errors: list[str] = field(default_factory=list)
 
@@ -210,6 +235,7 @@ def store_raw_lines(
         errors = chunk["read_error"].drop_null()
         stored.read_errors += errors.to_pylist() if len(errors) else []
         stored.lines += chunk.num_rows
+        stored.blank_lines += pc.sum(is_blank_line(chunk)).as_py() or 0
         stored.chunks += 1
         if on_chunk is not None:
             on_chunk(stored)

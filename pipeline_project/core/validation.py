@@ -1,7 +1,8 @@
 """Row-level validation of a batch: DuckDB extracts fields, pandera judges them, chunk by chunk.
 
 Every raw line ends in exactly one place: `customers` (with its purchases in
-`customer_purchases`) or `schema_errors` with every `field: message` problem of the line.
+`customer_purchases`), `schema_errors` with every `field: message` problem of the line, or,
+when it is blank (no record at all, see landing_files.BLANK_LINE_SQL), the blank line count.
 """
 
 from __future__ import annotations
@@ -18,8 +19,15 @@ import pandera.pyarrow as pa
 import pyarrow
 import pyarrow.compute as pc
 
+from pipeline_project.core.landing_files import BLANK_LINE_SQL
 from pipeline_project.core.staging import write_staged
-from pipeline_project.schemas import CustomerRecord, PurchaseElement, PurchaseRecord, RawLineRecord
+from pipeline_project.schemas import (
+    ISO_8601_PATTERN,
+    CustomerRecord,
+    PurchaseElement,
+    PurchaseRecord,
+    RawLineRecord,
+)
 
 _JSON_KIND_MACRO = """
 CREATE OR REPLACE TEMP MACRO json_kind(t) AS CASE
@@ -67,8 +75,12 @@ def _string(name: str) -> str:
 
 
 def _parsed(name: str) -> str:
-    """What DuckDB's TIMESTAMPTZ parser makes of a string field (NULL: not a date)."""
-    return f"try_cast(CASE WHEN {name}__t = 'VARCHAR' THEN {name}__j ->> '$' END AS TIMESTAMPTZ)"
+    """What DuckDB's TIMESTAMPTZ parser makes of a string field of ISO-8601 shape (NULL: not a
+    date). The shape comes first: the parser alone turns 'epoch' or '2024-1-5' into instants."""
+    value = f"{name}__j ->> '$'"
+    return f"""try_cast(CASE WHEN {name}__t = 'VARCHAR'
+                         AND regexp_full_match({value}, '{ISO_8601_PATTERN}')
+                        THEN {value} END AS TIMESTAMPTZ)"""
 
 
 def _timestamp(name: str) -> str:
@@ -79,6 +91,9 @@ def _timestamp(name: str) -> str:
 
 
 _RAW_CHUNK = """read_parquet($raw_path) WHERE line_no BETWEEN $first AND $last"""
+
+# The `line` kind of a blank line: no record, counted apart and never judged.
+BLANK = "blank"
 
 _LINE_FIELDS = ["id", "email", "createdAt", "purchaseHistory"]
 _LINES_SQL = f"""
@@ -92,11 +107,11 @@ WITH src AS (
 SELECT
     parsed.line_no,
     raw,
-    CASE WHEN read_error IS NOT NULL THEN 'an unreadable line (' || read_error || ')'
+    CASE WHEN {BLANK_LINE_SQL} THEN '{BLANK}'
+         WHEN read_error IS NOT NULL THEN 'an unreadable line (' || read_error || ')'
          WHEN NOT utf8_ok THEN 'text that is not UTF-8'
          WHEN byte_length > $max_line_bytes
              THEN 'a line of ' || byte_length || ' bytes, over the limit of ' || $max_line_bytes
-         WHEN trim(raw) = '' THEN 'an empty line'
          WHEN doc IS NULL THEN 'invalid JSON'
          ELSE json_kind(doc__t) END AS line,
     {_string("id")},
@@ -147,25 +162,34 @@ _NO_MESSAGES = pyarrow.table(
 
 @dataclass
 class ChunkResult:
-    """Valid customers and purchases of a chunk, and every invalid line with its messages."""
+    """Valid customers and purchases of a chunk, every invalid line with its messages, and the
+    count of its blank lines."""
 
     customers: pyarrow.Table
     purchases: pyarrow.Table
     errors: pyarrow.Table  # line_no, errors (list of "field: message"), raw
+    blank_lines: int = 0
 
 
 @dataclass
 class ValidationSummary:
+    """Lines in = valid + invalid + blank lines; the error rate is over records (not blanks)."""
+
     rows_in: int = 0
     valid: int = 0
     invalid: int = 0
+    blank_lines: int = 0
     purchases: int = 0
     chunks: int = 0
     errors_by_field: Counter = field(default_factory=Counter)
 
     @property
+    def records(self) -> int:
+        return self.rows_in - self.blank_lines
+
+    @property
     def error_rate(self) -> float:
-        return self.invalid / self.rows_in if self.rows_in else 0.0
+        return self.invalid / self.records if self.records else 0.0
 
 
 def validate_batch(
@@ -211,6 +235,7 @@ def validate_batch(
             summary.rows_in += lines.num_rows
             summary.valid += result.customers.num_rows
             summary.invalid += result.errors.num_rows
+            summary.blank_lines += result.blank_lines
             summary.purchases += result.purchases.num_rows
             summary.chunks += 1
             for messages in result.errors.column("errors").to_pylist():
@@ -224,7 +249,12 @@ def validate_batch(
 
 
 def validate_chunk(lines: pyarrow.Table, purchases: pyarrow.Table) -> ChunkResult:
-    """Judge one chunk of extracted lines and their purchases against the pandera models."""
+    """Judge one chunk of extracted lines and their purchases against the pandera models; blank
+    lines are counted, not judged."""
+    blank = pc.equal(lines["line"], BLANK)
+    blank_lines = pc.sum(blank).as_py() or 0
+    if blank_lines:
+        lines = lines.filter(pc.invert(blank))
     messages = [_line_messages(RawLineRecord, lines)]
     objects = lines.filter(pc.equal(lines["line"], "object"))
     messages.append(_line_messages(CustomerRecord, objects))
@@ -247,6 +277,7 @@ def validate_chunk(lines: pyarrow.Table, purchases: pyarrow.Table) -> ChunkResul
         errors=errors.append_column(
             "raw", lines["raw"].take(pc.index_in(errors["line_no"], value_set=lines["line_no"]))
         ),
+        blank_lines=blank_lines,
     )
 
 

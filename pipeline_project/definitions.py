@@ -21,7 +21,7 @@ def build_resources(
     return {
         "warehouse": Warehouse.from_settings(settings.warehouse),
         "landing": LandingZone.from_settings(settings.landing),
-        "alerts": AlertSink.from_settings(settings.alerts),
+        "alerts": AlertSink.from_settings(settings.alerts, settings.freshness),
         "embedder": embedder or build_embedder(settings.embedding),
     }
 

@@ -65,9 +65,18 @@ def batch_stage(group_name: str, pool: str = DUCKDB_WRITER_POOL) -> dict:
     }
 
 
+# Dagster refuses freshness windows under a minute; the freshness alert has no such floor.
+_SHORTEST_FRESHNESS_WINDOW = timedelta(minutes=1)
+
+
 def freshness_policy(warn_hours: float, fail_hours: float) -> dg.FreshnessPolicy:
-    """A new batch is expected at least every `warn_hours` (WARN) / `fail_hours` (FAIL)."""
-    return dg.FreshnessPolicy.time_window(
-        fail_window=timedelta(hours=fail_hours),
-        warn_window=timedelta(hours=min(warn_hours, fail_hours)),
-    )
+    """A new batch is expected at least every `warn_hours` (WARN) / `fail_hours` (FAIL).
+
+    For the UI only: the freshness_alert_sensor does not trust Dagster's freshness state, which
+    judges the latest materialization of any partition, so that a re-materialized old batch (a
+    retrain cascade, a replay, a backfill) looks fresh although no new batch arrived (dagster
+    discussion #34023). The sensor judges the arrival of the newest new batch instead.
+    """
+    fail = max(timedelta(hours=fail_hours), _SHORTEST_FRESHNESS_WINDOW)
+    warn = max(timedelta(hours=min(warn_hours, fail_hours)), _SHORTEST_FRESHNESS_WINDOW)
+    return dg.FreshnessPolicy.time_window(fail_window=fail, warn_window=min(warn, fail))

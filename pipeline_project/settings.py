@@ -2,8 +2,9 @@
 
 Each field names its environment variable and its default; an unset or empty variable means
 the default. `Settings.from_env()` is the only reader of the environment (secrets excepted:
-the OpenAI API key stays a `dg.EnvVar`, read by Dagster when the resource starts). Paths read
-by `from_env` resolve against the working directory (the repository root under `dagster dev`).
+the OpenAI API key and the alert webhook URL stay `dg.EnvVar`s, read by Dagster when the
+resource starts; of the URL the settings only know whether it is set). Paths read by
+`from_env` resolve against the working directory (the repository root under `dagster dev`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 
-def _env(name: str, default: Any, *, shown: bool = True) -> Any:
-    """A setting read from the environment variable `name`; unset or empty: `default`.
-    `shown=False` keeps a value that may carry a token out of the settings' repr."""
-    return field(default=default, repr=shown, metadata={"env": name})
+def _env(name: str, default: Any) -> Any:
+    """A setting read from the environment variable `name`; unset or empty: `default`."""
+    return field(default=default, metadata={"env": name})
+
+
+def _is_set(name: str) -> Any:
+    """Whether the secret `name` (read by Dagster, see READ_BY_DAGSTER) is set: never its value."""
+    return field(default=False, metadata={"env": name, "presence_only": True})
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,9 @@ class AlertSettings:
     # Alerts live in their own DuckDB file so that a sensor never queues behind a pipeline run
     # that holds the warehouse's single-writer lock for a long write.
     alerts_duckdb_path: Path = _env("PIPELINE_ALERTS_DUCKDB_PATH", Path("data/alerts.duckdb"))
-    webhook_url: str = _env("PIPELINE_ALERT_WEBHOOK_URL", "", shown=False)
+    # The URL is a secret (a Slack URL carries its token): AlertSink reads it as
+    # dg.EnvVar("PIPELINE_ALERT_WEBHOOK_URL") when this says it is set.
+    webhook_configured: bool = _is_set("PIPELINE_ALERT_WEBHOOK_URL")
     webhook_format: str = _env("PIPELINE_ALERT_WEBHOOK_FORMAT", "json")
     cooldown_seconds: float = _env("PIPELINE_ALERT_COOLDOWN_SECONDS", 3600.0)
     sensor_interval_seconds: int = _env("PIPELINE_ALERT_SENSOR_INTERVAL_SECONDS", 30)
@@ -117,6 +124,9 @@ def _section_from_env(section: type, env: Mapping[str, str]) -> Any:
     values = {}
     for f in fields(section):
         raw = env.get(f.metadata["env"])
+        if f.metadata.get("presence_only"):
+            values[f.name] = bool(raw)
+            continue
         value = _parse(f.metadata["env"], raw, types[f.name]) if raw else f.default
         values[f.name] = value.resolve() if isinstance(value, Path) else value
     return section(**values)
@@ -140,6 +150,7 @@ READ_BY_DAGSTER = (
     "PIPELINE_WRITER_POOL_LIMIT",
     "PIPELINE_OPENAI_API_KEY",
     "PIPELINE_DUCKLAKE_PASSWORD",
+    "PIPELINE_ALERT_WEBHOOK_URL",
     "PIPELINE_DAGSTER_PG_HOST",
     "PIPELINE_DAGSTER_PG_PORT",
     "PIPELINE_DAGSTER_PG_USER",
@@ -147,9 +158,11 @@ READ_BY_DAGSTER = (
     "PIPELINE_DAGSTER_PG_DB",
 )
 
-# Every environment variable the settings read, with its default.
+# Every environment variable the settings read, with its default (secrets, of which the
+# settings only know whether they are set, are Dagster's: READ_BY_DAGSTER).
 ENV_DEFAULTS: dict[str, Any] = {
     f.metadata["env"]: f.default
     for section in typing.get_type_hints(Settings).values()
     for f in fields(section)
+    if not f.metadata.get("presence_only")
 }

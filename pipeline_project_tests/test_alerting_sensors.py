@@ -1,11 +1,17 @@
 """Alerting sensors, each driven by a real test instance and crafted runs or events."""
 
+from dataclasses import replace
+
 import dagster as dg
 import duckdb
 import pytest
-from dagster._core.definitions.freshness import FreshnessState, FreshnessStateChange
 
+from pipeline_project.definitions import build_definitions
+from pipeline_project.partitions import batches
+from pipeline_project.resources import AlertSink
 from pipeline_project.sensors.alerting import (
+    alert_delivery_sensor,
+    alert_finished_run,
     build_alerting_sensors,
     check_results_alert_sensor,
     dead_letter_growth_sensor,
@@ -15,6 +21,7 @@ from pipeline_project.sensors.alerting import (
 )
 from pipeline_project.settings import AlertSettings
 from pipeline_project_tests.helpers import customer, run_batch, write_lines
+from pipeline_project_tests.test_alerts import Hook
 
 
 def alerts(settings) -> list[tuple]:
@@ -84,33 +91,6 @@ def test_failed_warn_check_in_a_successful_run_alerts_and_a_pass_resolves_it(
     ]
 
 
-def test_freshness_fail_alerts_and_pass_resolves(instance, resources, settings):
-    def change(state):
-        instance._report_runless_asset_event(  # what the freshness daemon does
-            asset_event=FreshnessStateChange(
-                key=dg.AssetKey("validated_recommendations"), new_state=state,
-                previous_state=FreshnessState.UNKNOWN, state_change_timestamp=0.0,
-            )
-        )  # fmt: skip
-
-    assert "UNKNOWN" in tick(freshness_alert_sensor, instance, resources).skip_message
-    change(FreshnessState.WARN)
-    tick(freshness_alert_sensor, instance, resources)
-    tick(freshness_alert_sensor, instance, resources)  # still WARN: no second alert
-    change(FreshnessState.FAIL)  # escalation: an alert of its own despite the cooldown
-    tick(freshness_alert_sensor, instance, resources)
-    assert alerts(settings) == [
-        ("freshness:validated_recommendations:warn", "firing", "warning", None, None),
-        ("freshness:validated_recommendations:fail", "firing", "error", None, None),
-    ]
-    change(FreshnessState.PASS)
-    tick(freshness_alert_sensor, instance, resources)
-    assert sorted((k, s) for k, s, *_ in alerts(settings)[2:]) == [
-        ("freshness:validated_recommendations:fail", "resolved"),
-        ("freshness:validated_recommendations:warn", "resolved"),
-    ]
-
-
 def embeddings_materialized(
     instance, batch_id: str, dead_letter_total: int, error_rate: float = 0.0
 ):
@@ -170,7 +150,98 @@ def test_the_error_rate_threshold_and_growth_window_come_from_the_alert_settings
 @pytest.mark.parametrize(
     "sensor",
     [run_failure_alert_sensor, check_results_alert_sensor, freshness_alert_sensor,
-     dead_letter_growth_sensor, error_rate_alert_sensor],
+     dead_letter_growth_sensor, error_rate_alert_sensor, alert_delivery_sensor],
 )  # fmt: skip
 def test_every_alerting_sensor_runs_by_default(sensor):
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+
+
+# ---- one alert whatever path a batch takes: the run itself, then the daemon's sensor ----
+
+
+def stage_alerting_its_error_rate(asset: str, rate: float) -> dg.AssetsDefinition:
+    """A stand-in for a stage that reports its error rate and alerts on it inside its run."""
+
+    @dg.asset(name=asset, partitions_def=batches)
+    def stage(context: dg.AssetExecutionContext, alerts: AlertSink) -> dg.MaterializeResult:
+        alerts.alert_error_rate(
+            asset=asset, batch_id=context.partition_key, rate=rate, log=context.log,
+            run_id=context.run.run_id,
+        )  # fmt: skip
+        return dg.MaterializeResult(metadata={"error_rate": rate})
+
+    return stage
+
+
+@pytest.mark.parametrize("cooldown_seconds", [3600.0, 0.0])
+@pytest.mark.parametrize("asset", ["customers", "customer_embeddings"])
+def test_an_error_rate_the_asset_alerted_is_not_alerted_again_by_the_sensor(
+    instance, settings, asset, cooldown_seconds
+):
+    """Exactly one stored alert and one POST, also once the cooldown is over (0 s): the
+    sensor recognises the run it already alerted for."""
+    hook = Hook()
+    with hook.running() as url:
+        sink = AlertSink(database=str(settings.alerts_duckdb_path), webhook_url=url,
+                         cooldown_seconds=cooldown_seconds)  # fmt: skip
+        instance.add_dynamic_partitions("batches", ["b1"])
+        result = dg.materialize(
+            [stage_alerting_its_error_rate(asset, 1.0)], partition_key="b1", instance=instance,
+            resources={"alerts": sink},
+        )  # fmt: skip
+        assert result.success
+        assert len(alerts(settings)) == 1 and len(hook.bodies) == 1  # the run alerted
+        cursor = tick(error_rate_alert_sensor, instance, {"alerts": sink}).cursor
+        tick(error_rate_alert_sensor, instance, {"alerts": sink}, cursor=cursor)
+    assert alerts(settings) == [(f"error_rate:{asset}:b1", "firing", "warning", "b1",
+                                 f"/runs/{result.run_id}")]  # fmt: skip
+    assert len(hook.bodies) == 1
+
+
+def webhook_defs(settings, url: str, monkeypatch, **alert_settings) -> dg.Definitions:
+    """The project's definitions with the webhook configured the deployed way (an env var)."""
+    monkeypatch.setenv("PIPELINE_ALERT_WEBHOOK_URL", url)
+    settings = replace(
+        settings, alerts=replace(settings.alerts, webhook_configured=True, **alert_settings)
+    )
+    settings.landing.landing_dir.mkdir(parents=True, exist_ok=True)
+    return build_definitions(settings)
+
+
+def test_a_failed_in_process_run_alerts_once_and_the_daemon_s_sensor_adds_nothing(
+    instance, settings, monkeypatch
+):
+    hook = Hook()
+    with hook.running() as url:
+        defs = webhook_defs(settings, url, monkeypatch, cooldown_seconds=0.0)
+        write_lines(settings.landing_dir / "bad.jsonl", ["{", "[]", "{oops"])  # every line bad
+        result = run_batch(defs, instance, "bad")
+        assert not result.success
+        sink = defs.resources["alerts"]  # as the CLI has it: the webhook URL still an EnvVar
+        alert_finished_run(instance, result.dagster_run, sink)
+        assert [(k, s, sev) for k, s, sev, *_ in alerts(settings)] == [
+            ("run_failure:batch_ingestion_job:bad", "firing", "error")
+        ]
+        assert len(hook.bodies) == 1
+        run_failure_alert_sensor(status_context(instance, result, {"alerts": sink}, failure=True))
+        alert_finished_run(instance, result.dagster_run, sink)  # the CLI asked twice
+    assert len(alerts(settings)) == 1 and len(hook.bodies) == 1
+    assert hook.bodies[0]["link"] == f"/runs/{result.run_id}"
+    assert "failed for batch bad" in hook.bodies[0]["message"]
+
+
+def test_a_failed_warn_check_of_an_in_process_run_alerts_once_and_the_sensor_adds_nothing(
+    instance, settings, monkeypatch
+):
+    hook = Hook()
+    with hook.running() as url:
+        defs = webhook_defs(settings, url, monkeypatch, cooldown_seconds=0.0)
+        write_lines(settings.landing_dir / "b1.jsonl", [*good_lines(9), "{oops"])  # 10% > 5%
+        result = run_batch(defs, instance, "b1")
+        assert result.success
+        sink = defs.resources["alerts"]
+        alert_finished_run(instance, result.dagster_run, sink)
+        check_results_alert_sensor(status_context(instance, result, {"alerts": sink}))
+    key = "check:customers:schema_error_rate_below_threshold:b1"
+    assert [(k, s) for k, s, *_ in alerts(settings)] == [(key, "firing")]
+    assert [b["key"] for b in hook.bodies] == [key]

@@ -1,5 +1,7 @@
 """AlertSink: stored, logged, posted to a real local webhook; cooldown, resolve, failing sinks."""
 
+from __future__ import annotations
+
 import json
 import logging
 import threading
@@ -14,10 +16,27 @@ from pipeline_project.resources import AlertSink
 
 
 class Hook:
-    """A webhook receiver on 127.0.0.1 that answers `status` (or hangs for `hang` seconds)."""
+    """A webhook receiver on 127.0.0.1 at `path` that answers `status` (after `hang` seconds).
 
-    def __init__(self, status: int = 200, hang: float = 0.0) -> None:
-        self.status, self.hang, self.bodies = status, hang, []
+    `stalled()` makes it accept every request and never answer, until `recover()`. `bodies`
+    holds every request received, `answered` those it answered.
+    """
+
+    def __init__(self, status: int = 200, hang: float = 0.0, path: str = "/hook") -> None:
+        self.status, self.hang, self.path = status, hang, path
+        self.bodies: list[dict] = []
+        self.answered: list[dict] = []
+        self.paths: list[str] = []
+        self._release = threading.Event()
+        self._release.set()
+
+    def stalled(self) -> Hook:
+        self._release.clear()
+        return self
+
+    def recover(self, status: int = 200) -> None:
+        self.status = status
+        self._release.set()
 
     @contextmanager
     def running(self):
@@ -28,9 +47,16 @@ class Hook:
                 pass
 
             def do_POST(self):  # noqa: N802
-                hook.bodies.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                hook.bodies.append(body)
+                hook.paths.append(self.path)
+                if not hook._release.is_set():  # stalled: accepted, never answered
+                    hook._release.wait()
+                    self.close_connection = True
+                    return
                 if hook.hang:
                     time.sleep(hook.hang)
+                hook.answered.append(body)
                 self.send_response(hook.status)
                 self.send_header("content-length", "0")
                 self.end_headers()
@@ -39,8 +65,9 @@ class Hook:
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
-            yield f"http://127.0.0.1:{server.server_port}/hook"
+            yield f"http://127.0.0.1:{server.server_port}{self.path}"
         finally:
+            self._release.set()
             server.shutdown()
             server.server_close()
 
@@ -96,7 +123,7 @@ def test_webhook_answering_500_is_retried_and_recorded_not_raised(tmp_path, log)
         outcome = sink.emit(severity="warning", monitor="m", key="k", message="x", log=log)
     assert len(hook.bodies) == 3
     assert outcome.stored and outcome.webhook_status == "failed after 3 attempts: HTTPError"
-    assert stored(sink)[0][5] == "failed after 3 attempts: HTTPError"
+    assert stored(sink)[0][5] == "pending"  # delivered by the alert_delivery_sensor later
 
 
 def test_hanging_webhook_times_out_and_the_alert_is_still_stored(tmp_path, log):
@@ -133,3 +160,80 @@ def test_a_cleared_condition_records_one_resolved_alert(tmp_path, log):
     assert [(r[0], r[1]) for r in stored(sink)] == [("k", "firing"), ("k", "resolved")]
     # after a resolve, the same key fires again at once (no cooldown from the old alert)
     assert sink.emit(severity="warning", monitor="m", key="k", message="bad again", log=log).sent
+
+
+def test_an_error_rate_above_the_threshold_fires_under_the_sensor_s_key_and_below_resolves(
+    tmp_path, log
+):
+    hook = Hook()
+    with hook.running() as url:
+        sink = AlertSink(database=str(tmp_path / "a.duckdb"), webhook_url=url)
+        assert sink.error_rate_threshold == 0.05  # PIPELINE_ALERT_ERROR_RATE's default
+        bad = sink.alert_error_rate(
+            asset="customers", batch_id="b1", rate=0.5, log=log, run_id="r1"
+        )
+        assert bad.sent and bad.stored and bad.webhook_status == "delivered"
+        fine = sink.alert_error_rate(
+            asset="customers", batch_id="b1", rate=0.01, log=log, run_id="r2"
+        )
+        assert fine.sent and fine.stored
+        # at most the threshold is not above it: nothing fires for b2
+        assert not sink.alert_error_rate(
+            asset="customers", batch_id="b2", rate=0.2, threshold=0.2, log=log
+        ).sent
+    assert [(r[0], r[1], r[3]) for r in stored(sink)] == [
+        ("error_rate:customers:b1", "firing", "b1"),
+        ("error_rate:customers:b1", "resolved", "b1"),
+    ]
+    assert json.loads(stored(sink)[0][6]) == {"error_rate": 0.5, "threshold": 0.05}
+    assert [b["status"] for b in hook.bodies] == ["firing", "resolved"]
+    assert hook.bodies[0]["message"] == "customers error rate 50.00% for batch b1 is above 5%"
+
+
+def test_an_alert_raised_for_a_run_is_not_raised_again_for_that_run_even_after_the_cooldown(
+    tmp_path, log
+):
+    hook = Hook()
+    with hook.running() as url:
+        sink = AlertSink(database=str(tmp_path / "a.duckdb"), webhook_url=url, cooldown_seconds=0)
+        first = sink.emit(severity="error", monitor="m", key="k", message="1", log=log, run_id="r1")
+        # the same run seen again (the sensor after the asset, the daemon after the CLI)
+        again = sink.emit(severity="error", monitor="m", key="k", message="2", log=log, run_id="r1")
+        other = sink.emit(severity="error", monitor="m", key="k", message="3", log=log, run_id="r2")
+    assert first.sent and not again.sent and again.webhook_status == "suppressed"
+    assert other.sent  # another run: the cooldown (0 s here) decides, as before
+    assert [r[4] for r in stored(sink)] == ["/runs/r1", "/runs/r2"]
+    assert len(hook.bodies) == 2
+
+
+def test_an_alert_is_stored_before_it_is_posted_so_a_second_raiser_sees_it_meanwhile(tmp_path, log):
+    """The asset's sink is inside its POST (a stalled webhook) when the sensor's sink raises
+    the same alert: the sensor's finds it stored and sends nothing."""
+    hook = Hook().stalled()
+    with hook.running() as url:
+        asset_sink = AlertSink(database=str(tmp_path / "a.duckdb"), webhook_url=url,
+                               webhook_timeout_seconds=10, webhook_attempts=2)  # fmt: skip
+        sensor_sink = AlertSink(database=str(tmp_path / "a.duckdb"), webhook_url=url)
+        outcomes = []
+        posting = threading.Thread(
+            target=lambda: outcomes.append(
+                asset_sink.alert_error_rate(
+                    asset="customers", batch_id="b1", rate=0.5, log=log, run_id="r1"
+                )  # fmt: skip
+            )
+        )
+        posting.start()
+        deadline = time.monotonic() + 10
+        while not hook.bodies and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stored(asset_sink)[0][:2] == ("error_rate:customers:b1", "firing")
+        assert stored(asset_sink)[0][5] == "sending"
+        second = sensor_sink.alert_error_rate(
+            asset="customers", batch_id="b1", rate=0.5, log=log, run_id="r1"
+        )
+        assert not second.sent
+        hook.recover()
+        posting.join(timeout=30)
+    assert outcomes[0].webhook_status == "delivered"
+    assert [r[5] for r in stored(asset_sink)] == ["delivered"]
+    assert len(hook.answered) == 1

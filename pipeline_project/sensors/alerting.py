@@ -2,10 +2,19 @@
 
 Every alert goes through the `alerts` resource (table, log, optional webhook) with a cooldown
 per key; a condition that clears records a "resolved" alert. `build_alerting_sensors` makes
-them from the alert settings (interval, error-rate threshold, K batches of dead-letter growth).
+them from the alert settings (interval, error-rate threshold, K batches of dead-letter growth);
+a sixth sensor delivers the alerts whose webhook delivery a tick or step deferred.
+
+The same alerts are raised outside the daemon too: a stage calls `AlertSink.alert_error_rate`
+inside its run, the CLI calls `alert_finished_run` after an in-process run. A sensor that sees
+the same run later finds the alert stored for it and raises nothing new.
 """
 
 import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 
@@ -15,14 +24,39 @@ from pipeline_project.settings import AlertSettings
 from pipeline_project.tables import CUSTOMER_EMBEDDINGS, CUSTOMERS
 
 ERROR_RATE_MONITORED = (CUSTOMERS, CUSTOMER_EMBEDDINGS)
+# Materializations read per monitored asset and tick (the freshness and error-rate sensors).
+PAGE = 200
+
+_log = logging.getLogger(__name__)
 
 
 def _run_key(run: dg.DagsterRun) -> str:
     return f"run_failure:{run.job_name}:{run.tags.get('dagster/partition', '-')}"
 
 
-def _alert_run_failure(context: dg.RunFailureSensorContext, alerts: AlertSink) -> None:
-    run = context.dagster_run
+def alert_finished_run(
+    instance: dg.DagsterInstance,
+    run: dg.DagsterRun,
+    alerts: AlertSink,
+    log: logging.Logger | Any = None,
+) -> None:
+    """What run_failure_alert_sensor (a failed run) or check_results_alert_sensor (a
+    successful one: its failed WARN checks) would raise for `run`: for runs executed in process
+    (the CLI), which no daemon may ever see. A sensor that sees the run later adds nothing.
+    `alerts` may be the resource as configured (its webhook URL an EnvVar): it is set up here."""
+    log = log or _log
+    run = instance.get_run_by_id(run.run_id) or run  # the final status
+    with dg.build_resources({"alerts": alerts}) as resources:
+        sink: AlertSink = resources.alerts
+        if run.status == dg.DagsterRunStatus.FAILURE:
+            failures = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+            message = failures[-1].dagster_event.message if failures else "the run failed"
+            _alert_run_failure(run, message or "", sink, log)
+        elif run.status == dg.DagsterRunStatus.SUCCESS:
+            _alert_check_results(instance, run, sink, log)
+
+
+def _alert_run_failure(run: dg.DagsterRun, failure: str, alerts: AlertSink, log) -> None:
     partition = run.tags.get("dagster/partition")
     alerts.emit(
         severity="error",
@@ -30,23 +64,22 @@ def _alert_run_failure(context: dg.RunFailureSensorContext, alerts: AlertSink) -
         key=_run_key(run),
         message=f"run of {run.job_name} failed"
         + (f" for batch {partition}" if partition else "")
-        + f": {context.failure_event.message}",
-        log=context.log,
+        + f": {failure}",
+        log=log,
         batch_id=partition,
         figures={"job": run.job_name},
         run_id=run.run_id,
     )
 
 
-def _alert_check_results(context: dg.RunStatusSensorContext, alerts: AlertSink) -> None:
-    run = context.dagster_run
+def _alert_check_results(
+    instance: dg.DagsterInstance, run: dg.DagsterRun, alerts: AlertSink, log
+) -> None:
     alerts.resolve(
         monitor="run_failure", key=_run_key(run), message="a later run succeeded",
-        log=context.log, run_id=run.run_id,
+        log=log, run_id=run.run_id,
     )  # fmt: skip
-    records = context.instance.all_logs(
-        run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
-    )
+    records = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
     for record in records:
         evaluation = record.dagster_event.asset_check_evaluation_data
         asset = evaluation.asset_key.to_user_string()
@@ -57,7 +90,7 @@ def _alert_check_results(context: dg.RunStatusSensorContext, alerts: AlertSink) 
         if evaluation.passed:
             alerts.resolve(
                 monitor=evaluation.check_name, key=key, message=f"passes again on {where}",
-                log=context.log, batch_id=partition, run_id=run.run_id,
+                log=log, batch_id=partition, run_id=run.run_id,
             )  # fmt: skip
             continue
         alerts.emit(
@@ -65,40 +98,89 @@ def _alert_check_results(context: dg.RunStatusSensorContext, alerts: AlertSink) 
             monitor=evaluation.check_name,
             key=key,
             message=f"check {evaluation.check_name} failed on {where}",
-            log=context.log,
+            log=log,
             batch_id=partition,
             figures=figures,
             run_id=run.run_id,
         )
 
 
-def _alert_freshness(context: dg.SensorEvaluationContext, alerts: AlertSink) -> dg.SkipReason:
-    keys = [dg.AssetKey(name) for name in FRESHNESS_MONITORED]
-    records = context.instance.get_freshness_state_records(keys)
+def _newest_new_batch(instance: dg.DagsterInstance, asset: str, seen: dict) -> tuple[dict, bool]:
+    """Advance the asset's {storage_id, newest_new_batch_at} over its next materializations:
+    a materialization is a new batch when it is its partition's first. Also whether more
+    materializations are left to read."""
+    key = dg.AssetKey(asset)
+    storage_id, newest = seen.get("storage_id"), seen.get("newest_new_batch_at")
+    result = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, after_storage_id=storage_id),
+        limit=PAGE,
+        ascending=True,
+    )
+    for record in result.records:
+        storage_id = record.storage_id
+        partition = record.partition_key
+        if partition is not None:
+            earlier = instance.fetch_materializations(
+                dg.AssetRecordsFilter(
+                    asset_key=key, asset_partitions=[partition], before_storage_id=storage_id
+                ),
+                limit=1,
+            ).records
+            if earlier:
+                continue  # a batch it had before: re-materialized, no new data
+        newest = max(newest or 0.0, record.timestamp)
+    return {"storage_id": storage_id, "newest_new_batch_at": newest}, result.has_more
+
+
+def freshness_state(age_hours: float, warn_hours: float, fail_hours: float) -> str:
+    """PASS, WARN or FAIL for the hours since the newest new batch."""
+    if age_hours > fail_hours:
+        return "FAIL"
+    return "WARN" if age_hours > min(warn_hours, fail_hours) else "PASS"
+
+
+def _alert_freshness(context: dg.SensorEvaluationContext, alerts: AlertSink) -> dg.SensorResult:
+    """Stale means no new batch for X hours. Dagster's own freshness state is not trusted: it
+    judges the latest materialization of any partition, so a re-materialized old batch (a
+    retrain cascade, a replay, a backfill) would make the asset look fresh."""
+    cursor = json.loads(context.cursor) if context.cursor else {}
     states = {}
-    for key in keys:
-        record = records.get(key)
-        state = record.freshness_state.value if record else "UNKNOWN"
-        asset = key.to_user_string()
+    for asset in FRESHNESS_MONITORED:
+        cursor[asset], more = _newest_new_batch(context.instance, asset, cursor.get(asset, {}))
+        newest = cursor[asset]["newest_new_batch_at"]
+        if more:  # judged once caught up, never on a partial history
+            states[asset] = "CATCHING_UP"
+            continue
+        if newest is None:
+            states[asset] = "UNKNOWN"  # no batch arrived yet
+            continue
+        age_hours = (time.time() - newest) / 3600
+        state = freshness_state(age_hours, alerts.freshness_warn_hours, alerts.freshness_fail_hours)
         states[asset] = state
+        since = datetime.fromtimestamp(newest, UTC).isoformat(timespec="seconds")
         # One key per level, so WARN turning into FAIL is an alert of its own.
         if state in ("WARN", "FAIL"):
+            limit = alerts.freshness_fail_hours if state == "FAIL" else alerts.freshness_warn_hours
             alerts.emit(
                 severity="error" if state == "FAIL" else "warning",
                 monitor="freshness",
                 key=f"freshness:{asset}:{state.lower()}",
-                message=f"{asset} is stale: freshness {state}",
+                message=f"{asset} is stale: no new batch for {age_hours:.2f} h (since {since};"
+                f" {state} after {limit:g} h)",
                 log=context.log,
-                figures={"state": state, "since": record.updated_at},
-            )
-        if state in ("PASS", "WARN"):
-            levels = ("warn", "fail") if state == "PASS" else ("fail",)
-            for level in levels:
-                alerts.resolve(
-                    monitor="freshness", key=f"freshness:{asset}:{level}",
-                    message=f"{asset} freshness is {state} again", log=context.log,
-                )  # fmt: skip
-    return dg.SkipReason(f"freshness states: {json.dumps(states)}")
+                figures={"state": state, "newest_new_batch_at": since,
+                         "age_hours": round(age_hours, 4)},
+            )  # fmt: skip
+        levels = {"PASS": ("warn", "fail"), "WARN": ("fail",), "FAIL": ()}[state]
+        for level in levels:
+            alerts.resolve(
+                monitor="freshness", key=f"freshness:{asset}:{level}",
+                message=f"{asset} got a new batch (at {since})", log=context.log,
+            )  # fmt: skip
+    return dg.SensorResult(
+        skip_reason=dg.SkipReason(f"freshness by newest new batch: {json.dumps(states)}"),
+        cursor=json.dumps(cursor),
+    )
 
 
 def _alert_dead_letter_growth(
@@ -138,7 +220,7 @@ def _alert_error_rates(
     for asset in ERROR_RATE_MONITORED:
         result = context.instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), after_storage_id=cursor.get(asset)),
-            limit=200,
+            limit=PAGE,
             ascending=True,
         )
         for record in result.records:
@@ -148,25 +230,10 @@ def _alert_error_rates(
             entry = materialization.metadata.get("error_rate")
             if entry is None:
                 continue
-            batch_id = materialization.partition
-            key = f"error_rate:{asset}:{batch_id}"
-            if entry.value > threshold:
-                alerts.emit(
-                    severity="warning",
-                    monitor="error_rate",
-                    key=key,
-                    message=f"{asset} error rate {entry.value:.2%} for batch {batch_id} is above "
-                    f"{threshold:.0%}",
-                    log=context.log,
-                    batch_id=batch_id,
-                    figures={"error_rate": entry.value, "threshold": threshold},
-                    run_id=record.run_id,
-                )
-            else:
-                alerts.resolve(
-                    monitor="error_rate", key=key, message="error rate back below threshold",
-                    log=context.log, batch_id=batch_id, run_id=record.run_id,
-                )  # fmt: skip
+            alerts.alert_error_rate(
+                asset=asset, batch_id=materialization.partition, rate=entry.value,
+                threshold=threshold, log=context.log, run_id=record.run_id,
+            )  # fmt: skip
     return dg.SensorResult(
         skip_reason=dg.SkipReason(f"{seen} new materializations checked"),
         cursor=json.dumps(cursor),
@@ -174,7 +241,8 @@ def _alert_error_rates(
 
 
 def build_alerting_sensors(settings: AlertSettings) -> list[dg.SensorDefinition]:
-    """The five alerting sensors, ticking every `settings.sensor_interval_seconds`."""
+    """The five alerting sensors and the delivery one, ticking every
+    `settings.sensor_interval_seconds`."""
     common = {
         "minimum_interval_seconds": settings.sensor_interval_seconds,
         "default_status": dg.DefaultSensorStatus.RUNNING,
@@ -186,7 +254,8 @@ def build_alerting_sensors(settings: AlertSettings) -> list[dg.SensorDefinition]
         **common,
     )
     def run_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: AlertSink) -> None:
-        _alert_run_failure(context, alerts)
+        _alert_run_failure(context.dagster_run, context.failure_event.message or "", alerts,
+                           context.log)  # fmt: skip
 
     @dg.run_status_sensor(
         name="check_results_alert_sensor",
@@ -196,12 +265,13 @@ def build_alerting_sensors(settings: AlertSettings) -> list[dg.SensorDefinition]
         **common,
     )
     def check_results_alert_sensor(context: dg.RunStatusSensorContext, alerts: AlertSink) -> None:
-        _alert_check_results(context, alerts)
+        _alert_check_results(context.instance, context.dagster_run, alerts, context.log)
 
     @dg.sensor(
         name="freshness_alert_sensor",
-        description="Alerts when the stored freshness state of the ingestion or final asset "
-        "turns WARN or FAIL (the freshness daemon evaluates the policies).",
+        description="Alerts when no new batch reached the ingestion or final asset for "
+        "PIPELINE_FRESHNESS_WARN_HOURS / _FAIL_HOURS. A re-materialized old batch (a retrain, "
+        "a backfill) does not count: Dagster's freshness state, judged per asset, would.",
         **common,
     )
     def freshness_alert_sensor(context: dg.SensorEvaluationContext, alerts: AlertSink):
@@ -229,12 +299,25 @@ def build_alerting_sensors(settings: AlertSettings) -> list[dg.SensorDefinition]
     def error_rate_alert_sensor(context: dg.SensorEvaluationContext, alerts: AlertSink):
         return _alert_error_rates(context, alerts, threshold)
 
+    @dg.sensor(
+        name="alert_delivery_sensor",
+        description="Posts the alerts whose webhook delivery was deferred (pending): a tick or "
+        "step stops posting after a failed delivery or once its delivery budget is spent.",
+        **common,
+    )
+    def alert_delivery_sensor(context: dg.SensorEvaluationContext, alerts: AlertSink):
+        # The only sensor that delivers pending alerts: Dagster never runs two ticks of one
+        # sensor at once, so no pending alert is posted by two deliverers.
+        delivered, left = alerts.deliver_pending(context.log)
+        return dg.SkipReason(f"{delivered} delivered, {left} still pending")
+
     return [
         run_failure_alert_sensor,
         check_results_alert_sensor,
         freshness_alert_sensor,
         dead_letter_growth_sensor,
         error_rate_alert_sensor,
+        alert_delivery_sensor,
     ]
 
 
@@ -246,4 +329,5 @@ def build_alerting_sensors(settings: AlertSettings) -> list[dg.SensorDefinition]
     freshness_alert_sensor,
     dead_letter_growth_sensor,
     error_rate_alert_sensor,
+    alert_delivery_sensor,
 ) = build_alerting_sensors(AlertSettings())

@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "scipy==1.17.1",
     "tenacity==9.2.1",
     "click>=8.1,<9",
+    # The demo's summary tables (dagster depends on rich too, unpinned).
+    "rich>=15.0,<16",
     "requests>=2.31,<3",
 ]
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from pipeline_project.settings import Settings
+
+# Alerts raised by the CLI log here (warnings and errors reach the terminal).
+_CLI_LOG = logging.getLogger("pipeline_project.cli")
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 
 @click.group()
@@ -84,6 +93,7 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
     from pipeline_project.definitions import build_definitions
     from pipeline_project.partitions import batches as batch_partitions
     from pipeline_project.resources import LandingZone
+    from pipeline_project.sensors.alerting import alert_finished_run
 
     paths = settings.landing
     landing = LandingZone.from_settings(paths)
@@ -92,26 +102,27 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
         _generate(paths.landing_dir, paths.catalog_path,
                   batches=batches, rows=rows, bad_rate=bad_rate, seed=seed)  # fmt: skip
     scan = landing.scan()
-    for rejected in scan.rejected:
-        click.echo(f"skipped landing file {rejected.name!r}: {rejected.reason}", err=True)
-
     defs = build_definitions(settings)
+    _alert_rejected_files(defs, scan.rejected)
     batch_job = defs.resolve_job_def("batch_pipeline_job")
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     failed = []
+    catalog = _CatalogState(paths.catalog_path, found=landing.catalog_fingerprint() is not None)
+    outcomes: list[BatchOutcome] = []
     with dg.DagsterInstance.get() as instance:
-        if landing.catalog_fingerprint() is not None:
+        if catalog.found:
             click.echo(f"product catalog: loading and embedding {paths.catalog_path}")
             catalog_run = defs.resolve_job_def("catalog_job").execute_in_process(
                 instance=instance, run_config=quiet, raise_on_error=False
             )
+            catalog.loaded = catalog_run.success
+            alert_finished_run(instance, catalog_run.dagster_run, defs.resources["alerts"])
             if not catalog_run.success:
                 failed.append("product_catalog")
         known = set(instance.get_dynamic_partitions(batch_partitions.name))
         new = sorted(set(scan.files) - known)
         if new:
             instance.add_dynamic_partitions(batch_partitions.name, new)
-        rows_out = []
         for i, batch_id in enumerate(sorted(scan.files), start=1):
             click.echo(
                 f"[{i}/{len(scan.files)}] {batch_id}: ingest, validate, embed, segment, recommend"
@@ -119,57 +130,218 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
             result = batch_job.execute_in_process(
                 partition_key=batch_id, instance=instance, run_config=quiet, raise_on_error=False
             )
-            customers = _metadata(result, "validated_customers", "customers")
-            figures = {
-                **_metadata(result, "customer_embeddings", "customer_embeddings"),
-                **customers,
-                # both stages report an error_rate: this table shows the schema error rate
-                "error_rate": customers.get("error_rate", 0.0),
-                "segments": _metadata(result, "customer_segments", "customer_segments").get(
-                    "segment_shares", {}
-                ),
-                **{
-                    f"kept_{k}": v
-                    for k, v in _metadata(
-                        result, "validated_recommendations", "validated_recommendations"
-                    ).items()
-                },
-                **_metadata(result, "validated_recommendations", "rejected_recommendations"),
-            }
-            rows_out.append((batch_id, "ok" if result.success else "FAILED", figures))
-            if not result.success:
-                failed.append(batch_id)
+            # The alerts a daemon's sensors would raise for this run (none twice).
+            alert_finished_run(instance, result.dagster_run, defs.resources["alerts"])
+            outcomes.append(_after_batch(batch_id, result))
+    failed += [o.batch_id for o in outcomes if o.status == FAILED]
     click.echo("")
-    header = (
-        f"{'batch':<10}{'status':<8}{'rows in':>9}{'valid':>8}{'invalid':>8}{'err rate':>9}"
-        f"{'profiles':>10}{'cache hits':>11}{'model calls':>12}{'dead-lettered':>14}"
-    )
-    click.echo(header)
-    for batch_id, status, f in rows_out:
-        click.echo(
-            f"{batch_id:<10}{status:<8}{f.get('rows_in', 0):>9,}{f.get('rows_valid', 0):>8,}"
-            f"{f.get('rows_invalid', 0):>8,}{f.get('error_rate', 0.0):>9.2%}"
-            f"{f.get('distinct_profiles', 0):>10,}{f.get('cache_hits', 0):>11,}"
-            f"{f.get('model_calls', 0):>12,}{f.get('dead_lettered', 0):>14,}"
-        )
-    click.echo("")
-    click.echo(
-        f"{'batch':<10}{'segments':>9}{'kept':>8}{'rejected':>9}   rejected by rule"
-        " (out_of_stock, low_confidence, already_purchased, implausible_value)"
-    )
-    for batch_id, _, f in rows_out:
-        by_rule = ", ".join(
-            str(f.get(f"rejected_{rule}", 0))
-            for rule in ("out_of_stock", "low_confidence", "already_purchased", "implausible_value")
-        )
-        click.echo(
-            f"{batch_id:<10}{len(f.get('segments', {})):>9}"
-            f"{f.get('kept_dagster/row_count', 0):>8,}{f.get('kept_rejected', 0):>9,}   {by_rule}"
-        )
-    click.echo("\nSee it in the UI: pipeline-project ui  (then open http://127.0.0.1:3000)")
+    _print_summary(outcomes)
+    if notice := catalog.notice(outcomes):
+        click.echo(notice)
+    click.echo("See it in the UI: pipeline-project ui  (then open http://127.0.0.1:3000)")
     if failed:
         click.echo(f"runs failed for: {', '.join(failed)} (see the Dagster UI for why)", err=True)
         sys.exit(1)
+
+
+def _alert_rejected_files(defs, rejected_files) -> None:
+    """Landing files the demo does not read: printed, and alerted as the landing sensor does."""
+    import dagster as dg
+
+    from pipeline_project.sensors.landing import alert_rejected_file
+
+    if not rejected_files:
+        return
+    with dg.build_resources({"alerts": defs.resources["alerts"]}) as resources:
+        for rejected in rejected_files:
+            click.echo(f"skipped landing file {rejected.name!r}: {rejected.reason}", err=True)
+            alert_rejected_file(resources.alerts, rejected, _CLI_LOG)
+
+
+# ---- the demo's summary -----------------------------------------------------------------------
+
+OK, FAILED, NOT_RUN = "ok", "FAILED", "not run"
+RULES = ("out_of_stock", "low_confidence", "already_purchased", "implausible_value")
+# Wider than any summary table: a table is as wide as its content, and no cell is ever wrapped or
+# cut to fit a narrow terminal (a terminal narrower than a table wraps its lines, as before).
+TABLE_WIDTH = 1_000
+
+
+@dataclass
+class BatchOutcome:
+    """One batch's run as the summary shows it."""
+
+    batch_id: str
+    status: str  # OK or FAILED: the run
+    recommendations: str  # OK, NO_CATALOG, FAILED or NOT_RUN: the recommendation stages
+    figures: dict = field(default_factory=dict)
+
+
+def _after_batch(batch_id: str, result: dg.ExecuteInProcessResult) -> BatchOutcome:
+    """What follows each batch's run, whatever its outcome: the one place for it (an alert for a
+    failed run goes here). Reads the run's figures for the summary."""
+    return BatchOutcome(
+        batch_id,
+        OK if result.success else FAILED,
+        _recommendations_status(result),
+        _figures(result),
+    )
+
+
+def _figures(result: dg.ExecuteInProcessResult) -> dict:
+    customers = _metadata(result, "validated_customers", "customers")
+    return {
+        **_metadata(result, "customer_embeddings", "customer_embeddings"),
+        **customers,
+        # both stages report an error_rate: this table shows the schema error rate
+        "error_rate": customers.get("error_rate", 0.0),
+        "segments": _metadata(result, "customer_segments", "customer_segments").get(
+            "segment_shares", {}
+        ),
+        **{
+            f"kept_{k}": v
+            for k, v in _metadata(
+                result, "validated_recommendations", "validated_recommendations"
+            ).items()
+        },
+        **_metadata(result, "validated_recommendations", "rejected_recommendations"),
+    }
+
+
+def _recommendations_status(result: dg.ExecuteInProcessResult) -> str:
+    from pipeline_project.assets.recommendations import NO_CATALOG
+
+    stages = ("recommendations", "validated_recommendations")
+    if any(result.is_node_failed(stage) for stage in stages):
+        return FAILED
+    if all(result.asset_materializations_for_node(stage) for stage in stages):
+        return OK
+    # A stage that ran and materialized nothing found no catalog (and logged so); the stage
+    # after it is skipped.
+    if any(result.is_node_success(stage) for stage in stages):
+        return NO_CATALOG
+    return NOT_RUN  # a stage upstream failed
+
+
+def _print_summary(outcomes: list[BatchOutcome]) -> None:
+    """Per batch: validation and inference figures, then the recommendations'."""
+    validation = _table(
+        "batch", "status", "rows in", "valid", "invalid", "blank lines", "err rate", "profiles",
+        "cache hits", "model calls", "dead-lettered",
+    )  # fmt: skip
+    recommendation = _table("batch", "segments", "recommendations", "kept", "rejected", *RULES)
+    for o in outcomes:
+        f = o.figures
+        validation.add_row(
+            o.batch_id,
+            _styled(o.status),
+            *(
+                f"{f.get(key, 0):,}"
+                for key in ("rows_in", "rows_valid", "rows_invalid", "blank_lines")
+            ),
+            f"{f.get('error_rate', 0.0):.2%}",
+            *(
+                f"{f.get(key, 0):,}"
+                for key in ("distinct_profiles", "cache_hits", "model_calls", "dead_lettered")
+            ),
+        )
+        figures = [
+            f.get("kept_dagster/row_count"),
+            f.get("kept_rejected"),
+            *(f.get(f"rejected_{rule}") for rule in RULES),
+        ]
+        recommendation.add_row(
+            o.batch_id,
+            f"{len(f.get('segments', {})):,}",
+            _styled(o.recommendations),
+            # no recommendations is not "0 kept": a stage skipped or not run has no figures
+            *("-" if n is None else f"{n:,}" for n in figures),
+        )
+    click.echo(_render(validation) + "\n")
+    click.echo(_render(recommendation) + "\n")
+
+
+def _table(*headers: str):
+    from rich import box
+    from rich.table import Table
+
+    table = Table(box=box.MARKDOWN, header_style="bold")
+    table.add_column(headers[0])
+    for header in headers[1:]:
+        text = header in ("status", "recommendations")
+        table.add_column(header, justify="left" if text else "right")
+    return table
+
+
+def _styled(status: str):
+    from rich.text import Text
+
+    return Text(
+        status, style={OK: "green", FAILED: "bold red", NOT_RUN: "dim"}.get(status, "yellow")
+    )
+
+
+def _render(table) -> str:
+    """The table as text, coloured on a terminal; elsewhere (a pipe, a CI log, click's CliRunner)
+    plain, without ANSI escapes."""
+    from rich.console import Console
+
+    on_terminal = sys.stdout.isatty()
+    console = Console(
+        width=TABLE_WIDTH,
+        color_system="auto" if on_terminal else None,
+        force_terminal=on_terminal,
+        highlight=False,
+        markup=False,
+        emoji=False,
+    )
+    with console.capture() as captured:
+        console.print(table)
+    # the Markdown box's top and bottom edges are blank lines
+    return "\n".join(line.rstrip() for line in captured.get().splitlines() if line.strip())
+
+
+@dataclass
+class _CatalogState:
+    """The product catalog file as the demo found it, for the notice after the summary."""
+
+    path: Path
+    found: bool
+    loaded: bool | None = None  # None: not loaded (no file)
+
+    def notice(self, outcomes: list[BatchOutcome]) -> str:
+        from pipeline_project.assets.recommendations import NO_CATALOG
+
+        where = self.path.resolve()
+        if not any(o.recommendations == NO_CATALOG for o in outcomes):
+            if self.found or not any(o.recommendations == OK for o in outcomes):
+                return ""
+            return (
+                f"catalog file {where} not found: the recommendations use the one loaded before\n"
+            )
+        if not self.found:
+            problem = f"{where} does not exist"
+        elif not self.loaded:
+            problem = f"{where} could not be loaded (its catalog_job run failed: see the UI)"
+        else:
+            problem = f"{where} holds no products"
+        return f"""\
+No product catalog: {problem}, so no batch has recommendations: the stages
+recommendations and validated_recommendations were skipped ({NO_CATALOG}: their partitions
+stay unmaterialized, and that fails no run).
+The catalog is a CSV file with a header line and one product a line:
+    product_id,name,category,price,in_stock
+    P00001,Ultra Charger,electronics,84.87,true
+  product_id  unique; the IDs that the customers' purchaseHistory productId refers to
+  name        text; with the category, the product's text for its embedding
+  category    text
+  price       a number >= 0
+  in_stock    true or false (out-of-stock products are never recommended)
+Put your catalog there, or set PIPELINE_CATALOG_PATH to its path, or write a sample one with
+  pipeline-project generate --batches 0
+then run `pipeline-project demo` again (while `pipeline-project ui` runs, catalog_file_sensor
+loads the file and the batches get their recommendations).
+"""
 
 
 def _metadata(result, node: str, asset: str) -> dict:

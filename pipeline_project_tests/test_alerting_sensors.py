@@ -62,7 +62,7 @@ def test_run_failure_raises_an_error_alert_with_a_link_to_the_run(
     result = run_batch(defs, instance, "bad")
     assert not result.success
     run_failure_alert_sensor(status_context(instance, result, resources, failure=True))
-    [(key, status, severity, batch, link)] = alerts(settings)
+    [(key, status, severity, batch, link)] = [a for a in alerts(settings) if "run_fail" in a[0]]
     assert (key, status, severity, batch) == (
         "run_failure:batch_ingestion_job:bad",
         "firing",
@@ -79,8 +79,9 @@ def test_failed_warn_check_in_a_successful_run_alerts_and_a_pass_resolves_it(
     first = run_batch(defs, instance, "b1")
     assert first.success
     check_results_alert_sensor(status_context(instance, first, resources))
-    key = "check:customers:schema_error_rate_below_threshold:b1"
-    assert (key, "firing", "warning", "b1", f"/runs/{first.run_id}") in alerts(settings)
+    # the WARN check guards the error rate its stage alerted itself: that alert, not a second
+    key = "error_rate:customers:b1"
+    assert alerts(settings) == [(key, "firing", "warning", "b1", f"/runs/{first.run_id}")]
 
     write_lines(path, good_lines(10))
     second = run_batch(defs, instance, "b1")
@@ -219,15 +220,18 @@ def test_a_failed_in_process_run_alerts_once_and_the_daemon_s_sensor_adds_nothin
         assert not result.success
         sink = defs.resources["alerts"]  # as the CLI has it: the webhook URL still an EnvVar
         alert_finished_run(instance, result.dagster_run, sink)
-        assert [(k, s, sev) for k, s, sev, *_ in alerts(settings)] == [
-            ("run_failure:batch_ingestion_job:bad", "firing", "error")
+        expected = [
+            ("error_rate:customers:bad", "firing", "warning"),  # raised by the validation itself
+            ("run_failure:batch_ingestion_job:bad", "firing", "error"),
         ]
-        assert len(hook.bodies) == 1
+        assert sorted((k, s, sev) for k, s, sev, *_ in alerts(settings)) == expected
+        assert len(hook.bodies) == 2
         run_failure_alert_sensor(status_context(instance, result, {"alerts": sink}, failure=True))
+        tick(error_rate_alert_sensor, instance, {"alerts": sink})
         alert_finished_run(instance, result.dagster_run, sink)  # the CLI asked twice
-    assert len(alerts(settings)) == 1 and len(hook.bodies) == 1
-    assert hook.bodies[0]["link"] == f"/runs/{result.run_id}"
-    assert "failed for batch bad" in hook.bodies[0]["message"]
+    assert len(alerts(settings)) == 2 and len(hook.bodies) == 2
+    assert {b["link"] for b in hook.bodies} == {f"/runs/{result.run_id}"}
+    assert any("failed for batch bad" in b["message"] for b in hook.bodies)
 
 
 def test_a_failed_warn_check_of_an_in_process_run_alerts_once_and_the_sensor_adds_nothing(
@@ -242,6 +246,8 @@ def test_a_failed_warn_check_of_an_in_process_run_alerts_once_and_the_sensor_add
         sink = defs.resources["alerts"]
         alert_finished_run(instance, result.dagster_run, sink)
         check_results_alert_sensor(status_context(instance, result, {"alerts": sink}))
-    key = "check:customers:schema_error_rate_below_threshold:b1"
+        tick(error_rate_alert_sensor, instance, {"alerts": sink})
+    # The failed WARN check is the error-rate alert its stage raised: one alert, not two.
+    key = "error_rate:customers:b1"
     assert [(k, s) for k, s, *_ in alerts(settings)] == [(key, "firing")]
     assert [b["key"] for b in hook.bodies] == [key]

@@ -6,9 +6,12 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import pytest
 
 from pipeline_project_tests.helpers import customer, table_rows, write_lines
+from pipeline_project_tests.test_alerts import Hook
+from pipeline_project_tests.test_demo_output import assert_aligned, number, summary, summary_tables
 
 CLI = Path(sys.executable).parent / "pipeline-project"
 
@@ -42,21 +45,32 @@ def test_demo_runs_two_batches_end_to_end_in_a_project_local_home_and_is_idempot
     first = cli("demo", "--rows", "300", cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "generating sample data" in first.stdout
-    summary = [
-        ln.split() for ln in first.stdout.splitlines() if ln.startswith("b00") and " ok " in ln
-    ]
-    assert [row[:2] for row in summary] == [["b001", "ok"], ["b002", "ok"]]
-    for row in summary:
-        rows_in, valid, invalid = (int(x.replace(",", "")) for x in row[2:5])
+    assert "\x1b" not in first.stdout  # a pipe: no ANSI escapes
+    for table in summary_tables(first.stdout):
+        assert_aligned(table)
+    validation, recommendation = summary(first.stdout)
+    assert [(b, row["status"]) for b, row in validation.items()] == [("b001", "ok"), ("b002", "ok")]
+    for row in validation.values():
+        rows_in, valid, invalid = (number(row[c]) for c in ("rows in", "valid", "invalid"))
         assert rows_in == 300 and valid + invalid == 300 and 0 < invalid < 30
-        assert row[5] == f"{invalid / rows_in:.2%}"
+        assert number(row["blank lines"]) == 0
+        assert row["err rate"] == f"{invalid / rows_in:.2%}"
+    for row in recommendation.values():
+        assert row["recommendations"] == "ok" and number(row["segments"]) > 1
+        kept, rejected = number(row["kept"]), number(row["rejected"])
+        assert kept > 0 and kept + rejected > 0
+        by_rule = [number(row[rule]) for rule in ("out_of_stock", "low_confidence",
+                   "already_purchased", "implausible_value")]  # fmt: skip
+        assert max(by_rule) <= rejected <= sum(by_rule)  # a rejection names one rule or more
+    assert "No product catalog" not in first.stdout
 
     db = tmp_path / "data" / "warehouse.duckdb"
     tables = {t: table_rows(db, t) for t in ("raw_customers", "customers", "schema_errors")}
     assert len(tables["raw_customers"]) == 600
     assert len(tables["customers"]) + len(tables["schema_errors"]) == 600
 
-    first_figures = {row[0]: [int(x.replace(",", "")) for x in row[6:]] for row in summary}
+    inference = ("profiles", "cache hits", "model calls", "dead-lettered")
+    first_figures = {b: [number(row[c]) for c in inference] for b, row in validation.items()}
     for profiles, _hits, _calls, dead_lettered in first_figures.values():
         assert 0 < profiles <= 300 and dead_lettered == 0
     assert first_figures["b001"][1] == 0 and first_figures["b001"][2] > 0  # cold cache
@@ -68,11 +82,10 @@ def test_demo_runs_two_batches_end_to_end_in_a_project_local_home_and_is_idempot
     assert "generating sample data" not in second.stdout
     assert {t: table_rows(db, t) for t in tables} == tables
     assert table_rows(db, "customer_embeddings") == embeddings
-    rerun = [
-        ln.split() for ln in second.stdout.splitlines() if ln.startswith("b00") and " ok " in ln
-    ]
-    for row in rerun:  # every profile is cached now: no model call
-        profiles, cache_hits, model_calls = (int(x.replace(",", "")) for x in row[6:9])
+    rerun, _ = summary(second.stdout)
+    assert set(rerun) == {"b001", "b002"}
+    for row in rerun.values():  # every profile is cached now: no model call
+        profiles, cache_hits, model_calls = (number(row[c]) for c in inference[:3])
         assert cache_hits == profiles and model_calls == 0
 
     home = tmp_path / ".dagster_home"
@@ -97,12 +110,40 @@ def test_demo_exits_non_zero_and_says_which_batch_stopped(tmp_path):
     done = cli("demo", cwd=tmp_path, env=env)
     assert done.returncode == 1
     assert "runs failed for: bad" in done.stderr
-    rows = {
-        ln.split()[0]: ln.split()[1]
-        for ln in done.stdout.splitlines()
-        if ln.startswith(("bad", "good")) and ln.split()[1] in ("ok", "FAILED")
-    }
-    assert rows == {"bad": "FAILED", "good": "ok"}
+    validation, _ = summary(done.stdout)
+    assert {b: row["status"] for b, row in validation.items()} == {"bad": "FAILED", "good": "ok"}
+
+
+def test_demo_alerts_an_all_invalid_batch_and_a_skipped_file_once_each(tmp_path):
+    """The main command raises what the daemon's sensors would: the batch's error rate (by the
+    validation itself), its failed run and the landing file it skips, each stored once and
+    posted once; a second demo adds none within the cooldown."""
+    landing = tmp_path / "in"
+    write_lines(landing / "good.jsonl", [customer()])
+    write_lines(landing / "h_all_invalid.jsonl", ["{", "[]", "{oops"])
+    write_lines(landing / "bad name.jsonl", [customer()])
+    alerts_file = tmp_path / "alerts.duckdb"
+    (tmp_path / "home").mkdir()
+    hook = Hook()
+    with hook.running() as url:
+        env = {"PIPELINE_LANDING_DIR": str(landing), "DAGSTER_HOME": str(tmp_path / "home"),
+               "PIPELINE_ALERTS_DUCKDB_PATH": str(alerts_file),
+               "PIPELINE_ALERT_WEBHOOK_URL": url}  # fmt: skip
+        first = cli("demo", cwd=tmp_path, env=env)
+        assert first.returncode == 1, first.stderr
+        second = cli("demo", cwd=tmp_path, env=env)
+        assert second.returncode == 1, second.stderr
+    with duckdb.connect(str(alerts_file), read_only=True) as conn:
+        stored = conn.execute(
+            "SELECT alert_key, status, webhook_status FROM alerts ORDER BY alert_key"
+        ).fetchall()
+    assert stored == [
+        ("error_rate:customers:h_all_invalid", "firing", "delivered"),
+        ("landing_file_name:bad name.jsonl", "firing", "delivered"),
+        ("run_failure:batch_pipeline_job:h_all_invalid", "firing", "delivered"),
+    ]
+    assert sorted(b["key"] for b in hook.bodies) == [key for key, _, _ in stored]
+    assert url not in first.stdout + first.stderr + second.stdout + second.stderr
 
 
 @pytest.mark.slow

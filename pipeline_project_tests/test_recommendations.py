@@ -254,3 +254,142 @@ def test_suspicious_values_are_logged(settings, instance, small_catalog):
          for k, v in m.metadata.items()}, default=str,
     )  # fmt: skip
     assert '"rejected_implausible_value": 20' in meta
+
+
+# ---- without a catalog ----------------------------------------------------------------------
+
+RECOMMENDATION_ASSETS = ["recommendations", "validated_recommendations", "rejected_recommendations"]
+
+
+def materialized(instance, asset: str) -> set[str]:
+    return set(instance.get_materialized_partitions(dg.AssetKey(asset)))
+
+
+def requested(tick, partition: str) -> set[str]:
+    """The assets an automation tick requests for one batch."""
+    return {
+        r.key.to_user_string()
+        for r in tick.results
+        if r.true_subset.size
+        and r.true_subset.is_partitioned
+        and partition in r.true_subset.get_internal_subset_value().get_partition_keys()
+    }
+
+
+def test_without_a_catalog_the_recommendation_stages_are_skipped_not_empty(settings, instance):
+    write_lines(settings.landing_dir / "b1.jsonl", [shopper(i, "books") for i in range(4)])
+    defs = build_definitions(settings, embedder=LocalE5Embedder())
+    instance.add_dynamic_partitions("batches", ["b1"])
+    result = defs.resolve_job_def("batch_pipeline_job").execute_in_process(
+        partition_key="b1", instance=instance, raise_on_error=False
+    )
+    assert result.success  # a skipped stage is no failure, nor is its unevaluated blocking check
+    assert materialized(instance, "customer_segments") == {"b1"}
+    assert {a: materialized(instance, a) for a in RECOMMENDATION_ASSETS} == {
+        a: set() for a in RECOMMENDATION_ASSETS
+    }  # the partition shows unmaterialized, not as an empty success
+    assert result.is_node_success("recommendations")  # ran, found no catalog, yielded nothing
+    assert result.is_node_skipped("validated_recommendations")  # nothing upstream to filter
+    judged = {e.asset_key.to_user_string() for e in result.get_asset_check_evaluations()}
+    assert not judged & set(RECOMMENDATION_ASSETS)  # no verdict on data that does not exist
+    from dagster._core.event_api import PartitionKeyFilter  # storage API, test only
+
+    blocking = dg.AssetCheckKey(
+        dg.AssetKey("validated_recommendations"), "no_validated_recommendation_breaks_a_rule"
+    )
+    history = instance.event_log_storage.get_asset_check_execution_history(
+        blocking, limit=10, partition_filter=PartitionKeyFilter(key="b1")
+    )
+    assert [r.status.value for r in history] == ["PLANNED"]  # never evaluated: "skipped" in the UI
+    logs = [r.user_message for r in instance.all_logs(result.run_id) if r.user_message]
+    assert any("b1: skipped: no catalog" in m and str(settings.catalog_path) in m for m in logs)
+    assert rows(settings, "SELECT count(*) FROM recommendations") == [(0,)]
+
+
+def test_validated_recommendations_launched_alone_without_a_catalog_are_skipped(settings, instance):
+    defs = build_definitions(settings, embedder=LocalE5Embedder())
+    instance.add_dynamic_partitions("batches", ["b1"])
+    result = defs.resolve_job_def("batch_pipeline_job").execute_in_process(
+        partition_key="b1",
+        instance=instance,
+        raise_on_error=False,
+        asset_selection=[dg.AssetKey(a) for a in RECOMMENDATION_ASSETS[1:]],
+    )
+    assert result.success and result.is_node_success("validated_recommendations")
+    assert not result.asset_materializations_for_node("validated_recommendations")
+    assert not result.get_asset_check_evaluations()
+    assert materialized(instance, "validated_recommendations") == set()
+
+
+def test_a_batch_skipped_for_want_of_a_catalog_gets_its_recommendations_once_it_arrives(
+    settings, instance
+):
+    """Acts as the daemon after the demo ran a batch without a catalog: the catalog file
+    arrives, catalog_job loads it, and automation fills in the batch's recommendations."""
+    write_lines(settings.landing_dir / "b1.jsonl", [shopper(i, "books") for i in range(4)])
+    defs = build_definitions(settings, embedder=LocalE5Embedder())
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    instance.add_dynamic_partitions("batches", ["b1"])
+    job = defs.resolve_job_def("batch_pipeline_job")
+    assert job.execute_in_process(partition_key="b1", instance=instance).success
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert requested(tick, "b1") == set()  # no catalog yet: a run would only skip again
+
+    write_catalog(settings.catalog_path, n_products=len(CATEGORIES) * PER_CATEGORY, seed=2)
+    catalog_job = defs.resolve_job_def("catalog_job")
+    assert catalog_job.execute_in_process(instance=instance).success
+    requests = []
+    for _ in range(4):
+        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+        wanted = requested(tick, "b1")
+        if not wanted:
+            break
+        requests.append(wanted)
+        selection = [dg.AssetKey(a) for a in wanted]
+        assert job.execute_in_process(
+            partition_key="b1", instance=instance, asset_selection=selection
+        ).success
+    assert requests == [set(RECOMMENDATION_ASSETS)]  # one run, once
+    assert {a: materialized(instance, a) for a in RECOMMENDATION_ASSETS} == {
+        a: {"b1"} for a in RECOMMENDATION_ASSETS
+    }
+    assert rows(settings, "SELECT count(*) FROM recommendations") == [(4 * 5,)]
+
+    # A reload of the catalog does not re-run a batch that has its recommendations.
+    assert catalog_job.execute_in_process(instance=instance).success
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    assert requested(tick, "b1") == set()
+
+
+def test_the_checks_alone_judge_the_stored_recommendations(settings, instance, small_catalog):
+    """The UI's "execute checks" on a batch: no stage re-runs, the checks read its stored rows."""
+    write_lines(settings.landing_dir / "b1.jsonl", [shopper(i, "books") for i in range(4)])
+    full = run_pipeline(settings, instance, "b1")
+    assert full.success
+    before = rows(settings, "SELECT * FROM recommendations ORDER BY ALL")
+    checks = {
+        dg.AssetCheckKey(dg.AssetKey(asset), name)
+        for asset, name in [
+            ("recommendations", "confidence_drift_below_threshold"),
+            ("validated_recommendations", "no_validated_recommendation_breaks_a_rule"),
+            ("validated_recommendations", "rejected_share_per_rule_below_ceiling"),
+        ]
+    }
+    defs = build_definitions(settings, embedder=LocalE5Embedder())
+    job = defs.resolve_job_def("batch_pipeline_job").get_subset(
+        asset_selection=set(), asset_check_selection=checks
+    )
+    result = job.execute_in_process(partition_key="b1", instance=instance, raise_on_error=False)
+    assert result.success
+    assert not result.get_asset_materialization_events()
+
+    def verdicts(run):
+        return {
+            dg.AssetCheckKey(e.asset_key, e.check_name): (e.passed, e.partition)
+            for e in run.get_asset_check_evaluations()
+            if dg.AssetCheckKey(e.asset_key, e.check_name) in checks
+        }
+
+    assert set(verdicts(result)) == checks
+    assert verdicts(result) == verdicts(full)  # the same verdicts as when the stages ran
+    assert rows(settings, "SELECT * FROM recommendations ORDER BY ALL") == before

@@ -22,7 +22,7 @@ from pipeline_project.core.inference import (
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.profiles import STAGED_TEXTS_SQL, stage_profiles
 from pipeline_project.policies import MODEL_INFERENCE_POOL, batch_stage, per_batch_automation
-from pipeline_project.resources import Warehouse
+from pipeline_project.resources import AlertSink, Warehouse
 from pipeline_project.resources.embeddings import Embedder
 from pipeline_project.tables import (
     CUSTOMER_EMBEDDINGS,
@@ -73,6 +73,7 @@ def customer_embeddings(
     config: InferenceConfig,
     warehouse: Warehouse,
     embedder: Embedder,
+    alerts: AlertSink,
 ):
     """Each valid customer's profile text and the key of its embedding in embedding_cache;
     customers whose embedding failed are in dead_letter instead."""
@@ -107,15 +108,18 @@ def customer_embeddings(
                 dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
     seconds = time.perf_counter() - started
     checks = _checks(warehouse, batch_id, config)
-    yield dg.MaterializeResult(
-        metadata=batch_figures(
-            outcome, customers_in=customers, distinct_profiles=distinct,
-            cache_hits=distinct - len(missing), dead_by_reason=dead_by_reason,
-            dead_letter_total=dead_letter_total, model=model, dimensions=dimensions,
-            seconds=seconds,
-            usage={**usage.figures(), "commit_retries": warehouse.commit_retries()},
-        )
+    figures = batch_figures(
+        outcome, customers_in=customers, distinct_profiles=distinct,
+        cache_hits=distinct - len(missing), dead_by_reason=dead_by_reason,
+        dead_letter_total=dead_letter_total, model=model, dimensions=dimensions,
+        seconds=seconds, usage={**usage.figures(), "commit_retries": warehouse.commit_retries()},
     )  # fmt: skip
+    # Alerted here, whatever launched the run; the sensor finds it stored for this run.
+    alerts.alert_error_rate(
+        asset=CUSTOMER_EMBEDDINGS, batch_id=batch_id, rate=figures["error_rate"],
+        log=context.log, run_id=context.run.run_id,
+    )  # fmt: skip
+    yield dg.MaterializeResult(metadata=figures)
     yield from checks
 
 

@@ -1,6 +1,7 @@
 """Recommendations: scored recommendations per batch, and the business-rule filter."""
 
 import dagster as dg
+import duckdb
 from pydantic import Field
 
 from pipeline_project.batch_history import recent_batch_metadata
@@ -21,7 +22,7 @@ from pipeline_project.core.recommendations import (
     score_batch,
 )
 from pipeline_project.policies import batch_stage, per_batch_automation
-from pipeline_project.resources import Warehouse
+from pipeline_project.resources import LandingZone, Warehouse
 from pipeline_project.resources.embeddings import Embedder
 from pipeline_project.tables import (
     CUSTOMER_PURCHASES,
@@ -33,8 +34,43 @@ from pipeline_project.tables import (
     VALIDATED_RECOMMENDATIONS,
 )
 
-# Catalog reloads do not re-run old batches.
 _CATALOG = [PRODUCT_CATALOG, PRODUCT_EMBEDDINGS]
+
+# What a stage reports, logs and the demo prints when there is no catalog to recommend from.
+NO_CATALOG = "skipped: no catalog"
+
+
+def _recommendations_automation() -> dg.AutomationCondition:
+    """The per-batch condition, but catalog reloads do not re-run old batches; a batch waits for a
+    catalog (without one there is nothing to recommend), and a batch without recommendations
+    (run before the catalog arrived) gets them once the catalog is loaded."""
+    catalog_loaded = (
+        dg.AutomationCondition.missing()
+        & dg.AutomationCondition.any_deps_updated().allow(dg.AssetSelection.assets(*_CATALOG))
+    ).since_last_handled()
+    fill_in = (
+        catalog_loaded
+        & ~dg.AutomationCondition.any_deps_in_progress()
+        & ~dg.AutomationCondition.in_progress()
+        & dg.AutomationCondition.all_deps_blocking_checks_passed()
+    ).with_label("catalog_loaded_and_missing")
+    return (
+        per_batch_automation(ignore=_CATALOG) | fill_in
+    ) & ~dg.AutomationCondition.any_deps_missing()
+
+
+def _no_catalog(conn: duckdb.DuckDBPyConnection) -> bool:
+    [(products,)] = conn.execute(f"SELECT count(*) FROM {PRODUCT_CATALOG}").fetchall()
+    return products == 0
+
+
+def _skip_for_no_catalog(context: dg.AssetExecutionContext, landing: LandingZone) -> None:
+    """Say why the stage materializes nothing: its partition stays unmaterialized and the stages
+    downstream are skipped."""
+    context.log.warning(
+        f"{context.partition_key}: {NO_CATALOG}: the product_catalog table is empty; put the"
+        f" catalog CSV at {landing.catalog_path} (PIPELINE_CATALOG_PATH) and run catalog_job"
+    )
 
 
 class RecommendationConfig(dg.Config):
@@ -49,33 +85,56 @@ class RecommendationConfig(dg.Config):
     drift_baseline_batches: int = Field(default=5, description="Recent batches in the baseline.")
 
 
-@dg.asset(
-    deps=[CUSTOMER_SEGMENTS, PRODUCT_EMBEDDINGS, PRODUCT_CATALOG],
-    **batch_stage("recommendations"),
-    kinds={"duckdb"},
-    metadata={"dagster/table_name": RECOMMENDATIONS},
-    automation_condition=per_batch_automation(ignore=_CATALOG),
+# A multi_asset with one skippable spec: the only way to yield nothing (no catalog) from an asset
+# with checks, as can_subset makes its check outputs optional too: a skipped batch gets no
+# verdict. It also lets the UI run the check alone, which then judges the stored rows.
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            RECOMMENDATIONS,
+            deps=[CUSTOMER_SEGMENTS, PRODUCT_EMBEDDINGS, PRODUCT_CATALOG],
+            description="Top-N products per segmented customer with confidence in [0, 1],"
+            " predicted value and the parts of the score (segment affinity, similarity).",
+            kinds={"duckdb"},
+            metadata={"dagster/table_name": RECOMMENDATIONS},
+            automation_condition=_recommendations_automation(),
+            skippable=True,
+        )
+    ],
     check_specs=[drift_check_spec(CONFIDENCE_DRIFT, RECOMMENDATIONS, "the confidence histogram")],
+    can_subset=True,
+    **batch_stage("recommendations"),
 )
 def recommendations(
     context: dg.AssetExecutionContext,
     config: RecommendationConfig,
     warehouse: Warehouse,
     embedder: Embedder,
+    landing: LandingZone,
 ):
-    """Top-N products per segmented customer with confidence in [0, 1], predicted value and
-    the parts of the score (segment affinity, similarity)."""
+    """Scores the batch's segmented customers against the catalog; skipped without a catalog."""
     batch_id = context.partition_key
     usage = StepUsage()
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
+    if not context.selected_asset_keys:  # the drift check alone, on the stored rows
+        with warehouse.get_connection() as conn:
+            histogram = confidence_summary(conn, batch_id).histogram
+        yield _confidence_drift(context, config, histogram)
+        return
     with warehouse.get_connection() as conn:
-        loaded = load_scoring_inputs(conn, batch_id, model, dimensions)
+        no_catalog = _no_catalog(conn)
+        loaded = None if no_catalog else load_scoring_inputs(conn, batch_id, model, dimensions)
+    if no_catalog:
+        _skip_for_no_catalog(context, landing)
+        return
+    drift_selected = bool(context.selected_asset_check_keys)
     if loaded is None:
         with warehouse.replace_batch([RECOMMENDATIONS], batch_id):
             pass  # a batch with nothing to recommend holds no recommendations
         context.log.warning(f"{batch_id}: no segmented customers or no product embeddings")
-        yield dg.MaterializeResult(metadata={"dagster/row_count": 0})
-        yield drift_check_result(CONFIDENCE_DRIFT, RECOMMENDATIONS, [], [], threshold=1.0)
+        yield dg.MaterializeResult(asset_key=RECOMMENDATIONS, metadata={"dagster/row_count": 0})
+        if drift_selected:
+            yield drift_check_result(CONFIDENCE_DRIFT, RECOMMENDATIONS, [], [], threshold=1.0)
         return
     version, inputs = loaded
     for attempt in warehouse.write_attempts():
@@ -87,6 +146,7 @@ def recommendations(
             summary = confidence_summary(conn, batch_id)
     context.log.info(f"{batch_id}: scored {chunks} chunks of profiles")
     yield dg.MaterializeResult(
+        asset_key=RECOMMENDATIONS,
         metadata={
             "dagster/row_count": summary.rows,
             "customers": summary.customers,
@@ -97,9 +157,10 @@ def recommendations(
             "confidence_distribution": _distribution_table(summary.histogram),
             **usage.figures(),
             "commit_retries": warehouse.commit_retries(),
-        }
+        },
     )
-    yield _confidence_drift(context, config, summary.histogram)
+    if drift_selected:
+        yield _confidence_drift(context, config, summary.histogram)
 
 
 def _confidence_drift(
@@ -145,6 +206,7 @@ _RULED_SPEC_KWARGS = {
     "group_name": "recommendations",
     "kinds": {"duckdb"},
     "automation_condition": per_batch_automation(ignore=_CATALOG),
+    "skippable": True,
 }
 
 
@@ -164,30 +226,41 @@ _RULED_SPEC_KWARGS = {
         ),
     ],
     check_specs=RECOMMENDATION_CHECK_SPECS,
+    can_subset=True,  # so that its checks are optional outputs too (see recommendations)
     **batch_stage("recommendations"),
 )
 def validated_recommendations(
-    context: dg.AssetExecutionContext, config: BusinessRulesConfig, warehouse: Warehouse
+    context: dg.AssetExecutionContext,
+    config: BusinessRulesConfig,
+    warehouse: Warehouse,
+    landing: LandingZone,
 ):
     """Applies the business rules: in stock, confidence >= minimum, not already bought,
-    predicted value in (0, max]. Don't blindly trust model output."""
+    predicted value in (0, max]. Don't blindly trust model output. Skipped without a catalog."""
     batch_id = context.partition_key
     usage = StepUsage()
-    with warehouse.staged_batch(
-        [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS], batch_id
-    ) as (conn, staging):
-        outcome = apply_business_rules(
-            conn,
-            batch_id,
-            staging,
-            min_confidence=config.min_confidence,
-            max_predicted_value=config.max_predicted_value,
-        )
-    if outcome.suspicious:
-        context.log.warning(
-            f"{batch_id}: {outcome.by_rule['implausible_value']} recommendations with an "
-            f"implausible predicted value, e.g. {outcome.suspicious}"
-        )
+    with warehouse.get_connection() as conn:
+        if _no_catalog(conn):
+            _skip_for_no_catalog(context, landing)
+            return
+    selected = {key.to_user_string() for key in context.selected_asset_keys}
+    outcome = None
+    if selected:  # one pass of the rules writes both tables, whichever of them is selected
+        with warehouse.staged_batch(
+            [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS], batch_id
+        ) as (conn, staging):
+            outcome = apply_business_rules(
+                conn,
+                batch_id,
+                staging,
+                min_confidence=config.min_confidence,
+                max_predicted_value=config.max_predicted_value,
+            )
+        if outcome.suspicious:
+            context.log.warning(
+                f"{batch_id}: {outcome.by_rule['implausible_value']} recommendations with an "
+                f"implausible predicted value, e.g. {outcome.suspicious}"
+            )
     with warehouse.get_connection() as conn:
         checks = recommendation_check_results(
             conn,
@@ -196,20 +269,23 @@ def validated_recommendations(
             max_predicted_value=config.max_predicted_value,
             rejected_share_ceiling=config.rejected_share_ceiling,
         )
-    yield dg.MaterializeResult(
-        asset_key=VALIDATED_RECOMMENDATIONS,
-        metadata={
-            "dagster/row_count": outcome.kept,
-            "rejected": outcome.rejected,
-            **usage.figures(),
-            "commit_retries": warehouse.commit_retries(),
-        },
-    )
-    yield dg.MaterializeResult(
-        asset_key=REJECTED_RECOMMENDATIONS,
-        metadata={
-            "dagster/row_count": outcome.rejected,
-            **{f"rejected_{rule}": n for rule, n in outcome.by_rule.items()},
-        },
-    )
-    yield from checks
+    if VALIDATED_RECOMMENDATIONS in selected:
+        yield dg.MaterializeResult(
+            asset_key=VALIDATED_RECOMMENDATIONS,
+            metadata={
+                "dagster/row_count": outcome.kept,
+                "rejected": outcome.rejected,
+                **usage.figures(),
+                "commit_retries": warehouse.commit_retries(),
+            },
+        )
+    if REJECTED_RECOMMENDATIONS in selected:
+        yield dg.MaterializeResult(
+            asset_key=REJECTED_RECOMMENDATIONS,
+            metadata={
+                "dagster/row_count": outcome.rejected,
+                **{f"rejected_{rule}": n for rule, n in outcome.by_rule.items()},
+            },
+        )
+    checked = {key.name for key in context.selected_asset_check_keys}
+    yield from (check for check in checks if check.check_name in checked)

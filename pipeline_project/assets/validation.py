@@ -10,7 +10,7 @@ from pipeline_project.checks.input_checks import INPUT_CHECK_SPECS, input_check_
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.validation import ValidationSummary, validate_batch
 from pipeline_project.policies import batch_stage
-from pipeline_project.resources import Warehouse
+from pipeline_project.resources import AlertSink, Warehouse
 from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, RAW_CUSTOMERS, SCHEMA_ERRORS
 
 
@@ -56,7 +56,10 @@ VALIDATED_TABLES = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
     **batch_stage("validation"),
 )
 def validated_customers(
-    context: dg.AssetExecutionContext, config: ValidationConfig, warehouse: Warehouse
+    context: dg.AssetExecutionContext,
+    config: ValidationConfig,
+    warehouse: Warehouse,
+    alerts: AlertSink,
 ):
     """Validates each raw line against the pandera models, in chunks, in one transaction."""
     batch_id = context.partition_key
@@ -85,6 +88,9 @@ def validated_customers(
         checks = input_check_results(
             conn, batch_id, config.error_rate_threshold, config.hard_error_rate_ceiling
         )
+    # Alerted here, whatever launched the run; the sensor finds it stored for this run.
+    alerts.alert_error_rate(asset=CUSTOMERS, batch_id=batch_id, rate=summary.error_rate,
+                            log=context.log, run_id=context.run.run_id)  # fmt: skip
     yield from _materializations(summary, seconds, usage, warehouse.commit_retries())
     yield from checks
 

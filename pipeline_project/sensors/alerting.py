@@ -18,6 +18,8 @@ from typing import Any
 
 import dagster as dg
 
+from pipeline_project.checks.input_checks import ERROR_RATE_BELOW_THRESHOLD
+from pipeline_project.checks.model_checks import DEAD_LETTER_SHARE_BELOW_THRESHOLD
 from pipeline_project.policies import FRESHNESS_MONITORED
 from pipeline_project.resources import AlertSink
 from pipeline_project.settings import AlertSettings
@@ -72,6 +74,11 @@ def _alert_run_failure(run: dg.DagsterRun, failure: str, alerts: AlertSink, log)
     )
 
 
+# Checks of a figure whose stage alerts it itself under the error_rate key (alert_error_rate):
+# their failure is that alert, not a second one.
+ALERTED_BY_THEIR_STAGE = frozenset({ERROR_RATE_BELOW_THRESHOLD, DEAD_LETTER_SHARE_BELOW_THRESHOLD})
+
+
 def _alert_check_results(
     instance: dg.DagsterInstance, run: dg.DagsterRun, alerts: AlertSink, log
 ) -> None:
@@ -92,6 +99,8 @@ def _alert_check_results(
                 monitor=evaluation.check_name, key=key, message=f"passes again on {where}",
                 log=log, batch_id=partition, run_id=run.run_id,
             )  # fmt: skip
+            continue
+        if evaluation.check_name in ALERTED_BY_THEIR_STAGE:
             continue
         alerts.emit(
             severity="error" if evaluation.severity == dg.AssetCheckSeverity.ERROR else "warning",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,4 +12,11 @@ import pyarrow.parquet as pq
 def write_staged(folder: Path, part: int, table: pa.Table) -> None:
     """One Parquet part of a staged table (see Warehouse.staged_batch); empty parts are skipped."""
     if table.num_rows:
-        pq.write_table(table, folder / f"part-{part:06d}.parquet", compression="none")
+        path = folder / f"part-{part:06d}.parquet"
+        try:
+            pq.write_table(table, path, compression="none")
+        except OSError as err:
+            if err.filename is not None or err.errno is None:
+                raise
+            # pyarrow's errors name no file: the warehouse's message names this one
+            raise OSError(err.errno, os.strerror(err.errno), str(path)) from err

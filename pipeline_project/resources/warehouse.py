@@ -8,7 +8,10 @@ assets never know which one they write to.
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
+import re
 import shutil
 import tempfile
 import threading
@@ -16,6 +19,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
+from typing import ClassVar
 
 import dagster as dg
 import duckdb
@@ -46,8 +50,9 @@ from pipeline_project.tables import (
 
 
 def _is_lock_conflict(err: BaseException) -> bool:
-    """Another process holds the file: worth waiting for. Other IO errors are not."""
-    return isinstance(err, duckdb.IOException) and "lock" in str(err).lower()
+    """Another process holds the file: worth waiting for. Other IO errors are not (nor "failed
+    to read block", a damaged file)."""
+    return isinstance(err, duckdb.IOException) and "could not set lock" in str(err).lower()
 
 
 def _is_commit_conflict(err: BaseException) -> bool:
@@ -55,13 +60,148 @@ def _is_commit_conflict(err: BaseException) -> bool:
     return isinstance(err, duckdb.TransactionException) and "conflict" in str(err).lower()
 
 
+class StoreFileError(dg.Failure, OSError):
+    """A store's file cannot be opened or written: the message names it and says what to do.
+
+    A Failure that is not retried (waiting frees no disk and fixes no path), and an OSError, so
+    that what carries on without its store (the alert sink) catches it as before."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description=description, allow_retries=False)
+
+
+# Why a write failed, by errno, and as DuckDB's messages spell the errno (strerror).
+_NO_ROOM = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file reached the file-size limit",
+}
+_NO_ACCESS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "the file system is read-only",
+}
+_STRERROR = {os.strerror(code): code for code in (*_NO_ROOM, *_NO_ACCESS)}
+NO_ROOM_ADVICE = (
+    "Free space on that disk, or raise the disk quota or the process's file-size limit"
+    " (ulimit -f), then run it again."
+)
+_DUCKDB_FILE = re.compile(r'file "([^"]+)"')  # DuckDB's IO errors name the file so
+DUCKDB_MAGIC = b"DUCK"  # bytes 8-11 of every DuckDB database file
+
+
+def _reason(err: BaseException, reasons: dict[int, str]) -> str | None:
+    if isinstance(err, StoreFileError):
+        return None
+    if isinstance(err, OSError):
+        return reasons.get(err.errno)
+    if isinstance(err, duckdb.Error):
+        text = str(err)
+        return next((reasons[c] for s, c in _STRERROR.items() if s in text and c in reasons), None)
+    return None
+
+
+def no_room(err: BaseException) -> str | None:
+    """Why `err`, a failed write, found no room (a full disk or quota, the file-size limit)."""
+    return _reason(err, _NO_ROOM)
+
+
+def no_access(err: BaseException) -> str | None:
+    """Why `err` could not open or write a file the user may not write, if so."""
+    return _reason(err, _NO_ACCESS)
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
 class DuckDBStore(DuckDBResource):
-    """A DuckDB file whose connections are retried while another process holds the write lock."""
+    """A DuckDB file whose connections are retried while another process holds the write lock.
+
+    A file there that is not a DuckDB database is never handed to DuckDB (which would try to
+    open a SQLite file through its sqlite extension and write into it); a write that finds no
+    room or no access fails with a StoreFileError that says which file and what to do."""
 
     connect_timeout_seconds: float = Field(
         default=120.0,
         description="How long to keep retrying while another process holds the file lock.",
     )
+    # For messages: the settings that name the file and the memory limit.
+    path_setting: ClassVar[str] = "the setting that names it"
+    memory_setting: ClassVar[str] = "its memory_limit"
+
+    @property
+    def database_file(self) -> Path | None:
+        """The database file, or None when the store is not one (in memory, MotherDuck)."""
+        if self.database in ("", ":memory:") or self.database.startswith((":memory:", "md:")):
+            return None
+        return Path(self.database)
+
+    def check_database_file(self) -> None:
+        """Raise a StoreFileError if the store's file is not a DuckDB database. A missing file
+        DuckDB creates; one shorter than the magic number may be a database that another
+        process is creating this instant, so DuckDB judges it (see store_file_error)."""
+        path = self.database_file
+        if path is None:
+            return
+        if path.is_dir():
+            raise self._not_a_database("it is a folder")
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            if reason := no_access(err):
+                raise StoreFileError(self._unwritable(str(path), reason, err)) from err
+            raise
+        if len(head) >= 12 and head[8:12] != DUCKDB_MAGIC:
+            raise self._not_a_database(f"it begins {head!r}")
+
+    def _not_a_database(self, why: str) -> StoreFileError:
+        return StoreFileError(
+            f'"{self.database}" is not a DuckDB database ({why}); it was left as it is. Point'
+            f" {self.path_setting} at a DuckDB database file, or at a path where a new one can"
+            " be created."
+        )
+
+    def _unwritable(
+        self, path: str, reason: str, err: BaseException, of_duckdb: bool = True
+    ) -> str:
+        wal = f' (DuckDB writes "{self.database}.wal" beside it)' if of_duckdb else ""
+        return (
+            f'"{path}" cannot be written: {reason} ({err}). Give the user that runs the'
+            f" pipeline ({_user()}) write access to it and to its folder{wal}, or point"
+            f" {self.path_setting} at a writable path."
+        )
+
+    def store_file_error(self, err: BaseException) -> StoreFileError | None:
+        """`err`, a DuckDB error, said clearly if a file had no room or no access; else None."""
+        text = str(err)
+        found = _DUCKDB_FILE.search(text)
+        path = found.group(1) if found else self.database
+        if reason := no_room(err):
+            return StoreFileError(
+                f'No room to write "{path}": {reason} ({text}). The write was rolled back:'
+                f" the database keeps what was committed before. {NO_ROOM_ADVICE}"
+            )
+        if "max_temp_directory_size" in text:  # spilling found the disk (nearly) full
+            temp = self.connection_config.get("temp_directory") or (
+                f"{self.database}.tmp" if self.database_file else ".tmp"
+            )
+            return StoreFileError(
+                f'No room to spill to "{temp}", DuckDB\'s folder for what does not fit in'
+                f" memory ({text.splitlines()[0]}). Free space on that disk, or raise"
+                f" {self.memory_setting}, then run it again."
+            )
+        if (reason := no_access(err)) and path.startswith(self.database):
+            return StoreFileError(self._unwritable(path, reason, err))
+        if "not a valid DuckDB database file" in text:  # too short to be judged before
+            return self._not_a_database(f"DuckDB: {text}")
+        return None
 
     def _table_ddl(self) -> Sequence[str]:
         return ()
@@ -77,6 +217,10 @@ class DuckDBStore(DuckDBResource):
         try:
             self._prepare(conn)
             yield conn
+        except duckdb.Error as err:
+            if (error := self.store_file_error(err)) is None:
+                raise
+            raise error from err
         finally:
             conn.close()
 
@@ -93,13 +237,21 @@ class DuckDBStore(DuckDBResource):
             conn.commit()
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
+        self.check_database_file()
         connect = retry(
             retry=retry_if_exception(_is_lock_conflict),
             wait=wait_exponential_jitter(multiplier=0.05, max=5.0),
             stop=stop_after_delay(self.connect_timeout_seconds),
             reraise=True,
         )(duckdb.connect)
-        return connect(database=self.database, read_only=False, config=dict(self.connection_config))
+        try:
+            return connect(
+                database=self.database, read_only=False, config=dict(self.connection_config)
+            )
+        except duckdb.Error as err:
+            if (error := self.store_file_error(err)) is None:
+                raise
+            raise error from err
 
 
 RAW_FILE_NAME = "lines.parquet"
@@ -138,6 +290,8 @@ class Warehouse(DuckDBStore):
     )
     # Writes retried after a commit conflict, in this resource's lifetime (one step).
     _commit_retries: list[str] = PrivateAttr(default_factory=list)
+    path_setting: ClassVar[str] = "PIPELINE_DUCKDB_PATH"
+    memory_setting: ClassVar[str] = "PIPELINE_DUCKDB_MEMORY_LIMIT"
 
     @classmethod
     def from_settings(cls, settings: WarehouseSettings) -> Warehouse:
@@ -165,6 +319,10 @@ class Warehouse(DuckDBStore):
     @property
     def is_lakehouse(self) -> bool:
         return self.backend == DUCKLAKE
+
+    @property
+    def database_file(self) -> Path | None:
+        return None if self.is_lakehouse else super().database_file
 
     @property
     def files_dir(self) -> Path:
@@ -305,11 +463,12 @@ class Warehouse(DuckDBStore):
         """A Parquet writer for the batch's raw lines; the file replaces the batch's old one
         (an atomic rename) only when the body finishes, so a crash keeps the previous lines."""
         final = self.raw_file(batch_id)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in final.parent.glob(f".{RAW_FILE_NAME}.*.tmp"):  # left by a killed run
-            stale.unlink(missing_ok=True)
+        self.check_database_file()  # no files beside a file that is not the warehouse
         tmp = final.with_name(f".{RAW_FILE_NAME}.{uuid.uuid4().hex}.tmp")
         try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            for stale in final.parent.glob(f".{RAW_FILE_NAME}.*.tmp"):  # left by a killed run
+                stale.unlink(missing_ok=True)
             with pq.ParquetWriter(
                 tmp, RAW_FILE_SCHEMA, compression="none", use_dictionary=False
             ) as writer:
@@ -317,8 +476,27 @@ class Warehouse(DuckDBStore):
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
+        except OSError as err:
+            kept = "The batch's previous raw file is kept."
+            error = self._file_error(err, tmp, f"the raw_customers file of batch {batch_id}", kept)
+            if error is None:
+                raise
+            raise error from err
         finally:
             tmp.unlink(missing_ok=True)
+
+    def _file_error(self, err: OSError, path: Path, what: str, kept: str) -> StoreFileError | None:
+        """`err`, writing one of the warehouse's files, said clearly if it found no room or no
+        access; else None (an error of the caller's own files, say the landing file's)."""
+        path = Path(err.filename) if err.filename else path  # pyarrow's errors name no file
+        if reason := no_room(err):
+            detail = err.strerror if err.filename else str(err)
+            return StoreFileError(
+                f'No room to write "{path}" ({what}): {reason} ({detail}). {kept} {NO_ROOM_ADVICE}'
+            )
+        if (reason := no_access(err)) and path.is_relative_to(self.files_dir):
+            return StoreFileError(self._unwritable(str(path), reason, err, of_duckdb=False))
+        return None
 
     @contextmanager
     def replace_batch(
@@ -370,14 +548,25 @@ class Warehouse(DuckDBStore):
         """A private folder for a step's intermediate Parquet files, removed afterwards."""
         _check_batch_id(batch_id)
         staging_root = self.files_dir / "staging"
-        staging_root.mkdir(parents=True, exist_ok=True)
-        # Left by a killed run of this batch ('.' never occurs in a batch ID, so the pattern
-        # matches this batch only); writers of the warehouse run one at a time (the pool).
-        for stale in staging_root.glob(f"{batch_id}.*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        root = Path(tempfile.mkdtemp(prefix=f"{batch_id}.", dir=staging_root))
+        what = f"the staged files of batch {batch_id}"
+        kept = "Nothing of the batch was committed: its previous rows are kept."
+        try:
+            staging_root.mkdir(parents=True, exist_ok=True)
+            # Left by a killed run of this batch ('.' never occurs in a batch ID, so the
+            # pattern matches this batch only); warehouse writers run one at a time (the pool).
+            for stale in staging_root.glob(f"{batch_id}.*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            root = Path(tempfile.mkdtemp(prefix=f"{batch_id}.", dir=staging_root))
+        except OSError as err:
+            if (error := self._file_error(err, staging_root, what, kept)) is None:
+                raise
+            raise error from err
         try:
             yield root
+        except OSError as err:
+            if (error := self._file_error(err, root, what, kept)) is None:
+                raise
+            raise error from err
         finally:
             shutil.rmtree(root, ignore_errors=True)
 

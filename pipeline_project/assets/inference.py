@@ -114,13 +114,17 @@ def customer_embeddings(
         dead_letter_total=dead_letter_total, model=model, dimensions=dimensions,
         seconds=seconds, usage={**usage.figures(), "commit_retries": warehouse.commit_retries()},
     )  # fmt: skip
-    # Alerted here, whatever launched the run; the sensor finds it stored for this run.
-    alerts.alert_error_rate(
-        asset=CUSTOMER_EMBEDDINGS, batch_id=batch_id, rate=figures["error_rate"],
-        log=context.log, run_id=context.run.run_id,
-    )  # fmt: skip
+    _alert_error_rate(context, alerts, figures["error_rate"])
     yield dg.MaterializeResult(metadata=figures)
     yield from checks
+
+
+def _alert_error_rate(context: dg.AssetExecutionContext, alerts: AlertSink, rate: float) -> None:
+    # Alerted here, whatever launched the run; the sensor finds it stored for this run.
+    alerts.alert_error_rate(
+        asset=CUSTOMER_EMBEDDINGS, batch_id=context.partition_key, rate=rate,
+        log=context.log, run_id=context.run.run_id,
+    )  # fmt: skip
 
 
 def replay_dead_letters(

@@ -16,6 +16,8 @@ from pipeline_project.checks.output_checks import (
 )
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.recommendations import (
+    ConfidenceSummary,
+    RuleOutcome,
     apply_business_rules,
     confidence_summary,
     load_scoring_inputs,
@@ -145,22 +147,47 @@ def recommendations(
             )  # fmt: skip
             summary = confidence_summary(conn, batch_id)
     context.log.info(f"{batch_id}: scored {chunks} chunks of profiles")
-    yield dg.MaterializeResult(
+    figures = {"segment_model_version": version, **usage.figures()}
+    yield _scored(summary, {**figures, "commit_retries": warehouse.commit_retries()})
+    if drift_selected:
+        yield _confidence_drift(context, config, summary.histogram)
+
+
+def _scored(summary: ConfidenceSummary, figures: dict) -> dg.MaterializeResult:
+    return dg.MaterializeResult(
         asset_key=RECOMMENDATIONS,
         metadata={
             "dagster/row_count": summary.rows,
             "customers": summary.customers,
-            "segment_model_version": version,
             "mean_confidence": round(summary.mean, 4),
             **{f"confidence_{k}": round(v, 4) for k, v in summary.quantiles.items()},
             "confidence_histogram": dg.MetadataValue.json(summary.histogram),
             "confidence_distribution": _distribution_table(summary.histogram),
-            **usage.figures(),
-            "commit_retries": warehouse.commit_retries(),
+            **figures,
         },
     )
-    if drift_selected:
-        yield _confidence_drift(context, config, summary.histogram)
+
+
+def _apply_rules(
+    context: dg.AssetExecutionContext, config: "BusinessRulesConfig", warehouse: Warehouse
+) -> RuleOutcome:
+    batch_id = context.partition_key
+    with warehouse.staged_batch(
+        [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS], batch_id
+    ) as (conn, staging):
+        outcome = apply_business_rules(
+            conn,
+            batch_id,
+            staging,
+            min_confidence=config.min_confidence,
+            max_predicted_value=config.max_predicted_value,
+        )
+    if outcome.suspicious:
+        context.log.warning(
+            f"{batch_id}: {outcome.by_rule['implausible_value']} recommendations with an "
+            f"implausible predicted value, e.g. {outcome.suspicious}"
+        )
+    return outcome
 
 
 def _confidence_drift(
@@ -244,23 +271,8 @@ def validated_recommendations(
             _skip_for_no_catalog(context, landing)
             return
     selected = {key.to_user_string() for key in context.selected_asset_keys}
-    outcome = None
-    if selected:  # one pass of the rules writes both tables, whichever of them is selected
-        with warehouse.staged_batch(
-            [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS], batch_id
-        ) as (conn, staging):
-            outcome = apply_business_rules(
-                conn,
-                batch_id,
-                staging,
-                min_confidence=config.min_confidence,
-                max_predicted_value=config.max_predicted_value,
-            )
-        if outcome.suspicious:
-            context.log.warning(
-                f"{batch_id}: {outcome.by_rule['implausible_value']} recommendations with an "
-                f"implausible predicted value, e.g. {outcome.suspicious}"
-            )
+    # one pass of the rules writes both tables, whichever of them is selected
+    outcome = _apply_rules(context, config, warehouse) if selected else None
     with warehouse.get_connection() as conn:
         checks = recommendation_check_results(
             conn,

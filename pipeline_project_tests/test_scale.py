@@ -11,6 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
+
+from pipeline_project.definitions import build_definitions
+from pipeline_project.resources.embeddings import HashingEmbedder
+from pipeline_project.sample_data import generate_batch, write_catalog
+from pipeline_project_tests.helpers import settings_in
+
 RUN_ONE_SIZE = """
 import json, resource, sys
 from pathlib import Path
@@ -68,3 +75,24 @@ def test_five_times_the_rows_costs_about_the_same_memory(tmp_path):
     working = small["peak_mib"] - small["baseline_mib"]
     print(f"peak RSS 20k {small['peak_mib']:.0f} MiB, 100k {large['peak_mib']:.0f} MiB")
     assert grown < max(150.0, 0.5 * working), (small, large)
+
+
+def test_a_stage_out_of_duckdb_memory_names_the_setting_and_is_not_retried(tmp_path):
+    """DuckDB at its memory limit: the step fails once (the same query would need the same
+    memory again) with a message that says which setting to raise."""
+    settings = settings_in(tmp_path, duckdb_memory_limit="8MB")
+    catalog = write_catalog(settings.landing.catalog_path)
+    generate_batch(settings.landing_dir / "b1.jsonl", 20_000, 0.01, 1, catalog)
+    defs = build_definitions(settings, embedder=HashingEmbedder())
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("batches", ["b1"])
+        result = defs.resolve_job_def("batch_ingestion_job").execute_in_process(
+            partition_key="b1", instance=instance, raise_on_error=False
+        )
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    error = failure.step_failure_data.error
+    assert "OutOfMemoryFailure" in error.cls_name, error.message
+    assert "Raise PIPELINE_DUCKDB_MEMORY_LIMIT" in error.message
+    assert "limit of 8MB" in error.message
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]

@@ -282,8 +282,10 @@ def confidence_summary(conn: duckdb.DuckDBPyConnection, batch_id: str) -> Confid
         " WHERE batch_id = ? GROUP BY bin",
         [batch_id],
     ).fetchall()
+    # approx_quantile (a t-digest) in bounded memory: quantile_cont holds every value of the
+    # batch at once and runs out of DuckDB's memory limit at 10M customers (50M rows).
     [(quantiles, mean)] = conn.execute(
-        "SELECT quantile_cont(confidence, [0.05, 0.25, 0.5, 0.75, 0.95]), avg(confidence)"
+        "SELECT approx_quantile(confidence, [0.05, 0.25, 0.5, 0.75, 0.95]), avg(confidence)"
         " FROM recommendations WHERE batch_id = ?",
         [batch_id],
     ).fetchall()

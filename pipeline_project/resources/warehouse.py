@@ -70,6 +70,14 @@ class StoreFileError(dg.Failure, OSError):
         super().__init__(description=description, allow_retries=False)
 
 
+class OutOfMemoryFailure(dg.Failure):
+    """DuckDB hit its memory limit: not retried (the same query needs the same memory); the
+    message names the setting to raise."""
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description=description, allow_retries=False)
+
+
 # Why a write failed, by errno, and as DuckDB's messages spell the errno (strerror).
 _NO_ROOM = {
     errno.ENOSPC: "the disk is full",
@@ -178,8 +186,9 @@ class DuckDBStore(DuckDBResource):
             f" {self.path_setting} at a writable path."
         )
 
-    def store_file_error(self, err: BaseException) -> StoreFileError | None:
-        """`err`, a DuckDB error, said clearly if a file had no room or no access; else None."""
+    def store_file_error(self, err: BaseException) -> dg.Failure | None:
+        """`err`, a DuckDB error, said clearly if a file had no room or no access, or DuckDB
+        had no memory left; else None."""
         text = str(err)
         found = _DUCKDB_FILE.search(text)
         path = found.group(1) if found else self.database
@@ -196,6 +205,14 @@ class DuckDBStore(DuckDBResource):
                 f'No room to spill to "{temp}", DuckDB\'s folder for what does not fit in'
                 f" memory ({text.splitlines()[0]}). Free space on that disk, or raise"
                 f" {self.memory_setting}, then run it again."
+            )
+        if isinstance(err, duckdb.OutOfMemoryException):
+            return OutOfMemoryFailure(
+                f"DuckDB ran out of memory at its limit of"
+                f" {self.connection_config.get('memory_limit', 'its default')}"
+                f" ({text.splitlines()[0]}). Raise {self.memory_setting} (the memory each"
+                " process's DuckDB may use), then run it again; retrying unchanged would fail"
+                " the same way."
             )
         if (reason := no_access(err)) and path.startswith(self.database):
             return StoreFileError(self._unwritable(path, reason, err))

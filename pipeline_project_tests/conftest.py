@@ -67,7 +67,13 @@ def four_profiles_fixture(settings, catalog):
 
 
 # The longest modules start first, so that the two workers (see pyproject.toml) end together.
-LONGEST_FIRST = ["test_ui_e2e.py", "test_ducklake.py", "test_crash_safety.py", "test_cli.py"]
+LONGEST_FIRST = [
+    "test_process_faults.py",
+    "test_ui_e2e.py",
+    "test_ducklake.py",
+    "test_crash_safety.py",
+    "test_cli.py",
+]
 # The DuckLake tests need the scale-out environment (DuckDB 1.5.5 and the extension wheels);
 # the README's test command runs them there: `.venv-lake/bin/pytest -m ducklake`.
 LAKEHOUSE_ENVIRONMENT = importlib.util.find_spec("duckdb_extension_ducklake") is not None

@@ -117,6 +117,38 @@ def print_stages(run: dict) -> None:
           f"model calls={emb.get('model_calls')}  model={emb.get('model')}")  # fmt: skip
 
 
+# The pipeline's stages against the DuckDB script's (benchmarks/duckdb_script.py) stages.
+SCRIPT_STAGES = [
+    ("ingest + validate", ("raw_customers", "customers"), "ingest_validate"),
+    ("profiles and vectors", ("customer_embeddings",), "profiles_vectors"),
+    ("segments", ("customer_segments",), "segments"),
+    ("recommendations", ("recommendations",), "recommendations"),
+    ("business rules", ("validated_recommendations",), "business_rules"),
+]
+
+
+def print_ratios(run: dict, script: dict, floor: dict) -> None:
+    """Per-stage ratios against the DuckDB script, ingest + validate against the floor, and
+    Dagster's share of the run (its wall minus the stages' own time), all from this run."""
+    if "failed" in script:
+        return
+    print(f"\n{'stage':<24}{'pipeline s':>12}{'script s':>10}{'ratio':>8}")
+    stages_total = 0.0
+    for name, assets, key in SCRIPT_STAGES:
+        mine = sum(run["meta"].get(a, {}).get("step_seconds", 0.0) for a in assets)
+        stages_total += mine
+        theirs = script["seconds"].get(key, 0.0)
+        ratio = mine / theirs if theirs else float("inf")
+        print(f"{name:<24}{mine:>12.1f}{theirs:>10.2f}{ratio:>7.1f}x")
+    ingest = sum(run["meta"].get(a, {}).get("step_seconds", 0.0) for a in SCRIPT_STAGES[0][1])
+    if "failed" not in floor and (least := floor.get("ingest_validate")):
+        print(f"ingest + validate against the floor script: {ingest:.1f} s /"
+              f" {least:.2f} s = {ingest / least:.1f}x")  # fmt: skip
+    wall = run["wall"]
+    print(f"Dagster's share of the run: {wall - stages_total:.1f} s of {wall:.1f} s"
+          f" = {(wall - stages_total) / wall:.0%}")  # fmt: skip
+
+
 def export_vectors(root: Path) -> tuple[Path, Path]:
     """The pipeline's profile and product vectors, as the baselines' input."""
     vectors, products = root / "vectors.parquet", root / "product_vectors.parquet"
@@ -152,6 +184,10 @@ def main() -> None:
     parser.add_argument("--backend", default=os.environ.get("PIPELINE_EMBEDDING_BACKEND", "local"))
     parser.add_argument("--baselines", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--notebook-max-rows", type=int, default=2_000_000,
+        help="the notebook way is not run above this (it cannot finish 2M rows here)",
+    )  # fmt: skip
     args = parser.parse_args()
     os.environ["PIPELINE_EMBEDDING_BACKEND"] = args.backend
     base = args.workdir or Path(tempfile.mkdtemp(prefix="pipeline_scale_"))
@@ -169,10 +205,21 @@ def main() -> None:
             work = root / "baseline"
             script = run_baseline("duckdb_script.py", run["file"], root / "catalog.csv",
                                   vectors, products, work)  # fmt: skip
-            notebook = run_baseline("notebook_way.py", run["file"], root / "catalog.csv",
-                                    vectors, products)  # fmt: skip
+            floor = run_baseline("floor_script.py", run["file"], work / "floor")
+            notebook = (
+                run_baseline(
+                    "notebook_way.py", run["file"], root / "catalog.csv", vectors, products
+                )  # fmt: skip
+                if rows <= args.notebook_max_rows
+                else {
+                    "failed": f"not run above --notebook-max-rows {args.notebook_max_rows:,}",
+                    "after_seconds": 0.0,
+                }  # fmt: skip
+            )
             print(f"\nhand-written DuckDB script: {json.dumps(script)}")
+            print(f"floor script:               {json.dumps(floor)}")
             print(f"notebook way:               {json.dumps(notebook)}")
+            print_ratios(run, script, floor)
             wall = run["wall"]
             for name, figures in (("DuckDB script", script), ("notebook way", notebook)):
                 if "failed" in figures:

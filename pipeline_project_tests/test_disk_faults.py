@@ -135,8 +135,10 @@ def test_a_file_size_limit_mid_write_keeps_the_committed_batch_and_the_rerun_mat
     rerun_equals_a_clean_run(root, reference)  # a process without the limit
 
 
+# A real full disk at the swap (DuckDB's own file and WAL); the Parquet writes before it meet
+# ENOSPC through the same OSError path that the file-size limit above proves at every point.
 @pytest.mark.slow
-@pytest.mark.parametrize("point", FAULT_POINTS)
+@pytest.mark.parametrize("point", ["validation_swap"])
 def test_a_full_disk_mid_write_keeps_the_committed_batch_and_the_rerun_matches_a_clean_run(
     crash_safety_batches, small_disk, point
 ):

@@ -48,9 +48,9 @@ INGESTION_JOB = "batch_ingestion_job"
 WRITER_POOL = "duckdb_writer"
 PARTITION_TAG = "dagster/partition"
 # Bounds asserted below, from dagster_instance.yaml's run_monitoring: a dead run gives its slots
-# back free_slots_after_run_end_seconds (30) after its end, seen by a daemon pass every
-# poll_interval_seconds (10); the rest is slack for a loaded 2-core machine.
-SLOT_FREED_WITHIN = 75
+# back free_slots_after_run_end_seconds (15) after its end, seen by a daemon pass every
+# poll_interval_seconds (5); the rest is slack for a loaded 2-core machine.
+SLOT_FREED_WITHIN = 60
 # A run tagged dagster/max_runtime is failed at the first monitoring pass after it. Its retry
 # inherits the tag, so the limit leaves room for a retry on a loaded machine.
 MAX_RUNTIME = 45

@@ -10,8 +10,8 @@ An alert is stored before it is posted, so that whoever raises the same alert me
 it. Posting has a budget per resource lifetime (one sensor tick, one step): after a delivery
 failed (that one included), or once `delivery_budget_seconds` are spent, alerts are stored
 with webhook_status 'pending' and `deliver_pending` (the alert_delivery_sensor) posts them on a
-later tick. A sink that fails (the alerts file is locked, the webhook answers 500 or hangs) is retried, recorded
-and logged, never raised into the sensor or run that raised the alert.
+later tick. A sink that fails (the alerts file is locked, the webhook answers 500 or hangs) is
+retried, recorded and logged, never raised into the sensor or run that raised the alert.
 
 The webhook URL is a secret (a Slack URL carries its token): configure it as
 dg.EnvVar("PIPELINE_ALERT_WEBHOOK_URL"). It is never logged, stored or shown; a failed delivery

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import ClassVar
@@ -117,6 +117,21 @@ def no_room(err: BaseException) -> str | None:
 def no_access(err: BaseException) -> str | None:
     """Why `err` could not open or write a file the user may not write, if so."""
     return _reason(err, _NO_ACCESS)
+
+
+@contextmanager
+def said_clearly(
+    kinds: type[BaseException] | tuple[type[BaseException], ...],
+    clearly: Callable[[BaseException], dg.Failure | None],
+) -> Iterator[None]:
+    """Re-raise an error of `kinds` as what `clearly` makes of it (a message naming the file and
+    what to do), or as it is when `clearly` has nothing to say."""
+    try:
+        yield
+    except kinds as err:
+        if (error := clearly(err)) is None:
+            raise
+        raise error from err
 
 
 def _user() -> str:
@@ -232,12 +247,9 @@ class DuckDBStore(DuckDBResource):
         """A connection that is always closed, also when the body raises (the lock is released)."""
         conn = self._connect()
         try:
-            self._prepare(conn)
-            yield conn
-        except duckdb.Error as err:
-            if (error := self.store_file_error(err)) is None:
-                raise
-            raise error from err
+            with said_clearly(duckdb.Error, self.store_file_error):
+                self._prepare(conn)
+                yield conn
         finally:
             conn.close()
 
@@ -261,14 +273,10 @@ class DuckDBStore(DuckDBResource):
             stop=stop_after_delay(self.connect_timeout_seconds),
             reraise=True,
         )(duckdb.connect)
-        try:
+        with said_clearly(duckdb.Error, self.store_file_error):
             return connect(
                 database=self.database, read_only=False, config=dict(self.connection_config)
             )
-        except duckdb.Error as err:
-            if (error := self.store_file_error(err)) is None:
-                raise
-            raise error from err
 
 
 RAW_FILE_NAME = "lines.parquet"
@@ -482,23 +490,20 @@ class Warehouse(DuckDBStore):
         final = self.raw_file(batch_id)
         self.check_database_file()  # no files beside a file that is not the warehouse
         tmp = final.with_name(f".{RAW_FILE_NAME}.{uuid.uuid4().hex}.tmp")
+        what = f"the raw_customers file of batch {batch_id}"
+        kept = "The batch's previous raw file is kept."
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            for stale in final.parent.glob(f".{RAW_FILE_NAME}.*.tmp"):  # left by a killed run
-                stale.unlink(missing_ok=True)
-            with pq.ParquetWriter(
-                tmp, RAW_FILE_SCHEMA, compression="none", use_dictionary=False
-            ) as writer:
-                yield writer
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except OSError as err:
-            kept = "The batch's previous raw file is kept."
-            error = self._file_error(err, tmp, f"the raw_customers file of batch {batch_id}", kept)
-            if error is None:
-                raise
-            raise error from err
+            with said_clearly(OSError, lambda err: self._file_error(err, tmp, what, kept)):
+                final.parent.mkdir(parents=True, exist_ok=True)
+                for stale in final.parent.glob(f".{RAW_FILE_NAME}.*.tmp"):  # a killed run's
+                    stale.unlink(missing_ok=True)
+                with pq.ParquetWriter(
+                    tmp, RAW_FILE_SCHEMA, compression="none", use_dictionary=False
+                ) as writer:
+                    yield writer
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -567,23 +572,16 @@ class Warehouse(DuckDBStore):
         staging_root = self.files_dir / "staging"
         what = f"the staged files of batch {batch_id}"
         kept = "Nothing of the batch was committed: its previous rows are kept."
-        try:
+        with said_clearly(OSError, lambda err: self._file_error(err, staging_root, what, kept)):
             staging_root.mkdir(parents=True, exist_ok=True)
             # Left by a killed run of this batch ('.' never occurs in a batch ID, so the
             # pattern matches this batch only); warehouse writers run one at a time (the pool).
             for stale in staging_root.glob(f"{batch_id}.*"):
                 shutil.rmtree(stale, ignore_errors=True)
             root = Path(tempfile.mkdtemp(prefix=f"{batch_id}.", dir=staging_root))
-        except OSError as err:
-            if (error := self._file_error(err, staging_root, what, kept)) is None:
-                raise
-            raise error from err
         try:
-            yield root
-        except OSError as err:
-            if (error := self._file_error(err, root, what, kept)) is None:
-                raise
-            raise error from err
+            with said_clearly(OSError, lambda err: self._file_error(err, root, what, kept)):
+                yield root
         finally:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -32,13 +32,18 @@ FRESHNESS_MONITORED = (RAW_CUSTOMERS, VALIDATED_RECOMMENDATIONS)
 
 
 def per_batch_automation(
-    ignore: Sequence[str] = (), may_be_missing: Sequence[str] = ()
+    ignore: Sequence[str] = (),
+    may_be_missing: Sequence[str] = (),
+    filled_in_after: Sequence[str] = (),
 ) -> dg.AutomationCondition:
     """Run a batch's stage once its upstream landed and every blocking check upstream passed.
 
     `ignore`: upstream assets whose updates never re-run old batches (the catalog).
     `may_be_missing`: upstream assets that do not hold a batch back while they do not exist yet
     (the segment model, which the first batch trains), but whose updates do re-run batches.
+    `filled_in_after`: ignored upstream assets that a batch waits for, and whose update fills in
+    the batches that are missing the stage (run before the catalog arrived, their stage skipped)
+    without re-running the others.
     """
     condition = (
         dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
@@ -52,6 +57,20 @@ def per_batch_automation(
         )
     if ignore:
         condition = condition.ignore(dg.AssetSelection.assets(*ignore))
+    if filled_in_after:
+        loaded = (
+            dg.AutomationCondition.missing()
+            & dg.AutomationCondition.any_deps_updated().allow(
+                dg.AssetSelection.assets(*filled_in_after)
+            )
+        ).since_last_handled()
+        fill_in = (
+            loaded
+            & ~dg.AutomationCondition.any_deps_in_progress()
+            & ~dg.AutomationCondition.in_progress()
+            & dg.AutomationCondition.all_deps_blocking_checks_passed()
+        ).with_label("catalog_loaded_and_missing")
+        condition = (condition | fill_in) & ~dg.AutomationCondition.any_deps_missing()
     return condition
 
 

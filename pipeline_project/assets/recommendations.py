@@ -42,25 +42,6 @@ _CATALOG = [PRODUCT_CATALOG, PRODUCT_EMBEDDINGS]
 NO_CATALOG = "skipped: no catalog"
 
 
-def _recommendations_automation() -> dg.AutomationCondition:
-    """The per-batch condition, but catalog reloads do not re-run old batches; a batch waits for a
-    catalog (without one there is nothing to recommend), and a batch without recommendations
-    (run before the catalog arrived) gets them once the catalog is loaded."""
-    catalog_loaded = (
-        dg.AutomationCondition.missing()
-        & dg.AutomationCondition.any_deps_updated().allow(dg.AssetSelection.assets(*_CATALOG))
-    ).since_last_handled()
-    fill_in = (
-        catalog_loaded
-        & ~dg.AutomationCondition.any_deps_in_progress()
-        & ~dg.AutomationCondition.in_progress()
-        & dg.AutomationCondition.all_deps_blocking_checks_passed()
-    ).with_label("catalog_loaded_and_missing")
-    return (
-        per_batch_automation(ignore=_CATALOG) | fill_in
-    ) & ~dg.AutomationCondition.any_deps_missing()
-
-
 def _no_catalog(conn: duckdb.DuckDBPyConnection) -> bool:
     [(products,)] = conn.execute(f"SELECT count(*) FROM {PRODUCT_CATALOG}").fetchall()
     return products == 0
@@ -99,7 +80,7 @@ class RecommendationConfig(dg.Config):
             " predicted value and the parts of the score (segment affinity, similarity).",
             kinds={"duckdb"},
             metadata={"dagster/table_name": RECOMMENDATIONS},
-            automation_condition=_recommendations_automation(),
+            automation_condition=per_batch_automation(ignore=_CATALOG, filled_in_after=_CATALOG),
             skippable=True,
         )
     ],

@@ -116,7 +116,9 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
                 instance=instance, run_config=quiet, raise_on_error=False
             )
             catalog.loaded = catalog_run.success
-            alert_finished_run(instance, catalog_run.dagster_run, defs.resources["alerts"])
+            alert_finished_run(
+                instance, catalog_run.dagster_run, defs.resources["alerts"], _CLI_LOG
+            )
             if not catalog_run.success:
                 failed.append("product_catalog")
         known = set(instance.get_dynamic_partitions(batch_partitions.name))
@@ -130,9 +132,7 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
             result = batch_job.execute_in_process(
                 partition_key=batch_id, instance=instance, run_config=quiet, raise_on_error=False
             )
-            # The alerts a daemon's sensors would raise for this run (none twice).
-            alert_finished_run(instance, result.dagster_run, defs.resources["alerts"])
-            outcomes.append(_after_batch(batch_id, result))
+            outcomes.append(_after_batch(batch_id, result, instance, defs.resources["alerts"]))
     failed += [o.batch_id for o in outcomes if o.status == FAILED]
     click.echo("")
     _print_summary(outcomes)
@@ -177,9 +177,14 @@ class BatchOutcome:
     figures: dict = field(default_factory=dict)
 
 
-def _after_batch(batch_id: str, result: dg.ExecuteInProcessResult) -> BatchOutcome:
-    """What follows each batch's run, whatever its outcome: the one place for it (an alert for a
-    failed run goes here). Reads the run's figures for the summary."""
+def _after_batch(
+    batch_id: str, result: dg.ExecuteInProcessResult, instance: dg.DagsterInstance, alerts
+) -> BatchOutcome:
+    """What follows each batch's run, whatever its outcome: the alerts a daemon's sensors would
+    raise for it (none twice), and its figures for the summary."""
+    from pipeline_project.sensors.alerting import alert_finished_run
+
+    alert_finished_run(instance, result.dagster_run, alerts, _CLI_LOG)
     return BatchOutcome(
         batch_id,
         OK if result.success else FAILED,

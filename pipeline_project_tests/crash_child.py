@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -36,46 +37,56 @@ def pause(root: Path) -> None:
     raise SystemExit("not killed")
 
 
-def install_pause(root: Path, point: str) -> None:
+# The table whose swap transaction each swap point is inside.
+SWAP_TABLES = {"validation_swap": "customers", "embeddings_swap": "customer_embeddings"}
+
+
+def install_at(point: str, action: Callable[..., None]) -> None:
+    """Call `action` at `point` of a batch's write (the points above): `action()` once two
+    chunks of the raw file are written, or inside the swap transaction; after each staged
+    validation chunk `action(staging=..., part=...)`, with the staging folders and its part."""
     if point == "raw_file":
         import pipeline_project.assets.ingestion as ingestion
 
         store = ingestion.store_raw_lines
 
-        def store_then_pause(writer, chunks, on_chunk=None):
+        def store_then_act(writer, chunks, on_chunk=None):
             def counted(summary):
                 if on_chunk is not None:
                     on_chunk(summary)
                 if summary.chunks == 2:
-                    pause(root)
+                    action()
 
             return store(writer, chunks, on_chunk=counted)
 
-        ingestion.store_raw_lines = store_then_pause
+        ingestion.store_raw_lines = store_then_act
     elif point == "staged_chunk":
         import pipeline_project.core.validation as validation
 
         stage = validation._stage_chunk
 
-        def stage_then_pause(*args, **kwargs):
-            stage(*args, **kwargs)
-            pause(root)
+        def stage_then_act(batch_id, result, staging, part):
+            stage(batch_id, result, staging, part)
+            action(staging=staging, part=part)
 
-        validation._stage_chunk = stage_then_pause
-    elif point in ("validation_swap", "embeddings_swap"):
-        table = "customers" if point == "validation_swap" else "customer_embeddings"
-        replace = Warehouse.replace_batch
+        validation._stage_chunk = stage_then_act
+    elif point in SWAP_TABLES:
+        replace_batch = Warehouse.replace_batch
 
         @contextmanager
-        def replace_then_pause(self, tables, batch_id, dead_letter_stage=None):
-            with replace(self, tables, batch_id, dead_letter_stage) as conn:
+        def replace_then_act(self, tables, batch_id, dead_letter_stage=None):
+            with replace_batch(self, tables, batch_id, dead_letter_stage) as conn:
                 yield conn
-                if table in tables:  # the new rows are in, the transaction is open
-                    pause(root)
+                if SWAP_TABLES[point] in tables:  # the new rows are in, the transaction is open
+                    action()
 
-        Warehouse.replace_batch = replace_then_pause
+        Warehouse.replace_batch = replace_then_act
     else:
-        raise SystemExit(f"unknown pause point {point!r}")
+        raise SystemExit(f"unknown point {point!r}")
+
+
+def install_pause(root: Path, point: str) -> None:
+    install_at(point, lambda **_: pause(root))
 
 
 def main() -> None:

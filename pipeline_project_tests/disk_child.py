@@ -34,7 +34,6 @@ import errno
 import resource
 import signal
 import sys
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from pipeline_project.definitions import build_definitions
 from pipeline_project.resources import Warehouse
 from pipeline_project.settings import Settings
 from pipeline_project.tables import CUSTOMER_PURCHASES
+from pipeline_project_tests.crash_child import install_at
 from pipeline_project_tests.helpers import INFERENCE_STAGES, settings_in
 
 FILE_SIZE_LIMIT, FULL_DISK = "file_size_limit", "full_disk"
@@ -80,49 +80,25 @@ def fill_filesystem(ballast: Path, room: int = 0) -> None:
 
 
 def install_fault(root: Path, point: str, mechanism: str) -> None:
-    if point == "raw_file":
-        import pipeline_project.assets.ingestion as ingestion
+    def raw_file() -> None:  # the file being written cannot grow any more
+        [tmp] = Warehouse(database=str(root / "warehouse.duckdb")).raw_dir.glob(
+            "*/.lines.parquet.*.tmp"
+        )
+        run_out_of_room(root, mechanism, tmp.stat().st_size)
 
-        store = ingestion.store_raw_lines
+    def staged_chunk(staging, part) -> None:
+        if part == 0:  # the next chunk's biggest part gets about half written
+            parts = [p for folder in staging.values() for p in folder.glob("*.parquet")]
+            run_out_of_room(root, mechanism, max(p.stat().st_size for p in parts) // 2)
 
-        def store_until_full(writer, chunks, on_chunk=None):
-            def counted(summary):
-                if on_chunk is not None:
-                    on_chunk(summary)
-                if summary.chunks == 2:  # the file being written cannot grow any more
-                    [tmp] = Warehouse(database=str(root / "warehouse.duckdb")).raw_dir.glob(
-                        "*/.lines.parquet.*.tmp"
-                    )
-                    run_out_of_room(root, mechanism, tmp.stat().st_size)
+    def validation_swap() -> None:  # the new rows are in; the commit writes them
+        run_out_of_room(root, mechanism, COMMIT_LIMIT_BYTES)
 
-            return store(writer, chunks, on_chunk=counted)
-
-        ingestion.store_raw_lines = store_until_full
-    elif point == "staged_chunk":
-        import pipeline_project.core.validation as validation
-
-        stage = validation._stage_chunk
-
-        def stage_until_full(batch_id, result, staging, part):
-            stage(batch_id, result, staging, part)
-            if part == 0:  # the next chunk's biggest part gets about half written
-                parts = [p for folder in staging.values() for p in folder.glob("*.parquet")]
-                run_out_of_room(root, mechanism, max(p.stat().st_size for p in parts) // 2)
-
-        validation._stage_chunk = stage_until_full
-    elif point == "validation_swap":
-        replace_batch = Warehouse.replace_batch
-
-        @contextmanager
-        def replace_until_full(self, tables, batch_id, dead_letter_stage=None):
-            with replace_batch(self, tables, batch_id, dead_letter_stage) as conn:
-                yield conn
-                if "customers" in tables:  # the new rows are in; the commit writes them
-                    run_out_of_room(root, mechanism, COMMIT_LIMIT_BYTES)
-
-        Warehouse.replace_batch = replace_until_full
-    else:
+    faults = {"raw_file": raw_file, "staged_chunk": staged_chunk,
+              "validation_swap": validation_swap}  # fmt: skip
+    if point not in faults:
         raise SystemExit(f"unknown fault point {point!r}")
+    install_at(point, faults[point])
 
 
 def failures(result: dg.ExecuteInProcessResult) -> list[str]:

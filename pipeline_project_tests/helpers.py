@@ -165,3 +165,16 @@ def embedding_metadata(result) -> dict:
 def rows(settings, sql: str) -> list[tuple]:
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as conn:
         return conn.execute(sql).fetchall()
+
+
+def rows_conserved_after(settings: Settings, batch_id: str, tamper_sql: str) -> dg.AssetCheckResult:
+    """The rows_conserved check of a stored batch after `tamper_sql` changed its tables."""
+    from pipeline_project.checks.input_checks import input_check_results
+
+    warehouse = Warehouse(database=str(settings.duckdb_path))
+    with warehouse.transaction() as conn:
+        conn.execute(tamper_sql)
+    with warehouse.get_connection() as conn:
+        conserved = input_check_results(conn, batch_id, 0.05, 0.5)[0]
+    assert conserved.check_name == "rows_conserved"
+    return conserved

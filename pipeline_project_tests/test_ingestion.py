@@ -14,7 +14,13 @@ from pipeline_project.core.staging import write_staged
 from pipeline_project.resources import Warehouse
 from pipeline_project.sample_data import generate_batch
 from pipeline_project.tables import CUSTOMERS
-from pipeline_project_tests.helpers import customer, run_batch, table_rows, write_lines
+from pipeline_project_tests.helpers import (
+    customer,
+    rows_conserved_after,
+    run_batch,
+    table_rows,
+    write_lines,
+)
 
 OTHER_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 TABLES = ["raw_customers", "customers", "customer_purchases", "schema_errors"]
@@ -173,16 +179,12 @@ def test_validating_a_batch_that_was_never_ingested_fails_at_once_with_the_reaso
 
 
 def test_rows_conserved_check_fails_when_a_line_is_lost(settings, defs, instance):
-    from pipeline_project.checks.input_checks import input_check_results
-
     write_lines(settings.landing_dir / "b001.jsonl", [customer(), "{"])
     assert run_batch(defs, instance, "b001").success
-    warehouse = Warehouse(database=str(settings.duckdb_path))
-    with warehouse.transaction() as conn:
-        conn.execute("DELETE FROM schema_errors WHERE batch_id = 'b001'")
-    with warehouse.get_connection() as conn:
-        conserved = input_check_results(conn, "b001", 0.05, 0.5)[0]
-    assert conserved.check_name == "rows_conserved" and conserved.passed is False
+    conserved = rows_conserved_after(
+        settings, "b001", "DELETE FROM schema_errors WHERE batch_id = 'b001'"
+    )
+    assert conserved.passed is False
     assert conserved.metadata["lines_not_placed_exactly_once"].value == 1
 
 

@@ -7,7 +7,13 @@ import pytest
 
 from pipeline_project.checks.input_checks import input_check_results
 from pipeline_project.resources import Warehouse
-from pipeline_project_tests.helpers import buyer, customer, run_batch, store_and_validate
+from pipeline_project_tests.helpers import (
+    buyer,
+    customer,
+    rows_conserved_after,
+    run_batch,
+    store_and_validate,
+)
 
 BOM = b"\xef\xbb\xbf"
 
@@ -89,10 +95,10 @@ def test_rows_conserved_fails_when_a_blank_line_is_also_placed_in_schema_errors(
 ):
     export_file(settings.landing_dir / "b001.jsonl", [customer(), ""])
     assert run_batch(defs, instance, "b001").success
-    warehouse = Warehouse(database=str(settings.duckdb_path))
-    with warehouse.transaction() as conn:
-        conn.execute("INSERT INTO schema_errors SELECT 'b001', 2, '', ['line: empty'], 1, now()")
-    with warehouse.get_connection() as conn:
-        conserved = input_check_results(conn, "b001", 0.05, 0.5)[0]
-    assert conserved.check_name == "rows_conserved" and conserved.passed is False
+    conserved = rows_conserved_after(
+        settings,
+        "b001",
+        "INSERT INTO schema_errors SELECT 'b001', 2, '', ['line: empty'], 1, now()",
+    )
+    assert conserved.passed is False
     assert conserved.metadata["lines_not_placed_exactly_once"].value == 1

@@ -109,10 +109,8 @@ def test_each_business_rule_rejects_the_row_that_breaks_it(tmp_path):
                  "product": product, "confidence": confidence, "value": value},
             )  # fmt: skip
     tables = ["validated_recommendations", "rejected_recommendations"]
-    with warehouse.staged_batch(tables, "b") as (conn, staging):
-        outcome = apply_business_rules(
-            conn, "b", staging, min_confidence=0.3, max_predicted_value=10_000, rows_per_part=4
-        )
+    with warehouse.replace_batch(tables, "b") as conn:
+        outcome = apply_business_rules(conn, "b", min_confidence=0.3, max_predicted_value=10_000)
     assert (outcome.kept, outcome.rejected) == (1, 9)
     assert outcome.by_rule == {
         "out_of_stock": 3,

@@ -153,16 +153,15 @@ def _apply_rules(
     context: dg.AssetExecutionContext, config: "BusinessRulesConfig", warehouse: Warehouse
 ) -> RuleOutcome:
     batch_id = context.partition_key
-    with warehouse.staged_batch(
-        [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS], batch_id
-    ) as (conn, staging):
-        outcome = apply_business_rules(
-            conn,
-            batch_id,
-            staging,
-            min_confidence=config.min_confidence,
-            max_predicted_value=config.max_predicted_value,
-        )
+    tables = [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS]
+    for attempt in warehouse.write_attempts():
+        with attempt, warehouse.replace_batch(tables, batch_id) as conn:
+            outcome = apply_business_rules(
+                conn,
+                batch_id,
+                min_confidence=config.min_confidence,
+                max_predicted_value=config.max_predicted_value,
+            )
     if outcome.suspicious:
         context.log.warning(
             f"{batch_id}: {outcome.by_rule['implausible_value']} recommendations with an "

@@ -14,17 +14,13 @@ scoring inputs and scoring a batch are here too.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline_project.core.embedding_cache import with_vectors
-from pipeline_project.core.staging import write_staged
 from pipeline_project.core.vectors import list_column_to_matrix
 
 RULES = ("out_of_stock", "low_confidence", "already_purchased", "implausible_value")
@@ -337,58 +333,51 @@ class RuleOutcome:
 
 
 def apply_business_rules(
-    conn,
-    batch_id: str,
-    staging: dict[str, Path],
-    *,
-    min_confidence: float,
-    max_predicted_value: float,
-    rows_per_part: int = 200_000,
+    conn, batch_id: str, *, min_confidence: float, max_predicted_value: float
 ) -> RuleOutcome:
-    """Split the batch's recommendations into validated_recommendations and
-    rejected_recommendations (with every rule broken), as Parquet parts in their `staging`
-    folders (Warehouse.staged_batch loads them). The rules run once, streamed in parts."""
+    """Split the batch's recommendations into rejected_recommendations (with every rule broken)
+    and validated_recommendations (the rest), inside the caller's transaction (see
+    Warehouse.replace_batch, which has removed the batch's old rows).
+
+    The rules run once, in DuckDB: the rejected rows are inserted from them, the kept ones are
+    the batch's recommendations without a rejected (line_no, rank). No row passes through
+    Python; DuckDB streams both inserts within its memory limit."""
     params = {
         "batch_id": batch_id,
         "min_confidence": min_confidence,
         "max_predicted_value": max_predicted_value,
     }
-    reader = conn.sql(
-        f"SELECT {_COLUMNS}, failed_rules FROM ({rules_sql('recommendations')})", params=params
-    ).to_arrow_reader(rows_per_part)
-    kept = rejected = 0
-    by_rule: Counter = Counter()
-    suspicious: list[tuple] = []
-    for part, batch in enumerate(reader):
-        table = pa.Table.from_batches([batch])
-        passed = pc.equal(pc.list_value_length(table["failed_rules"]), 0)
-        good, bad = table.filter(passed), table.filter(pc.invert(passed))
-        write_staged(staging["validated_recommendations"], part, good.drop(["failed_rules"]))
-        first_rule = pc.list_element(bad["failed_rules"], 0)
-        write_staged(
-            staging["rejected_recommendations"],
-            part,
-            bad.drop(["failed_rules"])
-            .append_column("rejected_rule", first_rule)
-            .append_column("failed_rules", bad["failed_rules"]),
-        )
-        kept, rejected = kept + good.num_rows, rejected + bad.num_rows
-        rules = pc.list_flatten(bad["failed_rules"])
-        counts = pc.value_counts(rules)
-        by_rule.update(
-            dict(
-                zip(
-                    counts.field("values").to_pylist(),
-                    counts.field("counts").to_pylist(),
-                    strict=True,
-                )
-            )
-        )
-        if len(suspicious) < 5:
-            parents = pc.list_parent_indices(bad["failed_rules"])
-            odd = bad.take(pc.unique(parents.filter(pc.equal(rules, "implausible_value"))))
-            suspicious += [
-                (str(r["customer_id"]), r["product_id"], r["predicted_value"])
-                for r in odd.slice(0, 5 - len(suspicious)).to_pylist()
-            ]
+    conn.execute(
+        f"INSERT INTO rejected_recommendations SELECT {_COLUMNS}, failed_rules[1], failed_rules"
+        f" FROM ({rules_sql('recommendations')}) WHERE len(failed_rules) > 0",
+        params,
+    )
+    conn.execute(
+        f"INSERT INTO validated_recommendations SELECT {_COLUMNS} FROM recommendations AS r"
+        " WHERE batch_id = $batch_id AND NOT EXISTS (SELECT 1 FROM rejected_recommendations AS x"
+        " WHERE x.batch_id = $batch_id AND x.line_no = r.line_no AND x.rank = r.rank)",
+        {"batch_id": batch_id},
+    )
+    [(kept,)] = conn.execute(
+        "SELECT count(*) FROM validated_recommendations WHERE batch_id = ?", [batch_id]
+    ).fetchall()
+    by_rule = dict(
+        conn.execute(
+            "SELECT rule, count(*) FROM (SELECT unnest(failed_rules) AS rule"
+            " FROM rejected_recommendations WHERE batch_id = ?) GROUP BY rule",
+            [batch_id],
+        ).fetchall()
+    )
+    [(rejected,)] = conn.execute(
+        "SELECT count(*) FROM rejected_recommendations WHERE batch_id = ?", [batch_id]
+    ).fetchall()
+    suspicious = [
+        (str(customer), product, value)
+        for customer, product, value in conn.execute(
+            "SELECT customer_id, product_id, predicted_value FROM rejected_recommendations"
+            " WHERE batch_id = ? AND list_contains(failed_rules, 'implausible_value')"
+            " ORDER BY line_no, rank LIMIT 5",
+            [batch_id],
+        ).fetchall()
+    ]
     return RuleOutcome(kept, rejected, {rule: by_rule.get(rule, 0) for rule in RULES}, suspicious)

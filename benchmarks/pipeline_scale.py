@@ -1,7 +1,7 @@
 """One batch through every stage of the pipeline, and the same data through the baselines.
 
-Each step runs in its own process (multiprocess executor, one step at a time), so each step's
-peak RSS is its own. Prints a per-stage table (wall time, rows/s, peak RSS) and the totals.
+Each step runs in its own process (the job's own executor: multiprocess, forked from a server
+that imported the project once), so each step's peak RSS is its own. Prints a per-stage table (wall time, rows/s, peak RSS) and the totals.
 Figures only, never pass/fail.
 
     python benchmarks/pipeline_scale.py --rows 2000000 [--backend hashing] [--baselines]
@@ -41,16 +41,11 @@ STAGES = [
 
 
 def build_job() -> dg.JobDefinition:
-    """Module-level, so the multiprocess executor can rebuild it in each step process."""
+    """Module-level, so the executor can rebuild it in each step process: the job as deployed,
+    with its own executor (pipeline_project.jobs.RUN_EXECUTOR)."""
     from pipeline_project.definitions import build_definitions
 
-    defs = build_definitions()
-    return dg.Definitions(
-        assets=list(defs.assets),
-        jobs=[defs.resolve_job_def("batch_pipeline_job")],
-        resources=defs.resources,
-        executor=dg.multiprocess_executor.configured({"max_concurrent": 1}),
-    ).resolve_job_def("batch_pipeline_job")
+    return build_definitions().resolve_job_def("batch_pipeline_job")
 
 
 def run_pipeline(rows: int, bad_rate: float, root: Path) -> dict:

@@ -224,3 +224,78 @@ def test_iso_8601_dates_and_date_times_are_accepted_as_their_instant(tmp_path, v
             " FROM customers JOIN customer_purchases USING (batch_id, line_no)"
         ).fetchall()
     assert stored == [(instant, instant)]
+
+
+# ---- the typed parse and the per-field path describe a line alike ---------------------------
+
+P = {"productId": "P1", "amount": 2.5, "date": "2024-01-02"}
+TRICKY_LINES = [
+    customer(),
+    customer(id="6F1C2A3B-4D5E-4F60-8A7B-9C0D1E2F3A4B"),  # the same id, upper case: a duplicate
+    customer(id="0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d", email='a\u00e9"b@x.io'),  # JSON escapes
+    customer(email="é@例え.jp", createdAt="2024-02-29 23:59:59.123+05:30"),
+    customer(email={"a": "b@c.de"}),  # an object whose text looks like an email
+    customer(email=["b@c.de"]),
+    customer(email=True, createdAt=20240105),
+    customer(email=False, id=-1.5e3),
+    customer(id=None),
+    '{"id": null, "email": null, "createdAt": null, "purchaseHistory": null}',
+    "   " + customer(),  # whitespace before the object
+    customer()[:-1] + ', "id": "0a1b2c3d-4e5f-4a6b-8c7d-000000000000"}',  # a repeated key
+    customer(purchaseHistory=[]),
+    customer(purchaseHistory={}),
+    customer(purchaseHistory=[P, None, 1, "x", [P], {}]),
+    customer(purchaseHistory=[{**P, "productId": 17}, {**P, "amount": "2.5"}]),
+    customer(purchaseHistory=[{**P, "amount": True}, {**P, "amount": 1e300 * 10}]),
+    customer(purchaseHistory=[{**P, "amount": None}, {**P, "date": None}, {**P, "extra": 1}]),
+    customer(purchaseHistory=[{**P, "productId": "  "}, {**P, "date": "epoch"}]),
+    customer(purchaseHistory=[{**P, "productId": "a\\b"}, {**P, "amount": -0.0}]),
+    customer(createdAt="2024-01-05T10:00:00+25:00"),
+    "[1, 2]",
+    '"a string"',
+    "42",
+    "null",
+    "{}",
+    '{"id": "x"',
+    "",
+]
+
+
+def test_the_typed_parse_gives_every_line_the_columns_of_the_per_field_path(tmp_path):
+    """The fast path (one typed parse) against the per-field path on the same lines: the same
+    columns, value for value, for lines the typed parse may only approximate (types it would
+    coerce, nulls, escapes, entries of every kind)."""
+    from pipeline_project.core import validation as v
+
+    generated = iter_batch_lines(300, 0.3, 7, build_catalog()[0])
+    lines = TRICKY_LINES + [line for _, line in generated]
+    warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
+    path = write_lines(tmp_path / "b1.jsonl", lines)
+    store_and_validate(warehouse, path, "b1", 10_000, 1 << 20)
+    params = {"raw_path": str(warehouse.raw_file("b1")), "max_line_bytes": 1 << 20}
+    with duckdb.connect() as conn:
+        for macro in [v._JSON_KIND_MACRO, *v._JSON_TEXT_MACROS]:
+            conn.execute(macro)
+        conn.execute(v._DUPLICATE_IDS_SQL, params)
+        for sql in v._CHUNK_SQL:
+            conn.execute(sql, {k: x for k, x in {**params, "first": 1, "last": 10**6}.items()
+                               if f"${k}" in sql})  # fmt: skip
+        line_params = {"max_line_bytes": 1 << 20}
+        typed = [v._fetch(conn, sql, line_params).to_pylist()
+                 for sql in (v._CHUNK_LINES_SQL, v._CHUNK_PURCHASES_SQL)]  # fmt: skip
+        [(exact_before,)] = conn.execute("SELECT count(*) FROM chunk_exact").fetchall()
+        conn.execute("INSERT INTO chunk_exact SELECT line_no FROM chunk_lines")
+        per_field = [v._fetch(conn, sql, line_params).to_pylist()
+                     for sql in (v._CHUNK_LINES_SQL, v._CHUNK_PURCHASES_SQL)]  # fmt: skip
+    assert len(typed[0]) == len(lines)
+    assert 0 < exact_before < len(lines) / 2  # most lines took the typed path
+    for fast, slow in zip(typed, per_field, strict=True):
+        for a, b in zip(fast, slow, strict=True):
+            assert a == b or _same_nan(a, b), (a, b)
+
+
+def _same_nan(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        x == y or (isinstance(x, float) and x != x and y != y)
+        for x, y in zip(a.values(), b.values(), strict=True)
+    )

@@ -37,17 +37,43 @@ CREATE OR REPLACE TEMP MACRO json_kind(t) AS CASE
     ELSE lower(t) END
 """
 
+# What a JSON text is, from its first character (JSON texts from DuckDB are never blank), and
+# its value when it is a string: the text between the quotes when it holds no escape, else
+# DuckDB unescapes it. Both are string operations, not a parse.
+_JSON_TEXT_MACROS = [
+    """CREATE OR REPLACE TEMP MACRO json_text_kind(j) AS CASE
+        WHEN j IS NULL THEN NULL
+        WHEN left(j, 1) = '"' THEN 'string'
+        WHEN left(j, 1) = '{' THEN 'object'
+        WHEN left(j, 1) = '[' THEN 'array'
+        WHEN left(j, 1) IN ('t', 'f') THEN 'boolean'
+        WHEN left(j, 1) = 'n' THEN 'null'
+        ELSE 'number' END""",
+    """CREATE OR REPLACE TEMP MACRO json_text_string(j) AS CASE
+        WHEN left(j, 1) = '"' THEN CASE WHEN contains(j, '\\') THEN j ->> '$'
+                                        ELSE (j::VARCHAR)[2:-2] END END""",
+]
+
 # The parseable document of a raw line, or NULL when the line cannot hold JSON.
 _DOC = """CASE WHEN read_error IS NULL AND utf8_ok AND byte_length <= $max_line_bytes
               THEN try_cast(raw AS JSON) END"""
+
+# One typed parse per line: each field as its JSON text (its kind and string value come from
+# the text, see _JSON_TEXT_MACROS), purchaseHistory as the JSON texts of its entries.
+_TYPED_LINE = (
+    """'{"id": "JSON", "email": "JSON", "createdAt": "JSON", "purchaseHistory": ["JSON"]}'"""
+)
+_TYPED_PURCHASE = """'{"productId": "JSON", "amount": "JSON", "date": "JSON"}'"""
+_READABLE = "read_error IS NULL AND utf8_ok AND byte_length <= $max_line_bytes"
 
 _DUPLICATE_IDS_SQL = f"""
 CREATE OR REPLACE TEMP TABLE batch_duplicate_ids AS
 SELECT id, min(line_no) AS first_line
 FROM (
-    SELECT line_no, lower(doc ->> '$.id') AS id
-    FROM (SELECT line_no, {_DOC} AS doc FROM read_parquet($raw_path))
-    WHERE json_type(doc, '$.id') = 'VARCHAR'
+    SELECT line_no, lower(json_text_string(j)) AS id
+    FROM (SELECT line_no, try(json_transform(raw, '{{"id": "JSON"}}')).id AS j
+          FROM read_parquet($raw_path) WHERE {_READABLE})
+    WHERE json_text_kind(j) = 'string'
 )
 GROUP BY id
 HAVING count(*) > 1
@@ -90,7 +116,8 @@ def _timestamp(name: str) -> str:
     )
 
 
-_RAW_CHUNK = """read_parquet($raw_path) WHERE line_no BETWEEN $first AND $last"""
+# The lines the typed parse cannot describe exactly (see _CHUNK_SQL), for the per-field path.
+_RAW_CHUNK = """chunk_lines WHERE line_no IN (SELECT line_no FROM chunk_exact)"""
 
 # The `line` kind of a blank line: no record, counted apart and never judged.
 BLANK = "blank"
@@ -155,6 +182,88 @@ FROM parsed
 ORDER BY line_no, purchase_idx
 """
 
+# A chunk in three temp tables. chunk_lines: the raw lines, and for each readable line that
+# starts an object its typed parse `t`. chunk_entries: the purchaseHistory entries of those, each
+# object entry parsed into its fields `f`. chunk_exact: the lines the typed parse cannot describe
+# exactly (unreadable, blank, not an object, a field missing or null: the parse gives NULL for
+# both, and an entry missing a field), whose columns come from the per-field path above instead.
+_CHUNK_SQL = [
+    f"""CREATE OR REPLACE TEMP TABLE chunk_lines AS
+    SELECT line_no, raw, byte_length, utf8_ok, read_error,
+           CASE WHEN {_READABLE} AND starts_with(raw, '{{')
+                THEN try(json_transform(raw, {_TYPED_LINE})) END AS t
+    FROM read_parquet($raw_path) WHERE line_no BETWEEN $first AND $last""",
+    f"""CREATE OR REPLACE TEMP TABLE chunk_entries AS
+    SELECT line_no, purchase_idx, e,
+           CASE WHEN json_text_kind(e) = 'object' THEN json_transform(e, {_TYPED_PURCHASE}) END AS f
+    FROM (SELECT line_no, generate_subscripts(t.purchaseHistory, 1) - 1 AS purchase_idx,
+                 unnest(t.purchaseHistory) AS e
+          FROM chunk_lines WHERE t.purchaseHistory IS NOT NULL)""",
+    """CREATE OR REPLACE TEMP TABLE chunk_exact AS
+    SELECT line_no FROM chunk_lines
+    WHERE t.id IS NULL OR t.email IS NULL OR t.createdAt IS NULL OR t.purchaseHistory IS NULL
+    UNION
+    SELECT line_no FROM chunk_entries
+    WHERE f IS NOT NULL AND (f.productId IS NULL OR f.amount IS NULL OR f.date IS NULL)""",
+]
+_CHUNK_TABLES = ["chunk_lines", "chunk_entries", "chunk_exact"]
+
+
+def _typed_string(name: str, json_text: str) -> str:
+    return f"json_text_kind({json_text}) AS {name}__type, json_text_string({json_text}) AS {name}"
+
+
+def _typed_timestamp(name: str, json_text: str) -> str:
+    """As _timestamp, from the typed parse."""
+    value = f"json_text_string({json_text})"
+    parsed = f"""try_cast(CASE WHEN regexp_full_match({value}, '{ISO_8601_PATTERN}')
+                          THEN {value} END AS TIMESTAMPTZ)"""
+    return (
+        f"{_typed_string(name, json_text)},"
+        f" CASE WHEN isfinite({parsed}) THEN {parsed} END AS {name}__ts"
+    )
+
+
+# The same columns as _LINES_SQL and _PURCHASES_SQL, for every line of the chunk: from the typed
+# parse, and from the per-field path for the lines of chunk_exact.
+_CHUNK_LINES_SQL = f"""
+SELECT line_no, raw, 'object' AS line,
+       {_typed_string("id", "t.id")},
+       dup.first_line AS id__first_line,
+       {_typed_string("email", "t.email")},
+       {_typed_timestamp("createdAt", "t.createdAt")},
+       'array' AS purchaseHistory__type
+FROM chunk_lines
+LEFT JOIN batch_duplicate_ids AS dup
+    ON json_text_kind(t.id) = 'string'
+   AND dup.id = lower(json_text_string(t.id))
+   AND dup.first_line < chunk_lines.line_no
+WHERE t.purchaseHistory IS NOT NULL AND line_no NOT IN (SELECT line_no FROM chunk_exact)
+UNION ALL BY NAME
+({_LINES_SQL})
+ORDER BY line_no
+"""
+
+# An entry that is not an object has no fields ('missing', as json_extract gives for it).
+_CHUNK_PURCHASES_SQL = f"""
+SELECT line_no, purchase_idx,
+       coalesce(json_text_kind(e), 'null') AS purchase__type,
+       coalesce(json_text_kind(f.productId), 'missing') AS productId__type,
+       json_text_string(f.productId) AS productId,
+       coalesce(json_text_kind(f.amount), 'missing') AS amount__type,
+       CASE WHEN json_text_kind(f.amount) = 'number' THEN f.amount::VARCHAR::DOUBLE END AS amount,
+       coalesce(json_text_kind(f.date), 'missing') AS date__type,
+       json_text_string(f.date) AS date,
+       CASE WHEN isfinite(date__parsed) THEN date__parsed END AS date__ts
+FROM (SELECT *, try_cast(CASE WHEN regexp_full_match(json_text_string(f.date),
+                                                     '{ISO_8601_PATTERN}')
+                              THEN json_text_string(f.date) END AS TIMESTAMPTZ) AS date__parsed
+      FROM chunk_entries WHERE line_no NOT IN (SELECT line_no FROM chunk_exact))
+UNION ALL BY NAME
+({_PURCHASES_SQL})
+ORDER BY line_no, purchase_idx
+"""
+
 _NO_MESSAGES = pyarrow.table(
     {"line_no": pyarrow.array([], pyarrow.int64()), "message": pyarrow.array([], pyarrow.string())}
 )
@@ -210,7 +319,8 @@ def validate_batch(
     the one being judged and the next one being extracted.
     """
     params = {"raw_path": str(raw_path), "max_line_bytes": max_line_bytes}
-    conn.execute(_JSON_KIND_MACRO)
+    for macro in [_JSON_KIND_MACRO, *_JSON_TEXT_MACROS]:
+        conn.execute(macro)
     conn.execute(_DUPLICATE_IDS_SQL, params)
     [(last_line,)] = conn.execute(
         "SELECT coalesce(max(line_no), 0) FROM read_parquet(?)", [str(raw_path)]
@@ -219,7 +329,12 @@ def validate_batch(
 
     def extract(first: int) -> tuple[pyarrow.Table, pyarrow.Table]:
         chunk_params = {**params, "first": first, "last": first + chunk_rows - 1}
-        return _fetch(conn, _LINES_SQL, chunk_params), _fetch(conn, _PURCHASES_SQL, chunk_params)
+        for sql in _CHUNK_SQL:
+            conn.execute(sql, {k: v for k, v in chunk_params.items() if f"${k}" in sql})
+        line_params = {"max_line_bytes": max_line_bytes}
+        return _fetch(conn, _CHUNK_LINES_SQL, line_params), _fetch(
+            conn, _CHUNK_PURCHASES_SQL, line_params
+        )
 
     # DuckDB extracts the next chunk (in a worker thread, without the GIL) while pandera
     # judges this one; only the worker uses the connection until the loop ends.
@@ -244,7 +359,8 @@ def validate_batch(
                 )
             if on_chunk is not None:
                 on_chunk(summary)
-    conn.execute("DROP TABLE IF EXISTS batch_duplicate_ids")
+    for table in ["batch_duplicate_ids", *_CHUNK_TABLES]:
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
     return summary
 
 

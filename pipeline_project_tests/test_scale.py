@@ -1,17 +1,21 @@
 """Memory stays flat in rows: the small-scale version of benchmarks/pipeline_scale.py.
 
 Each size runs the whole batch pipeline in a fresh process (the model's time taken out by the
-hashing backend) and reports its peak RSS. Every stage works in bounded chunks, so five times
-the rows must cost about the same memory; a stage that loads the whole batch into Python
-objects (100k records as dicts are several hundred MiB) breaks the bound.
+hashing backend) and reports its peak RSS, the process's and each step's own (StepUsage). Every
+stage works in bounded chunks, so five times the rows must cost about the same memory; a stage
+that loads the whole batch into Python objects (100k records as dicts are several hundred MiB)
+breaks the bound. DuckDB may use up to its memory limit more as rows grow (its buffer pool
+fills), nothing more.
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
+import pytest
 
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources.embeddings import HashingEmbedder
@@ -28,7 +32,7 @@ from pipeline_project.resources.embeddings import HashingEmbedder
 from pipeline_project_tests.helpers import settings_in
 
 rows, root = int(sys.argv[1]), Path(sys.argv[2])
-settings = settings_in(root, duckdb_memory_limit="256MB")
+settings = settings_in(root, duckdb_memory_limit=sys.argv[3])
 catalog = write_catalog(settings.landing.catalog_path)
 generate_batch(settings.landing.landing_dir / "b1.jsonl", rows, 0.01, 1, catalog)
 defs = build_definitions(settings, embedder=HashingEmbedder())
@@ -41,40 +45,70 @@ with dg.instance_for_test() as instance:
     result = defs.resolve_job_def("batch_pipeline_job").execute_in_process(
         partition_key="b1", instance=instance, run_config=config
     )
-    counts = {}
+    counts, step_peaks = {}, {}
     for event in result.get_asset_materialization_events():
-        row_count = event.event_specific_data.materialization.metadata.get("dagster/row_count")
-        if row_count is not None:
-            counts[event.asset_key.to_user_string()] = row_count.value
+        metadata = event.event_specific_data.materialization.metadata
+        asset = event.asset_key.to_user_string()
+        if "dagster/row_count" in metadata:
+            counts[asset] = metadata["dagster/row_count"].value
+        if "peak_rss_mib" in metadata:
+            step_peaks[asset] = metadata["peak_rss_mib"].value
 print(json.dumps({
-    "success": result.success, "counts": counts, "baseline_mib": baseline,
+    "success": result.success, "counts": counts, "step_peaks": step_peaks,
+    "baseline_mib": baseline,
     "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
 }))
 """
 
 
-def run_size(rows: int, root: Path) -> dict:
+# Small, so that a stage holding the batch in Python outgrows it, yet enough for every query.
+DUCKDB_LIMIT = "64MB"
+# Fixed-size buffers that are not yet full at 20k rows (ingestion reads 16 MiB blocks).
+BUFFERS_MIB = 32
+STAGES = ["raw_customers", "customers", "customer_embeddings", "customer_segments",
+          "recommendations", "validated_recommendations"]  # fmt: skip
+
+
+def run_size(rows: int, root: Path, duckdb_limit: str = DUCKDB_LIMIT) -> dict:
     root.mkdir()
     out = subprocess.run(
-        [sys.executable, "-c", RUN_ONE_SIZE, str(rows), str(root)],
+        [sys.executable, "-c", RUN_ONE_SIZE, str(rows), str(root), duckdb_limit],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_five_times_the_rows_costs_about_the_same_memory(tmp_path):
-    small = run_size(20_000, tmp_path / "small")
-    large = run_size(100_000, tmp_path / "large")
+@pytest.fixture(scope="module")
+def two_sizes(tmp_path_factory) -> tuple[dict, dict]:
+    root = tmp_path_factory.mktemp("scale")
+    small, large = run_size(20_000, root / "small"), run_size(100_000, root / "large")
     for run, rows in ((small, 20_000), (large, 100_000)):
         assert run["success"]
         assert run["counts"]["raw_customers"] == rows
         assert run["counts"]["customers"] + run["counts"]["schema_errors"] == rows
         assert run["counts"]["validated_recommendations"] > 0
+    return small, large
+
+
+def test_five_times_the_rows_costs_about_the_same_memory(two_sizes):
+    small, large = two_sizes
     grown = large["peak_mib"] - small["peak_mib"]
     working = small["peak_mib"] - small["baseline_mib"]
     print(f"peak RSS 20k {small['peak_mib']:.0f} MiB, 100k {large['peak_mib']:.0f} MiB")
     assert grown < max(150.0, 0.5 * working), (small, large)
+
+
+def test_no_stage_grows_with_rows_beyond_the_duckdb_memory_limit(two_sizes):
+    """Each step's own peak RSS (reset when the step starts) at 100k rows against 20k rows:
+    the growth must stay within DuckDB's memory limit (and the fixed buffers that fill up)."""
+    small, large = two_sizes
+    limit_mib = int(re.fullmatch(r"(\d+)MB", DUCKDB_LIMIT).group(1)) * 1e6 / 2**20
+    assert set(small["step_peaks"]) >= set(STAGES), small["step_peaks"]
+    grown = {s: large["step_peaks"][s] - small["step_peaks"][s] for s in STAGES}
+    print("\n".join(f"{s}: {small['step_peaks'][s]:.0f} -> {large['step_peaks'][s]:.0f} MiB"
+                    for s in STAGES))  # fmt: skip
+    assert all(g <= limit_mib + BUFFERS_MIB for g in grown.values()), (grown, limit_mib)
 
 
 def test_a_stage_out_of_duckdb_memory_names_the_setting_and_is_not_retried(tmp_path):

@@ -1,7 +1,7 @@
 """One batch through every stage of the pipeline, and the same data through the baselines.
 
-The steps run one after another in one process, as the job's own executor runs them
-(pipeline_project.jobs.RUN_EXECUTOR); each step's peak RSS is its own (reset when it starts).
+Each size runs in its own process, each step in its own process, as the job's own executor
+runs them (pipeline_project.jobs.RUN_EXECUTOR), so each step's peak RSS is its own.
 Prints a per-stage table (wall time, rows/s, peak RSS) and the totals.
 Figures only, never pass/fail.
 
@@ -41,6 +41,14 @@ STAGES = [
 ]
 
 
+def build_job() -> dg.JobDefinition:
+    """Module-level, so that each step process can rebuild it: the job as deployed, with its
+    own executor (pipeline_project.jobs.RUN_EXECUTOR)."""
+    from pipeline_project.definitions import build_definitions
+
+    return build_definitions().resolve_job_def("batch_pipeline_job")
+
+
 def run_pipeline(rows: int, bad_rate: float, root: Path) -> dict:
     """Generate (or reuse) the batch file, run the pipeline job; per-stage figures."""
     os.environ.update(
@@ -67,21 +75,37 @@ def run_pipeline(rows: int, bad_rate: float, root: Path) -> dict:
         defs = build_definitions()
         assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
         instance.add_dynamic_partitions("batches", ["scale"])
-        # The job as deployed: its executor runs the steps in process (jobs.RUN_EXECUTOR).
-        job = defs.resolve_job_def("batch_pipeline_job")
         started = time.perf_counter()
-        result = job.execute_in_process(
-            instance=instance, partition_key="scale", raise_on_error=False
-        )
-        wall = time.perf_counter() - started
-        success = result.success
+        with dg.execute_job(
+            dg.reconstructable(build_job), instance=instance, tags={"dagster/partition": "scale"}
+        ) as result:
+            wall = time.perf_counter() - started
+            success = result.success
         meta = {}
         for _, asset in STAGES:
             event = instance.get_latest_materialization_event(dg.AssetKey(asset))
             if event is not None:
                 m = event.asset_materialization
-                meta[asset] = {k: v.value for k, v in m.metadata.items()}
+                meta[asset] = {
+                    k: v.value
+                    for k, v in m.metadata.items()
+                    if isinstance(v.value, int | float | str | bool)  # plain figures only
+                }
     return {"rows": rows, "wall": wall, "success": success, "meta": meta, "file": batch_file}
+
+
+def run_in_own_process(rows: int, bad_rate: float, root: Path) -> dict:
+    """run_pipeline in a fresh process: a job is reconstructed once per process, so each size
+    needs its own for its own settings."""
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", __file__, "--one-size", str(rows), "--bad-rate",
+         str(bad_rate), "--workdir", str(root)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines = out.stdout.strip().splitlines()
+    print("\n".join(lines[:-1]))
+    run = json.loads(lines[-1])
+    return {**run, "file": Path(run["file"])}
 
 
 def print_stages(run: dict) -> None:
@@ -178,15 +202,20 @@ def main() -> None:
         "--notebook-max-rows", type=int, default=2_000_000,
         help="the notebook way is not run above this (it cannot finish 2M rows here)",
     )  # fmt: skip
+    parser.add_argument("--one-size", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ["PIPELINE_EMBEDDING_BACKEND"] = args.backend
+    if args.one_size is not None:  # the child of run_in_own_process
+        run = run_pipeline(args.one_size, args.bad_rate, args.workdir)
+        print(json.dumps({**run, "file": str(run["file"])}, default=str))
+        return
     base = args.workdir or Path(tempfile.mkdtemp(prefix="pipeline_scale_"))
     runs = []
     for rows in [int(r) for r in args.rows.split(",")]:
         root = base / f"rows_{rows}"
         root.mkdir(parents=True, exist_ok=True)
         (root / "warehouse.duckdb").unlink(missing_ok=True)
-        run = run_pipeline(rows, args.bad_rate, root)
+        run = run_in_own_process(rows, args.bad_rate, root)
         print(f"\n== {rows:,} rows, backend {args.backend} ==")
         print_stages(run)
         runs.append(run)

@@ -1,7 +1,7 @@
 """`dagster dev` started the way a user starts it (`pipeline-project ui`), driven through the
 GraphQL API the UI uses, and stopped by its PID with every child: for the tests of the UI path.
 Also the webserver and the daemon as two processes (the daemon can then be killed and started
-again on its own), and the processes of a run (its worker; its steps run in it) for fault tests."""
+again on its own), and the processes of a run (its worker, its step processes) for fault tests."""
 
 from __future__ import annotations
 

@@ -65,8 +65,8 @@ def _peak_rss_mib() -> float:
 class StepUsage:
     """Wall time, CPU time and peak RSS of a step, from creation to `figures()`.
 
-    Steps run one after another in one process (pipeline_project.jobs.RUN_EXECUTOR): the peak
-    is reset when the step starts, so it is this step's own, not an earlier step's."""
+    The peak is reset when the step starts, so it is this step's own also where steps share a
+    process (execute_in_process, the CLI's demo)."""
 
     def __init__(self) -> None:
         self._peak_is_own = _reset_peak_rss()

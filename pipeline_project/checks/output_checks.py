@@ -4,7 +4,7 @@ rejections per rule stay below a ceiling."""
 import dagster as dg
 import duckdb
 
-from pipeline_project.core.recommendations import RULES, rules_sql
+from pipeline_project.core.recommendations import RULES, rejected_by_rule, rules_sql
 from pipeline_project.partitions import batches
 
 NO_RULE_BROKEN = "no_validated_recommendation_breaks_a_rule"
@@ -71,13 +71,7 @@ def recommendation_check_results(
     [(total,)] = conn.execute(
         "SELECT count(*) FROM recommendations WHERE batch_id = ?", [batch_id]
     ).fetchall()
-    rejected = dict(
-        conn.execute(
-            "SELECT rule, count(*) FROM (SELECT unnest(failed_rules) AS rule"
-            " FROM rejected_recommendations WHERE batch_id = ?) GROUP BY rule",
-            [batch_id],
-        ).fetchall()
-    )
+    rejected = rejected_by_rule(conn, batch_id)
     shares = {rule: (rejected.get(rule, 0) / total if total else 0.0) for rule in RULES}
     over = {rule: share for rule, share in shares.items() if share > rejected_share_ceiling}
     return [

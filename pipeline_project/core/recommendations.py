@@ -332,6 +332,17 @@ class RuleOutcome:
     suspicious: list[tuple]  # a few recommendations with an implausible value
 
 
+def rejected_by_rule(conn, batch_id: str) -> dict[str, int]:
+    """The batch's rejected recommendations per rule broken (one may break several)."""
+    return dict(
+        conn.execute(
+            "SELECT rule, count(*) FROM (SELECT unnest(failed_rules) AS rule"
+            " FROM rejected_recommendations WHERE batch_id = ?) GROUP BY rule",
+            [batch_id],
+        ).fetchall()
+    )
+
+
 def apply_business_rules(
     conn, batch_id: str, *, min_confidence: float, max_predicted_value: float
 ) -> RuleOutcome:
@@ -347,30 +358,19 @@ def apply_business_rules(
         "min_confidence": min_confidence,
         "max_predicted_value": max_predicted_value,
     }
-    conn.execute(
+    # An INSERT's result is the count of rows it inserted.
+    [(rejected,)] = conn.execute(
         f"INSERT INTO rejected_recommendations SELECT {_COLUMNS}, failed_rules[1], failed_rules"
         f" FROM ({rules_sql('recommendations')}) WHERE len(failed_rules) > 0",
         params,
-    )
-    conn.execute(
+    ).fetchall()
+    [(kept,)] = conn.execute(
         f"INSERT INTO validated_recommendations SELECT {_COLUMNS} FROM recommendations AS r"
         " WHERE batch_id = $batch_id AND NOT EXISTS (SELECT 1 FROM rejected_recommendations AS x"
         " WHERE x.batch_id = $batch_id AND x.line_no = r.line_no AND x.rank = r.rank)",
         {"batch_id": batch_id},
-    )
-    [(kept,)] = conn.execute(
-        "SELECT count(*) FROM validated_recommendations WHERE batch_id = ?", [batch_id]
     ).fetchall()
-    by_rule = dict(
-        conn.execute(
-            "SELECT rule, count(*) FROM (SELECT unnest(failed_rules) AS rule"
-            " FROM rejected_recommendations WHERE batch_id = ?) GROUP BY rule",
-            [batch_id],
-        ).fetchall()
-    )
-    [(rejected,)] = conn.execute(
-        "SELECT count(*) FROM rejected_recommendations WHERE batch_id = ?", [batch_id]
-    ).fetchall()
+    by_rule = rejected_by_rule(conn, batch_id)
     suspicious = [
         (str(customer), product, value)
         for customer, product, value in conn.execute(

@@ -272,21 +272,14 @@ def test_the_typed_parse_gives_every_line_the_columns_of_the_per_field_path(tmp_
     warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
     path = write_lines(tmp_path / "b1.jsonl", lines)
     store_and_validate(warehouse, path, "b1", 10_000, 1 << 20)
-    params = {"raw_path": str(warehouse.raw_file("b1")), "max_line_bytes": 1 << 20}
+    raw_file = warehouse.raw_file("b1")
     with duckdb.connect() as conn:
-        for macro in [v._JSON_KIND_MACRO, *v._JSON_TEXT_MACROS]:
-            conn.execute(macro)
-        conn.execute(v._DUPLICATE_IDS_SQL, params)
-        for sql in v._CHUNK_SQL:
-            conn.execute(sql, {k: x for k, x in {**params, "first": 1, "last": 10**6}.items()
-                               if f"${k}" in sql})  # fmt: skip
-        line_params = {"max_line_bytes": 1 << 20}
-        typed = [v._fetch(conn, sql, line_params).to_pylist()
-                 for sql in (v._CHUNK_LINES_SQL, v._CHUNK_PURCHASES_SQL)]  # fmt: skip
+        v.prepare_batch(conn, raw_file, 1 << 20)
+        v.build_chunk_tables(conn, raw_file, 1, 10**6, 1 << 20)
+        typed = [t.to_pylist() for t in v.fetch_chunk(conn, 1 << 20)]
         [(exact_before,)] = conn.execute("SELECT count(*) FROM chunk_exact").fetchall()
         conn.execute("INSERT INTO chunk_exact SELECT line_no FROM chunk_lines")
-        per_field = [v._fetch(conn, sql, line_params).to_pylist()
-                     for sql in (v._CHUNK_LINES_SQL, v._CHUNK_PURCHASES_SQL)]  # fmt: skip
+        per_field = [t.to_pylist() for t in v.fetch_chunk(conn, 1 << 20)]
     assert len(typed[0]) == len(lines)
     assert 0 < exact_before < len(lines) / 2  # most lines took the typed path
     for fast, slow in zip(typed, per_field, strict=True):

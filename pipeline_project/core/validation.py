@@ -54,9 +54,9 @@ _JSON_TEXT_MACROS = [
                                         ELSE (j::VARCHAR)[2:-2] END END""",
 ]
 
-# The parseable document of a raw line, or NULL when the line cannot hold JSON.
-_DOC = """CASE WHEN read_error IS NULL AND utf8_ok AND byte_length <= $max_line_bytes
-              THEN try_cast(raw AS JSON) END"""
+# A raw line that can hold JSON, and its parseable document (NULL when it cannot hold JSON).
+_READABLE = "read_error IS NULL AND utf8_ok AND byte_length <= $max_line_bytes"
+_DOC = f"CASE WHEN {_READABLE} THEN try_cast(raw AS JSON) END"
 
 # One typed parse per line: each field as its JSON text (its kind and string value come from
 # the text, see _JSON_TEXT_MACROS), purchaseHistory as the JSON texts of its entries.
@@ -64,7 +64,6 @@ _TYPED_LINE = (
     """'{"id": "JSON", "email": "JSON", "createdAt": "JSON", "purchaseHistory": ["JSON"]}'"""
 )
 _TYPED_PURCHASE = """'{"productId": "JSON", "amount": "JSON", "date": "JSON"}'"""
-_READABLE = "read_error IS NULL AND utf8_ok AND byte_length <= $max_line_bytes"
 
 _DUPLICATE_IDS_SQL = f"""
 CREATE OR REPLACE TEMP TABLE batch_duplicate_ids AS
@@ -100,20 +99,26 @@ def _string(name: str) -> str:
     )
 
 
-def _parsed(name: str) -> str:
-    """What DuckDB's TIMESTAMPTZ parser makes of a string field of ISO-8601 shape (NULL: not a
-    date). The shape comes first: the parser alone turns 'epoch' or '2024-1-5' into instants."""
-    value = f"{name}__j ->> '$'"
-    return f"""try_cast(CASE WHEN {name}__t = 'VARCHAR'
-                         AND regexp_full_match({value}, '{ISO_8601_PATTERN}')
+def _iso_instant(value: str) -> str:
+    """What DuckDB's TIMESTAMPTZ parser makes of a string of ISO-8601 shape (NULL: not a date).
+    The shape comes first: the parser alone turns 'epoch' or '2024-1-5' into instants."""
+    return f"""try_cast(CASE WHEN regexp_full_match({value}, '{ISO_8601_PATTERN}')
                         THEN {value} END AS TIMESTAMPTZ)"""
+
+
+def _parsed(name: str) -> str:
+    """_iso_instant of a field when it is a string."""
+    return _iso_instant(f"CASE WHEN {name}__t = 'VARCHAR' THEN {name}__j ->> '$' END")
+
+
+def _instant(name: str) -> str:
+    """`<field>__ts`: the instant of `<field>__parsed`, when it is a finite one."""
+    return f"CASE WHEN isfinite({name}__parsed) THEN {name}__parsed END AS {name}__ts"
 
 
 def _timestamp(name: str) -> str:
     """The string field, and its parsed instant as `<field>__ts` (from `<field>__parsed`)."""
-    return (
-        f"{_string(name)}, CASE WHEN isfinite({name}__parsed) THEN {name}__parsed END AS {name}__ts"
-    )
+    return f"{_string(name)}, {_instant(name)}"
 
 
 # The lines the typed parse cannot describe exactly (see _CHUNK_SQL), for the per-field path.
@@ -213,15 +218,9 @@ def _typed_string(name: str, json_text: str) -> str:
     return f"json_text_kind({json_text}) AS {name}__type, json_text_string({json_text}) AS {name}"
 
 
-def _typed_timestamp(name: str, json_text: str) -> str:
-    """As _timestamp, from the typed parse."""
-    value = f"json_text_string({json_text})"
-    parsed = f"""try_cast(CASE WHEN regexp_full_match({value}, '{ISO_8601_PATTERN}')
-                          THEN {value} END AS TIMESTAMPTZ)"""
-    return (
-        f"{_typed_string(name, json_text)},"
-        f" CASE WHEN isfinite({parsed}) THEN {parsed} END AS {name}__ts"
-    )
+def _typed_parsed(name: str, json_text: str) -> str:
+    """`<field>__parsed` from the typed parse (see _parsed)."""
+    return f"{_iso_instant(f'json_text_string({json_text})')} AS {name}__parsed"
 
 
 # The same columns as _LINES_SQL and _PURCHASES_SQL, for every line of the chunk: from the typed
@@ -231,9 +230,10 @@ SELECT line_no, raw, 'object' AS line,
        {_typed_string("id", "t.id")},
        dup.first_line AS id__first_line,
        {_typed_string("email", "t.email")},
-       {_typed_timestamp("createdAt", "t.createdAt")},
+       {_typed_string("createdAt", "t.createdAt")},
+       {_instant("createdAt")},
        'array' AS purchaseHistory__type
-FROM chunk_lines
+FROM (SELECT *, {_typed_parsed("createdAt", "t.createdAt")} FROM chunk_lines) AS chunk_lines
 LEFT JOIN batch_duplicate_ids AS dup
     ON json_text_kind(t.id) = 'string'
    AND dup.id = lower(json_text_string(t.id))
@@ -254,10 +254,8 @@ SELECT line_no, purchase_idx,
        CASE WHEN json_text_kind(f.amount) = 'number' THEN f.amount::VARCHAR::DOUBLE END AS amount,
        coalesce(json_text_kind(f.date), 'missing') AS date__type,
        json_text_string(f.date) AS date,
-       CASE WHEN isfinite(date__parsed) THEN date__parsed END AS date__ts
-FROM (SELECT *, try_cast(CASE WHEN regexp_full_match(json_text_string(f.date),
-                                                     '{ISO_8601_PATTERN}')
-                              THEN json_text_string(f.date) END AS TIMESTAMPTZ) AS date__parsed
+       {_instant("date")}
+FROM (SELECT *, {_typed_parsed("date", "f.date")}
       FROM chunk_entries WHERE line_no NOT IN (SELECT line_no FROM chunk_exact))
 UNION ALL BY NAME
 ({_PURCHASES_SQL})
@@ -318,23 +316,15 @@ def validate_batch(
     Warehouse.staged_batch, which loads them in one transaction). Memory holds two chunks:
     the one being judged and the next one being extracted.
     """
-    params = {"raw_path": str(raw_path), "max_line_bytes": max_line_bytes}
-    for macro in [_JSON_KIND_MACRO, *_JSON_TEXT_MACROS]:
-        conn.execute(macro)
-    conn.execute(_DUPLICATE_IDS_SQL, params)
+    prepare_batch(conn, raw_path, max_line_bytes)
     [(last_line,)] = conn.execute(
         "SELECT coalesce(max(line_no), 0) FROM read_parquet(?)", [str(raw_path)]
     ).fetchall()
     summary = ValidationSummary()
 
     def extract(first: int) -> tuple[pyarrow.Table, pyarrow.Table]:
-        chunk_params = {**params, "first": first, "last": first + chunk_rows - 1}
-        for sql in _CHUNK_SQL:
-            conn.execute(sql, {k: v for k, v in chunk_params.items() if f"${k}" in sql})
-        line_params = {"max_line_bytes": max_line_bytes}
-        return _fetch(conn, _CHUNK_LINES_SQL, line_params), _fetch(
-            conn, _CHUNK_PURCHASES_SQL, line_params
-        )
+        build_chunk_tables(conn, raw_path, first, first + chunk_rows - 1, max_line_bytes)
+        return fetch_chunk(conn, max_line_bytes)
 
     # DuckDB extracts the next chunk (in a worker thread, without the GIL) while pandera
     # judges this one; only the worker uses the connection until the loop ends.
@@ -362,6 +352,31 @@ def validate_batch(
     for table in ["batch_duplicate_ids", *_CHUNK_TABLES]:
         conn.execute(f"DROP TABLE IF EXISTS {table}")
     return summary
+
+
+def prepare_batch(conn: duckdb.DuckDBPyConnection, raw_path: Path, max_line_bytes: int) -> None:
+    """The macros of the extraction SQL and the batch's duplicate ids (batch_duplicate_ids)."""
+    for macro in [_JSON_KIND_MACRO, *_JSON_TEXT_MACROS]:
+        conn.execute(macro)
+    conn.execute(_DUPLICATE_IDS_SQL, {"raw_path": str(raw_path), "max_line_bytes": max_line_bytes})
+
+
+def build_chunk_tables(
+    conn: duckdb.DuckDBPyConnection, raw_path: Path, first: int, last: int, max_line_bytes: int
+) -> None:
+    """The chunk's temp tables (_CHUNK_SQL) for lines `first` to `last` of the raw file."""
+    params = {"raw_path": str(raw_path), "first": first, "last": last,
+              "max_line_bytes": max_line_bytes}  # fmt: skip
+    for sql in _CHUNK_SQL:
+        conn.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql})
+
+
+def fetch_chunk(
+    conn: duckdb.DuckDBPyConnection, max_line_bytes: int
+) -> tuple[pyarrow.Table, pyarrow.Table]:
+    """The chunk's lines and purchases (the columns the pandera models judge)."""
+    params = {"max_line_bytes": max_line_bytes}
+    return _fetch(conn, _CHUNK_LINES_SQL, params), _fetch(conn, _CHUNK_PURCHASES_SQL, params)
 
 
 def validate_chunk(lines: pyarrow.Table, purchases: pyarrow.Table) -> ChunkResult:

@@ -1,7 +1,7 @@
 """One batch through every stage of the pipeline, and the same data through the baselines.
 
 Each size runs in its own process, each step in its own process, as the job's own executor
-runs them (pipeline_project.jobs.RUN_EXECUTOR), so each step's peak RSS is its own.
+(Dagster's multiprocess one) runs them, so each step's peak RSS is its own.
 Prints a per-stage table (wall time, rows/s, peak RSS) and the totals.
 Figures only, never pass/fail.
 
@@ -43,7 +43,7 @@ STAGES = [
 
 def build_job() -> dg.JobDefinition:
     """Module-level, so that each step process can rebuild it: the job as deployed, with its
-    own executor (pipeline_project.jobs.RUN_EXECUTOR)."""
+    own executor."""
     from pipeline_project.definitions import build_definitions
 
     return build_definitions().resolve_job_def("batch_pipeline_job")

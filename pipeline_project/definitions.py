@@ -52,7 +52,6 @@ def build_definitions(
             *build_alerting_sensors(settings.alerts),
         ],
         resources=build_resources(settings, embedder),
-        executor=jobs.RUN_EXECUTOR,
     )
 
 

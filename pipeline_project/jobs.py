@@ -24,19 +24,6 @@ CATALOG_ASSETS = [product_catalog, product_embeddings]
 ASSETS = [*CATALOG_ASSETS, segment_model, *BATCH_ASSETS, pipeline_health]
 
 
-# Every step in its own process (its memory, crash or hang is its own: run monitoring and the
-# fault tests rely on a run worker that outlives a stuck step), forked from a server that
-# imported Dagster and the project once per run. A fresh interpreter per step took 4-5 s to
-# import them: six steps made Dagster 29% of a 2M-row run. The steps running in the run worker
-# itself cost less still (1.8 s against 10.4 s at 200k rows), but a SIGSTOPped step then stops
-# the run worker too, and run monitoring could not fail the run at its max runtime.
-# The automation sensor's runs use it too.
-RUN_EXECUTOR = dg.multiprocess_executor.configured(
-    {"start_method": {"forkserver": {"preload_modules": ["pipeline_project.definitions"]}}},
-    name="forkserver_multiprocess",
-)
-
-
 def _job(name: str, assets: list, description: str, **kwargs) -> dg.UnresolvedAssetJobDefinition:
     return dg.define_asset_job(
         name, selection=dg.AssetSelection.assets(*assets), description=description, **kwargs

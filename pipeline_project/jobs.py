@@ -11,6 +11,7 @@ from pipeline_project.assets.ingestion import raw_customers
 from pipeline_project.assets.recommendations import recommendations, validated_recommendations
 from pipeline_project.assets.segmentation import customer_segments, segment_model
 from pipeline_project.assets.validation import validated_customers
+from pipeline_project.checks.schema_checks import COLUMN_SCHEMA_CHECKS
 
 INGESTION_ASSETS = [raw_customers, validated_customers]
 BATCH_ASSETS = [
@@ -24,10 +25,14 @@ CATALOG_ASSETS = [product_catalog, product_embeddings]
 ASSETS = [*CATALOG_ASSETS, segment_model, *BATCH_ASSETS, pipeline_health]
 
 
-def _job(name: str, assets: list, description: str, **kwargs) -> dg.UnresolvedAssetJobDefinition:
-    return dg.define_asset_job(
-        name, selection=dg.AssetSelection.assets(*assets), description=description, **kwargs
-    )
+def _job(
+    name: str, assets: list, description: str, *, with_selection=None, **kwargs
+) -> dg.UnresolvedAssetJobDefinition:
+    """The assets with their checks, except the column-schema-change checks (hourly)."""
+    selection = dg.AssetSelection.assets(*assets) - dg.AssetSelection.checks(*COLUMN_SCHEMA_CHECKS)
+    if with_selection is not None:
+        selection = selection | with_selection
+    return dg.define_asset_job(name, selection=selection, description=description, **kwargs)
 
 
 # What a new landing batch needs first; the automation sensor carries it on downstream.
@@ -59,7 +64,10 @@ segment_model_job = _job(
     "Retrain the segment model on every batch; automation then re-assigns segments.",
 )
 pipeline_health_job = _job(
-    "pipeline_health_job", [pipeline_health], "Refresh the pipeline health summary."
+    "pipeline_health_job",
+    [pipeline_health],
+    "Refresh the pipeline health summary; check that no table's columns changed.",
+    with_selection=dg.AssetSelection.checks(*COLUMN_SCHEMA_CHECKS),
 )
 JOBS = [
     batch_ingestion_job,

@@ -109,7 +109,7 @@ def test_metadata_reports_rows_in_valid_invalid_error_rate_and_chunks(defs, inst
     assert meta["customers"]["rows_invalid"] == 1
     assert meta["customers"]["error_rate"] == pytest.approx(0.1)
     assert meta["customers"]["chunks"] == 3
-    assert meta["raw_customers"]["dagster/row_count"] == 10
+    assert meta["raw_customers"]["dagster/partition_row_count"] == 10
     assert meta["schema_errors"]["invalid_lines_by_field"] == {"line": 1}
 
 

@@ -48,8 +48,8 @@ with dg.instance_for_test() as instance:
     for event in result.get_asset_materialization_events():
         metadata = event.event_specific_data.materialization.metadata
         asset = event.asset_key.to_user_string()
-        if "dagster/row_count" in metadata:
-            counts[asset] = metadata["dagster/row_count"].value
+        if "dagster/partition_row_count" in metadata:
+            counts[asset] = metadata["dagster/partition_row_count"].value
         if "peak_rss_mib" in metadata:
             step_peaks[asset] = metadata["peak_rss_mib"].value
 print(json.dumps({

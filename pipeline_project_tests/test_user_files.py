@@ -48,9 +48,9 @@ def test_fifty_good_customers_with_a_bom_and_two_blank_lines_have_no_errors(
     assert (customers["rows_valid"], customers["rows_invalid"]) == (50, 0)
     assert customers["blank_lines"] == 2
     assert customers["error_rate"] == 0.0
-    assert metadata(result, "schema_errors")["dagster/row_count"] == 0
+    assert metadata(result, "schema_errors")["dagster/partition_row_count"] == 0
     raw = metadata(result, "raw_customers")
-    assert (raw["dagster/row_count"], raw["blank_lines"]) == (52, 2)
+    assert (raw["dagster/partition_row_count"], raw["blank_lines"]) == (52, 2)
     checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert all(check.passed for check in checks.values()), checks
     assert checks["rows_conserved"].metadata["blank_lines"].value == 2

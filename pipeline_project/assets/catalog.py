@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
+from pipeline_project.asset_metadata import table_metadata
 from pipeline_project.assets.inference import InferenceConfig, cache_writer
 from pipeline_project.checks.catalog_checks import CATALOG_CHECK_SPECS, catalog_check_results
 from pipeline_project.core.embedding_cache import missing_texts
@@ -31,7 +32,6 @@ FROM read_csv(?, header = true, auto_detect = false, columns = {
             description="Products (ID, name, category, price, in stock) from the catalog file.",
             group_name="catalog",
             kinds={"duckdb"},
-            metadata={"dagster/table_name": PRODUCT_CATALOG},
         )
     ],
     check_specs=CATALOG_CHECK_SPECS,
@@ -60,7 +60,7 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
     yield dg.MaterializeResult(
         asset_key=PRODUCT_CATALOG,
         metadata={
-            "dagster/row_count": rows,
+            **table_metadata(warehouse, {PRODUCT_CATALOG: None})[PRODUCT_CATALOG],
             "categories": categories,
             "in_stock_share": round(in_stock or 0.0, 4),
             "catalog_fingerprint": fingerprint,
@@ -75,7 +75,6 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
     retry_policy=STAGE_RETRY_POLICY,
     group_name="recommendations",
     kinds={"duckdb"},
-    metadata={"dagster/table_name": PRODUCT_EMBEDDINGS},
     automation_condition=dg.AutomationCondition.eager(),
 )
 def product_embeddings(
@@ -103,10 +102,10 @@ def product_embeddings(
         )
     for attempt in warehouse.write_attempts():
         with attempt, warehouse.transaction() as conn:
-            products = store_product_embeddings(conn, model, dimensions)
+            store_product_embeddings(conn, model, dimensions)
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": products,
+            **table_metadata(warehouse, {PRODUCT_EMBEDDINGS: None})[PRODUCT_EMBEDDINGS],
             "texts_embedded": len(outcome.vectors),
             "model_calls": outcome.model_calls,
             "model": model,

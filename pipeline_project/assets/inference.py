@@ -6,6 +6,7 @@ import dagster as dg
 import duckdb
 from pydantic import Field
 
+from pipeline_project.asset_metadata import table_metadata, with_table_figures
 from pipeline_project.checks.model_checks import EMBEDDING_CHECK_SPECS, embedding_check_results
 from pipeline_project.core import dead_letters
 from pipeline_project.core.embedding_cache import missing_texts
@@ -65,7 +66,6 @@ class InferenceConfig(dg.Config):
     check_specs=EMBEDDING_CHECK_SPECS,
     **batch_stage("inference", pool=MODEL_INFERENCE_POOL),
     kinds={"duckdb"},
-    metadata={"dagster/table_name": CUSTOMER_EMBEDDINGS},
     automation_condition=per_batch_automation(ignore=[PRODUCT_CATALOG]),
 )
 def customer_embeddings(
@@ -115,7 +115,7 @@ def customer_embeddings(
         seconds=seconds, usage={**usage.figures(), "commit_retries": warehouse.commit_retries()},
     )  # fmt: skip
     _alert_error_rate(context, alerts, figures["error_rate"])
-    yield dg.MaterializeResult(metadata=figures)
+    yield dg.MaterializeResult(metadata=with_table_figures(warehouse, CUSTOMER_EMBEDDINGS, figures))
     yield from checks
 
 
@@ -155,7 +155,9 @@ def replay_dead_letters(
     checks = _checks(warehouse, batch_id, config)
     yield dg.MaterializeResult(
         metadata={
-            "dagster/row_count": merged.embedded,
+            **table_metadata(warehouse, {CUSTOMER_EMBEDDINGS: merged.embedded})[
+                CUSTOMER_EMBEDDINGS
+            ],
             "mode": "dead-letter replay",
             "replay_candidates": replay.num_rows,
             "replayed": merged.replayed,

@@ -5,11 +5,13 @@ import time
 import dagster as dg
 from pydantic import Field
 
+from pipeline_project.asset_metadata import table_metadata
 from pipeline_project.batch_history import recent_batch_metadata
 from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunks, store_raw_lines
 from pipeline_project.core.monitoring import StepUsage, count_anomaly
 from pipeline_project.partitions import batches
 from pipeline_project.policies import batch_stage
+from pipeline_project.progress import report
 from pipeline_project.resources import LandingZone, Warehouse
 from pipeline_project.tables import RAW_CUSTOMERS
 
@@ -35,7 +37,6 @@ RECORD_COUNT_CHECK = "record_count_within_expected_range"
 @dg.asset(
     **batch_stage("ingestion"),
     kinds={"duckdb"},
-    metadata={"dagster/table_name": RAW_CUSTOMERS},
     check_specs=[
         # partitions_def on a check spec is a preview API; the only way to keep one result
         # per batch rather than "latest run wins".
@@ -61,11 +62,11 @@ def raw_customers(
     baseline = recent_batch_metadata(
         context.instance,
         RAW_CUSTOMERS,
-        "dagster/row_count",
+        "dagster/partition_row_count",
         exclude_partition=context.partition_key,
         batches=config.count_baseline_batches,
     )
-    rows = result["dagster/row_count"]
+    rows = result["dagster/partition_row_count"]
     anomalous, mean, deviation = count_anomaly(
         rows, baseline, config.count_anomaly_tolerance, config.count_min_baseline_batches
     )
@@ -76,8 +77,9 @@ def raw_customers(
         metadata={
             "rows": rows,
             "baseline_batches": len(baseline),
-            "baseline_mean": round(mean, 1) if mean is not None else -1.0,
-            "deviation": round(deviation, 4) if deviation is not None else 0.0,
+            # no baseline yet: no mean and no deviation (not a sentinel that skews the plots)
+            **({} if mean is None else {"baseline_mean": round(mean, 1)}),
+            **({} if deviation is None else {"deviation": round(deviation, 4)}),
             "tolerance": config.count_anomaly_tolerance,
         },
     )
@@ -99,6 +101,7 @@ def _ingest(
 
     def progress(stored: StoredLines) -> None:
         context.log.info(f"{batch_id}: {stored.lines:,} lines stored ({stored.chunks} chunks)")
+        report(batch_id, "ingest", stored.lines, None, "lines")
 
     chunks = iter_raw_line_chunks(landing_file.path, config.chunk_rows, config.max_line_bytes)
     with warehouse.replacing_raw_file(batch_id) as writer:
@@ -109,7 +112,8 @@ def _ingest(
             f"{batch_id}: {landing_file.path.name} ends early: {stored.read_errors[0]}"
         )
     return {
-        "dagster/row_count": stored.lines,
+        **table_metadata(warehouse, {RAW_CUSTOMERS: stored.lines})[RAW_CUSTOMERS],
+        "raw_file": dg.MetadataValue.path(str(warehouse.raw_file(batch_id))),
         "blank_lines": stored.blank_lines,
         "landing_file": landing_file.path.name,
         "landing_fingerprint": landing_file.fingerprint,

@@ -1,9 +1,12 @@
 """Recommendations: scored recommendations per batch, and the business-rule filter."""
 
+from collections.abc import Iterator
+
 import dagster as dg
 import duckdb
 from pydantic import Field
 
+from pipeline_project.asset_metadata import table_metadata
 from pipeline_project.batch_history import recent_batch_metadata
 from pipeline_project.checks.drift_checks import (
     CONFIDENCE_DRIFT,
@@ -79,7 +82,6 @@ class RecommendationConfig(dg.Config):
             description="Top-N products per segmented customer with confidence in [0, 1],"
             " predicted value and the parts of the score (segment affinity, similarity).",
             kinds={"duckdb"},
-            metadata={"dagster/table_name": RECOMMENDATIONS},
             automation_condition=per_batch_automation(ignore=_CATALOG, filled_in_after=_CATALOG),
             skippable=True,
         )
@@ -115,7 +117,10 @@ def recommendations(
         with warehouse.replace_batch([RECOMMENDATIONS], batch_id):
             pass  # a batch with nothing to recommend holds no recommendations
         context.log.warning(f"{batch_id}: no segmented customers or no product embeddings")
-        yield dg.MaterializeResult(asset_key=RECOMMENDATIONS, metadata={"dagster/row_count": 0})
+        yield dg.MaterializeResult(
+            asset_key=RECOMMENDATIONS,
+            metadata=table_metadata(warehouse, {RECOMMENDATIONS: 0})[RECOMMENDATIONS],
+        )
         if drift_selected:
             yield drift_check_result(CONFIDENCE_DRIFT, RECOMMENDATIONS, [], [], threshold=1.0)
         return
@@ -129,6 +134,7 @@ def recommendations(
             summary = confidence_summary(conn, batch_id)
     context.log.info(f"{batch_id}: scored {chunks} chunks of profiles")
     figures = {"segment_model_version": version, **usage.figures()}
+    figures |= table_metadata(warehouse, {RECOMMENDATIONS: summary.rows})[RECOMMENDATIONS]
     yield _scored(summary, {**figures, "commit_retries": warehouse.commit_retries()})
     if drift_selected:
         yield _confidence_drift(context, config, summary.histogram)
@@ -138,7 +144,6 @@ def _scored(summary: ConfidenceSummary, figures: dict) -> dg.MaterializeResult:
     return dg.MaterializeResult(
         asset_key=RECOMMENDATIONS,
         metadata={
-            "dagster/row_count": summary.rows,
             "customers": summary.customers,
             "mean_confidence": round(summary.mean, 4),
             **{f"confidence_{k}": round(v, 4) for k, v in summary.quantiles.items()},
@@ -222,13 +227,11 @@ _RULED_SPEC_KWARGS = {
         dg.AssetSpec(
             VALIDATED_RECOMMENDATIONS,
             description="Recommendations that pass every business rule.",
-            metadata={"dagster/table_name": VALIDATED_RECOMMENDATIONS},
             **_RULED_SPEC_KWARGS,
         ),
         dg.AssetSpec(
             REJECTED_RECOMMENDATIONS,
             description="Recommendations a business rule rejected, with the rule(s).",
-            metadata={"dagster/table_name": REJECTED_RECOMMENDATIONS},
             **_RULED_SPEC_KWARGS,
         ),
     ],
@@ -261,11 +264,23 @@ def validated_recommendations(
             max_predicted_value=config.max_predicted_value,
             rejected_share_ceiling=config.rejected_share_ceiling,
         )
+    if outcome is not None:
+        yield from _ruled(selected, outcome, warehouse, usage)
+    checked = {key.name for key in context.selected_asset_check_keys}
+    yield from (check for check in checks if check.check_name in checked)
+
+
+def _ruled(
+    selected: set[str], outcome: RuleOutcome, warehouse: Warehouse, usage: StepUsage
+) -> Iterator[dg.MaterializeResult]:
+    """The materializations of the selected ones of the two tables the rules wrote."""
+    rows = {VALIDATED_RECOMMENDATIONS: outcome.kept, REJECTED_RECOMMENDATIONS: outcome.rejected}
+    tables = table_metadata(warehouse, {t: n for t, n in rows.items() if t in selected})
     if VALIDATED_RECOMMENDATIONS in selected:
         yield dg.MaterializeResult(
             asset_key=VALIDATED_RECOMMENDATIONS,
             metadata={
-                "dagster/row_count": outcome.kept,
+                **tables[VALIDATED_RECOMMENDATIONS],
                 "rejected": outcome.rejected,
                 **usage.figures(),
                 "commit_retries": warehouse.commit_retries(),
@@ -275,9 +290,7 @@ def validated_recommendations(
         yield dg.MaterializeResult(
             asset_key=REJECTED_RECOMMENDATIONS,
             metadata={
-                "dagster/row_count": outcome.rejected,
+                **tables[REJECTED_RECOMMENDATIONS],
                 **{f"rejected_{rule}": n for rule, n in outcome.by_rule.items()},
             },
         )
-    checked = {key.name for key in context.selected_asset_check_keys}
-    yield from (check for check in checks if check.check_name in checked)

@@ -5,6 +5,7 @@ import duckdb
 import numpy as np
 from pydantic import Field
 
+from pipeline_project.asset_metadata import table_figures, table_metadata
 from pipeline_project.batch_history import recent_batch_metadata
 from pipeline_project.checks.drift_checks import (
     SEGMENT_SHARE_DRIFT,
@@ -43,12 +44,16 @@ class SegmentModelConfig(dg.Config):
     seed: int = Field(default=0, description="Random seed: same data, same model.")
 
 
-def segment_model_metadata(version: int, trained: SegmentModel, model: str) -> dict:
+def segment_model_metadata(
+    conn: duckdb.DuckDBPyConnection, version: int, trained: SegmentModel, model: str
+) -> dict:
+    """The trained model's figures and segment sizes, and the segment_model table's."""
     sizes = [
         dg.TableRecord({"segment_id": i, "customers": int(w)})
         for i, w in enumerate(trained.weights)
     ]
     return {
+        **table_figures(conn, SEGMENT_MODEL, None),
         **segment_model_figures(version, trained, model),
         "segment_sizes": dg.MetadataValue.table(
             records=sizes,
@@ -65,7 +70,6 @@ def segment_model_metadata(version: int, trained: SegmentModel, model: str) -> d
     retry_policy=STAGE_RETRY_POLICY,
     group_name="segmentation",
     kinds={"duckdb", "scikit-learn"},
-    metadata={"dagster/table_name": SEGMENT_MODEL},
 )
 def segment_model(
     context: dg.AssetExecutionContext,
@@ -78,15 +82,15 @@ def segment_model(
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
     with warehouse.locked_transaction(SEGMENT_MODEL) as conn:
         version, trained = train_and_store(conn, model, dimensions, config)
+        metadata = segment_model_metadata(conn, version, trained, model)
     context.log.info(f"segment model v{version}: {len(trained.centroids)} segments")
-    return dg.MaterializeResult(metadata=segment_model_metadata(version, trained, model))
+    return dg.MaterializeResult(metadata=metadata)
 
 
 @dg.asset(
     deps=[CUSTOMER_EMBEDDINGS, SEGMENT_MODEL],
     **batch_stage("segmentation"),
     kinds={"duckdb"},
-    metadata={"dagster/table_name": CUSTOMER_SEGMENTS},
     check_specs=[drift_check_spec(SEGMENT_SHARE_DRIFT, CUSTOMER_SEGMENTS, "segment shares")],
     # A missing segment_model does not hold a batch back (its first batch trains one), but a
     # retrained model re-assigns every batch.
@@ -114,7 +118,7 @@ def customer_segments(
             assigned = assign_batch(conn, batch_id, model, dimensions, version, centroids)
     yield dg.MaterializeResult(
         metadata={
-            "dagster/row_count": assigned.customers,
+            **table_metadata(warehouse, {CUSTOMER_SEGMENTS: assigned.customers})[CUSTOMER_SEGMENTS],
             "model_version": version,
             "bootstrapped_segment_model": bootstrapped,
             "distinct_profiles": assigned.distinct_profiles,
@@ -149,7 +153,7 @@ def _bootstrap_segment_model(
         dg.AssetMaterialization(
             asset_key=SEGMENT_MODEL_KEY,
             description=f"bootstrapped by customer_segments for batch {context.partition_key}",
-            metadata=segment_model_metadata(version, trained, model),
+            metadata=segment_model_metadata(conn, version, trained, model),
         )
     )
     return version, trained.centroids

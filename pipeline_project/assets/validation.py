@@ -4,12 +4,20 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pyarrow.parquet
 from pydantic import Field
 
+from pipeline_project.asset_metadata import table_metadata
 from pipeline_project.checks.input_checks import INPUT_CHECK_SPECS, input_check_results
 from pipeline_project.core.monitoring import StepUsage
-from pipeline_project.core.validation import ValidationSummary, validate_batch
+from pipeline_project.core.validation import (
+    FailureCount,
+    ValidationSummary,
+    failure_report,
+    validate_batch,
+)
 from pipeline_project.policies import batch_stage
+from pipeline_project.progress import report
 from pipeline_project.resources import AlertSink, Warehouse
 from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, RAW_CUSTOMERS, SCHEMA_ERRORS
 
@@ -36,19 +44,16 @@ VALIDATED_TABLES = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
         dg.AssetSpec(
             CUSTOMERS,
             description="Valid customers of each batch, one row per accepted landing line.",
-            metadata={"dagster/table_name": CUSTOMERS},
             **_SPEC_KWARGS,
         ),
         dg.AssetSpec(
             CUSTOMER_PURCHASES,
             description="Purchases of the valid customers, one row per purchaseHistory entry.",
-            metadata={"dagster/table_name": CUSTOMER_PURCHASES},
             **_SPEC_KWARGS,
         ),
         dg.AssetSpec(
             SCHEMA_ERRORS,
             description="Rejected landing lines with the raw text and every `field: message`.",
-            metadata={"dagster/table_name": SCHEMA_ERRORS},
             **_SPEC_KWARGS,
         ),
     ],
@@ -66,13 +71,16 @@ def validated_customers(
     started = time.perf_counter()
     usage = StepUsage()
 
+    raw_file = _raw_file(warehouse, batch_id)
+    lines = pyarrow.parquet.ParquetFile(raw_file).metadata.num_rows
+
     def progress(summary: ValidationSummary) -> None:
         context.log.info(
-            f"{batch_id}: chunk {summary.chunks} done, {summary.rows_in:,} lines,"
+            f"{batch_id}: chunk {summary.chunks} done, {summary.rows_in:,} of {lines:,} lines,"
             f" {summary.invalid:,} invalid, {summary.blank_lines:,} blank"
         )
+        report(batch_id, "validate", summary.rows_in, lines, "lines")
 
-    raw_file = _raw_file(warehouse, batch_id)
     with warehouse.staged_batch(VALIDATED_TABLES, batch_id) as (conn, staging):
         summary = validate_batch(
             conn,
@@ -88,10 +96,13 @@ def validated_customers(
         checks = input_check_results(
             conn, batch_id, config.error_rate_threshold, config.hard_error_rate_ceiling
         )
+        failures = failure_report(conn, batch_id)
     # Alerted here, whatever launched the run; the sensor finds it stored for this run.
     alerts.alert_error_rate(asset=CUSTOMERS, batch_id=batch_id, rate=summary.error_rate,
                             log=context.log, run_id=context.run.run_id)  # fmt: skip
-    yield from _materializations(summary, seconds, usage, warehouse.commit_retries())
+    yield from _materializations(
+        summary, seconds, usage, warehouse.commit_retries(), warehouse, failures
+    )
     yield from checks
 
 
@@ -107,7 +118,12 @@ def _raw_file(warehouse: Warehouse, batch_id: str) -> Path:
 
 
 def _materializations(
-    summary: ValidationSummary, seconds: float, usage: StepUsage, commit_retries: int
+    summary: ValidationSummary,
+    seconds: float,
+    usage: StepUsage,
+    commit_retries: int,
+    warehouse: Warehouse,
+    report: list[FailureCount],
 ) -> list[dg.MaterializeResult]:
     """The three tables' metadata: counts (lines in = valid + invalid + blank lines), the error
     rate (invalid / records: blank lines are no records), throughput, the step's usage."""
@@ -121,21 +137,56 @@ def _materializations(
         "seconds": round(seconds, 3),
         "rows_per_second": round(summary.rows_in / seconds) if seconds else 0,
         "commit_retries": commit_retries,
+        "validation_report": _report_table(report, summary.records),
     }
+    tables = table_metadata(
+        warehouse,
+        {CUSTOMERS: summary.valid, CUSTOMER_PURCHASES: summary.purchases,
+         SCHEMA_ERRORS: summary.invalid},
+    )  # fmt: skip
     return [
         dg.MaterializeResult(
-            asset_key=CUSTOMERS,
-            metadata={"dagster/row_count": summary.valid, **figures, **usage.figures()},
+            asset_key=CUSTOMERS, metadata={**tables[CUSTOMERS], **figures, **usage.figures()}
         ),
-        dg.MaterializeResult(
-            asset_key=CUSTOMER_PURCHASES, metadata={"dagster/row_count": summary.purchases}
-        ),
+        dg.MaterializeResult(asset_key=CUSTOMER_PURCHASES, metadata=tables[CUSTOMER_PURCHASES]),
         dg.MaterializeResult(
             asset_key=SCHEMA_ERRORS,
             metadata={
-                "dagster/row_count": summary.invalid,
+                **tables[SCHEMA_ERRORS],
                 "error_rate": round(summary.error_rate, 6),
                 "invalid_lines_by_field": dg.MetadataValue.json(dict(summary.errors_by_field)),
             },
         ),
     ]
+
+
+_REPORT_SCHEMA = dg.TableSchema(
+    columns=[
+        dg.TableColumn("field", "string", description="Field of the landing line."),
+        dg.TableColumn("rule", "string", description="The rule it broke."),
+        dg.TableColumn("failed_lines", "int", description="Lines of the batch that broke it."),
+        dg.TableColumn("share", "float", description="Those lines over the batch's records."),
+        dg.TableColumn("example_line", "int", description="The first line that broke it."),
+        dg.TableColumn("example", "string", description="That line's reason."),
+    ]
+)
+
+
+def _report_table(report: list[FailureCount], records: int) -> dg.TableMetadataValue:
+    """One row per field and rule, most frequent first: why the batch's lines were rejected."""
+    return dg.MetadataValue.table(
+        records=[
+            dg.TableRecord(
+                {
+                    "field": failure.field,
+                    "rule": failure.rule,
+                    "failed_lines": failure.lines,
+                    "share": round(failure.lines / records, 6),
+                    "example_line": failure.example_line,
+                    "example": failure.example,
+                }
+            )
+            for failure in report
+        ],
+        schema=_REPORT_SCHEMA,
+    )

@@ -39,7 +39,7 @@ def drift_check_result(
             check_name=name,
             passed=True,
             severity=dg.AssetCheckSeverity.WARN,
-            metadata={"baseline_batches": len(comparable), "psi": 0.0, "note": "no baseline yet"},
+            metadata={"baseline_batches": len(comparable), "note": "no baseline yet"},
         )
     value = psi(current, np.sum(np.asarray(comparable, dtype=float), axis=0))
     return dg.AssetCheckResult(

@@ -27,6 +27,7 @@ from tenacity import Retrying, stop_after_attempt, wait_exponential_jitter
 
 from pipeline_project.core import dead_letters, embedding_cache
 from pipeline_project.core.embedding_client import EmbeddingClient
+from pipeline_project.progress import report
 from pipeline_project.tables import CUSTOMER_EMBEDDINGS
 
 INFERENCE_FAILED = "inference_failed"
@@ -246,6 +247,7 @@ def embed_into_cache(
             f"{label}: chunk {outcome.chunks_done}/{outcome.chunks_total} "
             f"({outcome.chunks_failed} failed), {len(outcome.vectors) / seconds:.1f} texts/s"
         )
+        report(label, "embed", outcome.chunks_done, outcome.chunks_total, "chunks")
 
     try:
         with backend.open() as client:
@@ -424,7 +426,7 @@ def batch_figures(
     dead_lettered = sum(dead_by_reason.values())
     latency = outcome.latency_percentiles()
     figures = {
-        "dagster/row_count": customers_in - dead_lettered,
+        "dagster/partition_row_count": customers_in - dead_lettered,
         "customers_in": customers_in,
         "dead_lettered": dead_lettered,
         # failed + invalid outputs over customers: the batch's model error rate

@@ -236,15 +236,18 @@ def train_and_store(
 
 
 def segment_model_figures(version: int, trained: SegmentModel, model: str) -> dict:
-    """The figures of a trained model, for its materialization (segment sizes apart)."""
-    return {
+    """The figures of a trained model, for its materialization (segment sizes apart); no
+    silhouette where it does not exist (a single segment), rather than a sentinel value."""
+    figures = {
         "model_version": version,
         "n_segments": len(trained.centroids),
         "inertia": round(trained.inertia, 4),
-        "silhouette": round(trained.silhouette, 4) if trained.silhouette is not None else -1.0,
         "customers": int(trained.weights.sum()),
         "embedding_model": model,
     }
+    if trained.silhouette is not None:
+        figures["silhouette"] = round(trained.silhouette, 4)
+    return figures
 
 
 # The batch's distinct profiles, to assign each one segment.

@@ -426,6 +426,40 @@ def render_failure(field_name: str, rule: str, got: str | None) -> str:
     return f"{field_name}: {rule}" if got is None else f"{field_name}: {rule} (got {got})"
 
 
+# A batch's failures by field and rule (the message without its "(got ...)"), with the first
+# line that failed that way as the example. A rule's wording never holds " (got ".
+_REPORT_SQL = """
+    WITH reasons AS (
+        SELECT line_no, unnest(errors) AS message FROM schema_errors WHERE batch_id = $batch_id
+    ), parts AS (
+        SELECT line_no, message, split_part(message, ': ', 1) AS field,
+               split_part(substr(message, strpos(message, ': ') + 2), ' (got ', 1) AS rule
+        FROM reasons
+    )
+    SELECT field, rule, count(DISTINCT line_no) AS lines, min(line_no) AS example_line,
+           arg_min(message, line_no) AS example
+    FROM parts GROUP BY field, rule
+    ORDER BY lines DESC, field, rule
+    LIMIT $limit"""
+
+
+@dataclass(frozen=True)
+class FailureCount:
+    field: str
+    rule: str
+    lines: int
+    example_line: int
+    example: str
+
+
+def failure_report(
+    conn: duckdb.DuckDBPyConnection, batch_id: str, limit: int = 50
+) -> list[FailureCount]:
+    """Why the batch's lines were rejected: lines per field and rule, most frequent first."""
+    rows = conn.execute(_REPORT_SQL, {"batch_id": batch_id, "limit": limit}).fetchall()
+    return [FailureCount(*row) for row in rows]
+
+
 def _failures(model: type[pa.DataFrameModel], table: pyarrow.Table) -> list[dict]:
     """pandera's failure cases as dicts (column, check, failure_case, index); [] when all pass."""
     try:

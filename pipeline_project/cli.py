@@ -6,6 +6,8 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,7 +111,7 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
     failed = []
     catalog = _CatalogState(paths.catalog_path, found=landing.catalog_fingerprint() is not None)
     outcomes: list[BatchOutcome] = []
-    with dg.DagsterInstance.get() as instance:
+    with dg.DagsterInstance.get() as instance, _stage_progress():
         if catalog.found:
             click.echo(f"product catalog: loading and embedding {paths.catalog_path}")
             catalog_run = defs.resolve_job_def("catalog_job").execute_in_process(
@@ -142,6 +144,42 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
     if failed:
         click.echo(f"runs failed for: {', '.join(failed)} (see the Dagster UI for why)", err=True)
         sys.exit(1)
+
+
+@contextmanager
+def _stage_progress() -> Iterator[None]:
+    """On a terminal (stderr), a bar per long stage of each batch: lines ingested, lines
+    validated of the batch's lines, chunks embedded of the chunks to embed. Nothing elsewhere."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline_project.progress import listening
+
+    console = Console(stderr=True)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[figures]}"),
+        TimeElapsedColumn(),
+    )
+    tasks: dict[tuple[str, str], int] = {}
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bars:
+
+        def show(batch_id: str, stage: str, done: int, total: int | None, unit: str) -> None:
+            figures = f"{done:,} {unit}" if total is None else f"{done:,} of {total:,} {unit}"
+            if (batch_id, stage) not in tasks:
+                for (batch, _), task in tasks.items():  # the batch's earlier stages are done
+                    if batch == batch_id and not bars.tasks[task].finished:
+                        bars.update(task, total=bars.tasks[task].completed)
+                description = f"{batch_id} {stage}"
+                tasks[(batch_id, stage)] = bars.add_task(description, total=total, figures="")
+            bars.update(tasks[(batch_id, stage)], completed=done, total=total, figures=figures)
+
+        with listening(show):
+            yield
+        for task in bars.tasks:  # a stage that ended without a final report
+            if not task.finished:
+                bars.update(task.id, total=task.completed)
 
 
 def _alert_rejected_files(defs, rejected_files) -> None:
@@ -251,7 +289,7 @@ def _print_summary(outcomes: list[BatchOutcome]) -> None:
             ),
         )
         figures = [
-            f.get("kept_dagster/row_count"),
+            f.get("kept_dagster/partition_row_count"),
             f.get("kept_rejected"),
             *(f.get(f"rejected_{rule}") for rule in RULES),
         ]
@@ -361,21 +399,34 @@ def _metadata(result, node: str, asset: str) -> dict:
 @click.option("--port", default=3000, show_default=True)
 @click.argument("dagster_args", nargs=-1, type=click.UNPROCESSED)
 def ui(host: str, port: int, dagster_args: tuple[str, ...]) -> None:
-    """Start `dagster dev` (UI + daemon) on loopback with the project's Dagster home."""
+    """Start the UI and the daemon on loopback with the project's Dagster home: `dg dev` in the
+    project's folder, `dagster dev -m pipeline_project.definitions` anywhere else."""
     from pipeline_project.instance import ensure_dagster_home
 
     ensure_dagster_home()
-    target = ["-w", "workspace.yaml"] if Path("workspace.yaml").exists() else [
-        "-m", "pipeline_project.definitions"]  # fmt: skip
-    # the dagster next to this Python (the same environment), even when it is not on PATH
-    beside = Path(sys.executable).parent / "dagster"
-    dagster = str(beside) if beside.exists() else "dagster"
-    args = [dagster, "dev", *target, "-h", host, "-p", str(port), *dagster_args]
+    args, env = ui_command(Path.cwd(), host, port, dagster_args)
     # A process started in the background (`&` in a script, a test runner's worker) inherits
     # SIGINT ignored, and dagster dev handles SIGTERM as SIGINT: it could not be stopped by its
     # PID. Restore the default so that SIGINT and SIGTERM stop it and its children.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.execvp(args[0], args)
+    os.execvpe(args[0], args, env)
+
+
+def ui_command(
+    folder: Path, host: str, port: int, dagster_args: tuple[str, ...] = ()
+) -> tuple[list[str], dict[str, str]]:
+    """The command `ui` becomes, and its environment. The tools next to this Python (the same
+    environment) are used even when they are not on PATH."""
+    beside = Path(sys.executable).parent
+    project = folder / "pyproject.toml"
+    if project.is_file() and "[tool.dg]" in project.read_text(encoding="utf-8"):
+        # The project's own folder: `dg dev` loads the code location its pyproject names, in
+        # this environment (said to dg, which otherwise warns that none is active).
+        env = {**os.environ, "VIRTUAL_ENV": sys.prefix}
+        return [str(beside / "dg"), "dev", "--host", host, "--port", str(port), *dagster_args], env
+    target = ["-m", "pipeline_project.definitions"]
+    return [str(beside / "dagster"), "dev", *target, "-h", host, "-p", str(port),
+            *dagster_args], dict(os.environ)  # fmt: skip
 
 
 @main.group()

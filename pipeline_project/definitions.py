@@ -1,10 +1,18 @@
-"""The one Definitions object: assets, checks, sensors, jobs and resources, wired together."""
+"""The one Definitions object: assets, checks, sensors, jobs and resources, wired together.
+
+`defs` is the code location's entry point (`dg dev`, `dagster dev`, workspace.yaml), built when
+Dagster loads it; tests and scripts call `build_definitions` with their own settings.
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import dagster as dg
 
 from pipeline_project import jobs
+from pipeline_project.asset_metadata import described
+from pipeline_project.checks.schema_checks import COLUMN_SCHEMA_CHECKS
 from pipeline_project.policies import FRESHNESS_MONITORED, freshness_policy
 from pipeline_project.resources import AlertSink, LandingZone, Warehouse
 from pipeline_project.resources.embeddings import Embedder, build_embedder
@@ -34,15 +42,29 @@ def build_definitions(
     for path in (settings.warehouse.duckdb_path, settings.alerts.alerts_duckdb_path):
         path.parent.mkdir(parents=True, exist_ok=True)
     fresh = freshness_policy(settings.freshness.warn_hours, settings.freshness.fail_hours)
+    resources = build_resources(settings, embedder)
+    warehouse: Warehouse = resources["warehouse"]
+
+    def spec_of_deployment(spec: dg.AssetSpec) -> dg.AssetSpec:
+        spec = described(
+            spec,
+            qualified_name=warehouse.qualified_name,
+            location=warehouse.location_metadata,
+            embedder_kind=resources["embedder"].kind,
+        )
+        if spec.key.to_user_string() in FRESHNESS_MONITORED:
+            return spec.replace_attributes(freshness_policy=fresh)
+        return spec
+
+    assets = dg.map_asset_specs(spec_of_deployment, jobs.ASSETS)
+    with warnings.catch_warnings():
+        # Beta, and the only way to the UI's link from each asset to its source; its warning
+        # says nothing a user can act on.
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        assets = dg.with_source_code_references(assets)
     return dg.Definitions(
-        assets=dg.map_asset_specs(
-            lambda spec: (
-                spec.replace_attributes(freshness_policy=fresh)
-                if spec.key.to_user_string() in FRESHNESS_MONITORED
-                else spec
-            ),
-            jobs.ASSETS,
-        ),
+        assets=assets,
+        asset_checks=COLUMN_SCHEMA_CHECKS,
         jobs=jobs.JOBS,
         schedules=jobs.SCHEDULES,
         sensors=[
@@ -51,9 +73,11 @@ def build_definitions(
             jobs.automation_sensor,
             *build_alerting_sensors(settings.alerts),
         ],
-        resources=build_resources(settings, embedder),
+        resources=resources,
     )
 
 
-# The code location (workspace.yaml, pyproject.toml): the one place the environment is read.
-defs = build_definitions()
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The code location (workspace.yaml, pyproject.toml): the one place the environment is read."""
+    return build_definitions()

@@ -19,13 +19,16 @@ ALERTING_SENSOR_NAMES = ("run_failure_alert_sensor", "check_results_alert_sensor
                          "freshness_alert_sensor", "dead_letter_growth_sensor",
                          "error_rate_alert_sensor")  # fmt: skip
 LOAD = (
-    "import dagster as dg, pipeline_project.definitions as d; "
-    "dg.Definitions.validate_loadable(d.defs); print('loaded', len(list(d.defs.assets)))"
+    "import dagster as dg, pipeline_project.definitions as d; defs = d.defs(); "
+    "dg.Definitions.validate_loadable(defs); print('loaded', len(list(defs.assets)))"
 )
 
 
-def test_definitions_load_with_no_deprecated_superseded_or_beta_api(tmp_path):
+@pytest.mark.parametrize("as_the_suite", [False, True], ids=["user", "suite"])
+def test_definitions_load_with_no_deprecated_superseded_or_beta_api(tmp_path, as_the_suite):
     env = {"PATH": "", "PIPELINE_DUCKDB_PATH": str(tmp_path / "w.duckdb"), "HOME": str(tmp_path)}
+    if as_the_suite:
+        env["PIPELINE_SHOW_PREVIEW_WARNINGS"] = "1"
     done = subprocess.run(
         [sys.executable, "-W", "always", "-c", LOAD],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env,
@@ -33,9 +36,12 @@ def test_definitions_load_with_no_deprecated_superseded_or_beta_api(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "loaded" in done.stdout
     warning_lines = [ln for ln in done.stderr.splitlines() if "Warning:" in ln]
-    for banned in ("DeprecationWarning", "SupersessionWarning", "BetaWarning", "FutureWarning"):
-        assert not [ln for ln in warning_lines if banned in ln], done.stderr
-    # The one preview API in use, on purpose: partitioned asset check specs (see input_checks.py).
+    if not as_the_suite:
+        assert warning_lines == [], done.stderr  # a user's terminal shows none
+        return
+    # The suite still sees the one preview API in use, on purpose (partitioned asset check
+    # specs, see pipeline_project/__init__.py), and nothing deprecated, superseded or beta.
+    assert warning_lines, "Dagster no longer warns: drop the filter in pipeline_project/__init__"
     assert all("partitions_def on an AssetCheckSpec" in ln for ln in warning_lines), warning_lines
 
 

@@ -44,6 +44,9 @@ setup(
             "pytest-xdist==3.8.0",
             "hypothesis==6.170.17",
             "ruff==0.17.6",
+            # Drives a real headless Chromium (Debian's: apt-get install chromium) for the UI
+            # test and docs/screenshots.py; it never downloads a browser of its own.
+            "playwright==1.65.2",
             # A real PostgreSQL server for the tests (binaries inside the wheel, no system
             # package), and the instance storage and run launcher the deploy files name.
             "pgserver==0.1.4",

@@ -267,15 +267,18 @@ def _environment(env: dict[str, str]) -> dict[str, str]:
 
 
 @contextmanager
-def running_ui(cwd: Path, env: dict[str, str], settings: Settings) -> Iterator[DagsterDev]:
-    """`pipeline-project ui` (it becomes `dagster dev`, same PID) with only `env`'s PIPELINE_
-    and DAGSTER_ variables, on a free port; stopped by its PID afterwards, every child too."""
+def running_ui(
+    cwd: Path, env: dict[str, str], settings: Settings, folder: Path | None = None
+) -> Iterator[DagsterDev]:
+    """`pipeline-project ui` (it becomes `dagster dev`, or `dg dev` in the project's `folder`,
+    same PID) with only `env`'s PIPELINE_ and DAGSTER_ variables, on a free port; stopped by its
+    PID afterwards, every child too. Its log is `cwd`/dagster_dev.log."""
     port = free_port()
     log = (cwd / "dagster_dev.log").open("w")
     # the product's own command, with its default host
     proc = subprocess.Popen(
         [str(CLI), "ui", "--port", str(port)],
-        cwd=cwd, env=_environment(env), stdout=log, stderr=subprocess.STDOUT,
+        cwd=folder or cwd, env=_environment(env), stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
     dev = DagsterDev(f"http://127.0.0.1:{port}", proc, settings)

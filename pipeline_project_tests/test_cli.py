@@ -1,6 +1,7 @@
 """The README's main command end to end: `pipeline-project demo` in a fresh folder."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,8 @@ def test_demo_runs_two_batches_end_to_end_in_a_project_local_home_and_is_idempot
     assert first.returncode == 0, first.stdout + first.stderr
     assert "generating sample data" in first.stdout
     assert "\x1b" not in first.stdout  # a pipe: no ANSI escapes
+    assert "Warning" not in first.stderr, first.stderr  # no preview-API noise for a user
+    assert "━" not in first.stderr  # no progress bars where nobody watches
     for table in summary_tables(first.stdout):
         assert_aligned(table)
     validation, recommendation = summary(first.stdout)
@@ -77,8 +80,13 @@ def test_demo_runs_two_batches_end_to_end_in_a_project_local_home_and_is_idempot
     embeddings = table_rows(db, "customer_embeddings")
     assert len(embeddings) == len(tables["customers"])
 
-    second = cli("demo", "--rows", "300", cwd=tmp_path)
+    # as on a terminal (rich honours FORCE_COLOR): a progress bar per long stage, on stderr
+    second = cli("demo", "--rows", "300", cwd=tmp_path, env={"FORCE_COLOR": "1"})
     assert second.returncode == 0, second.stderr
+    bars = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", second.stderr)
+    for batch_id in ("b001", "b002"):
+        assert re.search(rf"{batch_id} ingest +━+ 300 lines", bars), bars[-2000:]
+        assert re.search(rf"{batch_id} validate +━+ 300 of 300 lines", bars), bars[-2000:]
     assert "generating sample data" not in second.stdout
     assert {t: table_rows(db, t) for t in tables} == tables
     assert table_rows(db, "customer_embeddings") == embeddings

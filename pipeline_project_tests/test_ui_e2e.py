@@ -1,6 +1,7 @@
 """End to end through the real UI path: `dagster dev` (webserver + daemon) on 127.0.0.1 with a
 temporary Dagster home and DuckDB file, driven through the GraphQL API the UI uses."""
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -8,11 +9,20 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from pipeline_project.definitions import build_definitions
 from pipeline_project.instance import write_instance_yaml
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.alerts import AlertStore
 from pipeline_project.sample_data import generate_batch, write_catalog
 from pipeline_project.settings import Settings
+from pipeline_project_tests.browser import (
+    INSTALL_HINT,
+    REQUIRE_BROWSER,
+    chromium_path,
+    drawn,
+    graph_labels,
+    ui_page,
+)
 from pipeline_project_tests.dagster_dev import (
     DagsterDev,
     running_ui,
@@ -20,14 +30,18 @@ from pipeline_project_tests.dagster_dev import (
 )
 
 CLI = Path(sys.executable).parent / "pipeline-project"
+REPO = Path(__file__).resolve().parents[1]
 # What the backfill (customer_segments) and the replay (customer_embeddings) could change.
 # Not recommendations: automation re-runs them after the backfill, and a batch's segment
 # affinities come from every batch segmented so far, so they may move as b002 lands.
 BATCH_TABLES = ["customers", "customer_embeddings", "customer_segments"]
 
 
-@pytest.fixture
-def dagster_dev(tmp_path: Path) -> Iterator[DagsterDev]:
+@pytest.fixture(scope="module")
+def dagster_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterDev]:
+    """One `dagster dev` for the module: the browser test reads the graph first, then the
+    scenario runs the batches."""
+    tmp_path = tmp_path_factory.mktemp("ui")
     home = tmp_path / "dagster_home"
     write_instance_yaml(home)
     data = tmp_path / "data"
@@ -48,7 +62,8 @@ def dagster_dev(tmp_path: Path) -> Iterator[DagsterDev]:
         batch_file = settings.landing.landing_dir / f"b00{number}.jsonl"
         generate_batch(batch_file, 300, bad_rate, number, catalog)
     env = {"DAGSTER_HOME": str(home), **pipeline_env}
-    with running_ui(tmp_path, env, settings) as dev:
+    # From the project's folder, as a user would: `pipeline-project ui` becomes `dg dev`.
+    with running_ui(tmp_path, env, settings, folder=REPO) as dev:
         yield dev
     # no lock left on the file
     with duckdb.connect(str(settings.warehouse.duckdb_path)) as conn:
@@ -70,6 +85,34 @@ def batch_tables(settings: Settings) -> dict[str, list[tuple]]:
                 " WHERE batch_id IN ('b001', 'b002') ORDER BY ALL"
             ).fetchall()
     return tables
+
+
+@pytest.mark.slow
+def test_every_asset_of_the_definitions_is_drawn_in_the_graph_of_a_real_browser(dagster_dev):
+    executable = chromium_path()
+    if executable is None:
+        if os.environ.get(REQUIRE_BROWSER):
+            pytest.fail(f"{REQUIRE_BROWSER} is set but there is {INSTALL_HINT}")
+        pytest.skip(INSTALL_HINT)
+    defs = build_definitions(dagster_dev.settings)
+    graph = defs.resolve_asset_graph()
+    assets = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    groups = {graph.get(key).group_name for key in graph.get_all_asset_keys()}
+    with ui_page(executable) as page:
+        page.goto(f"{dagster_dev.url}/asset-groups")
+        page.locator("svg foreignObject").first.wait_for(timeout=60_000)
+        page.keyboard.press("Alt+e")  # the graph's "Expand all groups"
+        labels: list[str] = []
+
+        def every_asset_drawn() -> bool:
+            labels[:] = graph_labels(page)
+            for group in groups & set(labels):  # a group's box is labelled with its name
+                labels.remove(group)
+            return all(drawn(asset, labels) for asset in assets)
+
+        wait_for("every asset drawn in the graph", every_asset_drawn, timeout=60)
+    assert not [a for a in assets if not drawn(a, labels)]
+    assert len(labels) == len(assets)  # and nothing else: no stub or unknown asset
 
 
 @pytest.mark.slow

@@ -14,10 +14,12 @@ def recent_batch_metadata(
     *,
     exclude_partition: str | None,
     batches: int,
+    unless_failed: str | None = None,
     scan: int = 200,
 ) -> list[Any]:
     """`metadata_key` of the latest materialization of up to `batches` other partitions,
-    newest first: the baseline a batch is compared with."""
+    newest first: the baseline a batch is compared with. With `unless_failed` (a check's name),
+    batches that failed that check are left out: an anomaly is nobody's baseline."""
     records = instance.fetch_materializations(dg.AssetKey(asset_key), limit=scan).records
     seen: set[str] = set()
     values: list[Any] = []
@@ -27,9 +29,17 @@ def recent_batch_metadata(
         if partition is None or partition == exclude_partition or partition in seen:
             continue
         seen.add(partition)
+        failed = unless_failed and materialization.metadata.get(failed_flag(unless_failed))
+        if failed and failed.value:
+            continue
         entry = materialization.metadata.get(metadata_key)
         if entry is not None:
             values.append(entry.value)
         if len(values) >= batches:
             break
     return values
+
+
+def failed_flag(check_name: str) -> str:
+    """The materialization metadata key that says the batch failed `check_name`."""
+    return f"{check_name}_failed"

@@ -1,10 +1,11 @@
 """Monitors: each one trips on a crafted batch and stays quiet on a normal one."""
 
 import dagster as dg
+import numpy as np
 import pytest
 
 from pipeline_project.checks.drift_checks import drift_check_result
-from pipeline_project.core.monitoring import count_anomaly, psi
+from pipeline_project.core.monitoring import BatchVolume, psi, volume_anomaly
 from pipeline_project_tests.helpers import customer, run_batch, write_lines
 
 
@@ -33,12 +34,59 @@ def test_drift_check_waits_for_a_baseline_then_warns_on_a_shift():
     assert shifted.metadata["psi"].value > 0.25
 
 
-def test_count_anomaly_needs_a_baseline_and_a_tolerance():
-    assert count_anomaly(1000, [100, 100], 0.3, 3) == (False, None, None)
-    anomalous, mean, deviation = count_anomaly(140, [100, 100, 100], 0.3, 3)
-    assert anomalous and mean == 100 and deviation == pytest.approx(0.4)
-    assert not count_anomaly(125, [100, 100, 100], 0.3, 3)[0]
-    assert count_anomaly(60, [100, 100, 100], 0.3, 3)[0]
+DAY = 86_400.0
+JUDGE = dict(tolerance=0.3, min_batches=3, robust_min_batches=7, z_threshold=3.5,
+             relative_floor=0.25, seasonal_days=14.0)  # fmt: skip
+
+
+def daily(values: list[int], start_weekday: int = 0) -> list[BatchVolume]:
+    """One batch a day, oldest first in `values`; returned newest first, as baselines are."""
+    batches = [
+        BatchVolume(rows=v, weekday=(start_weekday + i) % 7, landed_at=i * DAY)
+        for i, v in enumerate(values)
+    ]
+    return batches[::-1]
+
+
+def test_volume_needs_a_baseline_then_judges_by_the_cold_start_rule():
+    assert volume_anomaly(1000, 0, daily([100, 100]), **JUDGE).rule == "no baseline yet"
+    assert not volume_anomaly(1000, 0, daily([100, 100]), **JUDGE).anomalous
+    spike = volume_anomaly(140, 0, daily([100, 100, 100]), **JUDGE)
+    assert spike.anomalous and spike.expected == 100 and spike.deviation == pytest.approx(0.4)
+    assert spike.rule.startswith("cold start")
+    assert not volume_anomaly(125, 0, daily([100, 100, 100]), **JUDGE).anomalous
+    assert volume_anomaly(60, 0, daily([100, 100, 100]), **JUDGE).anomalous
+
+
+def test_volume_learns_the_noise_of_a_history_by_a_robust_z_score():
+    rng = np.random.default_rng(3)
+    noisy = [int(1000 * (1 + rng.uniform(-0.15, 0.15))) for _ in range(10)]
+    for rows in (870, 1000, 1140):  # normal noise: no alert
+        verdict = volume_anomaly(rows, 3, daily(noisy), **JUDGE)
+        assert verdict.rule == "robust z-score" and not verdict.anomalous, (rows, verdict)
+    for rows in (2000, 400):  # a spike and a drop
+        assert volume_anomaly(rows, 3, daily(noisy), **JUDGE).anomalous, rows
+    # a steady history has a MAD of almost nothing: the relative floor keeps noise quiet
+    steady = daily([1000, 1001, 999, 1000, 1000, 1002, 998, 1000])
+    assert volume_anomaly(1100, 3, steady, **JUDGE).robust_z > 3.5
+    assert not volume_anomaly(1100, 3, steady, **JUDGE).anomalous
+    assert volume_anomaly(1400, 3, steady, **JUDGE).anomalous
+    # one outlier in the window does not move the median: the next spike is still caught
+    assert volume_anomaly(2000, 3, daily([*noisy, 5000]), **JUDGE).anomalous
+
+
+def test_volume_is_judged_by_weekday_once_the_history_spans_two_weeks():
+    week = [1000, 1050, 980, 1020, 1000, 400, 380]  # Monday..Sunday: quiet weekends
+    three_weeks = daily(week * 3)
+    saturday, monday = 5, 0
+    quiet = volume_anomaly(410, saturday, three_weeks, **JUDGE)
+    assert quiet.rule == "robust z-score, same weekday" and not quiet.anomalous
+    assert quiet.expected == 400
+    assert volume_anomaly(1000, saturday, three_weeks, **JUDGE).anomalous  # busy for a Saturday
+    assert volume_anomaly(400, monday, three_weeks, **JUDGE).anomalous  # quiet for a Monday
+    # under two weeks no seasonality: a quiet Saturday is judged against every day
+    ten_days = daily((week * 2)[:10])
+    assert volume_anomaly(410, saturday, ten_days, **JUDGE).rule == "robust z-score"
 
 
 def test_record_count_check_trips_on_a_batch_far_from_the_recent_mean(defs, instance, settings):
@@ -53,6 +101,11 @@ def test_record_count_check_trips_on_a_batch_far_from_the_recent_mean(defs, inst
     spike = check(run_batch(defs, instance, "spike"), "record_count_within_expected_range")
     assert not spike.passed and spike.severity == dg.AssetCheckSeverity.WARN
     assert spike.metadata["deviation"].value > 0.3
+    # the spike is nobody's baseline: the next batch is judged against the four before it
+    write_lines(settings.landing_dir / "next.jsonl", lines(10, 900))
+    after = check(run_batch(defs, instance, "next"), "record_count_within_expected_range")
+    assert after.passed and after.metadata["baseline_batches"].value == 4
+    assert after.metadata["expected"].value == pytest.approx(10.5)
 
 
 def test_schema_error_rate_above_five_percent_is_a_failed_warn_check(defs, instance, settings):

@@ -152,7 +152,7 @@ def test_segment_share_drift_warns_on_a_shifted_batch_and_not_on_a_normal_one(
     settings, instance, catalog
 ):
     mixed = [buyer(i, CATEGORY_MIX[i % 6], purchases=1 + i % 3) for i in range(24)]
-    for i in range(2):
+    for i in range(3):
         write_lines(settings.landing_dir / f"base{i}.jsonl", mixed)
         materialize(settings, instance, f"base{i}")
     write_lines(settings.landing_dir / "normal.jsonl", mixed)
@@ -170,5 +170,27 @@ def test_segment_share_drift_warns_on_a_shifted_batch_and_not_on_a_normal_one(
         return evaluation
 
     normal, shifted = drift("normal"), drift("shifted")
-    assert normal.passed and normal.metadata["baseline_batches"].value == 2
+    assert normal.passed and normal.metadata["baseline_batches"].value == 3
     assert not shifted.passed and shifted.metadata["psi"].value > 0.25
+    # the shifted batch is nobody's baseline: the next normal batch is judged against the
+    # four normal ones before it
+    write_lines(settings.landing_dir / "after.jsonl", mixed)
+    after = drift("after")
+    assert after.passed and after.metadata["baseline_batches"].value == 4
+
+
+def test_segment_share_drift_gives_no_verdict_before_three_earlier_batches(
+    settings, instance, catalog
+):
+    mixed = [buyer(i, CATEGORY_MIX[i % 6], purchases=1 + i % 3) for i in range(24)]
+    write_lines(settings.landing_dir / "base0.jsonl", mixed)
+    materialize(settings, instance, "base0")
+    write_lines(
+        settings.landing_dir / "shifted.jsonl", [buyer(100 + i, "garden") for i in range(24)]
+    )
+    _, result = materialize(settings, instance, "shifted")
+    [drift] = [
+        e for e in result.get_asset_check_evaluations()
+        if e.check_name == "segment_share_drift_below_threshold"
+    ]  # fmt: skip
+    assert drift.passed and drift.metadata["note"].value == "no baseline yet"

@@ -1,14 +1,16 @@
 """Ingestion: a landing file becomes `raw_customers`, every line kept with its number and text."""
 
 import time
+from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
 from pipeline_project.asset_metadata import table_metadata
-from pipeline_project.batch_history import recent_batch_metadata
+from pipeline_project.batch_history import failed_flag, recent_batch_metadata
 from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunks, store_raw_lines
-from pipeline_project.core.monitoring import StepUsage, count_anomaly
+from pipeline_project.core.monitoring import BatchVolume, StepUsage, volume_anomaly
 from pipeline_project.partitions import batches
 from pipeline_project.policies import batch_stage
 from pipeline_project.progress import report
@@ -23,11 +25,26 @@ class IngestionConfig(dg.Config):
         description="Longer lines keep only this many bytes and fail validation.",
     )
     count_anomaly_tolerance: float = Field(
-        default=0.3, description="Alert when lines differ from the recent mean by more (±30%)."
+        default=0.3,
+        description="Cold start: alert when lines differ from the recent mean by more (±30%).",
     )
-    count_baseline_batches: int = Field(default=5, description="Recent batches in the mean.")
+    count_baseline_batches: int = Field(
+        default=28, description="Training window: the recent normal batches judged against."
+    )
     count_min_baseline_batches: int = Field(
         default=3, description="No count alert before this many earlier batches."
+    )
+    count_robust_min_batches: int = Field(
+        default=7, description="From this many earlier batches on, a robust z-score judges."
+    )
+    count_z_threshold: float = Field(
+        default=3.5, description="Alert beyond this robust z-score (median and MAD)..."
+    )
+    count_relative_floor: float = Field(
+        default=0.25, description="...and beyond this share of the expected count."
+    )
+    count_seasonal_days: float = Field(
+        default=14.0, description="Once the window spans this many days: by weekday."
     )
 
 
@@ -44,7 +61,9 @@ RECORD_COUNT_CHECK = "record_count_within_expected_range"
             RECORD_COUNT_CHECK,
             asset=RAW_CUSTOMERS,
             partitions_def=batches,
-            description="The batch's line count is within ±30% of the recent batches' mean.",
+            description="The batch's line count is what the recent normal batches predict:"
+            " within ±30% of their mean while there are fewer than 7, then a robust z-score"
+            " (median, MAD) within 3.5 or within 25%, by weekday once they span two weeks.",
         )
     ],
 )
@@ -58,30 +77,32 @@ def raw_customers(
     before validation (a leading byte-order mark is no text; blank lines are counted)."""
     usage = StepUsage()
     result = _ingest(context, config, landing, warehouse)
-    yield dg.MaterializeResult(metadata={**result, **usage.figures()})
-    baseline = recent_batch_metadata(
-        context.instance,
-        RAW_CUSTOMERS,
-        "dagster/partition_row_count",
-        exclude_partition=context.partition_key,
-        batches=config.count_baseline_batches,
-    )
-    rows = result["dagster/partition_row_count"]
-    anomalous, mean, deviation = count_anomaly(
-        rows, baseline, config.count_anomaly_tolerance, config.count_min_baseline_batches
-    )
+    volume = result["volume"].value
+    history = [
+        BatchVolume(**entry)
+        for entry in recent_batch_metadata(
+            context.instance,
+            RAW_CUSTOMERS,
+            "volume",
+            exclude_partition=context.partition_key,
+            batches=config.count_baseline_batches,
+            unless_failed=RECORD_COUNT_CHECK,
+        )
+    ]
+    verdict = volume_anomaly(
+        volume["rows"], volume["weekday"], history,
+        tolerance=config.count_anomaly_tolerance, min_batches=config.count_min_baseline_batches,
+        robust_min_batches=config.count_robust_min_batches, z_threshold=config.count_z_threshold,
+        relative_floor=config.count_relative_floor, seasonal_days=config.count_seasonal_days,
+    )  # fmt: skip
+    flag = {failed_flag(RECORD_COUNT_CHECK): verdict.anomalous}
+    yield dg.MaterializeResult(metadata={**result, **flag, **usage.figures()})
     yield dg.AssetCheckResult(
         check_name=RECORD_COUNT_CHECK,
-        passed=not anomalous,
+        passed=not verdict.anomalous,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={
-            "rows": rows,
-            "baseline_batches": len(baseline),
-            # no baseline yet: no mean and no deviation (not a sentinel that skews the plots)
-            **({} if mean is None else {"baseline_mean": round(mean, 1)}),
-            **({} if deviation is None else {"deviation": round(deviation, 4)}),
-            "tolerance": config.count_anomaly_tolerance,
-        },
+        # no baseline yet: no expected count, no deviation (not sentinels that skew the plots)
+        metadata={"rows": volume["rows"], "baseline_batches": len(history), **verdict.figures()},
     )
 
 
@@ -114,6 +135,8 @@ def _ingest(
     return {
         **table_metadata(warehouse, {RAW_CUSTOMERS: stored.lines})[RAW_CUSTOMERS],
         "raw_file": dg.MetadataValue.path(str(warehouse.raw_file(batch_id))),
+        # the landing file's time: its weekday is the batch's, for the volume's seasonality
+        "volume": dg.MetadataValue.json(_volume(stored.lines, landing_file.path)),
         "blank_lines": stored.blank_lines,
         "landing_file": landing_file.path.name,
         "landing_fingerprint": landing_file.fingerprint,
@@ -123,3 +146,9 @@ def _ingest(
         "seconds": round(seconds, 3),
         "rows_per_second": round(stored.lines / seconds) if seconds else 0,
     }
+
+
+def _volume(rows: int, path: Path) -> dict:
+    landed_at = path.stat().st_mtime
+    weekday = datetime.fromtimestamp(landed_at, tz=UTC).weekday()
+    return {"rows": rows, "weekday": weekday, "landed_at": landed_at}

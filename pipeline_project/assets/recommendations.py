@@ -7,7 +7,7 @@ import duckdb
 from pydantic import Field
 
 from pipeline_project.asset_metadata import table_metadata
-from pipeline_project.batch_history import recent_batch_metadata
+from pipeline_project.batch_history import failed_flag, recent_batch_metadata
 from pipeline_project.checks.drift_checks import (
     CONFIDENCE_DRIFT,
     drift_check_result,
@@ -69,6 +69,9 @@ class RecommendationConfig(dg.Config):
         default=0.25, description="WARN when the confidence distribution shifts more (PSI)."
     )
     drift_baseline_batches: int = Field(default=5, description="Recent batches in the baseline.")
+    drift_min_baseline_batches: int = Field(
+        default=3, description="No drift verdict before this many earlier normal batches."
+    )
 
 
 # A multi_asset with one skippable spec: the only way to yield nothing (no catalog) from an asset
@@ -135,9 +138,12 @@ def recommendations(
     context.log.info(f"{batch_id}: scored {chunks} chunks of profiles")
     figures = {"segment_model_version": version, **usage.figures()}
     figures |= table_metadata(warehouse, {RECOMMENDATIONS: summary.rows})[RECOMMENDATIONS]
+    drift = _confidence_drift(context, config, summary.histogram) if drift_selected else None
+    if drift is not None:
+        figures[failed_flag(CONFIDENCE_DRIFT)] = not drift.passed
     yield _scored(summary, {**figures, "commit_retries": warehouse.commit_retries()})
-    if drift_selected:
-        yield _confidence_drift(context, config, summary.histogram)
+    if drift is not None:
+        yield drift
 
 
 def _scored(summary: ConfidenceSummary, figures: dict) -> dg.MaterializeResult:
@@ -185,10 +191,12 @@ def _confidence_drift(
         "confidence_histogram",
         exclude_partition=context.partition_key,
         batches=config.drift_baseline_batches,
+        unless_failed=CONFIDENCE_DRIFT,
     )
     return drift_check_result(
-        CONFIDENCE_DRIFT, RECOMMENDATIONS, histogram, baselines, threshold=config.psi_threshold
-    )
+        CONFIDENCE_DRIFT, RECOMMENDATIONS, histogram, baselines,
+        threshold=config.psi_threshold, min_baselines=config.drift_min_baseline_batches,
+    )  # fmt: skip
 
 
 def _distribution_table(histogram: list[int]) -> dg.TableMetadataValue:

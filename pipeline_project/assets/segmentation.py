@@ -6,7 +6,7 @@ import numpy as np
 from pydantic import Field
 
 from pipeline_project.asset_metadata import table_figures, table_metadata
-from pipeline_project.batch_history import recent_batch_metadata
+from pipeline_project.batch_history import failed_flag, recent_batch_metadata
 from pipeline_project.checks.drift_checks import (
     SEGMENT_SHARE_DRIFT,
     drift_check_result,
@@ -39,6 +39,9 @@ class SegmentModelConfig(dg.Config):
         default=0.25, description="WARN when segment shares shift more (PSI) than this."
     )
     drift_baseline_batches: int = Field(default=5, description="Recent batches in the baseline.")
+    drift_min_baseline_batches: int = Field(
+        default=3, description="No drift verdict before this many earlier normal batches."
+    )
     epochs: int = Field(default=3, description="Passes over the training vectors.")
     chunk_vectors: int = Field(default=10_000, description="Vectors read per training chunk.")
     seed: int = Field(default=0, description="Random seed: same data, same model.")
@@ -116,8 +119,17 @@ def customer_segments(
     for attempt in warehouse.write_attempts():
         with attempt, warehouse.replace_batch([CUSTOMER_SEGMENTS], batch_id) as conn:
             assigned = assign_batch(conn, batch_id, model, dimensions, version, centroids)
+    drift = drift_check_result(
+        SEGMENT_SHARE_DRIFT,
+        CUSTOMER_SEGMENTS,
+        assigned.counts,
+        _count_baselines(context, config, version),
+        threshold=config.psi_threshold,
+        min_baselines=config.drift_min_baseline_batches,
+    )
     yield dg.MaterializeResult(
         metadata={
+            failed_flag(SEGMENT_SHARE_DRIFT): not drift.passed,
             **table_metadata(warehouse, {CUSTOMER_SEGMENTS: assigned.customers})[CUSTOMER_SEGMENTS],
             "model_version": version,
             "bootstrapped_segment_model": bootstrapped,
@@ -130,13 +142,7 @@ def customer_segments(
             "commit_retries": warehouse.commit_retries(),
         }
     )
-    yield drift_check_result(
-        SEGMENT_SHARE_DRIFT,
-        CUSTOMER_SEGMENTS,
-        assigned.counts,
-        _count_baselines(context, config, version),
-        threshold=config.psi_threshold,
-    )
+    yield drift
 
 
 def _bootstrap_segment_model(
@@ -171,6 +177,7 @@ def _count_baselines(
             "segment_counts",
             exclude_partition=context.partition_key,
             batches=config.drift_baseline_batches,
+            unless_failed=SEGMENT_SHARE_DRIFT,
         )
         if b.get("model_version") == version
     ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +27,82 @@ def psi(current: Sequence[float], baseline: Sequence[float], eps: float = 1e-4) 
     return float(np.sum((p - q) * np.log(p / q)))
 
 
-def count_anomaly(
-    rows: int, baseline: Sequence[int], tolerance: float, min_batches: int
-) -> tuple[bool, float | None, float | None]:
-    """(anomalous, baseline mean, relative deviation); never anomalous without enough history."""
-    if len(baseline) < min_batches:
-        return False, None, None
-    mean = float(np.mean(baseline))
-    deviation = (rows - mean) / mean if mean else (0.0 if rows == 0 else float("inf"))
-    return abs(deviation) > tolerance, mean, deviation
+@dataclass(frozen=True)
+class BatchVolume:
+    """A past batch's line count and the weekday it landed on (0 = Monday)."""
+
+    rows: int
+    weekday: int
+    landed_at: float
+
+
+@dataclass(frozen=True)
+class VolumeVerdict:
+    anomalous: bool
+    rule: str
+    expected: float | None = None
+    deviation: float | None = None
+    robust_z: float | None = None
+
+    def figures(self) -> dict[str, float | int | str]:
+        figures: dict = {"rule": self.rule}
+        for name in ("expected", "deviation", "robust_z"):
+            value = getattr(self, name)
+            if value is not None:
+                figures[name] = round(value, 4)
+        return figures
+
+
+def _mad(values: np.ndarray, centre: float) -> float:
+    return float(np.median(np.abs(values - centre)))
+
+
+def volume_anomaly(
+    rows: int,
+    weekday: int,
+    history: Sequence[BatchVolume],
+    *,
+    tolerance: float,
+    min_batches: int,
+    robust_min_batches: int,
+    z_threshold: float,
+    relative_floor: float,
+    seasonal_days: float = 14.0,
+) -> VolumeVerdict:
+    """Is `rows` an anomalous volume against the `history` of normal batches (newest first)?
+
+    - fewer than `min_batches`: no judgement;
+    - fewer than `robust_min_batches`: the cold-start rule, beyond ±`tolerance` of their mean;
+    - else a robust z-score, 0.6745 (rows - median) / MAD, beyond `z_threshold` and beyond
+      `relative_floor` of the median (a steady history has a tiny MAD: noise is no anomaly);
+      once the history spans `seasonal_days` and holds two batches of the same weekday, the
+      median is that weekday's and the MAD the spread around each weekday's own median.
+    """
+    if len(history) < min_batches:
+        return VolumeVerdict(False, "no baseline yet")
+    values = np.array([b.rows for b in history], dtype=float)
+    if len(history) < robust_min_batches:
+        mean = float(values.mean())
+        deviation = (rows - mean) / mean if mean else (0.0 if rows == 0 else float("inf"))
+        return VolumeVerdict(abs(deviation) > tolerance, "cold start: mean ±tolerance",
+                             mean, deviation)  # fmt: skip
+    weekdays = np.array([b.weekday for b in history])
+    span_days = (max(b.landed_at for b in history) - min(b.landed_at for b in history)) / 86400
+    same_day = values[weekdays == weekday]
+    if span_days >= seasonal_days and len(same_day) >= 2:
+        expected = float(np.median(same_day))
+        residuals = np.concatenate(
+            [values[weekdays == d] - np.median(values[weekdays == d]) for d in set(weekdays)]
+        )
+        mad, rule = float(np.median(np.abs(residuals))), "robust z-score, same weekday"
+    else:
+        expected = float(np.median(values))
+        mad, rule = _mad(values, expected), "robust z-score"
+    deviation = (rows - expected) / expected if expected else float("inf")
+    # a MAD of zero (identical batches): any change beyond the floor is an anomaly
+    z = 0.6745 * (rows - expected) / mad if mad else (0.0 if rows == expected else float("inf"))
+    anomalous = abs(z) > z_threshold and abs(deviation) > relative_floor
+    return VolumeVerdict(anomalous, rule, expected, deviation, z)
 
 
 _STATUS = Path("/proc/self/status")

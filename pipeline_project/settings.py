@@ -61,6 +61,8 @@ class EmbeddingSettings:
     openai_max_concurrency: int = _env("PIPELINE_OPENAI_MAX_CONCURRENCY", 4)
     openai_requests_per_minute: int = _env("PIPELINE_OPENAI_REQUESTS_PER_MINUTE", 0)
     openai_tokens_per_minute: int = _env("PIPELINE_OPENAI_TOKENS_PER_MINUTE", 0)
+    # what a million tokens cost the deployment (0: a local model): each batch's estimated cost
+    price_per_million_tokens: float = _env("PIPELINE_EMBEDDING_PRICE_PER_MILLION_TOKENS", 0.0)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ def activity() -> RecentActivity:
         model_error_rates=[],
         latency_p95_seconds=[0.12345],
         dead_letters={"inference": 4},
+        estimated_costs=[0.0125, 0.25],
+        costs_saved_by_cache=[0.5],
     )
 
 
@@ -45,6 +47,8 @@ def test_figures_count_runs_and_failures_and_take_the_worst_rates():
         "end_to_end_seconds_p50": 20.0,
         "end_to_end_seconds_max": 30.0,
         "dead_letter_total": 4,
+        "estimated_cost": 0.2625,  # the batches' costs add up, re-runs included
+        "cost_saved_by_cache": 0.5,
     }
 
 

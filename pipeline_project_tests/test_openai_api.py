@@ -6,6 +6,8 @@ import json
 import duckdb
 import pytest
 
+from pipeline_project.core.inference import TextCost
+from pipeline_project.definitions import build_definitions
 from pipeline_project_tests.helpers import (
     FAKE_KEY,
     embedding_metadata,
@@ -138,3 +140,47 @@ def test_api_key_never_reaches_logs_metadata_or_the_dead_letter_table(
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as conn:
         for (table,) in conn.execute("SELECT table_name FROM information_schema.tables").fetchall():
             assert FAKE_KEY not in str(conn.execute(f"SELECT * FROM {table}").fetchall())
+
+
+def test_each_batch_reports_its_tokens_requests_and_cost_and_what_the_cache_saved(
+    settings, instance, four_profiles, api_key
+):
+    price = 2.0  # per million tokens
+    server, first = run_with_faults(settings, instance, [], price_per_million_tokens=price)
+    assert first.success
+    meta = embedding_metadata(first)
+    texts = sum(len(r.texts) for r in server.requests)
+    assert meta["texts_embedded"] == texts == 4
+    assert meta["requests"] == meta["model_calls"] == len(server.requests)
+    assert meta["tokens_used"] == 3 * texts  # the server's own usage count
+    assert meta["tokens_counted_by"] == "the API"
+    assert meta["estimated_cost"] == pytest.approx(3 * texts * price / 1e6)
+    assert meta["tokens_saved_by_cache"] == 0 and meta["cost_saved_by_cache"] == 0
+    # the same batch again: every text from the cache, nothing sent; with no count from the
+    # API in this run, the saving is estimated from the texts' characters
+    server, second = run_with_faults(settings, instance, [], price_per_million_tokens=price)
+    again = embedding_metadata(second)
+    assert server.requests == [] and again["requests"] == 0 and again["tokens_used"] == 0
+    assert again["cache_hits"] == 4
+    assert again["tokens_saved_by_cache"] > 0
+    assert again["cost_saved_by_cache"] == pytest.approx(
+        again["tokens_saved_by_cache"] * price / 1e6
+    )
+    # the health summary adds up both runs
+    defs = build_definitions(settings)
+    health = defs.resolve_job_def("pipeline_health_job").execute_in_process(instance=instance)
+    [summary] = health.asset_materializations_for_node("pipeline_health")
+    assert summary.metadata["estimated_cost"].value == pytest.approx(meta["estimated_cost"])
+    assert summary.metadata["cost_saved_by_cache"].value == pytest.approx(
+        again["cost_saved_by_cache"]
+    )
+
+
+def test_without_a_count_from_the_model_tokens_are_estimated_from_characters():
+    cost = TextCost(embedded_chars=400, cached_chars=800, price_per_million_tokens=1.0)
+    estimated = cost.figures(requests=2, reported_tokens=None)
+    assert estimated["tokens_counted_by"] == "estimate"
+    assert (estimated["tokens_used"], estimated["tokens_saved_by_cache"]) == (100, 200)
+    counted = cost.figures(requests=2, reported_tokens=50)  # 8 characters a token here
+    assert (counted["tokens_used"], counted["tokens_saved_by_cache"]) == (50, 100)
+    assert counted["estimated_cost"] == pytest.approx(50e-6)

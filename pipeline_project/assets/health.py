@@ -77,6 +77,10 @@ def pipeline_health(
         latency_p95_seconds=_metadata_values(
             instance, CUSTOMER_EMBEDDINGS, "latency_p95_seconds", since
         ),
+        estimated_costs=_metadata_values(instance, CUSTOMER_EMBEDDINGS, "estimated_cost", since),
+        costs_saved_by_cache=_metadata_values(
+            instance, CUSTOMER_EMBEDDINGS, "cost_saved_by_cache", since
+        ),
     )
     activity.run_status.update(r.dagster_run.status.value for r in runs)
     _count_steps(instance, runs, activity)

@@ -9,10 +9,11 @@ from pydantic import Field
 from pipeline_project.asset_metadata import table_metadata, with_table_figures
 from pipeline_project.checks.model_checks import EMBEDDING_CHECK_SPECS, embedding_check_results
 from pipeline_project.core import dead_letters
-from pipeline_project.core.embedding_cache import missing_texts
+from pipeline_project.core.embedding_cache import missing_texts, text_characters
 from pipeline_project.core.inference import (
     CircuitBreakerOpen,
     InferenceOutcome,
+    TextCost,
     batch_figures,
     embed_into_cache,
     embedding_models,
@@ -90,6 +91,7 @@ def customer_embeddings(
             missing = missing_texts(
                 conn, STAGED_TEXTS_SQL, model, dimensions, {"profiles": profiles}
             )
+            chars = text_characters(conn, STAGED_TEXTS_SQL, {"profiles": profiles})
         context.log.info(
             f"{batch_id}: {customers:,} customers, {distinct:,} distinct profiles, "
             f"{len(missing):,} not in the cache for {model}"
@@ -109,7 +111,8 @@ def customer_embeddings(
     seconds = time.perf_counter() - started
     checks = _checks(warehouse, batch_id, config)
     figures = batch_figures(
-        outcome, customers_in=customers, distinct_profiles=distinct,
+        outcome, cost=_cost(embedder, missing, chars), customers_in=customers,
+        distinct_profiles=distinct,
         cache_hits=distinct - len(missing), dead_by_reason=dead_by_reason,
         dead_letter_total=dead_letter_total, model=model, dimensions=dimensions,
         seconds=seconds, usage={**usage.figures(), "commit_retries": warehouse.commit_retries()},
@@ -117,6 +120,12 @@ def customer_embeddings(
     _alert_error_rate(context, alerts, figures["error_rate"])
     yield dg.MaterializeResult(metadata=with_table_figures(warehouse, CUSTOMER_EMBEDDINGS, figures))
     yield from checks
+
+
+def _cost(embedder: Embedder, embedded: list[tuple[str, str]], chars: int) -> TextCost:
+    """What the batch's texts cost: those sent to the model and those the cache served."""
+    sent = sum(len(text) for _, text in embedded)
+    return TextCost(sent, chars - sent, embedder.price_per_million_tokens)
 
 
 def _alert_error_rate(context: dg.AssetExecutionContext, alerts: AlertSink, rate: float) -> None:

@@ -25,6 +25,18 @@ def _params(model: str, dimensions: int, params: Mapping[str, object] | None) ->
     return {**(params or {}), "model": model, "dimensions": dimensions}
 
 
+def text_characters(
+    conn: duckdb.DuckDBPyConnection, source: str, params: Mapping[str, object]
+) -> int:
+    """Characters of the distinct texts of `source` (columns text_hash, text)."""
+    [(chars,)] = conn.execute(
+        f"SELECT coalesce(sum(length(text)), 0) FROM (SELECT any_value(text) AS text"
+        f" FROM ({source}) AS s GROUP BY text_hash)",
+        dict(params),
+    ).fetchall()
+    return int(chars)
+
+
 def missing_texts(
     conn: duckdb.DuckDBPyConnection,
     source: str,

@@ -21,6 +21,8 @@ class RecentActivity:
     schema_error_rates: list[float] = field(default_factory=list)
     model_error_rates: list[float] = field(default_factory=list)
     latency_p95_seconds: list[float] = field(default_factory=list)
+    estimated_costs: list[float] = field(default_factory=list)
+    costs_saved_by_cache: list[float] = field(default_factory=list)
     dead_letters: Mapping[str, int] = field(default_factory=dict)  # pending, per stage
 
 
@@ -50,6 +52,8 @@ def health_figures(activity: RecentActivity) -> dict[str, int | float]:
         "end_to_end_seconds_p50": round(float(np.median(end_to_end)), 2) if end_to_end else 0.0,
         "end_to_end_seconds_max": round(max(end_to_end, default=0.0), 2),
         "dead_letter_total": sum(activity.dead_letters.values()),
+        "estimated_cost": round(sum(activity.estimated_costs), 6),
+        "cost_saved_by_cache": round(sum(activity.costs_saved_by_cache), 6),
     }
 
 

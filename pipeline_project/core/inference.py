@@ -408,9 +408,48 @@ def merge_replay(
     return ReplayOutcome(replayed, embedded, dead_letters.count_pending(conn, batch_id, stage))
 
 
+# Without a count from the API, a token is taken to be four characters (the usual rule of
+# thumb for English text and OpenAI's tokenizers).
+CHARS_PER_TOKEN = 4.0
+
+
+@dataclass(frozen=True)
+class TextCost:
+    """Characters of the texts a batch sent to the model and of those the cache served."""
+
+    embedded_chars: int
+    cached_chars: int
+    price_per_million_tokens: float
+
+    def figures(self, requests: int, reported_tokens: int | None) -> dict[str, float | int | str]:
+        """Tokens used (the API's count, else estimated) and saved by the cache, their cost."""
+        per_char = (
+            reported_tokens / self.embedded_chars
+            if reported_tokens and self.embedded_chars
+            else 1 / CHARS_PER_TOKEN
+        )
+        used = (
+            reported_tokens
+            if reported_tokens is not None
+            else round(self.embedded_chars * per_char)
+        )
+        saved = round(self.cached_chars * per_char)
+        price = self.price_per_million_tokens / 1_000_000
+        return {
+            "requests": requests,
+            "tokens_used": used,
+            "tokens_counted_by": "the API" if reported_tokens is not None else "estimate",
+            "tokens_saved_by_cache": saved,
+            "estimated_cost": round(used * price, 6),
+            "cost_saved_by_cache": round(saved * price, 6),
+            "price_per_million_tokens": self.price_per_million_tokens,
+        }
+
+
 def batch_figures(
     outcome: InferenceOutcome,
     *,
+    cost: TextCost,
     customers_in: int,
     distinct_profiles: int,
     cache_hits: int,
@@ -452,4 +491,4 @@ def batch_figures(
     }
     if outcome.tokens is not None:
         figures["tokens"] = outcome.tokens
-    return figures
+    return {**figures, **cost.figures(outcome.model_calls, outcome.tokens)}

@@ -32,6 +32,9 @@ class Embedder(dg.ConfigurableResource):
         default=256, description="Most texts one request may carry (the backend's limit)."
     )
     max_concurrency: int = Field(default=1, description="Requests in flight at once.")
+    price_per_million_tokens: float = Field(
+        default=0.0, description="What a million tokens cost: the batches' estimated cost."
+    )
 
     def model_id(self) -> str:
         """Identifies the model in the embedding cache: a new model never reuses old vectors."""
@@ -254,8 +257,9 @@ class HashingEmbedder(Embedder):
 def build_embedder(settings: EmbeddingSettings) -> Embedder:
     """The embedding backend the settings name (PIPELINE_EMBEDDING_BACKEND, default: local)."""
     backend, dimensions = settings.backend, settings.dimensions
+    price = {"price_per_million_tokens": settings.price_per_million_tokens}
     if backend == "local":
-        return LocalE5Embedder()
+        return LocalE5Embedder(**price)
     if backend == "openai":
         return OpenAIEmbedder(
             base_url=settings.openai_base_url,
@@ -268,15 +272,17 @@ def build_embedder(settings: EmbeddingSettings) -> Embedder:
             max_concurrency=settings.openai_max_concurrency,
             requests_per_minute=settings.openai_requests_per_minute,
             tokens_per_minute=settings.openai_tokens_per_minute,
+            **price,
         )
     if backend == "sentence-transformers":
         return SentenceTransformersEmbedder(
             model_name_or_path=settings.model or _packaged_minilm(),
             dimensions=384 if dimensions is None else dimensions,
             device=settings.device,
+            **price,
         )
     if backend == "hashing":
-        return HashingEmbedder(dimensions=384 if dimensions is None else dimensions)
+        return HashingEmbedder(dimensions=384 if dimensions is None else dimensions, **price)
     raise ValueError(
         f"PIPELINE_EMBEDDING_BACKEND={backend!r}:"
         " use local, openai, sentence-transformers or hashing"

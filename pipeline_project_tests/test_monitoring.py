@@ -1,12 +1,16 @@
 """Monitors: each one trips on a crafted batch and stays quiet on a normal one."""
 
+from contextlib import contextmanager
+
 import dagster as dg
 import numpy as np
 import pytest
 
 from pipeline_project.checks.drift_checks import drift_check_result
+from pipeline_project.core.embedding_client import EmbeddingResponse
 from pipeline_project.core.monitoring import BatchVolume, psi, volume_anomaly
-from pipeline_project_tests.helpers import customer, run_batch, write_lines
+from pipeline_project.resources.embeddings import HashingEmbedder
+from pipeline_project_tests.helpers import buyer, customer, materialize, run_batch, write_lines
 
 
 def lines(n: int, start: int = 0) -> list[str]:
@@ -158,3 +162,67 @@ def test_pipeline_health_is_refreshed_hourly(defs):
     schedule = defs.resolve_schedule_def("hourly_pipeline_health")
     assert schedule.cron_schedule == "0 * * * *" and schedule.job_name == "pipeline_health_job"
     assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+# ---- embedding drift: the batch's vectors against the recent batches' --------------------
+
+MIX = ["books", "garden", "toys", "grocery", "electronics", "beauty"]
+
+
+def mixed_batch(start: int, n: int = 36) -> list[str]:
+    return [buyer(start + i, MIX[i % 6], purchases=1 + i % 3) for i in range(n)]
+
+
+class SameVectorEmbedder(HashingEmbedder):
+    """A degenerate model: the same (well-formed, finite, unit) vector for every text."""
+
+    def model_id(self) -> str:
+        return "degenerate"
+
+    @contextmanager
+    def open(self):
+        class Client:
+            def embed(_, texts):
+                return EmbeddingResponse(np.ones((len(texts), self.dimensions), np.float32))
+
+        yield Client()
+
+
+def drift_of(settings, instance, embedder, batch_id: str, lines: list[str]):
+    write_lines(settings.landing_dir / f"{batch_id}.jsonl", lines)
+    result = materialize(settings, instance, embedder, batch_id)
+    assert result.success
+    return check(result, "embedding_drift_below_threshold")
+
+
+def test_embedding_drift_warns_on_a_moved_batch_and_keeps_it_out_of_the_baseline(
+    settings, instance, catalog
+):
+    embedder = HashingEmbedder(dimensions=64)
+    for i in range(3):
+        first = drift_of(settings, instance, embedder, f"base{i}", mixed_batch(100 * i))
+        assert first.passed and first.metadata["baseline_batches"].value == i
+    normal = drift_of(settings, instance, embedder, "normal", mixed_batch(500))
+    assert normal.passed, normal.metadata
+    assert normal.metadata["mean_distance"].value <= normal.metadata["distance_threshold"].value
+    assert normal.metadata["new_profile_customer_share"].value == 0  # the same profiles again
+    garden = [buyer(700 + i, "garden", purchases=12, amount=90.0) for i in range(36)]
+    moved = drift_of(settings, instance, embedder, "moved", garden)
+    assert not moved.passed and moved.severity == dg.AssetCheckSeverity.WARN
+    assert moved.metadata["mean_distance"].value > moved.metadata["distance_threshold"].value
+    assert moved.metadata["new_profile_customer_share"].value == 1.0
+    assert "mean moved" in moved.metadata["reason"].value
+    after = drift_of(settings, instance, embedder, "after", mixed_batch(900))
+    assert after.passed and after.metadata["baseline_batches"].value == 4  # "moved" left out
+
+
+def test_a_model_that_gives_every_text_the_same_vector_fails_at_its_first_batch(
+    settings, instance, catalog
+):
+    degenerate = drift_of(settings, instance, SameVectorEmbedder(dimensions=16), "b1",
+                          mixed_batch(0))  # fmt: skip
+    assert not degenerate.passed
+    assert degenerate.metadata["vector_spread"].value < 1e-3
+    assert "every vector alike" in degenerate.metadata["reason"].value
+    healthy = drift_of(settings, instance, HashingEmbedder(dimensions=16), "b2", mixed_batch(0))
+    assert healthy.passed and healthy.metadata["vector_spread"].value > 0.01

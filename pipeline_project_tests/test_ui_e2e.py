@@ -125,6 +125,7 @@ def test_landing_automation_backfill_bad_batch_checks_and_freshness_through_the_
     wait_for(
         "validated recommendations of b001 and b002, and no run in progress",
         lambda: dev.materialized("validated_recommendations", good) == good and dev.idle(),
+        timeout=480,  # three batches through every stage, a process per step, on 2 cores
     )
     ingestion = {
         run["tags"]["dagster/partition"]: run["status"]

@@ -7,9 +7,17 @@ import duckdb
 from pydantic import Field
 
 from pipeline_project.asset_metadata import table_metadata, with_table_figures
-from pipeline_project.checks.model_checks import EMBEDDING_CHECK_SPECS, embedding_check_results
+from pipeline_project.batch_history import failed_flags, recent_batches
+from pipeline_project.checks.model_checks import (
+    EMBEDDING_CHECK_SPECS,
+    EMBEDDING_DRIFT,
+    DriftLimits,
+    embedding_check_results,
+    embedding_drift_result,
+)
 from pipeline_project.core import dead_letters
 from pipeline_project.core.embedding_cache import missing_texts, text_characters
+from pipeline_project.core.embedding_drift import batch_vectors, embedding_drift
 from pipeline_project.core.inference import (
     CircuitBreakerOpen,
     InferenceOutcome,
@@ -57,6 +65,22 @@ class InferenceConfig(dg.Config):
     profile_chunk_rows: int = Field(
         default=200_000, description="Customers profiled per query (bounds memory)."
     )
+    drift_baseline_batches: int = Field(default=5, description="Recent batches in the baseline.")
+    drift_min_baseline_batches: int = Field(
+        default=3, description="No embedding-drift verdict before this many normal batches."
+    )
+    drift_factor: float = Field(
+        default=3.0, description="Drift: the mean moved this many times the usual move..."
+    )
+    drift_min_distance: float = Field(
+        default=0.002, description="...and at least this cosine distance."
+    )
+    drift_max_new_profile_share: float = Field(
+        default=0.5, description="Drift: more customers than this with a never-seen profile."
+    )
+    min_vector_spread: float = Field(
+        default=1e-3, description="Below this spread the batch's vectors are all alike."
+    )
     cache_flush_texts: int = Field(
         default=512, description="Write new vectors to the cache every this many texts."
     )
@@ -88,10 +112,9 @@ def customer_embeddings(
         profiles = str(scratch / "*.parquet")
         with warehouse.get_connection() as conn:
             customers, distinct = stage_profiles(conn, batch_id, scratch, config.profile_chunk_rows)
-            missing = missing_texts(
-                conn, STAGED_TEXTS_SQL, model, dimensions, {"profiles": profiles}
-            )
-            chars = text_characters(conn, STAGED_TEXTS_SQL, {"profiles": profiles})
+            texts = {"profiles": profiles}
+            missing = missing_texts(conn, STAGED_TEXTS_SQL, model, dimensions, texts)
+            chars = text_characters(conn, STAGED_TEXTS_SQL, texts)
         context.log.info(
             f"{batch_id}: {customers:,} customers, {distinct:,} distinct profiles, "
             f"{len(missing):,} not in the cache for {model}"
@@ -109,7 +132,7 @@ def customer_embeddings(
                 )
                 dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
     seconds = time.perf_counter() - started
-    checks = _checks(warehouse, batch_id, config)
+    checks = _checks(context, warehouse, config, model, dimensions)
     figures = batch_figures(
         outcome, cost=_cost(embedder, missing, chars), customers_in=customers,
         distinct_profiles=distinct,
@@ -117,8 +140,7 @@ def customer_embeddings(
         dead_letter_total=dead_letter_total, model=model, dimensions=dimensions,
         seconds=seconds, usage={**usage.figures(), "commit_retries": warehouse.commit_retries()},
     )  # fmt: skip
-    _alert_error_rate(context, alerts, figures["error_rate"])
-    yield dg.MaterializeResult(metadata=with_table_figures(warehouse, CUSTOMER_EMBEDDINGS, figures))
+    yield _materialized(context, alerts, warehouse, figures, checks)
     yield from checks
 
 
@@ -126,6 +148,22 @@ def _cost(embedder: Embedder, embedded: list[tuple[str, str]], chars: int) -> Te
     """What the batch's texts cost: those sent to the model and those the cache served."""
     sent = sum(len(text) for _, text in embedded)
     return TextCost(sent, chars - sent, embedder.price_per_million_tokens)
+
+
+def _materialized(
+    context: dg.AssetExecutionContext,
+    alerts: AlertSink,
+    warehouse: Warehouse,
+    figures: dict,
+    checks: list[dg.AssetCheckResult],
+) -> dg.MaterializeResult:
+    """The batch's materialization, once its error rate is alerted; flagged when it failed the
+    embedding drift check (the last), so that it is nobody's baseline."""
+    _alert_error_rate(context, alerts, figures["error_rate"])
+    figures = {**figures, **failed_flags(checks[-1:])}
+    return dg.MaterializeResult(
+        metadata=with_table_figures(warehouse, CUSTOMER_EMBEDDINGS, figures)
+    )
 
 
 def _alert_error_rate(context: dg.AssetExecutionContext, alerts: AlertSink, rate: float) -> None:
@@ -161,9 +199,10 @@ def replay_dead_letters(
                 conn, batch_id, INFERENCE_STAGE, model, dimensions, replay, outcome
             )
             dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
-    checks = _checks(warehouse, batch_id, config)
+    checks = _checks(context, warehouse, config, model, dimensions)
     yield dg.MaterializeResult(
         metadata={
+            **failed_flags(checks[-1:]),
             **table_metadata(warehouse, {CUSTOMER_EMBEDDINGS: merged.embedded})[
                 CUSTOMER_EMBEDDINGS
             ],
@@ -219,9 +258,35 @@ def cache_writer(warehouse: Warehouse):
 
 
 def _checks(
-    warehouse: Warehouse, batch_id: str, config: InferenceConfig
+    context: dg.AssetExecutionContext,
+    warehouse: Warehouse,
+    config: InferenceConfig,
+    model: str,
+    dimensions: int,
 ) -> list[dg.AssetCheckResult]:
+    """The batch's checks, the embedding drift last: against the recent normal batches
+    embedded by the same model."""
+    batch_id = context.partition_key
+    recent = [
+        partition
+        for partition, metadata in recent_batches(
+            context.instance,
+            CUSTOMER_EMBEDDINGS,
+            exclude_partition=batch_id,
+            batches=config.drift_baseline_batches,
+            unless_failed=EMBEDDING_DRIFT,
+        )  # fmt: skip
+        if (entry := metadata.get("model")) is not None and entry.value == model
+    ]
+    limits = DriftLimits(
+        config.drift_factor, config.drift_min_distance, config.drift_max_new_profile_share,
+        config.min_vector_spread, config.drift_min_baseline_batches,
+    )  # fmt: skip
     with warehouse.get_connection() as conn:
-        return embedding_check_results(
+        results = embedding_check_results(
             conn, batch_id, INFERENCE_STAGE, config.dead_letter_threshold
         )
+        current = batch_vectors(conn, batch_id, model, dimensions)
+        baselines = [b for p in recent if (b := batch_vectors(conn, p, model, dimensions))]
+    drift = embedding_drift(current, baselines) if current is not None else None
+    return [*results, embedding_drift_result(drift, len(baselines), limits)]

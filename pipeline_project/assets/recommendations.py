@@ -7,7 +7,7 @@ import duckdb
 from pydantic import Field
 
 from pipeline_project.asset_metadata import table_metadata
-from pipeline_project.batch_history import failed_flag, recent_batch_metadata
+from pipeline_project.batch_history import failed_flags, recent_batch_metadata
 from pipeline_project.checks.drift_checks import (
     CONFIDENCE_DRIFT,
     drift_check_result,
@@ -138,12 +138,11 @@ def recommendations(
     context.log.info(f"{batch_id}: scored {chunks} chunks of profiles")
     figures = {"segment_model_version": version, **usage.figures()}
     figures |= table_metadata(warehouse, {RECOMMENDATIONS: summary.rows})[RECOMMENDATIONS]
-    drift = _confidence_drift(context, config, summary.histogram) if drift_selected else None
-    if drift is not None:
-        figures[failed_flag(CONFIDENCE_DRIFT)] = not drift.passed
-    yield _scored(summary, {**figures, "commit_retries": warehouse.commit_retries()})
-    if drift is not None:
-        yield drift
+    # the drift check first: a batch that failed it is flagged, and nobody's baseline
+    drifts = [_confidence_drift(context, config, summary.histogram)] if drift_selected else []
+    figures |= {**failed_flags(drifts), "commit_retries": warehouse.commit_retries()}
+    yield _scored(summary, figures)
+    yield from drifts
 
 
 def _scored(summary: ConfidenceSummary, figures: dict) -> dg.MaterializeResult:

@@ -1,15 +1,19 @@
 """Checks on model output: every customer is embedded or dead-lettered; few are dead-lettered."""
 
+from dataclasses import dataclass
+
 import dagster as dg
 import duckdb
 
 from pipeline_project.checks.conservation import count_not_placed_exactly_once
 from pipeline_project.core import dead_letters
+from pipeline_project.core.embedding_drift import EmbeddingDrift
 from pipeline_project.partitions import batches
 from pipeline_project.tables import CUSTOMER_EMBEDDINGS
 
 EMBEDDED_OR_DEAD_LETTERED = "every_customer_embedded_or_dead_lettered"
 DEAD_LETTER_SHARE_BELOW_THRESHOLD = "embedding_dead_letter_share_below_threshold"
+EMBEDDING_DRIFT = "embedding_drift_below_threshold"
 
 # partitions_def on a check spec is a preview API; it is the only way to keep each batch's
 # result (pass/fail per partition) instead of "latest run wins".
@@ -28,7 +32,68 @@ EMBEDDING_CHECK_SPECS = [
         partitions_def=batches,
         description="Share of customers dead-lettered by inference is at most the threshold.",
     ),
+    dg.AssetCheckSpec(
+        EMBEDDING_DRIFT,
+        asset=CUSTOMER_EMBEDDINGS,
+        partitions_def=batches,
+        description="The batch's vectors are not all alike, their customer-weighted mean has"
+        " not moved from the recent batches' much more than those move between themselves,"
+        " and most of its customers have a profile the recent batches had.",
+    ),
 ]
+
+
+@dataclass(frozen=True)
+class DriftLimits:
+    factor: float  # the mean may move this many times the recent batches' typical move...
+    min_distance: float  # ...and at least this cosine distance before it is drift
+    max_new_profile_customer_share: float
+    min_spread: float  # below: every vector alike, a degenerate model
+    min_baselines: int
+
+
+def embedding_drift_result(
+    drift: EmbeddingDrift | None, baseline_batches: int, limits: DriftLimits
+) -> dg.AssetCheckResult:
+    """WARN on a degenerate batch at once, on drift once `limits.min_baselines` batches exist."""
+    if drift is None:
+        return _drift(True, {"note": "no vectors in this batch"})
+    figures: dict = {"vector_spread": round(drift.spread, 6), "baseline_batches": baseline_batches}
+    reasons = []
+    if drift.spread < limits.min_spread:
+        reasons.append(f"every vector alike (spread {drift.spread:.2e})")
+    if baseline_batches < limits.min_baselines or drift.mean_distance is None:
+        return _drift(not reasons, {**figures, "note": "no baseline yet", **_why(reasons)})
+    threshold = max(limits.min_distance, limits.factor * drift.typical_distance)
+    new_share = drift.new_profile_customer_share
+    if drift.mean_distance > threshold:
+        reasons.append(f"mean moved {drift.mean_distance:.4f} (limit {threshold:.4f})")
+    if new_share > limits.max_new_profile_customer_share:
+        reasons.append(f"{new_share:.0%} of customers have a profile never seen recently")
+    figures |= {
+        "mean_distance": round(drift.mean_distance, 6),
+        "typical_distance": round(drift.typical_distance, 6),
+        "distance_threshold": round(threshold, 6),
+        "new_profile_customer_share": round(new_share, 4),
+        "new_profile_share": round(drift.new_profile_share, 4),
+        "max_new_profile_customer_share": limits.max_new_profile_customer_share,
+    }
+    return _drift(not reasons, {**figures, **_why(reasons)})
+
+
+def _why(reasons: list[str]) -> dict:
+    return {"reason": "; ".join(reasons)} if reasons else {}
+
+
+def _drift(passed: bool, metadata: dict) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        asset_key=CUSTOMER_EMBEDDINGS,
+        check_name=EMBEDDING_DRIFT,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata=metadata,
+    )
+
 
 _COUNTS_SQL = """
 SELECT

@@ -226,3 +226,7 @@ def test_a_model_that_gives_every_text_the_same_vector_fails_at_its_first_batch(
     assert "every vector alike" in degenerate.metadata["reason"].value
     healthy = drift_of(settings, instance, HashingEmbedder(dimensions=16), "b2", mixed_batch(0))
     assert healthy.passed and healthy.metadata["vector_spread"].value > 0.01
+    # customers who all share one profile: one vector, no spread to judge, no false alarm
+    alike = [buyer(900 + i, "books") for i in range(5)]
+    single = drift_of(settings, instance, SameVectorEmbedder(dimensions=16), "b3", alike)
+    assert single.passed and "vector_spread" not in single.metadata

@@ -58,9 +58,11 @@ def embedding_drift_result(
     """WARN on a degenerate batch at once, on drift once `limits.min_baselines` batches exist."""
     if drift is None:
         return _drift(True, {"note": "no vectors in this batch"})
-    figures: dict = {"vector_spread": round(drift.spread, 6), "baseline_batches": baseline_batches}
+    figures: dict = {"baseline_batches": baseline_batches}
     reasons = []
-    if drift.spread < limits.min_spread:
+    if drift.spread is not None:  # a batch of one profile has no spread
+        figures["vector_spread"] = round(drift.spread, 6)
+    if drift.spread is not None and drift.spread < limits.min_spread:
         reasons.append(f"every vector alike (spread {drift.spread:.2e})")
     if baseline_batches < limits.min_baselines or drift.mean_distance is None:
         return _drift(not reasons, {**figures, "note": "no baseline yet", **_why(reasons)})

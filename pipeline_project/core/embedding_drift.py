@@ -3,8 +3,9 @@
 Only distinct profiles are read (a batch of millions of customers has a few thousand), each
 with its number of customers. Three figures:
 
-- the spread of the batch's vectors, 1 - |weighted mean of the unit vectors|: 0 when every
-  vector is alike (a degenerate model), larger the more the profiles differ;
+- the spread of the batch's distinct profiles' vectors, 1 - |mean of their unit vectors|: 0
+  when every vector is alike (a degenerate model), larger the more the profiles differ; a
+  batch of one profile has no spread to judge;
 - the cosine distance between the batch's mean and the recent batches' pooled mean, against
   the distance each recent batch has from the others (how much normal batches move);
 - the share of the batch's customers whose profile no recent batch had.
@@ -33,14 +34,18 @@ class BatchVectors:
     mean: np.ndarray  # customers-weighted mean of the profiles' unit vectors
     customers: np.ndarray  # per profile
     hashes: tuple[str, ...]
+    profile_mean: np.ndarray  # the distinct profiles' unit vectors, unweighted
 
     @property
     def total(self) -> float:
         return float(self.customers.sum())
 
     @property
-    def spread(self) -> float:
-        return float(1.0 - np.linalg.norm(self.mean))
+    def spread(self) -> float | None:
+        """1 - |mean of the distinct profiles' unit vectors|; None for a single profile."""
+        if len(self.hashes) < 2:
+            return None
+        return float(1.0 - np.linalg.norm(self.profile_mean))
 
 
 def batch_vectors(
@@ -57,7 +62,8 @@ def batch_vectors(
     units = vectors / np.where(norms == 0, 1.0, norms)
     customers = np.asarray(table["customers"].to_numpy(), dtype=np.float64)
     mean = (units * customers[:, None]).sum(axis=0) / customers.sum()
-    return BatchVectors(mean, customers, tuple(table["text_hash"].to_pylist()))
+    hashes = tuple(table["text_hash"].to_pylist())
+    return BatchVectors(mean, customers, hashes, units.mean(axis=0))
 
 
 def _pooled(batches: list[BatchVectors]) -> np.ndarray:
@@ -72,7 +78,7 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class EmbeddingDrift:
-    spread: float
+    spread: float | None
     mean_distance: float | None = None
     typical_distance: float | None = None  # median distance of a recent batch from the others
     new_profile_customer_share: float | None = None

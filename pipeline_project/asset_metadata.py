@@ -178,10 +178,16 @@ def table_metadata(warehouse: Warehouse, rows_by_table: Mapping[str, int | None]
         return {table: table_figures(conn, table, rows) for table, rows in rows_by_table.items()}
 
 
+def one_table_metadata(warehouse: Warehouse, table: str, batch_rows: int | None) -> dict:
+    """`table_figures` of one table, read on its own connection after the write."""
+    with warehouse.get_connection() as conn:
+        return table_figures(conn, table, batch_rows)
+
+
 def with_table_figures(warehouse: Warehouse, table: str, figures: Mapping) -> dict:
     """`figures`, which hold the batch's rows, with the table's figures."""
     rows = figures["dagster/partition_row_count"]
-    return {**figures, **table_metadata(warehouse, {table: rows})[table]}
+    return {**figures, **one_table_metadata(warehouse, table, rows)}
 
 
 # Every table is named after the asset that writes it; the embedding cache and the dead-letter

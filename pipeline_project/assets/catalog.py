@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 import duckdb
 
-from pipeline_project.asset_metadata import table_metadata
+from pipeline_project.asset_metadata import one_table_metadata
 from pipeline_project.assets.inference import InferenceConfig, cache_writer
 from pipeline_project.checks.catalog_checks import CATALOG_CHECK_SPECS, catalog_check_results
 from pipeline_project.core.embedding_cache import missing_texts
@@ -60,7 +60,7 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
     yield dg.MaterializeResult(
         asset_key=PRODUCT_CATALOG,
         metadata={
-            **table_metadata(warehouse, {PRODUCT_CATALOG: None})[PRODUCT_CATALOG],
+            **one_table_metadata(warehouse, PRODUCT_CATALOG, None),
             "categories": categories,
             "in_stock_share": round(in_stock or 0.0, 4),
             "catalog_fingerprint": fingerprint,
@@ -105,7 +105,7 @@ def product_embeddings(
             store_product_embeddings(conn, model, dimensions)
     return dg.MaterializeResult(
         metadata={
-            **table_metadata(warehouse, {PRODUCT_EMBEDDINGS: None})[PRODUCT_EMBEDDINGS],
+            **one_table_metadata(warehouse, PRODUCT_EMBEDDINGS, None),
             "texts_embedded": len(outcome.vectors),
             "model_calls": outcome.model_calls,
             "model": model,

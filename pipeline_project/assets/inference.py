@@ -6,7 +6,7 @@ import dagster as dg
 import duckdb
 from pydantic import Field
 
-from pipeline_project.asset_metadata import table_metadata, with_table_figures
+from pipeline_project.asset_metadata import one_table_metadata, with_table_figures
 from pipeline_project.batch_history import failed_flags, recent_batches
 from pipeline_project.checks.model_checks import (
     EMBEDDING_CHECK_SPECS,
@@ -203,9 +203,7 @@ def replay_dead_letters(
     yield dg.MaterializeResult(
         metadata={
             **failed_flags(checks[-1:]),
-            **table_metadata(warehouse, {CUSTOMER_EMBEDDINGS: merged.embedded})[
-                CUSTOMER_EMBEDDINGS
-            ],
+            **one_table_metadata(warehouse, CUSTOMER_EMBEDDINGS, merged.embedded),
             "mode": "dead-letter replay",
             "replay_candidates": replay.num_rows,
             "replayed": merged.replayed,

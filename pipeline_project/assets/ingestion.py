@@ -7,8 +7,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from pipeline_project.asset_metadata import table_metadata
-from pipeline_project.batch_history import failed_flag, recent_batch_metadata
+from pipeline_project.asset_metadata import one_table_metadata
+from pipeline_project.batch_history import failed_flags, recent_batch_metadata
 from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunks, store_raw_lines
 from pipeline_project.core.monitoring import BatchVolume, StepUsage, volume_anomaly
 from pipeline_project.partitions import batches
@@ -95,15 +95,15 @@ def raw_customers(
         robust_min_batches=config.count_robust_min_batches, z_threshold=config.count_z_threshold,
         relative_floor=config.count_relative_floor, seasonal_days=config.count_seasonal_days,
     )  # fmt: skip
-    flag = {failed_flag(RECORD_COUNT_CHECK): verdict.anomalous}
-    yield dg.MaterializeResult(metadata={**result, **flag, **usage.figures()})
-    yield dg.AssetCheckResult(
+    check = dg.AssetCheckResult(
         check_name=RECORD_COUNT_CHECK,
         passed=not verdict.anomalous,
         severity=dg.AssetCheckSeverity.WARN,
         # no baseline yet: no expected count, no deviation (not sentinels that skew the plots)
         metadata={"rows": volume["rows"], "baseline_batches": len(history), **verdict.figures()},
     )
+    yield dg.MaterializeResult(metadata={**result, **failed_flags([check]), **usage.figures()})
+    yield check
 
 
 def _ingest(
@@ -133,7 +133,7 @@ def _ingest(
             f"{batch_id}: {landing_file.path.name} ends early: {stored.read_errors[0]}"
         )
     return {
-        **table_metadata(warehouse, {RAW_CUSTOMERS: stored.lines})[RAW_CUSTOMERS],
+        **one_table_metadata(warehouse, RAW_CUSTOMERS, stored.lines),
         "raw_file": dg.MetadataValue.path(str(warehouse.raw_file(batch_id))),
         # the landing file's time: its weekday is the batch's, for the volume's seasonality
         "volume": dg.MetadataValue.json(_volume(stored.lines, landing_file.path)),

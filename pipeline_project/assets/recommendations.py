@@ -6,7 +6,7 @@ import dagster as dg
 import duckdb
 from pydantic import Field
 
-from pipeline_project.asset_metadata import table_metadata
+from pipeline_project.asset_metadata import one_table_metadata, table_metadata
 from pipeline_project.batch_history import failed_flags, recent_batch_metadata
 from pipeline_project.checks.drift_checks import (
     CONFIDENCE_DRIFT,
@@ -122,7 +122,7 @@ def recommendations(
         context.log.warning(f"{batch_id}: no segmented customers or no product embeddings")
         yield dg.MaterializeResult(
             asset_key=RECOMMENDATIONS,
-            metadata=table_metadata(warehouse, {RECOMMENDATIONS: 0})[RECOMMENDATIONS],
+            metadata=one_table_metadata(warehouse, RECOMMENDATIONS, 0),
         )
         if drift_selected:
             yield drift_check_result(CONFIDENCE_DRIFT, RECOMMENDATIONS, [], [], threshold=1.0)
@@ -137,7 +137,7 @@ def recommendations(
             summary = confidence_summary(conn, batch_id)
     context.log.info(f"{batch_id}: scored {chunks} chunks of profiles")
     figures = {"segment_model_version": version, **usage.figures()}
-    figures |= table_metadata(warehouse, {RECOMMENDATIONS: summary.rows})[RECOMMENDATIONS]
+    figures |= one_table_metadata(warehouse, RECOMMENDATIONS, summary.rows)
     # the drift check first: a batch that failed it is flagged, and nobody's baseline
     drifts = [_confidence_drift(context, config, summary.histogram)] if drift_selected else []
     figures |= {**failed_flags(drifts), "commit_retries": warehouse.commit_retries()}

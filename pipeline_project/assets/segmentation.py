@@ -5,8 +5,8 @@ import duckdb
 import numpy as np
 from pydantic import Field
 
-from pipeline_project.asset_metadata import table_figures, table_metadata
-from pipeline_project.batch_history import failed_flag, recent_batch_metadata
+from pipeline_project.asset_metadata import one_table_metadata, table_figures
+from pipeline_project.batch_history import failed_flags, recent_batch_metadata
 from pipeline_project.checks.drift_checks import (
     SEGMENT_SHARE_DRIFT,
     drift_check_result,
@@ -129,8 +129,8 @@ def customer_segments(
     )
     yield dg.MaterializeResult(
         metadata={
-            failed_flag(SEGMENT_SHARE_DRIFT): not drift.passed,
-            **table_metadata(warehouse, {CUSTOMER_SEGMENTS: assigned.customers})[CUSTOMER_SEGMENTS],
+            **failed_flags([drift]),
+            **one_table_metadata(warehouse, CUSTOMER_SEGMENTS, assigned.customers),
             "model_version": version,
             "bootstrapped_segment_model": bootstrapped,
             "distinct_profiles": assigned.distinct_profiles,

@@ -138,13 +138,17 @@ def write_catalog(path: Path, n_products: int = 500, seed: int = 0) -> Catalog:
 
 
 def iter_batch_lines(
-    rows: int, bad_rate: float, seed: int, catalog: Catalog
+    rows: int, bad_rate: float, seed: int, catalog: Catalog, population: int | None = None
 ) -> Iterator[tuple[str, str]]:
-    """(kind, JSON line) for each customer of a batch; kind is "valid", an edge or a bad kind."""
+    """(kind, JSON line) for each customer of a batch; kind is "valid", an edge or a bad kind.
+    The customers' personas (what they buy, how often) come from `population` when given, so
+    batches of different seeds can be drawn from one customer base; else from `seed`."""
     if rows < 0 or not 0.0 <= bad_rate <= 1.0:
         raise ValueError("rows must be >= 0 and bad_rate within [0, 1]")
     rng = np.random.default_rng([seed, 104729])
     personas = _personas(rng)
+    if population is not None:
+        personas = _personas(np.random.default_rng([population, 104729]))
     edge_rows = {2: EDGE_KINDS[0], 3: EDGE_KINDS[1], 4: EDGE_KINDS[2]} if rows >= 10 else {}
     is_bad = rng.random(rows) < bad_rate
     for i in edge_rows:
@@ -170,7 +174,14 @@ def iter_batch_lines(
                 yield kind, json.dumps(record, separators=(",", ":"))
 
 
-def generate_batch(path: Path, rows: int, bad_rate: float, seed: int, catalog: Catalog) -> Counter:
+def generate_batch(
+    path: Path,
+    rows: int,
+    bad_rate: float,
+    seed: int,
+    catalog: Catalog,
+    population: int | None = None,
+) -> Counter:
     """Write one batch file (gzip when the name ends in .gz); returns the count of each kind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     kinds: Counter = Counter()
@@ -178,7 +189,7 @@ def generate_batch(path: Path, rows: int, bad_rate: float, seed: int, catalog: C
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(tmp, "wt", encoding="utf-8", newline="\n") as f:
         buffer: list[str] = []
-        for kind, line in iter_batch_lines(rows, bad_rate, seed, catalog):
+        for kind, line in iter_batch_lines(rows, bad_rate, seed, catalog, population):
             kinds[kind] += 1
             buffer.append(line)
             if len(buffer) >= 10_000:

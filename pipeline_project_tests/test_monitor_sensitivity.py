@@ -1,0 +1,29 @@
+"""The seeded-anomaly benchmark's small version: the monitors for a wrong model catch it, and
+no normal batch alerts (benchmarks/monitor_sensitivity.py --small)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_wrong_model_or_scorer_is_caught_and_normal_batches_stay_quiet():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/monitor_sensitivity.py", "--small", "--json", "--rows", "2000"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    kinds = {a["kind"]: a for a in summary["anomalies"].values()}
+    assert set(kinds) == {"random_model", "customer_blind_scorer", "constant_model"}
+    assert summary["missed"] == []
+    for kind in ("random_model", "customer_blind_scorer"):
+        assert "recommendation_hit_rate_beats_popularity" in kinds[kind]["caught_by_named"]
+    assert "embedding_drift_below_threshold" in kinds["constant_model"]["caught_by_named"]
+    assert summary["normal_batches"] == 6 and summary["normal_batches_alerted"] == []
+    normal = [b for b in summary["batches"] if b["kind"] == "normal"]
+    assert all(b["run_succeeded"] for b in summary["batches"])
+    # every normal batch's model beats popularity on its held-out purchases
+    assert all(b["hit_rate"] > b["popularity_hit_rate"] for b in normal)

@@ -77,7 +77,10 @@ EXPECTED = {
     ],
     "constant_model": ["embedding_model_passes_probe_texts", "embedding_drift_below_threshold"],
     "half_out_of_stock": ["rejected_share_per_rule_below_ceiling"],
-    "customer_blind_scorer": ["recommendation_hit_rate_beats_popularity"],
+    "customer_blind_scorer": [
+        "recommendations_differ_between_customers",
+        "recommendation_hit_rate_beats_popularity",
+    ],
 }
 FULL_PLAN = ["normal"] * 14 + [k for anomaly in EXPECTED for k in (anomaly, "normal", "normal")]
 # The suite's: enough normal batches for every baseline (3), then the anomalies the new
@@ -275,11 +278,20 @@ def _outcome(batch_id: str, kind: str, rows: int, result: dg.ExecuteInProcessRes
         "hit_rate": quality[0].get("hit_rate") if quality else None,
         "popularity_hit_rate": quality[0].get("popularity_hit_rate") if quality else None,
         "quality_verdict": quality[0].get("verdict") if quality else None,
+        "most_common_list_share": next(
+            (
+                e.metadata["most_common_list_share"].value
+                for e in evaluations
+                if e.check_name == "recommendations_differ_between_customers"
+            ),
+            None,
+        ),  # fmt: skip
     }
 
 
 def _line(b: dict) -> str:
     rates = f"hit@10 {b['hit_rate']} vs popularity {b['popularity_hit_rate']}"
+    rates += f", one list to {b['most_common_list_share']} of profiles"
     run = "" if b["run_succeeded"] else " RUN FAILED"
     return f"{b['batch']:<28} {b['rows']:>6} rows  {rates}{run}  failed: {b['failed'] or '-'}"
 

@@ -131,7 +131,7 @@ FAST_RETRIES = {"backoff_initial_seconds": 0.01, "backoff_max_seconds": 0.05}
 def openai_embedder(base_url: str, **overrides) -> OpenAIEmbedder:
     settings = dict(
         base_url=base_url, api_key=dg.EnvVar("PIPELINE_OPENAI_API_KEY"), model="test-embed",
-        dimensions=8, request_timeout_seconds=2.0, client_max_retries=0, max_batch_size=2,
+        dimensions=16, request_timeout_seconds=2.0, client_max_retries=0, max_batch_size=2,
         max_concurrency=2,
     )  # fmt: skip
     return OpenAIEmbedder(**{**settings, **overrides})

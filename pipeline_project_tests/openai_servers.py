@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline_project.core.probes import PROBE_TEXTS
 from pipeline_project_tests.helpers import free_port
 
 
@@ -35,12 +36,12 @@ def _words(dimensions: int):
     return HashingVectorizer(n_features=dimensions, ngram_range=(1, 2))
 
 
-def text_vector(text: str, dimensions: int) -> list[float]:
+def text_vector(text: str, dimensions: int, meaning: bool = True) -> list[float]:
     """A deterministic unit vector per text from its words and word pairs (hashed, as
     scikit-learn's HashingVectorizer does): texts with words in common are near, as a language
-    model's vectors are, so the pipeline's probe texts pass. A text without words gets a
-    random one of its own."""
-    v = _words(dimensions).transform([text]).toarray()[0]
+    model's vectors are, so the pipeline's probe texts pass. Without `meaning` (or for a text
+    without words), a random one of its own: a model gone wrong."""
+    v = _words(dimensions).transform([text]).toarray()[0] if meaning else np.zeros(dimensions)
     if not v.any():
         seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
         v = np.random.default_rng(seed).normal(size=dimensions)
@@ -73,12 +74,20 @@ class Request:
 
 @dataclass
 class FaultyEmbeddingsServer:
-    dimensions: int = 8
+    """`requests` are the batches' own; the pipeline's probe texts (one request per run) are in
+    `probe_requests`, and the rules apply to them only with `fault_probes`."""
+
+    dimensions: int = 16
     rules: list[Rule] = field(default_factory=list)
+    meaning: bool = True  # False: random vectors, a model that returns well-formed nonsense
+    fault_probes: bool = False
     requests: list[Request] = field(default_factory=list)
+    probe_requests: list[Request] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def decide(self, texts: list[str]) -> Rule | None:
+        if texts == PROBE_TEXTS and not self.fault_probes:
+            return None
         with self._lock:
             for rule in self.rules:
                 if rule.matches(texts):
@@ -123,10 +132,9 @@ def _handler(state: FaultyEmbeddingsServer) -> type[BaseHTTPRequestHandler]:
             texts = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
             rule = state.decide(texts)
             action = rule.action if rule else "ok"
+            sent = Request(time.monotonic(), texts, self.headers.get("authorization", ""), action)
             with state._lock:
-                state.requests.append(
-                    Request(time.monotonic(), texts, self.headers.get("authorization", ""), action)
-                )
+                (state.probe_requests if texts == PROBE_TEXTS else state.requests).append(sent)
             if action == "429":
                 error = json.dumps({"error": {"message": "rate limited", "type": "rate_limit"}})
                 self._send(429, error.encode(), {"retry-after": str(rule.retry_after)})
@@ -139,7 +147,7 @@ def _handler(state: FaultyEmbeddingsServer) -> type[BaseHTTPRequestHandler]:
             if action == "malformed":
                 self._send(200, b'{"object": "list", "data": [{"embedding": [0.1, ')
                 return
-            vectors = [text_vector(t, state.dimensions) for t in texts]
+            vectors = [text_vector(t, state.dimensions, state.meaning) for t in texts]
             if action == "wrong_count":
                 vectors = vectors[:-1]
             elif action in ("nan", "zero"):

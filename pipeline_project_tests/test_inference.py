@@ -179,6 +179,7 @@ def test_replay_sends_only_the_dead_letters_merges_them_once_and_marks_them(
     assert checks == {
         "every_customer_embedded_or_dead_lettered": True,
         "embedding_dead_letter_share_below_threshold": True,
+        "embedding_model_passes_probe_texts": True,
         "embedding_drift_below_threshold": True,
     }
 

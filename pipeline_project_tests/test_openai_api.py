@@ -18,9 +18,9 @@ from pipeline_project_tests.helpers import (
 from pipeline_project_tests.openai_servers import FaultyEmbeddingsServer, Rule
 
 
-def run_with_faults(settings, instance, rules, config=None, **embedder_settings):
+def run_with_faults(settings, instance, rules, config=None, server=None, **embedder_settings):
     """The batch up to inference against the loopback server with these fault rules."""
-    server = FaultyEmbeddingsServer(rules=rules)
+    server = server or FaultyEmbeddingsServer(rules=rules)
     with server.running() as url:
         result = materialize(
             settings, instance, openai_embedder(url, **embedder_settings), config=config
@@ -161,6 +161,7 @@ def test_each_batch_reports_its_tokens_requests_and_cost_and_what_the_cache_save
     server, second = run_with_faults(settings, instance, [], price_per_million_tokens=price)
     again = embedding_metadata(second)
     assert server.requests == [] and again["requests"] == 0 and again["tokens_used"] == 0
+    assert len(server.probe_requests) == 1  # the model itself is probed at every run
     assert again["cache_hits"] == 4
     assert again["tokens_saved_by_cache"] > 0
     assert again["cost_saved_by_cache"] == pytest.approx(
@@ -184,3 +185,43 @@ def test_without_a_count_from_the_model_tokens_are_estimated_from_characters():
     counted = cost.figures(requests=2, reported_tokens=50)  # 8 characters a token here
     assert (counted["tokens_used"], counted["tokens_saved_by_cache"]) == (50, 100)
     assert counted["estimated_cost"] == pytest.approx(50e-6)
+
+
+def probe_check(result):
+    [check] = [
+        e for e in result.get_asset_check_evaluations()
+        if e.check_name == "embedding_model_passes_probe_texts"
+    ]  # fmt: skip
+    return check, {k: v.value for k, v in check.metadata.items()}
+
+
+def test_a_model_returning_well_formed_random_vectors_fails_the_probe_texts(
+    settings, instance, four_profiles, api_key
+):
+    sane, result = run_with_faults(settings, instance, [])
+    check, meta = probe_check(result)
+    assert check.passed and meta["misplaced_texts"] == 0 and meta["margin"] > 0
+    assert len(sane.probe_requests) == 1 and len(sane.probe_requests[0].texts) == 10
+    # the same API, its model now returning random unit vectors: every vector valid, no dead
+    # letter, the batch's cached vectors unchanged; only the probes can tell
+    nonsense = FaultyEmbeddingsServer(meaning=False)
+    _, result = run_with_faults(settings, instance, [], server=nonsense)
+    assert result.success and nonsense.requests == []  # every profile from the cache
+    check, meta = probe_check(result)
+    assert not check.passed and check.severity.value == "WARN"
+    assert meta["misplaced_texts"] > 0 and meta["margin"] < 0
+    assert "do not follow meaning" in meta["verdict"]
+
+
+def test_a_failed_probe_request_is_no_verdict_and_leaks_nothing(
+    settings, instance, four_profiles, api_key
+):
+    leaky = f"upstream said: bad token Bearer {FAKE_KEY}"
+    down = FaultyEmbeddingsServer(rules=[Rule("500", body=leaky)], fault_probes=True)
+    _, result = run_with_faults(
+        settings, instance, [], server=down, config={"max_failed_chunk_share": 1.0}
+    )
+    check, meta = probe_check(result)
+    assert len(down.probe_requests) == 1 and down.probe_requests[0].action == "500"
+    assert check.passed and meta["verdict"].startswith("no verdict: the probe request failed")
+    assert FAKE_KEY not in repr(meta)

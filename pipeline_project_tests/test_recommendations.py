@@ -366,6 +366,7 @@ def test_the_checks_alone_judge_the_stored_recommendations(settings, instance, s
         dg.AssetCheckKey(dg.AssetKey(asset), name)
         for asset, name in [
             ("recommendations", "confidence_drift_below_threshold"),
+            ("recommendations", "recommendation_hit_rate_beats_popularity"),
             ("validated_recommendations", "no_validated_recommendation_breaks_a_rule"),
             ("validated_recommendations", "rejected_share_per_rule_below_ceiling"),
         ]

@@ -14,9 +14,12 @@ from pipeline_project.checks.drift_checks import (
     drift_check_spec,
 )
 from pipeline_project.checks.output_checks import (
+    PERSONALIZED,
+    PERSONALIZED_SPEC,
     RECOMMENDATION_CHECK_SPECS,
     RECOMMENDATION_QUALITY,
     RECOMMENDATION_QUALITY_SPEC,
+    personalization_result,
     recommendation_check_results,
     recommendation_quality_result,
 )
@@ -91,6 +94,12 @@ class RecommendationConfig(dg.Config):
     quality_min_ratio_to_recent: float = Field(
         default=0.5, description="WARN below this share of the recent batches' median hit rate."
     )
+    max_same_list_share: float = Field(
+        default=0.5, description="WARN when one top-N list goes to more of the distinct profiles."
+    )
+    personalization_min_profiles: int = Field(
+        default=20, description="No personalization verdict on fewer distinct profiles."
+    )
 
 
 # A multi_asset with one skippable spec: the only way to yield nothing (no catalog) from an asset
@@ -111,6 +120,7 @@ class RecommendationConfig(dg.Config):
     check_specs=[
         drift_check_spec(CONFIDENCE_DRIFT, RECOMMENDATIONS, "the confidence histogram"),
         RECOMMENDATION_QUALITY_SPEC,
+        PERSONALIZED_SPEC,
     ],
     can_subset=True,
     **batch_stage("recommendations"),
@@ -137,17 +147,7 @@ def recommendations(
         return
     checked = {key.name for key in context.selected_asset_check_keys}
     if loaded is None:
-        with warehouse.replace_batch([RECOMMENDATIONS], batch_id):
-            pass  # a batch with nothing to recommend holds no recommendations
-        context.log.warning(f"{batch_id}: no segmented customers or no product embeddings")
-        yield dg.MaterializeResult(
-            asset_key=RECOMMENDATIONS,
-            metadata=one_table_metadata(warehouse, RECOMMENDATIONS, 0),
-        )
-        if CONFIDENCE_DRIFT in checked:
-            yield drift_check_result(CONFIDENCE_DRIFT, RECOMMENDATIONS, [], [], threshold=1.0)
-        if RECOMMENDATION_QUALITY in checked:
-            yield _quality_result(context, config, HoldoutQuality(0, 0, config.quality_top_n, 0, 0))
+        yield from _nothing_to_recommend(context, config, warehouse, checked)
         return
     version, inputs = loaded
     for attempt in warehouse.write_attempts():
@@ -160,19 +160,31 @@ def recommendations(
     context.log.info(f"{batch_id}: scored {chunks} chunks of profiles")
     figures = {"segment_model_version": version, **usage.figures()}
     figures |= one_table_metadata(warehouse, RECOMMENDATIONS, summary.rows)
-    checks = (
-        [_confidence_drift(context, config, summary.histogram)]
-        if CONFIDENCE_DRIFT in checked
-        else []
-    )
-    if RECOMMENDATION_QUALITY in checked:
-        quality = _holdout(warehouse, config, batch_id, model, dimensions, version, inputs)
-        checks.append(_quality_result(context, config, quality))
-        figures |= _quality_figures(quality)
+    scoring = (model, dimensions, version, inputs)
+    checks, quality = _checks(context, config, warehouse, checked, summary.histogram, scoring)
+    figures |= _quality_figures(quality)
     # a batch that failed a check is flagged, and nobody's baseline
     figures |= {**failed_flags(checks), "commit_retries": warehouse.commit_retries()}
     yield _scored(summary, figures)
     yield from checks
+
+
+def _nothing_to_recommend(
+    context: dg.AssetExecutionContext,
+    config: RecommendationConfig,
+    warehouse: Warehouse,
+    checked: set[str],
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+    """A batch with no segmented customers or no product embeddings holds no recommendations."""
+    with warehouse.replace_batch([RECOMMENDATIONS], context.partition_key):
+        pass
+    context.log.warning(f"{context.partition_key}: no segmented customers or product embeddings")
+    yield dg.MaterializeResult(
+        asset_key=RECOMMENDATIONS, metadata=one_table_metadata(warehouse, RECOMMENDATIONS, 0)
+    )
+    if CONFIDENCE_DRIFT in checked:
+        yield drift_check_result(CONFIDENCE_DRIFT, RECOMMENDATIONS, [], [], threshold=1.0)
+    yield from _checks(context, config, warehouse, checked - {CONFIDENCE_DRIFT}, [], None)[0]
 
 
 def _stored_checks(
@@ -188,15 +200,41 @@ def _stored_checks(
     with warehouse.get_connection() as conn:
         histogram = confidence_summary(conn, batch_id).histogram
         loaded = load_scoring_inputs(conn, batch_id, model, dimensions)
+    scoring = (model, dimensions, *loaded) if loaded is not None else None
+    yield from _checks(context, config, warehouse, checked, histogram, scoring)[0]
+
+
+def _checks(
+    context: dg.AssetExecutionContext,
+    config: RecommendationConfig,
+    warehouse: Warehouse,
+    checked: set[str],
+    histogram: list[int],
+    scoring: tuple[str, int, int, ScoringInputs] | None,
+) -> tuple[list[dg.AssetCheckResult], HoldoutQuality | None]:
+    """The selected checks of the batch's recommendations, and its held-out quality if judged;
+    `scoring` (model, dimensions, segment model version, inputs) is None with nothing scored."""
+    batch_id, checks, quality = context.partition_key, [], None
     if CONFIDENCE_DRIFT in checked:
-        yield _confidence_drift(context, config, histogram)
+        checks.append(_confidence_drift(context, config, histogram))
     if RECOMMENDATION_QUALITY in checked:
         quality = (
-            _holdout(warehouse, config, batch_id, model, dimensions, *loaded)
-            if loaded is not None
+            _holdout(warehouse, config, batch_id, *scoring)
+            if scoring is not None
             else HoldoutQuality(0, 0, config.quality_top_n, 0, 0)
         )
-        yield _quality_result(context, config, quality)
+        checks.append(_quality_result(context, config, quality))
+    if PERSONALIZED in checked:
+        with warehouse.get_connection() as conn:
+            checks.append(
+                personalization_result(
+                    conn,
+                    batch_id,
+                    min_profiles=config.personalization_min_profiles,
+                    max_same_list_share=config.max_same_list_share,
+                )  # fmt: skip
+            )
+    return checks, quality
 
 
 def _holdout(
@@ -215,8 +253,10 @@ def _holdout(
         )  # fmt: skip
 
 
-def _quality_figures(quality: HoldoutQuality) -> dict:
+def _quality_figures(quality: HoldoutQuality | None) -> dict:
     """Per batch, plotted: hit rate at N of the model and of popularity on held-out purchases."""
+    if quality is None:
+        return {}
     rates = {"hit_rate": quality.model_hit_rate, "popularity_hit_rate": quality.popularity_hit_rate}
     return {name: round(rate, 4) for name, rate in rates.items() if rate is not None}
 

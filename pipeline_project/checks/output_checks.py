@@ -1,5 +1,6 @@
 """Checks on recommendations: no kept recommendation breaks a rule; nobody is forgotten;
-rejections per rule stay below a ceiling; the model beats popularity on held-out purchases."""
+rejections per rule stay below a ceiling; the model beats popularity on held-out purchases;
+customers who differ get different recommendations."""
 
 import dagster as dg
 import duckdb
@@ -132,5 +133,67 @@ def recommendation_quality_result(
             "evaluated_customers": quality.evaluated,
             **{k: round(v, 4) for k, v in rates.items() if v is not None},
             "baseline_batches": baseline_batches,
+        },
+    )
+
+
+PERSONALIZED = "recommendations_differ_between_customers"
+
+PERSONALIZED_SPEC = dg.AssetCheckSpec(
+    PERSONALIZED,
+    asset="recommendations",
+    partitions_def=batches,  # preview, as above
+    description="Customers with different profiles get different top-N lists: no single list"
+    " goes to most of the batch's distinct profiles (a scorer that ignores the customer).",
+)
+
+# Per distinct profile of the batch, its top-N list; the lists' spread over the profiles.
+_LISTS_SQL = """
+WITH lists AS (
+    SELECT r.line_no, any_value(s.text_hash) AS text_hash,
+           list(r.product_id ORDER BY r.rank) AS products
+    FROM recommendations AS r
+    JOIN customer_segments AS s ON s.batch_id = r.batch_id AND s.line_no = r.line_no
+    WHERE r.batch_id = $batch_id
+    GROUP BY r.line_no
+), per_profile AS (
+    SELECT text_hash, any_value(products ORDER BY line_no) AS products FROM lists GROUP BY text_hash
+), per_list AS (
+    SELECT products, count(*) AS profiles FROM per_profile GROUP BY products
+)
+SELECT coalesce(sum(profiles), 0), count(*), coalesce(max(profiles), 0),
+       (SELECT count(DISTINCT product_id) FROM recommendations WHERE batch_id = $batch_id)
+FROM per_list
+"""
+
+
+def personalization_result(
+    conn: duckdb.DuckDBPyConnection, batch_id: str, *, min_profiles: int, max_same_list_share: float
+) -> dg.AssetCheckResult:
+    """WARN when one top-N list goes to more than `max_same_list_share` of the batch's distinct
+    profiles; no verdict on fewer than `min_profiles` (customers alike get the same list)."""
+    [(profiles, lists, modal, products)] = conn.execute(
+        _LISTS_SQL, {"batch_id": batch_id}
+    ).fetchall()
+    share = modal / profiles if profiles else 0.0
+    judged = profiles >= min_profiles
+    passed = not judged or share <= max_same_list_share
+    verdict = (
+        f"{profiles} distinct profiles, fewer than {min_profiles}: no verdict"
+        if not judged
+        else f"the most common list goes to {share:.1%} of {profiles} distinct profiles"
+        + ("" if passed else f", above {max_same_list_share:.0%}: the scorer ignores the customer")
+    )
+    return dg.AssetCheckResult(
+        asset_key="recommendations",
+        check_name=PERSONALIZED,
+        passed=passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "verdict": verdict,
+            "distinct_profiles": profiles,
+            "distinct_lists": lists,
+            "most_common_list_share": round(share, 4),
+            "products_recommended": products,
         },
     )

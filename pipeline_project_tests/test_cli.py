@@ -174,7 +174,7 @@ def test_dlq_list_show_and_replay_through_the_cli_against_a_real_openai_server(t
         "PIPELINE_EMBEDDING_BACKEND": "openai",
         "PIPELINE_OPENAI_API_KEY": FAKE_KEY,
         "PIPELINE_EMBEDDING_MODEL": "test-embed",
-        "PIPELINE_EMBEDDING_DIMENSIONS": "8",
+        "PIPELINE_EMBEDDING_DIMENSIONS": "16",
         "PIPELINE_OPENAI_MAX_BATCH_SIZE": "1",
     }
     # one of the four customer profiles fails (the breaker trips above 25% of chunks)

@@ -53,17 +53,19 @@ def test_concurrency_and_the_client_side_rate_limit(api_key):
     server = FaultyEmbeddingsServer(rules=[Rule("hang", hang_seconds=0.3)])
     items = [(f"k{i}", f"text {i}") for i in range(8)]
     with server.running() as url:
-        fast = OpenAIEmbedder(base_url=url, api_key="x", model="m", dimensions=8, max_concurrency=4)
+        fast = OpenAIEmbedder(
+            base_url=url, api_key="x", model="m", dimensions=16, max_concurrency=4
+        )
         with fast.open() as client:
-            outcome = run_inference(items, client, chunk_size=1, dimensions=8, max_concurrency=4)
+            outcome = run_inference(items, client, chunk_size=1, dimensions=16, max_concurrency=4)
         overlapping = sorted(r.at for r in server.requests)
         assert len(outcome.vectors) == 8
         assert overlapping[3] - overlapping[0] < 0.25  # four requests in flight at once
-        limited = OpenAIEmbedder(base_url=url, api_key="x", model="m", dimensions=8,
+        limited = OpenAIEmbedder(base_url=url, api_key="x", model="m", dimensions=16,
                                  max_concurrency=4, requests_per_minute=120)  # fmt: skip
         server.requests.clear()
         with limited.open() as client:
-            run_inference(items[:4], client, chunk_size=1, dimensions=8, max_concurrency=4)
+            run_inference(items[:4], client, chunk_size=1, dimensions=16, max_concurrency=4)
         starts = sorted(r.at for r in server.requests)
         assert starts[-1] - starts[0] >= 1.0  # 120/min: at most one request per 0.5 s
 
@@ -72,10 +74,10 @@ def test_token_rate_limit_spreads_requests_over_time():
     server = FaultyEmbeddingsServer()
     items = [(f"k{i}", "x" * 400) for i in range(3)]  # ~100 tokens each
     with server.running() as url:
-        embedder = OpenAIEmbedder(base_url=url, api_key="x", model="m", dimensions=8,
+        embedder = OpenAIEmbedder(base_url=url, api_key="x", model="m", dimensions=16,
                                   max_concurrency=3, tokens_per_minute=6000)  # fmt: skip
         with embedder.open() as client:
-            run_inference(items, client, chunk_size=1, dimensions=8, max_concurrency=3)
+            run_inference(items, client, chunk_size=1, dimensions=16, max_concurrency=3)
     starts = sorted(r.at for r in server.requests)
     assert starts[-1] - starts[0] >= 1.5  # 100 tokens per second: ~1 s per request
 

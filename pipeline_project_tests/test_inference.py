@@ -113,10 +113,10 @@ def test_circuit_breaker_stops_sending_once_it_trips():
     items = [(f"k{i}", f"text {i}") for i in range(40)]
     with server.running() as url:
         embedder = OpenAIEmbedder(
-            base_url=url, api_key="x", model="m", dimensions=8, client_max_retries=0
+            base_url=url, api_key="x", model="m", dimensions=16, client_max_retries=0
         )
         with embedder.open() as client, pytest.raises(CircuitBreakerOpen) as raised:
-            run_inference(items, client, chunk_size=1, dimensions=8, attempts=1, max_failed_chunk_share=0.1,
+            run_inference(items, client, chunk_size=1, dimensions=16, attempts=1, max_failed_chunk_share=0.1,
                           backoff_initial_seconds=0.01)  # fmt: skip
     assert raised.value.outcome.chunks_failed == 5  # 5 > 0.1 * 40 trips the breaker
     assert len(server.requests) == 5

@@ -22,7 +22,7 @@ def test_a_wrong_model_or_scorer_is_caught_and_normal_batches_stay_quiet():
     for kind in ("random_model", "customer_blind_scorer"):
         assert "recommendation_hit_rate_beats_popularity" in kinds[kind]["caught_by_named"]
     assert "embedding_drift_below_threshold" in kinds["constant_model"]["caught_by_named"]
-    assert summary["normal_batches"] == 6 and summary["normal_batches_alerted"] == []
+    assert summary["normal_batches"] == 7 and summary["normal_batches_alerted"] == []
     normal = [b for b in summary["batches"] if b["kind"] == "normal"]
     assert all(b["run_succeeded"] for b in summary["batches"])
     # every normal batch's model beats popularity on its held-out purchases

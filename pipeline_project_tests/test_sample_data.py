@@ -44,3 +44,26 @@ def test_gzip_output_and_catalog_prices_are_positive(tmp_path):
         assert sum(1 for _ in f) == 100 == sum(kinds.values())
     assert all(r["price"] > 0 for r in rows)
     assert len({r["product_id"] for r in rows}) == 50
+
+
+def category_shares(seed: int, population: int | None) -> dict[str, float]:
+    catalog, rows = build_catalog(seed=1)
+    category = {r["product_id"]: r["category"] for r in rows}
+    bought = Counter(
+        category[p["productId"]]
+        for kind, line in iter_batch_lines(3000, 0.0, seed, catalog, population)
+        for p in json.loads(line)["purchaseHistory"]
+    )
+    total = sum(bought.values())
+    return {c: n / total for c, n in bought.items()}
+
+
+def test_batches_of_one_population_buy_alike_and_of_another_do_not():
+    def distance(a, b):
+        return sum(abs(a.get(c, 0) - b.get(c, 0)) for c in set(a) | set(b))
+
+    same = distance(category_shares(1, population=5), category_shares(2, population=5))
+    other = distance(category_shares(1, population=5), category_shares(2, population=6))
+    assert same < 0.1 < other
+    # without a population each seed draws its own personas, as before
+    assert category_shares(2, None) != category_shares(2, population=5)

@@ -31,6 +31,7 @@ import argparse
 import csv
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
 
+import duckdb
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +60,7 @@ from pipeline_project.resources.embeddings import (  # noqa: E402
     LocalE5Embedder,
 )
 from pipeline_project.sample_data import CATEGORIES, generate_batch, write_catalog  # noqa: E402
+from pipeline_project.sensors.alerting import alert_finished_run  # noqa: E402
 from pipeline_project.settings import (  # noqa: E402
     AlertSettings,
     LandingSettings,
@@ -82,6 +85,8 @@ EXPECTED = {
         "recommendation_hit_rate_beats_popularity",
     ],
 }
+# The alert a check's failure raises is named for the check, except where its stage raises it
+ALERTED_AS = {"schema_error_rate_below_threshold": "error_rate"}
 FULL_PLAN = ["normal"] * 14 + [k for anomaly in EXPECTED for k in (anomaly, "normal", "normal")]
 # The suite's: enough normal batches for every baseline (3), then the anomalies the new
 # monitors are for, each followed by a normal batch.
@@ -242,7 +247,8 @@ def run(plan: list[str], rows: int, backend: str, root: Path, log=print) -> dict
                     partition_key=batch_id, instance=instance, run_config=quiet,
                     raise_on_error=False,
                 )  # fmt: skip
-            batches.append(_outcome(batch_id, kind, n, result))
+            alert_finished_run(instance, result.dagster_run, defs.resources["alerts"], _QUIET)
+            batches.append(_outcome(batch_id, kind, n, result, _alerted(settings, batch_id)))
             log(_line(batches[-1]))
             if kind == "half_out_of_stock":
                 settings.landing.catalog_path.write_text(catalog_text)
@@ -262,7 +268,31 @@ def _scorer(kind: str) -> Iterator[None]:
         yield
 
 
-def _outcome(batch_id: str, kind: str, rows: int, result: dg.ExecuteInProcessResult) -> dict:
+_QUIET = logging.getLogger("monitor_sensitivity")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
+
+def _alerted(settings: Settings, batch_id: str) -> list[str]:
+    """The monitors that fired an alert for the batch (the alerts table, as the sensors and
+    the CLI store them)."""
+    path = settings.alerts.alerts_duckdb_path
+    if not path.exists():
+        return []
+    with duckdb.connect(str(path), read_only=True) as conn:
+        try:
+            rows = conn.execute(
+                "SELECT DISTINCT monitor FROM alerts WHERE batch_id = ? AND status = 'firing'",
+                [batch_id],
+            ).fetchall()
+        except duckdb.CatalogException:  # no alert yet, no table
+            return []
+    return sorted(monitor for (monitor,) in rows)
+
+
+def _outcome(
+    batch_id: str, kind: str, rows: int, result: dg.ExecuteInProcessResult, alerted: list[str]
+) -> dict:
     evaluations = result.get_asset_check_evaluations()
     quality = [
         {k: v.value for k, v in e.metadata.items()}
@@ -275,6 +305,7 @@ def _outcome(batch_id: str, kind: str, rows: int, result: dg.ExecuteInProcessRes
         "rows": rows,
         "run_succeeded": result.success,
         "failed": sorted(e.check_name for e in evaluations if not e.passed),
+        "alerted": alerted,
         "hit_rate": quality[0].get("hit_rate") if quality else None,
         "popularity_hit_rate": quality[0].get("popularity_hit_rate") if quality else None,
         "quality_verdict": quality[0].get("verdict") if quality else None,
@@ -293,7 +324,10 @@ def _line(b: dict) -> str:
     rates = f"hit@10 {b['hit_rate']} vs popularity {b['popularity_hit_rate']}"
     rates += f", one list to {b['most_common_list_share']} of profiles"
     run = "" if b["run_succeeded"] else " RUN FAILED"
-    return f"{b['batch']:<28} {b['rows']:>6} rows  {rates}{run}  failed: {b['failed'] or '-'}"
+    alerted = "" if b["alerted"] == b["failed"] else f"  alerted: {b['alerted'] or '-'}"
+    return (
+        f"{b['batch']:<28} {b['rows']:>6} rows  {rates}{run}  failed: {b['failed'] or '-'}{alerted}"
+    )
 
 
 def summarize(batches: list[dict]) -> dict:
@@ -315,6 +349,7 @@ def summarize(batches: list[dict]) -> dict:
             "kind": b["kind"],
             "caught_by_named": sorted(set(b["failed"]) & set(EXPECTED[b["kind"]])),
             "failed": b["failed"],
+            "alerted": b["alerted"],
         }
         for b in batches
         if b["kind"] != "normal"
@@ -327,7 +362,12 @@ def summarize(batches: list[dict]) -> dict:
         "missed": sorted(k for k, a in anomalies.items() if not a["caught_by_named"]),
         "normal_batches": len(normal),
         "normal_batches_alerted": sorted(
-            b["batch"] for b in normal if b["failed"] or not b["run_succeeded"]
+            b["batch"] for b in normal if b["failed"] or b["alerted"] or not b["run_succeeded"]
+        ),
+        "anomalies_not_alerted": sorted(
+            k
+            for k, a in anomalies.items()
+            if not set(a["alerted"]) & {ALERTED_AS.get(m, m) for m in EXPECTED[a["kind"]]}
         ),
     }
 
@@ -343,7 +383,8 @@ def report(summary: dict) -> str:
         out.append(f"{batch:<28} caught by {named}")
     n, alerted = summary["normal_batches"], summary["normal_batches_alerted"]
     out.append(
-        f"\nanomalies missed: {len(summary['missed'])} of {len(summary['anomalies'])};"
+        f"\nanomalies missed: {len(summary['missed'])} of {len(summary['anomalies'])}"
+        f" (not alerted by a named monitor: {len(summary['anomalies_not_alerted'])});"
         f" normal batches with an alert: {len(alerted)} of {n} {alerted or ''}"
     )
     return "\n".join(out)

@@ -4,7 +4,7 @@ import numpy as np
 
 from pipeline_project.core.recommendation_quality import HoldoutQuality, _hits, quality_verdict
 
-VERDICT = dict(min_customers=50, min_baselines=3, min_ratio_to_recent=0.5)
+VERDICT = dict(min_customers=50, min_baselines=3, min_ratio_to_recent=0.5, max_z_behind=1.645)
 
 
 def test_a_hit_is_the_held_out_product_among_the_first_n_products_not_excluded():
@@ -22,15 +22,24 @@ def test_no_verdict_on_too_few_customers():
     assert few.passed and "no verdict" in few.reason
 
 
-def test_a_model_no_better_than_popularity_fails():
-    tie = quality_verdict(HoldoutQuality(500, 400, 10, 40, 40), [0.3, 0.3, 0.3], **VERDICT)
-    assert not tie.passed and "not better than popularity" in tie.reason
-    better = quality_verdict(HoldoutQuality(500, 400, 10, 41, 40), [], **VERDICT)
-    assert better.passed and "no trend yet" in better.reason
+def test_a_model_behind_popularity_beyond_chance_or_with_exactly_its_hits_fails():
+    # 40 customers only the model hit, 60 only popularity: z = -20 / 10 = -2
+    behind = HoldoutQuality(2000, 1900, 10, 90, 110, model_only=40, popularity_only=60)
+    assert behind.lead_z == -2.0
+    failed = quality_verdict(behind, [], **VERDICT)
+    assert not failed.passed and "worse than popularity" in failed.reason
+    # behind, but within chance (z = -1): a small batch's noise is no alarm
+    noisy = HoldoutQuality(2000, 1900, 10, 95, 100, model_only=45, popularity_only=55)
+    assert noisy.lead_z == -1.0 and quality_verdict(noisy, [], **VERDICT).passed
+    # the same hits on the same customers: the model recommends what popularity does
+    same = quality_verdict(HoldoutQuality(500, 400, 10, 40, 40, 0, 0), [], **VERDICT)
+    assert not same.passed and "exactly popularity's" in same.reason
+    ahead = quality_verdict(HoldoutQuality(500, 400, 10, 41, 40, 11, 10), [], **VERDICT)
+    assert ahead.passed and "no trend yet" in ahead.reason
 
 
 def test_a_model_well_below_its_recent_median_fails_once_there_are_enough_batches():
-    quality = HoldoutQuality(500, 400, 10, 60, 20)  # 0.15, against popularity's 0.05
+    quality = HoldoutQuality(500, 400, 10, 60, 20, 45, 5)  # 0.15, against popularity's 0.05
     assert quality.model_hit_rate == 0.15 and quality.popularity_hit_rate == 0.05
     assert quality_verdict(quality, [0.4, 0.4], **VERDICT).passed  # two baselines: no trend yet
     low = quality_verdict(quality, [0.4, 0.31, 0.35], **VERDICT)

@@ -91,6 +91,10 @@ class RecommendationConfig(dg.Config):
     quality_min_customers: int = Field(
         default=50, description="No quality verdict on fewer evaluated customers."
     )
+    quality_max_z_behind: float = Field(
+        default=1.645,
+        description="WARN when the model's hits trail popularity's by more standard errors.",
+    )
     quality_min_ratio_to_recent: float = Field(
         default=0.5, description="WARN below this share of the recent batches' median hit rate."
     )
@@ -277,6 +281,7 @@ def _quality_result(
         quality, [float(r) for r in recent], min_customers=config.quality_min_customers,
         min_baselines=config.drift_min_baseline_batches,
         min_ratio_to_recent=config.quality_min_ratio_to_recent,
+        max_z_behind=config.quality_max_z_behind,
     )  # fmt: skip
     return recommendation_quality_result(quality, verdict, len(recent))
 

@@ -112,8 +112,8 @@ RECOMMENDATION_QUALITY_SPEC = dg.AssetCheckSpec(
     asset="recommendations",
     partitions_def=batches,  # preview, as above
     description="Held-out last purchases of a sample of customers come back in the model's"
-    " top N more often than in the most popular products', and not much less often than in"
-    " the recent batches.",
+    " top N no less often than in the most popular products' (beyond chance), not exactly as"
+    " often for the same customers, and not much less often than in the recent batches.",
 )
 
 
@@ -131,6 +131,7 @@ def recommendation_quality_result(
             "top_n": quality.top_n,
             "sampled_customers": quality.sampled,
             "evaluated_customers": quality.evaluated,
+            "lead_standard_errors": round(quality.lead_z, 2),
             **{k: round(v, 4) for k, v in rates.items() if v is not None},
             "baseline_batches": baseline_batches,
         },

@@ -17,6 +17,7 @@ embedded. Customers whose held-out profile is not in the cache are counted, not 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import duckdb
@@ -90,6 +91,15 @@ class HoldoutQuality:
     top_n: int
     model_hits: int
     popularity_hits: int
+    model_only: int = 0  # customers the model hit and popularity missed
+    popularity_only: int = 0  # and the other way round
+
+    @property
+    def lead_z(self) -> float:
+        """The model's lead over popularity in standard errors, paired per customer (McNemar):
+        (model only - popularity only) / sqrt(their sum); 0 when they never disagree."""
+        disagree = self.model_only + self.popularity_only
+        return (self.model_only - self.popularity_only) / math.sqrt(disagree) if disagree else 0.0
 
     @property
     def model_hit_rate(self) -> float | None:
@@ -142,7 +152,7 @@ def holdout_quality(
     popular = np.lexsort((np.arange(len(index)), -counts))  # most bought, then catalog order
     in_stock = {p for (p,) in conn.execute(_IN_STOCK_SQL).fetchall()}
     out_of_stock = np.array([p not in in_stock for p in index])
-    model_hits = popularity_hits = 0
+    model_hits = popularity_hits = model_only = popularity_only = 0
     # a chunk at a time: every product's score for each customer of the chunk
     for first in range(0, table.num_rows, _CHUNK):
         chunk = table.slice(first, _CHUNK)
@@ -156,10 +166,15 @@ def holdout_quality(
             vectors, segments, inputs, top_n=len(index), segment_weight=segment_weight
         )
         model_order = scored["product"].reshape(chunk.num_rows, len(index))
-        model_hits += int(_hits(model_order, excluded, held, top_n).sum())
-        popularity_order = np.tile(popular, (chunk.num_rows, 1))
-        popularity_hits += int(_hits(popularity_order, excluded, held, top_n).sum())
-    return HoldoutQuality(sampled, table.num_rows, top_n, model_hits, popularity_hits)
+        model_hit = _hits(model_order, excluded, held, top_n)
+        popularity_hit = _hits(np.tile(popular, (chunk.num_rows, 1)), excluded, held, top_n)
+        model_hits += int(model_hit.sum())
+        popularity_hits += int(popularity_hit.sum())
+        model_only += int((model_hit & ~popularity_hit).sum())
+        popularity_only += int((popularity_hit & ~model_hit).sum())
+    return HoldoutQuality(
+        sampled, table.num_rows, top_n, model_hits, popularity_hits, model_only, popularity_only
+    )
 
 
 def _hits(order: np.ndarray, excluded: np.ndarray, held: np.ndarray, top_n: int) -> np.ndarray:
@@ -184,18 +199,27 @@ def quality_verdict(
     min_customers: int,
     min_baselines: int,
     min_ratio_to_recent: float,
+    max_z_behind: float,
 ) -> QualityVerdict:
-    """Fail when the model is not better than popularity, or below `min_ratio_to_recent` of the
-    median hit rate of its recent normal batches; no verdict on fewer than `min_customers`."""
+    """Fail when the model is not better than popularity: behind it by more than `max_z_behind`
+    standard errors (paired per customer: chance alone rarely puts a model that is as good that
+    far behind), or with exactly popularity's hits (it recommends the most popular products);
+    or when its hit rate is below `min_ratio_to_recent` of the median of its recent normal
+    batches. No verdict on fewer than `min_customers`."""
     rate, popular = quality.model_hit_rate, quality.popularity_hit_rate
     if rate is None or quality.evaluated < min_customers:
         return QualityVerdict(
             True, f"{quality.evaluated} customers evaluated, fewer than {min_customers}: no verdict"
         )
-    n = quality.top_n
-    said = f"hit rate@{n} {rate:.3f} (popularity {popular:.3f}, {quality.evaluated} customers)"
-    if quality.model_hits <= quality.popularity_hits:
-        return QualityVerdict(False, f"{said}: the model is not better than popularity")
+    n, z = quality.top_n, quality.lead_z
+    said = (
+        f"hit rate@{n} {rate:.3f} (popularity {popular:.3f}, {quality.evaluated} customers,"
+        f" lead {z:+.1f} standard errors)"
+    )
+    if z < -max_z_behind:
+        return QualityVerdict(False, f"{said}: the model is worse than popularity")
+    if quality.model_hits and not quality.model_only + quality.popularity_only:
+        return QualityVerdict(False, f"{said}: the model hits exactly popularity's customers")
     if len(recent_model_rates) >= min_baselines:
         typical = float(np.median(recent_model_rates))
         if rate < min_ratio_to_recent * typical:

@@ -309,6 +309,7 @@ def _outcome(
         "hit_rate": quality[0].get("hit_rate") if quality else None,
         "popularity_hit_rate": quality[0].get("popularity_hit_rate") if quality else None,
         "quality_verdict": quality[0].get("verdict") if quality else None,
+        "lead_z": quality[0].get("lead_standard_errors") if quality else None,
         "most_common_list_share": next(
             (
                 e.metadata["most_common_list_share"].value
@@ -321,7 +322,7 @@ def _outcome(
 
 
 def _line(b: dict) -> str:
-    rates = f"hit@10 {b['hit_rate']} vs popularity {b['popularity_hit_rate']}"
+    rates = f"hit@10 {b['hit_rate']} vs popularity {b['popularity_hit_rate']} (z {b['lead_z']})"
     rates += f", one list to {b['most_common_list_share']} of profiles"
     run = "" if b["run_succeeded"] else " RUN FAILED"
     alerted = "" if b["alerted"] == b["failed"] else f"  alerted: {b['alerted'] or '-'}"

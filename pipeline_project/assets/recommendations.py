@@ -259,10 +259,7 @@ def _holdout(
 
 def _quality_figures(quality: HoldoutQuality | None) -> dict:
     """Per batch, plotted: hit rate at N of the model and of popularity on held-out purchases."""
-    if quality is None:
-        return {}
-    rates = {"hit_rate": quality.model_hit_rate, "popularity_hit_rate": quality.popularity_hit_rate}
-    return {name: round(rate, 4) for name, rate in rates.items() if rate is not None}
+    return quality.rates() if quality is not None else {}
 
 
 def _quality_result(

@@ -120,7 +120,6 @@ RECOMMENDATION_QUALITY_SPEC = dg.AssetCheckSpec(
 def recommendation_quality_result(
     quality: HoldoutQuality, verdict: QualityVerdict, baseline_batches: int
 ) -> dg.AssetCheckResult:
-    rates = {"hit_rate": quality.model_hit_rate, "popularity_hit_rate": quality.popularity_hit_rate}
     return dg.AssetCheckResult(
         asset_key="recommendations",
         check_name=RECOMMENDATION_QUALITY,
@@ -132,7 +131,7 @@ def recommendation_quality_result(
             "sampled_customers": quality.sampled,
             "evaluated_customers": quality.evaluated,
             "lead_standard_errors": round(quality.lead_z, 2),
-            **{k: round(v, 4) for k, v in rates.items() if v is not None},
+            **quality.rates(),
             "baseline_batches": baseline_batches,
         },
     )

@@ -94,6 +94,15 @@ class HoldoutQuality:
     model_only: int = 0  # customers the model hit and popularity missed
     popularity_only: int = 0  # and the other way round
 
+    def rates(self) -> dict[str, float]:
+        """hit_rate and popularity_hit_rate, rounded; none without evaluated customers."""
+        if not self.evaluated:
+            return {}
+        return {
+            "hit_rate": round(self.model_hits / self.evaluated, 4),
+            "popularity_hit_rate": round(self.popularity_hits / self.evaluated, 4),
+        }
+
     @property
     def lead_z(self) -> float:
         """The model's lead over popularity in standard errors, paired per customer (McNemar):

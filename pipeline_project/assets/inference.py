@@ -268,7 +268,7 @@ def _checks(
     recent normal batches embedded by the same model."""
     batch_id = context.partition_key
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
-    probe = probe_result(_probe(embedder), sum(len(t) for t in PROBE_TEXTS))
+    probe = probe_result(_probe(embedder))
     recent = [
         partition
         for partition, metadata in recent_batches(

@@ -236,7 +236,7 @@ def _checks(
                     batch_id,
                     min_profiles=config.personalization_min_profiles,
                     max_same_list_share=config.max_same_list_share,
-                )  # fmt: skip
+                )
             )
     return checks, quality
 

@@ -149,7 +149,7 @@ def embedding_check_results(
     ]
 
 
-def probe_result(verdict: ProbeVerdict, probe_chars: int) -> dg.AssetCheckResult:
+def probe_result(verdict: ProbeVerdict) -> dg.AssetCheckResult:
     """WARN when the model's vectors do not follow the probe texts' meaning."""
     metadata: dict = {"verdict": verdict.reason, "probe_texts": len(PROBE_TEXTS)}
     if verdict.margin is not None:
@@ -160,5 +160,9 @@ def probe_result(verdict: ProbeVerdict, probe_chars: int) -> dg.AssetCheckResult
         passed=verdict.passed,
         severity=dg.AssetCheckSeverity.WARN,
         # one request per run, not in the batch's cost figures: its size, to add if wanted
-        metadata={**metadata, "probe_requests": 1, "probe_characters": probe_chars},
+        metadata={
+            **metadata,
+            "probe_requests": 1,
+            "probe_characters": sum(len(text) for text in PROBE_TEXTS),
+        },
     )

@@ -96,12 +96,8 @@ class HoldoutQuality:
 
     def rates(self) -> dict[str, float]:
         """hit_rate and popularity_hit_rate, rounded; none without evaluated customers."""
-        if not self.evaluated:
-            return {}
-        return {
-            "hit_rate": round(self.model_hits / self.evaluated, 4),
-            "popularity_hit_rate": round(self.popularity_hits / self.evaluated, 4),
-        }
+        rates = {"hit_rate": self.model_hit_rate, "popularity_hit_rate": self.popularity_hit_rate}
+        return {name: round(rate, 4) for name, rate in rates.items() if rate is not None}
 
     @property
     def lead_z(self) -> float:

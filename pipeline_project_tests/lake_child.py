@@ -8,8 +8,9 @@ Dagster's own state in PostgreSQL, configured by the environment like a deployed
         (the stages up to inference; PAUSE_AT as in crash_child: stop there to be killed)
     python -m pipeline_project_tests.lake_child embed TEXTS_FILE     (the texts into the cache)
 
-Waits for ROOT/go (PIPELINE_TEST_ROOT) before it starts (`embed`: once it has looked up which
-texts are missing), so that the test can start several at the same moment; prints one JSON line: success, run start and end (epoch seconds).
+Says it is ready in ROOT/ready (PIPELINE_TEST_ROOT) and waits for ROOT/go before it starts
+(`embed`: once it has looked up which texts are missing), so that the test can start several at
+the same moment; prints one JSON line: success, run start and end (epoch seconds).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ ROOT = Path(os.environ["PIPELINE_TEST_ROOT"])
 
 
 def wait_for_go(root: Path) -> None:
+    """Says this worker is ready (ROOT/ready/PID), then waits for the test's go."""
+    (root / "ready").mkdir(exist_ok=True)
+    (root / "ready" / str(os.getpid())).touch()
     while not (root / "go").exists():
         time.sleep(0.02)
 

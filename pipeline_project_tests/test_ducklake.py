@@ -151,11 +151,11 @@ def _rounded(value):
     return round(value, 9) if isinstance(value, float) else value
 
 
-def start_workers(
-    lake: Lake, jobs: list[tuple[str, str]], settle: float = 8
-) -> list[subprocess.Popen]:
-    """Worker processes, each waiting for the go file: then they start together. Their output
-    goes to files (a pipe nobody reads would stop a chatty worker)."""
+def start_workers(lake: Lake, jobs: list[tuple[str, str]]) -> list[subprocess.Popen]:
+    """Worker processes, each saying it is ready and waiting for the go file: once all are
+    ready they start together (a fixed wait was once too short on a loaded machine: one worker
+    looked up the missing texts after the other had cached some). Their output goes to files
+    (a pipe nobody reads would stop a chatty worker)."""
     procs = []
     for n, (mode, arg) in enumerate(jobs):
         log = lake.root / f"worker-{n}.log"
@@ -169,7 +169,12 @@ def start_workers(
             )
         )
         procs[-1].log = log
-    time.sleep(settle)  # let each import Dagster and the project before they go
+    ready, deadline = lake.root / "ready", time.monotonic() + 300
+    while len(list(ready.glob("*")) if ready.exists() else []) < len(procs):
+        for proc in procs:
+            assert proc.poll() is None, proc.log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the workers never said they were ready"
+        time.sleep(0.05)
     (lake.root / "go").touch()
     return procs
 
@@ -355,7 +360,7 @@ def test_sigkill_inside_a_ducklake_transaction_keeps_the_committed_batch_and_the
     committed = table_contents(crashed.warehouse(), BATCH_TABLES)
     # a new file lands for b1; its run is killed inside the write transaction
     write_batches(crashed.settings.landing_dir, crashed.settings.catalog_path, ["b1"], rows=400)
-    [proc] = start_workers(crashed, [("inference", f"b1 {pause_at}")], settle=0)
+    [proc] = start_workers(crashed, [("inference", f"b1 {pause_at}")])
     deadline = time.monotonic() + 240
     while not (crashed.root / "paused").exists():
         assert proc.poll() is None, proc.log.read_text()[-3000:]

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline_project.checks.drift_checks import drift_check_result
 from pipeline_project.core.embedding_client import EmbeddingResponse
-from pipeline_project.core.monitoring import BatchVolume, psi, volume_anomaly
+from pipeline_project.core.monitoring import BatchVolume, StepUsage, psi, volume_anomaly
 from pipeline_project.resources.embeddings import HashingEmbedder
 from pipeline_project_tests.helpers import buyer, customer, materialize, run_batch, write_lines
 
@@ -131,6 +131,19 @@ def test_every_stage_reports_time_cpu_and_peak_memory(defs, instance, settings):
         assert m.metadata["step_seconds"].value > 0
         assert m.metadata["cpu_seconds"].value >= 0
         assert m.metadata["peak_rss_mib"].value > 50
+        assert 0 <= m.metadata["rss_growth_mib"].value < m.metadata["peak_rss_mib"].value
+
+
+def test_step_usage_counts_what_the_step_allocates_not_what_came_before():
+    held = bytearray(200 * 2**20)  # allocated before the step: in its start RSS, not its growth
+    held[::4096] = b"x" * len(held[::4096])
+    usage = StepUsage()
+    grown = bytearray(100 * 2**20)
+    grown[::4096] = b"x" * len(grown[::4096])  # touched, so resident
+    figures = usage.figures()
+    assert 95 <= figures["rss_growth_mib"] <= 140, figures
+    assert figures["peak_rss_mib"] >= figures["rss_growth_mib"] + 190, figures
+    del held, grown
 
 
 def test_freshness_policies_on_the_ingestion_and_final_assets(defs):

@@ -44,7 +44,7 @@ with dg.instance_for_test() as instance:
     result = defs.resolve_job_def("batch_pipeline_job").execute_in_process(
         partition_key="b1", instance=instance, run_config=config
     )
-    counts, step_peaks = {}, {}
+    counts, step_peaks, step_growth = {}, {}, {}
     for event in result.get_asset_materialization_events():
         metadata = event.event_specific_data.materialization.metadata
         asset = event.asset_key.to_user_string()
@@ -52,8 +52,10 @@ with dg.instance_for_test() as instance:
             counts[asset] = metadata["dagster/partition_row_count"].value
         if "peak_rss_mib" in metadata:
             step_peaks[asset] = metadata["peak_rss_mib"].value
+            step_growth[asset] = metadata["rss_growth_mib"].value
 print(json.dumps({
     "success": result.success, "counts": counts, "step_peaks": step_peaks,
+    "step_growth": step_growth,
     "baseline_mib": baseline,
     # StepUsage resets the process's peak when a step starts: the run's peak is the largest of
     # the steps' own peaks and what the process reached outside them.
@@ -102,13 +104,18 @@ def test_five_times_the_rows_costs_about_the_same_memory(two_sizes):
 
 
 def test_no_stage_grows_with_rows_beyond_the_duckdb_memory_limit(two_sizes):
-    """Each step's own peak RSS (reset when the step starts) at 100k rows against 20k rows:
-    the growth must stay within DuckDB's memory limit (and the fixed buffers that fill up)."""
+    """What each step itself allocates (its peak RSS above the RSS it started with) at 100k
+    rows against 20k rows must stay within DuckDB's memory limit (and the fixed buffers that
+    fill up). Not the steps' absolute peaks: those carry what earlier steps left allocated
+    (allocator and buffer pool): the last stage's absolute peak once grew 468 -> 566 MiB in a
+    CI run, past the allowance; measured apart, its peak grew 477 -> 533 MiB and its own
+    share 29 -> 62 MiB."""
     small, large = two_sizes
     limit_mib = DUCKDB_LIMIT_MB * 1e6 / 2**20  # DuckDB's MB are 10^6 bytes
-    assert set(small["step_peaks"]) >= set(STAGES), small["step_peaks"]
-    grown = {s: large["step_peaks"][s] - small["step_peaks"][s] for s in STAGES}
-    print("\n".join(f"{s}: {small['step_peaks'][s]:.0f} -> {large['step_peaks'][s]:.0f} MiB"
+    assert set(small["step_growth"]) >= set(STAGES), small["step_growth"]
+    grown = {s: large["step_growth"][s] - small["step_growth"][s] for s in STAGES}
+    print("\n".join(f"{s}: own {small['step_growth'][s]:.0f} -> {large['step_growth'][s]:.0f} "
+                    f"MiB, peak {small['step_peaks'][s]:.0f} -> {large['step_peaks'][s]:.0f} MiB"
                     for s in STAGES))  # fmt: skip
     assert all(g <= limit_mib + BUFFERS_MIB for g in grown.values()), (grown, limit_mib)
 

@@ -119,6 +119,17 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _rss_mib() -> float | None:
+    """This process's resident set now (VmRSS), None where /proc cannot tell."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def _peak_rss_mib() -> float:
     """This process's peak RSS since the last reset (VmHWM), else since it started."""
     try:
@@ -134,18 +145,22 @@ class StepUsage:
     """Wall time, CPU time and peak RSS of a step, from creation to `figures()`.
 
     The peak is reset when the step starts, so it is this step's own also where steps share a
-    process (execute_in_process, the CLI's demo)."""
+    process (execute_in_process, the CLI's demo); `rss_growth_mib` is how far it rose above
+    the RSS the step started with (what earlier steps left allocated is not this step's)."""
 
     def __init__(self) -> None:
         self._peak_is_own = _reset_peak_rss()
+        self._start_rss = _rss_mib()
         self._wall, self._cpu = time.perf_counter(), time.process_time()
 
     def figures(self) -> dict[str, float]:
         figures = {
             "step_seconds": round(time.perf_counter() - self._wall, 3),
             "cpu_seconds": round(time.process_time() - self._cpu, 3),
-            "peak_rss_mib": round(_peak_rss_mib(), 1),
+            "peak_rss_mib": round(peak := _peak_rss_mib(), 1),
         }
+        if self._peak_is_own and self._start_rss is not None:
+            figures["rss_growth_mib"] = round(max(0.0, peak - self._start_rss), 1)
         if not self._peak_is_own:
             figures["peak_rss_of"] = "the process (its peak could not be reset)"
         return figures

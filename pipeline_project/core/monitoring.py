@@ -119,26 +119,29 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _rss_mib() -> float | None:
-    """This process's resident set now (VmRSS), None where /proc cannot tell."""
+def _status_mib(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM), None where
+    /proc cannot tell."""
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return None
 
 
+def _rss_mib() -> float | None:
+    """This process's resident set now."""
+    return _status_mib("VmRSS")
+
+
 def _peak_rss_mib() -> float:
     """This process's peak RSS since the last reset (VmHWM), else since it started."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = _status_mib("VmHWM")
+    if peak is None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak
 
 
 class StepUsage:

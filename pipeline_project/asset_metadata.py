@@ -17,13 +17,18 @@ import duckdb
 
 from pipeline_project.tables import (
     CUSTOMER_EMBEDDINGS,
+    CUSTOMER_PURCHASES,
+    CUSTOMER_SEGMENTS,
     CUSTOMERS,
-    DEAD_LETTER,
-    EMBEDDING_CACHE,
+    PRODUCT_CATALOG,
+    PRODUCT_EMBEDDINGS,
     RAW_CUSTOMERS,
     RAW_CUSTOMERS_COLUMNS,
+    RECOMMENDATIONS,
     REJECTED_RECOMMENDATIONS,
     SCHEMA_ERRORS,
+    SEGMENT_MODEL,
+    VALIDATED_RECOMMENDATIONS,
     WAREHOUSE_DDL,
 )
 
@@ -190,9 +195,26 @@ def with_table_figures(warehouse: Warehouse, table: str, figures: Mapping) -> di
     return {**figures, **one_table_metadata(warehouse, table, rows)}
 
 
-# Every table is named after the asset that writes it; the embedding cache and the dead-letter
-# table are the inference stage's own, not assets.
-TABLE_ASSETS = frozenset({RAW_CUSTOMERS, *WAREHOUSE_DDL} - {EMBEDDING_CACHE, DEAD_LETTER})
+# Every table asset is named after its table. The other tables belong to a stage without being
+# assets of their own: the batch register, the embedding cache, the dead letters, a stage's
+# side tables (prior purchases, affinity, shortfalls, publications, catalog versions) and the
+# schema version.
+TABLE_ASSETS = frozenset(
+    {
+        RAW_CUSTOMERS,
+        CUSTOMERS,
+        CUSTOMER_PURCHASES,
+        SCHEMA_ERRORS,
+        PRODUCT_CATALOG,
+        CUSTOMER_EMBEDDINGS,
+        SEGMENT_MODEL,
+        CUSTOMER_SEGMENTS,
+        PRODUCT_EMBEDDINGS,
+        RECOMMENDATIONS,
+        VALIDATED_RECOMMENDATIONS,
+        REJECTED_RECOMMENDATIONS,
+    }
+)
 
 
 def described(

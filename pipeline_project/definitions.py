@@ -19,6 +19,7 @@ from pipeline_project.resources.embeddings import Embedder, build_embedder
 from pipeline_project.sensors.alerting import build_alerting_sensors
 from pipeline_project.sensors.catalog import build_catalog_file_sensor
 from pipeline_project.sensors.landing import build_landing_batches_sensor
+from pipeline_project.sensors.rescore import build_rescore_sensor
 from pipeline_project.settings import Settings
 
 
@@ -71,6 +72,7 @@ def build_definitions(
             build_landing_batches_sensor(jobs.batch_ingestion_job),
             build_catalog_file_sensor(jobs.catalog_job),
             jobs.automation_sensor,
+            build_rescore_sensor(jobs.batch_pipeline_job),
             *build_alerting_sensors(settings.alerts),
         ],
         resources=resources,

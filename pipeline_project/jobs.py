@@ -61,7 +61,8 @@ catalog_job = _job(
 segment_model_job = _job(
     "segment_model_job",
     [segment_model],
-    "Retrain the segment model on every batch; automation then re-assigns segments.",
+    "Retrain the segment model on every customer's current profile; rescore_sensor then"
+    " re-scores the batches that hold current answers.",
 )
 pipeline_health_job = _job(
     "pipeline_health_job",

@@ -1,40 +1,114 @@
-"""DDL of every table the pipeline owns. Each table is named after the asset that writes it."""
+"""Every table the pipeline owns, declared once: its columns (name, type, NOT NULL, default).
+
+The DDL, the column lists of every insert, the schema the UI shows and the warehouse's
+migrations all follow from these declarations (see schema.py). Each table is named after the
+asset that writes it; the few that no asset writes alone (the batch register, the embedding
+cache, the dead letters) say so.
+"""
+
+from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 RAW_CUSTOMERS = "raw_customers"
 CUSTOMERS = "customers"
 CUSTOMER_PURCHASES = "customer_purchases"
 SCHEMA_ERRORS = "schema_errors"
 PRODUCT_CATALOG = "product_catalog"
+CATALOG_VERSIONS = "catalog_versions"
 CUSTOMER_EMBEDDINGS = "customer_embeddings"
+PRIOR_PURCHASES = "prior_purchases"
 EMBEDDING_CACHE = "embedding_cache"
 DEAD_LETTER = "dead_letter"
 SEGMENT_MODEL = "segment_model"
+SEGMENT_AFFINITY = "segment_affinity"
 CUSTOMER_SEGMENTS = "customer_segments"
 PRODUCT_EMBEDDINGS = "product_embeddings"
 RECOMMENDATIONS = "recommendations"
+RECOMMENDATION_SHORTFALLS = "recommendation_shortfalls"
 VALIDATED_RECOMMENDATIONS = "validated_recommendations"
 REJECTED_RECOMMENDATIONS = "rejected_recommendations"
+BATCHES = "batches"
+BATCH_PUBLICATIONS = "batch_publications"
+WAREHOUSE_SCHEMA = "warehouse_schema"
 ALERTS = "alerts"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    not_null: bool = True
+    # SQL default: what an older warehouse's rows get when a migration adds the column
+    default: str | None = None
+
+    def ddl(self, constrained: bool = True) -> str:
+        """The column's definition; without its NOT NULL when not `constrained` (a column that
+        a migration adds to rows that have no value for it)."""
+        text = f"{_quoted(self.name)} {self.type}"
+        if self.default is not None:
+            text += f" DEFAULT {self.default}"
+        return text + (" NOT NULL" if self.not_null and constrained else "")
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    columns: tuple[Column, ...]
+    primary_key: tuple[str, ...] = ()
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def column(self, name: str) -> Column:
+        return next(c for c in self.columns if c.name == name)
+
+    def ddl(self, lakehouse: bool = False) -> str:
+        """CREATE TABLE IF NOT EXISTS; DuckLake enforces NOT NULL but no PRIMARY KEY or
+        UNIQUE constraint: the writes keep those rows unique themselves (embedding_cache.py)."""
+        parts = [c.ddl() for c in self.columns]
+        if self.primary_key and not lakehouse:
+            parts.append(f"PRIMARY KEY ({', '.join(self.primary_key)})")
+        return f"CREATE TABLE IF NOT EXISTS {self.name} (\n    " + ",\n    ".join(parts) + "\n)"
+
+    def columns_sql(self) -> str:
+        """The column list an INSERT names, in the declared order."""
+        return ", ".join(_quoted(name) for name in self.column_names)
+
+
+_RESERVED = {"name", "text", "error", "distance", "similarity", "rank"}
+
+
+def _quoted(name: str) -> str:
+    return f'"{name}"' if name in _RESERVED else name
+
+
+def _table(name: str, *columns: Column, primary_key: tuple[str, ...] = ()) -> Table:
+    return Table(name, columns, primary_key)
+
+
+def _c(name: str, type_: str, not_null: bool = True, default: str | None = None) -> Column:
+    return Column(name, type_, not_null, default)
+
 
 # A recommendation and the parts of its score (explainable): confidence =
 # segment_weight * segment_affinity + similarity_weight * similarity_score.
-_RECOMMENDATION_COLUMNS = """
-    CREATE TABLE IF NOT EXISTS {table} (
-        batch_id VARCHAR NOT NULL,
-        line_no BIGINT NOT NULL,
-        customer_id UUID NOT NULL,
-        rank INTEGER NOT NULL,
-        product_id VARCHAR NOT NULL,
-        segment_id INTEGER NOT NULL,
-        confidence DOUBLE NOT NULL,
-        predicted_value DOUBLE NOT NULL,
-        segment_affinity DOUBLE NOT NULL,
-        similarity DOUBLE NOT NULL,
-        similarity_score DOUBLE NOT NULL,
-        model_version INTEGER NOT NULL{extra}
-    )"""
+_RECOMMENDATION_COLUMNS = (
+    _c("batch_id", "VARCHAR"),
+    _c("line_no", "BIGINT"),
+    _c("customer_id", "UUID"),
+    _c("rank", "INTEGER"),
+    _c("product_id", "VARCHAR"),
+    _c("segment_id", "INTEGER"),
+    _c("confidence", "DOUBLE"),
+    _c("predicted_value", "DOUBLE"),
+    _c("segment_affinity", "DOUBLE"),
+    _c("similarity", "DOUBLE"),
+    _c("similarity_score", "DOUBLE"),
+    _c("model_version", "INTEGER"),
+)
 
 # raw_customers is a view over one Parquet file per batch (see resources/warehouse.py).
 RAW_CUSTOMERS_COLUMNS: dict[str, str] = {
@@ -47,119 +121,205 @@ RAW_CUSTOMERS_COLUMNS: dict[str, str] = {
     "ingested_at": "TIMESTAMPTZ",
 }
 
-# No primary keys: DuckDB keeps ART indexes in memory, which would grow with the batch size.
-# Uniqueness and conservation are asset checks instead.
-WAREHOUSE_DDL: dict[str, str] = {
-    CUSTOMERS: """
-        CREATE TABLE IF NOT EXISTS customers (
-            batch_id VARCHAR NOT NULL,
-            line_no BIGINT NOT NULL,
-            customer_id UUID NOT NULL,
-            email VARCHAR NOT NULL,
-            created_at TIMESTAMPTZ NOT NULL,
-            purchase_count INTEGER NOT NULL,
-            total_spend DOUBLE NOT NULL
-        )""",
-    CUSTOMER_PURCHASES: """
-        CREATE TABLE IF NOT EXISTS customer_purchases (
-            batch_id VARCHAR NOT NULL,
-            customer_id UUID NOT NULL,
-            line_no BIGINT NOT NULL,
-            purchase_idx INTEGER NOT NULL,
-            product_id VARCHAR NOT NULL,
-            amount DOUBLE NOT NULL,
-            purchased_at TIMESTAMPTZ NOT NULL
-        )""",
-    SCHEMA_ERRORS: """
-        CREATE TABLE IF NOT EXISTS schema_errors (
-            batch_id VARCHAR NOT NULL,
-            line_no BIGINT NOT NULL,
-            raw VARCHAR NOT NULL,
-            errors VARCHAR[] NOT NULL,
-            error_count INTEGER NOT NULL,
-            detected_at TIMESTAMPTZ NOT NULL
-        )""",
-    PRODUCT_CATALOG: """
-        CREATE TABLE IF NOT EXISTS product_catalog (
-            product_id VARCHAR NOT NULL,
-            name VARCHAR NOT NULL,
-            category VARCHAR NOT NULL,
-            price DOUBLE NOT NULL,
-            in_stock BOOLEAN NOT NULL
-        )""",
+# No primary keys on the batch tables: DuckDB keeps ART indexes in memory, which would grow with
+# the batch size. Uniqueness and conservation are asset checks instead.
+_TABLES = [
+    # The register of batches: one row per batch, in the order they arrived (arrival_seq: the
+    # order the batches were registered as partitions, whatever order their runs take). Written
+    # by raw_customers (arrival, content) and validated_customers (accepted or not).
+    _table(
+        BATCHES,
+        _c("batch_id", "VARCHAR"),
+        _c("arrival_seq", "BIGINT"),
+        _c("landing_file", "VARCHAR", False),
+        _c("content_digest", "VARCHAR", False),
+        _c("lines", "BIGINT", False),
+        _c("arrived_at", "TIMESTAMPTZ"),
+        _c("ingested_at", "TIMESTAMPTZ", False),
+        _c("accepted", "BOOLEAN", False),
+        _c("validated_at", "TIMESTAMPTZ", False),
+    ),
+    _table(
+        CUSTOMERS,
+        _c("batch_id", "VARCHAR"),
+        _c("line_no", "BIGINT"),
+        _c("customer_id", "UUID"),
+        _c("email", "VARCHAR"),
+        _c("created_at", "TIMESTAMPTZ"),
+        _c("purchase_count", "INTEGER"),
+        _c("total_spend", "DOUBLE"),
+    ),
+    _table(
+        CUSTOMER_PURCHASES,
+        _c("batch_id", "VARCHAR"),
+        _c("customer_id", "UUID"),
+        _c("line_no", "BIGINT"),
+        _c("purchase_idx", "INTEGER"),
+        _c("product_id", "VARCHAR"),
+        _c("amount", "DOUBLE"),
+        _c("purchased_at", "TIMESTAMPTZ"),
+    ),
+    _table(
+        SCHEMA_ERRORS,
+        _c("batch_id", "VARCHAR"),
+        _c("line_no", "BIGINT"),
+        _c("raw", "VARCHAR"),
+        _c("errors", "VARCHAR[]"),
+        _c("error_count", "INTEGER"),
+        _c("detected_at", "TIMESTAMPTZ"),
+    ),
+    _table(
+        PRODUCT_CATALOG,
+        _c("product_id", "VARCHAR"),
+        _c("name", "VARCHAR"),
+        _c("category", "VARCHAR"),
+        _c("price", "DOUBLE"),
+        _c("in_stock", "BOOLEAN"),
+    ),
+    # Every catalog that replaced the one before: the newest row is the catalog in use.
+    _table(
+        CATALOG_VERSIONS,
+        _c("catalog_version", "INTEGER"),
+        _c("content_digest", "VARCHAR"),
+        _c("products", "BIGINT"),
+        _c("loaded_at", "TIMESTAMPTZ"),
+    ),
     # One vector per distinct text and model: customers who behave alike share a profile text,
     # so a batch of millions of customers stores (and embeds) only its few thousand profiles.
     # FLOAT[] rather than FLOAT[n]: one cache serves models of different widths; every row is
     # checked to hold exactly `dimensions` finite values before it is written.
-    EMBEDDING_CACHE: """
-        CREATE TABLE IF NOT EXISTS embedding_cache (
-            model VARCHAR NOT NULL,
-            dimensions INTEGER NOT NULL,
-            text_hash VARCHAR NOT NULL,
-            text VARCHAR NOT NULL,
-            embedding FLOAT[] NOT NULL,
-            created_at TIMESTAMPTZ NOT NULL,
-            PRIMARY KEY (model, dimensions, text_hash)
-        )""",
-    CUSTOMER_EMBEDDINGS: """
-        CREATE TABLE IF NOT EXISTS customer_embeddings (
-            batch_id VARCHAR NOT NULL,
-            line_no BIGINT NOT NULL,
-            customer_id UUID NOT NULL,
-            model VARCHAR NOT NULL,
-            dimensions INTEGER NOT NULL,
-            text_hash VARCHAR NOT NULL,
-            profile_text VARCHAR NOT NULL
-        )""",
-    DEAD_LETTER: """
-        CREATE TABLE IF NOT EXISTS dead_letter (
-            batch_id VARCHAR NOT NULL,
-            stage VARCHAR NOT NULL,
-            record_key VARCHAR NOT NULL,
-            reason VARCHAR NOT NULL,
-            error VARCHAR NOT NULL,
-            attempts INTEGER NOT NULL,
-            payload VARCHAR,
-            created_at TIMESTAMPTZ NOT NULL,
-            replayed_at TIMESTAMPTZ
-        )""",
+    _table(
+        EMBEDDING_CACHE,
+        _c("model", "VARCHAR"),
+        _c("dimensions", "INTEGER"),
+        _c("text_hash", "VARCHAR"),
+        _c("text", "VARCHAR"),
+        _c("embedding", "FLOAT[]"),
+        _c("created_at", "TIMESTAMPTZ"),
+        primary_key=("model", "dimensions", "text_hash"),
+    ),
+    _table(
+        CUSTOMER_EMBEDDINGS,
+        _c("batch_id", "VARCHAR"),
+        _c("line_no", "BIGINT"),
+        _c("customer_id", "UUID"),
+        _c("model", "VARCHAR"),
+        _c("dimensions", "INTEGER"),
+        _c("text_hash", "VARCHAR"),
+        _c("profile_text", "VARCHAR"),
+    ),
+    # The purchases of a batch's customers that earlier accepted batches (in arrival order)
+    # delivered and the batch's own records do not hold, counted once each: with the batch's own
+    # purchases, each customer's whole known history as of the batch. Written with the profiles.
+    _table(
+        PRIOR_PURCHASES,
+        _c("batch_id", "VARCHAR"),
+        _c("line_no", "BIGINT"),
+        _c("customer_id", "UUID"),
+        _c("product_id", "VARCHAR"),
+        _c("amount", "DOUBLE"),
+        _c("purchased_at", "TIMESTAMPTZ"),
+        _c("quantity", "INTEGER"),
+        _c("first_batch_id", "VARCHAR"),
+    ),
+    _table(
+        DEAD_LETTER,
+        _c("batch_id", "VARCHAR"),
+        _c("stage", "VARCHAR"),
+        _c("record_key", "VARCHAR"),
+        _c("reason", "VARCHAR"),
+        _c("error", "VARCHAR"),
+        _c("attempts", "INTEGER"),
+        _c("payload", "VARCHAR", False),
+        _c("created_at", "TIMESTAMPTZ"),
+        _c("replayed_at", "TIMESTAMPTZ", False),
+    ),
     # Every trained model is kept; the newest version assigns segments.
-    SEGMENT_MODEL: """
-        CREATE TABLE IF NOT EXISTS segment_model (
-            model_version INTEGER NOT NULL,
-            segment_id INTEGER NOT NULL,
-            centroid FLOAT[] NOT NULL,
-            weight DOUBLE NOT NULL,
-            embedding_model VARCHAR NOT NULL,
-            dimensions INTEGER NOT NULL,
-            trained_at TIMESTAMPTZ NOT NULL
-        )""",
-    CUSTOMER_SEGMENTS: """
-        CREATE TABLE IF NOT EXISTS customer_segments (
-            batch_id VARCHAR NOT NULL,
-            line_no BIGINT NOT NULL,
-            customer_id UUID NOT NULL,
-            text_hash VARCHAR NOT NULL,
-            segment_id INTEGER NOT NULL,
-            distance DOUBLE NOT NULL,
-            model_version INTEGER NOT NULL
-        )""",
-    PRODUCT_EMBEDDINGS: """
-        CREATE TABLE IF NOT EXISTS product_embeddings (
-            product_id VARCHAR NOT NULL,
-            model VARCHAR NOT NULL,
-            dimensions INTEGER NOT NULL,
-            text_hash VARCHAR NOT NULL,
-            product_text VARCHAR NOT NULL
-        )""",
-    RECOMMENDATIONS: _RECOMMENDATION_COLUMNS.format(table=RECOMMENDATIONS, extra=""),
-    VALIDATED_RECOMMENDATIONS: _RECOMMENDATION_COLUMNS.format(
-        table=VALIDATED_RECOMMENDATIONS, extra=""
+    _table(
+        SEGMENT_MODEL,
+        _c("model_version", "INTEGER"),
+        _c("segment_id", "INTEGER"),
+        _c("centroid", "FLOAT[]"),
+        _c("weight", "DOUBLE"),
+        _c("embedding_model", "VARCHAR"),
+        _c("dimensions", "INTEGER"),
+        _c("trained_at", "TIMESTAMPTZ"),
     ),
-    REJECTED_RECOMMENDATIONS: _RECOMMENDATION_COLUMNS.format(
-        table=REJECTED_RECOMMENDATIONS,
-        extra=", rejected_rule VARCHAR NOT NULL, failed_rules VARCHAR[] NOT NULL",
+    # What each segment of a model version bought, learned with the model from the customers it
+    # was trained on: recommendations read it, never the purchases of other batches.
+    _table(
+        SEGMENT_AFFINITY,
+        _c("model_version", "INTEGER"),
+        _c("segment_id", "INTEGER"),
+        _c("product_id", "VARCHAR"),
+        _c("purchases", "DOUBLE"),
+        _c("avg_amount", "DOUBLE"),
     ),
+    _table(
+        CUSTOMER_SEGMENTS,
+        _c("batch_id", "VARCHAR"),
+        _c("line_no", "BIGINT"),
+        _c("customer_id", "UUID"),
+        _c("text_hash", "VARCHAR"),
+        _c("segment_id", "INTEGER"),
+        _c("distance", "DOUBLE"),
+        _c("model_version", "INTEGER"),
+    ),
+    _table(
+        PRODUCT_EMBEDDINGS,
+        _c("product_id", "VARCHAR"),
+        _c("model", "VARCHAR"),
+        _c("dimensions", "INTEGER"),
+        _c("text_hash", "VARCHAR"),
+        _c("product_text", "VARCHAR"),
+    ),
+    _table(RECOMMENDATIONS, *_RECOMMENDATION_COLUMNS),
+    # Customers for whom fewer than top_n products were in stock and not bought: why a customer
+    # has fewer recommendations than promised, when the catalog is the reason.
+    _table(
+        RECOMMENDATION_SHORTFALLS,
+        _c("batch_id", "VARCHAR"),
+        _c("customer_id", "UUID"),
+        _c("candidates", "INTEGER"),
+        _c("reason", "VARCHAR"),
+    ),
+    _table(VALIDATED_RECOMMENDATIONS, *_RECOMMENDATION_COLUMNS),
+    _table(
+        REJECTED_RECOMMENDATIONS,
+        *_RECOMMENDATION_COLUMNS,
+        _c("rejected_rule", "VARCHAR"),
+        _c("failed_rules", "VARCHAR[]"),
+    ),
+    # A batch's recommendations are published (current for its customers, see the view
+    # current_recommendations) once the business rules' step committed them; one row per batch.
+    _table(
+        BATCH_PUBLICATIONS,
+        _c("batch_id", "VARCHAR"),
+        _c("published_at", "TIMESTAMPTZ"),
+        _c("segment_model_version", "INTEGER"),
+        _c("catalog_version", "INTEGER", False),
+        _c("customers", "BIGINT"),
+        _c("recommendations", "BIGINT"),
+    ),
+    # The warehouse's schema version, one row per migration applied (see schema.py).
+    _table(
+        WAREHOUSE_SCHEMA,
+        _c("version", "INTEGER"),
+        _c("project_version", "VARCHAR"),
+        _c("applied_at", "TIMESTAMPTZ"),
+    ),
+]
+WAREHOUSE_TABLES: dict[str, Table] = {table.name: table for table in _TABLES}
+WAREHOUSE_DDL: dict[str, str] = {name: t.ddl() for name, t in WAREHOUSE_TABLES.items()}
+
+# Tables keyed by batch_id that hold what a batch's content gave, from validation on, in the
+# order the stages write them: withdrawing a batch from a stage on deletes its rows from these.
+BATCH_TABLES_BY_STAGE: dict[str, tuple[str, ...]] = {
+    "validation": (CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS),
+    "inference": (CUSTOMER_EMBEDDINGS, PRIOR_PURCHASES),
+    "segmentation": (CUSTOMER_SEGMENTS,),
+    "recommendations": (RECOMMENDATIONS, RECOMMENDATION_SHORTFALLS),
+    "publication": (VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS, BATCH_PUBLICATIONS),
 }
 
 
@@ -169,30 +329,72 @@ def lakehouse_ddl(ddl: str) -> str:
     return re.sub(r",\s*PRIMARY KEY \([^)]*\)", "", ddl)
 
 
-# Views: the vector of each customer, as a fixed-size array is `embedding::FLOAT[<dimensions>]`.
+# A customer's known purchases across accepted batches, each counted once: a purchase is its
+# product, instant and amount; a record that lists the same purchase k times bought it k times,
+# and a batch that delivers it again (a CRM re-sending the whole history) adds nothing.
+_HISTORY = f"""
+SELECT customer_id, product_id, purchased_at, amount, max(n) AS quantity,
+       arg_min(batch_id, arrival_seq) AS first_batch_id
+FROM (SELECT p.batch_id, any_value(b.arrival_seq) AS arrival_seq, p.customer_id, p.product_id,
+             p.purchased_at, p.amount, count(*) AS n
+      FROM {CUSTOMER_PURCHASES} AS p JOIN {BATCHES} AS b USING (batch_id)
+      WHERE b.accepted
+      GROUP BY p.batch_id, p.customer_id, p.product_id, p.purchased_at, p.amount)
+GROUP BY customer_id, product_id, purchased_at, amount"""
+
+
+def _latest_batch(holding: str, published: bool = False) -> str:
+    """Each customer's newest accepted batch (arrival order) among those whose `holding` table
+    holds them (and, if `published`, whose recommendations were published)."""
+    only = f" JOIN {BATCH_PUBLICATIONS} USING (batch_id)" if published else ""
+    return f"""
+SELECT h.customer_id, arg_max(h.batch_id, b.arrival_seq) AS batch_id
+FROM {holding} AS h JOIN {BATCHES} AS b USING (batch_id){only}
+WHERE b.accepted
+GROUP BY h.customer_id"""
+
+
+# Views: the customer across batches, the one current answer per customer, and each customer's
+# vector (`embedding::FLOAT[<dimensions>]` gives the fixed-size array).
 WAREHOUSE_VIEWS: dict[str, str] = {
     "customer_embedding_vectors": """
-        CREATE VIEW IF NOT EXISTS customer_embedding_vectors AS
+        CREATE OR REPLACE VIEW customer_embedding_vectors AS
         SELECT e.batch_id, e.line_no, e.customer_id, e.model, e.dimensions, e.text_hash,
                c.embedding
         FROM customer_embeddings AS e
         JOIN embedding_cache AS c USING (model, dimensions, text_hash)""",
+    "customer_purchase_history": f"""
+        CREATE OR REPLACE VIEW customer_purchase_history AS {_HISTORY}""",
+    # One row per customer: the record of their newest accepted batch.
+    "current_customers": f"""
+        CREATE OR REPLACE VIEW current_customers AS
+        SELECT c.customer_id, c.batch_id, c.email, c.created_at, b.arrival_seq
+        FROM ({_latest_batch(CUSTOMERS)}) AS latest
+        JOIN customers AS c USING (customer_id, batch_id)
+        JOIN batches AS b USING (batch_id)""",
+    # THE answer to read: each customer's recommendations from the newest batch (arrival order)
+    # that segmented them and whose recommendations were published; older batches' lists are
+    # history. A customer whose every recommendation that batch was rejected has none here.
+    "current_recommendations": f"""
+        CREATE OR REPLACE VIEW current_recommendations AS
+        SELECT v.*
+        FROM ({_latest_batch(CUSTOMER_SEGMENTS, published=True)}) AS latest
+        JOIN validated_recommendations AS v USING (customer_id, batch_id)""",
 }
 
-ALERTS_DDL: dict[str, str] = {
-    ALERTS: """
-        CREATE TABLE IF NOT EXISTS alerts (
-            alert_id UUID NOT NULL DEFAULT uuid(),
-            created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-            severity VARCHAR NOT NULL,
-            monitor VARCHAR NOT NULL,
-            alert_key VARCHAR NOT NULL,
-            batch_id VARCHAR,
-            status VARCHAR NOT NULL,
-            message VARCHAR NOT NULL,
-            figures JSON,
-            run_id VARCHAR,
-            link VARCHAR,
-            webhook_status VARCHAR NOT NULL
-        )""",
-}
+ALERTS_TABLE = _table(
+    ALERTS,
+    _c("alert_id", "UUID", default="uuid()"),
+    _c("created_at", "TIMESTAMPTZ", default="now()"),
+    _c("severity", "VARCHAR"),
+    _c("monitor", "VARCHAR"),
+    _c("alert_key", "VARCHAR"),
+    _c("batch_id", "VARCHAR", False),
+    _c("status", "VARCHAR"),
+    _c("message", "VARCHAR"),
+    _c("figures", "JSON", False),
+    _c("run_id", "VARCHAR", False),
+    _c("link", "VARCHAR", False),
+    _c("webhook_status", "VARCHAR"),
+)
+ALERTS_DDL: dict[str, str] = {ALERTS: ALERTS_TABLE.ddl()}

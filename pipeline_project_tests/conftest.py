@@ -6,7 +6,9 @@ import os
 # pipeline_project/__init__.py); pyproject.toml's filterwarnings names it as expected.
 os.environ["PIPELINE_SHOW_PREVIEW_WARNINGS"] = "1"
 
+import dataclasses
 import importlib.util
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,6 +58,41 @@ def instance(tmp_path: Path) -> Iterator[dg.DagsterInstance]:
 def api_key_fixture(monkeypatch):
     monkeypatch.setenv("PIPELINE_OPENAI_API_KEY", FAKE_KEY)
     return FAKE_KEY
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server (127.0.0.1) for the whole run, started when a test needs it."""
+    from pipeline_project_tests.postgres_server import postgres_server
+
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["duckdb", pytest.param("ducklake", marks=pytest.mark.ducklake)])
+def backend_settings(request, tmp_path: Path, monkeypatch) -> Settings:
+    """The project's settings in `tmp_path`, on each warehouse backend: the DuckDB file, and
+    DuckLake with its catalog in a database of its own on the real PostgreSQL server (run in
+    the scale-out environment)."""
+    return backend_settings_in(request, tmp_path, monkeypatch, request.param)
+
+
+def backend_settings_in(request, root: Path, monkeypatch, backend: str) -> Settings:
+    settings = settings_in(root)
+    if backend == "duckdb":
+        return settings
+    server = request.getfixturevalue("postgres")
+    monkeypatch.setenv("PIPELINE_DUCKLAKE_PASSWORD", server.password)
+    database = server.create_database(f"lake_{uuid.uuid4().hex[:12]}")
+    return dataclasses.replace(
+        settings,
+        warehouse=dataclasses.replace(
+            settings.warehouse,
+            backend="ducklake",
+            ducklake_catalog=server.dsn(database),
+            ducklake_data_path=root / "lake",
+        ),
+    )
 
 
 @pytest.fixture(name="four_profiles")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import weakref
 from pathlib import Path
 
 import dagster as dg
@@ -178,3 +179,93 @@ def rows_conserved_after(settings: Settings, batch_id: str, tamper_sql: str) -> 
         conserved = input_check_results(conn, batch_id, 0.05, 0.5)[0]
     assert conserved.check_name == "rows_conserved"
     return conserved
+
+
+# ---- any backend: reading the warehouse, running batches, letting re-scoring settle ----------
+
+# Columns that say when a row was written: left out when two warehouses are compared.
+TIME_COLUMNS = frozenset(
+    {"ingested_at", "detected_at", "created_at", "trained_at", "replayed_at", "arrived_at",
+     "validated_at", "published_at", "loaded_at", "applied_at"}
+)  # fmt: skip
+
+
+def warehouse_of(settings: Settings) -> Warehouse:
+    """The warehouse resource as a step gets it (Dagster resolves the DuckLake password's
+    EnvVar when a run starts; here it is read from the environment)."""
+    import os
+
+    warehouse = Warehouse.from_settings(settings.warehouse)
+    if warehouse.is_lakehouse:
+        password = os.environ["PIPELINE_DUCKLAKE_PASSWORD"]
+        warehouse = warehouse.model_copy(update={"ducklake_password": password})
+    return warehouse
+
+
+def query(settings: Settings, sql: str, params=None) -> list[tuple]:
+    with warehouse_of(settings).get_connection() as conn:
+        return conn.execute(sql, params or []).fetchall()
+
+
+def contents(settings: Settings, tables) -> dict[str, list[tuple]]:
+    """Every row of each table, sorted, without the times rows were written; doubles to 9
+    decimals (a sum's last bits depend on the order its parts were added in)."""
+    found = {}
+    with warehouse_of(settings).get_connection() as conn:
+        for table in tables:
+            columns = [
+                name
+                for name, *_ in conn.execute(f"DESCRIBE {table}").fetchall()
+                if name not in TIME_COLUMNS
+            ]
+            rows = conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY ALL")
+            found[table] = [
+                tuple(round(v, 9) if isinstance(v, float) else v for v in row)
+                for row in rows.fetchall()
+            ]
+    return found
+
+
+def run_stages(
+    defs: dg.Definitions,
+    instance: dg.DagsterInstance,
+    batch_id: str,
+    selection=None,
+    run_config: dict | None = None,
+    tags: dict | None = None,
+) -> dg.ExecuteInProcessResult:
+    """batch_pipeline_job for one batch (registered if new), all its stages or `selection`."""
+    if batch_id not in instance.get_dynamic_partitions("batches"):
+        instance.add_dynamic_partitions("batches", [batch_id])
+    keys = [k if isinstance(k, dg.AssetKey) else dg.AssetKey(k) for k in selection or []]
+    return defs.resolve_job_def("batch_pipeline_job").execute_in_process(
+        partition_key=batch_id,
+        instance=instance,
+        asset_selection=keys or None,
+        run_config=run_config or {},
+        tags=tags,
+        raise_on_error=False,
+    )
+
+
+_RESCORE_CURSORS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def settle(defs: dg.Definitions, instance: dg.DagsterInstance, rounds: int = 10) -> list[str]:
+    """What the daemon does with rescore_sensor: tick it (its cursor kept per instance), run
+    what it asks for, until it asks for nothing; returns the batches re-run, in order."""
+    sensor = defs.resolve_sensor_def("rescore_sensor")
+    rerun = []
+    for _ in range(rounds):
+        cursor = _RESCORE_CURSORS.get(instance)
+        result = sensor(dg.build_sensor_context(instance=instance, cursor=cursor, definitions=defs))
+        _RESCORE_CURSORS[instance] = result.cursor
+        if not result.run_requests:
+            return rerun
+        for request in result.run_requests:
+            outcome = run_stages(
+                defs, instance, request.partition_key, request.asset_selection, tags=request.tags
+            )
+            assert outcome.success, request
+            rerun.append(request.partition_key)
+    raise AssertionError(f"re-scoring did not settle in {rounds} rounds: {rerun}")

@@ -172,11 +172,18 @@ def test_checks_judge_each_batch_on_its_own_rows(settings, instance, small_catal
         settings.landing_dir / "good.jsonl",
         [shopper(i, ["books", "toys"][i % 2]) for i in range(8)],
     )
-    write_lines(settings.landing_dir / "bad.jsonl", [everything_buyer(i) for i in range(4)])
+    write_lines(
+        settings.landing_dir / "bad.jsonl",
+        [shopper(20 + i, ["books", "toys"][i % 2]) for i in range(8)],
+    )
     rules = {"rejected_share_ceiling": 0.5, "min_confidence": 0.0}  # sparse test data: low scores
     config = {"ops": {"validated_recommendations": {"config": rules}}}
     good = run_pipeline(settings, instance, "good", config)
-    bad = run_pipeline(settings, instance, "bad", config)
+    # the same data, judged against a value ceiling that rejects every recommendation
+    bad_rules = {**rules, "max_predicted_value": 0.001}
+    bad = run_pipeline(
+        settings, instance, "bad", {"ops": {"validated_recommendations": {"config": bad_rules}}}
+    )
     assert good.success and bad.success  # WARN checks never fail a run
 
     def verdicts(result):
@@ -185,7 +192,7 @@ def test_checks_judge_each_batch_on_its_own_rows(settings, instance, small_catal
 
     assert verdicts(good)["rejected_share_per_rule_below_ceiling"] == (True, "good")
     assert verdicts(bad)["rejected_share_per_rule_below_ceiling"] == (False, "bad")
-    assert verdicts(bad)["every_segmented_customer_has_a_recommendation_or_reason"] == (True, "bad")
+    assert verdicts(bad)["every_customer_gets_top_n_or_a_reason"] == (True, "bad")
     assert rows(
         settings, "SELECT count(*) FROM validated_recommendations WHERE batch_id = 'bad'"
     ) == [(0,)]
@@ -232,9 +239,9 @@ def test_a_planted_violation_fails_only_its_own_batch(settings, instance, small_
 
         good, bad = check("good"), check("bad")
     assert good["no_validated_recommendation_breaks_a_rule"] is True
-    assert good["every_segmented_customer_has_a_recommendation_or_reason"] is True
+    assert good["every_customer_gets_top_n_or_a_reason"] is True
     assert bad["no_validated_recommendation_breaks_a_rule"] is False
-    assert bad["every_segmented_customer_has_a_recommendation_or_reason"] is False
+    assert bad["every_customer_gets_top_n_or_a_reason"] is False
 
 
 def test_suspicious_values_are_logged(settings, instance, small_catalog):

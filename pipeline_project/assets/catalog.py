@@ -8,16 +8,19 @@ import duckdb
 from pipeline_project.asset_metadata import one_table_metadata
 from pipeline_project.assets.inference import InferenceConfig, cache_writer
 from pipeline_project.checks.catalog_checks import CATALOG_CHECK_SPECS, catalog_check_results
+from pipeline_project.core.catalog import record_version
 from pipeline_project.core.embedding_cache import missing_texts
 from pipeline_project.core.inference import CircuitBreakerOpen, embed_into_cache
+from pipeline_project.core.publications import live_batches
 from pipeline_project.core.recommendations import PRODUCT_TEXTS_SQL, store_product_embeddings
 from pipeline_project.policies import DUCKDB_WRITER_POOL, STAGE_RETRY_POLICY
 from pipeline_project.resources import LandingZone, Warehouse
 from pipeline_project.resources.embeddings import Embedder
+from pipeline_project.sensors.rescore import RESCORE_METADATA
 from pipeline_project.tables import PRODUCT_CATALOG, PRODUCT_EMBEDDINGS
 
 _LOAD_SQL = """
-INSERT INTO product_catalog
+INSERT INTO product_catalog BY NAME
 SELECT product_id, name, category, price, in_stock
 FROM read_csv(?, header = true, auto_detect = false, columns = {
     'product_id': 'VARCHAR', 'name': 'VARCHAR', 'category': 'VARCHAR',
@@ -54,6 +57,7 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
                     " FROM product_catalog"
                 ).fetchall()
                 checks = catalog_check_results(conn)
+                version, new_version = record_version(conn)
     except duckdb.ConversionException as err:
         raise dg.Failure(description=f"catalog file {path} is malformed: {err}") from err
     context.log.info(f"catalog: {rows} products in {categories} categories")
@@ -62,6 +66,8 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
         metadata={
             **one_table_metadata(warehouse, PRODUCT_CATALOG, None),
             "categories": categories,
+            "catalog_version": version,
+            "new_catalog_version": new_version,
             "in_stock_share": round(in_stock or 0.0, 4),
             "catalog_fingerprint": fingerprint,
         },
@@ -103,8 +109,15 @@ def product_embeddings(
     for attempt in warehouse.write_attempts():
         with attempt, warehouse.transaction() as conn:
             store_product_embeddings(conn, model, dimensions)
+            # the batches holding current answers scored with another catalog: re-scored
+            stale = live_batches(
+                conn,
+                "catalog_version IS DISTINCT FROM"
+                " (SELECT max(catalog_version) FROM catalog_versions)",
+            )
     return dg.MaterializeResult(
         metadata={
+            RESCORE_METADATA: dg.MetadataValue.json(stale),
             **one_table_metadata(warehouse, PRODUCT_EMBEDDINGS, None),
             "texts_embedded": len(outcome.vectors),
             "model_calls": outcome.model_calls,

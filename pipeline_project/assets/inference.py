@@ -33,7 +33,11 @@ from pipeline_project.core.inference import (
 )
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.probes import PROBE_TEXTS, ProbeVerdict, probe_verdict
-from pipeline_project.core.profiles import STAGED_TEXTS_SQL, stage_profiles
+from pipeline_project.core.profiles import (
+    STAGED_TEXTS_SQL,
+    stage_prior_purchases,
+    stage_profiles,
+)
 from pipeline_project.policies import MODEL_INFERENCE_POOL, batch_stage, per_batch_automation
 from pipeline_project.resources import AlertSink, Warehouse
 from pipeline_project.resources.embeddings import Embedder
@@ -42,6 +46,7 @@ from pipeline_project.tables import (
     CUSTOMER_PURCHASES,
     CUSTOMERS,
     EMBEDDING_CACHE,
+    PRIOR_PURCHASES,
     PRODUCT_CATALOG,
 )
 
@@ -113,7 +118,10 @@ def customer_embeddings(
     started, usage = time.perf_counter(), StepUsage()
     with warehouse.scratch_folder(batch_id) as scratch:
         profiles = str(scratch / "*.parquet")
+        prior_file = scratch / PRIOR_PURCHASES / "part-0.parquet"
+        prior_file.parent.mkdir()
         with warehouse.get_connection() as conn:
+            prior = stage_prior_purchases(conn, batch_id, prior_file)
             customers, distinct = stage_profiles(conn, batch_id, scratch, config.profile_chunk_rows)
             texts = {"profiles": profiles}
             missing = missing_texts(conn, STAGED_TEXTS_SQL, model, dimensions, texts)
@@ -127,9 +135,15 @@ def customer_embeddings(
             with (
                 attempt,
                 warehouse.replace_batch(
-                    [CUSTOMER_EMBEDDINGS], batch_id, dead_letter_stage=INFERENCE_STAGE
+                    [CUSTOMER_EMBEDDINGS, PRIOR_PURCHASES], batch_id,
+                    dead_letter_stage=INFERENCE_STAGE,
                 ) as conn,
-            ):
+            ):  # fmt: skip
+                if prior:
+                    conn.execute(
+                        f"INSERT INTO {PRIOR_PURCHASES} BY NAME SELECT * FROM read_parquet(?)",
+                        [str(prior_file)],
+                    )
                 dead_by_reason = store_embeddings(
                     conn, batch_id, INFERENCE_STAGE, model, dimensions, profiles, outcome
                 )
@@ -139,7 +153,7 @@ def customer_embeddings(
     figures = batch_figures(
         outcome, cost=_cost(embedder, missing, chars), customers_in=customers,
         distinct_profiles=distinct,
-        cache_hits=distinct - len(missing), dead_by_reason=dead_by_reason,
+        cache_hits=distinct - len(missing), dead_by_reason=dead_by_reason, prior_purchases=prior,
         dead_letter_total=dead_letter_total, model=model, dimensions=dimensions,
         seconds=seconds, usage={**usage.figures(), "commit_retries": warehouse.commit_retries()},
     )  # fmt: skip

@@ -9,12 +9,20 @@ from pydantic import Field
 
 from pipeline_project.asset_metadata import one_table_metadata
 from pipeline_project.batch_history import failed_flags, recent_batch_metadata
-from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunks, store_raw_lines
+from pipeline_project.core import batches as batch_register
+from pipeline_project.core.landing_files import (
+    StoredLines,
+    content_digest,
+    iter_raw_line_chunks,
+    store_raw_lines,
+)
 from pipeline_project.core.monitoring import BatchVolume, StepUsage, volume_anomaly
 from pipeline_project.partitions import batches
 from pipeline_project.policies import batch_stage
 from pipeline_project.progress import report
 from pipeline_project.resources import LandingZone, Warehouse
+from pipeline_project.resources.warehouse import withdraw
+from pipeline_project.sensors.rescore import RESCORE_METADATA
 from pipeline_project.tables import RAW_CUSTOMERS
 
 
@@ -124,9 +132,17 @@ def _ingest(
         context.log.info(f"{batch_id}: {stored.lines:,} lines stored ({stored.chunks} chunks)")
         report(batch_id, "ingest", stored.lines, None, "lines")
 
-    chunks = iter_raw_line_chunks(landing_file.path, config.chunk_rows, config.max_line_bytes)
+    digest = content_digest()
+    chunks = iter_raw_line_chunks(
+        landing_file.path, config.chunk_rows, config.max_line_bytes, digest=digest
+    )
     with warehouse.replacing_raw_file(batch_id) as writer:
         stored = store_raw_lines(writer, chunks, on_chunk=progress)
+        # Before the new file replaces the old one: the register records the new content and,
+        # when it differs, withdraws what the old content gave (a crash in between keeps both).
+        registered, stale = _register(
+            context, warehouse, landing_file.path.name, digest.hexdigest(), stored.lines
+        )
     seconds = time.perf_counter() - started
     if stored.read_errors:
         context.log.warning(
@@ -140,12 +156,46 @@ def _ingest(
         "blank_lines": stored.blank_lines,
         "landing_file": landing_file.path.name,
         "landing_fingerprint": landing_file.fingerprint,
+        "content_digest": digest.hexdigest(),
+        "content_changed": registered.changed,
+        "arrival_seq": registered.arrival_seq,
+        # later batches whose history held this batch's old content: re-profiled (rescore_sensor)
+        RESCORE_METADATA: dg.MetadataValue.json(stale),
         "file_bytes": landing_file.size,
         "chunks": stored.chunks,
         "read_error": stored.read_errors[0] if stored.read_errors else "",
         "seconds": round(seconds, 3),
         "rows_per_second": round(stored.lines / seconds) if seconds else 0,
     }
+
+
+def _register(
+    context: dg.AssetExecutionContext,
+    warehouse: Warehouse,
+    landing_file: str,
+    digest: str,
+    lines: int,
+) -> tuple[batch_register.Registered, list[str]]:
+    """The batch's content in the register; when it changed, everything its old content gave
+    is withdrawn (no old answer stays live) and the later batches that read it are named."""
+    batch_id = context.partition_key
+    order = context.instance.get_dynamic_partitions(batches.name)
+    for attempt in warehouse.write_attempts():
+        with attempt, warehouse.transaction() as conn:
+            registered = batch_register.register(
+                conn, batch_id, registered_order=order, landing_file=landing_file,
+                content_digest=digest, lines=lines,
+            )  # fmt: skip
+            stale: list[str] = []
+            if registered.changed and not registered.new:
+                stale = batch_register.later_batches_sharing_customers(conn, batch_id)
+                withdraw(conn, batch_id, "validation")
+    if registered.changed and not registered.new:
+        context.log.info(
+            f"{batch_id}: new content; what the old content gave is withdrawn"
+            + (f", {len(stale)} later batches to re-profile" if stale else "")
+        )
+    return registered, stale
 
 
 def _volume(rows: int, path: Path) -> dict:

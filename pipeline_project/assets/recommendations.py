@@ -24,6 +24,7 @@ from pipeline_project.checks.output_checks import (
     recommendation_quality_result,
 )
 from pipeline_project.core.monitoring import StepUsage
+from pipeline_project.core.publications import publish
 from pipeline_project.core.recommendation_quality import (
     HoldoutQuality,
     holdout_quality,
@@ -42,16 +43,20 @@ from pipeline_project.policies import batch_stage, per_batch_automation
 from pipeline_project.resources import LandingZone, Warehouse
 from pipeline_project.resources.embeddings import Embedder
 from pipeline_project.tables import (
+    BATCH_PUBLICATIONS,
     CUSTOMER_PURCHASES,
     CUSTOMER_SEGMENTS,
     PRODUCT_CATALOG,
     PRODUCT_EMBEDDINGS,
+    RECOMMENDATION_SHORTFALLS,
     RECOMMENDATIONS,
     REJECTED_RECOMMENDATIONS,
     VALIDATED_RECOMMENDATIONS,
 )
 
+ERROR = dg.AssetCheckSeverity.ERROR
 _CATALOG = [PRODUCT_CATALOG, PRODUCT_EMBEDDINGS]
+SCORED_TABLES = [RECOMMENDATIONS, RECOMMENDATION_SHORTFALLS]
 
 # What a stage reports, logs and the demo prints when there is no catalog to recommend from.
 NO_CATALOG = "skipped: no catalog"
@@ -73,6 +78,14 @@ def _skip_for_no_catalog(context: dg.AssetExecutionContext, landing: LandingZone
 
 class RecommendationConfig(dg.Config):
     top_n: int = Field(default=5, description="Recommendations per customer.")
+    candidate_margin: int = Field(
+        default=20,
+        description="Products ranked per profile beyond top_n, for customers who bought some"
+        " (who bought more are ranked again over the whole catalog).",
+    )
+    customer_chunk: int = Field(
+        default=200_000, description="Customers given their recommendations per chunk."
+    )
     segment_weight: float = Field(
         default=0.7, description="Weight of segment affinity; similarity gets the rest."
     )
@@ -153,18 +166,25 @@ def recommendations(
     if loaded is None:
         yield from _nothing_to_recommend(context, config, warehouse, checked)
         return
-    version, inputs = loaded
-    for attempt in warehouse.write_attempts():
-        with attempt, warehouse.replace_batch([RECOMMENDATIONS], batch_id) as conn:
-            chunks = score_batch(
-                conn, batch_id, model, dimensions, inputs, top_n=config.top_n,
-                segment_weight=config.segment_weight, profile_chunk=config.profile_chunk,
-            )  # fmt: skip
-            summary = confidence_summary(conn, batch_id)
-    context.log.info(f"{batch_id}: scored {chunks} chunks of profiles")
-    figures = {"segment_model_version": version, **usage.figures()}
+    with warehouse.staged_batch(SCORED_TABLES, batch_id) as (conn, staging):
+        scored = score_batch(
+            conn, batch_id, model, dimensions, loaded, staging, top_n=config.top_n,
+            segment_weight=config.segment_weight, profile_chunk=config.profile_chunk,
+            customer_chunk=config.customer_chunk, candidate_margin=config.candidate_margin,
+        )  # fmt: skip
+    with warehouse.get_connection() as conn:
+        summary = confidence_summary(conn, batch_id)
+    context.log.info(
+        f"{batch_id}: {scored.profiles:,} profiles scored, {scored.chunks} chunks of customers,"
+        f" {scored.shortfalls:,} customers with fewer than {config.top_n} products to offer"
+    )
+    figures = {
+        "segment_model_version": loaded.version,
+        "customers_short_of_products": scored.shortfalls,
+        **usage.figures(),
+    }
     figures |= one_table_metadata(warehouse, RECOMMENDATIONS, summary.rows)
-    scoring = (model, dimensions, version, inputs)
+    scoring = (model, dimensions, loaded.version, loaded.inputs)
     checks, quality = _checks(context, config, warehouse, checked, summary.histogram, scoring)
     figures |= _quality_figures(quality)
     # a batch that failed a check is flagged, and nobody's baseline
@@ -180,7 +200,7 @@ def _nothing_to_recommend(
     checked: set[str],
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """A batch with no segmented customers or no product embeddings holds no recommendations."""
-    with warehouse.replace_batch([RECOMMENDATIONS], context.partition_key):
+    with warehouse.replace_batch(SCORED_TABLES, context.partition_key):
         pass
     context.log.warning(f"{context.partition_key}: no segmented customers or product embeddings")
     yield dg.MaterializeResult(
@@ -204,7 +224,7 @@ def _stored_checks(
     with warehouse.get_connection() as conn:
         histogram = confidence_summary(conn, batch_id).histogram
         loaded = load_scoring_inputs(conn, batch_id, model, dimensions)
-    scoring = (model, dimensions, *loaded) if loaded is not None else None
+    scoring = (model, dimensions, loaded.version, loaded.inputs) if loaded is not None else None
     yield from _checks(context, config, warehouse, checked, histogram, scoring)[0]
 
 
@@ -297,25 +317,57 @@ def _scored(summary: ConfidenceSummary, figures: dict) -> dg.MaterializeResult:
     )
 
 
+class _Refused(Exception):
+    """A blocking check failed on the rows about to be published: the transaction rolls back."""
+
+    def __init__(self, checks: list[dg.AssetCheckResult]) -> None:
+        super().__init__("a blocking check failed")
+        self.checks = checks
+
+
 def _apply_rules(
     context: dg.AssetExecutionContext, config: "BusinessRulesConfig", warehouse: Warehouse
-) -> RuleOutcome:
+) -> tuple[RuleOutcome | None, list[dg.AssetCheckResult]]:
+    """The rules split the batch's recommendations and publish them, in ONE transaction that
+    commits only if the blocking checks pass on the new rows: else the batch's previous
+    publication stays as it was (None: nothing published)."""
     batch_id = context.partition_key
-    tables = [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS]
-    for attempt in warehouse.write_attempts():
-        with attempt, warehouse.replace_batch(tables, batch_id) as conn:
-            outcome = apply_business_rules(
-                conn,
-                batch_id,
-                min_confidence=config.min_confidence,
-                max_predicted_value=config.max_predicted_value,
-            )
+    tables = [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS, BATCH_PUBLICATIONS]
+    try:
+        for attempt in warehouse.write_attempts():
+            with attempt, warehouse.replace_batch(tables, batch_id) as conn:
+                outcome = apply_business_rules(
+                    conn,
+                    batch_id,
+                    min_confidence=config.min_confidence,
+                    max_predicted_value=config.max_predicted_value,
+                )
+                checks = _rule_checks(conn, batch_id, config)
+                if any(not c.passed and c.severity == ERROR for c in checks):
+                    raise _Refused(checks)
+                publish(conn, batch_id, outcome.kept)
+    except _Refused as refused:
+        context.log.error(
+            f"{batch_id}: not published: a blocking check failed on the new rows; the batch's"
+            " previous recommendations stay as they were"
+        )
+        return None, refused.checks
     if outcome.suspicious:
         context.log.warning(
             f"{batch_id}: {outcome.by_rule['implausible_value']} recommendations with an "
             f"implausible predicted value, e.g. {outcome.suspicious}"
         )
-    return outcome
+    return outcome, checks
+
+
+def _rule_checks(conn, batch_id: str, config: "BusinessRulesConfig") -> list[dg.AssetCheckResult]:
+    return recommendation_check_results(
+        conn,
+        batch_id,
+        min_confidence=config.min_confidence,
+        max_predicted_value=config.max_predicted_value,
+        rejected_share_ceiling=config.rejected_share_ceiling,
+    )
 
 
 def _confidence_drift(
@@ -400,15 +452,12 @@ def validated_recommendations(
             return
     selected = {key.to_user_string() for key in context.selected_asset_keys}
     # one pass of the rules writes both tables, whichever of them is selected
-    outcome = _apply_rules(context, config, warehouse) if selected else None
-    with warehouse.get_connection() as conn:
-        checks = recommendation_check_results(
-            conn,
-            batch_id,
-            min_confidence=config.min_confidence,
-            max_predicted_value=config.max_predicted_value,
-            rejected_share_ceiling=config.rejected_share_ceiling,
-        )
+    if selected:
+        outcome, checks = _apply_rules(context, config, warehouse)
+    else:  # the checks alone, on the published rows
+        outcome = None
+        with warehouse.get_connection() as conn:
+            checks = _rule_checks(conn, batch_id, config)
     if outcome is not None:
         yield from _ruled(selected, outcome, warehouse, usage)
     checked = {key.name for key in context.selected_asset_check_keys}

@@ -13,6 +13,7 @@ from pipeline_project.checks.drift_checks import (
     drift_check_spec,
 )
 from pipeline_project.core.monitoring import StepUsage
+from pipeline_project.core.publications import live_batches
 from pipeline_project.core.segmentation import (
     SegmentModel,
     assign_batch,
@@ -28,6 +29,7 @@ from pipeline_project.policies import (
 )
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import Embedder
+from pipeline_project.sensors.rescore import RESCORE_METADATA
 from pipeline_project.tables import CUSTOMER_EMBEDDINGS, CUSTOMER_SEGMENTS, SEGMENT_MODEL
 
 SEGMENT_MODEL_KEY = dg.AssetKey(SEGMENT_MODEL)
@@ -50,7 +52,8 @@ class SegmentModelConfig(dg.Config):
 def segment_model_metadata(
     conn: duckdb.DuckDBPyConnection, version: int, trained: SegmentModel, model: str
 ) -> dict:
-    """The trained model's figures and segment sizes, and the segment_model table's."""
+    """The trained model's figures and segment sizes, the segment_model table's, and the
+    batches it makes stale."""
     sizes = [
         dg.TableRecord({"segment_id": i, "customers": int(w)})
         for i, w in enumerate(trained.weights)
@@ -58,6 +61,7 @@ def segment_model_metadata(
     return {
         **table_figures(conn, SEGMENT_MODEL, None),
         **segment_model_figures(version, trained, model),
+        **_stale_after(conn, version),
         "segment_sizes": dg.MetadataValue.table(
             records=sizes,
             schema=dg.TableSchema(
@@ -90,14 +94,22 @@ def segment_model(
     return dg.MaterializeResult(metadata=metadata)
 
 
+def _stale_after(conn: duckdb.DuckDBPyConnection, version: int) -> dict:
+    """The batches holding current answers that another model version scored: re-scored
+    (rescore_sensor)."""
+    stale = live_batches(conn, f"segment_model_version <> {int(version)}")
+    return {RESCORE_METADATA: dg.MetadataValue.json(stale)}
+
+
 @dg.asset(
     deps=[CUSTOMER_EMBEDDINGS, SEGMENT_MODEL],
     **batch_stage("segmentation"),
     kinds={"duckdb"},
     check_specs=[drift_check_spec(SEGMENT_SHARE_DRIFT, CUSTOMER_SEGMENTS, "segment shares")],
-    # A missing segment_model does not hold a batch back (its first batch trains one), but a
-    # retrained model re-assigns every batch.
-    automation_condition=per_batch_automation(may_be_missing=[SEGMENT_MODEL]),
+    # A missing segment_model does not hold a batch back (its first batch trains one); a
+    # retrained model re-assigns the batches that hold current answers (rescore_sensor), not
+    # every batch ever seen.
+    automation_condition=per_batch_automation(ignore=[SEGMENT_MODEL]),
 )
 def customer_segments(
     context: dg.AssetExecutionContext,

@@ -1,6 +1,7 @@
 """Validation: raw lines become `customers` + `customer_purchases`, or `schema_errors`."""
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
@@ -9,6 +10,7 @@ from pydantic import Field
 
 from pipeline_project.asset_metadata import table_metadata
 from pipeline_project.checks.input_checks import INPUT_CHECK_SPECS, input_check_results
+from pipeline_project.core import batches as batch_register
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.validation import (
     FailureCount,
@@ -19,6 +21,8 @@ from pipeline_project.core.validation import (
 from pipeline_project.policies import batch_stage
 from pipeline_project.progress import report
 from pipeline_project.resources import AlertSink, Warehouse
+from pipeline_project.resources.warehouse import withdraw
+from pipeline_project.sensors.rescore import RESCORE_METADATA
 from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, RAW_CUSTOMERS, SCHEMA_ERRORS
 
 
@@ -35,6 +39,7 @@ class ValidationConfig(dg.Config):
     )
 
 
+ERROR = dg.AssetCheckSeverity.ERROR
 _SPEC_KWARGS = {"deps": [RAW_CUSTOMERS], "kinds": {"duckdb"}}
 VALIDATED_TABLES = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
 
@@ -81,7 +86,26 @@ def validated_customers(
         )
         report(batch_id, "validate", summary.rows_in, lines, "lines")
 
-    with warehouse.staged_batch(VALIDATED_TABLES, batch_id) as (conn, staging):
+    judged = _Judged()
+
+    def judge(conn) -> None:
+        """Inside the swap transaction: the batch is accepted when its blocking checks pass;
+        a batch that is not has nothing downstream (no old answer of it stays current)."""
+        judged.checks = input_check_results(
+            conn, batch_id, config.error_rate_threshold, config.hard_error_rate_ceiling
+        )
+        accepted = all(c.passed for c in judged.checks if c.severity == ERROR)
+        before = batch_register.was_accepted(conn, batch_id)
+        batch_register.record_validation(conn, batch_id, accepted)
+        if not accepted:
+            withdraw(conn, batch_id, "inference")
+        if accepted != before:  # what later batches read of this one changed
+            judged.stale = batch_register.later_batches_sharing_customers(conn, batch_id)
+
+    with warehouse.staged_batch(VALIDATED_TABLES, batch_id, before_commit=judge) as (
+        conn,
+        staging,
+    ):
         summary = validate_batch(
             conn,
             batch_id,
@@ -92,18 +116,22 @@ def validated_customers(
             on_chunk=progress,
         )
     seconds = time.perf_counter() - started
+    checks = judged.checks
     with warehouse.get_connection() as conn:
-        checks = input_check_results(
-            conn, batch_id, config.error_rate_threshold, config.hard_error_rate_ceiling
-        )
         failures = failure_report(conn, batch_id)
     # Alerted here, whatever launched the run; the sensor finds it stored for this run.
     alerts.alert_error_rate(asset=CUSTOMERS, batch_id=batch_id, rate=summary.error_rate,
                             log=context.log, run_id=context.run.run_id)  # fmt: skip
     yield from _materializations(
-        summary, seconds, usage, warehouse.commit_retries(), warehouse, failures
+        summary, seconds, usage, warehouse.commit_retries(), warehouse, failures, judged.stale
     )
     yield from checks
+
+
+@dataclass
+class _Judged:
+    checks: list[dg.AssetCheckResult] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
 
 
 def _raw_file(warehouse: Warehouse, batch_id: str) -> Path:
@@ -124,6 +152,7 @@ def _materializations(
     commit_retries: int,
     warehouse: Warehouse,
     report: list[FailureCount],
+    stale: list[str],
 ) -> list[dg.MaterializeResult]:
     """The three tables' metadata: counts (lines in = valid + invalid + blank lines), the error
     rate (invalid / records: blank lines are no records), throughput, the step's usage."""
@@ -138,6 +167,8 @@ def _materializations(
         "rows_per_second": round(summary.rows_in / seconds) if seconds else 0,
         "commit_retries": commit_retries,
         "validation_report": _report_table(report, summary.records),
+        # later batches whose history holds this batch's customers: re-profiled (rescore_sensor)
+        RESCORE_METADATA: dg.MetadataValue.json(stale),
     }
     tables = table_metadata(
         warehouse,

@@ -10,7 +10,7 @@ from pipeline_project.core.recommendations import RULES, rejected_by_rule, rules
 from pipeline_project.partitions import batches
 
 NO_RULE_BROKEN = "no_validated_recommendation_breaks_a_rule"
-EVERY_CUSTOMER_SERVED = "every_segmented_customer_has_a_recommendation_or_reason"
+EVERY_CUSTOMER_SERVED = "every_customer_gets_top_n_or_a_reason"
 REJECTED_SHARE_BELOW_CEILING = "rejected_share_per_rule_below_ceiling"
 
 # partitions_def on a check spec is a preview API; it is the only way to keep each batch's
@@ -28,8 +28,9 @@ RECOMMENDATION_CHECK_SPECS = [
         EVERY_CUSTOMER_SERVED,
         asset="validated_recommendations",
         partitions_def=batches,
-        description="Each customer with a segment has a kept recommendation or rejected ones "
-        "that say why not.",
+        description="Each customer with a segment gets top_n validated recommendations, or"
+        " fewer with the reason: the rules rejected some (rejected_recommendations), or fewer"
+        " products were in stock and not bought (recommendation_shortfalls). Counts per reason.",
     ),
     dg.AssetCheckSpec(
         REJECTED_SHARE_BELOW_CEILING,
@@ -40,13 +41,37 @@ RECOMMENDATION_CHECK_SPECS = [
     ),
 ]
 
-_UNSERVED_SQL = """
-SELECT count(*) FROM customer_segments AS s
-WHERE s.batch_id = $batch_id
-  AND NOT EXISTS (SELECT 1 FROM validated_recommendations AS v
-                  WHERE v.batch_id = $batch_id AND v.line_no = s.line_no)
-  AND NOT EXISTS (SELECT 1 FROM rejected_recommendations AS r
-                  WHERE r.batch_id = $batch_id AND r.line_no = s.line_no)
+# Per segmented customer of the batch: validated recommendations against the promised top_n
+# (the deepest rank scored), and why fewer: rules, the catalog, or nothing said (a fault).
+_SERVED_SQL = """
+WITH n AS (
+    SELECT coalesce(max(rank), 0) AS top_n FROM recommendations WHERE batch_id = $batch_id
+), kept AS (
+    SELECT customer_id, count(*) AS kept FROM validated_recommendations
+    WHERE batch_id = $batch_id GROUP BY customer_id
+), rejected AS (
+    SELECT customer_id, count(*) AS rejected FROM rejected_recommendations
+    WHERE batch_id = $batch_id GROUP BY customer_id
+), served AS (
+    SELECT coalesce(k.kept, 0) AS kept, coalesce(r.rejected, 0) AS rejected,
+           sh.customer_id IS NOT NULL AS catalog_short, n.top_n
+    FROM customer_segments AS s CROSS JOIN n
+    LEFT JOIN kept AS k USING (customer_id)
+    LEFT JOIN rejected AS r USING (customer_id)
+    LEFT JOIN recommendation_shortfalls AS sh
+        ON sh.batch_id = $batch_id AND sh.customer_id = s.customer_id
+    WHERE s.batch_id = $batch_id
+)
+SELECT count(*) AS customers,
+       count(*) FILTER (WHERE kept >= top_n) AS served_top_n,
+       count(*) FILTER (WHERE kept < top_n) AS served_fewer,
+       count(*) FILTER (WHERE kept = 0) AS served_none,
+       count(*) FILTER (WHERE kept < top_n AND rejected > 0) AS fewer_rules_rejected,
+       count(*) FILTER (WHERE kept < top_n AND catalog_short) AS fewer_catalog_short,
+       count(*) FILTER (WHERE kept < top_n AND rejected = 0 AND NOT catalog_short)
+           AS fewer_without_reason,
+       any_value(top_n) AS top_n
+FROM served
 """
 
 
@@ -69,7 +94,8 @@ def recommendation_check_results(
         " WHERE len(failed_rules) > 0",
         rule_params,
     ).fetchall()
-    [(unserved,)] = conn.execute(_UNSERVED_SQL, {"batch_id": batch_id}).fetchall()
+    [row] = conn.execute(_SERVED_SQL, {"batch_id": batch_id}).fetchall()
+    served = dict(zip(_SERVED_COLUMNS, (v or 0 for v in row), strict=True))
     [(total,)] = conn.execute(
         "SELECT count(*) FROM recommendations WHERE batch_id = ?", [batch_id]
     ).fetchall()
@@ -87,9 +113,10 @@ def recommendation_check_results(
         dg.AssetCheckResult(
             asset_key="validated_recommendations",
             check_name=EVERY_CUSTOMER_SERVED,
-            passed=unserved == 0,
+            passed=served["fewer_without_reason"] == 0,
             severity=dg.AssetCheckSeverity.WARN,
-            metadata={"customers_without_recommendation_or_reason": unserved},
+            description=_served_verdict(served),
+            metadata={**served, "by_rule": dg.MetadataValue.json(_short_by_rule(conn, batch_id))},
         ),
         dg.AssetCheckResult(
             asset_key="validated_recommendations",
@@ -103,6 +130,37 @@ def recommendation_check_results(
             },
         ),
     ]
+
+
+_SERVED_COLUMNS = (
+    "customers", "served_top_n", "served_fewer", "served_none", "fewer_rules_rejected",
+    "fewer_catalog_short", "fewer_without_reason", "top_n",
+)  # fmt: skip
+
+
+def _served_verdict(served: dict) -> str:
+    said = (
+        f"{served['served_top_n']:,} of {served['customers']:,} customers got"
+        f" {served['top_n']} recommendations"
+    )
+    if not served["served_fewer"]:
+        return said
+    return (
+        f"{said}; {served['served_fewer']:,} got fewer: {served['fewer_rules_rejected']:,} had"
+        f" some rejected by a rule, {served['fewer_catalog_short']:,} had fewer products in"
+        f" stock and not bought, {served['fewer_without_reason']:,} without a reason"
+    )
+
+
+def _short_by_rule(conn: duckdb.DuckDBPyConnection, batch_id: str) -> dict[str, int]:
+    """Customers with a rejected recommendation, per rule that rejected one."""
+    return dict(
+        conn.execute(
+            "SELECT rejected_rule, count(DISTINCT customer_id) FROM rejected_recommendations"
+            " WHERE batch_id = ? GROUP BY 1 ORDER BY 1",
+            [batch_id],
+        ).fetchall()
+    )
 
 
 RECOMMENDATION_QUALITY = "recommendation_hit_rate_beats_popularity"
@@ -149,15 +207,14 @@ PERSONALIZED_SPEC = dg.AssetCheckSpec(
 
 # Per distinct profile of the batch, its top-N list; the lists' spread over the profiles.
 _LISTS_SQL = """
-WITH lists AS (
-    SELECT r.line_no, any_value(s.text_hash) AS text_hash,
-           list(r.product_id ORDER BY r.rank) AS products
-    FROM recommendations AS r
-    JOIN customer_segments AS s ON s.batch_id = r.batch_id AND s.line_no = r.line_no
-    WHERE r.batch_id = $batch_id
-    GROUP BY r.line_no
+WITH representative AS (  -- one customer per distinct profile: bounded by the profiles
+    SELECT text_hash, arg_min(customer_id, line_no) AS customer_id
+    FROM customer_segments WHERE batch_id = $batch_id GROUP BY text_hash
 ), per_profile AS (
-    SELECT text_hash, any_value(products ORDER BY line_no) AS products FROM lists GROUP BY text_hash
+    SELECT p.text_hash, list(r.product_id ORDER BY r.rank) AS products
+    FROM representative AS p
+    JOIN recommendations AS r ON r.batch_id = $batch_id AND r.customer_id = p.customer_id
+    GROUP BY p.text_hash
 ), per_list AS (
     SELECT products, count(*) AS profiles FROM per_profile GROUP BY products
 )

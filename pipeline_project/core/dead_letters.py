@@ -34,8 +34,9 @@ def add(
 ) -> None:
     """Dead-letter the records `source` returns (record_key, reason, error, attempts, payload)."""
     conn.execute(
-        "INSERT INTO dead_letter SELECT $batch_id, $stage, s.record_key, s.reason, s.error,"
-        f" s.attempts, s.payload, now(), NULL FROM ({source}) AS s",
+        "INSERT INTO dead_letter BY NAME SELECT $batch_id AS batch_id, $stage AS stage,"
+        " s.record_key, s.reason, s.error, s.attempts, s.payload, now() AS created_at"
+        f" FROM ({source}) AS s",
         {**(params or {}), "batch_id": batch_id, "stage": stage},
     )
 

@@ -75,8 +75,9 @@ def add_vectors(
     conn.register("new_vectors", rows)
     try:
         conn.execute(
-            "INSERT INTO embedding_cache SELECT $model, $dimensions, text_hash, text, embedding,"
-            f" now() FROM new_vectors AS s WHERE NOT {_CACHED}",
+            "INSERT INTO embedding_cache BY NAME SELECT $model AS model, $dimensions AS dimensions,"
+            " text_hash, text, embedding, now() AS created_at"
+            f" FROM new_vectors AS s WHERE NOT {_CACHED}",
             {"model": model, "dimensions": dimensions},
         )
     finally:
@@ -91,10 +92,10 @@ def insert_cached(
     dimensions: int,
     params: Mapping[str, object] | None = None,
 ) -> None:
-    """Insert into `table` the rows of `source` (the table's columns in order, text_hash among
+    """Insert into `table` the rows of `source` (columns named as the table's, text_hash among
     them) whose text has a vector for the model: a row whose text failed is never written."""
     conn.execute(
-        f"INSERT INTO {table} SELECT s.* FROM ({source}) AS s WHERE {_CACHED}",
+        f"INSERT INTO {table} BY NAME SELECT s.* FROM ({source}) AS s WHERE {_CACHED}",
         _params(model, dimensions, params),
     )
 

@@ -453,6 +453,7 @@ def batch_figures(
     customers_in: int,
     distinct_profiles: int,
     cache_hits: int,
+    prior_purchases: int,
     dead_by_reason: Mapping[str, int],
     dead_letter_total: int,
     model: str,
@@ -474,6 +475,8 @@ def batch_figures(
         "dead_lettered_inference_failed": dead_by_reason.get(INFERENCE_FAILED, 0),
         "dead_lettered_invalid_output": dead_by_reason.get(INVALID_OUTPUT, 0),
         "distinct_profiles": distinct_profiles,
+        # purchases of the batch's customers that earlier batches delivered (their history)
+        "prior_purchases": prior_purchases,
         "cache_hits": cache_hits,
         "texts_embedded": len(outcome.vectors),
         "model_calls": outcome.model_calls,

@@ -8,12 +8,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import xxhash
 
 RAW_LINE_SCHEMA = pa.schema(
     [
@@ -48,7 +49,11 @@ def open_landing_file(path: Path) -> BinaryIO:
 
 
 def iter_raw_line_chunks(
-    path: Path, chunk_rows: int, max_line_bytes: int, block_bytes: int = BLOCK_BYTES
+    path: Path,
+    chunk_rows: int,
+    max_line_bytes: int,
+    block_bytes: int = BLOCK_BYTES,
+    digest: Digest | None = None,
 ) -> Iterator[pa.Table]:
     """Every line of the file, numbered from 1, in chunks of at most `chunk_rows` lines.
 
@@ -57,16 +62,29 @@ def iter_raw_line_chunks(
     and its true length; if the file cannot be read to the end (a truncated gzip, say), one last
     row records the read error, so the loss is visible downstream. Only a UTF-8 byte-order mark
     at the start of the (decompressed) file is left out. Memory is bounded by the block size and
-    the longest kept line head, whatever the file size.
+    the longest kept line head, whatever the file size. `digest`, if given, is updated with
+    every byte read (decompressed): the content's fingerprint.
     """
     if chunk_rows < 1 or max_line_bytes < 1:
         raise ValueError("chunk_rows and max_line_bytes must be positive")
-    for table in _iter_blocks_as_lines(path, max_line_bytes, block_bytes):
+    for table in _iter_blocks_as_lines(path, max_line_bytes, block_bytes, digest):
         for start in range(0, table.num_rows, chunk_rows):
             yield table.slice(start, chunk_rows)
 
 
-def _iter_blocks_as_lines(path: Path, max_line_bytes: int, block_bytes: int) -> Iterator[pa.Table]:
+class Digest(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+
+def content_digest() -> xxhash.xxh3_128:
+    """The fingerprint of a landing file's content (xxh3, 128 bits: a non-cryptographic hash
+    at memory speed; it tells a re-delivered file from the one before, it guards no secret)."""
+    return xxhash.xxh3_128()
+
+
+def _iter_blocks_as_lines(
+    path: Path, max_line_bytes: int, block_bytes: int, digest: Digest | None = None
+) -> Iterator[pa.Table]:
     line_no = 0
     carry = b""  # the start of a line whose newline has not been read yet
     long_head: bytes | None = None  # an over-long line being skipped: its kept head ...
@@ -74,9 +92,13 @@ def _iter_blocks_as_lines(path: Path, max_line_bytes: int, block_bytes: int) -> 
     long_last = b""  # ... and its last byte read (a \r there belongs to the line end)
     with open_landing_file(path) as f:
         start, error = _read_block(f, len(UTF8_BOM))
+        if digest is not None:
+            digest.update(start)
         start = start.removeprefix(UTF8_BOM)
         while True:
             data, error = _read_block(f, block_bytes) if error is None else (b"", error)
+            if digest is not None and data:
+                digest.update(data)
             at_end = error is not None or not data
             if start:  # the file's first bytes, read apart to find the byte-order mark
                 data, start = start + data, b""

@@ -39,18 +39,17 @@ ORDER BY hash(line_no), line_no LIMIT $sample
 
 # Each sampled customer's purchases, the last one (latest, then highest purchase_idx) flagged.
 _HISTORY_SQL = f"""
-SELECT p.line_no, p.purchase_idx, p.product_id, p.amount, p.purchased_at,
-       row_number() OVER (PARTITION BY p.line_no
+SELECT p.line_no, p.customer_id, p.purchase_idx, p.product_id, p.amount, p.purchased_at,
+       row_number() OVER (PARTITION BY p.customer_id
                           ORDER BY p.purchased_at DESC, p.purchase_idx DESC) = 1 AS held_out
-FROM customer_purchases AS p SEMI JOIN ({_SAMPLE_SQL}) AS s USING (line_no)
+FROM customer_purchases AS p SEMI JOIN ({_SAMPLE_SQL}) AS s USING (customer_id)
 WHERE p.batch_id = $batch_id
 """
 
 _HELD_OUT_PROFILES_SQL = profiles_sql(
-    "SELECT h.line_no, any_value(s.customer_id) AS customer_id, count(*) AS purchase_count,"
-    f" sum(h.amount) AS total_spend FROM ({_HISTORY_SQL}) AS h"
-    f" JOIN ({_SAMPLE_SQL}) AS s USING (line_no) WHERE NOT h.held_out GROUP BY h.line_no",
-    f"SELECT line_no, product_id, amount, purchased_at FROM ({_HISTORY_SQL}) WHERE NOT held_out",
+    f"SELECT line_no, customer_id FROM ({_SAMPLE_SQL})",
+    f"SELECT line_no, product_id, amount, purchased_at, 1 AS quantity FROM ({_HISTORY_SQL})"
+    " WHERE NOT held_out",
 )
 
 # Per sampled customer: the held-out product, the rest of the history and the held-out profile.
@@ -62,16 +61,19 @@ FROM ({_HISTORY_SQL}) AS h JOIN ({_HELD_OUT_PROFILES_SQL}) AS pr USING (line_no)
 GROUP BY h.line_no
 """
 
-# Purchases per segment and product by the customers segmented with model $version, the
-# held-out purchases left out: neither the segments' affinity nor popularity may know them.
+# Purchases per segment and product as model $version learned them, the sampled customers'
+# held-out purchases taken out: neither the segments' affinity nor popularity may know them.
 _SEGMENT_PURCHASES_SQL = f"""
-SELECT s.segment_id, p.product_id, count(*) AS purchases, avg(p.amount) AS avg_amount
-FROM customer_purchases AS p
-JOIN customer_segments AS s ON s.batch_id = p.batch_id AND s.line_no = p.line_no
-ANTI JOIN (SELECT line_no, purchase_idx FROM ({_HISTORY_SQL}) WHERE held_out) AS h
-    ON p.batch_id = $batch_id AND p.line_no = h.line_no AND p.purchase_idx = h.purchase_idx
-WHERE s.model_version = $version
-GROUP BY ALL
+SELECT a.segment_id, a.product_id, greatest(a.purchases - coalesce(h.n, 0), 0) AS purchases,
+       a.avg_amount
+FROM segment_affinity AS a
+LEFT JOIN (
+    SELECT s.segment_id, h.product_id, count(*) AS n
+    FROM ({_HISTORY_SQL}) AS h
+    JOIN customer_segments AS s ON s.batch_id = $batch_id AND s.customer_id = h.customer_id
+    WHERE h.held_out GROUP BY ALL
+) AS h USING (segment_id, product_id)
+WHERE a.model_version = $version
 """
 
 _CENTROIDS_SQL = """

@@ -1,8 +1,13 @@
 """Recommendations: score products per customer profile, then apply the business rules.
 
+What the rules know before scoring is applied before ranking: only products in stock, of a
+value above 0 and not bought by the customer (in the batch's record or an earlier batch) are
+ranked, so a customer gets top_n products whenever that many clear those rules. The confidence
+and value rules judge the ranked rows afterwards, and guard what is published.
+
 confidence = segment_weight * segment_affinity + (1 - segment_weight) * similarity_score, where
 - segment_affinity: how much the customer's segment buys the product, relative to the
-  segment's most bought product (0..1, from every batch's purchases under the same model);
+  segment's most bought product (0..1, learned with the segment model version: segment_affinity);
 - similarity_score: cosine similarity between the customer's profile embedding and the
   product's embedding, rescaled to 0..1 over the catalog for that profile.
 predicted_value = confidence * the segment's average amount for the product (its price if the
@@ -15,10 +20,12 @@ scoring inputs and scoring a batch are here too.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline_project.core.embedding_cache import with_vectors
 from pipeline_project.core.vectors import list_column_to_matrix
@@ -66,9 +73,11 @@ def score_profiles(
     *,
     top_n: int,
     segment_weight: float,
+    allowed: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Top-N products per profile with every part of the score; arrays of length profiles*N."""
-    n = min(top_n, len(inputs.product_ids))
+    """Top-N products per profile with every part of the score; arrays of length profiles*N.
+    With `allowed` (a mask over the products), only allowed products are ranked."""
+    n = min(top_n, len(inputs.product_ids) if allowed is None else int(allowed.sum()))
     similarity = profile_vectors @ inputs.product_vectors.T  # (profiles, products)
     low = similarity.min(axis=1, keepdims=True)
     span = similarity.max(axis=1, keepdims=True) - low
@@ -79,7 +88,8 @@ def score_profiles(
     confidence = np.clip(
         segment_weight * affinity + (1.0 - segment_weight) * similarity_score, 0.0, 1.0
     )
-    top = np.argsort(-confidence, axis=1, kind="stable")[:, :n]
+    ranking = confidence if allowed is None else np.where(allowed, confidence, -np.inf)
+    top = np.argsort(-ranking, axis=1, kind="stable")[:, :n]
     rows = np.repeat(np.arange(len(profile_vectors)), n)
     cols = top.ravel()
     return {
@@ -114,8 +124,8 @@ def store_product_embeddings(conn: duckdb.DuckDBPyConnection, model: str, dimens
         params,
     )
     conn.execute(
-        "INSERT INTO product_embeddings SELECT product_id, $model, $dimensions, text_hash,"
-        f" text FROM ({PRODUCT_TEXTS_SQL})",
+        "INSERT INTO product_embeddings BY NAME SELECT product_id, $model AS model,"
+        f" $dimensions AS dimensions, text_hash, text AS product_text FROM ({PRODUCT_TEXTS_SQL})",
         params,
     )
     [(products,)] = conn.execute("SELECT count(*) FROM product_catalog").fetchall()
@@ -124,19 +134,17 @@ def store_product_embeddings(conn: duckdb.DuckDBPyConnection, model: str, dimens
 
 # ---- scoring a batch ------------------------------------------------------------------------
 
+# Every catalog product with a vector: its price and whether it can be sold now.
 _PRODUCTS_SQL = """
-SELECT p.product_id, p.text_hash, cat.price
+SELECT p.product_id, p.text_hash, cat.price, coalesce(cat.in_stock, false) AS in_stock
 FROM product_embeddings AS p
 JOIN product_catalog AS cat USING (product_id)
 WHERE p.model = $model AND p.dimensions = $dimensions
 """
 
-_SEGMENT_PURCHASES_SQL = """
-SELECT s.segment_id, p.product_id, count(*) AS purchases, avg(p.amount) AS avg_amount
-FROM customer_purchases AS p
-JOIN customer_segments AS s ON s.batch_id = p.batch_id AND s.line_no = p.line_no
-WHERE s.model_version = $version
-GROUP BY ALL
+_AFFINITY_SQL = """
+SELECT segment_id, product_id, purchases, avg_amount FROM segment_affinity
+WHERE model_version = $version
 """
 
 # The batch's distinct profiles and their segment.
@@ -148,11 +156,22 @@ GROUP BY text_hash
 """
 
 
+@dataclass(frozen=True)
+class BatchScoring:
+    """What scoring a batch needs: its segment model version and the scoring inputs, and
+    which products the rules known before scoring allow (in stock, of a value above 0)."""
+
+    version: int
+    inputs: ScoringInputs
+    allowed: np.ndarray  # (products,) bool
+
+
 def load_scoring_inputs(
     conn: duckdb.DuckDBPyConnection, batch_id: str, model: str, dimensions: int
-) -> tuple[int, ScoringInputs] | None:
+) -> BatchScoring | None:
     """The batch's segment model version and what scoring needs (the product vectors and each
-    segment's affinity and expected value); None without segmented customers or products."""
+    segment's affinity and expected value, as the model version learned them); None without
+    segmented customers or products."""
     versions = conn.execute(
         "SELECT DISTINCT model_version FROM customer_segments WHERE batch_id = ?", [batch_id]
     ).fetchall()
@@ -171,7 +190,7 @@ def load_scoring_inputs(
         n_segments,
         product_ids,
         products["price"].to_numpy(),
-        conn.sql(_SEGMENT_PURCHASES_SQL, params={"version": version}).to_arrow_table(),
+        conn.sql(_AFFINITY_SQL, params={"version": version}).to_arrow_table(),
     )
     inputs = ScoringInputs(
         product_ids,
@@ -179,21 +198,102 @@ def load_scoring_inputs(
         affinity,
         expected_value,
     )
-    return version, inputs
+    # a product of no value to any segment (free, or never sold above 0) is never plausible
+    allowed = products["in_stock"].to_numpy(zero_copy_only=False) & (expected_value.max(axis=0) > 0)
+    return BatchScoring(version, inputs, allowed)
 
 
-_NO_SCORES = pa.table(
-    {
-        "text_hash": pa.array([], pa.string()),
-        "rank": pa.array([], pa.int32()),
-        "product_id": pa.array([], pa.string()),
-        **{
-            name: pa.array([], pa.float64())
-            for name in ("confidence", "predicted_value", "segment_affinity", "similarity",
-                         "similarity_score")
+_CANDIDATE_SCHEMA = pa.schema(
+    [
+        ("text_hash", pa.string()),
+        ("candidate_rank", pa.int32()),
+        ("product_id", pa.string()),
+        ("confidence", pa.float64()),
+        ("predicted_value", pa.float64()),
+        ("segment_affinity", pa.float64()),
+        ("similarity", pa.float64()),
+        ("similarity_score", pa.float64()),
+    ]
+)
+
+
+def _candidates(
+    profiles: pa.Table | pa.RecordBatch,
+    scoring: BatchScoring,
+    dimensions: int,
+    *,
+    depth: int,
+    segment_weight: float,
+) -> pa.Table:
+    """Each profile's `depth` best products among the allowed ones, ranked, with every part of
+    their score."""
+    if profiles.num_rows == 0:
+        return _CANDIDATE_SCHEMA.empty_table()
+    vectors = list_column_to_matrix(profiles, "embedding", dimensions)
+    segments = profiles.column("segment_id").to_numpy()
+    scored = score_profiles(
+        vectors, segments, scoring.inputs, top_n=depth, segment_weight=segment_weight,
+        allowed=scoring.allowed,
+    )  # fmt: skip
+    product_ids = np.asarray(scoring.inputs.product_ids, dtype=object)
+    return pa.table(
+        {
+            "text_hash": profiles.column("text_hash").take(pa.array(scored["profile"])),
+            "candidate_rank": pa.array(scored["rank"]),
+            "product_id": pa.array(product_ids[scored["product"]], pa.string()),
+            "confidence": pa.array(scored["confidence"]),
+            "predicted_value": pa.array(scored["predicted_value"]),
+            "segment_affinity": pa.array(scored["segment_affinity"]),
+            "similarity": pa.array(scored["similarity"].astype(np.float64)),
+            "similarity_score": pa.array(scored["similarity_score"].astype(np.float64)),
         },
-    }
-)  # fmt: skip
+        schema=_CANDIDATE_SCHEMA,
+    )
+
+
+# The customers of lines $first..$last with their segment and profile.
+_CHUNK_CUSTOMERS_SQL = """
+CREATE OR REPLACE TEMP TABLE chunk_customers AS
+SELECT batch_id, line_no, customer_id, text_hash, segment_id, model_version
+FROM customer_segments WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
+"""
+
+# What those customers bought, in this batch's records or before (prior_purchases).
+_CHUNK_BOUGHT_SQL = """
+CREATE OR REPLACE TEMP TABLE chunk_bought AS
+SELECT DISTINCT customer_id, product_id FROM (
+    SELECT customer_id, product_id FROM customer_purchases
+    WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
+    UNION ALL
+    SELECT customer_id, product_id FROM prior_purchases
+    WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last)
+"""
+
+# Each customer's `top_n` first candidates of their profile that they have not bought.
+_CHUNK_RECOMMENDATIONS_SQL = """
+SELECT c.batch_id, c.line_no, c.customer_id,
+       row_number() OVER (PARTITION BY c.customer_id ORDER BY r.candidate_rank)::INTEGER AS rank,
+       r.product_id, c.segment_id, r.confidence, r.predicted_value, r.segment_affinity,
+       r.similarity, r.similarity_score, c.model_version
+FROM {customers} AS c
+JOIN {candidates} AS r USING (text_hash)
+ANTI JOIN chunk_bought AS b ON b.customer_id = c.customer_id AND b.product_id = r.product_id
+QUALIFY rank <= $top_n
+"""
+
+# The chunk's customers with fewer than $top_n recommendations, and their profile.
+_CHUNK_SHORT_SQL = """
+SELECT c.customer_id, any_value(c.text_hash) AS text_hash, count(r.customer_id) AS got
+FROM chunk_customers AS c LEFT JOIN chunk_recommendations AS r USING (customer_id)
+GROUP BY c.customer_id HAVING count(r.customer_id) < $top_n
+"""
+
+
+@dataclass(frozen=True)
+class ScoredBatch:
+    chunks: int
+    profiles: int
+    shortfalls: int  # customers with fewer than top_n products in stock and not bought
 
 
 def score_batch(
@@ -201,61 +301,145 @@ def score_batch(
     batch_id: str,
     model: str,
     dimensions: int,
-    inputs: ScoringInputs,
+    scoring: BatchScoring,
+    staging: dict[str, Path],
     *,
     top_n: int,
     segment_weight: float,
     profile_chunk: int,
-) -> int:
-    """Score the batch's distinct profiles `profile_chunk` at a time and write every segmented
-    customer's top-N into recommendations; returns the number of chunks scored."""
+    customer_chunk: int = 200_000,
+    candidate_margin: int = 20,
+) -> ScoredBatch:
+    """Every segmented customer's top-N products among those the rules known before scoring
+    allow (in stock, not bought by the customer in this batch or before, of a value above 0),
+    staged as Parquet parts of recommendations (and recommendation_shortfalls for customers
+    with fewer than N such products).
+
+    Each distinct profile is scored once: its best `top_n + candidate_margin` products. A
+    customer who bought more than the margin of them is scored again at the full depth of the
+    catalog, so nobody gets fewer than N while N products clear those rules. Customers are
+    taken `customer_chunk` lines at a time: memory does not grow with the batch."""
     reader = with_vectors(
         conn, _BATCH_PROFILES_SQL, model, dimensions, {"batch_id": batch_id}
     ).to_arrow_reader(profile_chunk)
-    scored = [
-        _score_chunk(chunk, inputs, dimensions, top_n=top_n, segment_weight=segment_weight)
+    depth = top_n + candidate_margin
+    parts = [
+        _candidates(chunk, scoring, dimensions, depth=depth, segment_weight=segment_weight)
         for chunk in reader
-        if chunk.num_rows
     ]
-    # A few rows per distinct profile: small. ONE insert joins them to the batch's
-    # customers, so DuckDB writes the rows as it makes them (many inserts in a transaction
-    # would hold them all in memory until the commit).
-    conn.register("scored_profiles", pa.concat_tables(scored) if scored else _NO_SCORES)
-    conn.execute(
-        "INSERT INTO recommendations SELECT s.batch_id, s.line_no, s.customer_id, r.rank,"
-        " r.product_id, s.segment_id, r.confidence, r.predicted_value,"
-        " r.segment_affinity, r.similarity, r.similarity_score, s.model_version"
-        " FROM customer_segments AS s JOIN scored_profiles AS r USING (text_hash)"
-        " WHERE s.batch_id = $batch_id",
-        {"batch_id": batch_id},
-    )
-    conn.unregister("scored_profiles")
-    return len(scored)
+    candidates = pa.concat_tables([_CANDIDATE_SCHEMA.empty_table(), *parts])
+    profiles = len(pc.unique(candidates["text_hash"]))
+    available = int(scoring.allowed.sum())
+    conn.register("candidates", candidates)
+    [(last_line,)] = conn.execute(
+        "SELECT coalesce(max(line_no), 0) FROM customer_segments WHERE batch_id = ?", [batch_id]
+    ).fetchall()
+    shortfalls = chunks = 0
+    try:
+        for part, first in enumerate(range(1, last_line + 1, customer_chunk)):
+            params = {"batch_id": batch_id, "first": first, "last": first + customer_chunk - 1}
+            conn.execute(_CHUNK_CUSTOMERS_SQL, params)
+            conn.execute(_CHUNK_BOUGHT_SQL, params)
+            conn.execute(
+                "CREATE OR REPLACE TEMP TABLE chunk_recommendations AS "
+                + _CHUNK_RECOMMENDATIONS_SQL.format(
+                    customers="chunk_customers", candidates="candidates"
+                ),
+                {"top_n": top_n},
+            )
+            if depth < available:
+                _deepen(conn, scoring, model, dimensions, top_n=top_n,
+                        segment_weight=segment_weight, depth=available)  # fmt: skip
+            shortfalls += _stage_chunk(conn, staging, part, batch_id, top_n)
+            chunks += 1
+    finally:
+        conn.unregister("candidates")
+        for table in _CHUNK_TABLES:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+    return ScoredBatch(chunks, profiles, shortfalls)
 
 
-def _score_chunk(
-    chunk: pa.RecordBatch,
-    inputs: ScoringInputs,
+def _deepen(
+    conn: duckdb.DuckDBPyConnection,
+    scoring: BatchScoring,
+    model: str,
     dimensions: int,
     *,
     top_n: int,
     segment_weight: float,
-) -> pa.Table:
-    vectors = list_column_to_matrix(chunk, "embedding", dimensions)
-    segments = chunk.column("segment_id").to_numpy()
-    scored = score_profiles(vectors, segments, inputs, top_n=top_n, segment_weight=segment_weight)
-    return pa.table(
-        {
-            "text_hash": chunk.column("text_hash").take(pa.array(scored["profile"])),
-            "rank": pa.array(scored["rank"]),
-            "product_id": pa.array(np.asarray(inputs.product_ids, dtype=object)[scored["product"]]),
-            "confidence": pa.array(scored["confidence"]),
-            "predicted_value": pa.array(scored["predicted_value"]),
-            "segment_affinity": pa.array(scored["segment_affinity"]),
-            "similarity": pa.array(scored["similarity"].astype(np.float64)),
-            "similarity_score": pa.array(scored["similarity_score"].astype(np.float64)),
-        }
+    depth: int,
+) -> None:
+    """The chunk's customers who got fewer than top_n from their profile's candidates (they
+    bought most of them): their profiles scored again at `depth`, their rows made again."""
+    conn.execute(
+        f"CREATE OR REPLACE TEMP TABLE chunk_short AS {_CHUNK_SHORT_SQL}", {"top_n": top_n}
     )
+    [(short,)] = conn.execute("SELECT count(*) FROM chunk_short").fetchall()
+    if short == 0:
+        return
+    try:
+        profiles = with_vectors(
+            conn,
+            "SELECT DISTINCT s.text_hash, c.segment_id FROM chunk_short AS s"
+            " JOIN chunk_customers AS c USING (customer_id)",
+            model,
+            dimensions,
+        ).to_arrow_table()
+        conn.register(
+            "deep_candidates",
+            _candidates(profiles, scoring, dimensions, depth=depth, segment_weight=segment_weight),
+        )
+        conn.execute(
+            "DELETE FROM chunk_recommendations WHERE customer_id IN"
+            " (SELECT customer_id FROM chunk_short)"
+        )
+        conn.execute(
+            "INSERT INTO chunk_recommendations BY NAME "
+            + _CHUNK_RECOMMENDATIONS_SQL.format(
+                customers="(SELECT * FROM chunk_customers SEMI JOIN chunk_short"
+                " USING (customer_id))",
+                candidates="deep_candidates",
+            ),
+            {"top_n": top_n},
+        )
+    finally:
+        conn.unregister("deep_candidates")
+
+
+_CHUNK_TABLES = ("chunk_customers", "chunk_bought", "chunk_recommendations", "chunk_short")
+SHORT_OF_PRODUCTS = "fewer products in stock, of value and not bought than top_n"
+
+
+def _stage_chunk(
+    conn: duckdb.DuckDBPyConnection,
+    staging: dict[str, Path],
+    part: int,
+    batch_id: str,
+    top_n: int,
+) -> int:
+    """The chunk's recommendations, and its customers still short of top_n (the catalog holds
+    no more products they could be offered), as Parquet parts; returns how many are short."""
+    conn.execute(
+        f"CREATE OR REPLACE TEMP TABLE chunk_short AS {_CHUNK_SHORT_SQL}", {"top_n": top_n}
+    )
+    name = f"part-{part:06d}.parquet"
+    conn.execute(
+        f"COPY chunk_recommendations TO '{_quote(staging['recommendations'] / name)}'"
+        " (FORMAT parquet)"
+    )
+    [(short,)] = conn.execute("SELECT count(*) FROM chunk_short").fetchall()
+    if short:
+        conn.execute(
+            "COPY (SELECT $batch_id AS batch_id, customer_id, got::INTEGER AS candidates,"
+            f" $reason AS reason FROM chunk_short) TO"
+            f" '{_quote(staging['recommendation_shortfalls'] / name)}' (FORMAT parquet)",
+            {"batch_id": batch_id, "reason": SHORT_OF_PRODUCTS},
+        )
+    return short
+
+
+def _quote(path: Path) -> str:
+    return str(path).replace("'", "''")
 
 
 @dataclass(frozen=True)
@@ -269,8 +453,9 @@ class ConfidenceSummary:
 
 def confidence_summary(conn: duckdb.DuckDBPyConnection, batch_id: str) -> ConfidenceSummary:
     """How many recommendations the batch has, for how many customers, and how confident."""
+    # every customer with a recommendation has one of rank 1: no distinct count over the batch
     [(rows, customers)] = conn.execute(
-        "SELECT count(*), count(DISTINCT line_no) FROM recommendations WHERE batch_id = ?",
+        "SELECT count(*), count(*) FILTER (WHERE rank = 1) FROM recommendations WHERE batch_id = ?",
         [batch_id],
     ).fetchall()
     bins = conn.execute(
@@ -311,11 +496,19 @@ def rules_sql(source: str) -> str:
     ], lambda rule: rule IS NOT NULL) AS failed_rules
     FROM {source} AS r
     LEFT JOIN product_catalog AS c USING (product_id)
-    LEFT JOIN (
-        SELECT DISTINCT line_no, product_id FROM customer_purchases WHERE batch_id = $batch_id
-    ) AS bought ON bought.line_no = r.line_no AND bought.product_id = r.product_id
+    LEFT JOIN ({BOUGHT_SQL}) AS bought
+        ON bought.customer_id = r.customer_id AND bought.product_id = r.product_id
     WHERE r.batch_id = $batch_id
     """
+
+
+# What the batch's customers bought, in this batch's records or before it (prior_purchases).
+BOUGHT_SQL = """
+SELECT DISTINCT customer_id, product_id FROM (
+    SELECT customer_id, product_id FROM customer_purchases WHERE batch_id = $batch_id
+    UNION ALL
+    SELECT customer_id, product_id FROM prior_purchases WHERE batch_id = $batch_id)
+"""
 
 
 _COLUMNS = (
@@ -360,14 +553,16 @@ def apply_business_rules(
     }
     # An INSERT's result is the count of rows it inserted.
     [(rejected,)] = conn.execute(
-        f"INSERT INTO rejected_recommendations SELECT {_COLUMNS}, failed_rules[1], failed_rules"
+        f"INSERT INTO rejected_recommendations BY NAME SELECT {_COLUMNS},"
+        " failed_rules[1] AS rejected_rule, failed_rules"
         f" FROM ({rules_sql('recommendations')}) WHERE len(failed_rules) > 0",
         params,
     ).fetchall()
     [(kept,)] = conn.execute(
-        f"INSERT INTO validated_recommendations SELECT {_COLUMNS} FROM recommendations AS r"
-        " WHERE batch_id = $batch_id AND NOT EXISTS (SELECT 1 FROM rejected_recommendations AS x"
-        " WHERE x.batch_id = $batch_id AND x.line_no = r.line_no AND x.rank = r.rank)",
+        f"INSERT INTO validated_recommendations BY NAME SELECT {_COLUMNS}"
+        " FROM recommendations AS r WHERE batch_id = $batch_id AND NOT EXISTS"
+        " (SELECT 1 FROM rejected_recommendations AS x WHERE x.batch_id = $batch_id"
+        " AND x.customer_id = r.customer_id AND x.rank = r.rank)",
         {"batch_id": batch_id},
     ).fetchall()
     by_rule = rejected_by_rule(conn, batch_id)
@@ -376,7 +571,7 @@ def apply_business_rules(
         for customer, product, value in conn.execute(
             "SELECT customer_id, product_id, predicted_value FROM rejected_recommendations"
             " WHERE batch_id = ? AND list_contains(failed_rules, 'implausible_value')"
-            " ORDER BY line_no, rank LIMIT 5",
+            " ORDER BY customer_id, rank LIMIT 5",
             [batch_id],
         ).fetchall()
     ]

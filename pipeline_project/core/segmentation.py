@@ -144,11 +144,37 @@ def _silhouette(sample: np.ndarray, centroids: np.ndarray, seed: int) -> float |
 
 # ---- the segment model in the warehouse --------------------------------------------------
 
-# Distinct profiles of all batches, each weighted by how many customers have it.
-_TRAINING_PROFILES_SQL = """
-SELECT text_hash, count(*)::DOUBLE AS customers
-FROM customer_embeddings WHERE model = $model AND dimensions = $dimensions
-GROUP BY text_hash
+# Each customer's current profile: the one of their newest accepted batch (arrival order)
+# embedded by the model. A customer who came back is one customer, not one per batch.
+_CURRENT_PROFILES_SQL = """
+SELECT e.customer_id, arg_max(e.batch_id, b.arrival_seq) AS batch_id,
+       arg_max(e.text_hash, b.arrival_seq) AS text_hash
+FROM customer_embeddings AS e JOIN batches AS b USING (batch_id)
+WHERE b.accepted AND e.model = $model AND e.dimensions = $dimensions
+GROUP BY e.customer_id
+"""
+
+# The distinct current profiles, each weighted by how many customers have it.
+_TRAINING_PROFILES_SQL = f"""
+SELECT text_hash, count(*)::DOUBLE AS customers FROM ({_CURRENT_PROFILES_SQL}) GROUP BY text_hash
+"""
+
+# What each segment's customers bought, from the segment of their current profile
+# ($training_segments: text_hash -> segment_id) and their known purchases as of that batch.
+_AFFINITY_SQL = f"""
+WITH seg AS (
+    SELECT cur.batch_id, cur.customer_id, t.segment_id
+    FROM ({_CURRENT_PROFILES_SQL}) AS cur JOIN training_segments AS t USING (text_hash)
+), bought AS (
+    SELECT s.segment_id, p.product_id, p.amount, 1 AS quantity
+    FROM customer_purchases AS p JOIN seg AS s USING (batch_id, customer_id)
+    UNION ALL
+    SELECT s.segment_id, q.product_id, q.amount, q.quantity
+    FROM prior_purchases AS q JOIN seg AS s USING (batch_id, customer_id)
+)
+SELECT $version AS model_version, segment_id, product_id, sum(quantity)::DOUBLE AS purchases,
+       sum(amount * quantity) / sum(quantity) AS avg_amount
+FROM bought GROUP BY segment_id, product_id
 """
 
 _LATEST_MODEL_SQL = """
@@ -183,10 +209,36 @@ def latest_segment_model(
     )
 
 
+def store_affinity(conn: duckdb.DuckDBPyConnection, version: int) -> None:
+    """The affinity of segment model `version`: what its segments' customers bought, each
+    customer in the segment of their current profile. The profiles' segments come from the
+    temp table `training_segments` (text_hash, segment_id) when it exists (a model being
+    trained), else from the customers the version has segmented."""
+    [(model, dimensions)] = conn.execute(
+        "SELECT any_value(embedding_model), any_value(dimensions) FROM segment_model"
+        " WHERE model_version = ?",
+        [version],
+    ).fetchall()
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS training_segments AS SELECT text_hash,"
+        " any_value(segment_id) AS segment_id FROM customer_segments WHERE model_version = ?"
+        " GROUP BY text_hash",
+        [version],
+    )
+    try:
+        conn.execute(
+            f"INSERT INTO segment_affinity BY NAME {_AFFINITY_SQL}",
+            {"version": version, "model": model, "dimensions": dimensions},
+        )
+    finally:
+        conn.execute("DROP TABLE IF EXISTS training_segments")
+
+
 def train_and_store(
     conn: duckdb.DuckDBPyConnection, model: str, dimensions: int, settings: TrainingSettings
 ) -> tuple[int, SegmentModel]:
-    """Train on every batch's profile vectors and store the model as a new version."""
+    """Train on the current profile vectors of every customer (one per customer, weighted by
+    how many share it) and store the model as a new version, with its segments' affinity."""
 
     # The distinct profiles with their vectors, found once (a pass of every batch's
     # customer_embeddings): the training reads them five times.
@@ -195,28 +247,35 @@ def train_and_store(
         {"model": model, "dimensions": dimensions},
     )
 
-    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def chunks(with_hashes: bool = False) -> Iterator[tuple]:
         reader = conn.sql("SELECT * FROM training_profiles ORDER BY text_hash").to_arrow_reader(
             settings.chunk_vectors
         )
         for batch in reader:
             if batch.num_rows:
+                vectors = list_column_to_matrix(batch, "embedding", dimensions)
+                weights = batch.column("customers").to_numpy()
                 yield (
-                    list_column_to_matrix(batch, "embedding", dimensions),
-                    batch.column("customers").to_numpy(),
+                    (vectors, weights, batch.column("text_hash"))
+                    if with_hashes
+                    else (
+                        vectors,
+                        weights,
+                    )
                 )
 
     try:
         trained = train_segments(
             chunks, settings.n_segments, epochs=settings.epochs, seed=settings.seed
         )
+        previous = latest_segment_model(conn, model, dimensions)
+        order = stable_order(previous[1] if previous else None, trained.centroids)
+        trained = SegmentModel(
+            trained.centroids[order], trained.weights[order], trained.inertia, trained.silhouette
+        )
+        _stage_training_segments(conn, chunks, trained.centroids)
     finally:
         conn.execute("DROP TABLE IF EXISTS training_profiles")
-    previous = latest_segment_model(conn, model, dimensions)
-    order = stable_order(previous[1] if previous else None, trained.centroids)
-    trained = SegmentModel(
-        trained.centroids[order], trained.weights[order], trained.inertia, trained.silhouette
-    )
     # versions count across embedding models: a version names one segment model, so the
     # batches segmented with it (affinity, popularity) never mix two models' segments
     [(newest,)] = conn.execute("SELECT max(model_version) FROM segment_model").fetchall()
@@ -230,12 +289,30 @@ def train_and_store(
     )
     conn.register("new_segments", rows)
     conn.execute(
-        "INSERT INTO segment_model SELECT $version, segment_id, centroid, weight, $model,"
-        " $dimensions, now() FROM new_segments",
+        "INSERT INTO segment_model BY NAME SELECT $version AS model_version, segment_id,"
+        " centroid, weight, $model AS embedding_model, $dimensions AS dimensions,"
+        " now() AS trained_at FROM new_segments",
         {"version": version, "model": model, "dimensions": dimensions},
     )
     conn.unregister("new_segments")
+    store_affinity(conn, version)
     return version, trained
+
+
+def _stage_training_segments(
+    conn: duckdb.DuckDBPyConnection, chunks: Chunks, centroids: np.ndarray
+) -> None:
+    """The temp table training_segments: each training profile's segment under `centroids`."""
+    # a hash and a segment per distinct profile: small beside the vectors read in chunks
+    parts = [
+        pa.table({"text_hash": hashes, "segment_id": assign_segments(vectors, centroids)[0]})
+        for vectors, _, hashes in chunks(with_hashes=True)
+    ]
+    conn.register("new_training_segments", pa.concat_tables(parts))
+    conn.execute(
+        "CREATE OR REPLACE TEMP TABLE training_segments AS SELECT * FROM new_training_segments"
+    )
+    conn.unregister("new_training_segments")
 
 
 def segment_model_figures(version: int, trained: SegmentModel, model: str) -> dict:
@@ -296,9 +373,9 @@ def assign_batch(
         ),
     )
     conn.execute(
-        "INSERT INTO customer_segments SELECT e.batch_id, e.line_no, e.customer_id,"
-        " e.text_hash, s.segment_id, s.distance, $version FROM customer_embeddings AS e"
-        " JOIN profile_segments AS s USING (text_hash)"
+        "INSERT INTO customer_segments BY NAME SELECT e.batch_id, e.line_no, e.customer_id,"
+        " e.text_hash, s.segment_id, s.distance, $version AS model_version"
+        " FROM customer_embeddings AS e JOIN profile_segments AS s USING (text_hash)"
         " WHERE e.batch_id = $batch_id AND e.model = $model AND e.dimensions = $dimensions",
         {**params, "version": version},
     )

@@ -41,11 +41,10 @@ from pipeline_project.core import dead_letters
 from pipeline_project.partitions import is_valid_batch_id
 from pipeline_project.settings import WarehouseSettings
 from pipeline_project.tables import (
+    BATCH_TABLES_BY_STAGE,
     RAW_CUSTOMERS,
     RAW_CUSTOMERS_COLUMNS,
-    WAREHOUSE_DDL,
-    WAREHOUSE_VIEWS,
-    lakehouse_ddl,
+    WAREHOUSE_TABLES,
 )
 
 
@@ -389,12 +388,11 @@ class Warehouse(DuckDBStore):
         _check_batch_id(batch_id)
         return self.raw_dir / f"batch_id={batch_id}" / RAW_FILE_NAME
 
-    def _table_ddl(self) -> Sequence[str]:
-        return (*WAREHOUSE_DDL.values(), *WAREHOUSE_VIEWS.values())
-
     def _prepare(self, conn: duckdb.DuckDBPyConnection) -> None:
-        if not self.is_lakehouse:  # the lakehouse's tables are made once per process
-            super()._prepare(conn)
+        if not self.is_lakehouse:  # the lakehouse's schema is checked once per process
+            from pipeline_project.schema import ensure_schema
+
+            ensure_schema(conn, lakehouse=False, where=self.location)
         self._ensure_raw_view(conn)
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
@@ -423,7 +421,8 @@ class Warehouse(DuckDBStore):
                     )
                 base = duckdb.connect(config={**self.connection_config,
                                               "autoinstall_known_extensions": False})  # fmt: skip
-                # Under the lock: two workers creating a new lakehouse's catalog at once collide.
+                # Under the lock: two workers creating or migrating a lakehouse's catalog at
+                # once collide.
                 with self.lock("attach"):
                     attach_ducklake(
                         base,
@@ -431,8 +430,9 @@ class Warehouse(DuckDBStore):
                         password=self.ducklake_password,
                         data_path=str(Path(self.ducklake_data_path) / "tables") + "/",
                     )
-                    for ddl in self._table_ddl():
-                        base.execute(lakehouse_ddl(ddl))
+                    from pipeline_project.schema import ensure_schema
+
+                    ensure_schema(base, lakehouse=True, where=self.location)
                 _LAKES[key] = base
             return _LAKES[key]
 
@@ -557,7 +557,10 @@ class Warehouse(DuckDBStore):
 
     @contextmanager
     def staged_batch(
-        self, tables: Sequence[str], batch_id: str
+        self,
+        tables: Sequence[str],
+        batch_id: str,
+        before_commit: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
     ) -> Iterator[tuple[duckdb.DuckDBPyConnection, dict[str, Path]]]:
         """For big batches: the caller writes each table's new rows as Parquet files (columns
         in table order) into its staging folder, then the batch replaces the old one in ONE
@@ -565,7 +568,10 @@ class Warehouse(DuckDBStore):
 
         Still all-or-nothing for the batch (a crash before the swap leaves the previous state;
         the staging folder is removed), and no transaction holds chunk after chunk in memory.
-        Yields a connection for the caller's reads and each table's staging folder.
+        Yields a connection for the caller's reads and each table's staging folder. The staged
+        files' columns are matched to the table's by name. `before_commit` runs inside the
+        swap transaction once the rows are in: it may judge them, and raise to keep the
+        previous state.
         """
         _check_tables(tables)
         with self.scratch_folder(batch_id) as root:
@@ -579,9 +585,11 @@ class Warehouse(DuckDBStore):
                     for table, folder in staging.items():
                         if any(folder.glob("*.parquet")):
                             conn.execute(
-                                f"INSERT INTO {table} SELECT * FROM read_parquet(?)",
+                                f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)",
                                 [str(folder / "*.parquet")],
                             )
+                    if before_commit is not None:
+                        before_commit(conn)
 
     @contextmanager
     def scratch_folder(self, batch_id: str) -> Iterator[Path]:
@@ -626,5 +634,17 @@ def _check_batch_id(batch_id: str) -> None:
 def _check_tables(tables: Sequence[str]) -> None:
     """Table names go into SQL text: only the warehouse's own tables are accepted."""
     for table in tables:
-        if table not in WAREHOUSE_DDL:
+        if table not in WAREHOUSE_TABLES:
             raise ValueError(f"{table!r} is not a warehouse table")
+
+
+def withdraw(conn: duckdb.DuckDBPyConnection, batch_id: str, from_stage: str) -> None:
+    """Delete what the batch's content gave from `from_stage` on (see BATCH_TABLES_BY_STAGE),
+    in the caller's transaction: its dead letters too, and its publication, so that none of
+    its old answers stays current."""
+    stages = list(BATCH_TABLES_BY_STAGE)
+    for stage in stages[stages.index(from_stage) :]:
+        for table in BATCH_TABLES_BY_STAGE[stage]:
+            conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
+    if stages.index(from_stage) <= stages.index("inference"):
+        conn.execute("DELETE FROM dead_letter WHERE batch_id = ?", [batch_id])

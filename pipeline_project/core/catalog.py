@@ -1,0 +1,38 @@
+"""The catalog's versions: a catalog whose content differs from the one before is a new version.
+
+Recommendations record the catalog version they were scored with (batch_publications), so that a
+new catalog re-scores the batches holding current answers (rescore_sensor) and nothing else.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+from pipeline_project.tables import CATALOG_VERSIONS, PRODUCT_CATALOG
+
+# The content of the catalog table, whatever the order of the file's lines.
+CATALOG_DIGEST_SQL = f"""
+SELECT md5(coalesce(string_agg(product_id || '|' || name || '|' || category || '|' || price
+                               || '|' || in_stock, chr(10) ORDER BY product_id, name), ''))
+       AS content_digest, count(*) AS products
+FROM {PRODUCT_CATALOG}
+"""
+
+
+def record_version(conn: duckdb.DuckDBPyConnection) -> tuple[int, bool]:
+    """The loaded catalog's version (caller's transaction): a new one when its content differs
+    from the newest version's; returns the version and whether it is new."""
+    [(digest, products)] = conn.execute(CATALOG_DIGEST_SQL).fetchall()
+    newest = conn.execute(
+        f"SELECT catalog_version, content_digest FROM {CATALOG_VERSIONS}"
+        " ORDER BY catalog_version DESC LIMIT 1"
+    ).fetchall()
+    if newest and newest[0][1] == digest:
+        return newest[0][0], False
+    version = (newest[0][0] if newest else 0) + 1
+    conn.execute(
+        f"INSERT INTO {CATALOG_VERSIONS} BY NAME SELECT ? AS catalog_version,"
+        " ? AS content_digest, ? AS products, now() AS loaded_at",
+        [version, digest, products],
+    )
+    return version, True

@@ -30,8 +30,7 @@ from pipeline_project_tests.disk_child import (
 )
 from pipeline_project_tests.helpers import customer, run_batch, write_lines
 from pipeline_project_tests.test_crash_safety import (
-    STEPS_DONE_BEFORE,
-    TABLES,
+    after_a_failed_run,
     make_root,
     run_to_end,
     state,
@@ -84,14 +83,9 @@ def fails_for_lack_of_room(
     # the step says which file, why, and what to do
     assert written_where(root, point) in child.stdout, child.stdout
     assert REASONS[mechanism] in child.stdout and ADVICE in child.stdout, child.stdout
-    # read again in this (a fresh) process: the failed step's tables hold the previous batch,
-    # the steps that finished before it hold the new one
-    after, new = state(root), state(reference)
-    done = STEPS_DONE_BEFORE[point]
-    assert {t: after[t] for t in TABLES if t not in done} == {
-        t: before[t] for t in TABLES if t not in done
-    }
-    assert {t: after[t] for t in done} == {t: new[t] for t in done}
+    # read again in this (a fresh) process: the steps that finished before the failed one hold
+    # the new file's rows, and nothing of the old file is left after them
+    assert state(root) == after_a_failed_run(before, state(reference), point)
     no_files_left_over(root)
 
 

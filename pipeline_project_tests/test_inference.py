@@ -13,12 +13,10 @@ from pipeline_project.sensors.alerting import run_failure_alert_sensor
 from pipeline_project_tests.helpers import (
     FAKE_KEY,
     FAST_RETRIES,
-    buyer,
     embedding_metadata,
     materialize,
     openai_embedder,
     rows,
-    write_lines,
 )
 from pipeline_project_tests.openai_servers import FaultyEmbeddingsServer, Rule
 
@@ -76,14 +74,12 @@ def test_circuit_breaker_fails_the_step_and_keeps_the_previous_batch(
     with healthy.running() as url:
         assert materialize(settings, instance, openai_embedder(url)).success
     before = rows(settings, "SELECT customer_id, text_hash FROM customer_embeddings ORDER BY 1")
-    write_lines(
-        settings.landing_dir / "b1.jsonl", [buyer(i, "home", purchases=i + 1) for i in range(8)]
-    )
 
+    # the same batch again, with another model (none of its texts cached) during an outage
     leaky = f"upstream said: bad token Bearer {FAKE_KEY}"
     outage = FaultyEmbeddingsServer(rules=[Rule("500", body=leaky)])
     with outage.running() as url:
-        result = materialize(settings, instance, openai_embedder(url))
+        result = materialize(settings, instance, openai_embedder(url, model="test-embed-2"))
     assert not result.success
     failure = result.get_step_failure_events()[0].event_specific_data.error
     assert "circuit breaker open" in str(failure.to_string())

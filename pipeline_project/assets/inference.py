@@ -1,6 +1,8 @@
 """AI inference: an embedding per customer profile, cached, retried, validated, dead-lettered."""
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 import duckdb
@@ -37,6 +39,7 @@ from pipeline_project.core.profiles import (
     STAGED_TEXTS_SQL,
     stage_prior_purchases,
     stage_profiles,
+    store_prior_purchases,
 )
 from pipeline_project.policies import MODEL_INFERENCE_POOL, batch_stage, per_batch_automation
 from pipeline_project.resources import AlertSink, Warehouse
@@ -117,20 +120,12 @@ def customer_embeddings(
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
     started, usage = time.perf_counter(), StepUsage()
     with warehouse.scratch_folder(batch_id) as scratch:
-        profiles = str(scratch / "*.parquet")
-        prior_file = scratch / PRIOR_PURCHASES / "part-0.parquet"
-        prior_file.parent.mkdir()
-        with warehouse.get_connection() as conn:
-            prior = stage_prior_purchases(conn, batch_id, prior_file)
-            customers, distinct = stage_profiles(conn, batch_id, scratch, config.profile_chunk_rows)
-            texts = {"profiles": profiles}
-            missing = missing_texts(conn, STAGED_TEXTS_SQL, model, dimensions, texts)
-            chars = text_characters(conn, STAGED_TEXTS_SQL, texts)
+        staged = _stage(warehouse, batch_id, scratch, config, model, dimensions)
         context.log.info(
-            f"{batch_id}: {customers:,} customers, {distinct:,} distinct profiles, "
-            f"{len(missing):,} not in the cache for {model}"
+            f"{batch_id}: {staged.customers:,} customers, {staged.distinct:,} distinct profiles,"
+            f" {len(staged.missing):,} not in the cache for {model}"
         )
-        outcome = _embed(context, warehouse, embedder, missing, config, batch_id)
+        outcome = _embed(context, warehouse, embedder, staged.missing, config, batch_id)
         for attempt in warehouse.write_attempts():
             with (
                 attempt,
@@ -139,26 +134,51 @@ def customer_embeddings(
                     dead_letter_stage=INFERENCE_STAGE,
                 ) as conn,
             ):  # fmt: skip
-                if prior:
-                    conn.execute(
-                        f"INSERT INTO {PRIOR_PURCHASES} BY NAME SELECT * FROM read_parquet(?)",
-                        [str(prior_file)],
-                    )
+                store_prior_purchases(conn, staged.prior_file if staged.prior else None)
                 dead_by_reason = store_embeddings(
-                    conn, batch_id, INFERENCE_STAGE, model, dimensions, profiles, outcome
+                    conn, batch_id, INFERENCE_STAGE, model, dimensions, staged.profiles, outcome
                 )
                 dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
     seconds = time.perf_counter() - started
     checks = _checks(context, warehouse, embedder, config)
     figures = batch_figures(
-        outcome, cost=_cost(embedder, missing, chars), customers_in=customers,
-        distinct_profiles=distinct,
-        cache_hits=distinct - len(missing), dead_by_reason=dead_by_reason, prior_purchases=prior,
-        dead_letter_total=dead_letter_total, model=model, dimensions=dimensions,
-        seconds=seconds, usage={**usage.figures(), "commit_retries": warehouse.commit_retries()},
+        outcome, cost=_cost(embedder, staged.missing, staged.chars),
+        customers_in=staged.customers, distinct_profiles=staged.distinct,
+        cache_hits=staged.distinct - len(staged.missing), dead_by_reason=dead_by_reason,
+        prior_purchases=staged.prior, dead_letter_total=dead_letter_total, model=model,
+        dimensions=dimensions, seconds=seconds,
+        usage={**usage.figures(), "commit_retries": warehouse.commit_retries()},
     )  # fmt: skip
     yield _materialized(context, alerts, warehouse, figures, checks)
     yield from checks
+
+
+@dataclass(frozen=True)
+class _Staged:
+    profiles: str  # the glob of the staged profiles' parts
+    prior_file: Path
+    prior: int  # prior purchases staged
+    customers: int
+    distinct: int  # distinct profiles
+    missing: list[tuple[str, str]]  # (text_hash, text) not in the cache for the model
+    chars: int  # characters of the distinct texts
+
+
+def _stage(
+    warehouse: Warehouse, batch_id: str, scratch: Path, config: InferenceConfig, model: str,
+    dimensions: int,
+) -> _Staged:  # fmt: skip
+    """The batch's prior purchases and profiles staged in `scratch`, and the texts to embed."""
+    profiles = str(scratch / "*.parquet")
+    prior_file = scratch / PRIOR_PURCHASES / "part-0.parquet"
+    prior_file.parent.mkdir()
+    with warehouse.get_connection() as conn:
+        prior = stage_prior_purchases(conn, batch_id, prior_file)
+        customers, distinct = stage_profiles(conn, batch_id, scratch, config.profile_chunk_rows)
+        texts = {"profiles": profiles}
+        missing = missing_texts(conn, STAGED_TEXTS_SQL, model, dimensions, texts)
+        chars = text_characters(conn, STAGED_TEXTS_SQL, texts)
+    return _Staged(profiles, prior_file, prior, customers, distinct, missing, chars)
 
 
 def _cost(embedder: Embedder, embedded: list[tuple[str, str]], chars: int) -> TextCost:

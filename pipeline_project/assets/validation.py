@@ -86,23 +86,8 @@ def validated_customers(
         )
         report(batch_id, "validate", summary.rows_in, lines, "lines")
 
-    judged = _Judged()
-
-    def judge(conn) -> None:
-        """Inside the swap transaction: the batch is accepted when its blocking checks pass;
-        a batch that is not has nothing downstream (no old answer of it stays current)."""
-        judged.checks = input_check_results(
-            conn, batch_id, config.error_rate_threshold, config.hard_error_rate_ceiling
-        )
-        accepted = all(c.passed for c in judged.checks if c.severity == ERROR)
-        before = batch_register.was_accepted(conn, batch_id)
-        batch_register.record_validation(conn, batch_id, accepted)
-        if not accepted:
-            withdraw(conn, batch_id, "inference")
-        if accepted != before:  # what later batches read of this one changed
-            judged.stale = batch_register.later_batches_sharing_customers(conn, batch_id)
-
-    with warehouse.staged_batch(VALIDATED_TABLES, batch_id, before_commit=judge) as (
+    judged = _Judged(batch_id, config)
+    with warehouse.staged_batch(VALIDATED_TABLES, batch_id, before_commit=judged) as (
         conn,
         staging,
     ):
@@ -130,8 +115,26 @@ def validated_customers(
 
 @dataclass
 class _Judged:
+    """Run inside the swap transaction: the batch is accepted when its blocking checks pass;
+    a batch that is not has nothing downstream (no old answer of it stays current)."""
+
+    batch_id: str
+    config: ValidationConfig
     checks: list[dg.AssetCheckResult] = field(default_factory=list)
-    stale: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # later batches that read this one
+
+    def __call__(self, conn) -> None:
+        batch_id, config = self.batch_id, self.config
+        self.checks = input_check_results(
+            conn, batch_id, config.error_rate_threshold, config.hard_error_rate_ceiling
+        )
+        accepted = all(c.passed for c in self.checks if c.severity == ERROR)
+        before = batch_register.was_accepted(conn, batch_id)
+        batch_register.record_validation(conn, batch_id, accepted)
+        if not accepted:
+            withdraw(conn, batch_id, "inference")
+        if accepted != before:  # what later batches read of this one changed
+            self.stale = batch_register.later_batches_sharing_customers(conn, batch_id)
 
 
 def _raw_file(warehouse: Warehouse, batch_id: str) -> Path:

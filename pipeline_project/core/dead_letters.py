@@ -20,9 +20,13 @@ WHERE batch_id = $batch_id AND stage = $stage AND replayed_at IS NULL
 """
 
 
-def delete_batch(conn: duckdb.DuckDBPyConnection, batch_id: str, stage: str) -> None:
-    """Remove the stage's dead letters of the batch (pending and replayed): it is re-run."""
-    conn.execute("DELETE FROM dead_letter WHERE batch_id = ? AND stage = ?", [batch_id, stage])
+def delete_batch(conn: duckdb.DuckDBPyConnection, batch_id: str, stage: str | None) -> None:
+    """Remove the stage's dead letters of the batch (pending and replayed): it is re-run, or
+    (stage None) withdrawn, every stage's."""
+    if stage is None:
+        conn.execute("DELETE FROM dead_letter WHERE batch_id = ?", [batch_id])
+    else:
+        conn.execute("DELETE FROM dead_letter WHERE batch_id = ? AND stage = ?", [batch_id, stage])
 
 
 def add(

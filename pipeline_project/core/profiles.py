@@ -176,6 +176,15 @@ def stage_prior_purchases(conn: duckdb.DuckDBPyConnection, batch_id: str, path: 
     return count
 
 
+def store_prior_purchases(conn: duckdb.DuckDBPyConnection, path: Path | None) -> None:
+    """The staged prior purchases (stage_prior_purchases) into prior_purchases, in the caller's
+    transaction (which removed the batch's old ones); None: there are none."""
+    if path is not None:
+        conn.execute(
+            f"INSERT INTO {PRIOR_PURCHASES} BY NAME SELECT * FROM read_parquet(?)", [str(path)]
+        )
+
+
 def _quote(path: Path) -> str:
     return str(path).replace("'", "''")
 

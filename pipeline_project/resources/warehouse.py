@@ -647,4 +647,4 @@ def withdraw(conn: duckdb.DuckDBPyConnection, batch_id: str, from_stage: str) ->
         for table in BATCH_TABLES_BY_STAGE[stage]:
             conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
     if stages.index(from_stage) <= stages.index("inference"):
-        conn.execute("DELETE FROM dead_letter WHERE batch_id = ?", [batch_id])
+        dead_letters.delete_batch(conn, batch_id, None)

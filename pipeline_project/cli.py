@@ -34,6 +34,12 @@ def main() -> None:
 @click.option("--bad-rate", default=0.03, show_default=True, help="Share of bad rows.")
 @click.option("--seed", default=42, show_default=True, help="Same seed, same files.")
 @click.option("--start", default=1, show_default=True, help="Number of the first batch (b001).")
+@click.option(
+    "--returning",
+    default=0.3,
+    show_default=True,
+    help="Share of each later batch's lines that bring back a customer of the batch before.",
+)
 @click.option("--gzip", "use_gzip", is_flag=True, help="Write .jsonl.gz files.")
 @click.option(
     "--landing-dir",
@@ -48,32 +54,43 @@ def main() -> None:
     help="Default: $PIPELINE_CATALOG_PATH or data/catalog.csv.",
 )
 def generate(
-    batches: int, rows: int, bad_rate: float, seed: int, start: int, use_gzip: bool,
-    landing_dir: Path | None, catalog: Path | None,
+    batches: int, rows: int, bad_rate: float, seed: int, start: int, returning: float,
+    use_gzip: bool, landing_dir: Path | None, catalog: Path | None,
 ) -> None:  # fmt: skip
     """Write deterministic sample batches and the product catalog."""
     settings = Settings.from_env().landing
     _generate(
         landing_dir or settings.landing_dir, catalog or settings.catalog_path,
-        batches=batches, rows=rows, bad_rate=bad_rate, seed=seed, start=start, use_gzip=use_gzip,
+        batches=batches, rows=rows, bad_rate=bad_rate, seed=seed, start=start,
+        returning=returning, use_gzip=use_gzip,
     )  # fmt: skip
 
 
 def _generate(
     landing_dir: Path, catalog_path: Path, *, batches: int, rows: int, bad_rate: float,
-    seed: int, start: int = 1, use_gzip: bool = False,
+    seed: int, start: int = 1, returning: float = 0.3, use_gzip: bool = False,
 ) -> list[Path]:  # fmt: skip
-    from pipeline_project.sample_data import generate_batch, write_catalog
+    from pipeline_project.sample_data import (
+        BAD_KINDS,
+        RETURNING,
+        BatchSpec,
+        generate_batch,
+        write_catalog,
+    )
 
     catalog = write_catalog(catalog_path, seed=seed)
     click.echo(f"catalog: {catalog_path} ({len(catalog.product_ids)} products)")
-    paths = []
+    paths, previous = [], None
     for number in range(start, start + batches):
         path = landing_dir / f"b{number:03d}.jsonl{'.gz' if use_gzip else ''}"
-        kinds = generate_batch(path, rows, bad_rate, seed + number, catalog)
-        bad = sum(n for kind, n in kinds.items() if kind != "valid" and not kind.startswith("edge"))
-        click.echo(f"batch: {path} ({rows:,} rows, {bad:,} bad)")
+        spec = BatchSpec(rows, bad_rate, seed + number, returning=returning, previous=previous)
+        kinds = generate_batch(path, rows, bad_rate, spec.seed, catalog,
+                               returning=spec.returning, previous=spec.previous)  # fmt: skip
+        bad = sum(n for kind, n in kinds.items() if kind in BAD_KINDS)
+        came_back = f", {kinds[RETURNING]:,} returning customers" if kinds[RETURNING] else ""
+        click.echo(f"batch: {path} ({rows:,} rows, {bad:,} bad{came_back})")
         paths.append(path)
+        previous = spec
     return paths
 
 
@@ -248,7 +265,15 @@ def _figures(result: dg.ExecuteInProcessResult) -> dict:
             ).items()
         },
         **_metadata(result, "validated_recommendations", "rejected_recommendations"),
+        **_check_figures(result, "every_customer_gets_top_n_or_a_reason"),
     }
+
+
+def _check_figures(result: dg.ExecuteInProcessResult, check_name: str) -> dict:
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.check_name == check_name:
+            return {k: v.value for k, v in evaluation.metadata.items()}
+    return {}
 
 
 def _recommendations_status(result: dg.ExecuteInProcessResult) -> str:
@@ -269,10 +294,12 @@ def _recommendations_status(result: dg.ExecuteInProcessResult) -> str:
 def _print_summary(outcomes: list[BatchOutcome]) -> None:
     """Per batch: validation and inference figures, then the recommendations'."""
     validation = _table(
-        "batch", "status", "rows in", "valid", "invalid", "blank lines", "err rate", "profiles",
-        "cache hits", "model calls", "dead-lettered",
+        "batch", "status", "rows in", "valid", "invalid", "blank lines", "err rate", "returning",
+        "profiles", "cache hits", "model calls", "dead-lettered",
     )  # fmt: skip
-    recommendation = _table("batch", "segments", "recommendations", "kept", "rejected", *RULES)
+    recommendation = _table(
+        "batch", "segments", "recommendations", "served 5", "fewer", "kept", "rejected", *RULES
+    )
     for o in outcomes:
         f = o.figures
         validation.add_row(
@@ -285,10 +312,18 @@ def _print_summary(outcomes: list[BatchOutcome]) -> None:
             f"{f.get('error_rate', 0.0):.2%}",
             *(
                 f"{f.get(key, 0):,}"
-                for key in ("distinct_profiles", "cache_hits", "model_calls", "dead_lettered")
-            ),
+                for key in (
+                    "returning_customers",
+                    "distinct_profiles",
+                    "cache_hits",
+                    "model_calls",
+                    "dead_lettered",
+                )
+            ),  # fmt: skip
         )
         figures = [
+            f.get("served_top_n"),
+            f.get("served_fewer"),
             f.get("kept_dagster/partition_row_count"),
             f.get("kept_rejected"),
             *(f.get(f"rejected_{rule}") for rule in RULES),

@@ -3,6 +3,10 @@
 Customers follow personas (favourite categories, spend and frequency bands), so customers who
 behave alike look alike. Bad rows cover every failure kind of the data contract; valid edge
 cases (empty purchase list, unknown extra fields, hundreds of purchases) are always present.
+
+A batch may bring back customers of the batch before it (`returning`), as a CRM's daily export
+does: the same ID, their whole purchase history again and a few new purchases, sometimes a new
+e-mail address.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ BAD_KINDS = (
     "bad_email", "nonpositive_amount", "bad_date", "duplicate_id",
 )  # fmt: skip
 EDGE_KINDS = ("edge_empty_purchases", "edge_extra_fields", "edge_many_purchases")
+RETURNING = "returning"  # a valid customer of the batch before, with new purchases
 
 _EPOCH_START = np.datetime64("2019-01-01T00:00:00", "s").astype(np.int64)
 _CREATED_END = np.datetime64("2025-06-30T00:00:00", "s").astype(np.int64)
@@ -137,12 +142,89 @@ def write_catalog(path: Path, n_products: int = 500, seed: int = 0) -> Catalog:
     return catalog
 
 
+@dataclass(frozen=True)
+class BatchSpec:
+    """How a sample batch is generated (the arguments of iter_batch_lines)."""
+
+    rows: int
+    bad_rate: float
+    seed: int
+    population: int | None = None
+    returning: float = 0.0
+    previous: BatchSpec | None = None
+
+
 def iter_batch_lines(
-    rows: int, bad_rate: float, seed: int, catalog: Catalog, population: int | None = None
+    rows: int,
+    bad_rate: float,
+    seed: int,
+    catalog: Catalog,
+    population: int | None = None,
+    returning: float = 0.0,
+    previous: BatchSpec | None = None,
 ) -> Iterator[tuple[str, str]]:
-    """(kind, JSON line) for each customer of a batch; kind is "valid", an edge or a bad kind.
-    The customers' personas (what they buy, how often) come from `population` when given, so
-    batches of different seeds can be drawn from one customer base; else from `seed`."""
+    """(kind, JSON line) for each customer of a batch; kind is "valid", "returning", an edge or
+    a bad kind. The customers' personas (what they buy, how often) come from `population` when
+    given, so batches of different seeds can be drawn from one customer base; else from `seed`.
+    With `previous` (the batch before, as generated), about `returning` of the lines bring back
+    that batch's valid customer on the same line: their record again, with new purchases."""
+    spec = BatchSpec(rows, bad_rate, seed, population, returning, previous)
+    for kind, item in _batch_items(spec, catalog):
+        yield kind, item if isinstance(item, str) else json.dumps(item, separators=(",", ":"))
+
+
+def _batch_items(spec: BatchSpec, catalog: Catalog) -> Iterator[tuple[str, dict | str]]:
+    """(kind, record) of each line of the batch; a bad line is its broken text."""
+    if spec.previous is None or spec.returning <= 0.0:
+        yield from _new_items(spec, catalog)
+        return
+    rng = np.random.default_rng([spec.seed, 65537])
+    earlier = _batch_items(spec.previous, catalog)
+    for kind, item in _new_items(spec, catalog):
+        before = next(earlier, None)
+        comes_back = rng.random() < spec.returning
+        if comes_back and kind == "valid" and before is not None and before[0] in _GOOD:
+            yield RETURNING, _come_back(before[1], rng, catalog)
+        else:
+            yield kind, item
+
+
+_GOOD = ("valid", RETURNING)
+
+
+def _come_back(record: dict, rng: np.random.Generator, catalog: Catalog) -> dict:
+    """A customer of the batch before, exported again: their history and 1-3 new purchases
+    after it (in the categories they bought before), one in ten with a new e-mail address."""
+    record = dict(record)
+    history = list(record["purchaseHistory"])
+    last = max([p["date"] for p in history] + [record["createdAt"]])
+    when = int(np.datetime64(last.rstrip("Z"), "s").astype(np.int64))
+    bought = [int(p["productId"][1:]) - 1 for p in history] or [
+        int(rng.integers(len(catalog.product_ids)))
+    ]
+    for _ in range(int(rng.integers(1, 4))):
+        category = catalog.categories[bought[int(rng.integers(len(bought)))]]
+        product = catalog.category_start[category] + int(
+            rng.integers(catalog.category_size[category])
+        )
+        when += int(rng.integers(86_400, 30 * 86_400))
+        history.append(
+            {
+                "productId": catalog.product_ids[product],
+                "amount": round(float(catalog.prices[product]) * int(rng.integers(1, 3)), 2),
+                "date": f"{np.datetime_as_string(np.datetime64(when, 's'), unit='s')}Z",
+            }
+        )
+    record["purchaseHistory"] = history
+    if rng.random() < 0.1:
+        name, domain = record["email"].split("@")
+        record["email"] = f"{name}.new@{domain}"
+    return record
+
+
+def _new_items(spec: BatchSpec, catalog: Catalog) -> Iterator[tuple[str, dict | str]]:
+    """The batch's own customers: (kind, record), a bad one as its broken line."""
+    rows, bad_rate, seed, population = spec.rows, spec.bad_rate, spec.seed, spec.population
     if rows < 0 or not 0.0 <= bad_rate <= 1.0:
         raise ValueError("rows must be >= 0 and bad_rate within [0, 1]")
     rng = np.random.default_rng([seed, 104729])
@@ -171,7 +253,7 @@ def iter_batch_lines(
             else:
                 # A duplicate repeats the first *valid* line's id: that line owns the id.
                 first_id = first_id or record["id"]
-                yield kind, json.dumps(record, separators=(",", ":"))
+                yield kind, record
 
 
 def generate_batch(
@@ -181,15 +263,19 @@ def generate_batch(
     seed: int,
     catalog: Catalog,
     population: int | None = None,
+    returning: float = 0.0,
+    previous: BatchSpec | None = None,
 ) -> Counter:
-    """Write one batch file (gzip when the name ends in .gz); returns the count of each kind."""
+    """Write one batch file (gzip when the name ends in .gz); returns the count of each kind.
+    `returning` and `previous`: see iter_batch_lines."""
     path.parent.mkdir(parents=True, exist_ok=True)
     kinds: Counter = Counter()
     tmp = path.with_name(f".{path.name}.partial")  # dot-files are ignored by the landing sensor
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(tmp, "wt", encoding="utf-8", newline="\n") as f:
         buffer: list[str] = []
-        for kind, line in iter_batch_lines(rows, bad_rate, seed, catalog, population):
+        lines = iter_batch_lines(rows, bad_rate, seed, catalog, population, returning, previous)
+        for kind, line in lines:
             kinds[kind] += 1
             buffer.append(line)
             if len(buffer) >= 10_000:

@@ -326,7 +326,7 @@ BATCH_TABLES_BY_STAGE: dict[str, tuple[str, ...]] = {
 def lakehouse_ddl(ddl: str) -> str:
     """The DDL for DuckLake, which enforces NOT NULL but no PRIMARY KEY or UNIQUE constraint:
     the writes keep those rows unique themselves (see core/embedding_cache.py)."""
-    return re.sub(r",\s*PRIMARY KEY \([^)]*\)", "", ddl)
+    return re.sub(r",\s*PRIMARY KEY\s*\([^)]*\)", "", ddl)
 
 
 # A customer's known purchases across accepted batches, each counted once: a purchase is its

@@ -58,13 +58,20 @@ def test_demo_runs_two_batches_end_to_end_in_a_project_local_home_and_is_idempot
         assert rows_in == 300 and valid + invalid == 300 and 0 < invalid < 30
         assert number(row["blank lines"]) == 0
         assert row["err rate"] == f"{invalid / rows_in:.2%}"
-    for row in recommendation.values():
+    # the second sample batch brings back customers of the first
+    assert number(validation["b001"]["returning"]) == 0
+    assert 0 < number(validation["b002"]["returning"]) < number(validation["b002"]["valid"])
+    for batch_id, row in recommendation.items():
         assert row["recommendations"] == "ok" and number(row["segments"]) > 1
         kept, rejected = number(row["kept"]), number(row["rejected"])
         assert kept > 0 and kept + rejected > 0
         by_rule = [number(row[rule]) for rule in ("out_of_stock", "low_confidence",
                    "already_purchased", "implausible_value")]  # fmt: skip
         assert max(by_rule) <= rejected <= sum(by_rule)  # a rejection names one rule or more
+        # what the rules know before scoring never takes a slot
+        assert number(row["out_of_stock"]) == number(row["already_purchased"]) == 0
+        served, fewer = number(row["served 5"]), number(row["fewer"])
+        assert served + fewer == number(validation[batch_id]["valid"]) and served > fewer
     assert "No product catalog" not in first.stdout
 
     db = tmp_path / "data" / "warehouse.duckdb"

@@ -16,12 +16,12 @@ LONG_ID = "store_0042_customers_export_2025_10_01_x"
 SHORT_ID = "b1"
 FAILING_ID = "h_all_invalid"  # above the hard error-rate ceiling: its run fails
 VALIDATION_HEADER = [
-    "batch", "status", "rows in", "valid", "invalid", "blank lines", "err rate", "profiles",
-    "cache hits", "model calls", "dead-lettered",
+    "batch", "status", "rows in", "valid", "invalid", "blank lines", "err rate", "returning",
+    "profiles", "cache hits", "model calls", "dead-lettered",
 ]  # fmt: skip
 RECOMMENDATION_HEADER = [
-    "batch", "segments", "recommendations", "kept", "rejected", "out_of_stock",
-    "low_confidence", "already_purchased", "implausible_value",
+    "batch", "segments", "recommendations", "served 5", "fewer", "kept", "rejected",
+    "out_of_stock", "low_confidence", "already_purchased", "implausible_value",
 ]  # fmt: skip
 
 

@@ -5,6 +5,8 @@ from collections import Counter
 from pipeline_project.sample_data import (
     BAD_KINDS,
     EDGE_KINDS,
+    RETURNING,
+    BatchSpec,
     build_catalog,
     generate_batch,
     iter_batch_lines,
@@ -67,3 +69,29 @@ def test_batches_of_one_population_buy_alike_and_of_another_do_not():
     assert same < 0.1 < other
     # without a population each seed draws its own personas, as before
     assert category_shares(2, None) != category_shares(2, population=5)
+
+
+def test_a_later_batch_brings_back_customers_with_their_history_and_new_purchases():
+    """As a CRM's daily export: the returning customer's ID, every purchase of the batch
+    before again, 1-3 new ones after them; the first batch's lines are as without it."""
+    catalog, _ = build_catalog(seed=1)
+    first = BatchSpec(400, 0.05, 11)
+    before = {
+        json.loads(line)["id"]: json.loads(line)
+        for kind, line in iter_batch_lines(400, 0.05, 11, catalog)
+        if kind == "valid"
+    }
+    later = list(iter_batch_lines(400, 0.05, 12, catalog, returning=0.3, previous=first))
+    back = [json.loads(line) for kind, line in later if kind == RETURNING]
+    assert 0.2 * 400 < len(back) < 0.4 * 400
+    assert len(later) == 400
+    for record in back:
+        earlier = before[record["id"]]
+        old = earlier["purchaseHistory"]
+        new = record["purchaseHistory"][len(old) :]
+        assert record["purchaseHistory"][: len(old)] == old and 1 <= len(new) <= 3
+        assert min(p["date"] for p in new) > max([p["date"] for p in old] + [earlier["createdAt"]])
+    assert sum(r["email"] != before[r["id"]]["email"] for r in back) >= 1
+    # no returning customer without a batch before
+    alone = Counter(k for k, _ in iter_batch_lines(400, 0.05, 12, catalog, returning=0.3))
+    assert RETURNING not in alone

@@ -145,7 +145,8 @@ def customer_embeddings(
         outcome, cost=_cost(embedder, staged.missing, staged.chars),
         customers_in=staged.customers, distinct_profiles=staged.distinct,
         cache_hits=staged.distinct - len(staged.missing), dead_by_reason=dead_by_reason,
-        prior_purchases=staged.prior, dead_letter_total=dead_letter_total, model=model,
+        prior_purchases=staged.prior, returning_customers=staged.returning,
+        dead_letter_total=dead_letter_total, model=model,
         dimensions=dimensions, seconds=seconds,
         usage={**usage.figures(), "commit_retries": warehouse.commit_retries()},
     )  # fmt: skip
@@ -158,6 +159,7 @@ class _Staged:
     profiles: str  # the glob of the staged profiles' parts
     prior_file: Path
     prior: int  # prior purchases staged
+    returning: int  # customers an earlier batch held
     customers: int
     distinct: int  # distinct profiles
     missing: list[tuple[str, str]]  # (text_hash, text) not in the cache for the model
@@ -173,12 +175,12 @@ def _stage(
     prior_file = scratch / PRIOR_PURCHASES / "part-0.parquet"
     prior_file.parent.mkdir()
     with warehouse.get_connection() as conn:
-        prior = stage_prior_purchases(conn, batch_id, prior_file)
+        prior, returning = stage_prior_purchases(conn, batch_id, prior_file)
         customers, distinct = stage_profiles(conn, batch_id, scratch, config.profile_chunk_rows)
         texts = {"profiles": profiles}
         missing = missing_texts(conn, STAGED_TEXTS_SQL, model, dimensions, texts)
         chars = text_characters(conn, STAGED_TEXTS_SQL, texts)
-    return _Staged(profiles, prior_file, prior, customers, distinct, missing, chars)
+    return _Staged(profiles, prior_file, prior, returning, customers, distinct, missing, chars)
 
 
 def _cost(embedder: Embedder, embedded: list[tuple[str, str]], chars: int) -> TextCost:

@@ -454,6 +454,7 @@ def batch_figures(
     distinct_profiles: int,
     cache_hits: int,
     prior_purchases: int,
+    returning_customers: int,
     dead_by_reason: Mapping[str, int],
     dead_letter_total: int,
     model: str,
@@ -477,6 +478,7 @@ def batch_figures(
         "distinct_profiles": distinct_profiles,
         # purchases of the batch's customers that earlier batches delivered (their history)
         "prior_purchases": prior_purchases,
+        "returning_customers": returning_customers,
         "cache_hits": cache_hits,
         "texts_embedded": len(outcome.vectors),
         "model_calls": outcome.model_calls,

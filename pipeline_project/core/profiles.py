@@ -148,20 +148,32 @@ PROFILE_SCHEMA = pa.schema(
 STAGED_TEXTS_SQL = "SELECT text_hash, profile_text AS text FROM read_parquet($profiles)"
 
 
-def stage_prior_purchases(conn: duckdb.DuckDBPyConnection, batch_id: str, path: Path) -> int:
+# How many of the batch's customers an earlier accepted batch held: customers who came back.
+_RETURNING_SQL = f"""
+SELECT count(*) FROM customers AS c
+WHERE c.batch_id = $batch_id AND c.customer_id IN (
+    SELECT e.customer_id FROM customers AS e JOIN {BATCHES} AS b USING (batch_id)
+    WHERE b.accepted AND b.arrival_seq < $seq)
+"""
+
+
+def stage_prior_purchases(
+    conn: duckdb.DuckDBPyConnection, batch_id: str, path: Path
+) -> tuple[int, int]:
     """The batch's prior purchases into the temp table `batch_prior` and, when there are any,
-    the Parquet file `path` (prior_purchases rows); returns how many."""
+    the Parquet file `path` (prior_purchases rows); returns how many, and how many of the
+    batch's customers an earlier batch held (returning customers)."""
     rows = conn.execute(
         f"SELECT arrival_seq, (SELECT count(*) FROM {BATCHES} AS e WHERE e.accepted"
         f" AND e.arrival_seq < b.arrival_seq) FROM {BATCHES} AS b WHERE batch_id = ?",
         [batch_id],
     ).fetchall()
     columns = ", ".join(WAREHOUSE_TABLES[PRIOR_PURCHASES].column_names)
+    returning = 0
     if rows and rows[0][1]:
-        conn.execute(
-            f"CREATE OR REPLACE TEMP TABLE batch_prior AS {_PRIOR_SQL}",
-            {"batch_id": batch_id, "seq": rows[0][0]},
-        )
+        params = {"batch_id": batch_id, "seq": rows[0][0]}
+        conn.execute(f"CREATE OR REPLACE TEMP TABLE batch_prior AS {_PRIOR_SQL}", params)
+        [(returning,)] = conn.execute(_RETURNING_SQL, params).fetchall()
     else:  # the first batch, or no batch before it was accepted: nothing to look up
         conn.execute(
             f"CREATE OR REPLACE TEMP TABLE batch_prior AS SELECT {columns} FROM"
@@ -173,7 +185,7 @@ def stage_prior_purchases(conn: duckdb.DuckDBPyConnection, batch_id: str, path: 
             f"COPY (SELECT {columns} FROM batch_prior ORDER BY line_no) TO '{_quote(path)}'"
             " (FORMAT parquet)"
         )
-    return count
+    return count, returning
 
 
 def store_prior_purchases(conn: duckdb.DuckDBPyConnection, path: Path | None) -> None:

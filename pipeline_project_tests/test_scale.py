@@ -37,6 +37,7 @@ generate_batch(settings.landing.landing_dir / "b1.jsonl", rows, 0.01, 1, catalog
 defs = build_definitions(settings, embedder=HashingEmbedder())
 chunks = {"raw_customers": 10_000, "validated_customers": 10_000}
 config = {"ops": {op: {"config": {"chunk_rows": n}} for op, n in chunks.items()}}
+config["ops"]["recommendations"] = {"config": {"customer_chunk": 10_000}}
 with dg.instance_for_test() as instance:
     assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
     instance.add_dynamic_partitions("batches", ["b1"])

@@ -270,15 +270,30 @@ SELECT DISTINCT customer_id, product_id FROM (
 """
 
 # Each customer's `top_n` first candidates of their profile that they have not bought.
+# A customer's rank of a candidate is its rank in the profile's list less the candidates before
+# it that the customer bought: a streaming join against the (few) bought candidates' ranks per
+# customer, with no window over customers x candidates.
 _CHUNK_RECOMMENDATIONS_SQL = """
-SELECT c.batch_id, c.line_no, c.customer_id,
-       row_number() OVER (PARTITION BY c.customer_id ORDER BY r.candidate_rank)::INTEGER AS rank,
-       r.product_id, c.segment_id, r.confidence, r.predicted_value, r.segment_affinity,
-       r.similarity, r.similarity_score, c.model_version
-FROM {customers} AS c
-JOIN {candidates} AS r USING (text_hash)
-ANTI JOIN chunk_bought AS b ON b.customer_id = c.customer_id AND b.product_id = r.product_id
-QUALIFY rank <= $top_n
+WITH bought AS (
+    SELECT c.customer_id, list(r.candidate_rank) AS ranks
+    FROM {customers} AS c
+    JOIN {candidates} AS r USING (text_hash)
+    JOIN chunk_bought AS b ON b.customer_id = c.customer_id AND b.product_id = r.product_id
+    GROUP BY c.customer_id
+), ranked AS (
+    SELECT c.*, r.* EXCLUDE (text_hash), coalesce(b.ranks, []) AS bought_ranks
+    FROM {customers} AS c
+    JOIN {candidates} AS r USING (text_hash)
+    LEFT JOIN bought AS b USING (customer_id)
+)
+SELECT batch_id, line_no, customer_id,
+       (candidate_rank - len(list_filter(bought_ranks, lambda x: x < candidate_rank)))::INTEGER
+           AS rank,
+       product_id, segment_id, confidence, predicted_value, segment_affinity, similarity,
+       similarity_score, model_version
+FROM ranked
+WHERE NOT list_contains(bought_ranks, candidate_rank)
+  AND candidate_rank - len(list_filter(bought_ranks, lambda x: x < candidate_rank)) <= $top_n
 """
 
 # The chunk's customers with fewer than $top_n recommendations, and their profile.

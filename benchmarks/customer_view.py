@@ -90,7 +90,9 @@ def run_batches(rows: int, returning: float, root: Path) -> dict:
             stages = {}
             for asset in STAGES:
                 records = instance.fetch_materializations(
-                    dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[batch_id]),
+                    dg.AssetRecordsFilter(
+                        asset_key=dg.AssetKey(asset), asset_partitions=[batch_id]
+                    ),
                     limit=1,
                 ).records
                 if records:

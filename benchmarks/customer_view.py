@@ -100,7 +100,8 @@ def run_batches(rows: int, returning: float, root: Path) -> dict:
                     stages[asset] = {
                         k: m[k].value
                         for k in ("step_seconds", "peak_rss_mib", "rss_growth_mib",
-                                  "prior_purchases", "dagster/partition_row_count")
+                                  "prior_purchases", "returning_customers",
+                                  "dagster/partition_row_count")
                         if k in m
                     }  # fmt: skip
             figures[batch_id] = {"success": success, "failed": failed, "wall": wall,
@@ -131,7 +132,8 @@ def in_own_process(*args: str) -> dict:
         [sys.executable, "-W", "ignore", __file__, *args], stdout=subprocess.PIPE, text=True
     )
     lines = out.stdout.strip().splitlines()
-    print("\n".join(lines[:-1]), flush=True)
+    if lines[:-1]:
+        print("\n".join(lines[:-1]), flush=True)
     if out.returncode != 0 or not lines:
         return {"failed": f"exit code {out.returncode}"}
     return json.loads(lines[-1])
@@ -173,9 +175,11 @@ def main() -> None:
               f"{b.get('rss_growth_mib', 0):>13,.0f}")  # fmt: skip
     for batch_id in ("b001", "b002"):
         r = run[batch_id]
+        inference = r["stages"].get("customer_embeddings", {})
         print(f"{batch_id}: success={r['success']} failed steps={r['failed']}"
-              f" run wall {r['wall']:.1f} s, prior purchases"
-              f" {r['stages'].get('customer_embeddings', {}).get('prior_purchases')}")  # fmt: skip
+              f" run wall {r['wall']:.1f} s, returning customers"
+              f" {inference.get('returning_customers')}, prior purchases"
+              f" {inference.get('prior_purchases')}")  # fmt: skip
     print(f"\n{'view (read whole)':<28}{'rows':>14}{'seconds':>9}{'peak RSS MiB':>14}")
     for view in VIEWS:
         v = in_own_process("--child", view, str(root))

@@ -30,6 +30,7 @@ from sklearn.cluster import MiniBatchKMeans
 from pipeline_project.core.profiles import AS_OF_SQL, PROFILES_SQL
 from pipeline_project.core.recommendations import ScoringInputs, rules_sql, score_profiles
 from pipeline_project.schemas import EMAIL_PATTERN, UUID_PATTERN
+from pipeline_project.tables import PRIOR_PURCHASES, WAREHOUSE_TABLES
 
 SEGMENTS, TOP_N, SEGMENT_WEIGHT = 8, 5, 0.7
 
@@ -142,6 +143,10 @@ def main() -> None:
     conn.execute(
         "CREATE TABLE product_catalog AS SELECT * FROM read_csv(?, header = true)", [str(catalog)]
     )
+    # one batch: no customer has purchases from an earlier one (the pipeline's profiles and
+    # rules read them from prior_purchases)
+    conn.execute(WAREHOUSE_TABLES[PRIOR_PURCHASES].ddl())
+    conn.execute(f"CREATE TEMP TABLE batch_prior AS SELECT * FROM {PRIOR_PURCHASES}")
     [(as_of,)] = conn.execute(AS_OF_SQL, {"batch_id": "b"}).fetchall()
     conn.execute(
         f"CREATE TABLE profiles AS {PROFILES_SQL}",
@@ -219,7 +224,13 @@ def main() -> None:
 
     conn.execute(
         f"CREATE TABLE ruled AS {rules_sql('recommendations')}",
-        {"batch_id": "b", "min_confidence": 0.3, "max_predicted_value": 10_000.0},
+        {
+            "batch_id": "b",
+            "min_confidence": 0.3,
+            "max_predicted_value": 10_000.0,
+            "first": 0,
+            "last": 2**62,
+        },
     )
     conn.execute(
         "CREATE TABLE validated_recommendations AS SELECT * FROM ruled WHERE len(failed_rules) = 0"

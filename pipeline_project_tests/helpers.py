@@ -208,10 +208,15 @@ def query(settings: Settings, sql: str, params=None) -> list[tuple]:
 
 
 def contents(settings: Settings, tables) -> dict[str, list[tuple]]:
+    """warehouse_contents of the settings' warehouse."""
+    return warehouse_contents(warehouse_of(settings), tables)
+
+
+def warehouse_contents(warehouse: Warehouse, tables) -> dict[str, list[tuple]]:
     """Every row of each table, sorted, without the times rows were written; doubles to 9
     decimals (a sum's last bits depend on the order its parts were added in)."""
     found = {}
-    with warehouse_of(settings).get_connection() as conn:
+    with warehouse.get_connection() as conn:
         for table in tables:
             columns = [
                 name

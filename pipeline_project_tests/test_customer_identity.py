@@ -359,3 +359,81 @@ def test_customers_get_top_n_whenever_that_many_products_clear_the_rules(
         "SELECT count(*) FROM rejected_recommendations"
         " WHERE list_has_any(failed_rules, ['out_of_stock', 'already_purchased'])",
     ) == [(0,)]
+
+
+# ---- after a retrain or a new catalog: what must be re-scored, and nothing else ---------------
+
+
+def _three_batches(settings, defs, instance) -> None:
+    """b1's customers all come back in b2 (b1 is history), b3 holds new ones."""
+    land(settings, "b1", [record(n, bought(n, range(2))) for n in range(9)])
+    land(settings, "b2", [record(n, bought(n, range(3))) for n in range(9)])
+    land(settings, "b3", [record(20 + n, bought(n, range(1))) for n in range(9)])
+    load_catalog(defs, instance)
+    instance.add_dynamic_partitions("batches", ["b1", "b2", "b3"])
+    for batch_id in ("b1", "b2", "b3"):
+        assert run_stages(defs, instance, batch_id, run_config=ANY_CONFIDENCE).success
+
+
+def test_a_retrain_re_scores_the_batches_holding_current_answers_the_same_in_any_order(
+    backend_settings, defs, instance
+):
+    settings = backend_settings
+    _three_batches(settings, defs, instance)
+    history = contents(settings, ["validated_recommendations"])["validated_recommendations"]
+    retrain = defs.resolve_job_def("segment_model_job").execute_in_process(
+        instance=instance, run_config={"ops": {"segment_model": {"config": {"seed": 3}}}}
+    )
+    assert retrain.success
+    [trained] = retrain.asset_materializations_for_node("segment_model")
+    # b1's customers all came back in b2: b1 is history and keeps the answer it gave
+    assert trained.metadata["rescore_batches"].value == ["b2", "b3"]
+    rescored = sorted(settle(defs, instance))
+    assert rescored == ["b2", "b3"]
+    b1 = [row for row in history if row[0] == "b1"]
+    after = contents(settings, ["validated_recommendations"])["validated_recommendations"]
+    assert [row for row in after if row[0] == "b1"] == b1
+    assert {row[-1] for row in after if row[0] != "b1"} == {2}  # the new model version
+    # the same version re-scored in the other order (with the configuration the re-scoring
+    # runs had: the defaults) gives the same rows: affinity is the version's, not every
+    # batch's purchases as they happen to be
+    for batch_id in ("b3", "b2"):
+        assert run_stages(
+            defs, instance, batch_id, ["customer_segments", "recommendations",
+                                       "validated_recommendations", "rejected_recommendations"],
+        ).success  # fmt: skip
+    assert contents(settings, ["validated_recommendations"])["validated_recommendations"] == after
+
+
+def test_a_new_catalog_re_scores_the_batches_holding_current_answers(
+    backend_settings, defs, instance
+):
+    settings = backend_settings
+    _three_batches(settings, defs, instance)
+    [(top,)] = query(
+        settings,
+        "SELECT product_id FROM validated_recommendations WHERE batch_id = 'b3' AND rank = 1"
+        " GROUP BY 1 ORDER BY count(*) DESC LIMIT 1",
+    )
+    # the product most recommended in b3 goes out of stock
+    path = settings.catalog_path
+    path.write_text(
+        "\n".join(
+            line.replace(",True", ",False") if line.startswith(f"{top},") else line
+            for line in path.read_text().splitlines()
+        )
+        + "\n"
+    )
+    loaded = defs.resolve_job_def("catalog_job").execute_in_process(instance=instance)
+    assert loaded.success
+    [embedded] = loaded.asset_materializations_for_node("product_embeddings")
+    assert embedded.metadata["rescore_batches"].value == ["b2", "b3"]
+    assert sorted(settle(defs, instance)) == ["b2", "b3"]
+    assert query(
+        settings,
+        "SELECT count(*) FROM current_recommendations WHERE product_id = ?",
+        [top],
+    ) == [(0,)]
+    assert query(
+        settings, "SELECT DISTINCT catalog_version FROM batch_publications ORDER BY 1"
+    ) == [(1,), (2,)]  # b1 is history: scored with the catalog of its time

@@ -36,7 +36,7 @@ from pipeline_project.tables import (
     WAREHOUSE_DDL,
 )
 from pipeline_project_tests.dagster_dev import running_ui, wait_for
-from pipeline_project_tests.helpers import INFERENCE_STAGES, TIME_COLUMNS
+from pipeline_project_tests.helpers import INFERENCE_STAGES, warehouse_contents
 from pipeline_project_tests.postgres_server import PASSWORD, PostgresServer, postgres_server
 
 pytestmark = pytest.mark.ducklake
@@ -132,22 +132,7 @@ def run_in_process(settings: Settings, instance: dg.DagsterInstance, batch_ids: 
 
 def table_contents(warehouse, tables=TABLES) -> dict[str, list[tuple]]:
     """Every row of each table, sorted, without load timestamps."""
-    contents = {}
-    with warehouse.get_connection() as conn:
-        for table in tables:
-            columns = [
-                name
-                for name, *_ in conn.execute(f"DESCRIBE {table}").fetchall()
-                if name not in TIME_COLUMNS
-            ]
-            rows = conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY ALL")
-            contents[table] = [tuple(map(_rounded, row)) for row in rows.fetchall()]
-    return contents
-
-
-def _rounded(value):
-    """Doubles to 9 decimals: a sum's last bits depend on the order DuckDB adds its parts in."""
-    return round(value, 9) if isinstance(value, float) else value
+    return warehouse_contents(warehouse, tables)
 
 
 def start_workers(lake: Lake, jobs: list[tuple[str, str]]) -> list[subprocess.Popen]:

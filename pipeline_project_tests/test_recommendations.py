@@ -7,7 +7,7 @@ import duckdb
 import pytest
 
 from pipeline_project.checks.output_checks import recommendation_check_results
-from pipeline_project.core.recommendations import apply_business_rules
+from pipeline_project.core.recommendations import rule_outcome, stage_business_rules
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import LocalE5Embedder
@@ -108,8 +108,13 @@ def test_each_business_rule_rejects_the_row_that_breaks_it(tmp_path):
                  "product": product, "confidence": confidence, "value": value},
             )  # fmt: skip
     tables = ["validated_recommendations", "rejected_recommendations"]
-    with warehouse.replace_batch(tables, "b") as conn:
-        outcome = apply_business_rules(conn, "b", min_confidence=0.3, max_predicted_value=10_000)
+    with warehouse.staged_batch(tables, "b") as (conn, staging):
+        # three lines a range: the rules judge a batch a range at a time
+        stage_business_rules(
+            conn, "b", staging, min_confidence=0.3, max_predicted_value=10_000, chunk_lines=3
+        )
+    with warehouse.get_connection() as conn:
+        outcome = rule_outcome(conn, "b")
     assert (outcome.kept, outcome.rejected) == (1, 9)
     assert outcome.by_rule == {
         "out_of_stock": 3,

@@ -34,10 +34,11 @@ from pipeline_project.core.recommendations import (
     ConfidenceSummary,
     RuleOutcome,
     ScoringInputs,
-    apply_business_rules,
     confidence_summary,
     load_scoring_inputs,
+    rule_outcome,
     score_batch,
+    stage_business_rules,
 )
 from pipeline_project.policies import batch_stage, per_batch_automation
 from pipeline_project.resources import LandingZone, Warehouse
@@ -333,31 +334,37 @@ def _apply_rules(
     publication stays as it was (None: nothing published)."""
     batch_id = context.partition_key
     tables = [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS, BATCH_PUBLICATIONS]
+    judged: dict = {}
+
+    def publish_if_sound(conn) -> None:
+        judged["outcome"] = outcome = rule_outcome(conn, batch_id)
+        judged["checks"] = checks = _rule_checks(conn, batch_id, config)
+        if any(not c.passed and c.severity == ERROR for c in checks):
+            raise _Refused(checks)
+        publish(conn, batch_id, outcome.kept)
+
     try:
-        for attempt in warehouse.write_attempts():
-            with attempt, warehouse.replace_batch(tables, batch_id) as conn:
-                outcome = apply_business_rules(
-                    conn,
-                    batch_id,
-                    min_confidence=config.min_confidence,
-                    max_predicted_value=config.max_predicted_value,
-                )
-                checks = _rule_checks(conn, batch_id, config)
-                if any(not c.passed and c.severity == ERROR for c in checks):
-                    raise _Refused(checks)
-                publish(conn, batch_id, outcome.kept)
+        with warehouse.staged_batch(tables, batch_id, before_commit=publish_if_sound) as (
+            conn,
+            staging,
+        ):
+            stage_business_rules(
+                conn, batch_id, staging, min_confidence=config.min_confidence,
+                max_predicted_value=config.max_predicted_value, chunk_lines=config.customer_chunk,
+            )  # fmt: skip
     except _Refused as refused:
         context.log.error(
             f"{batch_id}: not published: a blocking check failed on the new rows; the batch's"
             " previous recommendations stay as they were"
         )
         return None, refused.checks
+    outcome = judged["outcome"]
     if outcome.suspicious:
         context.log.warning(
             f"{batch_id}: {outcome.by_rule['implausible_value']} recommendations with an "
             f"implausible predicted value, e.g. {outcome.suspicious}"
         )
-    return outcome, checks
+    return outcome, judged["checks"]
 
 
 def _rule_checks(conn, batch_id: str, config: "BusinessRulesConfig") -> list[dg.AssetCheckResult]:
@@ -367,6 +374,7 @@ def _rule_checks(conn, batch_id: str, config: "BusinessRulesConfig") -> list[dg.
         min_confidence=config.min_confidence,
         max_predicted_value=config.max_predicted_value,
         rejected_share_ceiling=config.rejected_share_ceiling,
+        chunk_lines=config.customer_chunk,
     )
 
 
@@ -407,6 +415,9 @@ class BusinessRulesConfig(dg.Config):
     )
     rejected_share_ceiling: float = Field(
         default=0.5, description="WARN when one rule rejects more than this share."
+    )
+    customer_chunk: int = Field(
+        default=200_000, description="Customers' recommendations judged per chunk of lines."
     )
 
 

@@ -2,11 +2,13 @@
 rejections per rule stay below a ceiling; the model beats popularity on held-out purchases;
 customers who differ get different recommendations."""
 
+from collections import Counter
+
 import dagster as dg
 import duckdb
 
 from pipeline_project.core.recommendation_quality import HoldoutQuality, QualityVerdict
-from pipeline_project.core.recommendations import RULES, rejected_by_rule, rules_sql
+from pipeline_project.core.recommendations import RULES, line_ranges, rejected_by_rule, rules_sql
 from pipeline_project.partitions import batches
 
 NO_RULE_BROKEN = "no_validated_recommendation_breaks_a_rule"
@@ -41,37 +43,40 @@ RECOMMENDATION_CHECK_SPECS = [
     ),
 ]
 
-# Per segmented customer of the batch: validated recommendations against the promised top_n
-# (the deepest rank scored), and why fewer: rules, the catalog, or nothing said (a fault).
+# Per segmented customer of lines $first..$last: validated recommendations against the promised
+# $top_n (the deepest rank scored), and why fewer: rules, the catalog, or nothing said (a fault).
 _SERVED_SQL = """
-WITH n AS (
-    SELECT coalesce(max(rank), 0) AS top_n FROM recommendations WHERE batch_id = $batch_id
-), kept AS (
+WITH kept AS (
     SELECT customer_id, count(*) AS kept FROM validated_recommendations
-    WHERE batch_id = $batch_id GROUP BY customer_id
+    WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last GROUP BY customer_id
 ), rejected AS (
     SELECT customer_id, count(*) AS rejected FROM rejected_recommendations
-    WHERE batch_id = $batch_id GROUP BY customer_id
+    WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last GROUP BY customer_id
 ), served AS (
     SELECT coalesce(k.kept, 0) AS kept, coalesce(r.rejected, 0) AS rejected,
-           sh.customer_id IS NOT NULL AS catalog_short, n.top_n
-    FROM customer_segments AS s CROSS JOIN n
+           sh.customer_id IS NOT NULL AS catalog_short
+    FROM customer_segments AS s
     LEFT JOIN kept AS k USING (customer_id)
     LEFT JOIN rejected AS r USING (customer_id)
     LEFT JOIN recommendation_shortfalls AS sh
         ON sh.batch_id = $batch_id AND sh.customer_id = s.customer_id
-    WHERE s.batch_id = $batch_id
+    WHERE s.batch_id = $batch_id AND s.line_no BETWEEN $first AND $last
 )
 SELECT count(*) AS customers,
-       count(*) FILTER (WHERE kept >= top_n) AS served_top_n,
-       count(*) FILTER (WHERE kept < top_n) AS served_fewer,
+       count(*) FILTER (WHERE kept >= $top_n) AS served_top_n,
+       count(*) FILTER (WHERE kept < $top_n) AS served_fewer,
        count(*) FILTER (WHERE kept = 0) AS served_none,
-       count(*) FILTER (WHERE kept < top_n AND rejected > 0) AS fewer_rules_rejected,
-       count(*) FILTER (WHERE kept < top_n AND catalog_short) AS fewer_catalog_short,
-       count(*) FILTER (WHERE kept < top_n AND rejected = 0 AND NOT catalog_short)
-           AS fewer_without_reason,
-       any_value(top_n) AS top_n
+       count(*) FILTER (WHERE kept < $top_n AND rejected > 0) AS fewer_rules_rejected,
+       count(*) FILTER (WHERE kept < $top_n AND catalog_short) AS fewer_catalog_short,
+       count(*) FILTER (WHERE kept < $top_n AND rejected = 0 AND NOT catalog_short)
+           AS fewer_without_reason
 FROM served
+"""
+
+# Customers of lines $first..$last with a rejected recommendation, per rule that rejected one.
+_SHORT_BY_RULE_SQL = """
+SELECT rejected_rule, count(DISTINCT customer_id) FROM rejected_recommendations
+WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last GROUP BY 1
 """
 
 
@@ -82,20 +87,27 @@ def recommendation_check_results(
     min_confidence: float,
     max_predicted_value: float,
     rejected_share_ceiling: float,
+    chunk_lines: int = 200_000,
 ) -> list[dg.AssetCheckResult]:
-    """Evaluate the checks on one batch's committed tables (never another partition)."""
-    rule_params = {
-        "batch_id": batch_id,
-        "min_confidence": min_confidence,
-        "max_predicted_value": max_predicted_value,
-    }
-    [(breaking,)] = conn.execute(
-        f"SELECT count(*) FROM ({rules_sql('validated_recommendations')})"
-        " WHERE len(failed_rules) > 0",
-        rule_params,
+    """Evaluate the checks on one batch's committed tables (never another partition), a range
+    of `chunk_lines` lines at a time: memory does not grow with the batch."""
+    [(top_n,)] = conn.execute(
+        "SELECT coalesce(max(rank), 0) FROM recommendations WHERE batch_id = ?", [batch_id]
     ).fetchall()
-    [row] = conn.execute(_SERVED_SQL, {"batch_id": batch_id}).fetchall()
-    served = dict(zip(_SERVED_COLUMNS, (v or 0 for v in row), strict=True))
+    breaking, served, by_rule = 0, dict.fromkeys(_SERVED_COLUMNS, 0), Counter()
+    for first, last in line_ranges(conn, "customer_segments", batch_id, chunk_lines):
+        ranged = {"batch_id": batch_id, "first": first, "last": last}
+        [(broken,)] = conn.execute(
+            f"SELECT count(*) FROM ({rules_sql('validated_recommendations')})"
+            " WHERE len(failed_rules) > 0",
+            {**ranged, "min_confidence": min_confidence,
+             "max_predicted_value": max_predicted_value},
+        ).fetchall()  # fmt: skip
+        breaking += broken
+        [row] = conn.execute(_SERVED_SQL, {**ranged, "top_n": top_n}).fetchall()
+        served = {k: served[k] + (v or 0) for k, v in zip(_SERVED_COLUMNS, row, strict=True)}
+        by_rule.update(dict(conn.execute(_SHORT_BY_RULE_SQL, ranged).fetchall()))
+    served["top_n"] = top_n
     [(total,)] = conn.execute(
         "SELECT count(*) FROM recommendations WHERE batch_id = ?", [batch_id]
     ).fetchall()
@@ -116,7 +128,7 @@ def recommendation_check_results(
             passed=served["fewer_without_reason"] == 0,
             severity=dg.AssetCheckSeverity.WARN,
             description=_served_verdict(served),
-            metadata={**served, "by_rule": dg.MetadataValue.json(_short_by_rule(conn, batch_id))},
+            metadata={**served, "by_rule": dg.MetadataValue.json(dict(sorted(by_rule.items())))},
         ),
         dg.AssetCheckResult(
             asset_key="validated_recommendations",
@@ -134,7 +146,7 @@ def recommendation_check_results(
 
 _SERVED_COLUMNS = (
     "customers", "served_top_n", "served_fewer", "served_none", "fewer_rules_rejected",
-    "fewer_catalog_short", "fewer_without_reason", "top_n",
+    "fewer_catalog_short", "fewer_without_reason",
 )  # fmt: skip
 
 
@@ -149,17 +161,6 @@ def _served_verdict(served: dict) -> str:
         f"{said}; {served['served_fewer']:,} got fewer: {served['fewer_rules_rejected']:,} had"
         f" some rejected by a rule, {served['fewer_catalog_short']:,} had fewer products in"
         f" stock and not bought, {served['fewer_without_reason']:,} without a reason"
-    )
-
-
-def _short_by_rule(conn: duckdb.DuckDBPyConnection, batch_id: str) -> dict[str, int]:
-    """Customers with a rejected recommendation, per rule that rejected one."""
-    return dict(
-        conn.execute(
-            "SELECT rejected_rule, count(DISTINCT customer_id) FROM rejected_recommendations"
-            " WHERE batch_id = ? GROUP BY 1 ORDER BY 1",
-            [batch_id],
-        ).fetchall()
     )
 
 

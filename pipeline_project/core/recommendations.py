@@ -494,10 +494,11 @@ def confidence_summary(conn: duckdb.DuckDBPyConnection, batch_id: str) -> Confid
 
 
 def rules_sql(source: str) -> str:
-    """`source` rows with `failed_rules`: every business rule each recommendation breaks.
+    """`source` rows of lines $first..$last with `failed_rules`: every business rule each
+    recommendation breaks. A batch is judged in line ranges, so memory does not grow with it.
 
-    Parameters: $batch_id, $min_confidence, $max_predicted_value. `source` is a table name
-    from the code, never from data.
+    Parameters: $batch_id, $first, $last, $min_confidence, $max_predicted_value. `source` is a
+    table name from the code, never from data.
     """
     return f"""
     SELECT r.*, list_filter([
@@ -513,17 +514,28 @@ def rules_sql(source: str) -> str:
     LEFT JOIN product_catalog AS c USING (product_id)
     LEFT JOIN ({BOUGHT_SQL}) AS bought
         ON bought.customer_id = r.customer_id AND bought.product_id = r.product_id
-    WHERE r.batch_id = $batch_id
+    WHERE r.batch_id = $batch_id AND r.line_no BETWEEN $first AND $last
     """
 
 
-# What the batch's customers bought, in this batch's records or before it (prior_purchases).
+# What the customers of lines $first..$last bought, in this batch's records or before it
+# (prior_purchases).
 BOUGHT_SQL = """
 SELECT DISTINCT customer_id, product_id FROM (
-    SELECT customer_id, product_id FROM customer_purchases WHERE batch_id = $batch_id
+    SELECT customer_id, product_id FROM customer_purchases
+    WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
     UNION ALL
-    SELECT customer_id, product_id FROM prior_purchases WHERE batch_id = $batch_id)
+    SELECT customer_id, product_id FROM prior_purchases
+    WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last)
 """
+
+
+def line_ranges(conn, table: str, batch_id: str, lines: int) -> list[tuple[int, int]]:
+    """The batch's lines in `table` as ranges of `lines` lines (a table name from the code)."""
+    [(last,)] = conn.execute(
+        f"SELECT coalesce(max(line_no), 0) FROM {table} WHERE batch_id = ?", [batch_id]
+    ).fetchall()
+    return [(first, first + lines - 1) for first in range(1, last + 1, lines)]
 
 
 _COLUMNS = (
@@ -551,34 +563,48 @@ def rejected_by_rule(conn, batch_id: str) -> dict[str, int]:
     )
 
 
-def apply_business_rules(
-    conn, batch_id: str, *, min_confidence: float, max_predicted_value: float
-) -> RuleOutcome:
-    """Split the batch's recommendations into rejected_recommendations (with every rule broken)
-    and validated_recommendations (the rest), inside the caller's transaction (see
-    Warehouse.replace_batch, which has removed the batch's old rows).
+def stage_business_rules(
+    conn,
+    batch_id: str,
+    staging: dict[str, Path],
+    *,
+    min_confidence: float,
+    max_predicted_value: float,
+    chunk_lines: int,
+) -> None:
+    """The batch's recommendations split by the rules into staged Parquet parts of
+    rejected_recommendations (with every rule broken) and validated_recommendations (the
+    rest), a line range at a time (see Warehouse.staged_batch, which swaps them in). The rules
+    run once per range, in DuckDB; no row passes through Python."""
+    for part, (first, last) in enumerate(
+        line_ranges(conn, "recommendations", batch_id, chunk_lines)
+    ):
+        params = {
+            "batch_id": batch_id, "first": first, "last": last,
+            "min_confidence": min_confidence, "max_predicted_value": max_predicted_value,
+        }  # fmt: skip
+        conn.execute(
+            f"CREATE OR REPLACE TEMP TABLE chunk_ruled AS {rules_sql('recommendations')}", params
+        )
+        name = f"part-{part:06d}.parquet"
+        conn.execute(
+            f"COPY (SELECT {_COLUMNS} FROM chunk_ruled WHERE len(failed_rules) = 0)"
+            f" TO '{_quote(staging['validated_recommendations'] / name)}' (FORMAT parquet)"
+        )
+        conn.execute(
+            f"COPY (SELECT {_COLUMNS}, failed_rules[1] AS rejected_rule, failed_rules"
+            " FROM chunk_ruled WHERE len(failed_rules) > 0)"
+            f" TO '{_quote(staging['rejected_recommendations'] / name)}' (FORMAT parquet)"
+        )
+    conn.execute("DROP TABLE IF EXISTS chunk_ruled")
 
-    The rules run once, in DuckDB: the rejected rows are inserted from them, the kept ones are
-    the batch's recommendations without a rejected (line_no, rank). No row passes through
-    Python; DuckDB streams both inserts within its memory limit."""
-    params = {
-        "batch_id": batch_id,
-        "min_confidence": min_confidence,
-        "max_predicted_value": max_predicted_value,
-    }
-    # An INSERT's result is the count of rows it inserted.
-    [(rejected,)] = conn.execute(
-        f"INSERT INTO rejected_recommendations BY NAME SELECT {_COLUMNS},"
-        " failed_rules[1] AS rejected_rule, failed_rules"
-        f" FROM ({rules_sql('recommendations')}) WHERE len(failed_rules) > 0",
-        params,
-    ).fetchall()
-    [(kept,)] = conn.execute(
-        f"INSERT INTO validated_recommendations BY NAME SELECT {_COLUMNS}"
-        " FROM recommendations AS r WHERE batch_id = $batch_id AND NOT EXISTS"
-        " (SELECT 1 FROM rejected_recommendations AS x WHERE x.batch_id = $batch_id"
-        " AND x.customer_id = r.customer_id AND x.rank = r.rank)",
-        {"batch_id": batch_id},
+
+def rule_outcome(conn, batch_id: str) -> RuleOutcome:
+    """The batch's split by the rules, as stored."""
+    [(kept, rejected)] = conn.execute(
+        "SELECT (SELECT count(*) FROM validated_recommendations WHERE batch_id = $b),"
+        " (SELECT count(*) FROM rejected_recommendations WHERE batch_id = $b)",
+        {"b": batch_id},
     ).fetchall()
     by_rule = rejected_by_rule(conn, batch_id)
     suspicious = [

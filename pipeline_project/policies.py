@@ -7,19 +7,78 @@ comes from `Settings` and is applied by `build_definitions`, never read at impor
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from datetime import timedelta
 
 import dagster as dg
+import duckdb
 
+from pipeline_project.core.errors import ContractError
 from pipeline_project.partitions import batches
 from pipeline_project.tables import RAW_CUSTOMERS, VALIDATED_RECOMMENDATIONS
 
-# Transient trouble (a lock held past the connect timeout, a file still being replaced) clears
-# up on its own; bad data does not fail the step, it lands in schema_errors.
+# Transient trouble (a lock held past the connect timeout, a file still being replaced, a
+# commit conflict, a network error) clears up on its own: the step is retried. Bad data does not
+# fail the step, it lands in schema_errors; errors that the same inputs raise again
+# (DETERMINISTIC_ERRORS) fail it at once (see fails_at_once_when_deterministic).
 STAGE_RETRY_POLICY = dg.RetryPolicy(
     max_retries=2, delay=5.0, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )
+
+
+# Errors the same inputs and code raise again: SQL that does not bind or parse, a value that
+# does not convert, a missing key or index, a failed contract. Not retried: a retry only delays
+# the failure (two retries of an IndexError once cost a run 15 s and three alerts).
+DETERMINISTIC_ERRORS: tuple[type[BaseException], ...] = (
+    duckdb.ProgrammingError,  # binder, catalog, parser, syntax, invalid input
+    duckdb.DataError,  # conversion, out of range, type mismatch
+    duckdb.IntegrityError,
+    duckdb.NotSupportedError,
+    duckdb.InternalError,
+    LookupError,  # IndexError, KeyError
+    ValueError,  # a value out of its domain, a JSON or Arrow value that does not parse
+    TypeError,
+    AttributeError,
+    ArithmeticError,
+    NotImplementedError,
+    ContractError,
+)
+
+
+def fails_at_once_when_deterministic(fn):
+    """A stage whose error of DETERMINISTIC_ERRORS fails the step at once (dg.Failure with
+    allow_retries=False, naming the error), instead of after its RetryPolicy's retries; other
+    errors (IO, lock, network, a commit conflict) are retried as before."""
+
+    def failure(err: BaseException) -> dg.Failure:
+        return dg.Failure(
+            description=f"{type(err).__name__}: {str(err)[:2000]} (not retried: the same"
+            " inputs would fail the same way)",
+            allow_retries=False,
+        )
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def stage(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except DETERMINISTIC_ERRORS as err:
+                raise failure(err) from err
+
+        return stage
+
+    @functools.wraps(fn)
+    def single(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DETERMINISTIC_ERRORS as err:
+            raise failure(err) from err
+
+    return single
+
 
 # Steps that write the warehouse share this pool; dagster_instance.yaml gives it one slot.
 DUCKDB_WRITER_POOL = "duckdb_writer"

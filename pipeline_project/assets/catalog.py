@@ -13,7 +13,11 @@ from pipeline_project.core.embedding_cache import missing_texts
 from pipeline_project.core.inference import CircuitBreakerOpen, embed_into_cache
 from pipeline_project.core.publications import live_batches
 from pipeline_project.core.recommendations import PRODUCT_TEXTS_SQL, store_product_embeddings
-from pipeline_project.policies import DUCKDB_WRITER_POOL, STAGE_RETRY_POLICY
+from pipeline_project.policies import (
+    DUCKDB_WRITER_POOL,
+    STAGE_RETRY_POLICY,
+    fails_at_once_when_deterministic,
+)
 from pipeline_project.resources import LandingZone, Warehouse
 from pipeline_project.resources.embeddings import Embedder
 from pipeline_project.sensors.rescore import RESCORE_METADATA
@@ -41,6 +45,7 @@ FROM read_csv(?, header = true, auto_detect = false, columns = {
     pool=DUCKDB_WRITER_POOL,
     retry_policy=STAGE_RETRY_POLICY,
 )
+@fails_at_once_when_deterministic
 def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, warehouse: Warehouse):
     """Replaces the whole catalog table from the catalog CSV in one transaction."""
     path = Path(landing.catalog_path)
@@ -83,6 +88,7 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
     kinds={"duckdb"},
     automation_condition=dg.AutomationCondition.eager(),
 )
+@fails_at_once_when_deterministic
 def product_embeddings(
     context: dg.AssetExecutionContext,
     config: InferenceConfig,

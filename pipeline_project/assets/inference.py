@@ -41,7 +41,12 @@ from pipeline_project.core.profiles import (
     stage_profiles,
     store_prior_purchases,
 )
-from pipeline_project.policies import MODEL_INFERENCE_POOL, batch_stage, per_batch_automation
+from pipeline_project.policies import (
+    MODEL_INFERENCE_POOL,
+    batch_stage,
+    fails_at_once_when_deterministic,
+    per_batch_automation,
+)
 from pipeline_project.resources import AlertSink, Warehouse
 from pipeline_project.resources.embeddings import Embedder
 from pipeline_project.tables import (
@@ -104,6 +109,7 @@ class InferenceConfig(dg.Config):
     kinds={"duckdb"},
     automation_condition=per_batch_automation(ignore=[PRODUCT_CATALOG]),
 )
+@fails_at_once_when_deterministic
 def customer_embeddings(
     context: dg.AssetExecutionContext,
     config: InferenceConfig,

@@ -18,7 +18,7 @@ from pipeline_project.core.landing_files import (
 )
 from pipeline_project.core.monitoring import BatchVolume, StepUsage, volume_anomaly
 from pipeline_project.partitions import batches
-from pipeline_project.policies import batch_stage
+from pipeline_project.policies import batch_stage, fails_at_once_when_deterministic
 from pipeline_project.progress import report
 from pipeline_project.resources import LandingZone, Warehouse
 from pipeline_project.resources.warehouse import withdraw
@@ -75,6 +75,7 @@ RECORD_COUNT_CHECK = "record_count_within_expected_range"
         )
     ],
 )
+@fails_at_once_when_deterministic
 def raw_customers(
     context: dg.AssetExecutionContext,
     config: IngestionConfig,

@@ -40,7 +40,11 @@ from pipeline_project.core.recommendations import (
     score_batch,
     stage_business_rules,
 )
-from pipeline_project.policies import batch_stage, per_batch_automation
+from pipeline_project.policies import (
+    batch_stage,
+    fails_at_once_when_deterministic,
+    per_batch_automation,
+)
 from pipeline_project.resources import LandingZone, Warehouse
 from pipeline_project.resources.embeddings import Embedder
 from pipeline_project.tables import (
@@ -143,6 +147,7 @@ class RecommendationConfig(dg.Config):
     can_subset=True,
     **batch_stage("recommendations"),
 )
+@fails_at_once_when_deterministic
 def recommendations(
     context: dg.AssetExecutionContext,
     config: RecommendationConfig,
@@ -447,6 +452,7 @@ _RULED_SPEC_KWARGS = {
     can_subset=True,  # so that its checks are optional outputs too (see recommendations)
     **batch_stage("recommendations"),
 )
+@fails_at_once_when_deterministic
 def validated_recommendations(
     context: dg.AssetExecutionContext,
     config: BusinessRulesConfig,

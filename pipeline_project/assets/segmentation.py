@@ -25,6 +25,7 @@ from pipeline_project.policies import (
     DUCKDB_WRITER_POOL,
     STAGE_RETRY_POLICY,
     batch_stage,
+    fails_at_once_when_deterministic,
     per_batch_automation,
 )
 from pipeline_project.resources import Warehouse
@@ -78,6 +79,7 @@ def segment_model_metadata(
     group_name="segmentation",
     kinds={"duckdb", "scikit-learn"},
 )
+@fails_at_once_when_deterministic
 def segment_model(
     context: dg.AssetExecutionContext,
     config: SegmentModelConfig,
@@ -111,6 +113,7 @@ def _stale_after(conn: duckdb.DuckDBPyConnection, version: int) -> dict:
     # every batch ever seen.
     automation_condition=per_batch_automation(ignore=[SEGMENT_MODEL]),
 )
+@fails_at_once_when_deterministic
 def customer_segments(
     context: dg.AssetExecutionContext,
     config: SegmentModelConfig,

@@ -18,7 +18,7 @@ from pipeline_project.core.validation import (
     failure_report,
     validate_batch,
 )
-from pipeline_project.policies import batch_stage
+from pipeline_project.policies import batch_stage, fails_at_once_when_deterministic
 from pipeline_project.progress import report
 from pipeline_project.resources import AlertSink, Warehouse
 from pipeline_project.resources.warehouse import withdraw
@@ -65,6 +65,7 @@ VALIDATED_TABLES = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
     check_specs=INPUT_CHECK_SPECS,
     **batch_stage("validation"),
 )
+@fails_at_once_when_deterministic
 def validated_customers(
     context: dg.AssetExecutionContext,
     config: ValidationConfig,

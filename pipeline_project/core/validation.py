@@ -19,6 +19,7 @@ import pandera.pyarrow as pa
 import pyarrow
 import pyarrow.compute as pc
 
+from pipeline_project.core.errors import ContractError
 from pipeline_project.core.landing_files import BLANK_LINE_SQL
 from pipeline_project.core.staging import write_staged
 from pipeline_project.schemas import (
@@ -469,7 +470,7 @@ def _failures(model: type[pa.DataFrameModel], table: pyarrow.Table) -> list[dict
         if any(case["index"] is None for case in cases):
             # A table-level failure (missing column, wrong type) is a bug in the extraction SQL,
             # not bad data: fail loudly instead of rejecting every line.
-            raise RuntimeError(f"{model.__name__} could not check the chunk: {cases[:5]}") from err
+            raise ContractError(f"{model.__name__} could not check the chunk: {cases[:5]}") from err
         return cases
     return []
 

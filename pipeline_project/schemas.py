@@ -32,6 +32,9 @@ ISO_8601_PATTERN = (
 
 REQUIRED = "is required"
 ISO_8601 = "must be an ISO-8601 date-time"
+REPEATED_KEY = "must not repeat a key"
+# a date-time, not a date alone: a time of day after the date
+_WITH_TIME = r"^\d{4}-\d{2}-\d{2}[T ]"
 
 _TEXT = pyarrow.string()
 _INT = pyarrow.int64()
@@ -52,19 +55,24 @@ class RawLineRecord(pa.DataFrameModel):
 
     line_no: _INT = pa.Field(unique=True)
     line: _TEXT
+    line__repeated_key: _TEXT = pa.Field(nullable=True)
 
     @pa.check("line", error="must hold one JSON object")
     def _one_json_object(cls, data: PyArrowData) -> pyarrow.BooleanArray:
         return pc.equal(_column(data), "object")
 
+    @pa.check("line__repeated_key", error=REPEATED_KEY)
+    def _keys_once(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.is_null(_column(data))
+
 
 class CustomerRecord(pa.DataFrameModel):
-    """A customer: UUID id (first occurrence in the batch), email, ISO-8601 createdAt, purchases."""
+    """A customer: UUID id, email, ISO-8601 createdAt with a time of day, purchases. (An id on
+    several valid lines: the last is kept, see core.validation.resolve_duplicate_ids.)"""
 
     line_no: _INT = pa.Field(unique=True)
     id__type: _TEXT
     id: _TEXT = pa.Field(nullable=True)
-    id__first_line: _INT = pa.Field(nullable=True)
     email__type: _TEXT
     email: _TEXT = pa.Field(nullable=True)
     createdAt__type: _TEXT
@@ -88,10 +96,6 @@ class CustomerRecord(pa.DataFrameModel):
     def _uuid(cls, data: PyArrowData) -> pyarrow.BooleanArray:
         return pc.match_substring_regex(_column(data), UUID_PATTERN)
 
-    @pa.check("id__first_line", error="duplicates the id of an earlier line")
-    def _first_occurrence(cls, data: PyArrowData) -> pyarrow.BooleanArray:
-        return pc.is_null(_column(data))
-
     @pa.check("email", error="must be an email address")
     def _email(cls, data: PyArrowData) -> pyarrow.BooleanArray:
         return pc.match_substring_regex(_column(data), EMAIL_PATTERN)
@@ -100,19 +104,31 @@ class CustomerRecord(pa.DataFrameModel):
     def _created_at(cls, data: PyArrowData) -> pyarrow.BooleanArray:
         return pc.or_kleene(pc.is_null(_column(data)), _parsed(data))
 
+    @pa.check("createdAt", error="must have a time of day, not a date alone")
+    def _created_at_time(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        created = _column(data)
+        has_time = pc.match_substring_regex(created, _WITH_TIME)
+        return pc.or_kleene(pc.invert(_parsed(data)), has_time)
+
 
 class PurchaseElement(pa.DataFrameModel):
     """An entry of purchaseHistory must be a JSON object."""
 
     purchase__type: _TEXT
+    purchase__repeated_key: _TEXT = pa.Field(nullable=True)
 
     @pa.check("purchase__type", error="must be an object")
     def _object(cls, data: PyArrowData) -> pyarrow.BooleanArray:
         return pc.equal(_column(data), "object")
 
+    @pa.check("purchase__repeated_key", error=REPEATED_KEY)
+    def _keys_once(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        return pc.is_null(_column(data))
+
 
 class PurchaseRecord(pa.DataFrameModel):
-    """A purchase: non-empty productId, finite amount > 0, ISO-8601 date."""
+    """A purchase: non-empty productId, finite amount > 0 and at most the configured maximum,
+    ISO-8601 date no later than the batch's arrival (plus the configured tolerance)."""
 
     line_no: _INT
     purchase_idx: _INT = pa.Field(ge=0)
@@ -123,6 +139,8 @@ class PurchaseRecord(pa.DataFrameModel):
     date__type: _TEXT
     date: _TEXT = pa.Field(nullable=True)
     date__ts: _TIMESTAMP = pa.Field(nullable=True)
+    amount__max: pyarrow.float64()
+    date__latest: _TIMESTAMP
 
     @pa.check("productId__type", "amount__type", "date__type", error=REQUIRED)
     def _required(cls, data: PyArrowData) -> pyarrow.BooleanArray:
@@ -148,3 +166,15 @@ class PurchaseRecord(pa.DataFrameModel):
     @pa.check("date", error=ISO_8601)
     def _date(cls, data: PyArrowData) -> pyarrow.BooleanArray:
         return pc.or_kleene(pc.is_null(_column(data)), _parsed(data))
+
+    @pa.check("amount", error="must not exceed the configured maximum amount")
+    def _amount_plausible(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        amount = _column(data)
+        # NULL (not a number) and NaN are judged by the rules above
+        within = pc.less_equal(amount, _column(data, "amount__max"))
+        return pc.or_kleene(pc.invert(pc.is_finite(amount)), within)
+
+    @pa.check("date", error="must not be later than the batch's arrival (plus the tolerance)")
+    def _date_not_future(cls, data: PyArrowData) -> pyarrow.BooleanArray:
+        when = _column(data, "date__ts")
+        return pc.or_kleene(pc.is_null(when), pc.less_equal(when, _column(data, "date__latest")))

@@ -12,7 +12,11 @@ import dagster as dg
 import duckdb
 
 from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunks, store_raw_lines
-from pipeline_project.core.validation import ValidationSummary, validate_batch
+from pipeline_project.core.validation import (
+    ValidationSummary,
+    resolve_duplicate_ids,
+    validate_batch,
+)
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import OpenAIEmbedder
@@ -87,11 +91,16 @@ def store_and_validate(
     with warehouse.replacing_raw_file(batch_id) as writer:
         stored = store_raw_lines(writer, iter_raw_line_chunks(path, chunk_rows, max_line_bytes))
     tables = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
-    with warehouse.staged_batch(tables, batch_id) as (conn, staging):
+    superseded = []
+    with warehouse.staged_batch(
+        tables, batch_id, before_commit=lambda conn: superseded.extend(
+            resolve_duplicate_ids(conn, batch_id))
+    ) as (conn, staging):  # fmt: skip
         summary = validate_batch(
             conn, batch_id, warehouse.raw_file(batch_id), staging,
             chunk_rows=chunk_rows, max_line_bytes=max_line_bytes,
         )  # fmt: skip
+    summary.supersede(*superseded)
     return stored, summary
 
 

@@ -63,7 +63,8 @@ def validate_lines(
             ["purchaseHistory[0].amount: must be a finite number > 0 (got '0.0')"],
         ),
         (
-            '{"id": "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b", "email": "a@b.io", "createdAt": "2024-01-01",'
+            '{"id": "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b", "email": "a@b.io",'
+            ' "createdAt": "2024-01-01T00:00:00Z",'
             ' "purchaseHistory": [{"productId": "P1", "amount": NaN, "date": "2024-01-01"}]}',
             ["purchaseHistory[0].amount: must be a finite number > 0 (got 'nan')"],
         ),
@@ -99,23 +100,88 @@ def test_invalid_utf8_and_over_long_lines_are_rejected_with_their_reason(tmp_pat
     assert errors[2][0].startswith("line: must hold one JSON object (got a line of ")
 
 
-def test_duplicate_id_keeps_the_first_line_even_across_chunks(tmp_path):
+KEPT = "id: duplicates the id of a later line, which is kept"
+
+
+def test_an_id_on_several_valid_lines_keeps_the_last_even_across_chunks(tmp_path):
     lines = [customer(), customer(id=OTHER_ID), customer(email="other@example.com"), customer()]
     summary, errors, customers = validate_lines(tmp_path, lines, chunk_rows=2)
-    assert [c[0] for c in customers] == [1, 2]
-    assert errors == {
-        3: ["id: duplicates the id of an earlier line (got line 1)"],
-        4: ["id: duplicates the id of an earlier line (got line 1)"],
-    }
-    assert summary.chunks == 2
+    assert [c[0] for c in customers] == [2, 4]
+    assert errors == {1: [f"{KEPT} (got line 4)"], 3: [f"{KEPT} (got line 4)"]}
+    assert (summary.valid, summary.invalid, summary.chunks) == (2, 2, 2)
+    assert summary.errors_by_field["id"] == 2
+
+
+def test_a_corrected_copy_after_an_invalid_line_is_kept(tmp_path):
+    """The first line with an id is broken, a corrected copy follows: the copy is the
+    customer (before, it was rejected as a duplicate and the customer vanished)."""
+    lines = [customer(email="anna at example.com"), customer(id=OTHER_ID), customer()]
+    summary, errors, customers = validate_lines(tmp_path, lines)
+    assert [c[0] for c in customers] == [2, 3]
+    assert errors == {1: ["email: must be an email address (got 'anna at example.com')"]}
 
 
 def test_uppercase_uuid_counts_as_the_same_id_and_is_stored_lowercase(tmp_path):
     _, errors, customers = validate_lines(
         tmp_path, [customer(id=OTHER_ID.upper()), customer(id=OTHER_ID)]
     )
-    assert customers[0][1] == OTHER_ID
-    assert errors == {2: ["id: duplicates the id of an earlier line (got line 1)"]}
+    assert [(c[0], c[1]) for c in customers] == [(2, OTHER_ID)]
+    assert errors == {1: [f"{KEPT} (got line 2)"]}
+
+
+def test_repeated_keys_absurd_amounts_and_future_purchases_are_rejected(tmp_path):
+    repeated = customer()[:-1] + ', "id": "0a1b2c3d-4e5f-4a6b-8c7d-000000000000"}'
+    entry = '{"productId": "P1", "amount": 5, "amount": 7, "date": "2024-01-01T00:00:00Z"}'
+    entry_repeated = customer(id=OTHER_ID).replace(
+        '"purchaseHistory": [', f'"purchaseHistory": [{entry}, '
+    )
+    lines = [
+        repeated,
+        entry_repeated,
+        customer(id="11111111-2222-4333-8444-000000000003", purchaseHistory=[
+            {"productId": "P1", "amount": 1e300, "date": "2024-01-01T00:00:00Z"}]),
+        customer(id="11111111-2222-4333-8444-000000000004", purchaseHistory=[
+            {"productId": "P1", "amount": 5, "date": "9999-12-31T00:00:00Z"}]),
+        customer(id="11111111-2222-4333-8444-000000000005", createdAt="2024-03-01"),
+    ]  # fmt: skip
+    _, errors, customers = validate_lines(tmp_path, lines)
+    assert customers == []
+    assert errors == {
+        1: ["line: must not repeat a key (got 'id')"],
+        2: ["purchaseHistory[0]: must not repeat a key (got 'amount')"],
+        3: [
+            "purchaseHistory[0].amount: must not exceed the configured maximum amount (got '1e+300')"
+        ],
+        4: [
+            "purchaseHistory[0].date: must not be later than the batch's arrival (plus the tolerance) (got '9999-12-31T00:00:00Z')"
+        ],
+        5: ["createdAt: must have a time of day, not a date alone (got '2024-03-01')"],
+    }
+
+
+def test_a_timestamp_without_an_offset_is_the_same_instant_on_any_host(tmp_path):
+    """Every connection works in UTC: a host in New York stores 10:00 as 10:00 UTC too."""
+    script = (
+        "import sys; from pathlib import Path;"
+        " from pipeline_project_tests.test_validation import validate_lines;"
+        " from pipeline_project_tests.helpers import customer;"
+        " validate_lines(Path(sys.argv[1]), [customer(createdAt='2024-01-05T10:00:00')])"
+    )
+    import os
+    import subprocess
+    import sys
+
+    for zone in ("America/New_York", "Asia/Tokyo"):
+        folder = tmp_path / zone.replace("/", "_")
+        folder.mkdir()
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(folder)], env={**os.environ, "TZ": zone},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        with duckdb.connect(str(folder / "w.duckdb"), read_only=True) as conn:
+            [(instant,)] = conn.execute("SELECT epoch(created_at) FROM customers").fetchall()
+        assert instant == 1704448800  # 2024-01-05 10:00:00 UTC
 
 
 def test_valid_edge_cases_pass_and_extra_fields_are_dropped(tmp_path):
@@ -127,7 +193,9 @@ def test_valid_edge_cases_pass_and_extra_fields_are_dropped(tmp_path):
         customer(purchaseHistory=[]),
         customer(id=OTHER_ID, loyaltyTier="gold", nested={"a": [1, 2]}),
         customer(
-            id="11111111-2222-4333-8444-555555555555", purchaseHistory=many, createdAt="2020-02-29"
+            id="11111111-2222-4333-8444-555555555555",
+            purchaseHistory=many,
+            createdAt="2020-02-29T12:00:00Z",
         ),
     ]
     summary, errors, customers = validate_lines(tmp_path, lines)
@@ -142,9 +210,13 @@ def test_every_generated_kind_lands_in_its_place(tmp_path):
     generated = list(iter_batch_lines(300, 0.15, 5, catalog))
     _, errors, customers = validate_lines(tmp_path, [line for _, line in generated], chunk_rows=64)
     kinds = {i + 1: kind for i, (kind, _) in enumerate(generated)}
-    assert {kinds[n] for n in errors} == set(BAD_KINDS)
+    # a duplicate id is a later valid line with the first valid line's id: the last of them is
+    # kept, the earlier ones (the first valid line among them) are rejected, naming it
+    superseded = {n for n, messages in errors.items() if messages[0].startswith(KEPT)}
+    assert "valid" in {kinds[n] for n in superseded} <= {"valid", "duplicate_id"}
+    assert {kinds[n] for n in errors if n not in superseded} == set(BAD_KINDS) - {"duplicate_id"}
     accepted = {kinds[c[0]] for c in customers}
-    assert accepted == {"valid", *EDGE_KINDS}
+    assert accepted == {"valid", "duplicate_id", *EDGE_KINDS}
     assert len(errors) + len(customers) == 300
     for messages in errors.values():
         assert messages and all(": " in m for m in messages)
@@ -196,7 +268,6 @@ def test_a_date_that_is_not_iso_8601_is_rejected_even_when_duckdb_parses_it(tmp_
 @pytest.mark.parametrize(
     ("value", "instant"),
     [
-        ("2024-01-05", "2024-01-05 00:00:00.000000"),
         ("2024-02-29T23:59", "2024-02-29 23:59:00.000000"),
         ("2024-01-05 03:04", "2024-01-05 03:04:00.000000"),
         ("2024-01-05T03:04:05", "2024-01-05 03:04:05.000000"),
@@ -208,7 +279,6 @@ def test_a_date_that_is_not_iso_8601_is_rejected_even_when_duckdb_parses_it(tmp_
         ("2024-01-05T03:04:05-00:00", "2024-01-05 03:04:05.000000"),
         ("2024-01-05 03:04:05.25+02", "2024-01-05 01:04:05.250000"),
         ("0001-01-01T00:00:00Z", "0001-01-01 00:00:00.000000"),
-        ("9999-12-31T23:59:59Z", "9999-12-31 23:59:59.000000"),
     ],
 )
 def test_iso_8601_dates_and_date_times_are_accepted_as_their_instant(tmp_path, value, instant):
@@ -224,6 +294,13 @@ def test_iso_8601_dates_and_date_times_are_accepted_as_their_instant(tmp_path, v
             " FROM customers JOIN customer_purchases USING (batch_id, line_no)"
         ).fetchall()
     assert stored == [(instant, instant)]
+
+
+def test_a_purchase_date_may_be_a_date_alone_created_at_may_not(tmp_path):
+    history = [{"productId": "P1", "amount": 5, "date": "2024-01-05"}]
+    lines = [customer(createdAt="2024-01-04T09:00:00Z", purchaseHistory=history)]
+    _, errors, customers = validate_lines(tmp_path, lines)
+    assert errors == {} and len(customers) == 1
 
 
 # ---- the typed parse and the per-field path describe a line alike ---------------------------
@@ -274,7 +351,7 @@ def test_the_typed_parse_gives_every_line_the_columns_of_the_per_field_path(tmp_
     store_and_validate(warehouse, path, "b1", 10_000, 1 << 20)
     raw_file = warehouse.raw_file("b1")
     with duckdb.connect() as conn:
-        v.prepare_batch(conn, raw_file, 1 << 20)
+        v.prepare_batch(conn)
         v.build_chunk_tables(conn, raw_file, 1, 10**6, 1 << 20)
         typed = [t.to_pylist() for t in v.fetch_chunk(conn, 1 << 20)]
         [(exact_before,)] = conn.execute("SELECT count(*) FROM chunk_exact").fetchall()

@@ -2,6 +2,7 @@
 
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -14,8 +15,10 @@ from pipeline_project.core import batches as batch_register
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.validation import (
     FailureCount,
+    Limits,
     ValidationSummary,
     failure_report,
+    resolve_duplicate_ids,
     validate_batch,
 )
 from pipeline_project.policies import batch_stage, fails_at_once_when_deterministic
@@ -36,6 +39,13 @@ class ValidationConfig(dg.Config):
     )
     hard_error_rate_ceiling: float = Field(
         default=0.5, description="Schema error rate above which the batch stops here (blocking)."
+    )
+    max_purchase_amount: float = Field(
+        default=100_000.0, description="A purchase amount above this is rejected as absurd."
+    )
+    purchase_date_tolerance_hours: float = Field(
+        default=24.0,
+        description="A purchase dated later than the batch's arrival plus this is rejected.",
     )
 
 
@@ -99,8 +109,12 @@ def validated_customers(
             staging,
             chunk_rows=config.chunk_rows,
             max_line_bytes=config.max_line_bytes,
+            limits=Limits(
+                config.max_purchase_amount, timedelta(hours=config.purchase_date_tolerance_hours)
+            ),
             on_chunk=progress,
         )
+    summary.supersede(*judged.superseded)
     seconds = time.perf_counter() - started
     checks = judged.checks
     with warehouse.get_connection() as conn:
@@ -123,9 +137,11 @@ class _Judged:
     config: ValidationConfig
     checks: list[dg.AssetCheckResult] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)  # later batches that read this one
+    superseded: tuple[int, int] = (0, 0)  # valid lines a later one's id repeats, purchases
 
     def __call__(self, conn) -> None:
         batch_id, config = self.batch_id, self.config
+        self.superseded = resolve_duplicate_ids(conn, batch_id)
         self.checks = input_check_results(
             conn, batch_id, config.error_rate_threshold, config.hard_error_rate_ceiling
         )

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -66,18 +66,11 @@ _TYPED_LINE = (
 )
 _TYPED_PURCHASE = """'{"productId": "JSON", "amount": "JSON", "date": "JSON"}'"""
 
-_DUPLICATE_IDS_SQL = f"""
-CREATE OR REPLACE TEMP TABLE batch_duplicate_ids AS
-SELECT id, min(line_no) AS first_line
-FROM (
-    SELECT line_no, lower(json_text_string(j)) AS id
-    FROM (SELECT line_no, try(json_transform(raw, '{{"id": "JSON"}}')).id AS j
-          FROM read_parquet($raw_path) WHERE {_READABLE})
-    WHERE json_text_kind(j) = 'string'
-)
-GROUP BY id
-HAVING count(*) > 1
-"""
+
+# The first key an object repeats (JSON text `j`, an object), else NULL: `{"id": A, "id": B}`
+# would otherwise be read as its first value and the second dropped without a word.
+def _repeated_key(keys: str) -> str:
+    return f"list_filter({keys}, lambda k, i: list_position({keys}, k) <> i)[1]"
 
 
 def _extract(doc: str, names: list[str]) -> str:
@@ -147,16 +140,12 @@ SELECT
              THEN 'a line of ' || byte_length || ' bytes, over the limit of ' || $max_line_bytes
          WHEN doc IS NULL THEN 'invalid JSON'
          ELSE json_kind(doc__t) END AS line,
+    CASE WHEN doc__t = 'OBJECT' THEN {_repeated_key("json_keys(doc)")} END AS line__repeated_key,
     {_string("id")},
-    dup.first_line AS id__first_line,
     {_string("email")},
     {_timestamp("createdAt")},
     json_kind(purchaseHistory__t) AS purchaseHistory__type
 FROM parsed
-LEFT JOIN batch_duplicate_ids AS dup
-    ON id__t = 'VARCHAR'
-   AND dup.id = lower(id__j ->> '$')
-   AND dup.first_line < parsed.line_no
 ORDER BY parsed.line_no
 """
 
@@ -180,6 +169,7 @@ SELECT
     line_no,
     purchase_idx,
     json_kind(e__t) AS purchase__type,
+    CASE WHEN e__t = 'OBJECT' THEN {_repeated_key("json_keys(e)")} END AS purchase__repeated_key,
     {_string("productId")},
     json_kind(amount__t) AS amount__type,
     CASE WHEN json_kind(amount__t) = 'number' THEN (amount__j ->> '$')::DOUBLE END AS amount,
@@ -195,13 +185,17 @@ ORDER BY line_no, purchase_idx
 # both, and an entry missing a field), whose columns come from the per-field path above instead.
 _CHUNK_SQL = [
     f"""CREATE OR REPLACE TEMP TABLE chunk_lines AS
-    SELECT line_no, raw, byte_length, utf8_ok, read_error,
-           CASE WHEN {_READABLE} AND starts_with(raw, '{{')
-                THEN try(json_transform(raw, {_TYPED_LINE})) END AS t
-    FROM read_parquet($raw_path) WHERE line_no BETWEEN $first AND $last""",
+    SELECT line_no, raw, byte_length, utf8_ok, read_error, t,
+           CASE WHEN t IS NOT NULL THEN {_repeated_key("json_keys(raw)")} END AS repeated_key
+    FROM (SELECT *, CASE WHEN {_READABLE} AND starts_with(raw, '{{')
+                         THEN try(json_transform(raw, {_TYPED_LINE})) END AS t
+          FROM read_parquet($raw_path) WHERE line_no BETWEEN $first AND $last)""",
     f"""CREATE OR REPLACE TEMP TABLE chunk_entries AS
     SELECT line_no, purchase_idx, e,
-           CASE WHEN json_text_kind(e) = 'object' THEN json_transform(e, {_TYPED_PURCHASE}) END AS f
+           CASE WHEN json_text_kind(e) = 'object' THEN json_transform(e, {_TYPED_PURCHASE}) END
+               AS f,
+           CASE WHEN json_text_kind(e) = 'object' THEN {_repeated_key("json_keys(e)")} END
+               AS repeated_key
     FROM (SELECT line_no, generate_subscripts(t.purchaseHistory, 1) - 1 AS purchase_idx,
                  unnest(t.purchaseHistory) AS e
           FROM chunk_lines WHERE t.purchaseHistory IS NOT NULL)""",
@@ -227,18 +221,13 @@ def _typed_parsed(name: str, json_text: str) -> str:
 # The same columns as _LINES_SQL and _PURCHASES_SQL, for every line of the chunk: from the typed
 # parse, and from the per-field path for the lines of chunk_exact.
 _CHUNK_LINES_SQL = f"""
-SELECT line_no, raw, 'object' AS line,
+SELECT line_no, raw, 'object' AS line, repeated_key AS line__repeated_key,
        {_typed_string("id", "t.id")},
-       dup.first_line AS id__first_line,
        {_typed_string("email", "t.email")},
        {_typed_string("createdAt", "t.createdAt")},
        {_instant("createdAt")},
        'array' AS purchaseHistory__type
 FROM (SELECT *, {_typed_parsed("createdAt", "t.createdAt")} FROM chunk_lines) AS chunk_lines
-LEFT JOIN batch_duplicate_ids AS dup
-    ON json_text_kind(t.id) = 'string'
-   AND dup.id = lower(json_text_string(t.id))
-   AND dup.first_line < chunk_lines.line_no
 WHERE t.purchaseHistory IS NOT NULL AND line_no NOT IN (SELECT line_no FROM chunk_exact)
 UNION ALL BY NAME
 ({_LINES_SQL})
@@ -249,6 +238,7 @@ ORDER BY line_no
 _CHUNK_PURCHASES_SQL = f"""
 SELECT line_no, purchase_idx,
        coalesce(json_text_kind(e), 'null') AS purchase__type,
+       repeated_key AS purchase__repeated_key,
        coalesce(json_text_kind(f.productId), 'missing') AS productId__type,
        json_text_string(f.productId) AS productId,
        coalesce(json_text_kind(f.amount), 'missing') AS amount__type,
@@ -295,9 +285,27 @@ class ValidationSummary:
     def records(self) -> int:
         return self.rows_in - self.blank_lines
 
+    def supersede(self, lines: int, purchases: int) -> None:
+        """`lines` valid lines (with `purchases`) moved to the errors: their id a later valid
+        line repeats."""
+        self.valid -= lines
+        self.invalid += lines
+        self.purchases -= purchases
+        if lines:
+            self.errors_by_field["id"] += lines
+
     @property
     def error_rate(self) -> float:
         return self.invalid / self.records if self.records else 0.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the contract refuses as absurd, from configuration: a purchase amount above
+    `max_amount`; a purchase dated more than `date_tolerance` after the batch arrived."""
+
+    max_amount: float = 100_000.0
+    date_tolerance: timedelta = timedelta(days=1)
 
 
 def validate_batch(
@@ -308,6 +316,7 @@ def validate_batch(
     *,
     chunk_rows: int,
     max_line_bytes: int,
+    limits: Limits = Limits(),
     on_chunk: Callable[[ValidationSummary], None] | None = None,
 ) -> ValidationSummary:
     """Validate the batch's raw lines (its raw_customers Parquet file) chunk by chunk.
@@ -317,10 +326,12 @@ def validate_batch(
     Warehouse.staged_batch, which loads them in one transaction). Memory holds two chunks:
     the one being judged and the next one being extracted.
     """
-    prepare_batch(conn, raw_path, max_line_bytes)
-    [(last_line,)] = conn.execute(
-        "SELECT coalesce(max(line_no), 0) FROM read_parquet(?)", [str(raw_path)]
+    prepare_batch(conn)
+    [(last_line, arrived)] = conn.execute(
+        "SELECT coalesce(max(line_no), 0), max(ingested_at) FROM read_parquet(?)",
+        [str(raw_path)],
     ).fetchall()
+    latest = (arrived or datetime.now(UTC)) + limits.date_tolerance
     summary = ValidationSummary()
 
     def extract(first: int) -> tuple[pyarrow.Table, pyarrow.Table]:
@@ -336,7 +347,7 @@ def validate_batch(
             lines, purchases = pending.result()
             if part + 1 < len(starts):
                 pending = worker.submit(extract, starts[part + 1])
-            result = validate_chunk(lines, purchases)
+            result = validate_chunk(lines, purchases, limits.max_amount, latest)
             _stage_chunk(batch_id, result, staging, part)
             summary.rows_in += lines.num_rows
             summary.valid += result.customers.num_rows
@@ -350,16 +361,62 @@ def validate_batch(
                 )
             if on_chunk is not None:
                 on_chunk(summary)
-    for table in ["batch_duplicate_ids", *_CHUNK_TABLES]:
+    for table in _CHUNK_TABLES:
         conn.execute(f"DROP TABLE IF EXISTS {table}")
     return summary
 
 
-def prepare_batch(conn: duckdb.DuckDBPyConnection, raw_path: Path, max_line_bytes: int) -> None:
-    """The macros of the extraction SQL and the batch's duplicate ids (batch_duplicate_ids)."""
+def prepare_batch(conn: duckdb.DuckDBPyConnection) -> None:
+    """The macros of the extraction SQL."""
     for macro in [_JSON_KIND_MACRO, *_JSON_TEXT_MACROS]:
         conn.execute(macro)
-    conn.execute(_DUPLICATE_IDS_SQL, {"raw_path": str(raw_path), "max_line_bytes": max_line_bytes})
+
+
+# The batch's valid lines whose customer ID a later valid line repeats: the later one is kept
+# (a file's later line corrects an earlier one), the earlier ones go to schema_errors naming it.
+# Judged among valid lines only: an invalid line with the ID never takes it from a valid one.
+_SUPERSEDED_SQL = """
+CREATE OR REPLACE TEMP TABLE superseded_lines AS
+SELECT c.line_no, d.kept_line
+FROM customers AS c
+JOIN (SELECT customer_id, max(line_no) AS kept_line FROM customers
+      WHERE batch_id = $batch_id GROUP BY customer_id HAVING count(*) > 1) AS d
+    USING (customer_id)
+WHERE c.batch_id = $batch_id AND c.line_no < d.kept_line
+"""
+DUPLICATE_ID = "duplicates the id of a later line, which is kept"
+
+
+def resolve_duplicate_ids(conn: duckdb.DuckDBPyConnection, batch_id: str) -> tuple[int, int]:
+    """Inside the swap transaction, once the batch's rows are in: every valid line but the last
+    of each customer ID moves from customers (and its purchases) to schema_errors, with the
+    line kept as its reason; returns how many lines, and purchases of them, moved."""
+    params = {"batch_id": batch_id}
+    conn.execute(_SUPERSEDED_SQL, params)
+    [(moved, purchases)] = conn.execute(
+        "SELECT count(*), coalesce(sum((SELECT count(*) FROM customer_purchases AS p"
+        " WHERE p.batch_id = $batch_id AND p.line_no = s.line_no)), 0)"
+        " FROM superseded_lines AS s",
+        params,
+    ).fetchall()
+    if moved:
+        conn.execute(
+            f"""INSERT INTO schema_errors BY NAME
+            SELECT $batch_id AS batch_id, s.line_no, r.raw,
+                   ['id: {DUPLICATE_ID} (got line ' || s.kept_line || ')'] AS errors,
+                   1 AS error_count, now() AS detected_at
+            FROM superseded_lines AS s
+            JOIN raw_customers AS r ON r.batch_id = $batch_id AND r.line_no = s.line_no""",
+            params,
+        )
+        for table in ("customer_purchases", "customers"):
+            conn.execute(
+                f"DELETE FROM {table} WHERE batch_id = $batch_id"
+                " AND line_no IN (SELECT line_no FROM superseded_lines)",
+                params,
+            )
+    conn.execute("DROP TABLE superseded_lines")
+    return moved, int(purchases)
 
 
 def build_chunk_tables(
@@ -380,9 +437,16 @@ def fetch_chunk(
     return _fetch(conn, _CHUNK_LINES_SQL, params), _fetch(conn, _CHUNK_PURCHASES_SQL, params)
 
 
-def validate_chunk(lines: pyarrow.Table, purchases: pyarrow.Table) -> ChunkResult:
+def validate_chunk(
+    lines: pyarrow.Table,
+    purchases: pyarrow.Table,
+    max_amount: float = Limits.max_amount,
+    latest: datetime | None = None,
+) -> ChunkResult:
     """Judge one chunk of extracted lines and their purchases against the pandera models; blank
-    lines are counted, not judged."""
+    lines are counted, not judged. `max_amount` and `latest` (the latest purchase date
+    accepted; None: no limit) are the contract's limits from configuration."""
+    purchases = with_limits(purchases, max_amount, latest)
     blank = pc.equal(lines["line"], BLANK)
     blank_lines = pc.sum(blank).as_py() or 0
     if blank_lines:
@@ -410,6 +474,20 @@ def validate_chunk(lines: pyarrow.Table, purchases: pyarrow.Table) -> ChunkResul
             "raw", lines["raw"].take(pc.index_in(errors["line_no"], value_set=lines["line_no"]))
         ),
         blank_lines=blank_lines,
+    )
+
+
+def with_limits(
+    purchases: pyarrow.Table, max_amount: float, latest: datetime | None
+) -> pyarrow.Table:
+    """The purchases with the limits they are judged against, a column each (see
+    PurchaseRecord): the models are fixed classes, the limits configuration."""
+    n = purchases.num_rows
+    latest = latest or datetime.max.replace(tzinfo=UTC)
+    return purchases.append_column(
+        "amount__max", pyarrow.repeat(pyarrow.scalar(float(max_amount)), n)
+    ).append_column(
+        "date__latest", pyarrow.repeat(pyarrow.scalar(latest, pyarrow.timestamp("us", "UTC")), n)
     )
 
 

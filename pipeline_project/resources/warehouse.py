@@ -389,6 +389,9 @@ class Warehouse(DuckDBStore):
         return self.raw_dir / f"batch_id={batch_id}" / RAW_FILE_NAME
 
     def _prepare(self, conn: duckdb.DuckDBPyConnection) -> None:
+        # Every connection in UTC: a timestamp without an offset is the same instant on any
+        # host (DuckDB takes the host's time zone otherwise).
+        conn.execute("SET TimeZone = 'UTC'")
         if not self.is_lakehouse:  # the lakehouse's schema is checked once per process
             from pipeline_project.schema import ensure_schema
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
@@ -14,7 +14,7 @@ def recent_batches(
     *,
     exclude_partition: str | None,
     batches: int,
-    unless_failed: str | None = None,
+    unless_failed: str | Sequence[str] | None = None,
     scan: int = 200,
 ) -> list[tuple[str, Mapping[str, Any]]]:
     """(partition, metadata) of the latest materialization of up to `batches` other
@@ -30,8 +30,9 @@ def recent_batches(
         if partition is None or partition == exclude_partition or partition in seen:
             continue
         seen.add(partition)
-        failed = unless_failed and materialization.metadata.get(failed_flag(unless_failed))
-        if failed and failed.value:
+        checks = [unless_failed] if isinstance(unless_failed, str) else unless_failed or []
+        flags = (materialization.metadata.get(failed_flag(check)) for check in checks)
+        if any(flag is not None and flag.value for flag in flags):
             continue
         found.append((partition, materialization.metadata))
         if len(found) >= batches:
@@ -46,7 +47,7 @@ def recent_batch_metadata(
     *,
     exclude_partition: str | None,
     batches: int,
-    unless_failed: str | None = None,
+    unless_failed: str | Sequence[str] | None = None,
     scan: int = 200,
 ) -> list[Any]:
     """`metadata_key` of the recent batches (see `recent_batches`) that have it."""

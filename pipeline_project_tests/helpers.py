@@ -185,7 +185,8 @@ def rows_conserved_after(settings: Settings, batch_id: str, tamper_sql: str) -> 
     with warehouse.transaction() as conn:
         conn.execute(tamper_sql)
     with warehouse.get_connection() as conn:
-        conserved = input_check_results(conn, batch_id, 0.05, 0.5)[0]
+        [conserved] = [c for c in input_check_results(conn, batch_id, 0.05, 0.5)
+                       if c.check_name == "rows_conserved"]  # fmt: skip
     assert conserved.check_name == "rows_conserved"
     return conserved
 

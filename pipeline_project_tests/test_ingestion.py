@@ -9,6 +9,7 @@ import pytest
 
 from pipeline_project.assets.ingestion import raw_customers
 from pipeline_project.assets.validation import validated_customers
+from pipeline_project.batch_history import recent_batch_metadata
 from pipeline_project.core.landing_files import iter_raw_line_chunks, store_raw_lines
 from pipeline_project.core.staging import write_staged
 from pipeline_project.resources import Warehouse
@@ -19,6 +20,7 @@ from pipeline_project_tests.helpers import (
     rows_conserved_after,
     run_batch,
     table_rows,
+    warehouse_of,
     write_lines,
 )
 
@@ -126,6 +128,7 @@ def test_error_rate_above_threshold_warns_but_the_batch_flows_on(defs, instance,
     assert result.success
     assert check_results(result) == {
         "record_count_within_expected_range": (True, "WARN"),  # no baseline yet
+        "landing_file_read_to_the_end_with_records": (True, "ERROR"),
         "rows_conserved": (True, "ERROR"),
         "schema_error_rate_below_threshold": (False, "WARN"),
         "schema_error_rate_below_hard_ceiling": (True, "ERROR"),
@@ -226,3 +229,55 @@ def test_crash_between_staged_chunks_keeps_the_previous_batch_and_the_rerun_is_c
     assert list((warehouse.files_dir / "staging").iterdir()) == []
     assert run_batch(defs, instance, "b001").success
     assert snapshot(settings) == before
+
+
+# ---- half a file, an empty one: validation stops them, no baseline counts them -------------
+
+
+def _file_check(result) -> dg.AssetCheckEvaluation:
+    [check] = [
+        e for e in result.get_asset_check_evaluations()
+        if e.check_name == "landing_file_read_to_the_end_with_records"
+    ]  # fmt: skip
+    return check
+
+
+def test_half_a_gzip_file_stops_at_validation_naming_the_file_and_the_line(
+    settings, defs, instance, catalog
+):
+    whole = settings.landing_dir / "whole.jsonl.gz"
+    generate_batch(whole, 2000, 0.0, 1, catalog)
+    data = whole.read_bytes()
+    whole.unlink()
+    (settings.landing_dir / "half.jsonl.gz").write_bytes(data[: len(data) // 2])
+    result = run_batch(defs, instance, "half")
+    assert not result.success  # a blocking check: nothing downstream, no answer published
+    check = _file_check(result)
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+    figures = {k: v.value for k, v in check.metadata.items()}
+    assert figures["landing_file"] == "half.jsonl.gz"
+    assert 500 < figures["broke_at_line"] < 2000 and "EOFError" in figures["read_error"]
+    assert f"half.jsonl.gz could not be read past line {figures['broke_at_line'] - 1}" in (
+        check.description
+    )
+    with warehouse_of(settings).get_connection() as conn:
+        assert conn.execute("SELECT accepted FROM batches").fetchall() == [(False,)]
+
+
+@pytest.mark.parametrize("content", [b"", b" \n" * 150], ids=["empty", "blank lines"])
+def test_a_file_without_a_record_stops_at_validation_and_is_nobodys_volume_baseline(
+    settings, defs, instance, content
+):
+    (settings.landing_dir / "empty.jsonl").write_bytes(content)
+    result = run_batch(defs, instance, "empty")
+    assert not result.success
+    check = _file_check(result)
+    assert not check.passed and "holds no record" in check.description
+    [raw] = result.asset_materializations_for_node("raw_customers")
+    assert raw.metadata["landing_file_read_to_the_end_with_records_failed"].value is True
+    history = recent_batch_metadata(
+        instance, "raw_customers", "volume", exclude_partition=None, batches=5,
+        unless_failed=("record_count_within_expected_range",
+                       "landing_file_read_to_the_end_with_records"),
+    )  # fmt: skip
+    assert history == []

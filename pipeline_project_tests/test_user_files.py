@@ -77,7 +77,7 @@ def test_blank_lines_are_counted_apart_from_records_and_errors(tmp_path):
     assert summary.error_rate == 0.5  # one of two records
     with warehouse.get_connection() as conn:
         assert conn.execute("SELECT line_no FROM schema_errors").fetchall() == [(5,)]
-        conserved, warned, _ = input_check_results(conn, "b1", 0.05, 0.6)
+        _, conserved, warned, _ = input_check_results(conn, "b1", 0.05, 0.6)
     assert conserved.passed and conserved.metadata["blank_lines"].value == 4
     assert conserved.metadata["error_rate"].value == 0.5
     assert not warned.passed  # 50% of the records, not 1 of 6 lines

@@ -8,7 +8,8 @@ import dagster as dg
 from pydantic import Field
 
 from pipeline_project.asset_metadata import one_table_metadata
-from pipeline_project.batch_history import failed_flags, recent_batch_metadata
+from pipeline_project.batch_history import failed_flag, failed_flags, recent_batch_metadata
+from pipeline_project.checks.input_checks import FILE_COMPLETE
 from pipeline_project.core import batches as batch_register
 from pipeline_project.core.landing_files import (
     StoredLines,
@@ -95,7 +96,8 @@ def raw_customers(
             "volume",
             exclude_partition=context.partition_key,
             batches=config.count_baseline_batches,
-            unless_failed=RECORD_COUNT_CHECK,
+            # an anomaly, half a file or an empty one is nobody's baseline
+            unless_failed=(RECORD_COUNT_CHECK, FILE_COMPLETE),
         )
     ]
     verdict = volume_anomaly(
@@ -111,7 +113,10 @@ def raw_customers(
         # no baseline yet: no expected count, no deviation (not sentinels that skew the plots)
         metadata={"rows": volume["rows"], "baseline_batches": len(history), **verdict.figures()},
     )
-    yield dg.MaterializeResult(metadata={**result, **failed_flags([check]), **usage.figures()})
+    # half a file or an empty one: validation stops it (FILE_COMPLETE), no baseline counts it
+    complete = not result["read_error"] and result["records"] > 0
+    flags = {**failed_flags([check]), failed_flag(FILE_COMPLETE): not complete}
+    yield dg.MaterializeResult(metadata={**result, **flags, **usage.figures()})
     yield check
 
 
@@ -155,6 +160,7 @@ def _ingest(
         # the landing file's time: its weekday is the batch's, for the volume's seasonality
         "volume": dg.MetadataValue.json(_volume(stored.lines, landing_file.path)),
         "blank_lines": stored.blank_lines,
+        "records": stored.lines - stored.blank_lines - len(stored.read_errors),
         "landing_file": landing_file.path.name,
         "landing_fingerprint": landing_file.fingerprint,
         "content_digest": digest.hexdigest(),

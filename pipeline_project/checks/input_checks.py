@@ -14,12 +14,21 @@ from pipeline_project.core.landing_files import BLANK_LINE_SQL
 from pipeline_project.partitions import batches
 
 ROWS_CONSERVED = "rows_conserved"
+FILE_COMPLETE = "landing_file_read_to_the_end_with_records"
 ERROR_RATE_BELOW_THRESHOLD = "schema_error_rate_below_threshold"
 ERROR_RATE_BELOW_HARD_CEILING = "schema_error_rate_below_hard_ceiling"
 
 # partitions_def on a check spec is a preview API; it is the only way to keep each batch's
 # result (pass/fail per partition in the UI) instead of "latest run wins".
 INPUT_CHECK_SPECS = [
+    dg.AssetCheckSpec(
+        FILE_COMPLETE,
+        asset="customers",
+        blocking=True,
+        partitions_def=batches,
+        description="The landing file was read to its end (no truncated gzip, no read error)"
+        " and holds at least one record: half a file or an empty one stops here.",
+    ),
     dg.AssetCheckSpec(
         ROWS_CONSERVED,
         asset="customers",
@@ -53,6 +62,39 @@ SELECT
 """
 
 
+# The first line where the file could not be read further, and the landing file's name.
+_READ_ERROR_SQL = """
+SELECT (SELECT landing_file FROM batches WHERE batch_id = $b),
+       min(line_no), arg_min(read_error, line_no)
+FROM raw_customers WHERE batch_id = $b AND read_error IS NOT NULL
+"""
+
+
+def file_complete_result(
+    conn: duckdb.DuckDBPyConnection, batch_id: str, records: int
+) -> dg.AssetCheckResult:
+    """Fails when the landing file could not be read to its end, or holds no record."""
+    [(landing_file, line, read_error)] = conn.execute(_READ_ERROR_SQL, {"b": batch_id}).fetchall()
+    name = landing_file or f"the landing file of {batch_id}"
+    if read_error is not None:
+        why = f"{name} could not be read past line {line - 1}: {read_error}"
+    elif records == 0:
+        why = f"{name} holds no record (it is empty or holds only blank lines)"
+    else:
+        why = f"{name} was read to its end: {records} records"
+    figures = {"records": records, "landing_file": landing_file or ""}
+    if read_error is not None:
+        figures |= {"broke_at_line": line, "read_error": read_error}
+    return dg.AssetCheckResult(
+        asset_key="customers",
+        check_name=FILE_COMPLETE,
+        passed=read_error is None and records > 0,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=why,
+        metadata=figures,
+    )
+
+
 def input_check_results(
     conn: duckdb.DuckDBPyConnection, batch_id: str, threshold: float, ceiling: float
 ) -> list[dg.AssetCheckResult]:
@@ -79,6 +121,7 @@ def input_check_results(
         "error_rate": rate,
     }
     return [
+        file_complete_result(conn, batch_id, records),
         dg.AssetCheckResult(
             asset_key="customers",
             check_name=ROWS_CONSERVED,

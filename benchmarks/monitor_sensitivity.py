@@ -16,12 +16,20 @@ Between them, one at a time, each followed by normal batches, the anomalies:
   model id, the catalog re-embedded with it);
 - constant_model: one that returns the same vector for every text;
 - half_out_of_stock: half of the in-stock products out of stock in the catalog;
-- customer_blind_scorer: a recommendation scorer that ignores the customer (everyone scored as
-  one fixed profile in one segment).
+- customer_blind_scorer: a recommendation scorer that ignores the customer (every profile
+  scored as one fixed vector: one list per segment, a few lists for the whole batch);
+- truncated_file: the day's file gzipped and cut in half;
+- empty_file: a landing file of zero bytes;
+- bad_catalog: a catalog with one product ID twice, loaded before the day's batch;
+- future_date: a tenth of the records with a purchase dated 9999-12-31.
 
-A monitor alerts when its check fails (what `check_results_alert_sensor` sends). Prints each
-batch's failed checks and hit rates, then per monitor the anomalies it caught and the normal
-batches it alerted on; `--json` prints the same as one JSON object (the suite's small version,
+A monitor alerts when its check fails (what `check_results_alert_sensor` and
+`run_failure_alert_sensor` send). For each batch, `published` counts the rows of
+`current_recommendations` it holds (for bad_catalog, the rows scored with that catalog; for
+future_date, those of the customers whose record holds the date): the goal is 0 for every broken
+output, one alert each, and none on a normal batch. Prints each batch's failed checks and hit
+rates, then per monitor the anomalies it caught and the normal batches it alerted on; `--json`
+prints the same as one JSON object (the suite's small version,
 `pipeline_project_tests/test_monitor_sensitivity.py`, reads it).
 """
 
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import hashlib
 import json
 import logging
@@ -84,14 +93,22 @@ EXPECTED = {
         "recommendations_differ_between_customers",
         "recommendation_hit_rate_beats_popularity",
     ],
+    "truncated_file": ["landing_file_read_to_the_end_with_records"],
+    "empty_file": ["landing_file_read_to_the_end_with_records"],
+    "bad_catalog": ["unique_product_ids"],
+    "future_date": ["schema_error_rate_below_threshold"],
 }
+# The anomalies whose output is broken: nothing of it may be published.
+BROKEN_OUTPUTS = {"random_model", "constant_model", "customer_blind_scorer", "truncated_file",
+                  "empty_file", "bad_catalog", "future_date"}  # fmt: skip
 # The alert a check's failure raises is named for the check, except where its stage raises it
 ALERTED_AS = {"schema_error_rate_below_threshold": "error_rate"}
 FULL_PLAN = ["normal"] * 14 + [k for anomaly in EXPECTED for k in (anomaly, "normal", "normal")]
+BROKEN_OUTPUTS_ORDER = ["random_model", "customer_blind_scorer", "constant_model",
+                        "truncated_file", "empty_file", "bad_catalog", "future_date"]  # fmt: skip
 # The suite's: enough normal batches for every baseline (3), then the anomalies the new
 # monitors are for, each followed by a normal batch.
-SMALL_PLAN = ["normal"] * 4 + ["random_model", "normal", "customer_blind_scorer", "normal",
-                               "constant_model", "normal"]  # fmt: skip
+SMALL_PLAN = ["normal"] * 4 + [k for anomaly in BROKEN_OUTPUTS_ORDER for k in (anomaly, "normal")]
 
 FIRST_DAY = datetime(2026, 11, 2, 6, 0, tzinfo=UTC).timestamp()  # a Monday
 DAY = 86_400
@@ -154,13 +171,14 @@ class ConstantEmbedder(Embedder):
 
 
 def customer_blind(score):
-    """`score` (score_profiles) fed one fixed profile in segment 0 for every customer."""
+    """`score` (score_profiles) fed one fixed profile vector for every customer, in their own
+    segment: one list per segment, a few lists for the whole batch."""
 
     def scored(vectors, segments, inputs, **kwargs):
         fixed = inputs.product_vectors.mean(axis=0)
         fixed = fixed / (np.linalg.norm(fixed) or 1.0)
         same = np.repeat(fixed[None, :].astype(vectors.dtype), len(vectors), axis=0)
-        return score(same, np.zeros_like(segments), inputs, **kwargs)
+        return score(same, segments, inputs, **kwargs)
 
     return scored
 
@@ -170,10 +188,23 @@ def volume(day: int, rows: int, rng: np.random.Generator) -> int:
     return round(rows * (0.85 if weekend else 1.0) * rng.uniform(0.85, 1.15))
 
 
-def write_batch(path: Path, kind: str, rows: int, seed: int, catalog) -> None:
+def write_batch(path: Path, kind: str, rows: int, seed: int, catalog) -> list[str]:
+    """The day's landing file; returns the IDs of the customers whose record is poisoned
+    (future_date)."""
+    if kind == "empty_file":
+        path.write_bytes(b"")
+        return []
+    plain = path.with_name(path.name.removesuffix(".gz"))
     generate_batch(
-        path, rows, 0.15 if kind == "error_spike" else 0.02, seed, catalog, population=POPULATION
+        plain, rows, 0.15 if kind == "error_spike" else 0.02, seed, catalog, population=POPULATION
     )
+    if kind == "truncated_file":  # gzipped, then cut in half: the read breaks mid-file
+        packed = gzip.compress(plain.read_bytes())
+        plain.unlink()
+        path.write_bytes(packed[: len(packed) // 2])
+        return []
+    if kind == "future_date":
+        return _date_far_ahead(plain, share=0.1, seed=seed)
     if kind == "category_shift":
         rng = np.random.default_rng(seed)
         start, size = catalog.category_start[GARDEN], catalog.category_size[GARDEN]
@@ -190,6 +221,33 @@ def write_batch(path: Path, kind: str, rows: int, seed: int, catalog) -> None:
                 pass  # a bad line stays as it is
             lines.append(line)
         path.write_text("\n".join(lines) + "\n")
+    return []
+
+
+def _date_far_ahead(path: Path, share: float, seed: int) -> list[str]:
+    """A `share` of the records get a purchase dated 9999-12-31 (a broken export's default
+    date); returns their customer IDs."""
+    rng = np.random.default_rng(seed)
+    lines, poisoned = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            if record["purchaseHistory"] and rng.random() < share:
+                record["purchaseHistory"][0]["date"] = "9999-12-31T00:00:00Z"
+                poisoned.append(record["id"])
+                line = json.dumps(record, separators=(",", ":"))
+        except (ValueError, KeyError, TypeError, IndexError):
+            pass  # a bad line stays as it is
+        lines.append(line)
+    path.write_text("\n".join(lines) + "\n")
+    return poisoned
+
+
+def set_duplicate_product(path: Path, original: str) -> None:
+    """The catalog with its first product listed twice (another name)."""
+    lines = original.splitlines()
+    first = lines[1].split(",")
+    path.write_text("\n".join([*lines, ",".join([first[0], "A second name", *first[2:]])]) + "\n")
 
 
 def set_half_out_of_stock(path: Path, original: str) -> None:
@@ -227,17 +285,31 @@ def run(plan: list[str], rows: int, backend: str, root: Path, log=print) -> dict
             defs = build_definitions(settings, embedder=embedder)
             if kind == "half_out_of_stock":
                 set_half_out_of_stock(settings.landing.catalog_path, catalog_text)
+            if kind == "bad_catalog":
+                set_duplicate_product(settings.landing.catalog_path, catalog_text)
+            catalog_alerts: list[str] = []
+            versions_before = _catalog_versions(settings)
             if (embedder, kind) != loaded_with:
                 catalog_run = defs.resolve_job_def("catalog_job").execute_in_process(
                     instance=instance, run_config=quiet, raise_on_error=False
                 )
-                assert catalog_run.success, f"catalog_job failed before {kind}"
+                if kind == "bad_catalog":  # refused: the good catalog stays, and it alerts
+                    alert_finished_run(instance, catalog_run.dagster_run,
+                                       defs.resources["alerts"], _QUIET)  # fmt: skip
+                    catalog_alerts = _alerted_run(settings, catalog_run.run_id)
+                    catalog_failed = sorted(
+                        e.check_name for e in catalog_run.get_asset_check_evaluations()
+                        if not e.passed
+                    )  # fmt: skip
+                else:
+                    assert catalog_run.success, f"catalog_job failed before {kind}"
                 loaded_with = (embedder, kind)
             n = volume(day, rows, noise)
             n = {"volume_spike": round(n * 2.2), "volume_drop": round(n * 0.4)}.get(kind, n)
             batch_id = f"d{day + 1:02d}-{kind.replace('_', '-')}"
-            path = settings.landing.landing_dir / f"{batch_id}.jsonl"
-            write_batch(path, kind, n, seed=100 + day, catalog=catalog)
+            suffix = ".jsonl.gz" if kind == "truncated_file" else ".jsonl"
+            path = settings.landing.landing_dir / f"{batch_id}{suffix}"
+            poisoned = write_batch(path, kind, n, seed=100 + day, catalog=catalog)
             landed = FIRST_DAY + day * DAY
             os.utime(path, (landed, landed))
             instance.add_dynamic_partitions("batches", [batch_id])
@@ -248,9 +320,14 @@ def run(plan: list[str], rows: int, backend: str, root: Path, log=print) -> dict
                     raise_on_error=False,
                 )  # fmt: skip
             alert_finished_run(instance, result.dagster_run, defs.resources["alerts"], _QUIET)
-            batches.append(_outcome(batch_id, kind, n, result, _alerted(settings, batch_id)))
+            outcome = _outcome(batch_id, kind, n, result, _alerted(settings, batch_id))
+            outcome["published"] = _published(settings, batch_id, kind, poisoned, versions_before)
+            if kind == "bad_catalog":
+                outcome["failed"] = sorted({*outcome["failed"], *catalog_failed})
+                outcome["alerted"] = sorted({*outcome["alerted"], *catalog_alerts})
+            batches.append(outcome)
             log(_line(batches[-1]))
-            if kind == "half_out_of_stock":
+            if kind in ("half_out_of_stock", "bad_catalog"):
                 settings.landing.catalog_path.write_text(catalog_text)
     return summarize(batches)
 
@@ -271,6 +348,41 @@ def _scorer(kind: str) -> Iterator[None]:
 _QUIET = logging.getLogger("monitor_sensitivity")
 _QUIET.addHandler(logging.NullHandler())
 _QUIET.propagate = False
+
+
+def _warehouse_rows(settings: Settings, sql: str, params: list) -> list[tuple]:
+    with duckdb.connect(str(settings.warehouse.duckdb_path), read_only=True) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def _catalog_versions(settings: Settings) -> int:
+    if not settings.warehouse.duckdb_path.exists():
+        return 0
+    return _warehouse_rows(settings, "SELECT count(*) FROM catalog_versions", [])[0][0]
+
+
+def _published(
+    settings: Settings, batch_id: str, kind: str, poisoned: list[str], versions_before: int
+) -> int:
+    """The rows of current_recommendations the day's broken output put there."""
+    if kind == "bad_catalog":  # scored with a catalog version that the day added
+        sql = """SELECT count(*) FROM current_recommendations AS r
+                 JOIN batch_publications AS p USING (batch_id) WHERE p.catalog_version > ?"""
+        return _warehouse_rows(settings, sql, [versions_before])[0][0]
+    if kind == "future_date":  # the customers whose record holds the date
+        sql = "SELECT count(*) FROM current_recommendations WHERE customer_id::VARCHAR IN ?"
+        return _warehouse_rows(settings, sql, [poisoned])[0][0] if poisoned else 0
+    sql = "SELECT count(*) FROM current_recommendations WHERE batch_id = ?"
+    return _warehouse_rows(settings, sql, [batch_id])[0][0]
+
+
+def _alerted_run(settings: Settings, run_id: str) -> list[str]:
+    """The monitors that fired an alert for a run without a batch (the catalog's)."""
+    with duckdb.connect(str(settings.alerts.alerts_duckdb_path), read_only=True) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT monitor FROM alerts WHERE run_id = ? AND status = 'firing'", [run_id]
+        ).fetchall()
+    return sorted(monitor for (monitor,) in rows)
 
 
 def _alerted(settings: Settings, batch_id: str) -> list[str]:
@@ -324,6 +436,7 @@ def _outcome(
 def _line(b: dict) -> str:
     rates = f"hit@10 {b['hit_rate']} vs popularity {b['popularity_hit_rate']} (z {b['lead_z']})"
     rates += f", one list to {b['most_common_list_share']} of profiles"
+    rates += f", {b.get('published', 0):,} published"
     run = "" if b["run_succeeded"] else " RUN FAILED"
     alerted = "" if b["alerted"] == b["failed"] else f"  alerted: {b['alerted'] or '-'}"
     return (
@@ -351,6 +464,7 @@ def summarize(batches: list[dict]) -> dict:
             "caught_by_named": sorted(set(b["failed"]) & set(EXPECTED[b["kind"]])),
             "failed": b["failed"],
             "alerted": b["alerted"],
+            "published": b["published"],
         }
         for b in batches
         if b["kind"] != "normal"
@@ -361,6 +475,12 @@ def summarize(batches: list[dict]) -> dict:
         "monitors": per_monitor,
         "anomalies": anomalies,
         "missed": sorted(k for k, a in anomalies.items() if not a["caught_by_named"]),
+        # broken outputs that put rows into current_recommendations (the goal: none)
+        "broken_published": {
+            k: a["published"]
+            for k, a in anomalies.items()
+            if a["kind"] in BROKEN_OUTPUTS and a["published"]
+        },
         "normal_batches": len(normal),
         "normal_batches_alerted": sorted(
             b["batch"] for b in normal if b["failed"] or b["alerted"] or not b["run_succeeded"]
@@ -381,7 +501,10 @@ def report(summary: dict) -> str:
     out.append("")
     for batch, a in summary["anomalies"].items():
         named = ", ".join(a["caught_by_named"]) or "MISSED"
-        out.append(f"{batch:<28} caught by {named}")
+        out.append(
+            f"{batch:<28} caught by {named}; alerted {', '.join(a['alerted']) or '-'};"
+            f" {a['published']:,} rows published"
+        )
     n, alerted = summary["normal_batches"], summary["normal_batches_alerted"]
     out.append(
         f"\nanomalies missed: {len(summary['missed'])} of {len(summary['anomalies'])}"

@@ -47,13 +47,15 @@ _SHARED = {
     "product_id": "Product of the catalog.",
     "model": "Embedding model that made the vector.",
     "dimensions": "Width of the vector.",
-    "text_hash": "SHA-256 of the embedded text: the key of embedding_cache.",
+    "text_hash": "md5 of the embedded text (hex): the key of embedding_cache.",
     "segment_id": "Segment of the customer's profile (nearest centroid).",
     "model_version": "Version of segment_model that assigned the segment.",
     "rank": "1 is the best recommendation of the customer.",
     "confidence": "segment weight x segment affinity + similarity weight x similarity score.",
-    "predicted_value": "Expected spend on the product: its price x the confidence.",
-    "segment_affinity": "Share of the segment's customers who bought the product.",
+    "predicted_value": "Expected spend on the product: the confidence x the segment's average"
+    " amount paid for it (its price when the segment never bought it).",
+    "segment_affinity": "How often the segment bought the product, relative to the segment's"
+    " most bought product (0..1).",
     "similarity": "Cosine similarity of the customer's and the product's vectors.",
     "similarity_score": "The similarity rescaled to 0..1.",
     "created_at": "When the row was written.",
@@ -75,7 +77,7 @@ _BY_TABLE: dict[str, dict[str, str]] = {
     "customer_purchases": {
         "purchase_idx": "Position of the entry in `purchaseHistory`, from 0.",
         "amount": "Amount paid.",
-        "purchased_at": "`timestamp` of the entry.",
+        "purchased_at": "`date` of the entry, as an instant (UTC).",
     },
     SCHEMA_ERRORS: {
         "raw": "The rejected line's text.",
@@ -105,7 +107,7 @@ _BY_TABLE: dict[str, dict[str, str]] = {
     },
     "segment_model": {
         "centroid": "The segment's centre in embedding space.",
-        "weight": "Share of the training profiles in the segment.",
+        "weight": "Customers of the training data in the segment (a count).",
         "embedding_model": "Model of the vectors the centroids were trained on.",
         "trained_at": "When this version was trained.",
     },

@@ -266,7 +266,25 @@ def _figures(result: dg.ExecuteInProcessResult) -> dict:
         },
         **_metadata(result, "validated_recommendations", "rejected_recommendations"),
         **_check_figures(result, "every_customer_gets_top_n_or_a_reason"),
+        "checks": _verdicts(result),
     }
+
+
+# A check passed, failed, or had too little data to judge (no result at all).
+CHECK_VERDICTS = ("passed", "failed", "not judged")
+
+
+def _verdicts(result: dg.ExecuteInProcessResult) -> dict[str, list[str]]:
+    """The run's checks: passed, failed, and not judged (too little data: no result at all)."""
+    from pipeline_project.checks.verdicts import NOT_JUDGED
+
+    verdicts: dict[str, list[str]] = {"passed": [], "failed": [], "not judged": []}
+    for evaluation in result.get_asset_check_evaluations():
+        verdicts["passed" if evaluation.passed else "failed"].append(evaluation.check_name)
+    for event in result.get_asset_materialization_events():
+        entry = event.event_specific_data.materialization.metadata.get(NOT_JUDGED)
+        verdicts["not judged"] += list(entry.value) if entry is not None else []
+    return {kind: sorted(set(names)) for kind, names in verdicts.items()}
 
 
 def _check_figures(result: dg.ExecuteInProcessResult, check_name: str) -> dict:
@@ -335,8 +353,22 @@ def _print_summary(outcomes: list[BatchOutcome]) -> None:
             # no recommendations is not "0 kept": a stage skipped or not run has no figures
             *("-" if n is None else f"{n:,}" for n in figures),
         )
+    checks = _table("batch", "checks passed", "failed", "not judged")
+    named = []
+    for o in outcomes:
+        verdicts = {kind: o.figures.get("checks", {}).get(kind, []) for kind in CHECK_VERDICTS}
+        checks.add_row(o.batch_id, *(f"{len(names):,}" for names in verdicts.values()))
+        named += [
+            f"{o.batch_id}: {kind}{' (too little data to judge)' if kind == 'not judged' else ''}:"
+            f" {', '.join(names)}"
+            for kind, names in verdicts.items()
+            if names and kind != "passed"
+        ]
     click.echo(_render(validation) + "\n")
     click.echo(_render(recommendation) + "\n")
+    click.echo(_render(checks) + "\n")
+    if named:
+        click.echo("\n".join(named) + "\n")
 
 
 def _table(*headers: str):

@@ -90,6 +90,19 @@ MODEL_INFERENCE_POOL = "model_inference"
 FRESHNESS_MONITORED = (RAW_CUSTOMERS, VALIDATED_RECOMMENDATIONS)
 
 
+def no_dep_blocking_check_failed() -> dg.AutomationCondition:
+    """No blocking check of an upstream asset failed on its latest materialization (or its run
+    is requested on this tick). Unlike all_deps_blocking_checks_passed, a check that had too
+    little data to judge (no result at all, see checks/verdicts.py) holds nothing back; a
+    failed one does, and a gate that fails writes nothing new downstream can read."""
+    return dg.AutomationCondition.all_deps_match(
+        dg.AutomationCondition.all_checks_match(
+            ~dg.AutomationCondition.check_failed() | dg.AutomationCondition.will_be_requested(),
+            blocking_only=True,
+        ).with_label("no_blocking_check_failed")
+    ).with_label("no_dep_blocking_check_failed")
+
+
 def per_batch_automation(
     ignore: Sequence[str] = (),
     may_be_missing: Sequence[str] = (),
@@ -104,9 +117,7 @@ def per_batch_automation(
     the batches that are missing the stage (run before the catalog arrived, their stage skipped)
     without re-running the others.
     """
-    condition = (
-        dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
-    )
+    condition = dg.AutomationCondition.eager() & no_dep_blocking_check_failed()
     if may_be_missing:
         condition = condition.replace(
             "any_deps_missing",
@@ -127,7 +138,7 @@ def per_batch_automation(
             loaded
             & ~dg.AutomationCondition.any_deps_in_progress()
             & ~dg.AutomationCondition.in_progress()
-            & dg.AutomationCondition.all_deps_blocking_checks_passed()
+            & no_dep_blocking_check_failed()
         ).with_label("catalog_loaded_and_missing")
         condition = (condition | fill_in) & ~dg.AutomationCondition.any_deps_missing()
     return condition

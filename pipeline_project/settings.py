@@ -76,7 +76,6 @@ class AlertSettings:
     webhook_format: str = _env("PIPELINE_ALERT_WEBHOOK_FORMAT", "json")
     cooldown_seconds: float = _env("PIPELINE_ALERT_COOLDOWN_SECONDS", 3600.0)
     sensor_interval_seconds: int = _env("PIPELINE_ALERT_SENSOR_INTERVAL_SECONDS", 30)
-    error_rate_threshold: float = _env("PIPELINE_ALERT_ERROR_RATE", 0.05)
     dlq_growth_batches: int = _env("PIPELINE_DLQ_GROWTH_BATCHES", 3)
 
 
@@ -84,8 +83,8 @@ class AlertSettings:
 class FreshnessSettings:
     """A new batch is expected at least this often (WARN / FAIL) at the first and last stage."""
 
-    warn_hours: float = _env("PIPELINE_FRESHNESS_WARN_HOURS", 12.0)
-    fail_hours: float = _env("PIPELINE_FRESHNESS_FAIL_HOURS", 24.0)
+    warn_hours: float = _env("PIPELINE_FRESHNESS_WARN_HOURS", 36.0)
+    fail_hours: float = _env("PIPELINE_FRESHNESS_FAIL_HOURS", 72.0)
 
 
 @dataclass(frozen=True)

@@ -284,3 +284,17 @@ def settle(defs: dg.Definitions, instance: dg.DagsterInstance, rounds: int = 10)
             assert outcome.success, request
             rerun.append(request.partition_key)
     raise AssertionError(f"re-scoring did not settle in {rounds} rounds: {rerun}")
+
+
+def not_judged(result: dg.ExecuteInProcessResult) -> dict[str, str]:
+    """The run's checks that gave no verdict (too little data), and why: they have no
+    evaluation at all, and their reason is in their asset's materialization."""
+    from pipeline_project.checks.verdicts import NOT_JUDGED
+
+    reasons: dict[str, str] = {}
+    for event in result.get_asset_materialization_events():
+        entry = event.event_specific_data.materialization.metadata.get(NOT_JUDGED)
+        reasons |= entry.value if entry is not None else {}
+    evaluated = {e.check_name for e in result.get_asset_check_evaluations()}
+    assert not evaluated & set(reasons), "a check both judged and not judged"
+    return reasons

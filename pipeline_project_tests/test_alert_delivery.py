@@ -46,7 +46,9 @@ def bad_batches(instance, n: int) -> list[str]:
     for batch_id in keys:
         instance.report_runless_asset_event(
             dg.AssetMaterialization(
-                "customer_embeddings", partition=batch_id, metadata={"error_rate": 0.5}
+                "customer_embeddings",
+                partition=batch_id,
+                metadata={"error_rate": 0.5, "error_rate_threshold": 0.05},
             )
         )
     return [f"error_rate:customer_embeddings:{b}" for b in keys]
@@ -124,7 +126,8 @@ def test_an_alert_inside_a_run_cannot_hold_its_step_past_the_budget(instance, tm
     def customers(context: dg.AssetExecutionContext, alerts: AlertSink) -> None:
         for asset in ("customers", "customer_purchases", "schema_errors"):
             alerts.alert_error_rate(asset=asset, batch_id=context.partition_key, rate=1.0,
-                                    log=context.log, run_id=context.run.run_id)  # fmt: skip
+                                    threshold=0.05, log=context.log,
+                                    run_id=context.run.run_id)  # fmt: skip
 
     with hook.running() as url:
         sink = AlertSink(database=str(tmp_path / "alerts.duckdb"), webhook_url=url,
@@ -184,10 +187,12 @@ def test_the_webhook_url_shows_nowhere(instance, settings, monkeypatch, caplog, 
         def stage(context: dg.AssetExecutionContext, alerts: AlertSink) -> dg.MaterializeResult:
             outcome = alerts.alert_error_rate(
                 asset="customer_embeddings", batch_id=context.partition_key, rate=0.9,
-                log=context.log, run_id=context.run.run_id,
+                threshold=0.05, log=context.log, run_id=context.run.run_id,
             )  # fmt: skip
             assert_secret_absent(repr(alerts), "the resource's repr")
-            return dg.MaterializeResult(metadata={"error_rate": 0.9, "outcome": str(outcome)})
+            return dg.MaterializeResult(
+                metadata={"error_rate": 0.9, "error_rate_threshold": 0.05, "outcome": str(outcome)}
+            )
 
         instance.add_dynamic_partitions("batches", ["b1"])
         alerted = dg.materialize([stage], partition_key="b1", instance=instance,

@@ -55,21 +55,34 @@ def tick(sensor, instance, resources, cursor=None):
         return sensor(context)
 
 
-def test_run_failure_raises_an_error_alert_with_a_link_to_the_run(
+def test_a_failed_run_alerts_the_check_that_stopped_it_else_the_run_failure_with_a_link(
     defs, instance, resources, settings
 ):
+    # stopped by a blocking check: that check alerts, with why; no second alert for the run
     write_lines(settings.landing_dir / "bad.jsonl", ["{", "[]", customer()])
     result = run_batch(defs, instance, "bad")
     assert not result.success
     run_failure_alert_sensor(status_context(instance, result, resources, failure=True))
+    stopped = [a for a in alerts(settings) if a[3] == "bad" and a[2] == "error"]
+    assert stopped == [
+        ("check:customers:schema_error_rate_below_hard_ceiling:bad", "firing", "error", "bad",
+         f"/runs/{result.run_id}"),
+    ]  # fmt: skip
+    assert not [a for a in alerts(settings) if "run_fail" in a[0]]
+
+    # failed without a check that says why (its landing file is gone): the run failure alerts
+    instance.add_dynamic_partitions("batches", ["gone"])
+    gone = run_batch(defs, instance, "gone")
+    assert not gone.success
+    run_failure_alert_sensor(status_context(instance, gone, resources, failure=True))
     [(key, status, severity, batch, link)] = [a for a in alerts(settings) if "run_fail" in a[0]]
     assert (key, status, severity, batch) == (
-        "run_failure:batch_ingestion_job:bad",
+        "run_failure:batch_ingestion_job:gone",
         "firing",
         "error",
-        "bad",
+        "gone",
     )
-    assert link == f"/runs/{result.run_id}"
+    assert link == f"/runs/{gone.run_id}"
 
 
 def test_failed_warn_check_in_a_successful_run_alerts_and_a_pass_resolves_it(
@@ -93,12 +106,15 @@ def test_failed_warn_check_in_a_successful_run_alerts_and_a_pass_resolves_it(
 
 
 def embeddings_materialized(
-    instance, batch_id: str, dead_letter_total: int, error_rate: float = 0.0
-):
+    instance, batch_id: str, dead_letter_total: int, error_rate: float = 0.0,
+    threshold: float | None = 0.05,
+):  # fmt: skip
+    recorded = {} if threshold is None else {"error_rate_threshold": threshold}
     instance.report_runless_asset_event(
         dg.AssetMaterialization(
             "customer_embeddings", partition=batch_id,
-            metadata={"dead_letter_total": dead_letter_total, "error_rate": error_rate},
+            metadata={"dead_letter_total": dead_letter_total, "error_rate": error_rate,
+                      **recorded},
         )
     )  # fmt: skip
 
@@ -137,12 +153,14 @@ def test_error_rate_sensor_alerts_per_batch_above_the_threshold_once(instance, r
     assert len(alerts(settings)) == 1
 
 
-def test_the_error_rate_threshold_and_growth_window_come_from_the_alert_settings(
+def test_the_error_rate_threshold_is_the_stage_s_and_the_growth_window_the_settings(
     instance, resources, settings
 ):
-    embeddings_materialized(instance, "b0", 1, error_rate=0.09)
-    tick(sensor_with("error_rate_alert_sensor", error_rate_threshold=0.10), instance, resources)
-    assert alerts(settings) == []  # 9% is below a 10% threshold
+    # one threshold per monitor: the one the stage's check used, recorded with the batch
+    embeddings_materialized(instance, "b0", 1, error_rate=0.09, threshold=0.10)
+    embeddings_materialized(instance, "old", 1, error_rate=0.09, threshold=None)
+    tick(error_rate_alert_sensor, instance, resources)
+    assert alerts(settings) == []  # 9% is below its 10%; no recorded threshold, no judgement
     embeddings_materialized(instance, "b1", 2)
     tick(sensor_with("dead_letter_growth_sensor", dlq_growth_batches=1), instance, resources)
     assert [(k, s) for k, s, *_ in alerts(settings)] == [("dead_letter_growth", "firing")]
@@ -166,10 +184,10 @@ def stage_alerting_its_error_rate(asset: str, rate: float) -> dg.AssetsDefinitio
     @dg.asset(name=asset, partitions_def=batches)
     def stage(context: dg.AssetExecutionContext, alerts: AlertSink) -> dg.MaterializeResult:
         alerts.alert_error_rate(
-            asset=asset, batch_id=context.partition_key, rate=rate, log=context.log,
-            run_id=context.run.run_id,
+            asset=asset, batch_id=context.partition_key, rate=rate, threshold=0.05,
+            log=context.log, run_id=context.run.run_id,
         )  # fmt: skip
-        return dg.MaterializeResult(metadata={"error_rate": rate})
+        return dg.MaterializeResult(metadata={"error_rate": rate, "error_rate_threshold": 0.05})
 
     return stage
 
@@ -220,9 +238,11 @@ def test_a_failed_in_process_run_alerts_once_and_the_daemon_s_sensor_adds_nothin
         assert not result.success
         sink = defs.resources["alerts"]  # as the CLI has it: the webhook URL still an EnvVar
         alert_finished_run(instance, result.dagster_run, sink)
+        # each failed check once: the error rate (raised by the validation itself) and the
+        # hard ceiling that stopped the run (which says why: no separate run-failure alert)
         expected = [
-            ("error_rate:customers:bad", "firing", "warning"),  # raised by the validation itself
-            ("run_failure:batch_ingestion_job:bad", "firing", "error"),
+            ("check:customers:schema_error_rate_below_hard_ceiling:bad", "firing", "error"),
+            ("error_rate:customers:bad", "firing", "warning"),
         ]
         assert sorted((k, s, sev) for k, s, sev, *_ in alerts(settings)) == expected
         assert len(hook.bodies) == 2
@@ -231,7 +251,10 @@ def test_a_failed_in_process_run_alerts_once_and_the_daemon_s_sensor_adds_nothin
         alert_finished_run(instance, result.dagster_run, sink)  # the CLI asked twice
     assert len(alerts(settings)) == 2 and len(hook.bodies) == 2
     assert {b["link"] for b in hook.bodies} == {f"/runs/{result.run_id}"}
-    assert any("failed for batch bad" in b["message"] for b in hook.bodies)
+    assert any(
+        "schema_error_rate_below_hard_ceiling failed on customers for batch bad" in b["message"]
+        for b in hook.bodies
+    )
 
 
 def test_a_failed_warn_check_of_an_in_process_run_alerts_once_and_the_sensor_adds_nothing(
@@ -251,3 +274,30 @@ def test_a_failed_warn_check_of_an_in_process_run_alerts_once_and_the_sensor_add
     key = "error_rate:customers:b1"
     assert [(k, s) for k, s, *_ in alerts(settings)] == [(key, "firing")]
     assert [b["key"] for b in hook.bodies] == [key]
+
+
+def test_a_failed_check_its_stage_did_not_alert_is_alerted_by_the_sensor_once(instance, settings):
+    """The sensor skips a check's alert only when its stage really stored it: a dead-letter
+    share above the check's threshold that the stage did not alert still alerts, once."""
+    spec = dg.AssetCheckSpec(
+        "embedding_dead_letter_share_below_threshold",
+        asset="customer_embeddings",
+        partitions_def=batches,  # preview, as the project's checks
+    )
+
+    @dg.asset(name="customer_embeddings", partitions_def=batches, check_specs=[spec])
+    def stage(context: dg.AssetExecutionContext):
+        yield dg.MaterializeResult(metadata={"error_rate": 0.038})
+        yield dg.AssetCheckResult(
+            check_name=spec.name, passed=False, severity=dg.AssetCheckSeverity.WARN,
+            description="3.8% of customers dead-lettered, above 1%",
+        )  # fmt: skip
+
+    sink = AlertSink(database=str(settings.alerts_duckdb_path))
+    instance.add_dynamic_partitions("batches", ["b1"])
+    result = dg.materialize([stage], partition_key="b1", instance=instance)
+    assert result.success
+    alert_finished_run(instance, result.dagster_run, sink)
+    check_results_alert_sensor(status_context(instance, result, {"alerts": sink}))
+    key = "check:customer_embeddings:embedding_dead_letter_share_below_threshold:b1"
+    assert [(k, s) for k, s, *_ in alerts(settings)] == [(key, "firing")]

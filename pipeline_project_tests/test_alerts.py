@@ -168,13 +168,12 @@ def test_an_error_rate_above_the_threshold_fires_under_the_sensor_s_key_and_belo
     hook = Hook()
     with hook.running() as url:
         sink = AlertSink(database=str(tmp_path / "a.duckdb"), webhook_url=url)
-        assert sink.error_rate_threshold == 0.05  # PIPELINE_ALERT_ERROR_RATE's default
         bad = sink.alert_error_rate(
-            asset="customers", batch_id="b1", rate=0.5, log=log, run_id="r1"
+            asset="customers", batch_id="b1", rate=0.5, threshold=0.05, log=log, run_id="r1"
         )
         assert bad.sent and bad.stored and bad.webhook_status == "delivered"
         fine = sink.alert_error_rate(
-            asset="customers", batch_id="b1", rate=0.01, log=log, run_id="r2"
+            asset="customers", batch_id="b1", rate=0.01, threshold=0.05, log=log, run_id="r2"
         )
         assert fine.sent and fine.stored
         # at most the threshold is not above it: nothing fires for b2
@@ -218,7 +217,7 @@ def test_an_alert_is_stored_before_it_is_posted_so_a_second_raiser_sees_it_meanw
         posting = threading.Thread(
             target=lambda: outcomes.append(
                 asset_sink.alert_error_rate(
-                    asset="customers", batch_id="b1", rate=0.5, log=log, run_id="r1"
+                    asset="customers", batch_id="b1", rate=0.5, threshold=0.05, log=log, run_id="r1"
                 )  # fmt: skip
             )
         )
@@ -229,7 +228,7 @@ def test_an_alert_is_stored_before_it_is_posted_so_a_second_raiser_sees_it_meanw
         assert stored(asset_sink)[0][:2] == ("error_rate:customers:b1", "firing")
         assert stored(asset_sink)[0][5] == "sending"
         second = sensor_sink.alert_error_rate(
-            asset="customers", batch_id="b1", rate=0.5, log=log, run_id="r1"
+            asset="customers", batch_id="b1", rate=0.5, threshold=0.05, log=log, run_id="r1"
         )
         assert not second.sent
         hook.recover()
@@ -237,3 +236,24 @@ def test_an_alert_is_stored_before_it_is_posted_so_a_second_raiser_sees_it_meanw
     assert outcomes[0].webhook_status == "delivered"
     assert [r[5] for r in stored(asset_sink)] == ["delivered"]
     assert len(hook.answered) == 1
+
+
+def test_a_slack_body_escapes_what_a_user_typed_and_masks_e_mail_addresses(tmp_path, log):
+    """A landing file named to mention the channel or to smuggle a link: Slack sees text."""
+    hook = Hook()
+    with hook.running() as url:
+        sink = AlertSink(database=str(tmp_path / "a.duckdb"), webhook_url=url,
+                         webhook_format="slack")  # fmt: skip
+        batch = "<!channel> <https://evil.example|click> & more"
+        sink.emit(severity="error", monitor="m", key=f"check:customers:c:{batch}",
+                  message=f"check failed for batch {batch}; ask jane.doe@example.com",
+                  log=log, batch_id=batch)  # fmt: skip
+    [body] = hook.bodies
+    text = body["text"]
+    assert "<" not in text.replace(":red_circle:", "") and ">" not in text
+    assert "&lt;!channel&gt;" in text and "&lt;https://evil.example|click&gt;" in text
+    assert "&amp; more" in text
+    assert "jane.doe@example.com" not in text and "<masked>" not in text  # escaped too
+    assert "&lt;masked&gt;" in text
+    # the stored alert masks the address as well
+    assert "jane.doe@example.com" not in json.dumps(stored(sink), default=str)

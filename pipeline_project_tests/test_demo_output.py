@@ -50,12 +50,22 @@ def table_rows(table: list[str]) -> dict[str, dict[str, str]]:
     return {row[0]: dict(zip(names, row, strict=True)) for row in map(cells, lines)}
 
 
+CHECKS_HEADER = ["batch", "checks passed", "failed", "not judged"]
+
+
 def summary(output: str) -> tuple[dict, dict]:
-    """The demo's two tables: validation and inference, recommendations."""
-    validation, recommendation = summary_tables(output)
+    """The demo's first two tables: validation and inference, recommendations."""
+    validation, recommendation, _ = summary_tables(output)
     assert cells(validation[0]) == VALIDATION_HEADER
     assert cells(recommendation[0]) == RECOMMENDATION_HEADER
     return table_rows(validation), table_rows(recommendation)
+
+
+def check_verdicts(output: str) -> dict[str, dict[str, str]]:
+    """The demo's third table: per batch, how many checks passed, failed, were not judged."""
+    *_, checks = summary_tables(output)
+    assert cells(checks[0]) == CHECKS_HEADER
+    return table_rows(checks)
 
 
 def number(cell: str) -> int:
@@ -104,7 +114,7 @@ def test_summary_columns_line_up_for_long_and_short_batch_ids(no_catalog_demo):
     assert len(LONG_ID) == 40
     assert "\x1b" not in result.output  # not a terminal: no ANSI escapes
     tables = summary_tables(result.stdout)
-    assert len(tables) == 2, result.stdout
+    assert len(tables) == 3, result.stdout
     for table in tables:
         assert len(table) == 2 + 3  # header, rule, one line per batch: no row is wrapped
         assert_aligned(table)
@@ -117,6 +127,12 @@ def test_summary_columns_line_up_for_long_and_short_batch_ids(no_catalog_demo):
     assert (number(long["rows in"]), number(long["valid"]), number(long["invalid"])) == (4, 4, 0)
     assert (number(short["rows in"]), number(short["valid"]), number(short["invalid"])) == (3, 3, 0)
     assert validation[FAILING_ID]["err rate"] == "100.00%"
+    # no verdict is not a pass: a first batch has no volume baseline, and the demo says so
+    verdicts = check_verdicts(result.stdout)
+    assert number(verdicts[LONG_ID]["not judged"]) >= 1
+    assert f"{LONG_ID}: not judged (too little data to judge): " in result.stdout
+    assert "record_count_within_expected_range" in result.stdout
+    assert number(verdicts[FAILING_ID]["failed"]) >= 1
     assert number(short["profiles"]) == 1 and number(short["model calls"]) == 1
     # blank lines: what validation reports on `customers` (0 when it reports none)
     with dg.DagsterInstance.from_config(str(root / ".dagster_home")) as instance:

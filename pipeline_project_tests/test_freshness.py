@@ -19,7 +19,11 @@ import duckdb
 from dagster._core.definitions.freshness import FreshnessState, FreshnessStateChange
 
 from pipeline_project.definitions import build_resources
-from pipeline_project.sensors.alerting import freshness_alert_sensor
+from pipeline_project.sensors.alerting import (
+    CADENCE_ARRIVALS,
+    freshness_alert_sensor,
+    freshness_limits,
+)
 from pipeline_project.settings import FreshnessSettings
 
 FINAL = "validated_recommendations"
@@ -98,7 +102,7 @@ def test_a_re_materialized_old_batch_does_not_make_the_final_asset_fresh(instanc
     ]
 
 
-def test_the_cursor_holds_two_figures_per_monitored_asset(instance, settings):
+def test_the_cursor_holds_three_bounded_figures_per_monitored_asset(instance, settings):
     sensor = Sensor(instance, settings)
     instance.add_dynamic_partitions("batches", [f"b{i}" for i in range(30)])
     for i in range(30):
@@ -106,6 +110,36 @@ def test_the_cursor_holds_two_figures_per_monitored_asset(instance, settings):
         materialized(instance, f"b{i % 3}")  # and replays of old ones
     sensor.tick()
     cursor = json.loads(sensor.cursor)
-    assert set(cursor[FINAL]) == {"storage_id", "newest_new_batch_at"}
+    assert set(cursor[FINAL]) == {"storage_id", "newest_new_batch_at", "arrivals"}
+    assert len(cursor[FINAL]["arrivals"]) == CADENCE_ARRIVALS  # the last few new batches only
     assert set(cursor) <= {"raw_customers", FINAL}
-    assert len(sensor.cursor) < 400
+    assert len(sensor.cursor) < 600
+
+
+HOUR = 3600.0
+
+
+def test_freshness_follows_the_observed_cadence_once_learned():
+    daily = [i * 24 * HOUR for i in range(8)]
+    # a daily feed is not late at 13 h (the configured 12 h would page every day)
+    assert freshness_limits(daily, 12.0, 24.0)[:2] == (36.0, 72.0)
+    hourly = [i * HOUR for i in range(8)]
+    assert freshness_limits(hourly, 12.0, 24.0)[:2] == (1.5, 3.0)
+    # one late batch moves the median little
+    assert freshness_limits([*daily[:-1], daily[-1] + 30 * HOUR], 12.0, 24.0)[:2] == (36.0, 72.0)
+    # too few gaps: the configured hours, and it says so
+    warn, fail, chosen = freshness_limits(daily[:3], 12.0, 24.0)
+    assert (warn, fail) == (12.0, 24.0) and "not learned" in chosen
+
+
+def test_the_sensor_judges_a_learned_cadence_not_the_configured_hours(instance, settings):
+    """Batches 0.4 s apart: late after 0.6 s (1.5 x), although the configured WARN is 1.1 s."""
+    sensor = Sensor(instance, settings)
+    instance.add_dynamic_partitions("batches", [f"b{i}" for i in range(4)])
+    for i in range(4):
+        materialized(instance, f"b{i}")
+        time.sleep(0.4)
+    time.sleep(0.4)  # 0.8 s since the last batch: under the configured 1.1 s
+    said = sensor.tick()
+    assert '"WARN"' in said, said
+    assert alerts(settings) == [(f"freshness:{FINAL}:warn", "firing")]

@@ -7,10 +7,21 @@ import numpy as np
 import pytest
 
 from pipeline_project.checks.drift_checks import drift_check_result
+from pipeline_project.checks.model_checks import DriftLimits, embedding_drift_result
+from pipeline_project.checks.verdicts import NotJudged
 from pipeline_project.core.embedding_client import EmbeddingResponse
+from pipeline_project.core.embedding_drift import EmbeddingDrift
 from pipeline_project.core.monitoring import BatchVolume, StepUsage, psi, volume_anomaly
 from pipeline_project.resources.embeddings import HashingEmbedder
-from pipeline_project_tests.helpers import buyer, customer, materialize, run_batch, write_lines
+from pipeline_project_tests.helpers import (
+    buyer,
+    customer,
+    materialize,
+    not_judged,
+    run_batch,
+    write_lines,
+)
+from pipeline_project_tests.helpers import rows as query_rows
 
 
 def lines(n: int, start: int = 0) -> list[str]:
@@ -30,7 +41,8 @@ def test_psi_is_zero_for_the_same_distribution_and_large_for_a_shift():
 
 def test_drift_check_waits_for_a_baseline_then_warns_on_a_shift():
     quiet = drift_check_result("d", "a", [5, 5], [], threshold=0.25)
-    assert quiet.passed and quiet.metadata["note"].value == "no baseline yet"
+    assert isinstance(quiet, NotJudged) and "fewer than 1" in quiet.reason  # never "passed"
+    assert isinstance(drift_check_result("d", "a", [0, 0], [[1, 1]], threshold=0.25), NotJudged)
     same = drift_check_result("d", "a", [50, 50], [[10, 10], [12, 8]], threshold=0.25)
     assert same.passed
     shifted = drift_check_result("d", "a", [95, 5], [[10, 10], [12, 8]], threshold=0.25)
@@ -97,8 +109,11 @@ def test_record_count_check_trips_on_a_batch_far_from_the_recent_mean(defs, inst
     for i in range(3):
         write_lines(settings.landing_dir / f"b{i}.jsonl", lines(10, 100 * i))
         result = run_batch(defs, instance, f"b{i}")
-        quiet = check(result, "record_count_within_expected_range")
-        assert quiet.passed and quiet.metadata["baseline_batches"].value == i
+        # until three earlier batches: no verdict (no evaluation), and the reason says so
+        assert not [
+            e for e in result.get_asset_check_evaluations() if "record_count" in e.check_name
+        ]
+        assert f"{i} earlier" in not_judged(result)["record_count_within_expected_range"]
     write_lines(settings.landing_dir / "normal.jsonl", lines(12, 500))
     assert check(run_batch(defs, instance, "normal"), "record_count_within_expected_range").passed
     write_lines(settings.landing_dir / "spike.jsonl", lines(20, 700))
@@ -201,20 +216,27 @@ class SameVectorEmbedder(HashingEmbedder):
         yield Client()
 
 
-def drift_of(settings, instance, embedder, batch_id: str, lines: list[str]):
+def drift_run(settings, instance, embedder, batch_id: str, lines: list[str], succeeds=True):
     write_lines(settings.landing_dir / f"{batch_id}.jsonl", lines)
     result = materialize(settings, instance, embedder, batch_id)
-    assert result.success
-    return check(result, "embedding_drift_below_threshold")
+    assert result.success is succeeds
+    return result
+
+
+def drift_of(settings, instance, embedder, batch_id: str, lines: list[str]):
+    return check(drift_run(settings, instance, embedder, batch_id, lines), EMBEDDING_DRIFT)
+
+
+EMBEDDING_DRIFT = "embedding_drift_below_threshold"
 
 
 def test_embedding_drift_warns_on_a_moved_batch_and_keeps_it_out_of_the_baseline(
     settings, instance, catalog
 ):
     embedder = HashingEmbedder(dimensions=64)
-    for i in range(3):
-        first = drift_of(settings, instance, embedder, f"base{i}", mixed_batch(100 * i))
-        assert first.passed and first.metadata["baseline_batches"].value == i
+    for i in range(3):  # no baseline yet: no verdict (no evaluation), never "passed"
+        first = drift_run(settings, instance, embedder, f"base{i}", mixed_batch(100 * i))
+        assert f"{i} earlier normal batches" in not_judged(first)[EMBEDDING_DRIFT]
     normal = drift_of(settings, instance, embedder, "normal", mixed_batch(500))
     assert normal.passed, normal.metadata
     assert normal.metadata["mean_distance"].value <= normal.metadata["distance_threshold"].value
@@ -229,17 +251,28 @@ def test_embedding_drift_warns_on_a_moved_batch_and_keeps_it_out_of_the_baseline
     assert after.passed and after.metadata["baseline_batches"].value == 4  # "moved" left out
 
 
-def test_a_model_that_gives_every_text_the_same_vector_fails_at_its_first_batch(
+def test_a_model_that_gives_every_text_the_same_vector_stops_at_its_probes_and_embeds_nothing(
     settings, instance, catalog
 ):
-    degenerate = drift_of(settings, instance, SameVectorEmbedder(dimensions=16), "b1",
-                          mixed_batch(0))  # fmt: skip
-    assert not degenerate.passed
-    assert degenerate.metadata["vector_spread"].value < 1e-3
-    assert "every vector alike" in degenerate.metadata["reason"].value
-    healthy = drift_of(settings, instance, HashingEmbedder(dimensions=16), "b2", mixed_batch(0))
-    assert healthy.passed and healthy.metadata["vector_spread"].value > 0.01
-    # customers who all share one profile: one vector, no spread to judge, no false alarm
-    alike = [buyer(900 + i, "books") for i in range(5)]
-    single = drift_of(settings, instance, SameVectorEmbedder(dimensions=16), "b3", alike)
-    assert single.passed and "vector_spread" not in single.metadata
+    degenerate = drift_run(settings, instance, SameVectorEmbedder(dimensions=16), "b1",
+                           mixed_batch(0), succeeds=False)  # fmt: skip
+    embeddings = dg.AssetKey("customer_embeddings")
+    [probe] = [  # judged first, alone
+        e for e in degenerate.get_asset_check_evaluations() if e.asset_key == embeddings
+    ]
+    assert probe.check_name == "embedding_model_passes_probe_texts" and not probe.passed
+    assert probe.severity == dg.AssetCheckSeverity.ERROR and "degenerate" in probe.description
+    assert embeddings not in {e.asset_key for e in degenerate.get_asset_materialization_events()}
+    assert query_rows(settings, "SELECT count(*) FROM customer_embeddings") == [(0,)]
+    healthy = drift_run(settings, instance, HashingEmbedder(dimensions=16), "b2", mixed_batch(0))
+    assert check(healthy, "embedding_model_passes_probe_texts").passed
+    assert EMBEDDING_DRIFT in not_judged(healthy)  # the first batch of its model
+
+
+def test_a_batch_of_vectors_all_alike_fails_drift_at_once_and_one_profile_is_not_judged():
+    limits = DriftLimits(factor=2.0, min_distance=0.05, max_new_profile_customer_share=0.5,
+                         min_spread=1e-3, min_baselines=3)  # fmt: skip
+    failed = embedding_drift_result(EmbeddingDrift(spread=1e-6), 0, limits)
+    assert not failed.passed and "every vector alike" in failed.metadata["reason"].value
+    one_profile = EmbeddingDrift(spread=None)
+    assert isinstance(embedding_drift_result(one_profile, 0, limits), NotJudged)

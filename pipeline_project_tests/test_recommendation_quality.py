@@ -4,7 +4,7 @@ import numpy as np
 
 from pipeline_project.core.recommendation_quality import HoldoutQuality, _hits, quality_verdict
 
-VERDICT = dict(min_customers=50, min_baselines=3, min_ratio_to_recent=0.5, max_z_behind=1.645)
+VERDICT = dict(min_customers=50, min_baselines=3, min_ratio_to_recent=0.5, min_lead_z=0.0)
 
 
 def test_a_hit_is_the_held_out_product_among_the_first_n_products_not_excluded():
@@ -19,18 +19,24 @@ def test_a_hit_is_the_held_out_product_among_the_first_n_products_not_excluded()
 
 def test_no_verdict_on_too_few_customers():
     few = quality_verdict(HoldoutQuality(60, 49, 10, 0, 40), [], **VERDICT)
-    assert few.passed and "no verdict" in few.reason
+    assert few.passed is None and "fewer than 50" in few.reason  # not judged, never "passed"
 
 
-def test_a_model_behind_popularity_beyond_chance_or_with_exactly_its_hits_fails():
+def test_a_model_no_better_than_popularity_or_with_exactly_its_hits_fails():
     # 40 customers only the model hit, 60 only popularity: z = -20 / 10 = -2
     behind = HoldoutQuality(2000, 1900, 10, 90, 110, model_only=40, popularity_only=60)
     assert behind.lead_z == -2.0
     failed = quality_verdict(behind, [], **VERDICT)
-    assert not failed.passed and "worse than popularity" in failed.reason
-    # behind, but within chance (z = -1): a small batch's noise is no alarm
-    noisy = HoldoutQuality(2000, 1900, 10, 95, 100, model_only=45, popularity_only=55)
-    assert noisy.lead_z == -1.0 and quality_verdict(noisy, [], **VERDICT).passed
+    assert failed.passed is False and "no better than popularity" in failed.reason
+    # a tie (as many customers only one of them hit): no better, not published
+    tie = HoldoutQuality(2000, 1900, 10, 95, 95, model_only=45, popularity_only=45)
+    assert tie.lead_z == 0.0 and quality_verdict(tie, [], **VERDICT).passed is False
+    # the lead the gate asks for is configurable: +1 standard error needed, +1 is not enough
+    ahead_by_one = HoldoutQuality(2000, 1900, 10, 100, 95, model_only=50, popularity_only=45)
+    strict = {**VERDICT, "min_lead_z": 1.0}
+    assert 0 < ahead_by_one.lead_z < 1.0
+    assert quality_verdict(ahead_by_one, [], **VERDICT).passed
+    assert quality_verdict(ahead_by_one, [], **strict).passed is False
     # the same hits on the same customers: the model recommends what popularity does
     same = quality_verdict(HoldoutQuality(500, 400, 10, 40, 40, 0, 0), [], **VERDICT)
     assert not same.passed and "exactly popularity's" in same.reason

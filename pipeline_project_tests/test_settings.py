@@ -40,10 +40,9 @@ VARIABLES = {
     "PIPELINE_ALERT_WEBHOOK_FORMAT": ("alerts", "webhook_format", "json", "slack", "slack"),
     "PIPELINE_ALERT_COOLDOWN_SECONDS": ("alerts", "cooldown_seconds", 3600.0, "60", 60.0),
     "PIPELINE_ALERT_SENSOR_INTERVAL_SECONDS": ("alerts", "sensor_interval_seconds", 30, "5", 5),
-    "PIPELINE_ALERT_ERROR_RATE": ("alerts", "error_rate_threshold", 0.05, "0.1", 0.1),
     "PIPELINE_DLQ_GROWTH_BATCHES": ("alerts", "dlq_growth_batches", 3, "5", 5),
-    "PIPELINE_FRESHNESS_WARN_HOURS": ("freshness", "warn_hours", 12.0, "1.5", 1.5),
-    "PIPELINE_FRESHNESS_FAIL_HOURS": ("freshness", "fail_hours", 24.0, "48", 48.0),
+    "PIPELINE_FRESHNESS_WARN_HOURS": ("freshness", "warn_hours", 36.0, "1.5", 1.5),
+    "PIPELINE_FRESHNESS_FAIL_HOURS": ("freshness", "fail_hours", 72.0, "48", 48.0),
 }  # fmt: skip
 
 

@@ -32,6 +32,14 @@ FROM read_csv(?, header = true, auto_detect = false, columns = {
 """
 
 
+class _Refused(Exception):
+    """A catalog that failed a blocking check: its transaction rolls back."""
+
+    def __init__(self, checks: list[dg.AssetCheckResult]) -> None:
+        super().__init__("catalog refused")
+        self.checks = checks
+
+
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(
@@ -47,7 +55,9 @@ FROM read_csv(?, header = true, auto_detect = false, columns = {
 )
 @fails_at_once_when_deterministic
 def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, warehouse: Warehouse):
-    """Replaces the whole catalog table from the catalog CSV in one transaction."""
+    """Replaces the whole catalog table from the catalog CSV in one transaction, judged before
+    it commits: a catalog that fails a blocking check is rolled back (the old catalog and every
+    recommendation stay as they were) and the run fails with the reason."""
     path = Path(landing.catalog_path)
     fingerprint = landing.catalog_fingerprint()
     if fingerprint is None:
@@ -62,9 +72,21 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
                     " FROM product_catalog"
                 ).fetchall()
                 checks = catalog_check_results(conn)
+                if any(not check.passed for check in checks):  # every catalog check blocks
+                    raise _Refused(checks)
                 version, new_version = record_version(conn)
     except duckdb.ConversionException as err:
-        raise dg.Failure(description=f"catalog file {path} is malformed: {err}") from err
+        raise dg.Failure(
+            description=f"catalog file {path.name} is malformed: {err}", allow_retries=False
+        ) from err
+    except _Refused as refused:
+        yield from refused.checks
+        reasons = "; ".join(c.description for c in refused.checks if not c.passed)
+        raise dg.Failure(
+            description=f"catalog file {path.name} not loaded ({reasons}): the previous catalog"
+            " and every recommendation stay as they were",
+            allow_retries=False,
+        ) from None
     context.log.info(f"catalog: {rows} products in {categories} categories")
     yield dg.MaterializeResult(
         asset_key=PRODUCT_CATALOG,

@@ -14,11 +14,13 @@ from pipeline_project.batch_history import failed_flags, recent_batches
 from pipeline_project.checks.model_checks import (
     EMBEDDING_CHECK_SPECS,
     EMBEDDING_DRIFT,
+    MODEL_PASSES_PROBES,
     DriftLimits,
     embedding_check_results,
     embedding_drift_result,
     probe_result,
 )
+from pipeline_project.checks.verdicts import NotJudged, Verdict, judged, not_judged
 from pipeline_project.core import dead_letters
 from pipeline_project.core.embedding_cache import missing_texts, text_characters
 from pipeline_project.core.embedding_drift import batch_vectors, embedding_drift
@@ -34,7 +36,7 @@ from pipeline_project.core.inference import (
     store_embeddings,
 )
 from pipeline_project.core.monitoring import StepUsage
-from pipeline_project.core.probes import PROBE_TEXTS, ProbeVerdict, probe_verdict
+from pipeline_project.core.probes import PROBE_TEXTS, probe_verdict
 from pipeline_project.core.profiles import (
     STAGED_TEXTS_SQL,
     stage_prior_purchases,
@@ -102,12 +104,23 @@ class InferenceConfig(dg.Config):
     )
 
 
-@dg.asset(
-    deps=[CUSTOMERS, CUSTOMER_PURCHASES, PRODUCT_CATALOG],
+# A multi_asset that can be subset: a check may be left without a result (not judged, see
+# checks/verdicts.py), and a model that fails its probes yields nothing but that failure.
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            CUSTOMER_EMBEDDINGS,
+            deps=[CUSTOMERS, CUSTOMER_PURCHASES, PRODUCT_CATALOG],
+            description="Each valid customer's profile text and the key of its embedding in"
+            " embedding_cache; customers whose embedding failed are in dead_letter instead.",
+            kinds={"duckdb"},
+            automation_condition=per_batch_automation(ignore=[PRODUCT_CATALOG]),
+            skippable=True,
+        )
+    ],
     check_specs=EMBEDDING_CHECK_SPECS,
+    can_subset=True,
     **batch_stage("inference", pool=MODEL_INFERENCE_POOL),
-    kinds={"duckdb"},
-    automation_condition=per_batch_automation(ignore=[PRODUCT_CATALOG]),
 )
 @fails_at_once_when_deterministic
 def customer_embeddings(
@@ -120,11 +133,20 @@ def customer_embeddings(
     """Each valid customer's profile text and the key of its embedding in embedding_cache;
     customers whose embedding failed are in dead_letter instead."""
     batch_id = context.partition_key
+    if not context.selected_asset_keys:  # its checks alone: judged only with its batch
+        return
     if context.run.tags.get(DEAD_LETTER_REPLAY_TAG) == "true":
         yield from replay_dead_letters(context, config, warehouse, embedder)
         return
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
     started, usage = time.perf_counter(), StepUsage()
+    # The model is judged before it embeds anything: one that fails its probe texts writes
+    # nothing (the batch's previous embeddings and answer stay) and fails the step (blocking).
+    probe = _probe_check(embedder)
+    if isinstance(probe, dg.AssetCheckResult) and not probe.passed:
+        context.log.error(f"{batch_id}: {probe.description}; nothing was embedded")
+        yield probe
+        return
     with warehouse.scratch_folder(batch_id) as scratch:
         staged = _stage(warehouse, batch_id, scratch, config, model, dimensions)
         context.log.info(
@@ -146,7 +168,7 @@ def customer_embeddings(
                 )
                 dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
     seconds = time.perf_counter() - started
-    checks = _checks(context, warehouse, embedder, config)
+    checks = [probe, *_checks(context, warehouse, embedder, config)]
     figures = batch_figures(
         outcome, cost=_cost(embedder, staged.missing, staged.chars),
         customers_in=staged.customers, distinct_profiles=staged.distinct,
@@ -156,8 +178,9 @@ def customer_embeddings(
         dimensions=dimensions, seconds=seconds,
         usage={**usage.figures(), "commit_retries": warehouse.commit_retries()},
     )  # fmt: skip
+    figures["error_rate_threshold"] = config.dead_letter_threshold
     yield _materialized(context, alerts, warehouse, figures, checks)
-    yield from checks
+    yield from judged(checks)
 
 
 @dataclass(frozen=True)
@@ -200,22 +223,26 @@ def _materialized(
     alerts: AlertSink,
     warehouse: Warehouse,
     figures: dict,
-    checks: list[dg.AssetCheckResult],
+    checks: list[Verdict],
 ) -> dg.MaterializeResult:
     """The batch's materialization, once its error rate is alerted; flagged when it failed the
     embedding drift check (the last), so that it is nobody's baseline."""
-    _alert_error_rate(context, alerts, figures["error_rate"])
-    figures = {**figures, **failed_flags(checks[-1:])}
+    _alert_error_rate(context, alerts, figures["error_rate"], figures["error_rate_threshold"])
+    figures = {**figures, **failed_flags(judged(checks[-1:])), **not_judged(checks, context.log)}
     return dg.MaterializeResult(
-        metadata=with_table_figures(warehouse, CUSTOMER_EMBEDDINGS, figures)
+        asset_key=CUSTOMER_EMBEDDINGS,
+        metadata=with_table_figures(warehouse, CUSTOMER_EMBEDDINGS, figures),
     )
 
 
-def _alert_error_rate(context: dg.AssetExecutionContext, alerts: AlertSink, rate: float) -> None:
-    # Alerted here, whatever launched the run; the sensor finds it stored for this run.
+def _alert_error_rate(
+    context: dg.AssetExecutionContext, alerts: AlertSink, rate: float, threshold: float
+) -> None:
+    # Alerted here, whatever launched the run, at the dead-letter check's threshold (one
+    # threshold: the alert fires exactly when the check fails); the sensor finds it stored.
     alerts.alert_error_rate(
         asset=CUSTOMER_EMBEDDINGS, batch_id=context.partition_key, rate=rate,
-        log=context.log, run_id=context.run.run_id,
+        threshold=threshold, log=context.log, run_id=context.run.run_id,
     )  # fmt: skip
 
 
@@ -246,8 +273,10 @@ def replay_dead_letters(
             dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
     checks = _checks(context, warehouse, embedder, config)
     yield dg.MaterializeResult(
+        asset_key=CUSTOMER_EMBEDDINGS,
         metadata={
-            **failed_flags(checks[-1:]),
+            **failed_flags(judged(checks[-1:])),
+            **not_judged(checks, context.log),
             **one_table_metadata(warehouse, CUSTOMER_EMBEDDINGS, merged.embedded),
             "mode": "dead-letter replay",
             "replay_candidates": replay.num_rows,
@@ -259,9 +288,9 @@ def replay_dead_letters(
             "model": model,
             "dimensions": dimensions,
             "seconds": round(time.perf_counter() - started, 3),
-        }
+        },
     )
-    yield from checks
+    yield from judged([_probe_check(embedder), *checks])
 
 
 def _refuse_another_model(
@@ -305,12 +334,11 @@ def _checks(
     warehouse: Warehouse,
     embedder: Embedder,
     config: InferenceConfig,
-) -> list[dg.AssetCheckResult]:
-    """The batch's checks, the model's probe texts, and the embedding drift last: against the
-    recent normal batches embedded by the same model."""
+) -> list[Verdict]:
+    """The batch's checks (its probe texts apart), the embedding drift last: against the recent
+    normal batches embedded by the same model."""
     batch_id = context.partition_key
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
-    probe = probe_result(_probe(embedder))
     recent = [
         partition
         for partition, metadata in recent_batches(
@@ -333,15 +361,16 @@ def _checks(
         current = batch_vectors(conn, batch_id, model, dimensions)
         baselines = [b for p in recent if (b := batch_vectors(conn, p, model, dimensions))]
     drift = embedding_drift(current, baselines) if current is not None else None
-    return [*results, probe, embedding_drift_result(drift, len(baselines), limits)]
+    return [*results, embedding_drift_result(drift, len(baselines), limits)]
 
 
-def _probe(embedder: Embedder) -> ProbeVerdict:
+def _probe_check(embedder: Embedder) -> Verdict:
     """The probe texts straight to the model (never the cache). A failed request is no
     verdict: the batch's own failed requests are dead-lettered and alerted already."""
     try:
         with embedder.open() as client:
             response = client.embed(PROBE_TEXTS)
     except Exception as err:  # noqa: BLE001 - whatever the model or its API raised
-        return ProbeVerdict(True, f"no verdict: the probe request failed ({type(err).__name__})")
-    return probe_verdict(np.asarray(response.vectors), embedder.output_dimensions())
+        return NotJudged(MODEL_PASSES_PROBES, f"the probe request failed ({type(err).__name__})")
+    verdict = probe_verdict(np.asarray(response.vectors), embedder.output_dimensions())
+    return probe_result(verdict, embedder.model_id())

@@ -10,6 +10,7 @@ from pydantic import Field
 from pipeline_project.asset_metadata import one_table_metadata
 from pipeline_project.batch_history import failed_flag, failed_flags, recent_batch_metadata
 from pipeline_project.checks.input_checks import FILE_COMPLETE
+from pipeline_project.checks.verdicts import NotJudged, Verdict, judged, not_judged
 from pipeline_project.core import batches as batch_register
 from pipeline_project.core.landing_files import (
     StoredLines,
@@ -17,7 +18,7 @@ from pipeline_project.core.landing_files import (
     iter_raw_line_chunks,
     store_raw_lines,
 )
-from pipeline_project.core.monitoring import BatchVolume, StepUsage, volume_anomaly
+from pipeline_project.core.monitoring import BatchVolume, StepUsage, VolumeVerdict, volume_anomaly
 from pipeline_project.partitions import batches
 from pipeline_project.policies import batch_stage, fails_at_once_when_deterministic
 from pipeline_project.progress import report
@@ -60,9 +61,18 @@ class IngestionConfig(dg.Config):
 RECORD_COUNT_CHECK = "record_count_within_expected_range"
 
 
-@dg.asset(
+# A multi_asset that can be subset: its volume check may be left without a result (not
+# judged: no baseline yet), see checks/verdicts.py.
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            RAW_CUSTOMERS,
+            description="Every line of the batch's landing file, numbered from 1, as raw text.",
+            kinds={"duckdb"},
+        )
+    ],
+    can_subset=True,
     **batch_stage("ingestion"),
-    kinds={"duckdb"},
     check_specs=[
         # partitions_def on a check spec is a preview API; the only way to keep one result
         # per batch rather than "latest run wins".
@@ -85,6 +95,8 @@ def raw_customers(
 ):
     """Every line of the batch's landing file, numbered from 1, as raw text: nothing is lost
     before validation (a leading byte-order mark is no text; blank lines are counted)."""
+    if not context.selected_asset_keys:  # the volume check alone: judged only with its batch
+        return
     usage = StepUsage()
     result = _ingest(context, config, landing, warehouse)
     volume = result["volume"].value
@@ -106,18 +118,37 @@ def raw_customers(
         robust_min_batches=config.count_robust_min_batches, z_threshold=config.count_z_threshold,
         relative_floor=config.count_relative_floor, seasonal_days=config.count_seasonal_days,
     )  # fmt: skip
-    check = dg.AssetCheckResult(
+    # half a file or an empty one: validation stops it (FILE_COMPLETE), no baseline counts it,
+    # and its volume is that check's to judge (one failure, one alert)
+    complete = not result["read_error"] and result["records"] > 0
+    check = (
+        _volume_verdict(verdict, volume["rows"], len(history), config)
+        if complete
+        else NotJudged(RECORD_COUNT_CHECK, f"judged by {FILE_COMPLETE}: the file is incomplete")
+    )
+    flags = {**failed_flags(judged([check])), failed_flag(FILE_COMPLETE): not complete}
+    yield dg.MaterializeResult(
+        asset_key=RAW_CUSTOMERS,
+        metadata={**result, **flags, **not_judged([check], context.log), **usage.figures()},
+    )
+    yield from judged([check])
+
+
+def _volume_verdict(
+    verdict: VolumeVerdict, rows: int, baselines: int, config: IngestionConfig
+) -> Verdict:
+    if verdict.expected is None:  # no baseline yet: no expected count to judge against
+        return NotJudged(
+            RECORD_COUNT_CHECK,
+            f"{baselines} earlier normal batches, fewer than {config.count_min_baseline_batches}",
+        )
+    return dg.AssetCheckResult(
+        asset_key=RAW_CUSTOMERS,
         check_name=RECORD_COUNT_CHECK,
         passed=not verdict.anomalous,
         severity=dg.AssetCheckSeverity.WARN,
-        # no baseline yet: no expected count, no deviation (not sentinels that skew the plots)
-        metadata={"rows": volume["rows"], "baseline_batches": len(history), **verdict.figures()},
+        metadata={"rows": rows, "baseline_batches": baselines, **verdict.figures()},
     )
-    # half a file or an empty one: validation stops it (FILE_COMPLETE), no baseline counts it
-    complete = not result["read_error"] and result["records"] > 0
-    flags = {**failed_flags([check]), failed_flag(FILE_COMPLETE): not complete}
-    yield dg.MaterializeResult(metadata={**result, **flags, **usage.figures()})
-    yield check
 
 
 def _ingest(

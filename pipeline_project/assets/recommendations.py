@@ -1,9 +1,11 @@
 """Recommendations: scored recommendations per batch, and the business-rule filter."""
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import dagster as dg
 import duckdb
+import pyarrow as pa
 from pydantic import Field
 
 from pipeline_project.asset_metadata import one_table_metadata, table_metadata
@@ -23,6 +25,7 @@ from pipeline_project.checks.output_checks import (
     recommendation_check_results,
     recommendation_quality_result,
 )
+from pipeline_project.checks.verdicts import Verdict, judged, not_judged
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.publications import publish
 from pipeline_project.core.recommendation_quality import (
@@ -31,13 +34,15 @@ from pipeline_project.core.recommendation_quality import (
     quality_verdict,
 )
 from pipeline_project.core.recommendations import (
+    BatchScoring,
     ConfidenceSummary,
     RuleOutcome,
-    ScoringInputs,
     confidence_summary,
+    list_spread,
     load_scoring_inputs,
     rule_outcome,
     score_batch,
+    score_candidates,
     stage_business_rules,
 )
 from pipeline_project.policies import (
@@ -60,6 +65,11 @@ from pipeline_project.tables import (
 )
 
 ERROR = dg.AssetCheckSeverity.ERROR
+# The quality gate, chosen from measured normal batches (see README, "recommendation quality"):
+# below this many evaluated customers a lead cannot be told from chance (no verdict); above
+# it, a model must lead popularity by more than this many standard errors to publish.
+QUALITY_MIN_CUSTOMERS = 300
+QUALITY_MIN_LEAD_Z = 0.0
 _CATALOG = [PRODUCT_CATALOG, PRODUCT_EMBEDDINGS]
 SCORED_TABLES = [RECOMMENDATIONS, RECOMMENDATION_SHORTFALLS]
 
@@ -107,26 +117,30 @@ class RecommendationConfig(dg.Config):
     )
     quality_top_n: int = Field(default=10, description="Hit rate at this many products.")
     quality_min_customers: int = Field(
-        default=50, description="No quality verdict on fewer evaluated customers."
+        default=QUALITY_MIN_CUSTOMERS,
+        description="No quality verdict on fewer evaluated customers.",
     )
-    quality_max_z_behind: float = Field(
-        default=1.645,
-        description="WARN when the model's hits trail popularity's by more standard errors.",
+    quality_min_lead_z: float = Field(
+        default=QUALITY_MIN_LEAD_Z,
+        description="Publish only when the model leads popularity by more standard errors"
+        " (paired per customer).",
     )
     quality_min_ratio_to_recent: float = Field(
-        default=0.5, description="WARN below this share of the recent batches' median hit rate."
-    )
-    max_same_list_share: float = Field(
-        default=0.5, description="WARN when one top-N list goes to more of the distinct profiles."
+        default=0.5, description="Fail below this share of the recent batches' median hit rate."
     )
     personalization_min_profiles: int = Field(
         default=20, description="No personalization verdict on fewer distinct profiles."
     )
+    min_lists_per_segment: float = Field(
+        default=1.0,
+        description="Publish only when the distinct profiles get more different top-N lists"
+        " than this many per segment.",
+    )
 
 
-# A multi_asset with one skippable spec: the only way to yield nothing (no catalog) from an asset
-# with checks, as can_subset makes its check outputs optional too: a skipped batch gets no
-# verdict. It also lets the UI run the check alone, which then judges the stored rows.
+# A multi_asset with one skippable spec: the only way to yield nothing (no catalog, a gate
+# failed) from an asset with checks, as can_subset makes its check outputs optional too: a
+# check that cannot judge yields no result. It also lets the UI run the checks alone.
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(
@@ -155,12 +169,15 @@ def recommendations(
     embedder: Embedder,
     landing: LandingZone,
 ):
-    """Scores the batch's segmented customers against the catalog; skipped without a catalog."""
+    """Scores the batch's segmented customers against the catalog once the model is judged
+    good enough (quality, personalization: nothing is written otherwise); skipped without a
+    catalog."""
     batch_id = context.partition_key
     usage = StepUsage()
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
-    if not context.selected_asset_keys:  # the checks alone, on the stored rows
-        yield from _stored_checks(context, config, warehouse, model, dimensions)
+    checked = {key.name for key in context.selected_asset_check_keys}
+    if not context.selected_asset_keys:  # the checks alone
+        yield from _stored_checks(context, config, warehouse, model, dimensions, checked)
         return
     with warehouse.get_connection() as conn:
         no_catalog = _no_catalog(conn)
@@ -168,15 +185,23 @@ def recommendations(
     if no_catalog:
         _skip_for_no_catalog(context, landing)
         return
-    checked = {key.name for key in context.selected_asset_check_keys}
     if loaded is None:
-        yield from _nothing_to_recommend(context, config, warehouse, checked)
+        yield from _nothing_to_recommend(context, warehouse)
+        return
+    gates = _gates(context, config, warehouse, loaded, model, dimensions, checked)
+    if any(isinstance(v, dg.AssetCheckResult) and not v.passed for v in gates.verdicts):
+        context.log.error(
+            f"{batch_id}: not published, the model is not good enough ("
+            + "; ".join(v.description for v in judged(gates.verdicts) if not v.passed)
+            + "): nothing written, the batch's previous recommendations stay as they were"
+        )
+        yield from judged(gates.verdicts)
         return
     with warehouse.staged_batch(SCORED_TABLES, batch_id) as (conn, staging):
         scored = score_batch(
-            conn, batch_id, model, dimensions, loaded, staging, top_n=config.top_n,
-            segment_weight=config.segment_weight, profile_chunk=config.profile_chunk,
-            customer_chunk=config.customer_chunk, candidate_margin=config.candidate_margin,
+            conn, batch_id, model, dimensions, loaded, gates.candidates, staging,
+            top_n=config.top_n, segment_weight=config.segment_weight,
+            customer_chunk=config.customer_chunk, depth=config.top_n + config.candidate_margin,
         )  # fmt: skip
     with warehouse.get_connection() as conn:
         summary = confidence_summary(conn, batch_id)
@@ -184,37 +209,80 @@ def recommendations(
         f"{batch_id}: {scored.profiles:,} profiles scored, {scored.chunks} chunks of customers,"
         f" {scored.shortfalls:,} customers with fewer than {config.top_n} products to offer"
     )
+    checks = [*gates.verdicts]
+    if CONFIDENCE_DRIFT in checked:
+        checks.append(_confidence_drift(context, config, summary.histogram))
     figures = {
         "segment_model_version": loaded.version,
         "customers_short_of_products": scored.shortfalls,
         **usage.figures(),
+        **one_table_metadata(warehouse, RECOMMENDATIONS, summary.rows),
+        **(gates.quality.rates() if gates.quality is not None else {}),
+        # a batch that failed a check is flagged, and nobody's baseline
+        **failed_flags(judged(checks)),
+        **not_judged(checks, context.log),
+        "commit_retries": warehouse.commit_retries(),
     }
-    figures |= one_table_metadata(warehouse, RECOMMENDATIONS, summary.rows)
-    scoring = (model, dimensions, loaded.version, loaded.inputs)
-    checks, quality = _checks(context, config, warehouse, checked, summary.histogram, scoring)
-    figures |= _quality_figures(quality)
-    # a batch that failed a check is flagged, and nobody's baseline
-    figures |= {**failed_flags(checks), "commit_retries": warehouse.commit_retries()}
     yield _scored(summary, figures)
-    yield from checks
+    yield from judged(checks)
 
 
-def _nothing_to_recommend(
+@dataclass(frozen=True)
+class _Gates:
+    verdicts: list[Verdict]  # quality, personalization (the selected ones)
+    candidates: pa.Table  # each profile's ranked candidates
+    quality: HoldoutQuality | None
+
+
+def _gates(
     context: dg.AssetExecutionContext,
     config: RecommendationConfig,
     warehouse: Warehouse,
+    loaded: BatchScoring,
+    model: str,
+    dimensions: int,
     checked: set[str],
-) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-    """A batch with no segmented customers or no product embeddings holds no recommendations."""
+) -> _Gates:
+    """What is judged before anything is written: the held-out quality against popularity,
+    and how many different lists the profiles get."""
+    batch_id, verdicts, quality = context.partition_key, [], None
+    with warehouse.get_connection() as conn:
+        candidates = score_candidates(
+            conn, batch_id, model, dimensions, loaded,
+            depth=config.top_n + config.candidate_margin, segment_weight=config.segment_weight,
+            profile_chunk=config.profile_chunk,
+        )  # fmt: skip
+        if RECOMMENDATION_QUALITY in checked:
+            quality = holdout_quality(
+                conn, batch_id, model, dimensions, loaded.version, loaded.inputs,
+                sample=config.quality_sample, top_n=config.quality_top_n,
+                segment_weight=config.segment_weight,
+            )  # fmt: skip
+    if quality is not None:
+        verdicts.append(_quality_result(context, config, quality))
+    if PERSONALIZED in checked:
+        verdicts.append(
+            personalization_result(
+                list_spread(candidates, config.top_n),
+                len(loaded.inputs.affinity),
+                min_profiles=config.personalization_min_profiles,
+                min_lists_per_segment=config.min_lists_per_segment,
+            )  # fmt: skip
+        )
+    return _Gates(verdicts, candidates, quality)
+
+
+def _nothing_to_recommend(
+    context: dg.AssetExecutionContext, warehouse: Warehouse
+) -> Iterator[dg.MaterializeResult]:
+    """A batch with no segmented customers or no product embeddings holds no recommendations
+    (and its checks have nothing to judge)."""
     with warehouse.replace_batch(SCORED_TABLES, context.partition_key):
         pass
     context.log.warning(f"{context.partition_key}: no segmented customers or product embeddings")
     yield dg.MaterializeResult(
         asset_key=RECOMMENDATIONS, metadata=one_table_metadata(warehouse, RECOMMENDATIONS, 0)
     )
-    if CONFIDENCE_DRIFT in checked:
-        yield drift_check_result(CONFIDENCE_DRIFT, RECOMMENDATIONS, [], [], threshold=1.0)
-    yield from _checks(context, config, warehouse, checked - {CONFIDENCE_DRIFT}, [], None)[0]
 
 
 def _stored_checks(
@@ -223,74 +291,24 @@ def _stored_checks(
     warehouse: Warehouse,
     model: str,
     dimensions: int,
+    checked: set[str],
 ) -> Iterator[dg.AssetCheckResult]:
-    """The selected checks of the batch's stored recommendations, run without them."""
+    """The selected checks of the batch as it stands, run without writing it."""
     batch_id = context.partition_key
-    checked = {key.name for key in context.selected_asset_check_keys}
     with warehouse.get_connection() as conn:
         histogram = confidence_summary(conn, batch_id).histogram
         loaded = load_scoring_inputs(conn, batch_id, model, dimensions)
-    scoring = (model, dimensions, loaded.version, loaded.inputs) if loaded is not None else None
-    yield from _checks(context, config, warehouse, checked, histogram, scoring)[0]
-
-
-def _checks(
-    context: dg.AssetExecutionContext,
-    config: RecommendationConfig,
-    warehouse: Warehouse,
-    checked: set[str],
-    histogram: list[int],
-    scoring: tuple[str, int, int, ScoringInputs] | None,
-) -> tuple[list[dg.AssetCheckResult], HoldoutQuality | None]:
-    """The selected checks of the batch's recommendations, and its held-out quality if judged;
-    `scoring` (model, dimensions, segment model version, inputs) is None with nothing scored."""
-    batch_id, checks, quality = context.partition_key, [], None
+    if loaded is None:
+        return
+    verdicts = _gates(context, config, warehouse, loaded, model, dimensions, checked).verdicts
     if CONFIDENCE_DRIFT in checked:
-        checks.append(_confidence_drift(context, config, histogram))
-    if RECOMMENDATION_QUALITY in checked:
-        quality = (
-            _holdout(warehouse, config, batch_id, *scoring)
-            if scoring is not None
-            else HoldoutQuality(0, 0, config.quality_top_n, 0, 0)
-        )
-        checks.append(_quality_result(context, config, quality))
-    if PERSONALIZED in checked:
-        with warehouse.get_connection() as conn:
-            checks.append(
-                personalization_result(
-                    conn,
-                    batch_id,
-                    min_profiles=config.personalization_min_profiles,
-                    max_same_list_share=config.max_same_list_share,
-                )
-            )
-    return checks, quality
-
-
-def _holdout(
-    warehouse: Warehouse,
-    config: RecommendationConfig,
-    batch_id: str,
-    model: str,
-    dimensions: int,
-    version: int,
-    inputs: ScoringInputs,
-) -> HoldoutQuality:
-    with warehouse.get_connection() as conn:
-        return holdout_quality(
-            conn, batch_id, model, dimensions, version, inputs, sample=config.quality_sample,
-            top_n=config.quality_top_n, segment_weight=config.segment_weight,
-        )  # fmt: skip
-
-
-def _quality_figures(quality: HoldoutQuality | None) -> dict:
-    """Per batch, plotted: hit rate at N of the model and of popularity on held-out purchases."""
-    return quality.rates() if quality is not None else {}
+        verdicts.append(_confidence_drift(context, config, histogram))
+    yield from judged(verdicts)
 
 
 def _quality_result(
     context: dg.AssetExecutionContext, config: RecommendationConfig, quality: HoldoutQuality
-) -> dg.AssetCheckResult:
+) -> Verdict:
     """The batch's held-out hit rate against popularity and the recent normal batches'."""
     recent = recent_batch_metadata(
         context.instance,
@@ -304,7 +322,7 @@ def _quality_result(
         quality, [float(r) for r in recent], min_customers=config.quality_min_customers,
         min_baselines=config.drift_min_baseline_batches,
         min_ratio_to_recent=config.quality_min_ratio_to_recent,
-        max_z_behind=config.quality_max_z_behind,
+        min_lead_z=config.quality_min_lead_z,
     )  # fmt: skip
     return recommendation_quality_result(quality, verdict, len(recent))
 
@@ -339,12 +357,12 @@ def _apply_rules(
     publication stays as it was (None: nothing published)."""
     batch_id = context.partition_key
     tables = [VALIDATED_RECOMMENDATIONS, REJECTED_RECOMMENDATIONS, BATCH_PUBLICATIONS]
-    judged: dict = {}
+    ruled: dict = {}
 
     def publish_if_sound(conn) -> None:
-        judged["outcome"] = outcome = rule_outcome(conn, batch_id)
-        judged["checks"] = checks = _rule_checks(conn, batch_id, config)
-        if any(not c.passed and c.severity == ERROR for c in checks):
+        ruled["outcome"] = outcome = rule_outcome(conn, batch_id)
+        ruled["checks"] = checks = _rule_checks(conn, batch_id, config)
+        if any(not c.passed and c.severity == ERROR for c in judged(checks)):
             raise _Refused(checks)
         publish(conn, batch_id, outcome.kept)
 
@@ -363,13 +381,13 @@ def _apply_rules(
             " previous recommendations stay as they were"
         )
         return None, refused.checks
-    outcome = judged["outcome"]
+    outcome = ruled["outcome"]
     if outcome.suspicious:
         context.log.warning(
             f"{batch_id}: {outcome.by_rule['implausible_value']} recommendations with an "
             f"implausible predicted value, e.g. {outcome.suspicious}"
         )
-    return outcome, judged["checks"]
+    return outcome, ruled["checks"]
 
 
 def _rule_checks(conn, batch_id: str, config: "BusinessRulesConfig") -> list[dg.AssetCheckResult]:
@@ -379,6 +397,7 @@ def _rule_checks(conn, batch_id: str, config: "BusinessRulesConfig") -> list[dg.
         min_confidence=config.min_confidence,
         max_predicted_value=config.max_predicted_value,
         rejected_share_ceiling=config.rejected_share_ceiling,
+        rejected_total_ceiling=config.rejected_total_ceiling,
         chunk_lines=config.customer_chunk,
     )
 
@@ -420,6 +439,9 @@ class BusinessRulesConfig(dg.Config):
     )
     rejected_share_ceiling: float = Field(
         default=0.5, description="WARN when one rule rejects more than this share."
+    )
+    rejected_total_ceiling: float = Field(
+        default=0.5, description="WARN when the rules together reject more than this share."
     )
     customer_chunk: int = Field(
         default=200_000, description="Customers' recommendations judged per chunk of lines."
@@ -476,14 +498,15 @@ def validated_recommendations(
         with warehouse.get_connection() as conn:
             checks = _rule_checks(conn, batch_id, config)
     if outcome is not None:
-        yield from _ruled(selected, outcome, warehouse, usage)
+        yield from _ruled(selected, outcome, warehouse, usage, not_judged(checks, context.log))
     checked = {key.name for key in context.selected_asset_check_keys}
-    yield from (check for check in checks if check.check_name in checked)
+    yield from (check for check in judged(checks) if check.check_name in checked)
 
 
 def _ruled(
-    selected: set[str], outcome: RuleOutcome, warehouse: Warehouse, usage: StepUsage
-) -> Iterator[dg.MaterializeResult]:
+    selected: set[str], outcome: RuleOutcome, warehouse: Warehouse, usage: StepUsage,
+    unjudged: dict,
+) -> Iterator[dg.MaterializeResult]:  # fmt: skip
     """The materializations of the selected ones of the two tables the rules wrote."""
     rows = {VALIDATED_RECOMMENDATIONS: outcome.kept, REJECTED_RECOMMENDATIONS: outcome.rejected}
     tables = table_metadata(warehouse, {t: n for t, n in rows.items() if t in selected})
@@ -495,6 +518,7 @@ def _ruled(
                 "rejected": outcome.rejected,
                 **usage.figures(),
                 "commit_retries": warehouse.commit_retries(),
+                **unjudged,
             },
         )
     if REJECTED_RECOMMENDATIONS in selected:

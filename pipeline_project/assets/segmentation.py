@@ -12,6 +12,7 @@ from pipeline_project.checks.drift_checks import (
     drift_check_result,
     drift_check_spec,
 )
+from pipeline_project.checks.verdicts import judged, not_judged
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.publications import live_batches
 from pipeline_project.core.segmentation import (
@@ -103,15 +104,25 @@ def _stale_after(conn: duckdb.DuckDBPyConnection, version: int) -> dict:
     return {RESCORE_METADATA: dg.MetadataValue.json(stale)}
 
 
-@dg.asset(
-    deps=[CUSTOMER_EMBEDDINGS, SEGMENT_MODEL],
-    **batch_stage("segmentation"),
-    kinds={"duckdb"},
+# A multi_asset that can be subset: its drift check may be left without a result (not judged,
+# see checks/verdicts.py).
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            CUSTOMER_SEGMENTS,
+            deps=[CUSTOMER_EMBEDDINGS, SEGMENT_MODEL],
+            description="Each embedded customer's segment (nearest centroid of the newest"
+            " model) and distance.",
+            kinds={"duckdb"},
+            # A missing segment_model does not hold a batch back (its first batch trains one);
+            # a retrained model re-assigns the batches that hold current answers
+            # (rescore_sensor), not every batch ever seen.
+            automation_condition=per_batch_automation(ignore=[SEGMENT_MODEL]),
+        )
+    ],
     check_specs=[drift_check_spec(SEGMENT_SHARE_DRIFT, CUSTOMER_SEGMENTS, "segment shares")],
-    # A missing segment_model does not hold a batch back (its first batch trains one); a
-    # retrained model re-assigns the batches that hold current answers (rescore_sensor), not
-    # every batch ever seen.
-    automation_condition=per_batch_automation(ignore=[SEGMENT_MODEL]),
+    can_subset=True,
+    **batch_stage("segmentation"),
 )
 @fails_at_once_when_deterministic
 def customer_segments(
@@ -122,6 +133,8 @@ def customer_segments(
 ):
     """Each embedded customer's segment (nearest centroid of the newest model) and distance."""
     batch_id = context.partition_key
+    if not context.selected_asset_keys:  # its check alone: judged only with its batch
+        return
     usage = StepUsage()
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
     # The first batches to arrive train the first model once between them (lock, look again).
@@ -143,8 +156,10 @@ def customer_segments(
         min_baselines=config.drift_min_baseline_batches,
     )
     yield dg.MaterializeResult(
+        asset_key=CUSTOMER_SEGMENTS,
         metadata={
-            **failed_flags([drift]),
+            **failed_flags(judged([drift])),
+            **not_judged([drift], context.log),
             **one_table_metadata(warehouse, CUSTOMER_SEGMENTS, assigned.customers),
             "model_version": version,
             "bootstrapped_segment_model": bootstrapped,
@@ -155,9 +170,9 @@ def customer_segments(
             ),
             **usage.figures(),
             "commit_retries": warehouse.commit_retries(),
-        }
+        },
     )
-    yield drift
+    yield from judged([drift])
 
 
 def _bootstrap_segment_model(

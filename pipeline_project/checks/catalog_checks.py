@@ -23,21 +23,27 @@ CATALOG_CHECK_SPECS = [
 
 
 def catalog_check_results(conn: duckdb.DuckDBPyConnection) -> list[dg.AssetCheckResult]:
-    [(duplicates, negative)] = conn.execute(
+    """Judged on the loaded rows inside the transaction that would replace the catalog."""
+    [(duplicates, example, negative)] = conn.execute(
         "SELECT (SELECT count(*) FROM (SELECT product_id FROM product_catalog GROUP BY 1"
-        " HAVING count(*) > 1)), (SELECT count(*) FROM product_catalog WHERE price < 0)"
+        " HAVING count(*) > 1)), (SELECT min(product_id) FROM (SELECT product_id FROM"
+        " product_catalog GROUP BY 1 HAVING count(*) > 1)),"
+        " (SELECT count(*) FROM product_catalog WHERE price < 0)"
     ).fetchall()
     return [
         dg.AssetCheckResult(
             asset_key="product_catalog",
             check_name=UNIQUE_PRODUCT_IDS,
             passed=duplicates == 0,
+            description=f"{duplicates} product IDs appear more than once"
+            + (f" (e.g. {example})" if example else ""),
             metadata={"duplicated_product_ids": duplicates},
         ),
         dg.AssetCheckResult(
             asset_key="product_catalog",
             check_name=PRICES_NON_NEGATIVE,
             passed=negative == 0,
+            description=f"{negative} products have a negative price",
             metadata={"negative_prices": negative},
         ),
     ]

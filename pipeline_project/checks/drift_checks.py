@@ -3,6 +3,7 @@
 import dagster as dg
 import numpy as np
 
+from pipeline_project.checks.verdicts import NotJudged, Verdict
 from pipeline_project.core.monitoring import psi
 from pipeline_project.partitions import batches
 
@@ -29,17 +30,15 @@ def drift_check_result(
     *,
     threshold: float,
     min_baselines: int = 1,
-) -> dg.AssetCheckResult:
-    """WARN when the PSI of `current` against the pooled `baselines` exceeds `threshold`;
-    passes (with no PSI) until `min_baselines` comparable batches exist."""
+) -> Verdict:
+    """WARN when the PSI of `current` against the pooled `baselines` exceeds `threshold`; no
+    verdict until `min_baselines` comparable batches exist, or without anything to compare."""
     comparable = [b for b in baselines if len(b) == len(current)]
+    if not sum(current):
+        return NotJudged(name, "nothing in this batch to compare")
     if len(comparable) < min_baselines:
-        return dg.AssetCheckResult(
-            asset_key=asset,
-            check_name=name,
-            passed=True,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={"baseline_batches": len(comparable), "note": "no baseline yet"},
+        return NotJudged(
+            name, f"{len(comparable)} earlier comparable batches, fewer than {min_baselines}"
         )
     value = psi(current, np.sum(np.asarray(comparable, dtype=float), axis=0))
     return dg.AssetCheckResult(

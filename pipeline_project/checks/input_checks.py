@@ -10,6 +10,7 @@ import dagster as dg
 import duckdb
 
 from pipeline_project.checks.conservation import count_not_placed_exactly_once
+from pipeline_project.checks.verdicts import NotJudged, Verdict
 from pipeline_project.core.landing_files import BLANK_LINE_SQL
 from pipeline_project.partitions import batches
 
@@ -97,7 +98,7 @@ def file_complete_result(
 
 def input_check_results(
     conn: duckdb.DuckDBPyConnection, batch_id: str, threshold: float, ceiling: float
-) -> list[dg.AssetCheckResult]:
+) -> list[Verdict]:
     """Evaluate the input checks on the committed tables of one batch."""
     [(raw, blank, valid, invalid)] = conn.execute(_CONSERVATION_SQL, {"b": batch_id}).fetchall()
     misplaced = count_not_placed_exactly_once(
@@ -129,18 +130,25 @@ def input_check_results(
             severity=dg.AssetCheckSeverity.ERROR,
             metadata={**figures, "lines_not_placed_exactly_once": misplaced},
         ),
+        *_error_rate(records, rate, figures, ERROR_RATE_BELOW_THRESHOLD, threshold, "threshold"),
+        *_error_rate(records, rate, figures, ERROR_RATE_BELOW_HARD_CEILING, ceiling, "ceiling"),
+    ]
+
+
+def _error_rate(
+    records: int, rate: float, figures: dict, check_name: str, limit: float, name: str
+) -> list[Verdict]:
+    """The error rate against `limit`; no verdict on a batch without a record (what stops it
+    is landing_file_read_to_the_end_with_records)."""
+    if records == 0:
+        return [NotJudged(check_name, "the batch holds no record: no error rate")]
+    ceiling = check_name == ERROR_RATE_BELOW_HARD_CEILING
+    return [
         dg.AssetCheckResult(
             asset_key="customers",
-            check_name=ERROR_RATE_BELOW_THRESHOLD,
-            passed=rate <= threshold,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={**figures, "threshold": threshold},
-        ),
-        dg.AssetCheckResult(
-            asset_key="customers",
-            check_name=ERROR_RATE_BELOW_HARD_CEILING,
-            passed=rate <= ceiling,
-            severity=dg.AssetCheckSeverity.ERROR,
-            metadata={**figures, "ceiling": ceiling},
-        ),
+            check_name=check_name,
+            passed=rate <= limit,
+            severity=dg.AssetCheckSeverity.ERROR if ceiling else dg.AssetCheckSeverity.WARN,
+            metadata={**figures, name: limit},
+        )
     ]

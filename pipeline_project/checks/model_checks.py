@@ -7,6 +7,7 @@ import dagster as dg
 import duckdb
 
 from pipeline_project.checks.conservation import count_not_placed_exactly_once
+from pipeline_project.checks.verdicts import NotJudged, Verdict
 from pipeline_project.core import dead_letters
 from pipeline_project.core.embedding_drift import EmbeddingDrift
 from pipeline_project.core.probes import PROBE_TEXTS, ProbeVerdict
@@ -38,9 +39,11 @@ EMBEDDING_CHECK_SPECS = [
     dg.AssetCheckSpec(
         MODEL_PASSES_PROBES,
         asset=CUSTOMER_EMBEDDINGS,
+        blocking=True,
         partitions_def=batches,
-        description="Fixed probe texts sent to the model at each run (never from the cache):"
-        " each is nearer to its partner (a customer who buys the same) than to the others.",
+        description="Fixed probe texts sent to the model before it embeds the batch (never"
+        " from the cache): each is nearer to its partner (a customer who buys the same) than"
+        " to the others. A model that fails embeds nothing: the batch stops here.",
     ),
     dg.AssetCheckSpec(
         EMBEDDING_DRIFT,
@@ -64,10 +67,11 @@ class DriftLimits:
 
 def embedding_drift_result(
     drift: EmbeddingDrift | None, baseline_batches: int, limits: DriftLimits
-) -> dg.AssetCheckResult:
-    """WARN on a degenerate batch at once, on drift once `limits.min_baselines` batches exist."""
+) -> Verdict:
+    """WARN on a degenerate batch at once, on drift once `limits.min_baselines` batches exist;
+    no verdict otherwise."""
     if drift is None:
-        return _drift(True, {"note": "no vectors in this batch"})
+        return NotJudged(EMBEDDING_DRIFT, "no vectors in this batch")
     figures: dict = {"baseline_batches": baseline_batches}
     reasons = []
     if drift.spread is not None:  # a batch of one profile has no spread
@@ -75,7 +79,13 @@ def embedding_drift_result(
     if drift.spread is not None and drift.spread < limits.min_spread:
         reasons.append(f"every vector alike (spread {drift.spread:.2e})")
     if baseline_batches < limits.min_baselines or drift.mean_distance is None:
-        return _drift(not reasons, {**figures, "note": "no baseline yet", **_why(reasons)})
+        if reasons:  # degenerate: judged without a baseline
+            return _drift(False, {**figures, **_why(reasons)})
+        return NotJudged(
+            EMBEDDING_DRIFT,
+            f"{baseline_batches} earlier normal batches of this model, fewer than"
+            f" {limits.min_baselines}",
+        )
     threshold = max(limits.min_distance, limits.factor * drift.typical_distance)
     new_share = drift.new_profile_customer_share
     if drift.mean_distance > threshold:
@@ -116,7 +126,7 @@ SELECT
 
 def embedding_check_results(
     conn: duckdb.DuckDBPyConnection, batch_id: str, stage: str, dead_letter_threshold: float
-) -> list[dg.AssetCheckResult]:
+) -> list[Verdict]:
     [(customers, embedded)] = conn.execute(_COUNTS_SQL, {"batch_id": batch_id}).fetchall()
     dead = dead_letters.count_pending(conn, batch_id, stage)
     misplaced = count_not_placed_exactly_once(
@@ -131,6 +141,17 @@ def embedding_check_results(
     )
     share = dead / customers if customers else 0.0
     figures = {"customers": customers, "embedded": embedded, "dead_lettered": dead}
+    share_result = (
+        dg.AssetCheckResult(
+            asset_key=CUSTOMER_EMBEDDINGS,
+            check_name=DEAD_LETTER_SHARE_BELOW_THRESHOLD,
+            passed=share <= dead_letter_threshold,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={**figures, "dead_letter_share": share, "threshold": dead_letter_threshold},
+        )
+        if customers
+        else NotJudged(DEAD_LETTER_SHARE_BELOW_THRESHOLD, "the batch has no customer")
+    )
     return [
         dg.AssetCheckResult(
             asset_key=CUSTOMER_EMBEDDINGS,
@@ -139,26 +160,24 @@ def embedding_check_results(
             severity=dg.AssetCheckSeverity.ERROR,
             metadata={**figures, "customers_not_placed_exactly_once": misplaced},
         ),
-        dg.AssetCheckResult(
-            asset_key=CUSTOMER_EMBEDDINGS,
-            check_name=DEAD_LETTER_SHARE_BELOW_THRESHOLD,
-            passed=share <= dead_letter_threshold,
-            severity=dg.AssetCheckSeverity.WARN,
-            metadata={**figures, "dead_letter_share": share, "threshold": dead_letter_threshold},
-        ),
+        share_result,
     ]
 
 
-def probe_result(verdict: ProbeVerdict) -> dg.AssetCheckResult:
-    """WARN when the model's vectors do not follow the probe texts' meaning."""
-    metadata: dict = {"verdict": verdict.reason, "probe_texts": len(PROBE_TEXTS)}
+def probe_result(verdict: ProbeVerdict, model: str) -> dg.AssetCheckResult:
+    """Fails (blocking) when the model's vectors do not follow the probe texts' meaning; says
+    which model, and its figures."""
+    metadata: dict = {"verdict": verdict.reason, "probe_texts": len(PROBE_TEXTS), "model": model}
     if verdict.margin is not None:
         metadata |= {"margin": round(verdict.margin, 4), "misplaced_texts": verdict.misplaced}
+    said = f"the embedding model {model} {'passes' if verdict.passed else 'fails'} its probe"
+    said += f" texts: {verdict.reason}"
     return dg.AssetCheckResult(
         asset_key=CUSTOMER_EMBEDDINGS,
         check_name=MODEL_PASSES_PROBES,
         passed=verdict.passed,
-        severity=dg.AssetCheckSeverity.WARN,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=said,
         # one request per run, not in the batch's cost figures: its size, to add if wanted
         metadata={
             **metadata,

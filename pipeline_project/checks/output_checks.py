@@ -7,8 +7,15 @@ from collections import Counter
 import dagster as dg
 import duckdb
 
+from pipeline_project.checks.verdicts import NotJudged, Verdict
 from pipeline_project.core.recommendation_quality import HoldoutQuality, QualityVerdict
-from pipeline_project.core.recommendations import RULES, line_ranges, rejected_by_rule, rules_sql
+from pipeline_project.core.recommendations import (
+    RULES,
+    ListSpread,
+    line_ranges,
+    rejected_by_rule,
+    rules_sql,
+)
 from pipeline_project.partitions import batches
 
 NO_RULE_BROKEN = "no_validated_recommendation_breaks_a_rule"
@@ -87,8 +94,9 @@ def recommendation_check_results(
     min_confidence: float,
     max_predicted_value: float,
     rejected_share_ceiling: float,
+    rejected_total_ceiling: float = 0.5,
     chunk_lines: int = 200_000,
-) -> list[dg.AssetCheckResult]:
+) -> list[Verdict]:
     """Evaluate the checks on one batch's committed tables (never another partition), a range
     of `chunk_lines` lines at a time: memory does not grow with the batch."""
     [(top_n,)] = conn.execute(
@@ -114,6 +122,10 @@ def recommendation_check_results(
     rejected = rejected_by_rule(conn, batch_id)
     shares = {rule: (rejected.get(rule, 0) / total if total else 0.0) for rule in RULES}
     over = {rule: share for rule, share in shares.items() if share > rejected_share_ceiling}
+    # the rules together: 45% out of stock plus 45% already bought is 90% rejected
+    total_share = sum(rejected.get(rule, 0) for rule in RULES) / total if total else 0.0
+    if total_share > rejected_total_ceiling:
+        over["all rules together"] = total_share
     return [
         dg.AssetCheckResult(
             asset_key="validated_recommendations",
@@ -129,18 +141,26 @@ def recommendation_check_results(
             severity=dg.AssetCheckSeverity.WARN,
             description=_served_verdict(served),
             metadata={**served, "by_rule": dg.MetadataValue.json(dict(sorted(by_rule.items())))},
-        ),
+        )
+        if served["customers"]
+        else NotJudged(EVERY_CUSTOMER_SERVED, "the batch has no segmented customer"),
         dg.AssetCheckResult(
             asset_key="validated_recommendations",
             check_name=REJECTED_SHARE_BELOW_CEILING,
             passed=not over,
             severity=dg.AssetCheckSeverity.WARN,
+            description=f"{total_share:.1%} of the batch's recommendations rejected"
+            + (f"; over the ceiling: {', '.join(sorted(over))}" if over else ""),
             metadata={
                 **{f"rejected_share_{rule}": round(share, 4) for rule, share in shares.items()},
+                "rejected_share_total": round(total_share, 4),
                 "ceiling": rejected_share_ceiling,
+                "total_ceiling": rejected_total_ceiling,
                 "rules_over_ceiling": ", ".join(sorted(over)) or "none",
             },
-        ),
+        )
+        if total
+        else NotJudged(REJECTED_SHARE_BELOW_CEILING, "the batch has no recommendation"),
     ]
 
 
@@ -169,21 +189,26 @@ RECOMMENDATION_QUALITY = "recommendation_hit_rate_beats_popularity"
 RECOMMENDATION_QUALITY_SPEC = dg.AssetCheckSpec(
     RECOMMENDATION_QUALITY,
     asset="recommendations",
+    blocking=True,
     partitions_def=batches,  # preview, as above
-    description="Held-out last purchases of a sample of customers come back in the model's"
-    " top N no less often than in the most popular products' (beyond chance), not exactly as"
-    " often for the same customers, and not much less often than in the recent batches.",
+    description="Judged before the batch's recommendations are written: held-out last"
+    " purchases of a sample of customers come back in the model's top N more often than in the"
+    " most popular products' (by the configured lead, paired per customer), and not much less"
+    " often than in the recent batches. A model no better than popularity publishes nothing.",
 )
 
 
 def recommendation_quality_result(
     quality: HoldoutQuality, verdict: QualityVerdict, baseline_batches: int
-) -> dg.AssetCheckResult:
+) -> Verdict:
+    if verdict.passed is None:
+        return NotJudged(RECOMMENDATION_QUALITY, verdict.reason)
     return dg.AssetCheckResult(
         asset_key="recommendations",
         check_name=RECOMMENDATION_QUALITY,
         passed=verdict.passed,
-        severity=dg.AssetCheckSeverity.WARN,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=verdict.reason,
         metadata={
             "verdict": verdict.reason,
             "top_n": quality.top_n,
@@ -201,57 +226,48 @@ PERSONALIZED = "recommendations_differ_between_customers"
 PERSONALIZED_SPEC = dg.AssetCheckSpec(
     PERSONALIZED,
     asset="recommendations",
+    blocking=True,
     partitions_def=batches,  # preview, as above
-    description="Customers with different profiles get different top-N lists: no single list"
-    " goes to most of the batch's distinct profiles (a scorer that ignores the customer).",
+    description="Judged before the batch's recommendations are written: customers with"
+    " different profiles get different top-N lists, more lists than there are segments (a"
+    " scorer that gives each segment one list ignores the customer).",
 )
-
-# Per distinct profile of the batch, its top-N list; the lists' spread over the profiles.
-_LISTS_SQL = """
-WITH representative AS (  -- one customer per distinct profile: bounded by the profiles
-    SELECT text_hash, arg_min(customer_id, line_no) AS customer_id
-    FROM customer_segments WHERE batch_id = $batch_id GROUP BY text_hash
-), per_profile AS (
-    SELECT p.text_hash, list(r.product_id ORDER BY r.rank) AS products
-    FROM representative AS p
-    JOIN recommendations AS r ON r.batch_id = $batch_id AND r.customer_id = p.customer_id
-    GROUP BY p.text_hash
-), per_list AS (
-    SELECT products, count(*) AS profiles FROM per_profile GROUP BY products
-)
-SELECT coalesce(sum(profiles), 0), count(*), coalesce(max(profiles), 0),
-       (SELECT count(DISTINCT product_id) FROM recommendations WHERE batch_id = $batch_id)
-FROM per_list
-"""
 
 
 def personalization_result(
-    conn: duckdb.DuckDBPyConnection, batch_id: str, *, min_profiles: int, max_same_list_share: float
-) -> dg.AssetCheckResult:
-    """WARN when one top-N list goes to more than `max_same_list_share` of the batch's distinct
-    profiles; no verdict on fewer than `min_profiles` (customers alike get the same list)."""
-    [(profiles, lists, modal, products)] = conn.execute(
-        _LISTS_SQL, {"batch_id": batch_id}
-    ).fetchall()
-    share = modal / profiles if profiles else 0.0
-    judged = profiles >= min_profiles
-    passed = not judged or share <= max_same_list_share
-    verdict = (
-        f"{profiles} distinct profiles, fewer than {min_profiles}: no verdict"
-        if not judged
-        else f"the most common list goes to {share:.1%} of {profiles} distinct profiles"
-        + ("" if passed else f", above {max_same_list_share:.0%}: the scorer ignores the customer")
+    spread: ListSpread, segments: int, *, min_profiles: int, min_lists_per_segment: float
+) -> Verdict:
+    """Fails when the batch's distinct profiles get no more than `min_lists_per_segment` x the
+    segments' number of different top-N lists; no verdict on fewer than `min_profiles`
+    profiles, or fewer than twice the lists it would need (customers alike get the same list)."""
+    needed = min_lists_per_segment * segments
+    if spread.profiles < max(min_profiles, 2 * needed):
+        return NotJudged(
+            PERSONALIZED,
+            f"{spread.profiles} distinct profiles, fewer than max({min_profiles}, 2 x {needed:g}"
+            " lists): customers alike may share a list",
+        )
+    share = spread.most_common_list_profiles / spread.profiles
+    passed = spread.lists > needed
+    said = (
+        f"{spread.profiles} distinct profiles get {spread.lists} different top-N lists"
+        f" ({segments} segments; the most common list goes to {share:.1%} of them)"
     )
+    if not passed:
+        said += ": no more lists than segments, the scorer ignores the customer"
     return dg.AssetCheckResult(
         asset_key="recommendations",
         check_name=PERSONALIZED,
         passed=passed,
-        severity=dg.AssetCheckSeverity.WARN,
+        severity=dg.AssetCheckSeverity.ERROR,
+        description=said,
         metadata={
-            "verdict": verdict,
-            "distinct_profiles": profiles,
-            "distinct_lists": lists,
+            "verdict": said,
+            "distinct_profiles": spread.profiles,
+            "distinct_lists": spread.lists,
+            "segments": segments,
+            "min_lists": needed,
             "most_common_list_share": round(share, 4),
-            "products_recommended": products,
+            "products_recommended": spread.products,
         },
     )

@@ -10,6 +10,11 @@ import duckdb
 
 from pipeline_project.tables import CATALOG_VERSIONS, PRODUCT_CATALOG
 
+# One row per product ID, whatever the table holds (a warehouse whose catalog was committed
+# before it was judged may hold a duplicate): what every reader of the catalog reads.
+PRODUCTS = f"""(SELECT DISTINCT ON (product_id) * FROM {PRODUCT_CATALOG}
+    ORDER BY product_id, name, category, price, in_stock)"""
+
 # The content of the catalog table, whatever the order of the file's lines.
 CATALOG_DIGEST_SQL = f"""
 SELECT md5(coalesce(string_agg(product_id || '|' || name || '|' || category || '|' || price

@@ -24,6 +24,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline_project.core.catalog import PRODUCTS
 from pipeline_project.core.staging import write_staged
 from pipeline_project.tables import BATCHES, PRIOR_PURCHASES, WAREHOUSE_TABLES
 
@@ -41,7 +42,7 @@ WITH c AS ({customers}
     SELECT p.line_no, coalesce(cat.category, 'unknown') AS category, p.amount, p.purchased_at,
            p.quantity
     FROM ({purchases}) AS p
-    LEFT JOIN product_catalog AS cat ON cat.product_id = p.product_id
+    LEFT JOIN {PRODUCTS} AS cat ON cat.product_id = p.product_id
 ), as_of AS (
     SELECT $as_of::TIMESTAMPTZ AS as_of
 ), by_category AS (

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import duckdb
 import numpy as np
 
+from pipeline_project.core.catalog import PRODUCTS
 from pipeline_project.core.embedding_cache import with_vectors
 from pipeline_project.core.profiles import AS_OF_SQL, profiles_sql
 from pipeline_project.core.recommendations import ScoringInputs, score_profiles, segment_tables
@@ -81,7 +82,7 @@ SELECT centroid FROM segment_model WHERE model_version = $version AND embedding_
 ORDER BY segment_id
 """
 
-_IN_STOCK_SQL = "SELECT product_id FROM product_catalog WHERE coalesce(in_stock, false)"
+_IN_STOCK_SQL = f"SELECT product_id FROM {PRODUCTS} AS cat WHERE coalesce(in_stock, false)"
 
 _CHUNK = 256  # customers scored at once against every product
 
@@ -195,7 +196,7 @@ def _hits(order: np.ndarray, excluded: np.ndarray, held: np.ndarray, top_n: int)
 
 @dataclass(frozen=True)
 class QualityVerdict:
-    passed: bool
+    passed: bool | None  # None: not enough customers to judge
     reason: str
 
 
@@ -206,27 +207,29 @@ def quality_verdict(
     min_customers: int,
     min_baselines: int,
     min_ratio_to_recent: float,
-    max_z_behind: float,
+    min_lead_z: float,
 ) -> QualityVerdict:
-    """Fail when the model is not better than popularity: behind it by more than `max_z_behind`
-    standard errors (paired per customer: chance alone rarely puts a model that is as good that
-    far behind), or with exactly popularity's hits (it recommends the most popular products);
-    or when its hit rate is below `min_ratio_to_recent` of the median of its recent normal
-    batches. No verdict on fewer than `min_customers`."""
+    """Fail when the model is no better than popularity: its lead (paired per customer, in
+    standard errors) not above `min_lead_z`, or exactly popularity's hits (it recommends the
+    most popular products); or when its hit rate is below `min_ratio_to_recent` of the median
+    of its recent normal batches. No verdict on fewer than `min_customers` evaluated."""
     rate, popular = quality.model_hit_rate, quality.popularity_hit_rate
     if rate is None or quality.evaluated < min_customers:
         return QualityVerdict(
-            True, f"{quality.evaluated} customers evaluated, fewer than {min_customers}: no verdict"
+            None, f"{quality.evaluated} customers evaluated, fewer than {min_customers}"
         )
     n, z = quality.top_n, quality.lead_z
     said = (
         f"hit rate@{n} {rate:.3f} (popularity {popular:.3f}, {quality.evaluated} customers,"
         f" lead {z:+.1f} standard errors)"
     )
-    if z < -max_z_behind:
-        return QualityVerdict(False, f"{said}: the model is worse than popularity")
     if quality.model_hits and not quality.model_only + quality.popularity_only:
         return QualityVerdict(False, f"{said}: the model hits exactly popularity's customers")
+    if z <= min_lead_z:
+        return QualityVerdict(
+            False, f"{said}: the model is no better than popularity (a lead above"
+            f" {min_lead_z:+.1f} is required)",
+        )  # fmt: skip
     if len(recent_model_rates) >= min_baselines:
         typical = float(np.median(recent_model_rates))
         if rate < min_ratio_to_recent * typical:

@@ -19,6 +19,7 @@ scoring inputs and scoring a batch are here too.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline_project.core.catalog import PRODUCTS
 from pipeline_project.core.embedding_cache import with_vectors
 from pipeline_project.core.vectors import list_column_to_matrix
 
@@ -108,10 +110,10 @@ def score_profiles(
 # ---- product embeddings -------------------------------------------------------------------
 
 # Each catalog product's text; a source of embedding_cache.missing_texts.
-PRODUCT_TEXTS_SQL = """
+PRODUCT_TEXTS_SQL = f"""
 SELECT product_id, 'Product: ' || name || '. Category: ' || category || '.' AS text,
        md5('Product: ' || name || '. Category: ' || category || '.') AS text_hash
-FROM product_catalog
+FROM {PRODUCTS} AS cat
 """
 
 
@@ -135,10 +137,10 @@ def store_product_embeddings(conn: duckdb.DuckDBPyConnection, model: str, dimens
 # ---- scoring a batch ------------------------------------------------------------------------
 
 # Every catalog product with a vector: its price and whether it can be sold now.
-_PRODUCTS_SQL = """
+_PRODUCTS_SQL = f"""
 SELECT p.product_id, p.text_hash, cat.price, coalesce(cat.in_stock, false) AS in_stock
 FROM product_embeddings AS p
-JOIN product_catalog AS cat USING (product_id)
+JOIN {PRODUCTS} AS cat USING (product_id)
 WHERE p.model = $model AND p.dimensions = $dimensions
 """
 
@@ -311,38 +313,80 @@ class ScoredBatch:
     shortfalls: int  # customers with fewer than top_n products in stock and not bought
 
 
+def score_candidates(
+    conn: duckdb.DuckDBPyConnection,
+    batch_id: str,
+    model: str,
+    dimensions: int,
+    scoring: BatchScoring,
+    *,
+    depth: int,
+    segment_weight: float,
+    profile_chunk: int,
+) -> pa.Table:
+    """Each distinct profile of the batch scored once: its best `depth` products among those
+    the rules known before scoring allow (in stock, of a value above 0), ranked
+    (`candidate_rank`) with every part of their score. A few rows per profile: small."""
+    reader = with_vectors(
+        conn, _BATCH_PROFILES_SQL, model, dimensions, {"batch_id": batch_id}
+    ).to_arrow_reader(profile_chunk)
+    parts = [
+        _candidates(chunk, scoring, dimensions, depth=depth, segment_weight=segment_weight)
+        for chunk in reader
+    ]
+    return pa.concat_tables([_CANDIDATE_SCHEMA.empty_table(), *parts])
+
+
+@dataclass(frozen=True)
+class ListSpread:
+    """How many different top-N lists the batch's distinct profiles get."""
+
+    profiles: int
+    lists: int
+    most_common_list_profiles: int
+    products: int  # distinct products in the lists
+
+
+def list_spread(candidates: pa.Table, top_n: int) -> ListSpread:
+    """The profiles' top-N lists (their first top_n candidates), counted."""
+    top = candidates.filter(pc.less_equal(candidates["candidate_rank"], top_n))
+    lists = (
+        top.sort_by([("text_hash", "ascending"), ("candidate_rank", "ascending")])
+        .group_by("text_hash", use_threads=False)
+        .aggregate([("product_id", "list")])
+    )
+    counts = Counter(tuple(products) for products in lists["product_id_list"].to_pylist())
+    return ListSpread(
+        profiles=lists.num_rows,
+        lists=len(counts),
+        most_common_list_profiles=max(counts.values(), default=0),
+        products=len(pc.unique(top["product_id"])),
+    )
+
+
 def score_batch(
     conn: duckdb.DuckDBPyConnection,
     batch_id: str,
     model: str,
     dimensions: int,
     scoring: BatchScoring,
+    candidates: pa.Table,
     staging: dict[str, Path],
     *,
     top_n: int,
     segment_weight: float,
-    profile_chunk: int,
     customer_chunk: int = 200_000,
-    candidate_margin: int = 20,
+    depth: int,
 ) -> ScoredBatch:
-    """Every segmented customer's top-N products among those the rules known before scoring
-    allow (in stock, not bought by the customer in this batch or before, of a value above 0),
+    """Every segmented customer's top-N products among their profile's `candidates` (see
+    score_candidates, `depth` per profile) that they have not bought (in this batch or before),
     staged as Parquet parts of recommendations (and recommendation_shortfalls for customers
     with fewer than N such products).
 
-    Each distinct profile is scored once: its best `top_n + candidate_margin` products. A
-    customer who bought more than the margin of them is scored again at the full depth of the
-    catalog, so nobody gets fewer than N while N products clear those rules. Customers are
-    taken `customer_chunk` lines at a time: memory does not grow with the batch."""
-    reader = with_vectors(
-        conn, _BATCH_PROFILES_SQL, model, dimensions, {"batch_id": batch_id}
-    ).to_arrow_reader(profile_chunk)
-    depth = top_n + candidate_margin
-    parts = [
-        _candidates(chunk, scoring, dimensions, depth=depth, segment_weight=segment_weight)
-        for chunk in reader
-    ]
-    candidates = pa.concat_tables([_CANDIDATE_SCHEMA.empty_table(), *parts])
+    A customer who bought so many of their profile's candidates that fewer than N are left is
+    scored again at the full depth of the catalog, so nobody gets fewer than N while N products
+    clear the rules known before scoring. Customers are taken `customer_chunk` lines at a time:
+    memory does not grow with the batch."""
     profiles = len(pc.unique(candidates["text_hash"]))
     available = int(scoring.allowed.sum())
     conn.register("candidates", candidates)
@@ -511,7 +555,7 @@ def rules_sql(source: str) -> str:
              THEN 'implausible_value' END
     ], lambda rule: rule IS NOT NULL) AS failed_rules
     FROM {source} AS r
-    LEFT JOIN product_catalog AS c USING (product_id)
+    LEFT JOIN {PRODUCTS} AS c USING (product_id)
     LEFT JOIN ({BOUGHT_SQL}) AS bought
         ON bought.customer_id = r.customer_id AND bought.product_id = r.product_id
     WHERE r.batch_id = $batch_id AND r.line_no BETWEEN $first AND $last

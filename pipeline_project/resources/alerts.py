@@ -35,6 +35,7 @@ import requests
 from pydantic import Field, PrivateAttr
 from tenacity import Retrying, stop_after_attempt, stop_before_delay, wait_exponential_jitter
 
+from pipeline_project.core.personal_data import mask_personal
 from pipeline_project.resources.warehouse import DuckDBStore
 from pipeline_project.settings import AlertSettings, FreshnessSettings
 from pipeline_project.tables import ALERTS_DDL
@@ -152,14 +153,14 @@ class AlertSink(dg.ConfigurableResource):
     cooldown_seconds: float = Field(
         default=3600.0, description="A key that fired is not sent again within this time."
     )
-    error_rate_threshold: float = Field(
-        default=0.05, description="A batch's error rate above this alerts."
-    )
     freshness_warn_hours: float = Field(
-        default=12.0, description="No new batch for this long: freshness WARN."
+        default=36.0,
+        description="No new batch for this long: freshness WARN (until the sensor has learned"
+        " the batches' cadence).",
     )
     freshness_fail_hours: float = Field(
-        default=24.0, description="No new batch for this long: freshness FAIL."
+        default=72.0,
+        description="No new batch for this long: freshness FAIL (until the cadence is learned).",
     )
     _window: _DeliveryWindow | None = PrivateAttr(default=None)
 
@@ -174,7 +175,6 @@ class AlertSink(dg.ConfigurableResource):
             webhook_url=dg.EnvVar(WEBHOOK_URL_VARIABLE) if settings.webhook_configured else "",
             webhook_format=settings.webhook_format,
             cooldown_seconds=settings.cooldown_seconds,
-            error_rate_threshold=settings.error_rate_threshold,
             freshness_warn_hours=freshness.warn_hours,
             freshness_fail_hours=freshness.fail_hours,
         )
@@ -201,7 +201,12 @@ class AlertSink(dg.ConfigurableResource):
         figures: dict[str, Any] | None = None,
         run_id: str | None = None,
     ) -> AlertOutcome:
-        """Fire an alert, unless the same key fired within the cooldown or for this run."""
+        """Fire an alert, unless the same key fired within the cooldown or for this run. Its
+        message and text figures are stored, logged and sent with personal data masked."""
+        message = mask_personal(message)
+        figures = {
+            k: mask_personal(v) if isinstance(v, str) else v for k, v in (figures or {}).items()
+        }
         alert = _alert(severity, monitor, key, FIRING, message, batch_id, figures, run_id)
         initial = self._initial_webhook_status()
         alert_id = None
@@ -254,14 +259,13 @@ class AlertSink(dg.ConfigurableResource):
         batch_id: str,
         rate: float,
         log: logging.Logger | Any,
+        threshold: float,
         run_id: str | None = None,
-        threshold: float | None = None,
     ) -> AlertOutcome:
-        """A batch's error rate of `asset`: fires above `threshold` (default: this resource's
-        error_rate_threshold), resolves at or below it. A stage calls it inside its run; the
-        error_rate_alert_sensor calls it for the same materialization later and, finding the
-        alert stored for that run, raises nothing new."""
-        threshold = self.error_rate_threshold if threshold is None else threshold
+        """A batch's error rate of `asset`: fires above `threshold` (the stage's check's, the one
+        place it is read), resolves at or below it. A stage calls it inside its run; the
+        error_rate_alert_sensor calls it for the same materialization later (with the threshold
+        the stage recorded) and, finding the alert stored for that run, raises nothing new."""
         key = error_rate_key(asset, batch_id)
         if rate > threshold:
             return self.emit(
@@ -421,8 +425,14 @@ class AlertSink(dg.ConfigurableResource):
         icon = {"error": ":red_circle:", "warning": ":warning:"}.get(
             alert["severity"], ":white_check_mark:"
         )
-        head = f"{icon} [{alert['status']}] {alert['monitor']} {alert['key']}"
-        return {"text": f"{head}: {alert['message']}"}
+        # Slack reads <...> as links and mentions (<!channel>): what a user typed (a file
+        # name, a batch ID) is escaped the way Slack asks, & < > as entities.
+        text = f"[{alert['status']}] {alert['monitor']} {alert['key']}: {alert['message']}"
+        return {"text": f"{icon} {_slack_escape(mask_personal(text))}"}
+
+
+def _slack_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _alert(severity, monitor, key, status, message, batch_id, figures, run_id) -> dict:

@@ -106,16 +106,14 @@ def no_dep_blocking_check_failed() -> dg.AutomationCondition:
 def per_batch_automation(
     ignore: Sequence[str] = (),
     may_be_missing: Sequence[str] = (),
-    filled_in_after: Sequence[str] = (),
+    wait_for: Sequence[str] = (),
 ) -> dg.AutomationCondition:
     """Run a batch's stage once its upstream landed and every blocking check upstream passed.
 
     `ignore`: upstream assets whose updates never re-run old batches (the catalog).
     `may_be_missing`: upstream assets that do not hold a batch back while they do not exist yet
     (the segment model, which the first batch trains), but whose updates do re-run batches.
-    `filled_in_after`: ignored upstream assets that a batch waits for, and whose update fills in
-    the batches that are missing the stage (run before the catalog arrived, their stage skipped)
-    without re-running the others.
+    `wait_for`: ignored upstream assets that must exist before the stage runs (the catalog).
     """
     condition = dg.AutomationCondition.eager() & no_dep_blocking_check_failed()
     if may_be_missing:
@@ -127,20 +125,11 @@ def per_batch_automation(
         )
     if ignore:
         condition = condition.ignore(dg.AssetSelection.assets(*ignore))
-    if filled_in_after:
-        loaded = (
-            dg.AutomationCondition.missing()
-            & dg.AutomationCondition.any_deps_updated().allow(
-                dg.AssetSelection.assets(*filled_in_after)
-            )
-        ).since_last_handled()
-        fill_in = (
-            loaded
-            & ~dg.AutomationCondition.any_deps_in_progress()
-            & ~dg.AutomationCondition.in_progress()
-            & no_dep_blocking_check_failed()
-        ).with_label("catalog_loaded_and_missing")
-        condition = (condition | fill_in) & ~dg.AutomationCondition.any_deps_missing()
+    if wait_for:
+        missing = dg.AutomationCondition.any_deps_missing().allow(
+            dg.AssetSelection.assets(*wait_for)
+        )
+        condition = condition & ~missing
     return condition
 
 

@@ -33,7 +33,7 @@ from pipeline_project.tables import (
     lakehouse_ddl,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class WarehouseSchemaError(dg.Failure):
@@ -184,4 +184,18 @@ def _to_v2(conn: duckdb.DuckDBPyConnection) -> None:
         store_affinity(conn, model_version)
 
 
-MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {2: _to_v2}
+def _to_v3(conn: duckdb.DuckDBPyConnection) -> None:
+    """Version 3: a segment model records what it was trained on, a batch the catalog
+    vocabulary of its profiles (columns added above). Older models are not recorded (NULL):
+    the next batch segmented retrains the model once, on what is there. The batches embedded
+    already are taken as profiled with the catalog of now."""
+    from pipeline_project.core.catalog import vocabulary
+
+    conn.execute(
+        f"UPDATE {BATCHES} SET profile_vocabulary = ?"
+        " WHERE batch_id IN (SELECT batch_id FROM customer_embeddings)",
+        [vocabulary(conn)],
+    )
+
+
+MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {2: _to_v2, 3: _to_v3}

@@ -138,6 +138,9 @@ _TABLES = [
         _c("ingested_at", "TIMESTAMPTZ", False),
         _c("accepted", "BOOLEAN", False),
         _c("validated_at", "TIMESTAMPTZ", False),
+        # the catalog's vocabulary (core/catalog.vocabulary) its profiles were built with;
+        # NULL: built without a catalog (rebuilt once one is there)
+        _c("profile_vocabulary", "VARCHAR", False),
     ),
     _table(
         CUSTOMERS,
@@ -244,6 +247,11 @@ _TABLES = [
         _c("embedding_model", "VARCHAR"),
         _c("dimensions", "INTEGER"),
         _c("trained_at", "TIMESTAMPTZ"),
+        # what it was trained on: a model trained on less, or on another vocabulary, than the
+        # profiles it would score is retrained (customer_segments); NULL: not recorded
+        _c("trained_batches", "BIGINT", False),
+        _c("trained_profiles", "BIGINT", False),
+        _c("vocabulary", "VARCHAR", False),
     ),
     # What each segment of a model version bought, learned with the model from the customers it
     # was trained on: recommendations read it, never the purchases of other batches.

@@ -143,3 +143,15 @@ def pytest_report_header(config: pytest.Config) -> str | None:
         "DuckLake tests (marker ducklake) are deselected in this environment: they run in the"
         " scale-out one (.venv-lake/bin/pytest -m ducklake, part of the README's test command)"
     )
+
+
+@pytest.fixture(autouse=True)
+def same_api_port():
+    """One loopback port per test for the OpenAI-compatible test servers: the endpoint is part
+    of the embedding cache's key, and a server started again is the same API."""
+    from pipeline_project_tests import openai_servers
+    from pipeline_project_tests.helpers import free_port
+
+    openai_servers.API_PORT[0] = free_port()
+    yield
+    openai_servers.API_PORT[0] = 0

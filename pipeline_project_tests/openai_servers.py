@@ -72,6 +72,10 @@ class Request:
     action: str
 
 
+# The port FaultyEmbeddingsServer serves on unless told (set per test by conftest).
+API_PORT = [0]
+
+
 @dataclass
 class FaultyEmbeddingsServer:
     """`requests` are the batches' own; the pipeline's probe texts (one request per run) are in
@@ -81,6 +85,10 @@ class FaultyEmbeddingsServer:
     rules: list[Rule] = field(default_factory=list)
     meaning: bool = True  # False: random vectors, a model that returns well-formed nonsense
     fault_probes: bool = False
+    # The endpoint is part of the embedding cache's key: the servers one test starts one
+    # after another (an outage, then the API back) serve on one port, the same API to the
+    # pipeline (conftest's same_api_port; 0 outside a test: a free port).
+    port: int = field(default_factory=lambda: API_PORT[0])
     requests: list[Request] = field(default_factory=list)
     probe_requests: list[Request] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -97,8 +105,8 @@ class FaultyEmbeddingsServer:
 
     @contextmanager
     def running(self) -> Iterator[str]:
-        """Serve on a free loopback port; yields the base URL."""
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        """Serve on a loopback port (`port`, else a free one); yields the base URL."""
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler(self))
         server.daemon_threads = True
         thread = threading.Thread(target=server.serve_forever, daemon=True)
         thread.start()

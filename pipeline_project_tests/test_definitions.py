@@ -96,11 +96,11 @@ def freshness_windows(defs, asset: str) -> tuple[timedelta, timedelta] | None:
     return policy.warn_window.to_timedelta(), policy.fail_window.to_timedelta()
 
 
-def test_the_defaults_tick_every_30_seconds_and_expect_a_batch_every_12_and_24_hours(defs):
+def test_the_defaults_tick_every_30_seconds_and_expect_a_batch_every_36_and_72_hours(defs):
     for sensor in ALERTING_SENSOR_NAMES:
         assert defs.resolve_sensor_def(sensor).minimum_interval_seconds == 30
     for asset in FRESHNESS_MONITORED:
-        assert freshness_windows(defs, asset) == (timedelta(hours=12), timedelta(hours=24))
+        assert freshness_windows(defs, asset) == (timedelta(hours=36), timedelta(hours=72))
 
 
 def test_resources_are_configured_from_the_settings(settings):

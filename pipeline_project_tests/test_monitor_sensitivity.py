@@ -37,5 +37,5 @@ def test_each_broken_output_publishes_nothing_and_alerts_and_normal_batches_stay
     assert summary["normal_batches"] == 11 and summary["normal_batches_alerted"] == []
     normal = [b for b in summary["batches"] if b["kind"] == "normal"]
     assert all(b["run_succeeded"] and b["published"] > 0 for b in normal)
-    # every normal batch's model beats popularity on its held-out purchases
-    assert all(b["hit_rate"] > b["popularity_hit_rate"] and b["lead_z"] > 0 for b in normal)
+    # 3,000 rows evaluate fewer customers than the quality gate needs: not judged, never passed
+    assert all(b["hit_rate"] is None for b in summary["batches"])

@@ -165,7 +165,7 @@ def test_freshness_policies_on_the_ingestion_and_final_assets(defs):
     graph = defs.resolve_asset_graph()
     for key in ("raw_customers", "validated_recommendations"):
         policy = graph.get(dg.AssetKey(key)).freshness_policy
-        assert policy is not None and policy.fail_window.to_timedelta().total_seconds() == 24 * 3600
+        assert policy is not None and policy.fail_window.to_timedelta().total_seconds() == 72 * 3600
 
 
 def test_pipeline_health_summarizes_runs_failures_batches_and_dead_letters(

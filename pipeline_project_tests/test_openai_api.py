@@ -11,16 +11,20 @@ from pipeline_project.definitions import build_definitions
 from pipeline_project_tests.helpers import (
     FAKE_KEY,
     embedding_metadata,
+    free_port,
     materialize,
+    not_judged,
     openai_embedder,
     rows,
 )
 from pipeline_project_tests.openai_servers import FaultyEmbeddingsServer, Rule
 
 
-def run_with_faults(settings, instance, rules, config=None, server=None, **embedder_settings):
+def run_with_faults(
+    settings, instance, rules, config=None, server=None, port=0, **embedder_settings
+):
     """The batch up to inference against the loopback server with these fault rules."""
-    server = server or FaultyEmbeddingsServer(rules=rules)
+    server = server or FaultyEmbeddingsServer(rules=rules, port=port)
     with server.running() as url:
         result = materialize(
             settings, instance, openai_embedder(url, **embedder_settings), config=config
@@ -146,7 +150,10 @@ def test_each_batch_reports_its_tokens_requests_and_cost_and_what_the_cache_save
     settings, instance, four_profiles, api_key
 ):
     price = 2.0  # per million tokens
-    server, first = run_with_faults(settings, instance, [], price_per_million_tokens=price)
+    port = free_port()  # one endpoint: one model in the cache's key
+    server, first = run_with_faults(
+        settings, instance, [], port=port, price_per_million_tokens=price
+    )
     assert first.success
     meta = embedding_metadata(first)
     texts = sum(len(r.texts) for r in server.requests)
@@ -158,7 +165,9 @@ def test_each_batch_reports_its_tokens_requests_and_cost_and_what_the_cache_save
     assert meta["tokens_saved_by_cache"] == 0 and meta["cost_saved_by_cache"] == 0
     # the same batch again: every text from the cache, nothing sent; with no count from the
     # API in this run, the saving is estimated from the texts' characters
-    server, second = run_with_faults(settings, instance, [], price_per_million_tokens=price)
+    server, second = run_with_faults(
+        settings, instance, [], port=port, price_per_million_tokens=price
+    )
     again = embedding_metadata(second)
     assert server.requests == [] and again["requests"] == 0 and again["tokens_used"] == 0
     assert len(server.probe_requests) == 1  # the model itself is probed at every run
@@ -198,19 +207,23 @@ def probe_check(result):
 def test_a_model_returning_well_formed_random_vectors_fails_the_probe_texts(
     settings, instance, four_profiles, api_key
 ):
-    sane, result = run_with_faults(settings, instance, [])
+    port = free_port()
+    sane, result = run_with_faults(settings, instance, [], port=port)
     check, meta = probe_check(result)
     assert check.passed and meta["misplaced_texts"] == 0 and meta["margin"] > 0
     assert len(sane.probe_requests) == 1 and len(sane.probe_requests[0].texts) == 10
-    # the same API, its model now returning random unit vectors: every vector valid, no dead
-    # letter, the batch's cached vectors unchanged; only the probes can tell
-    nonsense = FaultyEmbeddingsServer(meaning=False)
+    before = rows(settings, "SELECT * FROM customer_embeddings ORDER BY ALL")
+    # the same API, its model now returning random unit vectors (every vector valid): the
+    # probes, judged before anything is embedded, stop the batch (blocking), naming the model
+    nonsense = FaultyEmbeddingsServer(meaning=False, port=port)
     _, result = run_with_faults(settings, instance, [], server=nonsense)
-    assert result.success and nonsense.requests == []  # every profile from the cache
+    assert not result.success and nonsense.requests == []  # nothing sent but the probes
     check, meta = probe_check(result)
-    assert not check.passed and check.severity.value == "WARN"
+    assert not check.passed and check.severity.value == "ERROR"
     assert meta["misplaced_texts"] > 0 and meta["margin"] < 0
     assert "do not follow meaning" in meta["verdict"]
+    assert meta["model"] in check.description and "fails its probe texts" in check.description
+    assert rows(settings, "SELECT * FROM customer_embeddings ORDER BY ALL") == before
 
 
 def test_a_failed_probe_request_is_no_verdict_and_leaks_nothing(
@@ -221,7 +234,12 @@ def test_a_failed_probe_request_is_no_verdict_and_leaks_nothing(
     _, result = run_with_faults(
         settings, instance, [], server=down, config={"max_failed_chunk_share": 1.0}
     )
-    check, meta = probe_check(result)
     assert len(down.probe_requests) == 1 and down.probe_requests[0].action == "500"
-    assert check.passed and meta["verdict"].startswith("no verdict: the probe request failed")
-    assert FAKE_KEY not in repr(meta)
+    # no verdict: no result at all (never "passed"), and why, with nothing of the answer
+    assert not [
+        e for e in result.get_asset_check_evaluations()
+        if e.check_name == "embedding_model_passes_probe_texts"
+    ]  # fmt: skip
+    reason = not_judged(result)["embedding_model_passes_probe_texts"]
+    assert reason.startswith("the probe request failed")
+    assert FAKE_KEY not in reason

@@ -1,6 +1,7 @@
 """Recommendations: scored with their parts, filtered by the business rules, checked per batch."""
 
 import math
+from datetime import UTC, datetime
 
 import dagster as dg
 import duckdb
@@ -12,7 +13,7 @@ from pipeline_project.definitions import build_definitions
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import LocalE5Embedder
 from pipeline_project.sample_data import CATEGORIES, write_catalog
-from pipeline_project_tests.helpers import customer, write_lines
+from pipeline_project_tests.helpers import customer, settle, write_lines
 
 PER_CATEGORY = 4  # a 40-product catalog: P00001-P00004 electronics, P00005-P00008 books, ...
 TABLES = [
@@ -274,15 +275,17 @@ def materialized(instance, asset: str) -> set[str]:
     return set(instance.get_materialized_partitions(dg.AssetKey(asset)))
 
 
-def requested(tick, partition: str) -> set[str]:
-    """The assets an automation tick requests for one batch."""
-    return {
-        r.key.to_user_string()
-        for r in tick.results
-        if r.true_subset.size
-        and r.true_subset.is_partitioned
-        and partition in r.true_subset.get_internal_subset_value().get_partition_keys()
-    }
+def requested(tick, partition: str, instance=None) -> set[str]:
+    """The assets an automation tick requests for one batch (`instance`: for a subset of every
+    partition, which reads the dynamic partitions)."""
+    with dg.partition_loading_context(datetime.now(UTC), instance):
+        return {
+            r.key.to_user_string()
+            for r in tick.results
+            if r.true_subset.size
+            and r.true_subset.is_partitioned
+            and partition in r.true_subset.get_internal_subset_value().get_partition_keys()
+        }
 
 
 def test_without_a_catalog_the_recommendation_stages_are_skipped_not_empty(settings, instance):
@@ -330,11 +333,13 @@ def test_validated_recommendations_launched_alone_without_a_catalog_are_skipped(
     assert materialized(instance, "validated_recommendations") == set()
 
 
-def test_a_batch_skipped_for_want_of_a_catalog_gets_its_recommendations_once_it_arrives(
+def test_a_batch_run_before_the_catalog_is_re_profiled_and_re_segmented_when_it_arrives(
     settings, instance
 ):
     """Acts as the daemon after the demo ran a batch without a catalog: the catalog file
-    arrives, catalog_job loads it, and automation fills in the batch's recommendations."""
+    arrives, catalog_job loads it, and the batch's profiles are rebuilt with its categories
+    (rescore_sensor, from customer_embeddings), its segment model retrained on them, and only
+    then scored: never its category-less profiles."""
     write_lines(settings.landing_dir / "b1.jsonl", [shopper(i, "books") for i in range(4)])
     defs = build_definitions(settings, embedder=LocalE5Embedder())
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance)
@@ -343,31 +348,45 @@ def test_a_batch_skipped_for_want_of_a_catalog_gets_its_recommendations_once_it_
     assert job.execute_in_process(partition_key="b1", instance=instance).success
     tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
     assert requested(tick, "b1") == set()  # no catalog yet: a run would only skip again
+    assert rows(settings, "SELECT DISTINCT profile_text LIKE '%unknown%' FROM customer_embeddings")[
+        0
+    ] == (True,)
+    [(version, vocabulary)] = rows(
+        settings, "SELECT DISTINCT model_version, vocabulary FROM segment_model"
+    )
+    assert (version, vocabulary) == (1, None)  # trained without a catalog
 
     write_catalog(settings.catalog_path, n_products=len(CATEGORIES) * PER_CATEGORY, seed=2)
     catalog_job = defs.resolve_job_def("catalog_job")
     assert catalog_job.execute_in_process(instance=instance).success
-    requests = []
-    for _ in range(4):
-        tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
-        wanted = requested(tick, "b1")
-        if not wanted:
-            break
-        requests.append(wanted)
+    # what automation asks for now (the stage it waited for) scores nothing on the old
+    # profiles; the rescore sensor rebuilds them, then scores
+    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
+    wanted = requested(tick, "b1", instance)
+    if wanted:
         selection = [dg.AssetKey(a) for a in wanted]
         assert job.execute_in_process(
             partition_key="b1", instance=instance, asset_selection=selection
         ).success
-    assert requests == [set(RECOMMENDATION_ASSETS)]  # one run, once
+    assert rows(settings, "SELECT count(*) FROM recommendations") == [(0,)]
+    assert settle(defs, instance) == ["b1"]
+    assert rows(
+        settings, "SELECT count(*) FROM customer_embeddings WHERE profile_text LIKE '%unknown%'"
+    ) == [(0,)]
+    newest = rows(
+        settings,
+        "SELECT model_version, vocabulary IS NOT NULL FROM segment_model"
+        " ORDER BY model_version DESC LIMIT 1",
+    )
+    assert newest == [(2, True)]  # retrained on the rebuilt profiles
+    assert rows(settings, "SELECT DISTINCT model_version FROM customer_segments") == [(2,)]
+    assert rows(settings, "SELECT count(*) FROM recommendations") == [(4 * 5,)]
     assert {a: materialized(instance, a) for a in RECOMMENDATION_ASSETS} == {
         a: {"b1"} for a in RECOMMENDATION_ASSETS
     }
-    assert rows(settings, "SELECT count(*) FROM recommendations") == [(4 * 5,)]
-
-    # A reload of the catalog does not re-run a batch that has its recommendations.
+    # A reload of the same catalog re-runs nothing.
     assert catalog_job.execute_in_process(instance=instance).success
-    tick = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=tick.cursor)
-    assert requested(tick, "b1") == set()
+    assert settle(defs, instance) == []
 
 
 def test_the_checks_alone_judge_the_stored_recommendations(settings, instance, small_catalog):

@@ -57,7 +57,7 @@ def test_stable_order_keeps_ids_when_a_retrain_permutes_centroids():
     assert list(stable_order(None, new)) == [0, 1, 2, 3]
 
 
-def materialize(settings, instance, batch_id, stages=SEGMENT_STAGES, embedder=None):
+def materialize(settings, instance, batch_id, stages=SEGMENT_STAGES, embedder=None, config=None):
     defs = build_definitions(settings, embedder=embedder or LocalE5Embedder())
     catalog = defs.resolve_job_def("catalog_job").execute_in_process(
         instance=instance, asset_selection=[dg.AssetKey("product_catalog")]
@@ -66,7 +66,10 @@ def materialize(settings, instance, batch_id, stages=SEGMENT_STAGES, embedder=No
     if batch_id not in instance.get_dynamic_partitions("batches"):
         instance.add_dynamic_partitions("batches", [batch_id])
     result = defs.resolve_job_def("batch_pipeline_job").execute_in_process(
-        partition_key=batch_id, instance=instance, asset_selection=[dg.AssetKey(s) for s in stages]
+        partition_key=batch_id,
+        instance=instance,
+        asset_selection=[dg.AssetKey(s) for s in stages],
+        run_config={"ops": {"customer_segments": {"config": config}}} if config else {},
     )
     assert result.success
     return defs, result
@@ -106,16 +109,16 @@ def test_first_batch_bootstraps_the_model_and_ids_stay_stable_for_the_next(
         for k in ("customer_segments", "segment_model")
     )
     assert model_meta.metadata["model_version"].value == 1
-    assert segments_meta.metadata["bootstrapped_segment_model"].value is True
+    assert segments_meta.metadata["trained_segment_model"].value is True
     model_events = instance.fetch_materializations(dg.AssetKey("segment_model"), limit=5).records
     assert (
         len(model_events) == 1
-        and "bootstrapped" in model_events[0].asset_materialization.description
+        and "trained by customer_segments" in model_events[0].asset_materialization.description
     )
 
     _, second = materialize(settings, instance, "b2")
     [segments_meta] = second.asset_materializations_for_node("customer_segments")  # no bootstrap
-    assert segments_meta.metadata["bootstrapped_segment_model"].value is False
+    assert segments_meta.metadata["trained_segment_model"].value is False
     b1, b2 = segments_by_profile(settings, "b1"), segments_by_profile(settings, "b2")
     assert b1 == b2 and len(b1) >= 4
     assert {version for _, version in b1.values()} == {1}
@@ -219,3 +222,45 @@ def test_segment_share_drift_gives_no_verdict_before_three_earlier_batches(
         "1 earlier comparable batches, fewer than 3"
         in (not_judged(result)["segment_share_drift_below_threshold"])
     )
+
+
+def test_a_model_trained_on_fewer_profiles_than_the_minimum_is_retrained_by_the_next_batch(
+    settings, instance, catalog
+):
+    """The first small batch must not rule until the weekly retrain: while the model was
+    trained on fewer distinct profiles than min_training_profiles, the next batch segmented
+    retrains it on everything there is (and says why); once enough, the model stays."""
+
+    def batch(first: int) -> list[str]:
+        return [buyer(first + i, CATEGORY_MIX[i % 6], purchases=1 + i % 4,
+                      amount=15.0 * (1 + i % 5)) for i in range(24)]  # fmt: skip
+
+    def trained(result) -> tuple[bool, int]:
+        [segments] = [
+            m for m in result.asset_materializations_for_node("customer_segments")
+            if m.asset_key == dg.AssetKey("customer_segments")
+        ]  # fmt: skip
+        return segments.metadata["trained_segment_model"].value, segments.metadata[
+            "model_version"
+        ].value
+
+    small = {"min_training_profiles": 10_000}
+    for i, batch_id in enumerate(["b1", "b2"]):
+        write_lines(settings.landing_dir / f"{batch_id}.jsonl", batch(100 * i))
+        _, result = materialize(settings, instance, batch_id, config=small)
+        assert trained(result) == (True, i + 1)
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as conn:
+        [(batches, profiles)] = conn.execute(
+            "SELECT DISTINCT trained_batches, trained_profiles FROM segment_model"
+            " WHERE model_version = 2"
+        ).fetchall()
+    assert batches == 2 and profiles > 0
+    events = instance.fetch_materializations(dg.AssetKey("segment_model"), limit=1).records
+    assert "trained on 1 batches" in events[0].asset_materialization.metadata["why"].value
+    # the same batch again adds nothing to train on: no retrain
+    _, again = materialize(settings, instance, "b2", config=small)
+    assert trained(again) == (False, 2)
+    # a model trained on enough is kept
+    write_lines(settings.landing_dir / "b3.jsonl", batch(300))
+    _, third = materialize(settings, instance, "b3", config={"min_training_profiles": 1})
+    assert trained(third) == (False, 2)

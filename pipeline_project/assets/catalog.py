@@ -13,6 +13,7 @@ from pipeline_project.core.embedding_cache import missing_texts
 from pipeline_project.core.inference import CircuitBreakerOpen, embed_into_cache
 from pipeline_project.core.publications import live_batches
 from pipeline_project.core.recommendations import PRODUCT_TEXTS_SQL, store_product_embeddings
+from pipeline_project.core.segmentation import batches_to_reprofile
 from pipeline_project.policies import (
     DUCKDB_WRITER_POOL,
     STAGE_RETRY_POLICY,
@@ -20,7 +21,7 @@ from pipeline_project.policies import (
 )
 from pipeline_project.resources import LandingZone, Warehouse
 from pipeline_project.resources.embeddings import Embedder
-from pipeline_project.sensors.rescore import RESCORE_METADATA
+from pipeline_project.sensors.rescore import REPROFILE_METADATA, RESCORE_METADATA
 from pipeline_project.tables import PRODUCT_CATALOG, PRODUCT_EMBEDDINGS
 
 _LOAD_SQL = """
@@ -137,6 +138,8 @@ def product_embeddings(
     for attempt in warehouse.write_attempts():
         with attempt, warehouse.transaction() as conn:
             store_product_embeddings(conn, model, dimensions)
+            # profiles built with another vocabulary (or none): rebuilt from their profiles
+            reprofile = batches_to_reprofile(conn, model, dimensions)
             # the batches holding current answers scored with another catalog: re-scored
             stale = live_batches(
                 conn,
@@ -146,6 +149,7 @@ def product_embeddings(
     return dg.MaterializeResult(
         metadata={
             RESCORE_METADATA: dg.MetadataValue.json(stale),
+            REPROFILE_METADATA: dg.MetadataValue.json(reprofile),
             **one_table_metadata(warehouse, PRODUCT_EMBEDDINGS, None),
             "texts_embedded": len(outcome.vectors),
             "model_calls": outcome.model_calls,

@@ -22,6 +22,7 @@ from pipeline_project.checks.model_checks import (
 )
 from pipeline_project.checks.verdicts import NotJudged, Verdict, judged, not_judged
 from pipeline_project.core import dead_letters
+from pipeline_project.core.catalog import vocabulary
 from pipeline_project.core.embedding_cache import missing_texts, text_characters
 from pipeline_project.core.embedding_drift import batch_vectors, embedding_drift
 from pipeline_project.core.inference import (
@@ -52,6 +53,7 @@ from pipeline_project.policies import (
 from pipeline_project.resources import AlertSink, Warehouse
 from pipeline_project.resources.embeddings import Embedder
 from pipeline_project.tables import (
+    BATCHES,
     CUSTOMER_EMBEDDINGS,
     CUSTOMER_PURCHASES,
     CUSTOMERS,
@@ -154,19 +156,9 @@ def customer_embeddings(
             f" {len(staged.missing):,} not in the cache for {model}"
         )
         outcome = _embed(context, warehouse, embedder, staged.missing, config, batch_id)
-        for attempt in warehouse.write_attempts():
-            with (
-                attempt,
-                warehouse.replace_batch(
-                    [CUSTOMER_EMBEDDINGS, PRIOR_PURCHASES], batch_id,
-                    dead_letter_stage=INFERENCE_STAGE,
-                ) as conn,
-            ):  # fmt: skip
-                store_prior_purchases(conn, staged.prior_file if staged.prior else None)
-                dead_by_reason = store_embeddings(
-                    conn, batch_id, INFERENCE_STAGE, model, dimensions, staged.profiles, outcome
-                )
-                dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
+        dead_by_reason, dead_letter_total = _store(
+            warehouse, batch_id, staged, outcome, model, dimensions
+        )
     seconds = time.perf_counter() - started
     checks = [probe, *_checks(context, warehouse, embedder, config)]
     figures = batch_figures(
@@ -193,6 +185,33 @@ class _Staged:
     distinct: int  # distinct profiles
     missing: list[tuple[str, str]]  # (text_hash, text) not in the cache for the model
     chars: int  # characters of the distinct texts
+    vocabulary: str | None  # the catalog's, as the profiles read it (None: no catalog)
+
+
+def _store(
+    warehouse: Warehouse, batch_id: str, staged: _Staged, outcome, model: str, dimensions: int
+) -> tuple[dict, int]:
+    """The batch's prior purchases, embeddings and dead letters in one transaction; returns
+    the dead letters by reason and the queue's pending total."""
+    for attempt in warehouse.write_attempts():
+        with (
+            attempt,
+            warehouse.replace_batch(
+                [CUSTOMER_EMBEDDINGS, PRIOR_PURCHASES], batch_id,
+                dead_letter_stage=INFERENCE_STAGE,
+            ) as conn,
+        ):  # fmt: skip
+            store_prior_purchases(conn, staged.prior_file if staged.prior else None)
+            # what the profiles read of the catalog: a new vocabulary rebuilds them
+            conn.execute(
+                f"UPDATE {BATCHES} SET profile_vocabulary = ? WHERE batch_id = ?",
+                [staged.vocabulary, batch_id],
+            )
+            dead_by_reason = store_embeddings(
+                conn, batch_id, INFERENCE_STAGE, model, dimensions, staged.profiles, outcome
+            )
+            dead_letter_total = dead_letters.pending_total(conn, INFERENCE_STAGE)
+    return dead_by_reason, dead_letter_total
 
 
 def _stage(
@@ -204,12 +223,15 @@ def _stage(
     prior_file = scratch / PRIOR_PURCHASES / "part-0.parquet"
     prior_file.parent.mkdir()
     with warehouse.get_connection() as conn:
+        words = vocabulary(conn)
         prior, returning = stage_prior_purchases(conn, batch_id, prior_file)
         customers, distinct = stage_profiles(conn, batch_id, scratch, config.profile_chunk_rows)
         texts = {"profiles": profiles}
         missing = missing_texts(conn, STAGED_TEXTS_SQL, model, dimensions, texts)
         chars = text_characters(conn, STAGED_TEXTS_SQL, texts)
-    return _Staged(profiles, prior_file, prior, returning, customers, distinct, missing, chars)
+    return _Staged(
+        profiles, prior_file, prior, returning, customers, distinct, missing, chars, words
+    )
 
 
 def _cost(embedder: Embedder, embedded: list[tuple[str, str]], chars: int) -> TextCost:

@@ -20,6 +20,7 @@ from pipeline_project.core.segmentation import (
     assign_batch,
     latest_segment_model,
     segment_model_figures,
+    stale_reason,
     train_and_store,
 )
 from pipeline_project.policies import (
@@ -49,6 +50,15 @@ class SegmentModelConfig(dg.Config):
     epochs: int = Field(default=3, description="Passes over the training vectors.")
     chunk_vectors: int = Field(default=10_000, description="Vectors read per training chunk.")
     seed: int = Field(default=0, description="Random seed: same data, same model.")
+    min_training_profiles: int = Field(
+        default=200,
+        description="A model trained on fewer distinct profiles is retrained by the next batch"
+        " segmented while there are more (the first batches must not rule for a week).",
+    )
+    min_training_batches: int = Field(
+        default=1,
+        description="Likewise for the batches it was trained on (1: the profiles decide).",
+    )
 
 
 def segment_model_metadata(
@@ -137,13 +147,7 @@ def customer_segments(
         return
     usage = StepUsage()
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
-    # The first batches to arrive train the first model once between them (lock, look again).
-    with warehouse.locked_transaction(SEGMENT_MODEL) as conn:
-        current = latest_segment_model(conn, model, dimensions)
-        bootstrapped = current is None
-        if current is None:
-            current = _bootstrap_segment_model(context, conn, model, dimensions, config)
-    version, centroids = current
+    version, centroids, trained_here = _fit_model(context, warehouse, model, dimensions, config)
     for attempt in warehouse.write_attempts():
         with attempt, warehouse.replace_batch([CUSTOMER_SEGMENTS], batch_id) as conn:
             assigned = assign_batch(conn, batch_id, model, dimensions, version, centroids)
@@ -162,7 +166,7 @@ def customer_segments(
             **not_judged([drift], context.log),
             **one_table_metadata(warehouse, CUSTOMER_SEGMENTS, assigned.customers),
             "model_version": version,
-            "bootstrapped_segment_model": bootstrapped,
+            "trained_segment_model": trained_here,
             "distinct_profiles": assigned.distinct_profiles,
             "segment_shares": dg.MetadataValue.json(assigned.shares),
             "segment_counts": dg.MetadataValue.json(
@@ -175,21 +179,51 @@ def customer_segments(
     yield from judged([drift])
 
 
-def _bootstrap_segment_model(
+def _fit_model(
+    context: dg.AssetExecutionContext,
+    warehouse: Warehouse,
+    model: str,
+    dimensions: int,
+    config: SegmentModelConfig,
+) -> tuple[int, np.ndarray, bool]:
+    """The segment model to assign with: its version, centroids, and whether this step trained
+    it. The first batches to arrive train the first model once between them (lock, look
+    again); a model trained on less than the minimum, or on another catalog vocabulary than
+    the profiles it would score (all rebuilt), is retrained here first."""
+    limits = {
+        "min_profiles": config.min_training_profiles,
+        "min_batches": config.min_training_batches,
+    }
+    with warehouse.locked_transaction(SEGMENT_MODEL) as conn:
+        current = latest_segment_model(conn, model, dimensions)
+        reason = (
+            "no segment model yet"
+            if current is None
+            else stale_reason(conn, model, dimensions, current[0], **limits)
+        )
+        if reason is not None:
+            current = _train_in_step(context, conn, model, dimensions, config, reason)
+    return current[0], current[1], reason is not None
+
+
+def _train_in_step(
     context: dg.AssetExecutionContext,
     conn: duckdb.DuckDBPyConnection,
     model: str,
     dimensions: int,
     config: SegmentModelConfig,
+    reason: str,
 ) -> tuple[int, np.ndarray]:
-    """The first segment model, trained by the batch that needs it and reported as a
-    materialization of segment_model."""
+    """A segment model trained by the batch that needs it (the first one, or one whose model
+    is not fit: `reason`), reported as a materialization of segment_model; rescore_sensor
+    then re-scores the batches another version scored."""
     version, trained = train_and_store(conn, model, dimensions, config)
+    context.log.info(f"segment model v{version} trained for {context.partition_key}: {reason}")
     context.log_event(
         dg.AssetMaterialization(
             asset_key=SEGMENT_MODEL_KEY,
-            description=f"bootstrapped by customer_segments for batch {context.partition_key}",
-            metadata=segment_model_metadata(conn, version, trained, model),
+            description=f"trained by customer_segments for batch {context.partition_key}: {reason}",
+            metadata={**segment_model_metadata(conn, version, trained, model), "why": reason},
         )
     )
     return version, trained.centroids

@@ -112,17 +112,9 @@ def validated_customers(
         staging,
     ):
         summary = validate_batch(
-            conn,
-            batch_id,
-            raw_file,
-            staging,
-            chunk_rows=config.chunk_rows,
-            max_line_bytes=config.max_line_bytes,
-            limits=Limits(
-                config.max_purchase_amount, timedelta(hours=config.purchase_date_tolerance_hours)
-            ),
-            on_chunk=progress,
-        )
+            conn, batch_id, raw_file, staging, chunk_rows=config.chunk_rows,
+            max_line_bytes=config.max_line_bytes, limits=_limits(config), on_chunk=progress,
+        )  # fmt: skip
     summary.supersede(*judged.superseded)
     seconds = time.perf_counter() - started
     checks = judged.checks
@@ -141,6 +133,10 @@ def validated_customers(
         if result.asset_key.to_user_string() in selected:
             yield result
     yield from judged_results(checks)
+
+
+def _limits(config: ValidationConfig) -> Limits:
+    return Limits(config.max_purchase_amount, timedelta(hours=config.purchase_date_tolerance_hours))
 
 
 @dataclass

@@ -15,6 +15,21 @@ from pipeline_project.tables import CATALOG_VERSIONS, PRODUCT_CATALOG
 PRODUCTS = f"""(SELECT DISTINCT ON (product_id) * FROM {PRODUCT_CATALOG}
     ORDER BY product_id, name, category, price, in_stock)"""
 
+# What profiles read of the catalog: each product's category (NULL: no catalog).
+_VOCABULARY_SQL = f"""
+SELECT CASE WHEN count(*) > 0 THEN md5(string_agg(product_id || '|' || coalesce(category, ''),
+                                                  chr(10) ORDER BY product_id)) END
+FROM {PRODUCTS} AS cat
+"""
+
+
+def vocabulary(conn: duckdb.DuckDBPyConnection) -> str | None:
+    """A digest of the catalog's categories per product: what a profile text reads of it. A
+    catalog that changes only prices or stock keeps its vocabulary."""
+    [(digest,)] = conn.execute(_VOCABULARY_SQL).fetchall()
+    return digest
+
+
 # The content of the catalog table, whatever the order of the file's lines.
 CATALOG_DIGEST_SQL = f"""
 SELECT md5(coalesce(string_agg(product_id || '|' || name || '|' || category || '|' || price

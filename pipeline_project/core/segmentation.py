@@ -234,6 +234,83 @@ def store_affinity(conn: duckdb.DuckDBPyConnection, version: int) -> None:
         conn.execute("DROP TABLE IF EXISTS training_segments")
 
 
+@dataclass(frozen=True)
+class TrainingBasis:
+    """What a model is (or would be) trained on: the batches holding customers' current
+    profiles, the distinct profiles, the catalog vocabulary; and whether every one of those
+    batches' profiles was built with that vocabulary."""
+
+    batches: int
+    profiles: int
+    vocabulary: str | None
+    profiles_rebuilt: bool
+
+
+_BASIS_SQL = f"""
+WITH cur AS ({_CURRENT_PROFILES_SQL})
+SELECT count(DISTINCT cur.batch_id), count(DISTINCT cur.text_hash),
+       coalesce(bool_and(b.profile_vocabulary IS NOT DISTINCT FROM $vocabulary), true)
+FROM cur JOIN batches AS b USING (batch_id)
+"""
+
+
+def training_basis(conn: duckdb.DuckDBPyConnection, model: str, dimensions: int) -> TrainingBasis:
+    from pipeline_project.core.catalog import vocabulary
+
+    words = vocabulary(conn)
+    [(batches, profiles, rebuilt)] = conn.execute(
+        _BASIS_SQL, {"model": model, "dimensions": dimensions, "vocabulary": words}
+    ).fetchall()
+    return TrainingBasis(batches, profiles, words, bool(rebuilt))
+
+
+_REPROFILE_SQL = f"""
+WITH cur AS ({_CURRENT_PROFILES_SQL})
+SELECT DISTINCT cur.batch_id FROM cur JOIN batches AS b USING (batch_id)
+WHERE b.profile_vocabulary IS DISTINCT FROM $vocabulary
+ORDER BY 1
+"""
+
+
+def batches_to_reprofile(conn: duckdb.DuckDBPyConnection, model: str, dimensions: int) -> list[str]:
+    """The batches holding customers' current profiles that were built with another catalog
+    vocabulary (or none): rebuilt, not scored, once the catalog is there."""
+    from pipeline_project.core.catalog import vocabulary
+
+    params = {"model": model, "dimensions": dimensions, "vocabulary": vocabulary(conn)}
+    return [batch for (batch,) in conn.execute(_REPROFILE_SQL, params).fetchall()]
+
+
+def stale_reason(
+    conn: duckdb.DuckDBPyConnection,
+    model: str,
+    dimensions: int,
+    version: int,
+    *,
+    min_profiles: int,
+    min_batches: int,
+) -> str | None:
+    """Why segment model `version` should be retrained before it scores (None: it is fit):
+    the catalog's vocabulary changed since it was trained and every profile it would train on
+    has been rebuilt with the new one; or it was trained on fewer profiles or batches than
+    the minimum, and there are more now."""
+    [(batches, profiles, trained_with)] = conn.execute(
+        "SELECT any_value(trained_batches), any_value(trained_profiles), any_value(vocabulary)"
+        " FROM segment_model WHERE model_version = ?",
+        [version],
+    ).fetchall()
+    now = training_basis(conn, model, dimensions)
+    if trained_with != now.vocabulary and now.profiles_rebuilt:
+        return "the catalog's vocabulary changed since it was trained"
+    immature = (batches or 0) < min_batches or (profiles or 0) < min_profiles
+    if immature and (now.batches > (batches or 0) or now.profiles > (profiles or 0)):
+        return (
+            f"it was trained on {batches or 0} batches and {profiles or 0} profiles (minimum"
+            f" {min_batches} and {min_profiles}); there are {now.batches} and {now.profiles} now"
+        )
+    return None
+
+
 def train_and_store(
     conn: duckdb.DuckDBPyConnection, model: str, dimensions: int, settings: TrainingSettings
 ) -> tuple[int, SegmentModel]:
@@ -287,13 +364,17 @@ def train_and_store(
             "weight": pa.array(trained.weights),
         }
     )
+    basis = training_basis(conn, model, dimensions)
     conn.register("new_segments", rows)
     conn.execute(
         "INSERT INTO segment_model BY NAME SELECT $version AS model_version, segment_id,"
         " centroid, weight, $model AS embedding_model, $dimensions AS dimensions,"
-        " now() AS trained_at FROM new_segments",
-        {"version": version, "model": model, "dimensions": dimensions},
-    )
+        " now() AS trained_at, $batches AS trained_batches, $profiles AS trained_profiles,"
+        " $vocabulary AS vocabulary FROM new_segments",
+        {"version": version, "model": model, "dimensions": dimensions,
+         "batches": basis.batches, "profiles": basis.profiles,
+         "vocabulary": basis.vocabulary},
+    )  # fmt: skip
     conn.unregister("new_segments")
     store_affinity(conn, version)
     return version, trained

@@ -7,7 +7,10 @@ of those name, in their materialization's `rescore_batches` metadata, the batche
 - an earlier batch's content or acceptance changed (re-delivered, late, withdrawn): named by
   raw_customers and customers, re-run from customer_embeddings (the profiles);
 - a new segment model version: named by segment_model, re-run from customer_segments;
-- a new catalog version: named by product_embeddings, re-run from recommendations.
+- a new catalog version: named by product_embeddings, re-run from recommendations; and when
+  its vocabulary (the products' categories) differs from the one a batch's profiles were
+  built with, or they were built without a catalog, named under `reprofile_batches` and re-run
+  from customer_embeddings (profiles rebuilt, then segmented by a model retrained on them).
 
 For a new model or catalog those are the batches that hold some customer's current answer: an
 older batch whose every customer came back later is history and keeps the answer it gave. This
@@ -36,6 +39,8 @@ from pipeline_project.tables import (
 
 # Materialization metadata: the batches that this change makes stale (a JSON list of IDs).
 RESCORE_METADATA = "rescore_batches"
+# ...and the batches whose profiles it makes stale: re-run from customer_embeddings.
+REPROFILE_METADATA = "reprofile_batches"
 RESCORE_TAG = "pipeline/rescore"
 
 # The batch stages in order, and where a change of each watched asset makes a batch start over.
@@ -73,11 +78,14 @@ def rescore_requests(
         )
         for record in result.records:
             cursor[asset] = record.storage_id
-            entry = record.asset_materialization.metadata.get(RESCORE_METADATA)
-            for batch_id in entry.value if entry is not None else []:
-                at = BATCH_STAGES.index(stage)
-                start[batch_id] = min(start.get(batch_id, at), at)
-                causes.setdefault(batch_id, []).append(f"{asset}@{record.storage_id}")
+            metadata = record.asset_materialization.metadata
+            for key, from_stage in ((RESCORE_METADATA, stage),
+                                    (REPROFILE_METADATA, CUSTOMER_EMBEDDINGS)):  # fmt: skip
+                entry = metadata.get(key)
+                for batch_id in entry.value if entry is not None else []:
+                    at = BATCH_STAGES.index(from_stage)
+                    start[batch_id] = min(start.get(batch_id, at), at)
+                    causes.setdefault(batch_id, []).append(f"{asset}@{record.storage_id}")
     known = set(instance.get_dynamic_partitions("batches"))
     requests = [
         dg.RunRequest(

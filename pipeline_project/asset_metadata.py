@@ -110,6 +110,10 @@ _BY_TABLE: dict[str, dict[str, str]] = {
         "weight": "Customers of the training data in the segment (a count).",
         "embedding_model": "Model of the vectors the centroids were trained on.",
         "trained_at": "When this version was trained.",
+        "trained_batches": "Batches holding the current profiles it was trained on.",
+        "trained_profiles": "Distinct profiles it was trained on.",
+        "vocabulary": "md5 of the catalog's category per product when it was trained (empty:"
+        " no catalog).",
     },
     "customer_segments": {"distance": "Distance of the profile to its segment's centroid."},
     "product_embeddings": {"product_text": "Text embedded for the product."},

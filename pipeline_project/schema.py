@@ -186,9 +186,9 @@ def _to_v2(conn: duckdb.DuckDBPyConnection) -> None:
 
 def _to_v3(conn: duckdb.DuckDBPyConnection) -> None:
     """Version 3: a segment model records what it was trained on, a batch the catalog
-    vocabulary of its profiles (columns added above). Older models are not recorded (NULL):
-    the next batch segmented retrains the model once, on what is there. The batches embedded
-    already are taken as profiled with the catalog of now."""
+    vocabulary of its profiles (columns added above). What older models were trained on is
+    not recorded (NULL: a configured training minimum retrains them once). The batches
+    embedded already are taken as profiled with the catalog of now."""
     from pipeline_project.core.catalog import vocabulary
 
     conn.execute(

@@ -50,14 +50,16 @@ class SegmentModelConfig(dg.Config):
     epochs: int = Field(default=3, description="Passes over the training vectors.")
     chunk_vectors: int = Field(default=10_000, description="Vectors read per training chunk.")
     seed: int = Field(default=0, description="Random seed: same data, same model.")
+    # Off by default: with it, the intermediate models depend on the order the first batches
+    # arrive in (a backfill in another order trains other ones before the same final model).
     min_training_profiles: int = Field(
-        default=200,
+        default=0,
         description="A model trained on fewer distinct profiles is retrained by the next batch"
-        " segmented while there are more (the first batches must not rule for a week).",
+        " segmented while there are more (0: off; e.g. 200 so that a first small batch does"
+        " not rule until the weekly retrain).",
     )
     min_training_batches: int = Field(
-        default=1,
-        description="Likewise for the batches it was trained on (1: the profiles decide).",
+        default=0, description="Likewise for the batches it was trained on (0: off)."
     )
 
 

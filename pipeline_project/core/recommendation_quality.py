@@ -24,7 +24,6 @@ import duckdb
 import numpy as np
 
 from pipeline_project.core.catalog import PRODUCTS
-from pipeline_project.core.embedding_cache import with_vectors
 from pipeline_project.core.profiles import AS_OF_SQL, profiles_sql
 from pipeline_project.core.recommendations import ScoringInputs, score_profiles, segment_tables
 from pipeline_project.core.segmentation import assign_segments
@@ -37,18 +36,20 @@ SELECT line_no, customer_id FROM customers
 WHERE batch_id = $batch_id AND purchase_count >= 2
 ORDER BY hash(line_no), line_no LIMIT $sample
 """
+# The queries below read the sample from a temporary table (computed once per evaluation).
+_SAMPLED = "SELECT line_no, customer_id FROM quality_sample"
 
 # Each sampled customer's purchases, the last one (latest, then highest purchase_idx) flagged.
 _HISTORY_SQL = f"""
 SELECT p.line_no, p.customer_id, p.purchase_idx, p.product_id, p.amount, p.purchased_at,
        row_number() OVER (PARTITION BY p.customer_id
                           ORDER BY p.purchased_at DESC, p.purchase_idx DESC) = 1 AS held_out
-FROM customer_purchases AS p SEMI JOIN ({_SAMPLE_SQL}) AS s USING (customer_id)
+FROM customer_purchases AS p SEMI JOIN ({_SAMPLED}) AS s USING (customer_id)
 WHERE p.batch_id = $batch_id
 """
 
 _HELD_OUT_PROFILES_SQL = profiles_sql(
-    f"SELECT line_no, customer_id FROM ({_SAMPLE_SQL})",
+    _SAMPLED,
     f"SELECT line_no, product_id, amount, purchased_at, 1 AS quantity FROM ({_HISTORY_SQL})"
     " WHERE NOT held_out",
 )
@@ -133,12 +134,31 @@ def holdout_quality(
     """Hit rate at `top_n` of the model and of popularity on the batch's held-out purchases."""
     [(as_of,)] = conn.execute(AS_OF_SQL, {"batch_id": batch_id}).fetchall()
     sample_params = {"batch_id": batch_id, "sample": sample}
-    [(sampled,)] = conn.execute(f"SELECT count(*) FROM ({_SAMPLE_SQL})", sample_params).fetchall()
+    conn.execute(f"CREATE OR REPLACE TEMP TABLE quality_sample AS {_SAMPLE_SQL}", sample_params)
+    try:
+        return _evaluate(conn, batch_id, model, dimensions, version, inputs, as_of=as_of,
+                         top_n=top_n, segment_weight=segment_weight)  # fmt: skip
+    finally:
+        conn.execute("DROP TABLE IF EXISTS quality_sample")
+        conn.execute("DROP TABLE IF EXISTS quality_evaluation")
+
+
+def _evaluate(
+    conn: duckdb.DuckDBPyConnection,
+    batch_id: str,
+    model: str,
+    dimensions: int,
+    version: int,
+    inputs: ScoringInputs,
+    *,
+    as_of,
+    top_n: int,
+    segment_weight: float,
+) -> HoldoutQuality:
+    """The evaluation of the customers in the temp table quality_sample."""
+    sample_params = {"batch_id": batch_id}
+    [(sampled,)] = conn.execute("SELECT count(*) FROM quality_sample").fetchall()
     params = {**sample_params, "as_of": as_of}
-    rows = with_vectors(conn, _EVALUATION_SQL, model, dimensions, params, order_by="line_no")
-    table = rows.to_arrow_table()
-    if table.num_rows == 0:
-        return HoldoutQuality(sampled, 0, top_n, 0, 0)
     centroids = list_column_to_matrix(
         conn.sql(_CENTROIDS_SQL, params={"version": version, "model": model}).to_arrow_table(),
         "centroid",
@@ -146,7 +166,7 @@ def holdout_quality(
     )
     index = {p: i for i, p in enumerate(inputs.product_ids)}
     purchases = conn.sql(
-        _SEGMENT_PURCHASES_SQL, params={"batch_id": batch_id, "sample": sample, "version": version}
+        _SEGMENT_PURCHASES_SQL, params={"batch_id": batch_id, "version": version}
     ).to_arrow_table()
     n_segments = len(inputs.affinity)
     affinity, _ = segment_tables(n_segments, inputs.product_ids, np.zeros(len(index)), purchases)
@@ -160,10 +180,21 @@ def holdout_quality(
     popular = np.lexsort((np.arange(len(index)), -counts))  # most bought, then catalog order
     in_stock = {p for (p,) in conn.execute(_IN_STOCK_SQL).fetchall()}
     out_of_stock = np.array([p not in in_stock for p in index])
-    model_hits = popularity_hits = model_only = popularity_only = 0
-    # a chunk at a time: every product's score for each customer of the chunk
-    for first in range(0, table.num_rows, _CHUNK):
-        chunk = table.slice(first, _CHUNK)
+    model_hits = popularity_hits = model_only = popularity_only = evaluated = 0
+    # a chunk at a time, streamed (the last query on the connection): every product's score
+    # for each customer of the chunk; the sample's vectors are never held whole
+    # the evaluation rows first (small: no vectors), then their vectors streamed, unordered
+    # (the figures are sums): no sort of wide rows, memory bounded by the chunk
+    conn.execute(f"CREATE OR REPLACE TEMP TABLE quality_evaluation AS {_EVALUATION_SQL}", params)
+    rows = conn.sql(
+        "SELECT q.*, c.embedding FROM quality_evaluation AS q JOIN embedding_cache AS c"
+        " ON c.model = $model AND c.dimensions = $dimensions AND c.text_hash = q.text_hash",
+        params={"model": model, "dimensions": dimensions},
+    )
+    for chunk in rows.to_arrow_reader(_CHUNK):
+        if chunk.num_rows == 0:
+            continue
+        evaluated += chunk.num_rows
         vectors = list_column_to_matrix(chunk, "embedding", dimensions)
         segments, _ = assign_segments(vectors, centroids)
         held = np.array([index.get(p, -1) for p in chunk["held_out_product"].to_pylist()])
@@ -181,7 +212,7 @@ def holdout_quality(
         model_only += int((model_hit & ~popularity_hit).sum())
         popularity_only += int((popularity_hit & ~model_hit).sum())
     return HoldoutQuality(
-        sampled, table.num_rows, top_n, model_hits, popularity_hits, model_only, popularity_only
+        sampled, evaluated, top_n, model_hits, popularity_hits, model_only, popularity_only
     )
 
 

@@ -133,6 +133,18 @@ def test_each_business_rule_rejects_the_row_that_breaks_it(tmp_path):
         )
     assert rejected == {line: expected for line, (*_, expected) in cases.items() if expected}
     assert all(first_rule[line] == rejected[line][0] for line in rejected)
+    # no rule alone rejects more than half, all of them together 90%: the total ceiling fails
+    with warehouse.get_connection() as conn:
+        checks = recommendation_check_results(
+            conn, "b", min_confidence=0.3, max_predicted_value=10_000,
+            rejected_share_ceiling=0.5, rejected_total_ceiling=0.5,
+        )  # fmt: skip
+    [share] = [
+        c for c in checks if getattr(c, "check_name", "") == "rejected_share_per_rule_below_ceiling"
+    ]
+    assert not share.passed and share.metadata["rejected_share_total"].value == 0.9
+    assert all(share.metadata[f"rejected_share_{rule}"].value <= 0.5 for rule in outcome.by_rule)
+    assert "all rules together" in share.description
 
 
 # ---- the stages on the real local model ----------------------------------------------------

@@ -122,8 +122,12 @@ def recommendation_check_results(
     rejected = rejected_by_rule(conn, batch_id)
     shares = {rule: (rejected.get(rule, 0) / total if total else 0.0) for rule in RULES}
     over = {rule: share for rule, share in shares.items() if share > rejected_share_ceiling}
-    # the rules together: 45% out of stock plus 45% already bought is 90% rejected
-    total_share = sum(rejected.get(rule, 0) for rule in RULES) / total if total else 0.0
+    # the rules together (each rejected row once, whatever rules it broke): 45% out of stock
+    # plus 45% already bought is 90% rejected
+    [(rejected_rows,)] = conn.execute(
+        "SELECT count(*) FROM rejected_recommendations WHERE batch_id = ?", [batch_id]
+    ).fetchall()
+    total_share = rejected_rows / total if total else 0.0
     if total_share > rejected_total_ceiling:
         over["all rules together"] = total_share
     return [

@@ -15,6 +15,7 @@ from pipeline_project.core.landing_files import StoredLines, iter_raw_line_chunk
 from pipeline_project.core.validation import (
     ValidationSummary,
     resolve_duplicate_ids,
+    stage_duplicate_ids,
     validate_batch,
 )
 from pipeline_project.definitions import build_definitions
@@ -91,15 +92,16 @@ def store_and_validate(
     with warehouse.replacing_raw_file(batch_id) as writer:
         stored = store_raw_lines(writer, iter_raw_line_chunks(path, chunk_rows, max_line_bytes))
     tables = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
-    superseded = []
+    superseded, found = [], []
     with warehouse.staged_batch(
         tables, batch_id, before_commit=lambda conn: superseded.extend(
-            resolve_duplicate_ids(conn, batch_id))
+            resolve_duplicate_ids(conn, batch_id, found[0]))
     ) as (conn, staging):  # fmt: skip
         summary = validate_batch(
             conn, batch_id, warehouse.raw_file(batch_id), staging,
             chunk_rows=chunk_rows, max_line_bytes=max_line_bytes,
         )  # fmt: skip
+        found.append(stage_duplicate_ids(conn, staging[CUSTOMERS]))
     summary.supersede(*superseded)
     return stored, summary
 

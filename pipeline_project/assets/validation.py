@@ -21,6 +21,7 @@ from pipeline_project.core.validation import (
     ValidationSummary,
     failure_report,
     resolve_duplicate_ids,
+    stage_duplicate_ids,
     validate_batch,
 )
 from pipeline_project.policies import batch_stage, fails_at_once_when_deterministic
@@ -115,6 +116,7 @@ def validated_customers(
             conn, batch_id, raw_file, staging, chunk_rows=config.chunk_rows,
             max_line_bytes=config.max_line_bytes, limits=_limits(config), on_chunk=progress,
         )  # fmt: skip
+        judged.superseded_file = stage_duplicate_ids(conn, staging[CUSTOMERS])
     summary.supersede(*judged.superseded)
     seconds = time.perf_counter() - started
     checks = judged.checks
@@ -149,10 +151,11 @@ class _Judged:
     checks: list[Verdict] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)  # later batches that read this one
     superseded: tuple[int, int] = (0, 0)  # valid lines a later one's id repeats, purchases
+    superseded_file: Path | None = None  # those lines, found before the swap
 
     def __call__(self, conn) -> None:
         batch_id, config = self.batch_id, self.config
-        self.superseded = resolve_duplicate_ids(conn, batch_id)
+        self.superseded = resolve_duplicate_ids(conn, batch_id, self.superseded_file)
         self.checks = input_check_results(
             conn, batch_id, config.error_rate_threshold, config.hard_error_rate_ceiling
         )

@@ -376,24 +376,44 @@ def prepare_batch(conn: duckdb.DuckDBPyConnection) -> None:
 # The batch's valid lines whose customer ID a later valid line repeats: the later one is kept
 # (a file's later line corrects an earlier one), the earlier ones go to schema_errors naming it.
 # Judged among valid lines only: an invalid line with the ID never takes it from a valid one.
+# Read from the staged lines before the swap (a plain connection: the aggregate over every
+# line may spill), so that the swap transaction only applies the few lines found.
 _SUPERSEDED_SQL = """
-CREATE OR REPLACE TEMP TABLE superseded_lines AS
 SELECT c.line_no, d.kept_line
-FROM customers AS c
-JOIN (SELECT customer_id, max(line_no) AS kept_line FROM customers
-      WHERE batch_id = $batch_id GROUP BY customer_id HAVING count(*) > 1) AS d
+FROM read_parquet($staged) AS c
+JOIN (SELECT customer_id, max(line_no) AS kept_line FROM read_parquet($staged)
+      GROUP BY customer_id HAVING count(*) > 1) AS d
     USING (customer_id)
-WHERE c.batch_id = $batch_id AND c.line_no < d.kept_line
+WHERE c.line_no < d.kept_line
 """
 DUPLICATE_ID = "duplicates the id of a later line, which is kept"
 
 
-def resolve_duplicate_ids(conn: duckdb.DuckDBPyConnection, batch_id: str) -> tuple[int, int]:
+def stage_duplicate_ids(conn: duckdb.DuckDBPyConnection, staged: Path) -> Path | None:
+    """Before the swap: the staged valid lines (Parquet parts in `staged`) whose customer ID a
+    later one repeats, and the line kept, into `staged`'s sibling superseded.parquet; None
+    when no line was staged."""
+    if not any(staged.glob("*.parquet")):
+        return None
+    out = staged.parent / "superseded.parquet"
+    conn.sql(_SUPERSEDED_SQL, params={"staged": str(staged / "*.parquet")}).write_parquet(str(out))
+    return out
+
+
+def resolve_duplicate_ids(
+    conn: duckdb.DuckDBPyConnection, batch_id: str, superseded: Path | None
+) -> tuple[int, int]:
     """Inside the swap transaction, once the batch's rows are in: every valid line but the last
-    of each customer ID moves from customers (and its purchases) to schema_errors, with the
-    line kept as its reason; returns how many lines, and purchases of them, moved."""
+    of each customer ID (`superseded`, from stage_duplicate_ids) moves from customers (and its
+    purchases) to schema_errors, with the line kept as its reason; returns how many lines, and
+    purchases of them, moved."""
+    if superseded is None:
+        return 0, 0
     params = {"batch_id": batch_id}
-    conn.execute(_SUPERSEDED_SQL, params)
+    conn.execute(
+        "CREATE OR REPLACE TEMP TABLE superseded_lines AS SELECT * FROM read_parquet(?)",
+        [str(superseded)],
+    )
     [(moved, purchases)] = conn.execute(
         "SELECT count(*), coalesce(sum((SELECT count(*) FROM customer_purchases AS p"
         " WHERE p.batch_id = $batch_id AND p.line_no = s.line_no)), 0)"

@@ -94,6 +94,9 @@ def run_pipeline(rows: int, bad_rate: float, root: Path) -> dict:
     return {"rows": rows, "wall": wall, "success": success, "meta": meta, "file": batch_file}
 
 
+RESULT_MARK = "pipeline_scale result: "
+
+
 def run_in_own_process(rows: int, bad_rate: float, root: Path) -> dict:
     """run_pipeline in a fresh process: a job is reconstructed once per process, so each size
     needs its own for its own settings."""
@@ -103,8 +106,13 @@ def run_in_own_process(rows: int, bad_rate: float, root: Path) -> dict:
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     lines = out.stdout.strip().splitlines()
-    print("\n".join(lines[:-1]))
-    run = json.loads(lines[-1])
+    # the result is the line with its mark: a step's output (progress bars, logs) may come
+    # after it or instead of it (the child died)
+    results = [line for line in lines if line.startswith(RESULT_MARK)]
+    print("\n".join(line for line in lines if not line.startswith(RESULT_MARK)))
+    if not results:
+        raise SystemExit(f"the {rows:,}-row run printed no result (exit code {out.returncode})")
+    run = json.loads(results[-1].removeprefix(RESULT_MARK))
     return {**run, "file": Path(run["file"])}
 
 
@@ -207,7 +215,7 @@ def main() -> None:
     os.environ["PIPELINE_EMBEDDING_BACKEND"] = args.backend
     if args.one_size is not None:  # the child of run_in_own_process
         run = run_pipeline(args.one_size, args.bad_rate, args.workdir)
-        print(json.dumps({**run, "file": str(run["file"])}, default=str))
+        print(RESULT_MARK + json.dumps({**run, "file": str(run["file"])}, default=str))
         return
     base = args.workdir or Path(tempfile.mkdtemp(prefix="pipeline_scale_"))
     runs = []

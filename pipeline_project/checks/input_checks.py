@@ -15,6 +15,8 @@ from pipeline_project.core.landing_files import BLANK_LINE_SQL
 from pipeline_project.partitions import batches
 
 ROWS_CONSERVED = "rows_conserved"
+# Lines judged at once by rows_conserved (inside the swap transaction): memory per range.
+CONSERVATION_RANGE = 1_000_000
 FILE_COMPLETE = "landing_file_read_to_the_end_with_records"
 ERROR_RATE_BELOW_THRESHOLD = "schema_error_rate_below_threshold"
 ERROR_RATE_BELOW_HARD_CEILING = "schema_error_rate_below_hard_ceiling"
@@ -111,6 +113,7 @@ def input_check_results(
             _BLANK_RAW_LINES,
         ],
         params={"b": batch_id},
+        range_size=CONSERVATION_RANGE,
     )
     records = raw - blank
     rate = invalid / records if records else 0.0

@@ -414,13 +414,16 @@ def resolve_duplicate_ids(
         "CREATE OR REPLACE TEMP TABLE superseded_lines AS SELECT * FROM read_parquet(?)",
         [str(superseded)],
     )
-    [(moved, purchases)] = conn.execute(
-        "SELECT count(*), coalesce(sum((SELECT count(*) FROM customer_purchases AS p"
-        " WHERE p.batch_id = $batch_id AND p.line_no = s.line_no)), 0)"
-        " FROM superseded_lines AS s",
-        params,
-    ).fetchall()
+    [(moved,)] = conn.execute("SELECT count(*) FROM superseded_lines").fetchall()
+    purchases = 0
     if moved:
+        # a semi-join on the few lines found (a correlated count would aggregate every
+        # purchase of the batch by line, inside the transaction)
+        [(purchases,)] = conn.execute(
+            "SELECT count(*) FROM customer_purchases WHERE batch_id = $batch_id"
+            " AND line_no IN (SELECT line_no FROM superseded_lines)",
+            params,
+        ).fetchall()
         conn.execute(
             f"""INSERT INTO schema_errors BY NAME
             SELECT $batch_id AS batch_id, s.line_no, r.raw,

@@ -94,8 +94,7 @@ def validated_customers(
     batch_id = context.partition_key
     if not context.selected_asset_keys:  # its checks alone: judged only with its batch
         return
-    started = time.perf_counter()
-    usage = StepUsage()
+    started, usage = time.perf_counter(), StepUsage()
 
     raw_file = _raw_file(warehouse, batch_id)
     lines = pyarrow.parquet.ParquetFile(raw_file).metadata.num_rows

@@ -106,17 +106,18 @@ def with_vectors(
     model: str,
     dimensions: int,
     params: Mapping[str, object] | None = None,
-    order_by: str = "text_hash",
+    order_by: str | None = "text_hash",
 ) -> duckdb.DuckDBPyRelation:
     """The rows of `source` (with a text_hash column) that have a vector for the model, with it
-    as `embedding`, ordered by `order_by` (a column of `source`, named in the code)."""
+    as `embedding`, ordered by `order_by` (a column of `source`, named in the code; None:
+    unordered, streamed without a sort of the wide rows)."""
     return conn.sql(vectors_sql(source, order_by), params=_params(model, dimensions, params))
 
 
-def vectors_sql(source: str, order_by: str = "text_hash") -> str:
+def vectors_sql(source: str, order_by: str | None = "text_hash") -> str:
     """The query of with_vectors (parameters $model, $dimensions and those of `source`)."""
     return (
         f"SELECT s.*, c.embedding FROM ({source}) AS s JOIN embedding_cache AS c"
         " ON c.model = $model AND c.dimensions = $dimensions AND c.text_hash = s.text_hash"
-        f" ORDER BY s.{order_by}"
+        + (f" ORDER BY s.{order_by}" if order_by else "")
     )

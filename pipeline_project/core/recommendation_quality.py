@@ -24,6 +24,7 @@ import duckdb
 import numpy as np
 
 from pipeline_project.core.catalog import PRODUCTS
+from pipeline_project.core.embedding_cache import with_vectors
 from pipeline_project.core.profiles import AS_OF_SQL, profiles_sql
 from pipeline_project.core.recommendations import ScoringInputs, score_profiles, segment_tables
 from pipeline_project.core.segmentation import assign_segments
@@ -186,11 +187,7 @@ def _evaluate(
     # the evaluation rows first (small: no vectors), then their vectors streamed, unordered
     # (the figures are sums): no sort of wide rows, memory bounded by the chunk
     conn.execute(f"CREATE OR REPLACE TEMP TABLE quality_evaluation AS {_EVALUATION_SQL}", params)
-    rows = conn.sql(
-        "SELECT q.*, c.embedding FROM quality_evaluation AS q JOIN embedding_cache AS c"
-        " ON c.model = $model AND c.dimensions = $dimensions AND c.text_hash = q.text_hash",
-        params={"model": model, "dimensions": dimensions},
-    )
+    rows = with_vectors(conn, "SELECT * FROM quality_evaluation", model, dimensions, order_by=None)
     for chunk in rows.to_arrow_reader(_CHUNK):
         if chunk.num_rows == 0:
             continue

@@ -18,6 +18,8 @@ embedded. Customers whose held-out profile is not in the cache are counted, not 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import duckdb
@@ -120,6 +122,16 @@ class HoldoutQuality:
         return self.popularity_hits / self.evaluated if self.evaluated else None
 
 
+@contextmanager
+def _dropped_after(conn: duckdb.DuckDBPyConnection, *tables: str) -> Iterator[None]:
+    """The temporary tables (named in the code) are dropped when the block ends."""
+    try:
+        yield
+    finally:
+        for table in tables:
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
 def holdout_quality(
     conn: duckdb.DuckDBPyConnection,
     batch_id: str,
@@ -134,83 +146,70 @@ def holdout_quality(
 ) -> HoldoutQuality:
     """Hit rate at `top_n` of the model and of popularity on the batch's held-out purchases."""
     [(as_of,)] = conn.execute(AS_OF_SQL, {"batch_id": batch_id}).fetchall()
-    sample_params = {"batch_id": batch_id, "sample": sample}
-    conn.execute(f"CREATE OR REPLACE TEMP TABLE quality_sample AS {_SAMPLE_SQL}", sample_params)
-    try:
-        return _evaluate(conn, batch_id, model, dimensions, version, inputs, as_of=as_of,
-                         top_n=top_n, segment_weight=segment_weight)  # fmt: skip
-    finally:
-        conn.execute("DROP TABLE IF EXISTS quality_sample")
-        conn.execute("DROP TABLE IF EXISTS quality_evaluation")
-
-
-def _evaluate(
-    conn: duckdb.DuckDBPyConnection,
-    batch_id: str,
-    model: str,
-    dimensions: int,
-    version: int,
-    inputs: ScoringInputs,
-    *,
-    as_of,
-    top_n: int,
-    segment_weight: float,
-) -> HoldoutQuality:
-    """The evaluation of the customers in the temp table quality_sample."""
-    sample_params = {"batch_id": batch_id}
-    [(sampled,)] = conn.execute("SELECT count(*) FROM quality_sample").fetchall()
-    params = {**sample_params, "as_of": as_of}
-    centroids = list_column_to_matrix(
-        conn.sql(_CENTROIDS_SQL, params={"version": version, "model": model}).to_arrow_table(),
-        "centroid",
-        dimensions,
-    )
-    index = {p: i for i, p in enumerate(inputs.product_ids)}
-    purchases = conn.sql(
-        _SEGMENT_PURCHASES_SQL, params={"batch_id": batch_id, "version": version}
-    ).to_arrow_table()
-    n_segments = len(inputs.affinity)
-    affinity, _ = segment_tables(n_segments, inputs.product_ids, np.zeros(len(index)), purchases)
-    inputs = replace(inputs, affinity=affinity)
-    counts = np.zeros(len(index))
-    for product, n in zip(
-        purchases["product_id"].to_pylist(), purchases["purchases"].to_pylist(), strict=True
-    ):
-        if product in index:
-            counts[index[product]] += n
-    popular = np.lexsort((np.arange(len(index)), -counts))  # most bought, then catalog order
-    in_stock = {p for (p,) in conn.execute(_IN_STOCK_SQL).fetchall()}
-    out_of_stock = np.array([p not in in_stock for p in index])
-    model_hits = popularity_hits = model_only = popularity_only = evaluated = 0
-    # a chunk at a time, streamed (the last query on the connection): every product's score
-    # for each customer of the chunk; the sample's vectors are never held whole
-    # the evaluation rows first (small: no vectors), then their vectors streamed, unordered
-    # (the figures are sums): no sort of wide rows, memory bounded by the chunk
-    conn.execute(f"CREATE OR REPLACE TEMP TABLE quality_evaluation AS {_EVALUATION_SQL}", params)
-    rows = with_vectors(conn, "SELECT * FROM quality_evaluation", model, dimensions, order_by=None)
-    for chunk in rows.to_arrow_reader(_CHUNK):
-        if chunk.num_rows == 0:
-            continue
-        evaluated += chunk.num_rows
-        vectors = list_column_to_matrix(chunk, "embedding", dimensions)
-        segments, _ = assign_segments(vectors, centroids)
-        held = np.array([index.get(p, -1) for p in chunk["held_out_product"].to_pylist()])
-        excluded = np.tile(out_of_stock, (chunk.num_rows, 1))
-        for row, bought in enumerate(chunk["bought"].to_pylist()):
-            excluded[row, [index[p] for p in bought or () if p in index]] = True
-        scored = score_profiles(
-            vectors, segments, inputs, top_n=len(index), segment_weight=segment_weight
+    with _dropped_after(conn, "quality_sample", "quality_evaluation"):
+        conn.execute(
+            f"CREATE OR REPLACE TEMP TABLE quality_sample AS {_SAMPLE_SQL}",
+            {"batch_id": batch_id, "sample": sample},
         )
-        model_order = scored["product"].reshape(chunk.num_rows, len(index))
-        model_hit = _hits(model_order, excluded, held, top_n)
-        popularity_hit = _hits(np.tile(popular, (chunk.num_rows, 1)), excluded, held, top_n)
-        model_hits += int(model_hit.sum())
-        popularity_hits += int(popularity_hit.sum())
-        model_only += int((model_hit & ~popularity_hit).sum())
-        popularity_only += int((popularity_hit & ~model_hit).sum())
-    return HoldoutQuality(
-        sampled, evaluated, top_n, model_hits, popularity_hits, model_only, popularity_only
-    )
+        [(sampled,)] = conn.execute("SELECT count(*) FROM quality_sample").fetchall()
+        params = {"batch_id": batch_id, "as_of": as_of}
+        centroids = list_column_to_matrix(
+            conn.sql(_CENTROIDS_SQL, params={"version": version, "model": model}).to_arrow_table(),
+            "centroid",
+            dimensions,
+        )
+        index = {p: i for i, p in enumerate(inputs.product_ids)}
+        purchases = conn.sql(
+            _SEGMENT_PURCHASES_SQL, params={"batch_id": batch_id, "version": version}
+        ).to_arrow_table()
+        n_segments = len(inputs.affinity)
+        affinity, _ = segment_tables(
+            n_segments, inputs.product_ids, np.zeros(len(index)), purchases
+        )
+        inputs = replace(inputs, affinity=affinity)
+        counts = np.zeros(len(index))
+        for product, n in zip(
+            purchases["product_id"].to_pylist(), purchases["purchases"].to_pylist(), strict=True
+        ):
+            if product in index:
+                counts[index[product]] += n
+        popular = np.lexsort((np.arange(len(index)), -counts))  # most bought, then catalog order
+        in_stock = {p for (p,) in conn.execute(_IN_STOCK_SQL).fetchall()}
+        out_of_stock = np.array([p not in in_stock for p in index])
+        model_hits = popularity_hits = model_only = popularity_only = evaluated = 0
+        # a chunk at a time, streamed (the last query on the connection): every product's score
+        # for each customer of the chunk; the sample's vectors are never held whole
+        # the evaluation rows first (small: no vectors), then their vectors streamed, unordered
+        # (the figures are sums): no sort of wide rows, memory bounded by the chunk
+        conn.execute(
+            f"CREATE OR REPLACE TEMP TABLE quality_evaluation AS {_EVALUATION_SQL}", params
+        )
+        rows = with_vectors(
+            conn, "SELECT * FROM quality_evaluation", model, dimensions, order_by=None
+        )
+        for chunk in rows.to_arrow_reader(_CHUNK):
+            if chunk.num_rows == 0:
+                continue
+            evaluated += chunk.num_rows
+            vectors = list_column_to_matrix(chunk, "embedding", dimensions)
+            segments, _ = assign_segments(vectors, centroids)
+            held = np.array([index.get(p, -1) for p in chunk["held_out_product"].to_pylist()])
+            excluded = np.tile(out_of_stock, (chunk.num_rows, 1))
+            for row, bought in enumerate(chunk["bought"].to_pylist()):
+                excluded[row, [index[p] for p in bought or () if p in index]] = True
+            scored = score_profiles(
+                vectors, segments, inputs, top_n=len(index), segment_weight=segment_weight
+            )
+            model_order = scored["product"].reshape(chunk.num_rows, len(index))
+            model_hit = _hits(model_order, excluded, held, top_n)
+            popularity_hit = _hits(np.tile(popular, (chunk.num_rows, 1)), excluded, held, top_n)
+            model_hits += int(model_hit.sum())
+            popularity_hits += int(popularity_hit.sum())
+            model_only += int((model_hit & ~popularity_hit).sum())
+            popularity_only += int((popularity_hit & ~model_hit).sum())
+        return HoldoutQuality(
+            sampled, evaluated, top_n, model_hits, popularity_hits, model_only, popularity_only
+        )
 
 
 def _hits(order: np.ndarray, excluded: np.ndarray, held: np.ndarray, top_n: int) -> np.ndarray:

@@ -20,6 +20,7 @@ from pipeline_project.tables import (
     CUSTOMER_PURCHASES,
     CUSTOMER_SEGMENTS,
     CUSTOMERS,
+    DROPPED_PURCHASES,
     PRODUCT_CATALOG,
     PRODUCT_EMBEDDINGS,
     RAW_CUSTOMERS,
@@ -84,6 +85,12 @@ _BY_TABLE: dict[str, dict[str, str]] = {
         "errors": "Every reason, as `field: message`.",
         "error_count": "Number of reasons.",
         "detected_at": "When validation rejected the line.",
+    },
+    DROPPED_PURCHASES: {
+        "purchase_idx": "Position of the entry in `purchaseHistory`, from 0.",
+        "amount": "`amount` of the entry, when it was a number.",
+        "purchased_at": "`date` of the entry as landed, when it was a string.",
+        "reasons": "Every rule it broke, as `purchaseHistory[i].field: message`.",
     },
     "product_catalog": {
         "name": "Product name.",
@@ -211,6 +218,7 @@ TABLE_ASSETS = frozenset(
         CUSTOMERS,
         CUSTOMER_PURCHASES,
         SCHEMA_ERRORS,
+        DROPPED_PURCHASES,
         PRODUCT_CATALOG,
         CUSTOMER_EMBEDDINGS,
         SEGMENT_MODEL,

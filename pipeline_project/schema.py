@@ -33,7 +33,7 @@ from pipeline_project.tables import (
     lakehouse_ddl,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class WarehouseSchemaError(dg.Failure):
@@ -198,4 +198,11 @@ def _to_v3(conn: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {2: _to_v2, 3: _to_v3}
+def _to_v4(conn: duckdb.DuckDBPyConnection) -> None:
+    """Version 4: purchases a configured rule drops from kept records (dropped_purchases,
+    created above). No data step: older batches dropped none."""
+
+
+MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {
+    2: _to_v2, 3: _to_v3, 4: _to_v4,
+}  # fmt: skip

@@ -31,6 +31,9 @@ ISO_8601_PATTERN = (
 )
 
 REQUIRED = "is required"
+AMOUNT_POSITIVE = "must be a finite number > 0"
+AMOUNT_CEILING = "must not exceed the configured maximum amount"
+DATE_NOT_FUTURE = "must not be later than the batch's arrival (plus the tolerance)"
 ISO_8601 = "must be an ISO-8601 date-time"
 REPEATED_KEY = "must not repeat a key"
 # a date-time, not a date alone: a time of day after the date
@@ -126,6 +129,26 @@ class PurchaseElement(pa.DataFrameModel):
         return pc.is_null(_column(data))
 
 
+# The rules of a purchase's fields, as "field: rule": a purchase that breaks one of them rejects
+# its customer's whole record (the default), or, when the configuration says so for that rule
+# (validated_customers' drop_purchases_breaking), is dropped from the history with its reasons
+# (dropped_purchases) and the record is kept. A purchase that is not an object, or repeats a key,
+# always rejects the record: there is no purchase to drop.
+PURCHASE_RULES = (
+    f"productId: {REQUIRED}",
+    "productId: must be a string",
+    "productId: must not be empty",
+    f"amount: {REQUIRED}",
+    "amount: must be a number",
+    f"amount: {AMOUNT_POSITIVE}",
+    f"amount: {AMOUNT_CEILING}",
+    f"date: {REQUIRED}",
+    "date: must be a string",
+    f"date: {ISO_8601}",
+    f"date: {DATE_NOT_FUTURE}",
+)
+
+
 class PurchaseRecord(pa.DataFrameModel):
     """A purchase: non-empty productId, finite amount > 0 and at most the configured maximum,
     ISO-8601 date no later than the batch's arrival (plus the configured tolerance)."""
@@ -158,7 +181,7 @@ class PurchaseRecord(pa.DataFrameModel):
     def _product_id(cls, data: PyArrowData) -> pyarrow.BooleanArray:
         return pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(_column(data))), 0)
 
-    @pa.check("amount", error="must be a finite number > 0")
+    @pa.check("amount", error=AMOUNT_POSITIVE)
     def _amount(cls, data: PyArrowData) -> pyarrow.BooleanArray:
         amount = _column(data)
         return pc.and_(pc.greater(amount, 0.0), pc.is_finite(amount))
@@ -167,14 +190,14 @@ class PurchaseRecord(pa.DataFrameModel):
     def _date(cls, data: PyArrowData) -> pyarrow.BooleanArray:
         return pc.or_kleene(pc.is_null(_column(data)), _parsed(data))
 
-    @pa.check("amount", error="must not exceed the configured maximum amount")
+    @pa.check("amount", error=AMOUNT_CEILING)
     def _amount_plausible(cls, data: PyArrowData) -> pyarrow.BooleanArray:
         amount = _column(data)
         # NULL (not a number) and NaN are judged by the rules above
         within = pc.less_equal(amount, _column(data, "amount__max"))
         return pc.or_kleene(pc.invert(pc.is_finite(amount)), within)
 
-    @pa.check("date", error="must not be later than the batch's arrival (plus the tolerance)")
+    @pa.check("date", error=DATE_NOT_FUTURE)
     def _date_not_future(cls, data: PyArrowData) -> pyarrow.BooleanArray:
         when = _column(data, "date__ts")
         return pc.or_kleene(pc.is_null(when), pc.less_equal(when, _column(data, "date__latest")))

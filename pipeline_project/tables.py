@@ -15,6 +15,7 @@ RAW_CUSTOMERS = "raw_customers"
 CUSTOMERS = "customers"
 CUSTOMER_PURCHASES = "customer_purchases"
 SCHEMA_ERRORS = "schema_errors"
+DROPPED_PURCHASES = "dropped_purchases"
 PRODUCT_CATALOG = "product_catalog"
 CATALOG_VERSIONS = "catalog_versions"
 CUSTOMER_EMBEDDINGS = "customer_embeddings"
@@ -171,6 +172,19 @@ _TABLES = [
         _c("error_count", "INTEGER"),
         _c("detected_at", "TIMESTAMPTZ"),
     ),
+    # Purchases dropped from a kept record's history because they broke a rule the configuration
+    # drops purchases for (validated_customers' drop_purchases_breaking), with every reason.
+    _table(
+        DROPPED_PURCHASES,
+        _c("batch_id", "VARCHAR"),
+        _c("line_no", "BIGINT"),
+        _c("purchase_idx", "INTEGER"),
+        _c("customer_id", "UUID"),
+        _c("product_id", "VARCHAR", False),
+        _c("amount", "DOUBLE", False),
+        _c("purchased_at", "VARCHAR", False),
+        _c("reasons", "VARCHAR[]"),
+    ),
     _table(
         PRODUCT_CATALOG,
         _c("product_id", "VARCHAR"),
@@ -323,7 +337,7 @@ WAREHOUSE_DDL: dict[str, str] = {name: t.ddl() for name, t in WAREHOUSE_TABLES.i
 # Tables keyed by batch_id that hold what a batch's content gave, from validation on, in the
 # order the stages write them: withdrawing a batch from a stage on deletes its rows from these.
 BATCH_TABLES_BY_STAGE: dict[str, tuple[str, ...]] = {
-    "validation": (CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS),
+    "validation": (CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS, DROPPED_PURCHASES),
     "inference": (CUSTOMER_EMBEDDINGS, PRIOR_PURCHASES),
     "segmentation": (CUSTOMER_SEGMENTS,),
     "recommendations": (RECOMMENDATIONS, RECOMMENDATION_SHORTFALLS),

@@ -23,7 +23,7 @@ from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import OpenAIEmbedder
 from pipeline_project.sample_data import CATEGORIES
 from pipeline_project.settings import AlertSettings, LandingSettings, Settings, WarehouseSettings
-from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, SCHEMA_ERRORS
+from pipeline_project.tables import BATCH_TABLES_BY_STAGE, CUSTOMERS
 
 # The stages of one batch up to inference (a run's asset selection).
 INFERENCE_STAGES = [
@@ -86,12 +86,13 @@ def run_batch(
 
 
 def store_and_validate(
-    warehouse: Warehouse, path: Path, batch_id: str, chunk_rows: int, max_line_bytes: int
+    warehouse: Warehouse, path: Path, batch_id: str, chunk_rows: int, max_line_bytes: int,
+    drop_rules: frozenset[str] = frozenset(),
 ) -> tuple[StoredLines, ValidationSummary]:
     """Ingest a landing file as the batch's raw lines and validate them, as the two steps do."""
     with warehouse.replacing_raw_file(batch_id) as writer:
         stored = store_raw_lines(writer, iter_raw_line_chunks(path, chunk_rows, max_line_bytes))
-    tables = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
+    tables = BATCH_TABLES_BY_STAGE["validation"]
     superseded, found = [], []
     with warehouse.staged_batch(
         tables, batch_id, before_commit=lambda conn: superseded.extend(
@@ -99,7 +100,7 @@ def store_and_validate(
     ) as (conn, staging):  # fmt: skip
         summary = validate_batch(
             conn, batch_id, warehouse.raw_file(batch_id), staging,
-            chunk_rows=chunk_rows, max_line_bytes=max_line_bytes,
+            chunk_rows=chunk_rows, max_line_bytes=max_line_bytes, drop_rules=drop_rules,
         )  # fmt: skip
         found.append(stage_duplicate_ids(conn, staging[CUSTOMERS]))
     summary.supersede(*superseded)

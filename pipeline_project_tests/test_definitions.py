@@ -58,7 +58,7 @@ def test_definitions_wire_every_stage_job_sensor_and_resource(defs):
     keys = {key.to_user_string() for key in defs.resolve_all_asset_keys()}
     assert keys == {
         "raw_customers", "customers", "customer_purchases", "schema_errors",
-        "product_catalog", "customer_embeddings", "product_embeddings", "segment_model",
+        "dropped_purchases", "product_catalog", "customer_embeddings", "product_embeddings", "segment_model",
         "customer_segments", "recommendations", "validated_recommendations",
         "rejected_recommendations", "pipeline_health",
     }  # fmt: skip

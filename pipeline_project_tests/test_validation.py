@@ -369,3 +369,70 @@ def _same_nan(a: dict, b: dict) -> bool:
         x == y or (isinstance(x, float) and x != x and y != y)
         for x, y in zip(a.values(), b.values(), strict=True)
     )
+
+
+ZERO = {"productId": "P00002", "amount": 0, "date": "2024-01-03T00:00:00Z"}
+GOOD = {"productId": "P00001", "amount": 12.5, "date": "2024-01-02T03:04:05Z"}
+AMOUNT_RULE = "amount: must be a finite number > 0"
+
+
+def _dropped(tmp_path) -> list[tuple]:
+    with duckdb.connect(str(tmp_path / "w.duckdb"), read_only=True) as conn:
+        return conn.execute(
+            "SELECT line_no, purchase_idx, customer_id::VARCHAR, product_id, amount,"
+            " purchased_at, reasons FROM dropped_purchases ORDER BY line_no, purchase_idx"
+        ).fetchall()
+
+
+@pytest.mark.parametrize("policy", ["reject the customer", "drop the purchase"])
+def test_a_purchase_rule_rejects_the_customer_or_drops_the_purchase_as_configured(
+    tmp_path, policy
+):
+    lines = [
+        customer(purchaseHistory=[GOOD, ZERO]),  # a free item among paid ones
+        # broken beyond the dropped rule: rejected, with every reason
+        customer(id=OTHER_ID, email="bad", purchaseHistory=[ZERO]),
+        customer(id="1a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d", purchaseHistory=[
+            {**ZERO, "date": "yesterday"}, GOOD]),  # also a bad date: rejected
+    ]  # fmt: skip
+    drop = frozenset({AMOUNT_RULE}) if policy == "drop the purchase" else frozenset()
+    warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
+    path = write_lines(tmp_path / "b1.jsonl", lines)
+    _, summary = store_and_validate(warehouse, path, "b1", 1000, 1 << 20, drop_rules=drop)
+    with warehouse.get_connection() as conn:
+        errors = dict(conn.execute("SELECT line_no, errors FROM schema_errors").fetchall())
+        purchases = conn.execute(
+            "SELECT line_no, purchase_idx, product_id FROM customer_purchases ORDER BY ALL"
+        ).fetchall()
+        counts = conn.execute("SELECT line_no, purchase_count, total_spend FROM customers").fetchall()
+    zero = "purchaseHistory[1].amount: must be a finite number > 0 (got '0.0')"
+    assert errors[2] == [
+        "email: must be an email address (got 'bad')",
+        "purchaseHistory[0].amount: must be a finite number > 0 (got '0.0')",
+    ]
+    assert set(errors[3]) == {
+        "purchaseHistory[0].amount: must be a finite number > 0 (got '0.0')",
+        "purchaseHistory[0].date: must be an ISO-8601 date-time (got 'yesterday')",
+    }
+    if policy == "reject the customer":
+        assert errors[1] == [zero]
+        assert purchases == [] and counts == [] and _dropped(tmp_path) == []
+        assert summary.invalid == 3 and summary.dropped_purchases == 0
+        return
+    # kept, its history without the free item; the item counted, visible, with its reason
+    assert 1 not in errors and summary.invalid == 2 and summary.valid == 1
+    assert purchases == [(1, 0, "P00001")] and counts == [(1, 1, 12.5)]
+    assert _dropped(tmp_path) == [
+        (1, 1, "6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b", "P00002", 0.0, "2024-01-03T00:00:00Z",
+         [zero])
+    ]  # fmt: skip
+    assert summary.dropped_purchases == 1 and summary.dropped_by_rule == {AMOUNT_RULE: 1}
+    # every entry of a kept record is in exactly one place
+    assert summary.purchases + summary.dropped_purchases == 2
+
+
+def test_an_unknown_rule_to_drop_for_is_refused_with_the_known_ones(tmp_path):
+    from pipeline_project.assets.validation import ValidationConfig
+
+    with pytest.raises(Exception, match="do not exist: \\['amount: is zero'\\]"):
+        ValidationConfig(drop_purchases_breaking=["amount: is zero"]).drop_rules()

@@ -29,7 +29,14 @@ from pipeline_project.progress import report
 from pipeline_project.resources import AlertSink, Warehouse
 from pipeline_project.resources.warehouse import withdraw
 from pipeline_project.sensors.rescore import RESCORE_METADATA
-from pipeline_project.tables import CUSTOMER_PURCHASES, CUSTOMERS, RAW_CUSTOMERS, SCHEMA_ERRORS
+from pipeline_project.schemas import PURCHASE_RULES
+from pipeline_project.tables import (
+    CUSTOMER_PURCHASES,
+    CUSTOMERS,
+    DROPPED_PURCHASES,
+    RAW_CUSTOMERS,
+    SCHEMA_ERRORS,
+)
 
 
 class ValidationConfig(dg.Config):
@@ -54,11 +61,28 @@ class ValidationConfig(dg.Config):
         default=24.0,
         description="A purchase dated later than the batch's arrival plus this is rejected.",
     )
+    drop_purchases_breaking: list[str] = Field(
+        default=[],
+        description="Purchase rules, as 'field: rule' (e.g. 'amount: must be a finite number"
+        " > 0'), for which a purchase that breaks only such rules is dropped from the history"
+        " (into dropped_purchases, with its reasons) and its record kept; every other rule"
+        " rejects the whole record. Known rules: " + "; ".join(PURCHASE_RULES) + ".",
+    )
+
+    def drop_rules(self) -> frozenset[str]:
+        unknown = sorted(set(self.drop_purchases_breaking) - set(PURCHASE_RULES))
+        if unknown:
+            raise dg.Failure(
+                description=f"drop_purchases_breaking names rules that do not exist: {unknown};"
+                f" the purchase rules are: {list(PURCHASE_RULES)}",
+                allow_retries=False,
+            )
+        return frozenset(self.drop_purchases_breaking)
 
 
 ERROR = dg.AssetCheckSeverity.ERROR
 _SPEC_KWARGS = {"deps": [RAW_CUSTOMERS], "kinds": {"duckdb"}}
-VALIDATED_TABLES = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
+VALIDATED_TABLES = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS, DROPPED_PURCHASES]
 
 
 @dg.multi_asset(
@@ -78,6 +102,12 @@ VALIDATED_TABLES = [CUSTOMERS, CUSTOMER_PURCHASES, SCHEMA_ERRORS]
             description="Rejected landing lines with the raw text and every `field: message`.",
             **_SPEC_KWARGS,
         ),
+        dg.AssetSpec(
+            DROPPED_PURCHASES,
+            description="Purchases dropped from kept records by a rule configured to drop"
+            " (drop_purchases_breaking), with every reason.",
+            **_SPEC_KWARGS,
+        ),
     ],
     check_specs=INPUT_CHECK_SPECS,
     can_subset=True,  # a check may be left without a result: not judged (checks/verdicts.py)
@@ -95,6 +125,7 @@ def validated_customers(
     if not context.selected_asset_keys:  # its checks alone: judged only with its batch
         return
     started, usage = time.perf_counter(), StepUsage()
+    drop_rules = config.drop_rules()
 
     raw_file = _raw_file(warehouse, batch_id)
     lines = pyarrow.parquet.ParquetFile(raw_file).metadata.num_rows
@@ -114,6 +145,7 @@ def validated_customers(
         summary = validate_batch(
             conn, batch_id, raw_file, staging, chunk_rows=config.chunk_rows,
             max_line_bytes=config.max_line_bytes, limits=_limits(config), on_chunk=progress,
+            drop_rules=drop_rules,
         )  # fmt: skip
         judged.superseded_file = stage_duplicate_ids(conn, staging[CUSTOMERS])
     summary.supersede(*judged.superseded)
@@ -195,6 +227,7 @@ def _materializations(
         "rows_valid": summary.valid,
         "rows_invalid": summary.invalid,
         "blank_lines": summary.blank_lines,
+        "dropped_purchases": summary.dropped_purchases,
         "error_rate": round(summary.error_rate, 6),
         "chunks": summary.chunks,
         "seconds": round(seconds, 3),
@@ -208,13 +241,23 @@ def _materializations(
     tables = table_metadata(
         warehouse,
         {CUSTOMERS: summary.valid, CUSTOMER_PURCHASES: summary.purchases,
-         SCHEMA_ERRORS: summary.invalid},
+         SCHEMA_ERRORS: summary.invalid, DROPPED_PURCHASES: summary.dropped_purchases},
     )  # fmt: skip
     return [
         dg.MaterializeResult(
             asset_key=CUSTOMERS, metadata={**tables[CUSTOMERS], **figures, **usage.figures()}
         ),
-        dg.MaterializeResult(asset_key=CUSTOMER_PURCHASES, metadata=tables[CUSTOMER_PURCHASES]),
+        dg.MaterializeResult(
+            asset_key=CUSTOMER_PURCHASES,
+            metadata={**tables[CUSTOMER_PURCHASES], "dropped_purchases": summary.dropped_purchases},
+        ),
+        dg.MaterializeResult(
+            asset_key=DROPPED_PURCHASES,
+            metadata={
+                **tables[DROPPED_PURCHASES],
+                "dropped_by_rule": dg.MetadataValue.json(dict(summary.dropped_by_rule)),
+            },
+        ),
         dg.MaterializeResult(
             asset_key=SCHEMA_ERRORS,
             metadata={

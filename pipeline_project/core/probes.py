@@ -17,21 +17,21 @@ import numpy as np
 
 from pipeline_project.core.inference import validate_vectors
 
-# (what they buy, spend, frequency); a pair's two texts differ only in the last purchase
+# (what they buy, spend, shopping trips); a pair's two texts differ only in the last purchase
 _PAIRS = [
     ("books", "low", "occasional"),
-    ("electronics", "very high", "frequent"),
+    ("electronics", "very high", "very frequent"),
     ("grocery and home", "moderate", "regular"),
     ("beauty and fashion", "high", "occasional"),
     ("automotive", "moderate", "frequent"),
 ]
 PROBE_PAIRS = [
     tuple(
-        f"Customer who buys mostly {buys}. Spend: {spend}. Purchase frequency: {frequency}."
+        f"Customer who buys mostly {buys}. Spend: {spend}. Shopping trips: {trips}."
         f" Last purchase: {last}."
-        for last in ("this month", "this quarter")
+        for last in ("recent", "fairly recent")
     )
-    for buys, spend, frequency in _PAIRS
+    for buys, spend, trips in _PAIRS
 ]
 PROBE_TEXTS = [text for pair in PROBE_PAIRS for text in pair]
 

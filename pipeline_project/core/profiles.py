@@ -5,15 +5,18 @@ batch's own record and the purchases that earlier accepted batches (in arrival o
 (prior_purchases), each purchase counted once. Customers who behave alike get the same text, so
 the model embeds each profile once:
 
-    "Customer who buys mostly electronics and books. Spend: high. Purchase frequency: regular.
-     Last purchase: this quarter."
+    "Customer who buys mostly electronics and books. Spend: high. Shopping trips: regular.
+     Last purchase: fairly recent."
 
-- categories: the (at most) two categories with the highest spend, from the product catalog
-  ("unknown" for products missing from it);
-- spend band of total spend: none, low (< 50), moderate (< 200), high (< 1,000), very high;
-- frequency band of the purchase count: none, occasional (1-2), regular (3-9), frequent (10+);
-- recency band of the days between the last purchase and the batch's latest purchase:
-  this month (<= 30), this quarter (<= 90), this year (<= 365), lapsed.
+- categories: the (at most) two categories the customer bought most (purchases), from the
+  product catalog ("unknown" for products missing from it);
+- the bands are relative to the population, not fixed amounts: quartiles of the batch's
+  customers (a seeded sample of at most PROFILE_SAMPLE of them, their whole known history):
+  spend (total) low / moderate / high / very high; shopping trips (distinct purchase instants:
+  a record has no basket id) occasional / regular / frequent / very frequent; days between the
+  last purchase and the batch's latest purchase recent / fairly recent / a while ago / long
+  ago. A value on a cut point takes the lower band. Grocery households and the generator's
+  customers spread over the four bands alike (fixed bands put 98% of real households in one).
 """
 
 from __future__ import annotations
@@ -32,10 +35,16 @@ from pipeline_project.tables import BATCHES, PRIOR_PURCHASES, WAREHOUSE_TABLES
 AS_OF_SQL = "SELECT max(purchased_at) FROM customer_purchases WHERE batch_id = $batch_id"
 
 
-def profiles_sql(customers: str, purchases: str) -> str:
-    """The profile text of each customer of `customers` (line_no, customer_id) from its rows of
-    `purchases` (line_no, product_id, amount, purchased_at, quantity: the purchase counted that
-    many times), as of $as_of. Both are queries from the code, never from data."""
+# Shoppers are cut into quartiles on a sample of at most this many of the batch's customers.
+PROFILE_SAMPLE = 50_000
+SPEND_BANDS = ("low", "moderate", "high", "very high")
+TRIP_BANDS = ("occasional", "regular", "frequent", "very frequent")
+RECENCY_BANDS = ("recent", "fairly recent", "a while ago", "long ago")
+
+
+def _totals_sql(customers: str, purchases: str) -> str:
+    """Each customer's figures (line_no, customer_id, last_at, trips, total_spend, days) and
+    their purchases' categories (`p`), as CTEs."""
     return f"""
 WITH c AS ({customers}
 ), p AS (
@@ -43,42 +52,47 @@ WITH c AS ({customers}
            p.quantity
     FROM ({purchases}) AS p
     LEFT JOIN {PRODUCTS} AS cat ON cat.product_id = p.product_id
-), as_of AS (
-    SELECT $as_of::TIMESTAMPTZ AS as_of
-), by_category AS (
-    SELECT line_no, category, sum(amount * quantity) AS spend FROM p GROUP BY line_no, category
-), top_categories AS (
-    SELECT line_no, list(category ORDER BY spend DESC, category)[1:2] AS top
-    FROM by_category GROUP BY line_no
 ), totals AS (
-    SELECT line_no, max(purchased_at) AS last_at, sum(quantity) AS purchase_count,
-           sum(amount * quantity) AS total_spend
+    SELECT line_no, max(purchased_at) AS last_at, count(DISTINCT purchased_at) AS trips,
+           sum(amount * quantity) AS total_spend,
+           date_diff('day', max(purchased_at), $as_of::TIMESTAMPTZ) AS days
     FROM p GROUP BY line_no
+)"""
+
+
+def _band(value: str, cuts: str, names: tuple[str, ...]) -> str:
+    """The band of `value` among the cut points `cuts` (a list parameter, ascending): the
+    number of cut points below it names it."""
+    cases = " ".join(
+        f"WHEN len(list_filter({cuts}, lambda q: q < {value})) = {i} THEN '{name}'"
+        for i, name in enumerate(names)
+    )
+    return f"CASE {cases} END"
+
+
+def profiles_sql(customers: str, purchases: str) -> str:
+    """The profile text of each customer of `customers` (line_no, customer_id) from its rows of
+    `purchases` (line_no, product_id, amount, purchased_at, quantity: the purchase counted that
+    many times), as of $as_of, banded by $spend_cuts, $trip_cuts, $day_cuts (profile_cuts).
+    Both are queries from the code, never from data."""
+    return f"""{_totals_sql(customers, purchases)}, by_category AS (
+    SELECT line_no, category, sum(quantity) AS bought FROM p GROUP BY line_no, category
+), top_categories AS (
+    SELECT line_no, list(category ORDER BY bought DESC, category)[1:2] AS top
+    FROM by_category GROUP BY line_no
 ), profiles AS (
     SELECT
         c.line_no,
         c.customer_id,
-        CASE WHEN coalesce(l.purchase_count, 0) = 0 THEN 'Customer with no purchases yet.'
+        CASE WHEN l.line_no IS NULL THEN 'Customer with no purchases yet.'
         ELSE 'Customer who buys mostly ' || array_to_string(t.top, ' and ') || '. '
-            || 'Spend: ' || CASE
-                WHEN l.total_spend < 50 THEN 'low'
-                WHEN l.total_spend < 200 THEN 'moderate'
-                WHEN l.total_spend < 1000 THEN 'high'
-                ELSE 'very high' END || '. '
-            || 'Purchase frequency: ' || CASE
-                WHEN l.purchase_count <= 2 THEN 'occasional'
-                WHEN l.purchase_count <= 9 THEN 'regular'
-                ELSE 'frequent' END || '. '
-            || 'Last purchase: ' || CASE
-                WHEN date_diff('day', l.last_at, a.as_of) <= 30 THEN 'this month'
-                WHEN date_diff('day', l.last_at, a.as_of) <= 90 THEN 'this quarter'
-                WHEN date_diff('day', l.last_at, a.as_of) <= 365 THEN 'this year'
-                ELSE 'lapsed' END || '.'
+            || 'Spend: ' || {_band("l.total_spend", "$spend_cuts", SPEND_BANDS)} || '. '
+            || 'Shopping trips: ' || {_band("l.trips", "$trip_cuts", TRIP_BANDS)} || '. '
+            || 'Last purchase: ' || {_band("l.days", "$day_cuts", RECENCY_BANDS)} || '.'
         END AS profile_text
     FROM c
     LEFT JOIN top_categories AS t USING (line_no)
     LEFT JOIN totals AS l USING (line_no)
-    CROSS JOIN as_of AS a
 )
 SELECT line_no, customer_id, profile_text, md5(profile_text) AS text_hash FROM profiles
 """
@@ -134,6 +148,35 @@ JOIN mine AS m USING (customer_id)
 LEFT JOIN own AS o USING (customer_id, product_id, purchased_at, amount)
 WHERE k.n > coalesce(o.n, 0)
 """
+
+# The quartiles of a seeded sample of the batch's customers with purchases (every customer of a
+# batch of at most PROFILE_SAMPLE lines).
+_CUTS_SQL = f"""{_totals_sql(
+    "SELECT line_no, customer_id FROM customers WHERE batch_id = $batch_id"
+    " AND hash(line_no, 'profile sample') % $step = 0",
+    known_purchases_sql("batch_prior").replace(
+        "line_no BETWEEN $first AND $last", "hash(line_no, 'profile sample') % $step = 0"),
+)}
+SELECT quantile_disc(total_spend, [0.25, 0.5, 0.75]), quantile_disc(trips, [0.25, 0.5, 0.75]),
+       quantile_disc(days, [0.25, 0.5, 0.75])
+FROM totals SEMI JOIN c USING (line_no)
+"""
+
+
+def profile_cuts(conn: duckdb.DuckDBPyConnection, batch_id: str, as_of) -> dict[str, list]:
+    """The batch's quartile cut points of spend, trips and days since the last purchase (the
+    parameters of PROFILES_SQL), from a sample of at most PROFILE_SAMPLE customers."""
+    [(lines,)] = conn.execute(
+        "SELECT count(*) FROM customers WHERE batch_id = ?", [batch_id]
+    ).fetchall()
+    step = max(1, -(-lines // PROFILE_SAMPLE))
+    [(spend, trips, days)] = conn.execute(
+        _CUTS_SQL, {"batch_id": batch_id, "as_of": as_of, "step": step}
+    ).fetchall()
+    return {"spend_cuts": [float(x) for x in spend or []],
+            "trip_cuts": [int(x) for x in trips or []],
+            "day_cuts": [int(x) for x in days or []]}  # fmt: skip
+
 
 PROFILE_SCHEMA = pa.schema(
     [
@@ -209,13 +252,14 @@ def stage_profiles(
     from their known purchases (stage_prior_purchases first); returns how many customers and
     how many distinct profiles the batch has."""
     [(as_of,)] = conn.execute(AS_OF_SQL, {"batch_id": batch_id}).fetchall()
+    cuts = profile_cuts(conn, batch_id, as_of)
     [(last_line,)] = conn.execute(
         "SELECT coalesce(max(line_no), 0) FROM customers WHERE batch_id = ?", [batch_id]
     ).fetchall()
     pq.write_table(PROFILE_SCHEMA.empty_table(), folder / "part-empty.parquet")
     for part, first in enumerate(range(1, last_line + 1, chunk_rows)):
         params = {"batch_id": batch_id, "as_of": as_of, "first": first,
-                  "last": first + chunk_rows - 1}  # fmt: skip
+                  "last": first + chunk_rows - 1, **cuts}  # fmt: skip
         write_staged(folder, part, conn.sql(PROFILES_SQL, params=params).to_arrow_table())
     [(customers, distinct_profiles)] = conn.execute(
         "SELECT count(*), count(DISTINCT text_hash) FROM read_parquet(?)",

@@ -268,6 +268,8 @@ class ChunkResult:
     purchases: pyarrow.Table
     errors: pyarrow.Table  # line_no, errors (list of "field: message"), raw
     blank_lines: int = 0
+    # purchases dropped from kept records (drop_rules): line_no, purchase_idx, fields, reasons
+    dropped: pyarrow.Table = field(default_factory=lambda: _DROPPED_SCHEMA.empty_table())
 
 
 @dataclass
@@ -281,6 +283,8 @@ class ValidationSummary:
     purchases: int = 0
     chunks: int = 0
     errors_by_field: Counter = field(default_factory=Counter)
+    dropped_purchases: int = 0  # dropped from kept records (drop_rules)
+    dropped_by_rule: Counter = field(default_factory=Counter)
 
     @property
     def records(self) -> int:
@@ -319,6 +323,7 @@ def validate_batch(
     max_line_bytes: int,
     limits: Limits = Limits(),
     on_chunk: Callable[[ValidationSummary], None] | None = None,
+    drop_rules: frozenset[str] = frozenset(),
 ) -> ValidationSummary:
     """Validate the batch's raw lines (its raw_customers Parquet file) chunk by chunk.
 
@@ -348,13 +353,16 @@ def validate_batch(
             lines, purchases = pending.result()
             if part + 1 < len(starts):
                 pending = worker.submit(extract, starts[part + 1])
-            result = validate_chunk(lines, purchases, limits.max_amount, latest)
+            result = validate_chunk(lines, purchases, limits.max_amount, latest, drop_rules)
             _stage_chunk(batch_id, result, staging, part)
             summary.rows_in += lines.num_rows
             summary.valid += result.customers.num_rows
             summary.invalid += result.errors.num_rows
             summary.blank_lines += result.blank_lines
             summary.purchases += result.purchases.num_rows
+            summary.dropped_purchases += result.dropped.num_rows
+            for reasons in result.dropped.column("reasons").to_pylist():
+                summary.dropped_by_rule.update({_rule_of(m) for m in reasons})
             summary.chunks += 1
             for messages in result.errors.column("errors").to_pylist():
                 summary.errors_by_field.update(
@@ -466,10 +474,14 @@ def validate_chunk(
     purchases: pyarrow.Table,
     max_amount: float = Limits.max_amount,
     latest: datetime | None = None,
+    drop_rules: frozenset[str] = frozenset(),
 ) -> ChunkResult:
     """Judge one chunk of extracted lines and their purchases against the pandera models; blank
     lines are counted, not judged. `max_amount` and `latest` (the latest purchase date
-    accepted; None: no limit) are the contract's limits from configuration."""
+    accepted; None: no limit) are the contract's limits from configuration. A purchase whose
+    every failure is one of `drop_rules` ("field: rule", schemas.PURCHASE_RULES) is dropped
+    from its record's history (ChunkResult.dropped, with its reasons) instead of rejecting the
+    record; a record rejected anyway keeps every reason, those too."""
     purchases = with_limits(purchases, max_amount, latest)
     blank = pc.equal(lines["line"], BLANK)
     blank_lines = pc.sum(blank).as_py() or 0
@@ -480,14 +492,23 @@ def validate_chunk(
     messages.append(_line_messages(CustomerRecord, objects))
     messages.append(_purchase_messages(PurchaseElement, purchases, element_level=True))
     object_purchases = purchases.filter(pc.equal(purchases["purchase__type"], "object"))
-    messages.append(_purchase_messages(PurchaseRecord, object_purchases))
+    record_messages = _purchase_messages(PurchaseRecord, object_purchases)
+    dropped_keys = _droppable(record_messages, drop_rules)
+    droppable = pc.is_in(record_messages["key"], value_set=dropped_keys)
+    messages.append(record_messages.filter(pc.invert(droppable)).select(["line_no", "message"]))
 
-    all_messages = pyarrow.concat_tables(messages)
-    bad_lines = pc.unique(all_messages["line_no"])
-    good = objects.filter(pc.invert(pc.is_in(objects["line_no"], value_set=bad_lines)))
-    good_purchases = object_purchases.filter(
-        pc.is_in(object_purchases["line_no"], value_set=good["line_no"].combine_chunks())
+    rejecting = pyarrow.concat_tables(messages)
+    bad_lines = pc.unique(rejecting["line_no"])
+    # a rejected record carries every reason, a dropped purchase's too
+    all_messages = pyarrow.concat_tables(
+        [rejecting, record_messages.filter(droppable).select(["line_no", "message"])]
     )
+    all_messages = all_messages.filter(pc.is_in(all_messages["line_no"], value_set=bad_lines))
+    good = objects.filter(pc.invert(pc.is_in(objects["line_no"], value_set=bad_lines)))
+    of_good = pc.is_in(object_purchases["line_no"], value_set=good["line_no"].combine_chunks())
+    keys = _purchase_keys(object_purchases)
+    dropped = pc.is_in(keys, value_set=dropped_keys)
+    good_purchases = object_purchases.filter(pc.and_(of_good, pc.invert(dropped)))
     errors = _group_messages(all_messages)
     return ChunkResult(
         customers=good.select(["line_no", "id", "email", "createdAt__ts"]),
@@ -498,6 +519,64 @@ def validate_chunk(
             "raw", lines["raw"].take(pc.index_in(errors["line_no"], value_set=lines["line_no"]))
         ),
         blank_lines=blank_lines,
+        dropped=_dropped_purchases(
+            object_purchases.filter(pc.and_(of_good, dropped)), record_messages.filter(droppable)
+        ),
+    )
+
+
+def _purchase_keys(table: pyarrow.Table) -> pyarrow.Array:
+    """One int64 per purchase: its line and its index in the line's purchaseHistory."""
+    return pc.add(
+        pc.multiply(table["line_no"].cast(pyarrow.int64()), _KEY_SPAN),
+        table["purchase_idx"].cast(pyarrow.int64()),
+    )
+
+
+_KEY_SPAN = 1_000_000_000  # more entries than a line of at most max_line_bytes can hold
+
+
+def _droppable(record_messages: pyarrow.Table, drop_rules: frozenset[str]) -> pyarrow.Array:
+    """The keys of the purchases whose every failure is a rule of `drop_rules`."""
+    if not drop_rules or record_messages.num_rows == 0:
+        return pyarrow.array([], pyarrow.int64())
+    flags = record_messages.append_column(
+        "drop", pc.is_in(record_messages["rule"], value_set=pyarrow.array(sorted(drop_rules)))
+    )
+    per_purchase = flags.group_by("key", use_threads=False).aggregate([("drop", "all")])
+    return per_purchase.filter(per_purchase["drop_all"])["key"].combine_chunks()
+
+
+_DROPPED_SCHEMA = pyarrow.schema(
+    [
+        ("line_no", pyarrow.int64()),
+        ("purchase_idx", pyarrow.int64()),
+        ("productId", pyarrow.string()),
+        ("amount", pyarrow.float64()),
+        ("date", pyarrow.string()),
+        ("reasons", pyarrow.list_(pyarrow.string())),
+    ]
+)
+
+
+def _dropped_purchases(purchases: pyarrow.Table, messages: pyarrow.Table) -> pyarrow.Table:
+    """The dropped purchases of kept records, each with every reason it was dropped for."""
+    if purchases.num_rows == 0:
+        return _DROPPED_SCHEMA.empty_table()
+    reasons = _group_messages(messages.select(["key", "message"]).rename_columns(
+        ["line_no", "message"]
+    ))  # fmt: skip
+    at = pc.index_in(_purchase_keys(purchases), value_set=reasons["line_no"])
+    return pyarrow.table(
+        {
+            "line_no": purchases["line_no"],
+            "purchase_idx": purchases["purchase_idx"].cast(pyarrow.int64()),
+            "productId": purchases["productId"],
+            "amount": purchases["amount"],
+            "date": purchases["date"],
+            "reasons": reasons["errors"].take(at),
+        },
+        schema=_DROPPED_SCHEMA,
     )
 
 
@@ -523,6 +602,12 @@ def _fetch(conn: duckdb.DuckDBPyConnection, sql: str, params: dict) -> pyarrow.T
         if pyarrow.types.is_timestamp(column.type) and column.type.tz is not None:
             table = table.set_column(i, column.name, table[i].cast(pyarrow.timestamp("us", "UTC")))
     return table
+
+
+def _rule_of(message: str) -> str:
+    """"purchaseHistory[3].amount: must be ... (got 0.0)" -> "amount: must be ..."."""
+    path, rule = message.split(": ", 1)
+    return f"{path.rsplit('.', 1)[-1]}: {rule.split(' (got ', 1)[0]}"
 
 
 def render_failure(field_name: str, rule: str, got: str | None) -> str:
@@ -610,20 +695,33 @@ def _line_messages(model: type[pa.DataFrameModel], lines: pyarrow.Table) -> pyar
 def _purchase_messages(
     model: type[pa.DataFrameModel], purchases: pyarrow.Table, element_level: bool = False
 ) -> pyarrow.Table:
+    """line_no and message per failure; of a purchase's fields (not `element_level`) also the
+    purchase's key (_purchase_keys) and the rule as "field: rule" (schemas.PURCHASE_RULES)."""
     cases = _failures(model, purchases)
     if not cases:
-        return _NO_MESSAGES
+        return _NO_MESSAGES if element_level else _NO_RECORD_MESSAGES
     rows = purchases.select(["line_no", "purchase_idx"]).take([c["index"] for c in cases])
-    rendered = []
+    rendered, rules = [], []
     for case, idx in zip(cases, rows["purchase_idx"].to_pylist(), strict=True):
         path = f"purchaseHistory[{idx}]"
         if not element_level:
             path += "." + _field(case["column"])
         got = _got(case["column"], case["check"], case["failure_case"])
         rendered.append(render_failure(path, case["check"], got))
-    return pyarrow.table(
+        rules.append(f"{_field(case['column'])}: {case['check']}")
+    table = pyarrow.table(
         {"line_no": rows["line_no"], "message": pyarrow.array(rendered, pyarrow.string())}
     )
+    if element_level:
+        return table
+    return table.append_column("key", _purchase_keys(rows)).append_column(
+        "rule", pyarrow.array(rules, pyarrow.string())
+    )
+
+
+_NO_RECORD_MESSAGES = _NO_MESSAGES.append_column(
+    "key", pyarrow.array([], pyarrow.int64())
+).append_column("rule", pyarrow.array([], pyarrow.string()))
 
 
 def _group_messages(messages: pyarrow.Table) -> pyarrow.Table:
@@ -680,6 +778,20 @@ def _stage_chunk(batch_id: str, result: ChunkResult, staging: dict[str, Path], p
                 "product_id": purchases["productId"],
                 "amount": purchases["amount"],
                 "purchased_at": purchases["date__ts"],
+            }
+        ),
+        "dropped_purchases": pyarrow.table(
+            {
+                "batch_id": pyarrow.repeat(batch, result.dropped.num_rows),
+                "line_no": result.dropped["line_no"],
+                "purchase_idx": result.dropped["purchase_idx"].cast(pyarrow.int32()),
+                "customer_id": customer_ids.take(
+                    pc.index_in(result.dropped["line_no"], value_set=customers["line_no"])
+                ),
+                "product_id": result.dropped["productId"],
+                "amount": result.dropped["amount"],
+                "purchased_at": result.dropped["date"],
+                "reasons": result.dropped["reasons"],
             }
         ),
         "schema_errors": pyarrow.table(

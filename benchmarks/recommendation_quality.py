@@ -1,0 +1,147 @@
+"""Recommendation quality on real purchase data: the published recommendations against three
+baselines on the same split, in one run. Figures only, never pass/fail (the suite's small
+version: pipeline_project_tests/test_real_data.py).
+
+    python benchmarks/recommendation_quality.py [--households N] [--batches 4]
+        [--backend local|hashing] [--zero-amounts keep|drop] [--json]
+
+The data: "The Complete Journey" (the optional extra `real-data`), converted by
+benchmarks/real_data.py into landing files with each household's last basket held out (see
+there). The pipeline: the production job (`batch_pipeline_job`, in process) on every batch in
+order, after catalog_job, in a fresh warehouse and Dagster instance in a temporary folder; what
+it publishes is read from `current_recommendations`. The baselines (most popular products,
+item-item cosine, user-user cosine with 50 neighbours) recommend the top 5 in stock and never
+bought by the customer. A customer is hit when a product of their held-out basket they never
+bought before is among their (at most 5) recommendations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import dagster as dg  # noqa: E402
+import real_data  # noqa: E402
+
+from pipeline_project.definitions import build_definitions  # noqa: E402
+from pipeline_project.instance import write_instance_yaml  # noqa: E402
+from pipeline_project.resources.embeddings import HashingEmbedder, LocalE5Embedder  # noqa: E402
+from pipeline_project.settings import (  # noqa: E402
+    AlertSettings,
+    LandingSettings,
+    Settings,
+    WarehouseSettings,
+)
+
+
+def run_pipeline(root: Path, backend: str, log=print) -> dict:
+    """catalog_job, then batch_pipeline_job for each landed batch in name order; returns the
+    failed checks per batch and the runs' outcome."""
+    settings = Settings(
+        warehouse=WarehouseSettings(duckdb_path=root / "warehouse.duckdb"),
+        landing=LandingSettings(root / "landing", catalog_path=root / "catalog.csv"),
+        alerts=AlertSettings(alerts_duckdb_path=root / "alerts.duckdb"),
+    )
+    embedder = HashingEmbedder() if backend == "hashing" else LocalE5Embedder()
+    defs = build_definitions(settings, embedder=embedder)
+    home = root / "dagster_home"
+    home.mkdir()
+    write_instance_yaml(home)
+    quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    outcome: dict = {"batches": {}}
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        started = time.perf_counter()
+        catalog = defs.resolve_job_def("catalog_job").execute_in_process(
+            instance=instance, run_config=quiet, raise_on_error=False
+        )
+        outcome["catalog_seconds"] = round(time.perf_counter() - started, 1)
+        outcome["catalog_success"] = catalog.success
+        log(f"catalog_job: success={catalog.success} in {outcome['catalog_seconds']} s")
+        job = defs.resolve_job_def("batch_pipeline_job")
+        for path in sorted(settings.landing.landing_dir.glob("*.jsonl")):
+            batch_id = path.stem
+            instance.add_dynamic_partitions("batches", [batch_id])
+            started = time.perf_counter()
+            result = job.execute_in_process(
+                partition_key=batch_id, instance=instance, run_config=quiet,
+                raise_on_error=False,
+            )  # fmt: skip
+            evaluations = result.get_asset_check_evaluations()
+            outcome["batches"][batch_id] = {
+                "success": result.success,
+                "seconds": round(time.perf_counter() - started, 1),
+                "failed_checks": sorted(e.check_name for e in evaluations if not e.passed),
+            }
+            log(f"{batch_id}: {outcome['batches'][batch_id]}")
+    return outcome
+
+
+def measure(folder: Path, warehouse: Path | None) -> list[real_data.Rate]:
+    split = real_data.Split.read(folder)
+    rates = []
+    if warehouse is not None:
+        rates.append(real_data.rate(split, "published (current_recommendations)",
+                                    split.published(warehouse)))  # fmt: skip
+    rates.append(real_data.rate(split, "most popular, in stock, not bought", split.popularity()))
+    rates.append(real_data.rate(split, "co-purchase neighbours (item-item cosine)",
+                                split.item_item()))  # fmt: skip
+    rates.append(real_data.rate(split, "similar customers (user-user cosine, 50)",
+                                split.user_user()))  # fmt: skip
+    return rates
+
+
+def table(rates: list[real_data.Rate]) -> str:
+    batches = sorted({b for r in rates for b in r.per_batch})
+    lines = [
+        "| what | hit rate | evaluated | products each | " + " | ".join(batches) + " |",
+        "|---|---|---|---|" + "---|" * len(batches),
+    ]
+    for r in rates:
+        per = " | ".join(f"{r.per_batch.get(b, float('nan')):.3f}" for b in batches)
+        lines.append(f"| {r.name} | {r.hit_rate:.4f} | {r.evaluated:,} | {r.recommended:.2f} |"
+                     f" {per} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--households", type=int, default=None, help="a sample (default: all)")
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--backend", choices=["local", "hashing"], default="local")
+    parser.add_argument("--zero-amounts", choices=["keep", "drop"], default="keep")
+    parser.add_argument("--keep", type=Path, default=None, help="work in this folder, kept")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("dagster").setLevel(logging.ERROR)
+    log = (lambda *_: None) if args.json else print
+    with tempfile.TemporaryDirectory(prefix="recommendation_quality_") as tmp:
+        root = args.keep or Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        stats = real_data.convert(root, seed=args.seed, batches=args.batches,
+                                  households=args.households,
+                                  zero_amounts=args.zero_amounts)  # fmt: skip
+        log(f"converted in {time.perf_counter() - started:.1f} s: {stats}")
+        outcome = run_pipeline(root, args.backend, log)
+        rates = measure(root, root / "warehouse.duckdb")
+    if args.json:
+        print(json.dumps({"stats": stats, "pipeline": outcome,
+                          "rates": [r.__dict__ for r in rates]}))  # fmt: skip
+    else:
+        print(table(rates))
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -105,10 +106,14 @@ def convert(
         "CREATE TABLE last_basket AS SELECT household_id, arg_max(basket_id, (ts, basket_id))"
         " AS basket_id FROM t WHERE amount > 0 GROUP BY household_id"
     )
-    files = {b: open(out / "landing" / f"{b}.jsonl", "w") for b in sorted(set(batch_of.values()))}
     stats = {"households": len(batch_of), "zero_amount_lines": 0, "history_lines": 0,
              "held_out_lines": 0}  # fmt: skip
-    with open(out / "holdout.jsonl", "w") as holdout:
+    with ExitStack() as stack:
+        files = {
+            b: stack.enter_context(open(out / "landing" / f"{b}.jsonl", "w"))
+            for b in sorted(set(batch_of.values()))
+        }
+        holdout = stack.enter_context(open(out / "holdout.jsonl", "w"))
         rows = con.execute(
             "SELECT t.household_id, any_value(t.batch), min(t.ts),"
             " list({'productId': t.product_id::VARCHAR, 'amount': t.amount, 'ts': t.ts}"
@@ -132,12 +137,16 @@ def convert(
                           "createdAt": _iso(first), "purchaseHistory": history}  # fmt: skip
                 files[batch].write(json.dumps(record, separators=(",", ":")) + "\n")
                 holdout.write(
-                    json.dumps({"id": household_id(key), "batch": batch, "basket_id": basket,
-                                "products": sorted(held or [])})  # fmt: skip
+                    json.dumps(
+                        {
+                            "id": household_id(key),
+                            "batch": batch,
+                            "basket_id": basket,
+                            "products": sorted(held or []),
+                        }
+                    )  # fmt: skip
                     + "\n"
                 )
-    for f in files.values():
-        f.close()
     stats["products"] = _write_catalog(con, src, out / "catalog.csv", seed)
     stats["batches"] = {b: sum(1 for v in batch_of.values() if v == b) for b in files}
     return stats

@@ -86,7 +86,11 @@ def run_batch(
 
 
 def store_and_validate(
-    warehouse: Warehouse, path: Path, batch_id: str, chunk_rows: int, max_line_bytes: int,
+    warehouse: Warehouse,
+    path: Path,
+    batch_id: str,
+    chunk_rows: int,
+    max_line_bytes: int,
     drop_rules: frozenset[str] = frozenset(),
 ) -> tuple[StoredLines, ValidationSummary]:
     """Ingest a landing file as the batch's raw lines and validate them, as the two steps do."""

@@ -385,9 +385,7 @@ def _dropped(tmp_path) -> list[tuple]:
 
 
 @pytest.mark.parametrize("policy", ["reject the customer", "drop the purchase"])
-def test_a_purchase_rule_rejects_the_customer_or_drops_the_purchase_as_configured(
-    tmp_path, policy
-):
+def test_a_purchase_rule_rejects_the_customer_or_drops_the_purchase_as_configured(tmp_path, policy):
     lines = [
         customer(purchaseHistory=[GOOD, ZERO]),  # a free item among paid ones
         # broken beyond the dropped rule: rejected, with every reason
@@ -404,7 +402,9 @@ def test_a_purchase_rule_rejects_the_customer_or_drops_the_purchase_as_configure
         purchases = conn.execute(
             "SELECT line_no, purchase_idx, product_id FROM customer_purchases ORDER BY ALL"
         ).fetchall()
-        counts = conn.execute("SELECT line_no, purchase_count, total_spend FROM customers").fetchall()
+        counts = conn.execute(
+            "SELECT line_no, purchase_count, total_spend FROM customers"
+        ).fetchall()
     zero = "purchaseHistory[1].amount: must be a finite number > 0 (got '0.0')"
     assert errors[2] == [
         "email: must be an email address (got 'bad')",

@@ -28,8 +28,8 @@ from pipeline_project.policies import batch_stage, fails_at_once_when_determinis
 from pipeline_project.progress import report
 from pipeline_project.resources import AlertSink, Warehouse
 from pipeline_project.resources.warehouse import withdraw
-from pipeline_project.sensors.rescore import RESCORE_METADATA
 from pipeline_project.schemas import PURCHASE_RULES
+from pipeline_project.sensors.rescore import RESCORE_METADATA
 from pipeline_project.tables import (
     CUSTOMER_PURCHASES,
     CUSTOMERS,

@@ -151,12 +151,15 @@ WHERE k.n > coalesce(o.n, 0)
 
 # The quartiles of a seeded sample of the batch's customers with purchases (every customer of a
 # batch of at most PROFILE_SAMPLE lines).
-_CUTS_SQL = f"""{_totals_sql(
-    "SELECT line_no, customer_id FROM customers WHERE batch_id = $batch_id"
-    " AND hash(line_no, 'profile sample') % $step = 0",
-    known_purchases_sql("batch_prior").replace(
-        "line_no BETWEEN $first AND $last", "hash(line_no, 'profile sample') % $step = 0"),
-)}
+_CUTS_SQL = f"""{
+    _totals_sql(
+        "SELECT line_no, customer_id FROM customers WHERE batch_id = $batch_id"
+        " AND hash(line_no, 'profile sample') % $step = 0",
+        known_purchases_sql("batch_prior").replace(
+            "line_no BETWEEN $first AND $last", "hash(line_no, 'profile sample') % $step = 0"
+        ),
+    )
+}
 SELECT quantile_disc(total_spend, [0.25, 0.5, 0.75]), quantile_disc(trips, [0.25, 0.5, 0.75]),
        quantile_disc(days, [0.25, 0.5, 0.75])
 FROM totals SEMI JOIN c USING (line_no)

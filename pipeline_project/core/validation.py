@@ -605,7 +605,7 @@ def _fetch(conn: duckdb.DuckDBPyConnection, sql: str, params: dict) -> pyarrow.T
 
 
 def _rule_of(message: str) -> str:
-    """"purchaseHistory[3].amount: must be ... (got 0.0)" -> "amount: must be ..."."""
+    """ "purchaseHistory[3].amount: must be ... (got 0.0)" -> "amount: must be ..."."""
     path, rule = message.split(": ", 1)
     return f"{path.rsplit('.', 1)[-1]}: {rule.split(' (got ', 1)[0]}"
 

@@ -47,6 +47,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from unittest import mock
@@ -171,14 +172,26 @@ class ConstantEmbedder(Embedder):
 
 
 def customer_blind(score):
-    """`score` (score_profiles) fed one fixed profile vector for every customer, in their own
-    segment: one list per segment, a few lists for the whole batch."""
+    """`score` (score_customers) blind to the customer: one fixed profile vector for every
+    customer and none of their purchases (only to take out what they bought), each in their own
+    segment: one list for the whole batch."""
 
-    def scored(vectors, segments, inputs, **kwargs):
+    def scored(customers, inputs, allowed, weights, **kwargs):
         fixed = inputs.product_vectors.mean(axis=0)
         fixed = fixed / (np.linalg.norm(fixed) or 1.0)
-        same = np.repeat(fixed[None, :].astype(vectors.dtype), len(vectors), axis=0)
-        return score(same, segments, inputs, **kwargs)
+        blind = replace(
+            customers,
+            profile_vectors=fixed[None, :].astype(customers.profile_vectors.dtype),
+            profile_of=np.zeros(len(customers), dtype=np.int64),
+            recency=customers.recency.multiply(0).tocsr(),
+        )
+        result = score(blind, inputs, allowed, weights, **kwargs)
+        if kwargs.get("exclude_bought", True) and customers.recency.nnz:
+            # what the customer bought is still never offered
+            mine = customers.recency.tocsr()
+            bought = np.asarray(mine[result["customer"], result["product"]]).ravel() > 0
+            result = {k: (v if k == "available" else v[~bought]) for k, v in result.items()}
+        return result
 
     return scored
 
@@ -337,10 +350,10 @@ def _scorer(kind: str) -> Iterator[None]:
     if kind != "customer_blind_scorer":
         yield
         return
-    blind = customer_blind(recommendations.score_profiles)
+    blind = customer_blind(recommendations.score_customers)
     with (
-        mock.patch.object(recommendations, "score_profiles", blind),
-        mock.patch.object(recommendation_quality, "score_profiles", blind),
+        mock.patch.object(recommendations, "score_customers", blind),
+        mock.patch.object(recommendation_quality, "score_customers", blind),
     ):
         yield
 

@@ -199,8 +199,20 @@ def _to_v3(conn: duckdb.DuckDBPyConnection) -> None:
 
 
 def _to_v4(conn: duckdb.DuckDBPyConnection) -> None:
-    """Version 4: purchases a configured rule drops from kept records (dropped_purchases,
-    created above). No data step: older batches dropped none."""
+    """Version 4: purchases a configured rule drops from kept records (dropped_purchases: older
+    batches dropped none); a segment's recency-weighted share of each product and the products
+    bought together (product_neighbours), learned with the model: the newest model of each
+    embedding model learns them again from the customers it segmented (the other versions
+    assign no batch any more)."""
+    from pipeline_project.core.segmentation import store_affinity
+
+    latest = conn.execute(
+        f"SELECT embedding_model, max(model_version) FROM {SEGMENT_MODEL} GROUP BY ALL"
+    ).fetchall()
+    for _, model_version in latest:
+        conn.execute("DELETE FROM segment_affinity WHERE model_version = ?", [model_version])
+        conn.execute("DELETE FROM product_neighbours WHERE model_version = ?", [model_version])
+        store_affinity(conn, model_version)
 
 
 MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {

@@ -24,6 +24,7 @@ EMBEDDING_CACHE = "embedding_cache"
 DEAD_LETTER = "dead_letter"
 SEGMENT_MODEL = "segment_model"
 SEGMENT_AFFINITY = "segment_affinity"
+PRODUCT_NEIGHBOURS = "product_neighbours"
 CUSTOMER_SEGMENTS = "customer_segments"
 PRODUCT_EMBEDDINGS = "product_embeddings"
 RECOMMENDATIONS = "recommendations"
@@ -94,8 +95,8 @@ def _c(name: str, type_: str, not_null: bool = True, default: str | None = None)
     return Column(name, type_, not_null, default)
 
 
-# A recommendation and the parts of its score (explainable): confidence =
-# segment_weight * segment_affinity + similarity_weight * similarity_score.
+# A recommendation and the parts of its score (explainable): confidence = the weighted mean of
+# segment_affinity, co_purchase and similarity_score (core/recommendations.py).
 _RECOMMENDATION_COLUMNS = (
     _c("batch_id", "VARCHAR"),
     _c("line_no", "BIGINT"),
@@ -109,6 +110,8 @@ _RECOMMENDATION_COLUMNS = (
     _c("similarity", "DOUBLE"),
     _c("similarity_score", "DOUBLE"),
     _c("model_version", "INTEGER"),
+    # the co-purchase part of the score (0..1); older rows: 0
+    _c("co_purchase", "DOUBLE", default="0"),
 )
 
 # raw_customers is a view over one Parquet file per batch (see resources/warehouse.py).
@@ -276,6 +279,19 @@ _TABLES = [
         _c("product_id", "VARCHAR"),
         _c("purchases", "DOUBLE"),
         _c("avg_amount", "DOUBLE"),
+        # the segment's customers who bought it, each weighted by how recently (exp(-days /
+        # recency_days) before the newest training purchase), over the segment's customers
+        _c("share", "DOUBLE", default="0"),
+        _c("customers", "DOUBLE", default="0"),  # the segment's customers
+    ),
+    # Each product's most co-purchased products (cosine over customers), learned with the
+    # segment model version (core/co_purchase.py).
+    _table(
+        PRODUCT_NEIGHBOURS,
+        _c("model_version", "INTEGER"),
+        _c("product_id", "VARCHAR"),
+        _c("neighbour_id", "VARCHAR"),
+        _c("similarity", "DOUBLE"),
     ),
     _table(
         CUSTOMER_SEGMENTS,

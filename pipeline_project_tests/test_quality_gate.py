@@ -1,6 +1,7 @@
 """The quality gate in a real run: a scorer no better than popularity publishes nothing, and the
 batch's previous answer stays current."""
 
+from dataclasses import replace
 from unittest import mock
 
 import numpy as np
@@ -24,13 +25,26 @@ CURRENT = "SELECT * FROM current_recommendations ORDER BY ALL"
 
 
 def customer_blind(score):
-    """Every customer scored as one fixed profile vector, in their own segment."""
+    """`score` (score_customers) blind to the customer: one fixed profile vector for every
+    customer and none of their purchases (only to take out what they bought), each in their own
+    segment: one list for the whole batch."""
 
-    def scored(vectors, segments, inputs, **kwargs):
+    def scored(customers, inputs, allowed, weights, **kwargs):
         fixed = inputs.product_vectors.mean(axis=0)
         fixed = fixed / (np.linalg.norm(fixed) or 1.0)
-        same = np.repeat(fixed[None, :].astype(vectors.dtype), len(vectors), axis=0)
-        return score(same, segments, inputs, **kwargs)
+        blind = replace(
+            customers,
+            profile_vectors=fixed[None, :].astype(customers.profile_vectors.dtype),
+            profile_of=np.zeros(len(customers), dtype=np.int64),
+            recency=customers.recency.multiply(0).tocsr(),
+        )
+        result = score(blind, inputs, allowed, weights, **kwargs)
+        if kwargs.get("exclude_bought", True) and customers.recency.nnz:
+            # what the customer bought is still never offered
+            mine = customers.recency.tocsr()
+            bought = np.asarray(mine[result["customer"], result["product"]]).ravel() > 0
+            result = {k: (v if k == "available" else v[~bought]) for k, v in result.items()}
+        return result
 
     return scored
 
@@ -62,10 +76,10 @@ def test_a_scorer_no_better_than_popularity_publishes_nothing_and_the_answer_sta
     published = rows(settings, CURRENT)
     assert published
 
-    blind = customer_blind(recommendations.score_profiles)
+    blind = customer_blind(recommendations.score_customers)
     with (
-        mock.patch.object(recommendations, "score_profiles", blind),
-        mock.patch.object(recommendation_quality, "score_profiles", blind),
+        mock.patch.object(recommendations, "score_customers", blind),
+        mock.patch.object(recommendation_quality, "score_customers", blind),
     ):
         bad = run()
     assert not bad.success

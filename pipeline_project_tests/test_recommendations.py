@@ -74,7 +74,7 @@ def rows(settings, sql, params=()):
 
 RECOMMENDATION = (
     "INSERT INTO recommendations VALUES ('b', $line, $customer::UUID, 1, $product, 0,"
-    " $confidence, $value, 0.5, 0.8, 0.5, 1)"
+    " $confidence, $value, 0.5, 0.8, 0.5, 1, 0)"
 )
 
 
@@ -162,11 +162,13 @@ def test_recommendations_are_explainable_confident_and_rematerialize_identically
     assert result.success
     first = {t: rows(settings, f"SELECT * FROM {t} ORDER BY ALL") for t in TABLES}
     assert len(first["recommendations"]) == 16 * 5
-    for _, _, _, rank, _, _, confidence, value, affinity, similarity, score, _ in first[
+    for _, _, _, rank, _, _, confidence, value, affinity, similarity, score, _, co in first[
         "recommendations"
     ]:
         assert 1 <= rank <= 5 and 0.0 <= confidence <= 1.0 and value >= 0
-        assert confidence == pytest.approx(0.7 * affinity + 0.3 * score)
+        # the weighted mean of its parts (weights 1, 0.25, 0.25), each part 0..1
+        assert confidence == pytest.approx((affinity + 0.25 * co + 0.25 * score) / 1.5)
+        assert all(0.0 <= part <= 1.0 for part in (affinity, co, score))
         assert -1.0 <= similarity <= 1.0
     assert len(first["validated_recommendations"]) + len(first["rejected_recommendations"]) == 80
     [meta] = [m for m in result.asset_materializations_for_node("recommendations")]

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import dagster as dg
 import duckdb
-import pyarrow as pa
 from pydantic import Field
 
 from pipeline_project.asset_metadata import one_table_metadata, table_metadata
@@ -38,12 +37,12 @@ from pipeline_project.core.recommendations import (
     BatchScoring,
     ConfidenceSummary,
     RuleOutcome,
+    Weights,
     confidence_summary,
     list_spread,
     load_scoring_inputs,
     rule_outcome,
     score_batch,
-    score_candidates,
     stage_business_rules,
 )
 from pipeline_project.policies import (
@@ -51,6 +50,7 @@ from pipeline_project.policies import (
     fails_at_once_when_deterministic,
     per_batch_automation,
 )
+from pipeline_project.progress import Progress
 from pipeline_project.resources import LandingZone, Warehouse
 from pipeline_project.resources.embeddings import Embedder
 from pipeline_project.tables import (
@@ -106,18 +106,35 @@ def _skip_for_no_catalog(context: dg.AssetExecutionContext, landing: LandingZone
 
 class RecommendationConfig(dg.Config):
     top_n: int = Field(default=5, description="Recommendations per customer.")
-    candidate_margin: int = Field(
-        default=20,
-        description="Products ranked per profile beyond top_n, for customers who bought some"
-        " (who bought more are ranked again over the whole catalog).",
-    )
     customer_chunk: int = Field(
-        default=200_000, description="Customers given their recommendations per chunk."
+        default=200_000, description="Customers read per chunk (scored in smaller ones)."
     )
     segment_weight: float = Field(
-        default=0.7, description="Weight of segment affinity; similarity gets the rest."
+        default=Weights.segment, description="Weight of the segments' share of the product."
     )
-    profile_chunk: int = Field(default=2048, description="Profiles scored per chunk.")
+    co_purchase_weight: float = Field(
+        default=Weights.co_purchase,
+        description="Weight of what buyers of the customer's products also buy.",
+    )
+    similarity_weight: float = Field(
+        default=Weights.similarity,
+        description="Weight of the profile's similarity to the product's text.",
+    )
+    segment_temperature: float = Field(
+        default=Weights.temperature,
+        description="Softness of segment membership: the softmax temperature over the"
+        " profile's cosine to each segment's centroid.",
+    )
+    recency_days: float = Field(
+        default=Weights.recency_days,
+        description="A customer's purchase this many days before their last weighs 1/e as much"
+        " in the co-purchase part.",
+    )
+
+    def weights(self) -> Weights:
+        return Weights(self.segment_weight, self.co_purchase_weight, self.similarity_weight,
+                       self.segment_temperature, self.recency_days)  # fmt: skip
+
     psi_threshold: float = Field(
         default=0.25, description="WARN when the confidence distribution shifts more (PSI)."
     )
@@ -161,7 +178,8 @@ class RecommendationConfig(dg.Config):
             RECOMMENDATIONS,
             deps=[CUSTOMER_SEGMENTS, PRODUCT_EMBEDDINGS, PRODUCT_CATALOG],
             description="Top-N products per segmented customer with confidence in [0, 1],"
-            " predicted value and the parts of the score (segment affinity, similarity).",
+            " predicted value and the parts of the score (segment affinity, co-purchase,"
+            " similarity).",
             kinds={"duckdb"},
             # A batch that ran before the catalog arrived is re-profiled when it does
             # (rescore_sensor, from customer_embeddings), not scored on its old profiles.
@@ -205,17 +223,18 @@ def recommendations(
     if _refused(context, gates):
         yield from judged(gates.verdicts)
         return
+    progress = Progress(context.log, batch_id, "recommend", "customers")
     with warehouse.staged_batch(SCORED_TABLES, batch_id) as (conn, staging):
         scored = score_batch(
-            conn, batch_id, model, dimensions, loaded, gates.candidates, staging,
-            top_n=config.top_n, segment_weight=config.segment_weight,
-            customer_chunk=config.customer_chunk, depth=config.top_n + config.candidate_margin,
+            conn, batch_id, model, dimensions, loaded, staging, top_n=config.top_n,
+            weights=config.weights(), customer_chunk=config.customer_chunk, on_chunk=progress,
         )  # fmt: skip
     with warehouse.get_connection() as conn:
         summary = confidence_summary(conn, batch_id)
     context.log.info(
-        f"{batch_id}: {scored.profiles:,} profiles scored, {scored.chunks} chunks of customers,"
-        f" {scored.shortfalls:,} customers with fewer than {config.top_n} products to offer"
+        f"{batch_id}: {scored.customers:,} customers scored in {scored.chunks} chunks against"
+        f" {len(loaded.inputs.product_ids):,} products, {scored.shortfalls:,} customers with"
+        f" fewer than {config.top_n} products to offer"
     )
     checks = [*gates.verdicts, *_drift(context, config, checked, summary.histogram)]
     figures = {
@@ -292,7 +311,6 @@ def _refused(context: dg.AssetExecutionContext, gates: "_Gates") -> bool:
 @dataclass(frozen=True)
 class _Gates:
     verdicts: list[Verdict]  # quality, personalization (the selected ones)
-    candidates: pa.Table  # each profile's ranked candidates
     quality: HoldoutQuality | None
 
 
@@ -307,31 +325,29 @@ def _gates(
 ) -> _Gates:
     """What is judged before anything is written: the held-out quality against popularity,
     and how many different lists the profiles get."""
-    batch_id, verdicts, quality = context.partition_key, [], None
+    batch_id, verdicts, quality, spread = context.partition_key, [], None, None
+    weights = config.weights()
     with warehouse.get_connection() as conn:
-        candidates = score_candidates(
-            conn, batch_id, model, dimensions, loaded,
-            depth=config.top_n + config.candidate_margin, segment_weight=config.segment_weight,
-            profile_chunk=config.profile_chunk,
-        )  # fmt: skip
         if RECOMMENDATION_QUALITY in checked:
             quality = holdout_quality(
-                conn, batch_id, model, dimensions, loaded.version, loaded.inputs,
+                conn, batch_id, model, dimensions, loaded, weights,
                 sample=config.quality_sample, top_n=config.quality_top_n,
-                segment_weight=config.segment_weight,
             )  # fmt: skip
+        if PERSONALIZED in checked:
+            spread = list_spread(conn, batch_id, model, dimensions, loaded, weights,
+                                 top_n=config.top_n)  # fmt: skip
     if quality is not None:
         verdicts.append(_quality_result(context, config, quality))
-    if PERSONALIZED in checked:
+    if spread is not None:
         verdicts.append(
             personalization_result(
-                list_spread(candidates, config.top_n),
-                len(loaded.inputs.affinity),
+                spread,
+                loaded.inputs.segments,
                 min_profiles=config.personalization_min_profiles,
                 min_lists_per_segment=config.min_lists_per_segment,
             )  # fmt: skip
         )
-    return _Gates(verdicts, candidates, quality)
+    return _Gates(verdicts, quality)
 
 
 def _nothing_to_recommend(

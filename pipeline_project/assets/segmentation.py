@@ -16,6 +16,8 @@ from pipeline_project.checks.verdicts import judged, not_judged
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.publications import live_batches
 from pipeline_project.core.segmentation import (
+    NEIGHBOURS,
+    RECENCY_DAYS,
     SegmentModel,
     assign_batch,
     latest_segment_model,
@@ -50,6 +52,14 @@ class SegmentModelConfig(dg.Config):
     epochs: int = Field(default=3, description="Passes over the training vectors.")
     chunk_vectors: int = Field(default=10_000, description="Vectors read per training chunk.")
     seed: int = Field(default=0, description="Random seed: same data, same model.")
+    recency_days: float = Field(
+        default=RECENCY_DAYS,
+        description="A segment's purchase this many days before its newest weighs 1/e as much"
+        " in the product's share of the segment.",
+    )
+    neighbours: int = Field(
+        default=NEIGHBOURS, description="Co-purchased products kept per product."
+    )
     # Off by default: with it, the intermediate models depend on the order the first batches
     # arrive in (a backfill in another order trains other ones before the same final model).
     min_training_profiles: int = Field(

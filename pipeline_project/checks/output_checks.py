@@ -232,29 +232,30 @@ PERSONALIZED_SPEC = dg.AssetCheckSpec(
     asset="recommendations",
     blocking=True,
     partitions_def=batches,  # preview, as above
-    description="Judged before the batch's recommendations are written: customers with"
-    " different profiles get different top-N lists, more lists than there are segments (a"
-    " scorer that gives each segment one list ignores the customer).",
+    description="Judged before the batch's recommendations are written: a sample of its"
+    " customers get different top-N lists (ranked before their own purchases are taken out),"
+    " more lists than there are segments (a scorer that gives each segment one list ignores"
+    " the customer).",
 )
 
 
 def personalization_result(
     spread: ListSpread, segments: int, *, min_profiles: int, min_lists_per_segment: float
 ) -> Verdict:
-    """Fails when the batch's distinct profiles get no more than `min_lists_per_segment` x the
+    """Fails when the sampled customers get no more than `min_lists_per_segment` x the
     segments' number of different top-N lists; no verdict on fewer than `min_profiles`
-    profiles, or fewer than twice the lists it would need (customers alike get the same list)."""
+    customers, or fewer than twice the lists it would need."""
     needed = min_lists_per_segment * segments
-    if spread.profiles < max(min_profiles, 2 * needed):
+    if spread.customers < max(min_profiles, 2 * needed):
         return NotJudged(
             PERSONALIZED,
-            f"{spread.profiles} distinct profiles, fewer than max({min_profiles}, 2 x {needed:g}"
-            " lists): customers alike may share a list",
+            f"{spread.customers} customers, fewer than max({min_profiles}, 2 x {needed:g}"
+            " lists): too few to tell",
         )
-    share = spread.most_common_list_profiles / spread.profiles
+    share = spread.most_common_list_customers / spread.customers
     passed = spread.lists > needed
     said = (
-        f"{spread.profiles} distinct profiles get {spread.lists} different top-N lists"
+        f"{spread.customers} sampled customers get {spread.lists} different top-N lists"
         f" ({segments} segments; the most common list goes to {share:.1%} of them)"
     )
     if not passed:
@@ -267,7 +268,7 @@ def personalization_result(
         description=said,
         metadata={
             "verdict": said,
-            "distinct_profiles": spread.profiles,
+            "customers_sampled": spread.customers,
             "distinct_lists": spread.lists,
             "segments": segments,
             "min_lists": needed,

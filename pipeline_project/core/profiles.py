@@ -149,32 +149,35 @@ LEFT JOIN own AS o USING (customer_id, product_id, purchased_at, amount)
 WHERE k.n > coalesce(o.n, 0)
 """
 
+
 # The quartiles of a seeded sample of the batch's customers with purchases (every customer of a
-# batch of at most PROFILE_SAMPLE lines).
-_CUTS_SQL = f"""{
-    _totals_sql(
-        "SELECT line_no, customer_id FROM customers WHERE batch_id = $batch_id"
-        " AND hash(line_no, 'profile sample') % $step = 0",
-        known_purchases_sql("batch_prior").replace(
-            "line_no BETWEEN $first AND $last", "hash(line_no, 'profile sample') % $step = 0"
-        ),
-    )
-}
+# batch of at most PROFILE_SAMPLE lines); `prior`: where their earlier purchases are.
+def _cuts_sql(prior: str) -> str:
+    sampled = "hash(line_no, 'profile sample') % $step = 0"
+    return f"""{
+        _totals_sql(
+            f"SELECT line_no, customer_id FROM customers WHERE batch_id = $batch_id AND {sampled}",
+            known_purchases_sql(prior).replace("line_no BETWEEN $first AND $last", sampled),
+        )
+    }
 SELECT quantile_disc(total_spend, [0.25, 0.5, 0.75]), quantile_disc(trips, [0.25, 0.5, 0.75]),
        quantile_disc(days, [0.25, 0.5, 0.75])
 FROM totals SEMI JOIN c USING (line_no)
 """
 
 
-def profile_cuts(conn: duckdb.DuckDBPyConnection, batch_id: str, as_of) -> dict[str, list]:
+def profile_cuts(
+    conn: duckdb.DuckDBPyConnection, batch_id: str, as_of, prior: str = "batch_prior"
+) -> dict[str, list]:
     """The batch's quartile cut points of spend, trips and days since the last purchase (the
-    parameters of PROFILES_SQL), from a sample of at most PROFILE_SAMPLE customers."""
+    parameters of PROFILES_SQL), from a sample of at most PROFILE_SAMPLE customers; their
+    earlier purchases from `prior` (the temp table batch_prior while profiles are staged)."""
     [(lines,)] = conn.execute(
         "SELECT count(*) FROM customers WHERE batch_id = ?", [batch_id]
     ).fetchall()
     step = max(1, -(-lines // PROFILE_SAMPLE))
     [(spend, trips, days)] = conn.execute(
-        _CUTS_SQL, {"batch_id": batch_id, "as_of": as_of, "step": step}
+        _cuts_sql(prior), {"batch_id": batch_id, "as_of": as_of, "step": step}
     ).fetchall()
     return {"spend_cuts": [float(x) for x in spend or []],
             "trip_cuts": [int(x) for x in trips or []],

@@ -1,18 +1,21 @@
-"""Are the recommendations any good? Leave the last purchase out and see if it comes back.
+"""Are the recommendations any good? Leave the last basket out and see if it comes back.
 
-For a bounded sample of the batch's customers with two or more purchases, the last purchase is
-held out and the customer is profiled from the rest of the history (the same profile text as
-customer_embeddings makes), assigned to the nearest segment of the batch's segment model and
-scored with the same code as recommendations (score_profiles). A hit is the held-out product
-among the top N products the customer has not bought (in the rest of the history) and that are
-in stock: what the business rules would let through. The popularity baseline ranks the most
-bought products of the same segment model's customers, with the same exclusions, for the same
-customers. The held-out purchases are left out of the segments' affinity and of popularity
-alike: neither may know the answer.
+For a bounded sample of the batch's customers who shopped at two instants or more, the
+purchases of their last instant (their last basket: one purchase on a record that dates each
+apart) are held out and the customer is profiled from the rest of what is known of them (the
+same profile text, with the batch's bands, as customer_embeddings makes), given the segment of
+their held-out profile and scored with the same code as recommendations (score_customers, the
+same weights, the same products allowed). A hit is a held-out product the customer had not
+bought before among the top N products they are offered. The popularity baseline offers the
+products the same segment model's customers bought most, with the same exclusions, to the same
+customers. The held-out purchases are taken out of the segments' shares and of popularity
+alike: neither may know the answer. (The co-purchase table is learned with the model from up to
+200,000 customers; a sampled customer's own basket is one of them.)
 
 Held-out profiles are looked up in the embedding cache, never sent to the model: a profile
-differs from the customers' only by one purchase, so it is almost always a text already
-embedded. Customers whose held-out profile is not in the cache are counted, not judged.
+differs from the customer's only by one basket, so it is almost always a text already embedded.
+Customers whose held-out profile is not in the cache, or whose last basket holds nothing new,
+are counted, not judged.
 """
 
 from __future__ import annotations
@@ -20,81 +23,87 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import duckdb
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
 
-from pipeline_project.core.catalog import PRODUCTS
 from pipeline_project.core.embedding_cache import with_vectors
-from pipeline_project.core.profiles import AS_OF_SQL, profiles_sql
-from pipeline_project.core.recommendations import ScoringInputs, score_profiles, segment_tables
-from pipeline_project.core.segmentation import assign_segments
+from pipeline_project.core.profiles import AS_OF_SQL, profile_cuts, profiles_sql
+from pipeline_project.core.recommendations import (
+    BatchScoring,
+    Customers,
+    Weights,
+    chunk_size,
+    score_customers,
+    with_share,
+)
 from pipeline_project.core.vectors import list_column_to_matrix
+from pipeline_project.tables import PRIOR_PURCHASES
 
-# The sampled customers: $sample of the batch's customers with 2+ purchases, in an order that
+# The sampled customers: $sample of the batch's customers with a purchase, in an order that
 # depends on the line only (the same customers on every run of the batch).
 _SAMPLE_SQL = """
 SELECT line_no, customer_id FROM customers
-WHERE batch_id = $batch_id AND purchase_count >= 2
+WHERE batch_id = $batch_id AND purchase_count >= 1
 ORDER BY hash(line_no), line_no LIMIT $sample
 """
 # The queries below read the sample from a temporary table (computed once per evaluation).
 _SAMPLED = "SELECT line_no, customer_id FROM quality_sample"
 
-# Each sampled customer's purchases, the last one (latest, then highest purchase_idx) flagged.
-_HISTORY_SQL = f"""
-SELECT p.line_no, p.customer_id, p.purchase_idx, p.product_id, p.amount, p.purchased_at,
-       row_number() OVER (PARTITION BY p.customer_id
-                          ORDER BY p.purchased_at DESC, p.purchase_idx DESC) = 1 AS held_out
-FROM customer_purchases AS p SEMI JOIN ({_SAMPLED}) AS s USING (customer_id)
-WHERE p.batch_id = $batch_id
+# Each sampled customer's known purchases (the batch's and prior ones), those of their last
+# instant flagged: held out. Customers with a single instant have nothing left: not sampled.
+_HISTORY_SQL = """
+WITH known AS (
+    SELECT line_no, product_id, amount, purchased_at, 1 AS quantity FROM customer_purchases
+    WHERE batch_id = $batch_id AND line_no IN (SELECT line_no FROM quality_sample)
+    UNION ALL
+    SELECT line_no, product_id, amount, purchased_at, quantity FROM prior_purchases
+    WHERE batch_id = $batch_id AND line_no IN (SELECT line_no FROM quality_sample)
+), marked AS (
+    SELECT *, purchased_at = max(purchased_at) OVER (PARTITION BY line_no) AS held_out
+    FROM known
+)
+SELECT * FROM marked
+WHERE line_no IN (SELECT line_no FROM marked GROUP BY line_no HAVING bool_or(NOT held_out))
 """
 
 _HELD_OUT_PROFILES_SQL = profiles_sql(
     _SAMPLED,
-    f"SELECT line_no, product_id, amount, purchased_at, 1 AS quantity FROM ({_HISTORY_SQL})"
+    "SELECT line_no, product_id, amount, purchased_at, quantity FROM quality_history"
     " WHERE NOT held_out",
 )
 
-# Per sampled customer: the held-out product, the rest of the history and the held-out profile.
+# Per sampled customer: the held-out products they had not bought before, and the held-out
+# profile; only customers with such a product.
 _EVALUATION_SQL = f"""
-SELECT h.line_no, any_value(h.product_id) FILTER (WHERE h.held_out) AS held_out_product,
-       list(DISTINCT h.product_id) FILTER (WHERE NOT h.held_out) AS bought,
+SELECT h.line_no,
+       list(DISTINCT h.product_id) FILTER (WHERE h.held_out AND h.product_id NOT IN (
+           SELECT product_id FROM quality_history AS e
+           WHERE e.line_no = h.line_no AND NOT e.held_out)) AS new_products,
        any_value(pr.text_hash) AS text_hash
-FROM ({_HISTORY_SQL}) AS h JOIN ({_HELD_OUT_PROFILES_SQL}) AS pr USING (line_no)
+FROM quality_history AS h JOIN ({_HELD_OUT_PROFILES_SQL}) AS pr USING (line_no)
 GROUP BY h.line_no
+HAVING len(new_products) > 0
 """
 
-# Purchases per segment and product as model $version learned them, the sampled customers'
-# held-out purchases taken out: neither the segments' affinity nor popularity may know them.
-_SEGMENT_PURCHASES_SQL = f"""
-SELECT a.segment_id, a.product_id, greatest(a.purchases - coalesce(h.n, 0), 0) AS purchases,
-       a.avg_amount
-FROM segment_affinity AS a
-LEFT JOIN (
-    SELECT s.segment_id, h.product_id, count(*) AS n
-    FROM ({_HISTORY_SQL}) AS h
-    JOIN customer_segments AS s ON s.batch_id = $batch_id AND s.customer_id = h.customer_id
-    WHERE h.held_out GROUP BY ALL
-) AS h USING (segment_id, product_id)
-WHERE a.model_version = $version
+# What the evaluated customers bought before their last basket: days before its last purchase.
+_BEFORE_SQL = """
+SELECT line_no, product_id,
+       date_diff('second', max(purchased_at), max(max(purchased_at)) OVER (PARTITION BY line_no))
+           / 86400.0 AS days
+FROM quality_history WHERE NOT held_out AND line_no IN (SELECT line_no FROM quality_chunk)
+GROUP BY line_no, product_id
 """
-
-_CENTROIDS_SQL = """
-SELECT centroid FROM segment_model WHERE model_version = $version AND embedding_model = $model
-ORDER BY segment_id
-"""
-
-_IN_STOCK_SQL = f"SELECT product_id FROM {PRODUCTS} AS cat WHERE coalesce(in_stock, false)"
-
-_CHUNK = 256  # customers scored at once against every product
 
 
 @dataclass(frozen=True)
 class HoldoutQuality:
-    sampled: int  # customers with 2+ purchases in the sample
-    evaluated: int  # of them, with their held-out profile in the cache
+    sampled: int  # customers sampled (with a purchase)
+    evaluated: int  # of them, with a new held-out product and their held-out profile cached
     top_n: int
     model_hits: int
     popularity_hits: int
@@ -137,88 +146,96 @@ def holdout_quality(
     batch_id: str,
     model: str,
     dimensions: int,
-    version: int,
-    inputs: ScoringInputs,
+    scoring: BatchScoring,
+    weights: Weights,
     *,
     sample: int,
     top_n: int,
-    segment_weight: float,
 ) -> HoldoutQuality:
-    """Hit rate at `top_n` of the model and of popularity on the batch's held-out purchases."""
+    """Hit rate at `top_n` of the model and of popularity on the batch's held-out baskets."""
     [(as_of,)] = conn.execute(AS_OF_SQL, {"batch_id": batch_id}).fetchall()
-    with _dropped_after(conn, "quality_sample", "quality_evaluation"):
+    cuts = profile_cuts(conn, batch_id, as_of, prior=PRIOR_PURCHASES)
+    params = {"as_of": as_of, **cuts}
+    tables = ("quality_sample", "quality_history", "quality_evaluation", "quality_chunk")
+    with _dropped_after(conn, *tables):
         conn.execute(
             f"CREATE OR REPLACE TEMP TABLE quality_sample AS {_SAMPLE_SQL}",
             {"batch_id": batch_id, "sample": sample},
         )
         [(sampled,)] = conn.execute("SELECT count(*) FROM quality_sample").fetchall()
-        params = {"batch_id": batch_id, "as_of": as_of}
-        centroids = list_column_to_matrix(
-            conn.sql(_CENTROIDS_SQL, params={"version": version, "model": model}).to_arrow_table(),
-            "centroid",
-            dimensions,
+        conn.execute(
+            f"CREATE OR REPLACE TEMP TABLE quality_history AS {_HISTORY_SQL}",
+            {"batch_id": batch_id},
         )
-        index = {p: i for i, p in enumerate(inputs.product_ids)}
-        purchases = conn.sql(
-            _SEGMENT_PURCHASES_SQL, params={"batch_id": batch_id, "version": version}
-        ).to_arrow_table()
-        n_segments = len(inputs.affinity)
-        affinity, _ = segment_tables(
-            n_segments, inputs.product_ids, np.zeros(len(index)), purchases
-        )
-        inputs = replace(inputs, affinity=affinity)
-        counts = np.zeros(len(index))
-        for product, n in zip(
-            purchases["product_id"].to_pylist(), purchases["purchases"].to_pylist(), strict=True
-        ):
-            if product in index:
-                counts[index[product]] += n
-        popular = np.lexsort((np.arange(len(index)), -counts))  # most bought, then catalog order
-        in_stock = {p for (p,) in conn.execute(_IN_STOCK_SQL).fetchall()}
-        out_of_stock = np.array([p not in in_stock for p in index])
-        model_hits = popularity_hits = model_only = popularity_only = evaluated = 0
-        # a chunk at a time, streamed (the last query on the connection): every product's score
-        # for each customer of the chunk; the sample's vectors are never held whole
-        # the evaluation rows first (small: no vectors), then their vectors streamed, unordered
-        # (the figures are sums): no sort of wide rows, memory bounded by the chunk
         conn.execute(
             f"CREATE OR REPLACE TEMP TABLE quality_evaluation AS {_EVALUATION_SQL}", params
         )
-        rows = with_vectors(
-            conn, "SELECT * FROM quality_evaluation", model, dimensions, order_by=None
-        )
-        for chunk in rows.to_arrow_reader(_CHUNK):
-            if chunk.num_rows == 0:
-                continue
-            evaluated += chunk.num_rows
-            vectors = list_column_to_matrix(chunk, "embedding", dimensions)
-            segments, _ = assign_segments(vectors, centroids)
-            held = np.array([index.get(p, -1) for p in chunk["held_out_product"].to_pylist()])
-            excluded = np.tile(out_of_stock, (chunk.num_rows, 1))
-            for row, bought in enumerate(chunk["bought"].to_pylist()):
-                excluded[row, [index[p] for p in bought or () if p in index]] = True
-            scored = score_profiles(
-                vectors, segments, inputs, top_n=len(index), segment_weight=segment_weight
+        evaluation = with_vectors(
+            conn, "SELECT * FROM quality_evaluation", model, dimensions, order_by="line_no"
+        ).to_arrow_table()
+        inputs = scoring.inputs
+        index = {p: i for i, p in enumerate(inputs.product_ids)}
+        vectors = list_column_to_matrix(evaluation, "embedding", dimensions)
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        unit = np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+        segments = np.argmax(unit @ inputs.centroids.T, axis=1) if len(unit) else np.zeros(0, int)
+        held = [
+            [index[p] for p in products if p in index]
+            for products in evaluation["new_products"].to_pylist()
+        ]
+        blind = _without_held_out(inputs, segments, held)
+        popular = np.lexsort((np.arange(len(index)), -blind.popularity))
+        hits = np.zeros((2, len(held)), dtype=bool)
+        step = chunk_size(len(index))
+        for start in range(0, evaluation.num_rows, step):
+            stop = min(start + step, evaluation.num_rows)
+            lines = evaluation["line_no"].slice(start, stop - start)
+            conn.register("quality_chunk_lines", pa.table({"line_no": lines}))
+            conn.execute(
+                "CREATE OR REPLACE TEMP TABLE quality_chunk AS SELECT * FROM quality_chunk_lines"
             )
-            model_order = scored["product"].reshape(chunk.num_rows, len(index))
-            model_hit = _hits(model_order, excluded, held, top_n)
-            popularity_hit = _hits(np.tile(popular, (chunk.num_rows, 1)), excluded, held, top_n)
-            model_hits += int(model_hit.sum())
-            popularity_hits += int(popularity_hit.sum())
-            model_only += int((model_hit & ~popularity_hit).sum())
-            popularity_only += int((popularity_hit & ~model_hit).sum())
+            conn.unregister("quality_chunk_lines")
+            before = conn.sql(_BEFORE_SQL).to_arrow_table()
+            row = pc.index_in(before["line_no"], value_set=lines).to_numpy()
+            at = pc.index_in(before["product_id"], value_set=pa.array(inputs.product_ids))
+            col = at.fill_null(-1).to_numpy()
+            known = col >= 0
+            days = before["days"].to_numpy(zero_copy_only=False)[known]
+            recency = sp.csr_matrix(
+                (np.exp(-days / weights.recency_days), (row[known], col[known])),
+                shape=(stop - start, len(index)),
+            )
+            customers = Customers(
+                unit[start:stop], np.arange(stop - start), segments[start:stop], recency
+            )
+            result = score_customers(customers, blind, scoring.allowed, weights, top_n=top_n)
+            offered: dict[int, set[int]] = {}
+            for r, product in zip(result["customer"], result["product"], strict=True):
+                offered.setdefault(int(r), set()).add(int(product))
+            bought = recency.tolil().rows
+            for r in range(stop - start):
+                wanted = set(held[start + r])
+                hits[0, start + r] = bool(wanted & offered.get(r, set()))
+                mine = set(bought[r])
+                shown = [int(p) for p in popular if scoring.allowed[p] and p not in mine][:top_n]
+                hits[1, start + r] = bool(wanted & set(shown))
+        model_hit, popularity_hit = hits
         return HoldoutQuality(
-            sampled, evaluated, top_n, model_hits, popularity_hits, model_only, popularity_only
-        )
+            sampled, len(held), top_n, int(model_hit.sum()), int(popularity_hit.sum()),
+            int((model_hit & ~popularity_hit).sum()), int((popularity_hit & ~model_hit).sum()),
+        )  # fmt: skip
 
 
-def _hits(order: np.ndarray, excluded: np.ndarray, held: np.ndarray, top_n: int) -> np.ndarray:
-    """Per customer: is the held-out product among the first `top_n` products of its `order`
-    that are not excluded?"""
-    rows = np.arange(len(order))[:, None]
-    allowed = ~excluded[rows, order]
-    shown = allowed & (np.cumsum(allowed, axis=1) <= top_n)
-    return ((order == held[:, None]) & shown).any(axis=1)
+def _without_held_out(inputs, segments: np.ndarray, held: list[list[int]]):
+    """The scoring inputs with the held-out purchases taken out of the shares (each as much as
+    a customer can weigh: 1 / the segment's customers) and of popularity."""
+    share = inputs.share.copy()
+    popularity = inputs.popularity.astype(float).copy()
+    sizes = np.maximum(inputs.segment_customers, 1.0)
+    for segment, products in zip(segments, held, strict=True):
+        share[segment, products] = np.maximum(share[segment, products] - 1.0 / sizes[segment], 0)
+        popularity[products] = np.maximum(popularity[products] - 1.0, 0.0)
+    return with_share(inputs, share, popularity)
 
 
 @dataclass(frozen=True)

@@ -1,110 +1,199 @@
-"""Recommendations: score products per customer profile, then apply the business rules.
+"""Recommendations: score every product for each customer, then apply the business rules.
 
-What the rules know before scoring is applied before ranking: only products in stock, of a
-value above 0 and not bought by the customer (in the batch's record or an earlier batch) are
-ranked, so a customer gets top_n products whenever that many clear those rules. The confidence
-and value rules judge the ranked rows afterwards, and guard what is published.
+A customer's score of a product blends three parts, each rescaled to 0..1 by the customer's
+best product among those they may be offered (its maximum over them is 1):
 
-confidence = segment_weight * segment_affinity + (1 - segment_weight) * similarity_score, where
-- segment_affinity: how much the customer's segment buys the product, relative to the
-  segment's most bought product (0..1, learned with the segment model version: segment_affinity);
-- similarity_score: cosine similarity between the customer's profile embedding and the
-  product's embedding, rescaled to 0..1 over the catalog for that profile.
-predicted_value = confidence * the segment's average amount for the product (its price if the
-segment never bought it). Every part is stored with the recommendation.
+- segment_affinity: how much the customer's segments buy it. Membership is soft: the softmax,
+  at `temperature`, of the cosine between the customer's profile vector and each segment's
+  centroid; a segment's share of a product is its customers who bought it, each weighted by
+  how recently (segment_affinity.share, learned with the segment model version);
+- co_purchase: what people who buy what the customer bought also buy (core/co_purchase): the
+  sum over their purchases of the product's co-purchase similarity, weighted by how recently
+  they bought each;
+- similarity_score: the cosine between the customer's profile vector and the product's text
+  vector (not below 0).
 
-The product embeddings (the catalog's texts, embedded by the customers' model), loading the
-scoring inputs and scoring a batch are here too.
+confidence = (w_segment * segment_affinity + w_co_purchase * co_purchase + w_similarity *
+similarity_score) / (the sum of the weights); predicted_value = confidence * the customer's
+segment's average amount for the product (its price if the segment never bought it). Every part
+is stored with the recommendation. Measured on real grocery purchases (benchmarks/
+recommendation_quality.py) and chosen there: the segment part carries most, co-purchase and
+similarity a quarter each.
+
+What the rules know before scoring is applied before ranking: only products in stock, of a value
+above 0 and not bought by the customer (in the batch's record or an earlier batch) are ranked,
+so a customer gets top_n products whenever that many clear those rules. The confidence and
+value rules judge the ranked rows afterwards, and guard what is published.
+
+Customers are scored a chunk at a time against every product (chunk x products arrays): memory
+is bounded by the chunk and the catalog, never by the batch.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import scipy.sparse as sp
 
 from pipeline_project.core.catalog import PRODUCTS
+from pipeline_project.core.co_purchase import neighbour_matrix
 from pipeline_project.core.embedding_cache import with_vectors
+from pipeline_project.core.staging import write_staged
 from pipeline_project.core.vectors import list_column_to_matrix
 
 RULES = ("out_of_stock", "low_confidence", "already_purchased", "implausible_value")
+# Cells (customers x products) scored at once: about 5 arrays of this many floats.
+SCORE_CELLS = 4_000_000
+
+
+@dataclass(frozen=True)
+class Weights:
+    """How the parts of a score are blended, and how soft segment membership is."""
+
+    segment: float = 1.0
+    co_purchase: float = 0.25
+    similarity: float = 0.25
+    temperature: float = 0.01  # profile vectors of one text model lie close together
+    recency_days: float = 30.0  # a purchase this many days before the last weighs 1/e
 
 
 @dataclass(frozen=True)
 class ScoringInputs:
+    """What a segment model version and the catalog give every customer's score."""
+
     product_ids: list[str]
     product_vectors: np.ndarray  # (products, dims), unit length
-    affinity: np.ndarray  # (segments, products) in 0..1
+    centroids: np.ndarray  # (segments, dims), unit length
+    share: np.ndarray  # (segments, products): recency-weighted share of customers who bought
     expected_value: np.ndarray  # (segments, products)
+    neighbours: sp.csr_matrix  # (products, products): co-purchase similarity, sparse
+    popularity: np.ndarray  # (products,): purchases by the model's customers
+    segment_customers: np.ndarray  # (segments,): customers the shares are over
+
+    @property
+    def segments(self) -> int:
+        return len(self.centroids)
+
+
+@dataclass(frozen=True)
+class Customers:
+    """A chunk of customers as the scorer sees them."""
+
+    profile_vectors: np.ndarray  # (profiles, dims) unit length
+    profile_of: np.ndarray  # (customers,) row of profile_vectors
+    segment_of: np.ndarray  # (customers,) their (nearest) segment
+    recency: sp.csr_matrix  # (customers, products): how recently bought (0: never)
+
+    def __len__(self) -> int:
+        return len(self.profile_of)
 
 
 def segment_tables(
     n_segments: int,
     product_ids: list[str],
     prices: np.ndarray,
-    purchases: pa.Table,  # segment_id, product_id, purchases, avg_amount
-) -> tuple[np.ndarray, np.ndarray]:
-    """Affinity (purchases / the segment's top product's purchases) and expected value."""
-    index = {p: i for i, p in enumerate(product_ids)}
+    purchases: pa.Table,  # segment_id, product_id, purchases, avg_amount, share, customers
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each segment's share of each product, expected value and purchases; its customers."""
+    index = pa.array(product_ids, pa.string())
+    at = pc.index_in(purchases["product_id"], value_set=index).fill_null(-1).to_numpy()
+    seg = purchases["segment_id"].to_numpy(zero_copy_only=False)
+    known = (at >= 0) & (seg >= 0) & (seg < n_segments)
+    share = np.zeros((n_segments, len(product_ids)))
     counts = np.zeros((n_segments, len(product_ids)))
     value = np.tile(np.asarray(prices, dtype=float), (n_segments, 1))
-    for seg, prod, n, avg in zip(
-        purchases["segment_id"].to_pylist(),
-        purchases["product_id"].to_pylist(),
-        purchases["purchases"].to_pylist(),
-        purchases["avg_amount"].to_pylist(),
-        strict=True,
-    ):
-        if prod in index and 0 <= seg < n_segments:
-            counts[seg, index[prod]] = n
-            value[seg, index[prod]] = avg
-    top = counts.max(axis=1, keepdims=True)
-    affinity = np.divide(counts, top, out=np.zeros_like(counts), where=top > 0)
-    return affinity, value
+    share[seg[known], at[known]] = purchases["share"].to_numpy(zero_copy_only=False)[known]
+    counts[seg[known], at[known]] = purchases["purchases"].to_numpy(zero_copy_only=False)[known]
+    value[seg[known], at[known]] = purchases["avg_amount"].to_numpy(zero_copy_only=False)[known]
+    sizes = np.zeros(n_segments)
+    in_range = (seg >= 0) & (seg < n_segments)
+    sizes[seg[in_range]] = purchases["customers"].to_numpy(zero_copy_only=False)[in_range]
+    return share, value, counts, sizes
 
 
-def score_profiles(
-    profile_vectors: np.ndarray,
-    profile_segments: np.ndarray,
+def _unit(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def _scaled(part: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Each row divided by its maximum over the allowed products (0 where none is above 0)."""
+    top = np.where(allowed, part, 0.0).max(axis=1, keepdims=True)
+    return np.divide(part, top, out=np.zeros_like(part), where=top > 0)
+
+
+def score_customers(
+    customers: Customers,
     inputs: ScoringInputs,
+    allowed: np.ndarray,
+    weights: Weights,
     *,
     top_n: int,
-    segment_weight: float,
-    allowed: np.ndarray | None = None,
+    exclude_bought: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Top-N products per profile with every part of the score; arrays of length profiles*N.
-    With `allowed` (a mask over the products), only allowed products are ranked."""
-    n = min(top_n, len(inputs.product_ids) if allowed is None else int(allowed.sum()))
-    similarity = profile_vectors @ inputs.product_vectors.T  # (profiles, products)
-    low = similarity.min(axis=1, keepdims=True)
-    span = similarity.max(axis=1, keepdims=True) - low
-    similarity_score = np.divide(
-        similarity - low, span, out=np.zeros_like(similarity), where=span > 0
+    """Each customer's top_n products among the `allowed` ones (a mask over the products; and
+    not bought, with `exclude_bought`), with every part of their score; arrays of one row per
+    recommendation (`customer`: the customer's row), and `available`: per customer, how many
+    products they could be offered."""
+    n = len(customers)
+    may = np.broadcast_to(allowed, (n, len(allowed))).copy()
+    if exclude_bought:
+        bought = customers.recency.tocoo()
+        may[bought.row, bought.col] = False
+    profiles = customers.profile_vectors
+    logits = (profiles @ inputs.centroids.T) / weights.temperature
+    membership = np.exp(logits - logits.max(axis=1, keepdims=True))
+    membership /= membership.sum(axis=1, keepdims=True)
+    segment = _scaled((membership @ inputs.share)[customers.profile_of].astype(np.float32), may)
+    cosine = (profiles @ inputs.product_vectors.T)[customers.profile_of].astype(np.float32)
+    similarity = _scaled(np.maximum(cosine, 0.0), may)
+    co_purchase = _scaled(
+        np.asarray((customers.recency @ inputs.neighbours).todense(), dtype=np.float32), may
     )
-    affinity = inputs.affinity[profile_segments]
-    confidence = np.clip(
-        segment_weight * affinity + (1.0 - segment_weight) * similarity_score, 0.0, 1.0
-    )
-    ranking = confidence if allowed is None else np.where(allowed, confidence, -np.inf)
-    top = np.argsort(-ranking, axis=1, kind="stable")[:, :n]
-    rows = np.repeat(np.arange(len(profile_vectors)), n)
-    cols = top.ravel()
+    total = weights.segment + weights.co_purchase + weights.similarity
+    confidence = (
+        weights.segment * segment + weights.co_purchase * co_purchase
+        + weights.similarity * similarity
+    ) / total  # fmt: skip
+    available = may.sum(axis=1)
+    k = int(min(top_n, len(allowed)))
+    ranking = np.where(may, confidence, -np.inf)
+    if k == 0 or n == 0:
+        top = np.zeros((n, 0), dtype=np.int64)
+    else:
+        part = np.argpartition(-ranking, k - 1, axis=1)[:, :k]
+        # best first; equal scores in catalog order: the same rows whatever the chunking
+        order = np.lexsort((part, -np.take_along_axis(ranking, part, axis=1)), axis=1)
+        top = np.take_along_axis(part, order, axis=1)
+    rank = np.tile(np.arange(1, k + 1, dtype=np.int32), (n, 1))
+    keep = rank <= available[:, None]
+    rows = np.repeat(np.arange(n), k).reshape(n, k)[keep]
+    cols = top[keep]
     return {
-        "profile": rows,
-        "rank": np.tile(np.arange(1, n + 1, dtype=np.int32), len(profile_vectors)),
+        "customer": rows,
+        "rank": rank[keep],
         "product": cols,
-        "confidence": confidence[rows, cols],
-        "predicted_value": confidence[rows, cols]
-        * inputs.expected_value[profile_segments[rows], cols],
-        "segment_affinity": affinity[rows, cols],
-        "similarity": similarity[rows, cols],
-        "similarity_score": similarity_score[rows, cols],
+        "confidence": confidence[rows, cols].astype(np.float64),
+        "predicted_value": (
+            confidence[rows, cols] * inputs.expected_value[customers.segment_of[rows], cols]
+        ).astype(np.float64),
+        "segment_affinity": segment[rows, cols].astype(np.float64),
+        "co_purchase": co_purchase[rows, cols].astype(np.float64),
+        "similarity": cosine[rows, cols].astype(np.float64),
+        "similarity_score": similarity[rows, cols].astype(np.float64),
+        "available": available,
     }
+
+
+def chunk_size(products: int) -> int:
+    """Customers scored at once against `products` products."""
+    return max(16, min(50_000, SCORE_CELLS // max(products, 1)))
 
 
 # ---- product embeddings -------------------------------------------------------------------
@@ -145,16 +234,13 @@ WHERE p.model = $model AND p.dimensions = $dimensions
 """
 
 _AFFINITY_SQL = """
-SELECT segment_id, product_id, purchases, avg_amount FROM segment_affinity
+SELECT segment_id, product_id, purchases, avg_amount, share, customers FROM segment_affinity
 WHERE model_version = $version
 """
 
-# The batch's distinct profiles and their segment.
-_BATCH_PROFILES_SQL = """
-SELECT text_hash, any_value(segment_id) AS segment_id
-FROM customer_segments
-WHERE batch_id = $batch_id
-GROUP BY text_hash
+_CENTROIDS_SQL = """
+SELECT centroid FROM segment_model WHERE model_version = $version AND embedding_model = $model
+ORDER BY segment_id
 """
 
 
@@ -171,9 +257,9 @@ class BatchScoring:
 def load_scoring_inputs(
     conn: duckdb.DuckDBPyConnection, batch_id: str, model: str, dimensions: int
 ) -> BatchScoring | None:
-    """The batch's segment model version and what scoring needs (the product vectors and each
-    segment's affinity and expected value, as the model version learned them); None without
-    segmented customers or products."""
+    """The batch's segment model version and what scoring needs (the product vectors, each
+    segment's centroid, share and expected value, the co-purchases, as the model version
+    learned them); None without segmented customers or products."""
     versions = conn.execute(
         "SELECT DISTINCT model_version FROM customer_segments WHERE batch_id = ?", [batch_id]
     ).fetchall()
@@ -183,185 +269,127 @@ def load_scoring_inputs(
     if not versions or products.num_rows == 0:
         return None
     [(version,)] = versions
-    [(n_segments,)] = conn.execute(
-        "SELECT count(*) FROM segment_model WHERE model_version = ? AND embedding_model = ?",
-        [version, model],
-    ).fetchall()
-    product_ids = products["product_id"].to_pylist()
-    affinity, expected_value = segment_tables(
-        n_segments,
-        product_ids,
-        products["price"].to_numpy(),
-        conn.sql(_AFFINITY_SQL, params={"version": version}).to_arrow_table(),
+    return _batch_scoring(conn, version, model, dimensions, products)
+
+
+def _batch_scoring(
+    conn: duckdb.DuckDBPyConnection, version: int, model: str, dimensions: int, products: pa.Table
+) -> BatchScoring:
+    centroids = list_column_to_matrix(
+        conn.sql(_CENTROIDS_SQL, params={"version": version, "model": model}).to_arrow_table(),
+        "centroid",
+        dimensions,
     )
+    product_ids = products["product_id"].to_pylist()
+    share, expected_value, counts, sizes = segment_tables(
+        len(centroids), product_ids, products["price"].to_numpy(),
+        conn.sql(_AFFINITY_SQL, params={"version": version}).to_arrow_table(),
+    )  # fmt: skip
     inputs = ScoringInputs(
         product_ids,
-        list_column_to_matrix(products, "embedding", dimensions),
-        affinity,
+        _unit(list_column_to_matrix(products, "embedding", dimensions)),
+        _unit(centroids),
+        share,
         expected_value,
+        neighbour_matrix(conn, version, {p: i for i, p in enumerate(product_ids)}),
+        counts.sum(axis=0),
+        sizes,
     )
     # a product of no value to any segment (free, or never sold above 0) is never plausible
     allowed = products["in_stock"].to_numpy(zero_copy_only=False) & (expected_value.max(axis=0) > 0)
     return BatchScoring(version, inputs, allowed)
 
 
-_CANDIDATE_SCHEMA = pa.schema(
-    [
-        ("text_hash", pa.string()),
-        ("candidate_rank", pa.int32()),
-        ("product_id", pa.string()),
-        ("confidence", pa.float64()),
-        ("predicted_value", pa.float64()),
-        ("segment_affinity", pa.float64()),
-        ("similarity", pa.float64()),
-        ("similarity_score", pa.float64()),
-    ]
-)
-
-
-def _candidates(
-    profiles: pa.Table | pa.RecordBatch,
-    scoring: BatchScoring,
-    dimensions: int,
-    *,
-    depth: int,
-    segment_weight: float,
-) -> pa.Table:
-    """Each profile's `depth` best products among the allowed ones, ranked, with every part of
-    their score."""
-    if profiles.num_rows == 0:
-        return _CANDIDATE_SCHEMA.empty_table()
-    vectors = list_column_to_matrix(profiles, "embedding", dimensions)
-    segments = profiles.column("segment_id").to_numpy()
-    scored = score_profiles(
-        vectors, segments, scoring.inputs, top_n=depth, segment_weight=segment_weight,
-        allowed=scoring.allowed,
-    )  # fmt: skip
-    product_ids = np.asarray(scoring.inputs.product_ids, dtype=object)
-    return pa.table(
-        {
-            "text_hash": profiles.column("text_hash").take(pa.array(scored["profile"])),
-            "candidate_rank": pa.array(scored["rank"]),
-            "product_id": pa.array(product_ids[scored["product"]], pa.string()),
-            "confidence": pa.array(scored["confidence"]),
-            "predicted_value": pa.array(scored["predicted_value"]),
-            "segment_affinity": pa.array(scored["segment_affinity"]),
-            "similarity": pa.array(scored["similarity"].astype(np.float64)),
-            "similarity_score": pa.array(scored["similarity_score"].astype(np.float64)),
-        },
-        schema=_CANDIDATE_SCHEMA,
-    )
-
-
 # The customers of lines $first..$last with their segment and profile.
 _CHUNK_CUSTOMERS_SQL = """
-CREATE OR REPLACE TEMP TABLE chunk_customers AS
-SELECT batch_id, line_no, customer_id, text_hash, segment_id, model_version
-FROM customer_segments WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
+SELECT line_no, customer_id::VARCHAR AS customer_id, text_hash, segment_id FROM customer_segments
+WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
+ORDER BY line_no
 """
 
-# What those customers bought, in this batch's records or before (prior_purchases).
+# What those customers bought (in this batch's records or before: prior_purchases): each
+# product once, with the days between its last purchase and the customer's last purchase.
 _CHUNK_BOUGHT_SQL = """
-CREATE OR REPLACE TEMP TABLE chunk_bought AS
-SELECT DISTINCT customer_id, product_id FROM (
-    SELECT customer_id, product_id FROM customer_purchases
+WITH bought AS (
+    SELECT line_no, product_id, purchased_at FROM customer_purchases
     WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
     UNION ALL
-    SELECT customer_id, product_id FROM prior_purchases
-    WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last)
-"""
-
-# Each customer's `top_n` first candidates of their profile that they have not bought.
-# A customer's rank of a candidate is its rank in the profile's list less the candidates before
-# it that the customer bought: a streaming join against the (few) bought candidates' ranks per
-# customer, with no window over customers x candidates.
-_CHUNK_RECOMMENDATIONS_SQL = """
-WITH bought AS (
-    SELECT c.customer_id, list(r.candidate_rank) AS ranks
-    FROM {customers} AS c
-    JOIN {candidates} AS r USING (text_hash)
-    JOIN chunk_bought AS b ON b.customer_id = c.customer_id AND b.product_id = r.product_id
-    GROUP BY c.customer_id
-), ranked AS (
-    SELECT c.*, r.* EXCLUDE (text_hash), coalesce(b.ranks, []) AS bought_ranks
-    FROM {customers} AS c
-    JOIN {candidates} AS r USING (text_hash)
-    LEFT JOIN bought AS b USING (customer_id)
+    SELECT line_no, product_id, purchased_at FROM prior_purchases
+    WHERE batch_id = $batch_id AND line_no BETWEEN $first AND $last
+), last AS (
+    SELECT line_no, product_id, max(purchased_at) AS last_at FROM bought GROUP BY ALL
 )
-SELECT batch_id, line_no, customer_id,
-       (candidate_rank - len(list_filter(bought_ranks, lambda x: x < candidate_rank)))::INTEGER
-           AS rank,
-       product_id, segment_id, confidence, predicted_value, segment_affinity, similarity,
-       similarity_score, model_version
-FROM ranked
-WHERE NOT list_contains(bought_ranks, candidate_rank)
-  AND candidate_rank - len(list_filter(bought_ranks, lambda x: x < candidate_rank)) <= $top_n
+SELECT line_no, product_id,
+       date_diff('second', last_at, max(last_at) OVER (PARTITION BY line_no)) / 86400.0 AS days
+FROM last
 """
 
-# The chunk's customers with fewer than $top_n recommendations, and their profile.
-_CHUNK_SHORT_SQL = """
-SELECT c.customer_id, any_value(c.text_hash) AS text_hash, count(r.customer_id) AS got
-FROM chunk_customers AS c LEFT JOIN chunk_recommendations AS r USING (customer_id)
-GROUP BY c.customer_id HAVING count(r.customer_id) < $top_n
-"""
+
+def load_customers(
+    conn: duckdb.DuckDBPyConnection,
+    customers: pa.Table,  # line_no, text_hash, segment_id (the chunk's, by line)
+    bought: pa.Table,  # line_no, product_id, days
+    inputs: ScoringInputs,
+    weights: Weights,
+    model: str,
+    dimensions: int,
+) -> Customers:
+    """The chunk as the scorer sees it: the profile vectors of its distinct profiles (from the
+    embedding cache) and how recently each customer bought each product."""
+    hashes = pc.unique(customers["text_hash"])
+    conn.register("chunk_profiles", pa.table({"text_hash": hashes}))
+    try:
+        vectors = with_vectors(
+            conn, "SELECT text_hash FROM chunk_profiles", model, dimensions
+        ).to_arrow_table()
+    finally:
+        conn.unregister("chunk_profiles")
+    profile_of = pc.index_in(customers["text_hash"], value_set=vectors["text_hash"])
+    if profile_of.null_count:
+        raise ValueError("a segmented customer's profile has no vector in the embedding cache")
+    row = pc.index_in(bought["line_no"], value_set=customers["line_no"]).fill_null(-1).to_numpy()
+    index = pa.array(inputs.product_ids, pa.string())
+    col = pc.index_in(bought["product_id"], value_set=index).fill_null(-1).to_numpy()
+    known = (row >= 0) & (col >= 0)
+    days = bought["days"].to_numpy(zero_copy_only=False)[known]
+    recency = sp.csr_matrix(
+        (np.exp(-days / weights.recency_days).astype(np.float32), (row[known], col[known])),
+        shape=(customers.num_rows, len(inputs.product_ids)),
+    )
+    return Customers(
+        _unit(list_column_to_matrix(vectors, "embedding", dimensions)),
+        profile_of.to_numpy(),
+        customers["segment_id"].to_numpy(zero_copy_only=False),
+        recency,
+    )
 
 
 @dataclass(frozen=True)
 class ScoredBatch:
     chunks: int
-    profiles: int
+    customers: int
     shortfalls: int  # customers with fewer than top_n products in stock and not bought
 
 
-def score_candidates(
-    conn: duckdb.DuckDBPyConnection,
-    batch_id: str,
-    model: str,
-    dimensions: int,
-    scoring: BatchScoring,
-    *,
-    depth: int,
-    segment_weight: float,
-    profile_chunk: int,
-) -> pa.Table:
-    """Each distinct profile of the batch scored once: its best `depth` products among those
-    the rules known before scoring allow (in stock, of a value above 0), ranked
-    (`candidate_rank`) with every part of their score. A few rows per profile: small."""
-    reader = with_vectors(
-        conn, _BATCH_PROFILES_SQL, model, dimensions, {"batch_id": batch_id}
-    ).to_arrow_reader(profile_chunk)
-    parts = [
-        _candidates(chunk, scoring, dimensions, depth=depth, segment_weight=segment_weight)
-        for chunk in reader
+SHORT_OF_PRODUCTS = "fewer products in stock, of value and not bought than top_n"
+
+_RECOMMENDATION_SCHEMA = pa.schema(
+    [
+        ("batch_id", pa.string()),
+        ("line_no", pa.int64()),
+        ("customer_id", pa.string()),  # the warehouse casts it to UUID on load
+        ("rank", pa.int32()),
+        ("product_id", pa.string()),
+        ("segment_id", pa.int32()),
+        ("confidence", pa.float64()),
+        ("predicted_value", pa.float64()),
+        ("segment_affinity", pa.float64()),
+        ("similarity", pa.float64()),
+        ("similarity_score", pa.float64()),
+        ("model_version", pa.int32()),
+        ("co_purchase", pa.float64()),
     ]
-    return pa.concat_tables([_CANDIDATE_SCHEMA.empty_table(), *parts])
-
-
-@dataclass(frozen=True)
-class ListSpread:
-    """How many different top-N lists the batch's distinct profiles get."""
-
-    profiles: int
-    lists: int
-    most_common_list_profiles: int
-    products: int  # distinct products in the lists
-
-
-def list_spread(candidates: pa.Table, top_n: int) -> ListSpread:
-    """The profiles' top-N lists (their first top_n candidates), counted."""
-    top = candidates.filter(pc.less_equal(candidates["candidate_rank"], top_n))
-    lists = (
-        top.sort_by([("text_hash", "ascending"), ("candidate_rank", "ascending")])
-        .group_by("text_hash", use_threads=False)
-        .aggregate([("product_id", "list")])
-    )
-    counts = Counter(tuple(products) for products in lists["product_id_list"].to_pylist())
-    return ListSpread(
-        profiles=lists.num_rows,
-        lists=len(counts),
-        most_common_list_profiles=max(counts.values(), default=0),
-        products=len(pc.unique(top["product_id"])),
-    )
+)
 
 
 def score_batch(
@@ -370,131 +398,140 @@ def score_batch(
     model: str,
     dimensions: int,
     scoring: BatchScoring,
-    candidates: pa.Table,
     staging: dict[str, Path],
     *,
     top_n: int,
-    segment_weight: float,
+    weights: Weights,
     customer_chunk: int = 200_000,
-    depth: int,
+    on_chunk=None,
 ) -> ScoredBatch:
-    """Every segmented customer's top-N products among their profile's `candidates` (see
-    score_candidates, `depth` per profile) that they have not bought (in this batch or before),
-    staged as Parquet parts of recommendations (and recommendation_shortfalls for customers
-    with fewer than N such products).
-
-    A customer who bought so many of their profile's candidates that fewer than N are left is
-    scored again at the full depth of the catalog, so nobody gets fewer than N while N products
-    clear the rules known before scoring. Customers are taken `customer_chunk` lines at a time:
-    memory does not grow with the batch."""
-    profiles = len(pc.unique(candidates["text_hash"]))
-    available = int(scoring.allowed.sum())
-    conn.register("candidates", candidates)
+    """Every segmented customer's top_n products among those in stock, of value and not bought
+    (in this batch or before), staged as Parquet parts of recommendations (and
+    recommendation_shortfalls for customers with fewer than top_n such products). Customers are
+    read `customer_chunk` lines at a time and scored chunk_size() at a time."""
     [(last_line,)] = conn.execute(
         "SELECT coalesce(max(line_no), 0) FROM customer_segments WHERE batch_id = ?", [batch_id]
     ).fetchall()
-    shortfalls = chunks = 0
-    try:
-        for part, first in enumerate(range(1, last_line + 1, customer_chunk)):
-            params = {"batch_id": batch_id, "first": first, "last": first + customer_chunk - 1}
-            conn.execute(_CHUNK_CUSTOMERS_SQL, params)
-            conn.execute(_CHUNK_BOUGHT_SQL, params)
-            conn.execute(
-                "CREATE OR REPLACE TEMP TABLE chunk_recommendations AS "
-                + _CHUNK_RECOMMENDATIONS_SQL.format(
-                    customers="chunk_customers", candidates="candidates"
-                ),
-                {"top_n": top_n},
+    inputs, batch = scoring.inputs, pa.scalar(batch_id)
+    step = chunk_size(len(inputs.product_ids))
+    shortfalls = chunks = scored = 0
+    for first in range(1, last_line + 1, customer_chunk):
+        params = {"batch_id": batch_id, "first": first, "last": first + customer_chunk - 1}
+        lines = conn.sql(_CHUNK_CUSTOMERS_SQL, params=params).to_arrow_table()
+        bought_all = conn.sql(_CHUNK_BOUGHT_SQL, params=params).to_arrow_table()
+        for start in range(0, lines.num_rows, step):
+            part = lines.slice(start, step)
+            mine = pc.is_in(bought_all["line_no"], value_set=part["line_no"])
+            customers = load_customers(conn, part, bought_all.filter(mine), inputs, weights,
+                                       model, dimensions)  # fmt: skip
+            result = score_customers(customers, inputs, scoring.allowed, weights, top_n=top_n)
+            rows = result["customer"]
+            table = pa.table(
+                {
+                    "batch_id": pa.repeat(batch, len(rows)),
+                    "line_no": part["line_no"].take(rows),
+                    "customer_id": part["customer_id"].take(rows),
+                    "rank": result["rank"],
+                    "product_id": pa.array(inputs.product_ids, pa.string()).take(
+                        pa.array(result["product"])
+                    ),
+                    "segment_id": pa.array(customers.segment_of[rows], pa.int32()),
+                    "confidence": result["confidence"],
+                    "predicted_value": result["predicted_value"],
+                    "segment_affinity": result["segment_affinity"],
+                    "similarity": result["similarity"],
+                    "similarity_score": result["similarity_score"],
+                    "model_version": pa.repeat(pa.scalar(scoring.version, pa.int32()), len(rows)),
+                    "co_purchase": result["co_purchase"],
+                }
             )
-            if depth < available:
-                _deepen(conn, scoring, model, dimensions, top_n=top_n,
-                        segment_weight=segment_weight, depth=available)  # fmt: skip
-            shortfalls += _stage_chunk(conn, staging, part, batch_id, top_n)
+            write_staged(staging["recommendations"], chunks, table.cast(_RECOMMENDATION_SCHEMA))
+            short = np.flatnonzero(result["available"] < top_n)
+            if len(short):
+                write_staged(
+                    staging["recommendation_shortfalls"], chunks,
+                    pa.table({
+                        "batch_id": pa.repeat(batch, len(short)),
+                        "customer_id": part["customer_id"].take(short),
+                        "candidates": pa.array(result["available"][short], pa.int32()),
+                        "reason": pa.repeat(pa.scalar(SHORT_OF_PRODUCTS), len(short)),
+                    }),
+                )  # fmt: skip
+            shortfalls += len(short)
             chunks += 1
-    finally:
-        conn.unregister("candidates")
-        for table in _CHUNK_TABLES:
-            conn.execute(f"DROP TABLE IF EXISTS {table}")
-    return ScoredBatch(chunks, profiles, shortfalls)
+            scored += part.num_rows
+            if on_chunk is not None:
+                on_chunk(scored, last_line)
+    return ScoredBatch(chunks, scored, shortfalls)
 
 
-def _deepen(
+@dataclass(frozen=True)
+class ListSpread:
+    """How many different top-N lists a sample of the batch's customers get from the model
+    (ranked over the products in stock, before their own purchases are taken out: a scorer
+    that ignores the customer gives everybody the same list)."""
+
+    customers: int
+    lists: int
+    most_common_list_customers: int
+    products: int  # distinct products in the lists
+
+
+_SPREAD_SAMPLE_SQL = """
+SELECT line_no, customer_id, text_hash, segment_id FROM customer_segments
+WHERE batch_id = $batch_id ORDER BY hash(line_no), line_no LIMIT $sample
+"""
+
+
+def list_spread(
     conn: duckdb.DuckDBPyConnection,
-    scoring: BatchScoring,
+    batch_id: str,
     model: str,
     dimensions: int,
+    scoring: BatchScoring,
+    weights: Weights,
     *,
     top_n: int,
-    segment_weight: float,
-    depth: int,
-) -> None:
-    """The chunk's customers who got fewer than top_n from their profile's candidates (they
-    bought most of them): their profiles scored again at `depth`, their rows made again."""
-    conn.execute(
-        f"CREATE OR REPLACE TEMP TABLE chunk_short AS {_CHUNK_SHORT_SQL}", {"top_n": top_n}
+    sample: int = 2_000,
+) -> ListSpread:
+    """The top-N lists of a seeded sample of the batch's customers, counted."""
+    lines = conn.sql(
+        _SPREAD_SAMPLE_SQL, params={"batch_id": batch_id, "sample": sample}
+    ).to_arrow_table().sort_by("line_no")  # fmt: skip
+    counts: Counter = Counter()
+    products: set[int] = set()
+    step = chunk_size(len(scoring.inputs.product_ids))
+    for start in range(0, lines.num_rows, step):
+        part = lines.slice(start, step)
+        conn.register("spread_lines", part.select(["line_no"]))
+        try:
+            bought = conn.sql(
+                _CHUNK_BOUGHT_SQL.replace(
+                    "line_no BETWEEN $first AND $last",
+                    "line_no IN (SELECT line_no FROM spread_lines)",
+                ),
+                params={"batch_id": batch_id},
+            ).to_arrow_table()
+        finally:
+            conn.unregister("spread_lines")
+        customers = load_customers(conn, part, bought, scoring.inputs, weights, model, dimensions)
+        result = score_customers(customers, scoring.inputs, scoring.allowed, weights,
+                                 top_n=top_n, exclude_bought=False)  # fmt: skip
+        lists: dict[int, list[int]] = {}
+        for row, product in zip(result["customer"], result["product"], strict=True):
+            lists.setdefault(int(row), []).append(int(product))
+        counts.update(tuple(v) for v in lists.values())
+        products.update(result["product"].tolist())
+    return ListSpread(
+        customers=sum(counts.values()),
+        lists=len(counts),
+        most_common_list_customers=max(counts.values(), default=0),
+        products=len(products),
     )
-    [(short,)] = conn.execute("SELECT count(*) FROM chunk_short").fetchall()
-    if short == 0:
-        return
-    try:
-        profiles = with_vectors(
-            conn,
-            "SELECT DISTINCT s.text_hash, c.segment_id FROM chunk_short AS s"
-            " JOIN chunk_customers AS c USING (customer_id)",
-            model,
-            dimensions,
-        ).to_arrow_table()
-        conn.register(
-            "deep_candidates",
-            _candidates(profiles, scoring, dimensions, depth=depth, segment_weight=segment_weight),
-        )
-        conn.execute(
-            "DELETE FROM chunk_recommendations WHERE customer_id IN"
-            " (SELECT customer_id FROM chunk_short)"
-        )
-        conn.execute(
-            "INSERT INTO chunk_recommendations BY NAME "
-            + _CHUNK_RECOMMENDATIONS_SQL.format(
-                customers="(SELECT * FROM chunk_customers SEMI JOIN chunk_short"
-                " USING (customer_id))",
-                candidates="deep_candidates",
-            ),
-            {"top_n": top_n},
-        )
-    finally:
-        conn.unregister("deep_candidates")
 
 
-_CHUNK_TABLES = ("chunk_customers", "chunk_bought", "chunk_recommendations", "chunk_short")
-SHORT_OF_PRODUCTS = "fewer products in stock, of value and not bought than top_n"
-
-
-def _stage_chunk(
-    conn: duckdb.DuckDBPyConnection,
-    staging: dict[str, Path],
-    part: int,
-    batch_id: str,
-    top_n: int,
-) -> int:
-    """The chunk's recommendations, and its customers still short of top_n (the catalog holds
-    no more products they could be offered), as Parquet parts; returns how many are short."""
-    conn.execute(
-        f"CREATE OR REPLACE TEMP TABLE chunk_short AS {_CHUNK_SHORT_SQL}", {"top_n": top_n}
-    )
-    name = f"part-{part:06d}.parquet"
-    conn.execute(
-        f"COPY chunk_recommendations TO '{_quote(staging['recommendations'] / name)}'"
-        " (FORMAT parquet)"
-    )
-    [(short,)] = conn.execute("SELECT count(*) FROM chunk_short").fetchall()
-    if short:
-        conn.execute(
-            "COPY (SELECT $batch_id AS batch_id, customer_id, got::INTEGER AS candidates,"
-            f" $reason AS reason FROM chunk_short) TO"
-            f" '{_quote(staging['recommendation_shortfalls'] / name)}' (FORMAT parquet)",
-            {"batch_id": batch_id, "reason": SHORT_OF_PRODUCTS},
-        )
-    return short
+def with_share(inputs: ScoringInputs, share: np.ndarray, popularity: np.ndarray) -> ScoringInputs:
+    return replace(inputs, share=share, popularity=popularity)
 
 
 def _quote(path: Path) -> str:
@@ -584,7 +621,8 @@ def line_ranges(conn, table: str, batch_id: str, lines: int) -> list[tuple[int, 
 
 _COLUMNS = (
     "batch_id, line_no, customer_id, rank, product_id, segment_id, confidence,"
-    " predicted_value, segment_affinity, similarity, similarity_score, model_version"
+    " predicted_value, segment_affinity, similarity, similarity_score, model_version,"
+    " co_purchase"
 )
 
 

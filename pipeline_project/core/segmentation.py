@@ -159,22 +159,45 @@ _TRAINING_PROFILES_SQL = f"""
 SELECT text_hash, count(*)::DOUBLE AS customers FROM ({_CURRENT_PROFILES_SQL}) GROUP BY text_hash
 """
 
+# The customers a model learns what its segments buy from: a seeded sample of at most
+# TRAINING_SAMPLE of the customers with a current profile (each once, in the batch of it).
+TRAINING_SAMPLE = 200_000
+TRAINING_CUSTOMERS_SQL = f"""
+SELECT batch_id, customer_id, text_hash FROM ({_CURRENT_PROFILES_SQL})
+ORDER BY hash(customer_id), customer_id LIMIT {TRAINING_SAMPLE}
+"""
+
 # What each segment's customers bought, from the segment of their current profile
-# ($training_segments: text_hash -> segment_id) and their known purchases as of that batch.
+# ($training_segments: text_hash -> segment_id) and their known purchases as of that batch:
+# purchases and average amount per product, and its share: the segment's customers who bought
+# it, each weighted by how recently (exp(-days / $recency_days) before the newest purchase of
+# the sample), over the segment's customers.
 _AFFINITY_SQL = f"""
 WITH seg AS (
     SELECT cur.batch_id, cur.customer_id, t.segment_id
-    FROM ({_CURRENT_PROFILES_SQL}) AS cur JOIN training_segments AS t USING (text_hash)
+    FROM ({TRAINING_CUSTOMERS_SQL}) AS cur JOIN training_segments AS t USING (text_hash)
+), sizes AS (
+    SELECT segment_id, count(*)::DOUBLE AS customers FROM seg GROUP BY segment_id
 ), bought AS (
-    SELECT s.segment_id, p.product_id, p.amount, 1 AS quantity
+    SELECT s.segment_id, s.customer_id, p.product_id, p.amount, 1 AS quantity, p.purchased_at
     FROM customer_purchases AS p JOIN seg AS s USING (batch_id, customer_id)
     UNION ALL
-    SELECT s.segment_id, q.product_id, q.amount, q.quantity
+    SELECT s.segment_id, s.customer_id, q.product_id, q.amount, q.quantity, q.purchased_at
     FROM prior_purchases AS q JOIN seg AS s USING (batch_id, customer_id)
+), per_customer AS (
+    SELECT segment_id, customer_id, product_id, sum(quantity) AS n,
+           sum(amount * quantity) AS spent, max(purchased_at) AS last_at
+    FROM bought GROUP BY segment_id, customer_id, product_id
+), newest AS (
+    SELECT max(last_at) AS t_end FROM per_customer
 )
-SELECT $version AS model_version, segment_id, product_id, sum(quantity)::DOUBLE AS purchases,
-       sum(amount * quantity) / sum(quantity) AS avg_amount
-FROM bought GROUP BY segment_id, product_id
+SELECT $version AS model_version, segment_id, product_id, sum(n)::DOUBLE AS purchases,
+       sum(spent) / sum(n) AS avg_amount,
+       sum(exp(-date_diff('second', last_at, t_end) / 86400.0 / $recency_days))
+           / any_value(z.customers) AS share,
+       any_value(z.customers) AS customers
+FROM per_customer JOIN sizes AS z USING (segment_id) CROSS JOIN newest
+GROUP BY segment_id, product_id
 """
 
 _LATEST_MODEL_SQL = """
@@ -193,6 +216,8 @@ class TrainingSettings(Protocol):
     epochs: int
     chunk_vectors: int
     seed: int
+    recency_days: float
+    neighbours: int
 
 
 def latest_segment_model(
@@ -209,11 +234,24 @@ def latest_segment_model(
     )
 
 
-def store_affinity(conn: duckdb.DuckDBPyConnection, version: int) -> None:
+RECENCY_DAYS = 30.0  # a purchase this many days older weighs 1/e as much
+NEIGHBOURS = 100  # co-purchased products kept per product
+
+
+def store_affinity(
+    conn: duckdb.DuckDBPyConnection,
+    version: int,
+    *,
+    recency_days: float = RECENCY_DAYS,
+    neighbours: int = NEIGHBOURS,
+) -> None:
     """The affinity of segment model `version`: what its segments' customers bought, each
-    customer in the segment of their current profile. The profiles' segments come from the
-    temp table `training_segments` (text_hash, segment_id) when it exists (a model being
-    trained), else from the customers the version has segmented."""
+    customer in the segment of their current profile; and the products bought together
+    (core/co_purchase), from the same customers. The profiles' segments come from the temp
+    table `training_segments` (text_hash, segment_id) when it exists (a model being trained),
+    else from the customers the version has segmented."""
+    from pipeline_project.core.co_purchase import learn_neighbours
+
     [(model, dimensions)] = conn.execute(
         "SELECT any_value(embedding_model), any_value(dimensions) FROM segment_model"
         " WHERE model_version = ?",
@@ -225,13 +263,15 @@ def store_affinity(conn: duckdb.DuckDBPyConnection, version: int) -> None:
         " GROUP BY text_hash",
         [version],
     )
+    params = {"model": model, "dimensions": dimensions}
     try:
         conn.execute(
             f"INSERT INTO segment_affinity BY NAME {_AFFINITY_SQL}",
-            {"version": version, "model": model, "dimensions": dimensions},
+            {**params, "version": version, "recency_days": recency_days},
         )
     finally:
         conn.execute("DROP TABLE IF EXISTS training_segments")
+    learn_neighbours(conn, version, TRAINING_CUSTOMERS_SQL, params, neighbours=neighbours)
 
 
 @dataclass(frozen=True)
@@ -376,7 +416,9 @@ def train_and_store(
          "vocabulary": basis.vocabulary},
     )  # fmt: skip
     conn.unregister("new_segments")
-    store_affinity(conn, version)
+    store_affinity(
+        conn, version, recency_days=settings.recency_days, neighbours=settings.neighbours
+    )
     return version, trained
 
 

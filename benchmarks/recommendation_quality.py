@@ -36,6 +36,7 @@ import real_data  # noqa: E402
 from pipeline_project.definitions import build_definitions  # noqa: E402
 from pipeline_project.instance import write_instance_yaml  # noqa: E402
 from pipeline_project.resources.embeddings import HashingEmbedder, LocalE5Embedder  # noqa: E402
+from pipeline_project.schemas import AMOUNT_POSITIVE  # noqa: E402
 from pipeline_project.settings import (  # noqa: E402
     AlertSettings,
     LandingSettings,
@@ -44,7 +45,7 @@ from pipeline_project.settings import (  # noqa: E402
 )
 
 
-def run_pipeline(root: Path, backend: str, log=print) -> dict:
+def run_pipeline(root: Path, backend: str, log=print, scoring: dict | None = None) -> dict:
     """catalog_job, then batch_pipeline_job for each landed batch in name order; returns the
     failed checks per batch and the runs' outcome."""
     settings = Settings(
@@ -58,6 +59,13 @@ def run_pipeline(root: Path, backend: str, log=print) -> dict:
     home.mkdir()
     write_instance_yaml(home)
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    # a real feed's free items (sales value 0) are dropped from the history, not the customer
+    drop = {"drop_purchases_breaking": [f"amount: {AMOUNT_POSITIVE}"]}
+    batch_config = {
+        **quiet,
+        "ops": {"recommendations": {"config": scoring or {}},
+                "validated_customers": {"config": drop}},
+    }  # fmt: skip
     outcome: dict = {"batches": {}}
     with dg.DagsterInstance.from_config(str(home)) as instance:
         started = time.perf_counter()
@@ -73,12 +81,18 @@ def run_pipeline(root: Path, backend: str, log=print) -> dict:
             instance.add_dynamic_partitions("batches", [batch_id])
             started = time.perf_counter()
             result = job.execute_in_process(
-                partition_key=batch_id, instance=instance, run_config=quiet,
+                partition_key=batch_id, instance=instance, run_config=batch_config,
                 raise_on_error=False,
             )  # fmt: skip
             evaluations = result.get_asset_check_evaluations()
+            dropped = [
+                m.metadata["dropped_purchases"].value
+                for m in result.asset_materializations_for_node("validated_customers")
+                if m.asset_key.to_user_string() == "customers"
+            ]
             outcome["batches"][batch_id] = {
                 "success": result.success,
+                "dropped_purchases": dropped[0] if dropped else None,
                 "seconds": round(time.perf_counter() - started, 1),
                 "failed_checks": sorted(e.check_name for e in evaluations if not e.passed),
             }
@@ -121,6 +135,12 @@ def main() -> None:
     parser.add_argument("--backend", choices=["local", "hashing"], default="local")
     parser.add_argument("--zero-amounts", choices=["keep", "drop"], default="keep")
     parser.add_argument("--keep", type=Path, default=None, help="work in this folder, kept")
+    parser.add_argument(
+        "--scoring",
+        type=json.loads,
+        default={},
+        help="the recommendations step's config, as JSON (e.g. its weights)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -134,7 +154,7 @@ def main() -> None:
                                   households=args.households,
                                   zero_amounts=args.zero_amounts)  # fmt: skip
         log(f"converted in {time.perf_counter() - started:.1f} s: {stats}")
-        outcome = run_pipeline(root, args.backend, log)
+        outcome = run_pipeline(root, args.backend, log, args.scoring)
         rates = measure(root, root / "warehouse.duckdb")
     if args.json:
         print(json.dumps({"stats": stats, "pipeline": outcome,

@@ -52,13 +52,22 @@ _SHARED = {
     "segment_id": "Segment of the customer's profile (nearest centroid).",
     "model_version": "Version of segment_model that assigned the segment.",
     "rank": "1 is the best recommendation of the customer.",
-    "confidence": "segment weight x segment affinity + similarity weight x similarity score.",
+    "confidence": "The weighted mean of segment_affinity, taste, co_purchase and"
+    " similarity_score (the weights of the run's recommendations config).",
     "predicted_value": "Expected spend on the product: the confidence x the segment's average"
     " amount paid for it (its price when the segment never bought it).",
-    "segment_affinity": "How often the segment bought the product, relative to the segment's"
-    " most bought product (0..1).",
-    "similarity": "Cosine similarity of the customer's and the product's vectors.",
-    "similarity_score": "The similarity rescaled to 0..1.",
+    "segment_affinity": "The share of the customer's segments' customers who bought the"
+    " product (recency-weighted, segments weighted by the customer's soft membership), over the"
+    " largest such share among the products the customer may be offered (0..1).",
+    "taste": "The share of the product among customers of the customer's tastes (clusters of"
+    " what customers buy, recency-weighted, tastes weighted by the customer's soft membership),"
+    " over the largest among the products the customer may be offered (0..1).",
+    "co_purchase": "What buyers of the customer's products also buy (co-purchase similarity,"
+    " recency-weighted), over the largest among the products the customer may be offered"
+    " (0..1).",
+    "similarity": "Cosine similarity of the customer's profile vector and the product's.",
+    "similarity_score": "The similarity (not below 0) over the largest among the products the"
+    " customer may be offered (0..1).",
     "created_at": "When the row was written.",
 }
 _BY_TABLE: dict[str, dict[str, str]] = {

@@ -211,7 +211,8 @@ def _to_v4(conn: duckdb.DuckDBPyConnection) -> None:
     ).fetchall()
     for _, model_version in latest:
         conn.execute("DELETE FROM segment_affinity WHERE model_version = ?", [model_version])
-        conn.execute("DELETE FROM product_neighbours WHERE model_version = ?", [model_version])
+        for table in ("product_neighbours", "product_factors", "tastes", "taste_shares"):
+            conn.execute(f"DELETE FROM {table} WHERE model_version = ?", [model_version])
         store_affinity(conn, model_version)
 
 

@@ -25,6 +25,9 @@ DEAD_LETTER = "dead_letter"
 SEGMENT_MODEL = "segment_model"
 SEGMENT_AFFINITY = "segment_affinity"
 PRODUCT_NEIGHBOURS = "product_neighbours"
+PRODUCT_FACTORS = "product_factors"
+TASTES = "tastes"
+TASTE_SHARES = "taste_shares"
 CUSTOMER_SEGMENTS = "customer_segments"
 PRODUCT_EMBEDDINGS = "product_embeddings"
 RECOMMENDATIONS = "recommendations"
@@ -110,8 +113,9 @@ _RECOMMENDATION_COLUMNS = (
     _c("similarity", "DOUBLE"),
     _c("similarity_score", "DOUBLE"),
     _c("model_version", "INTEGER"),
-    # the co-purchase part of the score (0..1); older rows: 0
+    # the co-purchase and taste parts of the score (0..1); older rows: 0
     _c("co_purchase", "DOUBLE", default="0"),
+    _c("taste", "DOUBLE", default="0"),
 )
 
 # raw_customers is a view over one Parquet file per batch (see resources/warehouse.py).
@@ -292,6 +296,29 @@ _TABLES = [
         _c("product_id", "VARCHAR"),
         _c("neighbour_id", "VARCHAR"),
         _c("similarity", "DOUBLE"),
+    ),
+    # What customers buy, learned with the segment model version (core/co_purchase.py): each
+    # product's purchase vector, the tastes (clusters of customers' purchase vectors) and each
+    # taste's recency-weighted share of each product.
+    _table(
+        PRODUCT_FACTORS,
+        _c("model_version", "INTEGER"),
+        _c("product_id", "VARCHAR"),
+        _c("factor", "FLOAT[]"),
+    ),
+    _table(
+        TASTES,
+        _c("model_version", "INTEGER"),
+        _c("taste_id", "INTEGER"),
+        _c("centroid", "FLOAT[]"),
+        _c("customers", "DOUBLE"),
+    ),
+    _table(
+        TASTE_SHARES,
+        _c("model_version", "INTEGER"),
+        _c("taste_id", "INTEGER"),
+        _c("product_id", "VARCHAR"),
+        _c("share", "DOUBLE"),
     ),
     _table(
         CUSTOMER_SEGMENTS,

@@ -12,23 +12,22 @@ from pipeline_project.sample_data import generate_batch
 from pipeline_project_tests.helpers import rows
 
 # predicted_value = confidence x the segment's average amount for the product (its price when
-# the segment never bought it); segment_affinity = purchases / the segment's top product's.
+# the segment never bought it); confidence = the weighted mean of its parts (default weights).
 _SCORE_PARTS_SQL = """
-WITH top AS (
-    SELECT model_version, segment_id, max(purchases) AS top
-    FROM segment_affinity GROUP BY ALL
-)
 SELECT count(*) FILTER (WHERE abs(r.predicted_value
                                   - r.confidence * coalesce(a.avg_amount, c.price)) > 1e-6),
-       count(*) FILTER (WHERE abs(r.segment_affinity
-                                  - coalesce(a.purchases / t.top, 0)) > 1e-6),
+       count(*) FILTER (WHERE abs(r.confidence - (0.5 * r.segment_affinity + r.taste
+                                                  + 0.25 * r.co_purchase
+                                                  + 0.25 * r.similarity_score) / 2.0) > 1e-6
+                           OR NOT r.segment_affinity BETWEEN 0 AND 1
+                           OR NOT r.taste BETWEEN 0 AND 1
+                           OR NOT r.co_purchase BETWEEN 0 AND 1),
        count(*)
 FROM recommendations AS r
 JOIN product_catalog AS c USING (product_id)
 LEFT JOIN segment_affinity AS a
     ON a.model_version = r.model_version AND a.segment_id = r.segment_id
    AND a.product_id = r.product_id
-LEFT JOIN top AS t ON t.model_version = r.model_version AND t.segment_id = r.segment_id
 """
 
 
@@ -62,11 +61,11 @@ def test_the_column_descriptions_a_number_can_check_hold_on_a_run(settings, ran)
     )
     assert wrong == 0 and products > 0
 
-    # predicted_value and segment_affinity: as their descriptions compute them
+    # predicted_value and confidence: as their descriptions compute them
     assert "average amount" in column_description("recommendations", "predicted_value")
-    assert "most bought" in column_description("recommendations", "segment_affinity")
-    [(bad_value, bad_affinity, scored)] = rows(settings, _SCORE_PARTS_SQL)
-    assert (bad_value, bad_affinity) == (0, 0) and scored > 0
+    assert "weighted mean" in column_description("recommendations", "confidence")
+    [(bad_value, bad_confidence, scored)] = rows(settings, _SCORE_PARTS_SQL)
+    assert (bad_value, bad_confidence) == (0, 0) and scored > 0
 
     # segment_model.weight: a count of the training customers, not a share
     assert "count" in column_description("segment_model", "weight")

@@ -1,20 +1,83 @@
 """Recommendation quality: held-out last purchases, the model's hit rate against popularity."""
 
 import numpy as np
+import pytest
+import scipy.sparse as sp
 
-from pipeline_project.core.recommendation_quality import HoldoutQuality, _hits, quality_verdict
+from pipeline_project.core.co_purchase import Tastes
+from pipeline_project.core.recommendation_quality import HoldoutQuality, quality_verdict
+from pipeline_project.core.recommendations import (
+    Customers,
+    ScoringInputs,
+    Weights,
+    score_customers,
+)
 
 VERDICT = dict(min_customers=50, min_baselines=3, min_ratio_to_recent=0.5, min_lead_z=0.0)
 
 
-def test_a_hit_is_the_held_out_product_among_the_first_n_products_not_excluded():
-    order = np.array([[0, 1, 2, 3], [0, 1, 2, 3], [3, 2, 1, 0]])
-    excluded = np.array([[True, False, False, False], [False, False, False, False], [False] * 4])
-    held = np.array([2, 2, 0])
-    # row 0: product 0 excluded, so the top 2 shown are 1, 2; row 1: 0, 1; row 2: 3, 2
-    assert _hits(order, excluded, held, top_n=2).tolist() == [True, False, False]
-    assert _hits(order, excluded, held, top_n=4).tolist() == [True, True, True]
-    assert _hits(order, excluded, np.array([-1, -1, -1]), top_n=4).tolist() == [False] * 3
+def _customers(recency: list[list[float]], profiles=None) -> Customers:
+    """Customers (rows) with one profile each on the first axis, bought with `recency`."""
+    n = len(recency)
+    vectors = np.asarray(profiles if profiles is not None else [[1.0, 0.0]] * n)
+    return Customers(vectors, np.arange(n), np.zeros(n, dtype=np.int64),
+                     sp.csr_matrix(np.asarray(recency, dtype=np.float32)))  # fmt: skip
+
+
+def _inputs(share, neighbours) -> ScoringInputs:
+    products = len(share[0])
+    return ScoringInputs(
+        [f"P{i}" for i in range(products)],
+        product_vectors=np.tile([1.0, 0.0], (products, 1)),
+        centroids=np.array([[1.0, 0.0], [0.0, 1.0]]),
+        share=np.asarray(share, dtype=float),
+        expected_value=np.full((2, products), 10.0),
+        neighbours=sp.csr_matrix(np.asarray(neighbours, dtype=np.float32)),
+        tastes=Tastes(np.zeros((products, 1)), np.zeros((1, 1)), np.zeros((1, products))),
+        popularity=np.ones(products),
+        segment_customers=np.array([10.0, 10.0]),
+    )
+
+
+def test_a_customer_is_offered_the_best_products_they_may_be_offered_by_every_part():
+    # segment 0 buys P0 most, then P1, P2; segment 1 buys P3; P1 is bought with P0
+    inputs = _inputs(
+        share=[[0.9, 0.5, 0.4, 0.0], [0.0, 0.0, 0.0, 0.9]],
+        neighbours=[[0, 1.0, 0, 0], [1.0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]],
+    )
+    allowed = np.array([True, True, True, False])  # P3 out of stock
+    # customer 0 bought P0 (recently), customer 1 nothing; both in segment 0 (profile [1, 0])
+    customers = _customers([[1.0, 0, 0, 0], [0, 0, 0, 0]])
+    weights = Weights(segment=1.0, taste=0.0, temperature=0.01)
+    scored = score_customers(customers, inputs, allowed, weights, top_n=2)
+    lists = {c: [] for c in range(2)}
+    for c, p in zip(scored["customer"], scored["product"], strict=True):
+        lists[int(c)].append(int(p))
+    # P0 bought and P3 out of stock are never ranked: customer 0 gets P1 (segment and
+    # co-purchase), then P2; customer 1 gets P0, P1
+    assert lists == {0: [1, 2], 1: [0, 1]}
+    assert scored["available"].tolist() == [2, 3]
+    first = (scored["customer"] == 0) & (scored["rank"] == 1)
+    # each part is 1 for the customer's best product of that part
+    assert scored["segment_affinity"][first] == pytest.approx(1.0)
+    assert scored["co_purchase"][first] == pytest.approx(1.0)
+    assert scored["confidence"][first] == pytest.approx(1.0)
+    # without excluding what they bought (the personalization check): P0 again first
+    raw = score_customers(customers, inputs, allowed, weights, top_n=1, exclude_bought=False)
+    assert raw["product"].tolist() == [0, 0]
+
+
+def test_soft_membership_mixes_the_segments_by_closeness():
+    inputs = _inputs(share=[[1.0, 0.0], [0.0, 1.0]], neighbours=np.zeros((2, 2)))
+    allowed = np.array([True, True])
+    # a profile nearer segment 1 than segment 0, but not by much
+    customers = _customers([[0, 0]], profiles=[[0.6, 0.8]])
+    sharp = score_customers(customers, inputs, allowed, Weights(temperature=0.01), top_n=2)
+    soft = score_customers(customers, inputs, allowed, Weights(temperature=100.0), top_n=2)
+    assert sharp["product"].tolist()[0] == 1 and soft["product"].tolist()[0] == 1
+    # sharp: segment 1 only (segment 0's product scores nothing); soft: both count
+    assert sharp["segment_affinity"][1] == pytest.approx(0.0, abs=1e-6)
+    assert 0.9 < soft["segment_affinity"][1] < 1.0
 
 
 def test_no_verdict_on_too_few_customers():

@@ -162,13 +162,14 @@ def test_recommendations_are_explainable_confident_and_rematerialize_identically
     assert result.success
     first = {t: rows(settings, f"SELECT * FROM {t} ORDER BY ALL") for t in TABLES}
     assert len(first["recommendations"]) == 16 * 5
-    for _, _, _, rank, _, _, confidence, value, affinity, similarity, score, _, co in first[
+    for _, _, _, rank, _, _, confidence, value, affinity, similarity, score, _, co, taste in first[
         "recommendations"
     ]:
         assert 1 <= rank <= 5 and 0.0 <= confidence <= 1.0 and value >= 0
-        # the weighted mean of its parts (weights 1, 0.25, 0.25), each part 0..1
-        assert confidence == pytest.approx((affinity + 0.25 * co + 0.25 * score) / 1.5)
-        assert all(0.0 <= part <= 1.0 for part in (affinity, co, score))
+        # the weighted mean of its parts (weights 0.5, 1, 0.25, 0.25), each part 0..1
+        mean = (0.5 * affinity + taste + 0.25 * co + 0.25 * score) / 2.0
+        assert confidence == pytest.approx(mean)
+        assert all(0.0 <= part <= 1.0 for part in (affinity, taste, co, score))
         assert -1.0 <= similarity <= 1.0
     assert len(first["validated_recommendations"]) + len(first["rejected_recommendations"]) == 80
     [meta] = [m for m in result.asset_materializations_for_node("recommendations")]

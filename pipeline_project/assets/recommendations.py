@@ -112,6 +112,11 @@ class RecommendationConfig(dg.Config):
     segment_weight: float = Field(
         default=Weights.segment, description="Weight of the segments' share of the product."
     )
+    taste_weight: float = Field(
+        default=Weights.taste,
+        description="Weight of the share of the product among customers of the customer's"
+        " tastes (what they buy).",
+    )
     co_purchase_weight: float = Field(
         default=Weights.co_purchase,
         description="Weight of what buyers of the customer's products also buy.",
@@ -122,8 +127,8 @@ class RecommendationConfig(dg.Config):
     )
     segment_temperature: float = Field(
         default=Weights.temperature,
-        description="Softness of segment membership: the softmax temperature over the"
-        " profile's cosine to each segment's centroid.",
+        description="Softness of segment and taste membership: the softmax temperature over"
+        " the standardised cosines to each centroid.",
     )
     recency_days: float = Field(
         default=Weights.recency_days,
@@ -133,7 +138,8 @@ class RecommendationConfig(dg.Config):
 
     def weights(self) -> Weights:
         return Weights(self.segment_weight, self.co_purchase_weight, self.similarity_weight,
-                       self.segment_temperature, self.recency_days)  # fmt: skip
+                       self.segment_temperature, self.recency_days,
+                       self.taste_weight)  # fmt: skip
 
     psi_threshold: float = Field(
         default=0.25, description="WARN when the confidence distribution shifts more (PSI)."

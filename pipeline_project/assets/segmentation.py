@@ -18,6 +18,7 @@ from pipeline_project.core.publications import live_batches
 from pipeline_project.core.segmentation import (
     NEIGHBOURS,
     RECENCY_DAYS,
+    TASTES,
     SegmentModel,
     assign_batch,
     latest_segment_model,
@@ -59,6 +60,10 @@ class SegmentModelConfig(dg.Config):
     )
     neighbours: int = Field(
         default=NEIGHBOURS, description="Co-purchased products kept per product."
+    )
+    tastes: int = Field(
+        default=TASTES,
+        description="Clusters of what customers buy (their products' purchase vectors).",
     )
     # Off by default: with it, the intermediate models depend on the order the first batches
     # arrive in (a backfill in another order trains other ones before the same final model).

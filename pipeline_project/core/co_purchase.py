@@ -15,13 +15,15 @@ bought lately, also buy.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from pipeline_project.tables import PRODUCT_NEIGHBOURS
+from pipeline_project.tables import PRODUCT_FACTORS, PRODUCT_NEIGHBOURS, TASTE_SHARES, TASTES
 
 # Customers a model version learns co-purchases from (a seeded sample of its training customers).
 NEIGHBOUR_SAMPLE = 200_000
@@ -30,20 +32,26 @@ _BLOCK = 256  # products whose similarities are computed at once
 
 def learn_neighbours(
     conn: duckdb.DuckDBPyConnection, version: int, customers_sql: str, params: dict,
-    *, neighbours: int, sample: int = NEIGHBOUR_SAMPLE,
+    *, neighbours: int, recency_days: float, tastes: int, seed: int = 0,
+    sample: int = NEIGHBOUR_SAMPLE,
 ) -> int:  # fmt: skip
-    """Store each product's `neighbours` most co-purchased products for model `version`, from
-    the purchases of `customers_sql` (batch_id, customer_id: each customer once, the batch
-    holding their current record); returns how many rows."""
+    """Learn from the purchases of `customers_sql` (batch_id, customer_id: each customer once,
+    the batch holding their current record; a seeded sample of at most `sample`) what model
+    `version` scores with: each product's `neighbours` most co-purchased products
+    (product_neighbours), and the customers' tastes (learn_tastes). Returns the neighbour
+    rows."""
     pairs = conn.sql(
         f"""
         WITH cur AS ({customers_sql}),
         chosen AS (SELECT * FROM cur ORDER BY hash(customer_id), customer_id LIMIT $sample)
-        SELECT DISTINCT c.customer_id::VARCHAR AS customer_id, p.product_id FROM (
-            SELECT batch_id, customer_id, product_id FROM customer_purchases
+        SELECT c.customer_id::VARCHAR AS customer_id, p.product_id,
+               max(p.purchased_at) AS last_at
+        FROM (
+            SELECT batch_id, customer_id, product_id, purchased_at FROM customer_purchases
             UNION ALL
-            SELECT batch_id, customer_id, product_id FROM prior_purchases
+            SELECT batch_id, customer_id, product_id, purchased_at FROM prior_purchases
         ) AS p JOIN chosen AS c USING (batch_id, customer_id)
+        GROUP BY ALL
         """,
         params={**params, "sample": sample},
     ).to_arrow_table()
@@ -58,6 +66,20 @@ def learn_neighbours(
         (np.ones(len(rows), np.float32), (rows, cols)),
         shape=(len(customer_codes.dictionary), len(products)),
     )
+    last = pairs["last_at"].to_numpy().astype("datetime64[s]").astype(np.int64)
+    age_days = (last.max() - last) / 86400.0
+    recent = sp.csr_matrix(
+        (np.exp(-age_days / recency_days).astype(np.float32), (rows, cols)), shape=bought.shape
+    )
+    learn_tastes(conn, version, bought, recent, products, tastes=tastes, seed=seed)
+    stored = _store_neighbours(conn, version, bought, products, neighbours)
+    return stored
+
+
+def _store_neighbours(
+    conn: duckdb.DuckDBPyConnection, version: int, bought: sp.csr_matrix, products: pa.Array,
+    neighbours: int,
+) -> int:  # fmt: skip
     counts = np.asarray(bought.sum(axis=0)).ravel()
     inverse_root = 1.0 / np.sqrt(np.maximum(counts, 1.0))
     by_product = bought.T.tocsr()
@@ -91,12 +113,128 @@ def learn_neighbours(
             "similarity": table["similarity"],
         }
     )
-    conn.register("new_neighbours", rows)
-    try:
-        conn.execute(f"INSERT INTO {PRODUCT_NEIGHBOURS} BY NAME SELECT * FROM new_neighbours")
-    finally:
-        conn.unregister("new_neighbours")
+    _insert(conn, PRODUCT_NEIGHBOURS, rows)
     return rows.num_rows
+
+
+def _insert(conn: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
+    conn.register("new_rows", rows)
+    try:
+        conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM new_rows")
+    finally:
+        conn.unregister("new_rows")
+
+
+# ---- tastes: segments of what customers buy ------------------------------------------------
+
+FACTORS = 64  # dimensions of a product's purchase vector
+
+
+def learn_tastes(
+    conn: duckdb.DuckDBPyConnection, version: int, bought: sp.csr_matrix, recent: sp.csr_matrix,
+    products: pa.Array, *, tastes: int, seed: int = 0,
+) -> None:  # fmt: skip
+    """Customers' tastes, learned from what they bought: each product's purchase vector (a
+    truncated SVD of the customers x products matrix, tf-idf weighted: products bought by the
+    same customers lie close together), a customer's vector the sum of their products'
+    (unit length), `tastes` k-means clusters of those, and each taste's share of each product:
+    its customers who bought it, each weighted by how recently (`recent`), over its customers.
+    Stored as product_factors, tastes and taste_shares of model `version`."""
+    from sklearn.cluster import KMeans
+    from sklearn.utils.extmath import randomized_svd
+
+    customers, n_products = bought.shape
+    idf = np.log(customers / np.maximum(np.asarray(bought.sum(axis=0)).ravel(), 1.0))
+    weighted = _unit_rows(bought @ sp.diags(idf.astype(np.float32)))
+    k = min(FACTORS, min(bought.shape) - 1)
+    if k < 1:
+        return
+    _, sigma, vt = randomized_svd(weighted, n_components=k, n_iter=5, random_state=seed)
+    factors = _unit_dense(vt.T * sigma)  # products x k
+    vectors = _unit_dense(np.asarray(bought @ factors))
+    n_tastes = min(tastes, customers)
+    kmeans = KMeans(n_clusters=n_tastes, n_init=4, random_state=seed).fit(vectors)
+    labels = kmeans.labels_
+    sizes = np.bincount(labels, minlength=n_tastes).astype(float)
+    member = sp.csr_matrix(
+        (np.ones(customers, np.float32), (labels, np.arange(customers))),
+        shape=(n_tastes, customers),
+    )
+    shares = (member @ recent).toarray() / np.maximum(sizes, 1.0)[:, None]
+    taste, product = np.nonzero(shares)
+    _insert(conn, PRODUCT_FACTORS, pa.table({
+        "model_version": pa.array(np.full(n_products, version, np.int32)),
+        "product_id": products,
+        "factor": pa.array(list(factors.astype(np.float32)), pa.list_(pa.float32())),
+    }))  # fmt: skip
+    _insert(conn, TASTES, pa.table({
+        "model_version": pa.array(np.full(n_tastes, version, np.int32)),
+        "taste_id": pa.array(np.arange(n_tastes, dtype=np.int32)),
+        "centroid": pa.array(list(_unit_dense(kmeans.cluster_centers_).astype(np.float32)),
+                             pa.list_(pa.float32())),
+        "customers": pa.array(sizes),
+    }))  # fmt: skip
+    _insert(conn, TASTE_SHARES, pa.table({
+        "model_version": pa.array(np.full(len(taste), version, np.int32)),
+        "taste_id": pa.array(taste.astype(np.int32)),
+        "product_id": products.take(pa.array(product)),
+        "share": pa.array(shares[taste, product].astype(np.float64)),
+    }))  # fmt: skip
+
+
+def _unit_rows(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    norms = np.sqrt(np.asarray(matrix.multiply(matrix).sum(axis=1)).ravel())
+    return sp.diags(np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)) @ matrix
+
+
+def _unit_dense(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+@dataclass(frozen=True)
+class Tastes:
+    """Model version's tastes over the scored products."""
+
+    factors: np.ndarray  # (products, k) unit length (0 for a product nobody bought)
+    centroids: np.ndarray  # (tastes, k) unit length
+    share: np.ndarray  # (tastes, products)
+
+    def membership_cosine(self, bought: sp.csr_matrix) -> np.ndarray:
+        """Each customer's (rows of `bought`, customers x products) cosine to each taste."""
+        vectors = _unit_dense(np.asarray(bought @ self.factors))
+        return vectors @ self.centroids.T
+
+
+def load_tastes(conn: duckdb.DuckDBPyConnection, version: int, product_ids: list[str]) -> Tastes:
+    """Model `version`'s tastes over `product_ids` (none learned: one empty taste)."""
+    index = pa.array(product_ids, pa.string())
+    factors_table = conn.sql(
+        f"SELECT product_id, factor FROM {PRODUCT_FACTORS} WHERE model_version = $v",
+        params={"v": version},
+    ).to_arrow_table()
+    centroids_table = conn.sql(
+        f"SELECT centroid FROM {TASTES} WHERE model_version = $v ORDER BY taste_id",
+        params={"v": version},
+    ).to_arrow_table()
+    if factors_table.num_rows == 0 or centroids_table.num_rows == 0:
+        return Tastes(np.zeros((len(product_ids), 1)), np.zeros((1, 1)),
+                      np.zeros((1, len(product_ids))))  # fmt: skip
+    k = len(factors_table["factor"][0].as_py())
+    factors = np.zeros((len(product_ids), k), dtype=np.float32)
+    at = pc.index_in(factors_table["product_id"], value_set=index).fill_null(-1).to_numpy()
+    values = np.asarray(factors_table["factor"].to_pylist(), dtype=np.float32)
+    factors[at[at >= 0]] = values[at >= 0]
+    centroids = np.asarray(centroids_table["centroid"].to_pylist(), dtype=np.float32)
+    shares = conn.sql(
+        f"SELECT taste_id, product_id, share FROM {TASTE_SHARES} WHERE model_version = $v",
+        params={"v": version},
+    ).to_arrow_table()
+    share = np.zeros((len(centroids), len(product_ids)))
+    col = pc.index_in(shares["product_id"], value_set=index).fill_null(-1).to_numpy()
+    taste = shares["taste_id"].to_numpy()
+    share[taste[col >= 0], col[col >= 0]] = shares["share"].to_numpy()[col >= 0]
+    return Tastes(factors, centroids, share)
 
 
 def neighbour_matrix(

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from pipeline_project.core.catalog import PRODUCTS
-from pipeline_project.core.co_purchase import neighbour_matrix
+from pipeline_project.core.co_purchase import Tastes, load_tastes, neighbour_matrix
 from pipeline_project.core.embedding_cache import with_vectors
 from pipeline_project.core.staging import write_staged
 from pipeline_project.core.vectors import list_column_to_matrix
@@ -56,11 +56,12 @@ SCORE_CELLS = 4_000_000
 class Weights:
     """How the parts of a score are blended, and how soft segment membership is."""
 
-    segment: float = 1.0
+    segment: float = 0.5
     co_purchase: float = 0.25
     similarity: float = 0.25
-    temperature: float = 0.01  # profile vectors of one text model lie close together
+    temperature: float = 0.5  # of segment and taste membership (cosines standardised)
     recency_days: float = 30.0  # a purchase this many days before the last weighs 1/e
+    taste: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class ScoringInputs:
     share: np.ndarray  # (segments, products): recency-weighted share of customers who bought
     expected_value: np.ndarray  # (segments, products)
     neighbours: sp.csr_matrix  # (products, products): co-purchase similarity, sparse
+    tastes: Tastes  # what customers buy: purchase vectors, taste clusters and their shares
     popularity: np.ndarray  # (products,): purchases by the model's customers
     segment_customers: np.ndarray  # (segments,): customers the shares are over
 
@@ -128,6 +130,20 @@ def _scaled(part: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     return np.divide(part, top, out=np.zeros_like(part), where=top > 0)
 
 
+def soft_membership(cosine: np.ndarray, temperature: float) -> np.ndarray:
+    """Each profile's membership of each segment: the softmax of its cosines to the centroids,
+    standardised per profile (a text model's vectors all lie close together, another's far
+    apart: the same temperature means the same softness for both), at `temperature`."""
+    spread = cosine.std(axis=1, keepdims=True)
+    z = np.divide(
+        cosine - cosine.mean(axis=1, keepdims=True), spread,
+        out=np.zeros_like(cosine), where=spread > 0,
+    )  # fmt: skip
+    logits = z / temperature
+    membership = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return membership / membership.sum(axis=1, keepdims=True)
+
+
 def score_customers(
     customers: Customers,
     inputs: ScoringInputs,
@@ -147,18 +163,22 @@ def score_customers(
         bought = customers.recency.tocoo()
         may[bought.row, bought.col] = False
     profiles = customers.profile_vectors
-    logits = (profiles @ inputs.centroids.T) / weights.temperature
-    membership = np.exp(logits - logits.max(axis=1, keepdims=True))
-    membership /= membership.sum(axis=1, keepdims=True)
+    membership = soft_membership(profiles @ inputs.centroids.T, weights.temperature)
     segment = _scaled((membership @ inputs.share)[customers.profile_of].astype(np.float32), may)
     cosine = (profiles @ inputs.product_vectors.T)[customers.profile_of].astype(np.float32)
     similarity = _scaled(np.maximum(cosine, 0.0), may)
     co_purchase = _scaled(
         np.asarray((customers.recency @ inputs.neighbours).todense(), dtype=np.float32), may
     )
-    total = weights.segment + weights.co_purchase + weights.similarity
+    bought_once = customers.recency.copy()
+    bought_once.data[:] = 1.0
+    taste_membership = soft_membership(
+        inputs.tastes.membership_cosine(bought_once), weights.temperature
+    )
+    taste = _scaled((taste_membership @ inputs.tastes.share).astype(np.float32), may)
+    total = weights.segment + weights.taste + weights.co_purchase + weights.similarity
     confidence = (
-        weights.segment * segment + weights.co_purchase * co_purchase
+        weights.segment * segment + weights.taste * taste + weights.co_purchase * co_purchase
         + weights.similarity * similarity
     ) / total  # fmt: skip
     available = may.sum(axis=1)
@@ -184,6 +204,7 @@ def score_customers(
             confidence[rows, cols] * inputs.expected_value[customers.segment_of[rows], cols]
         ).astype(np.float64),
         "segment_affinity": segment[rows, cols].astype(np.float64),
+        "taste": taste[rows, cols].astype(np.float64),
         "co_purchase": co_purchase[rows, cols].astype(np.float64),
         "similarity": cosine[rows, cols].astype(np.float64),
         "similarity_score": similarity[rows, cols].astype(np.float64),
@@ -292,6 +313,7 @@ def _batch_scoring(
         share,
         expected_value,
         neighbour_matrix(conn, version, {p: i for i, p in enumerate(product_ids)}),
+        load_tastes(conn, version, product_ids),
         counts.sum(axis=0),
         sizes,
     )
@@ -388,6 +410,7 @@ _RECOMMENDATION_SCHEMA = pa.schema(
         ("similarity_score", pa.float64()),
         ("model_version", pa.int32()),
         ("co_purchase", pa.float64()),
+        ("taste", pa.float64()),
     ]
 )
 
@@ -443,6 +466,7 @@ def score_batch(
                     "similarity_score": result["similarity_score"],
                     "model_version": pa.repeat(pa.scalar(scoring.version, pa.int32()), len(rows)),
                     "co_purchase": result["co_purchase"],
+                    "taste": result["taste"],
                 }
             )
             write_staged(staging["recommendations"], chunks, table.cast(_RECOMMENDATION_SCHEMA))
@@ -622,7 +646,7 @@ def line_ranges(conn, table: str, batch_id: str, lines: int) -> list[tuple[int, 
 _COLUMNS = (
     "batch_id, line_no, customer_id, rank, product_id, segment_id, confidence,"
     " predicted_value, segment_affinity, similarity, similarity_score, model_version,"
-    " co_purchase"
+    " co_purchase, taste"
 )
 
 

@@ -218,6 +218,7 @@ class TrainingSettings(Protocol):
     seed: int
     recency_days: float
     neighbours: int
+    tastes: int
 
 
 def latest_segment_model(
@@ -236,6 +237,7 @@ def latest_segment_model(
 
 RECENCY_DAYS = 30.0  # a purchase this many days older weighs 1/e as much
 NEIGHBOURS = 100  # co-purchased products kept per product
+TASTES = 16  # clusters of what customers buy
 
 
 def store_affinity(
@@ -244,6 +246,7 @@ def store_affinity(
     *,
     recency_days: float = RECENCY_DAYS,
     neighbours: int = NEIGHBOURS,
+    tastes: int = TASTES,
 ) -> None:
     """The affinity of segment model `version`: what its segments' customers bought, each
     customer in the segment of their current profile; and the products bought together
@@ -271,7 +274,8 @@ def store_affinity(
         )
     finally:
         conn.execute("DROP TABLE IF EXISTS training_segments")
-    learn_neighbours(conn, version, TRAINING_CUSTOMERS_SQL, params, neighbours=neighbours)
+    learn_neighbours(conn, version, TRAINING_CUSTOMERS_SQL, params, neighbours=neighbours,
+                     recency_days=recency_days, tastes=tastes)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -417,8 +421,9 @@ def train_and_store(
     )  # fmt: skip
     conn.unregister("new_segments")
     store_affinity(
-        conn, version, recency_days=settings.recency_days, neighbours=settings.neighbours
-    )
+        conn, version, recency_days=settings.recency_days, neighbours=settings.neighbours,
+        tastes=settings.tastes,
+    )  # fmt: skip
     return version, trained
 
 

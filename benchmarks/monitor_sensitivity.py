@@ -54,6 +54,7 @@ from unittest import mock
 
 import duckdb
 import numpy as np
+import scipy.sparse as sp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -183,7 +184,7 @@ def customer_blind(score):
             customers,
             profile_vectors=fixed[None, :].astype(customers.profile_vectors.dtype),
             profile_of=np.zeros(len(customers), dtype=np.int64),
-            recency=customers.recency.multiply(0).tocsr(),
+            recency=sp.csr_matrix(customers.recency.shape, dtype=np.float32),
         )
         result = score(blind, inputs, allowed, weights, **kwargs)
         if kwargs.get("exclude_bought", True) and customers.recency.nnz:

@@ -45,8 +45,13 @@ from pipeline_project.settings import (  # noqa: E402
 )
 
 
-def run_pipeline(root: Path, backend: str, log=print, scoring: dict | None = None) -> dict:
-    """catalog_job, then batch_pipeline_job for each landed batch in name order; returns the
+def run_pipeline(
+    root: Path, backend: str, log=print, scoring: dict | None = None, retrain: bool = True,
+    measured=None,
+) -> dict:  # fmt: skip
+    """catalog_job, then batch_pipeline_job for each landed batch in name order; then (with
+    `retrain`) the weekly retrain (segment_model_job) and every batch re-scored with the new
+    model, as rescore_sensor does. `measured(label)` is called after each phase. Returns the
     failed checks per batch and the runs' outcome."""
     settings = Settings(
         warehouse=WarehouseSettings(duckdb_path=root / "warehouse.duckdb"),
@@ -76,36 +81,53 @@ def run_pipeline(root: Path, backend: str, log=print, scoring: dict | None = Non
         outcome["catalog_success"] = catalog.success
         log(f"catalog_job: success={catalog.success} in {outcome['catalog_seconds']} s")
         job = defs.resolve_job_def("batch_pipeline_job")
-        for path in sorted(settings.landing.landing_dir.glob("*.jsonl")):
-            batch_id = path.stem
-            instance.add_dynamic_partitions("batches", [batch_id])
-            started = time.perf_counter()
-            result = job.execute_in_process(
-                partition_key=batch_id, instance=instance, run_config=batch_config,
-                raise_on_error=False,
-            )  # fmt: skip
-            evaluations = result.get_asset_check_evaluations()
-            dropped = [
-                m.metadata["dropped_purchases"].value
-                for m in result.asset_materializations_for_node("validated_customers")
-                if m.asset_key.to_user_string() == "customers"
-            ]
-            outcome["batches"][batch_id] = {
-                "success": result.success,
-                "dropped_purchases": dropped[0] if dropped else None,
-                "seconds": round(time.perf_counter() - started, 1),
-                "failed_checks": sorted(e.check_name for e in evaluations if not e.passed),
-            }
-            log(f"{batch_id}: {outcome['batches'][batch_id]}")
+        paths = sorted(settings.landing.landing_dir.glob("*.jsonl"))
+        instance.add_dynamic_partitions("batches", [path.stem for path in paths])
+        phases = [("after each batch", paths)]
+        if retrain:
+            phases.append(("after the weekly retrain", paths))
+        for phase, (label, batch_paths) in enumerate(phases):
+            if phase == 1:
+                retrained = defs.resolve_job_def("segment_model_job").execute_in_process(
+                    instance=instance, run_config=quiet, raise_on_error=False
+                )
+                log(f"segment_model_job (the weekly retrain): success={retrained.success}")
+            _run_batches(job, instance, batch_config, batch_paths, outcome, label, log)
+            if measured is not None:
+                measured(label)
     return outcome
 
 
-def measure(folder: Path, warehouse: Path | None) -> list[real_data.Rate]:
-    split = real_data.Split.read(folder)
+def _run_batches(job, instance, batch_config, paths, outcome, label, log) -> None:
+    for path in paths:
+        batch_id = path.stem
+        started = time.perf_counter()
+        result = job.execute_in_process(
+            partition_key=batch_id, instance=instance, run_config=batch_config,
+            raise_on_error=False,
+        )  # fmt: skip
+        evaluations = result.get_asset_check_evaluations()
+        dropped = [
+            m.metadata["dropped_purchases"].value
+            for m in result.asset_materializations_for_node("validated_customers")
+            if m.asset_key.to_user_string() == "customers"
+        ]
+        outcome["batches"][f"{batch_id} ({label})"] = {
+            "success": result.success,
+            "dropped_purchases": dropped[0] if dropped else None,
+            "seconds": round(time.perf_counter() - started, 1),
+            "failed_checks": sorted(e.check_name for e in evaluations if not e.passed),
+        }
+        log(f"{batch_id} ({label}): {outcome['batches'][f'{batch_id} ({label})']}")
+
+
+def published(split: real_data.Split, warehouse: Path, label: str) -> real_data.Rate:
+    return real_data.rate(split, f"published (current_recommendations), {label}",
+                          split.published(warehouse))  # fmt: skip
+
+
+def baselines(split: real_data.Split) -> list[real_data.Rate]:
     rates = []
-    if warehouse is not None:
-        rates.append(real_data.rate(split, "published (current_recommendations)",
-                                    split.published(warehouse)))  # fmt: skip
     rates.append(real_data.rate(split, "most popular, in stock, not bought", split.popularity()))
     rates.append(real_data.rate(split, "co-purchase neighbours (item-item cosine)",
                                 split.item_item()))  # fmt: skip
@@ -141,6 +163,11 @@ def main() -> None:
         default={},
         help="the recommendations step's config, as JSON (e.g. its weights)",
     )
+    parser.add_argument(
+        "--no-retrain",
+        action="store_true",
+        help="measure after the batches only, not after the weekly retrain",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -154,8 +181,14 @@ def main() -> None:
                                   households=args.households,
                                   zero_amounts=args.zero_amounts)  # fmt: skip
         log(f"converted in {time.perf_counter() - started:.1f} s: {stats}")
-        outcome = run_pipeline(root, args.backend, log, args.scoring)
-        rates = measure(root, root / "warehouse.duckdb")
+        split = real_data.Split.read(root)
+        rates = []
+        outcome = run_pipeline(
+            root, args.backend, log, args.scoring, retrain=not args.no_retrain,
+            measured=lambda label: rates.append(
+                published(split, root / "warehouse.duckdb", label)),
+        )  # fmt: skip
+        rates += baselines(split)
     if args.json:
         print(json.dumps({"stats": stats, "pipeline": outcome,
                           "rates": [r.__dict__ for r in rates]}))  # fmt: skip

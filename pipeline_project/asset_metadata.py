@@ -66,8 +66,8 @@ _SHARED = {
     " recency-weighted), over the largest among the products the customer may be offered"
     " (0..1).",
     "similarity": "Cosine similarity of the customer's profile vector and the product's.",
-    "similarity_score": "The similarity (not below 0) over the largest among the products the"
-    " customer may be offered (0..1).",
+    "similarity_score": "The similarity rescaled to 0..1 (min-max) over the products the"
+    " customer may be offered.",
     "created_at": "When the row was written.",
 }
 _BY_TABLE: dict[str, dict[str, str]] = {

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -166,13 +167,19 @@ def demo(batches: int, rows: int, bad_rate: float, seed: int) -> None:
 @contextmanager
 def _stage_progress() -> Iterator[None]:
     """On a terminal (stderr), a bar per long stage of each batch: lines ingested, lines
-    validated of the batch's lines, chunks embedded of the chunks to embed. Nothing elsewhere."""
+    validated of the batch's lines, chunks embedded of the chunks to embed, customers
+    recommended. Elsewhere (a file, a pipe, CI) a plain line per stage at most every
+    LOG_EVERY_SECONDS seconds, and when a stage ends."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline_project.progress import listening
 
     console = Console(stderr=True)
+    if not console.is_terminal:
+        with listening(_ProgressLines()):
+            yield
+        return
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -197,6 +204,25 @@ def _stage_progress() -> Iterator[None]:
         for task in bars.tasks:  # a stage that ended without a final report
             if not task.finished:
                 bars.update(task.id, total=task.completed)
+
+
+class _ProgressLines:
+    """Progress as plain lines on stderr, a stage at most every LOG_EVERY_SECONDS seconds."""
+
+    def __init__(self) -> None:
+        self.last: dict[tuple[str, str], float] = {}
+
+    def __call__(self, batch_id: str, stage: str, done: int, total: int | None, unit: str) -> None:
+        from pipeline_project.progress import LOG_EVERY_SECONDS
+
+        now = time.monotonic()
+        finished = total is not None and done >= total
+        key = (batch_id, stage)
+        if key in self.last and now - self.last[key] < LOG_EVERY_SECONDS and not finished:
+            return
+        self.last[key] = now
+        of = "" if total is None else f" of {total:,}"
+        click.echo(f"  {batch_id} {stage}: {done:,}{of} {unit}", err=True)
 
 
 def _alert_rejected_files(defs, rejected_files) -> None:

@@ -179,9 +179,9 @@ def embedding_metadata(result) -> dict:
     return {k: v.value for k, v in mat.metadata.items()}
 
 
-def rows(settings, sql: str) -> list[tuple]:
+def rows(settings, sql: str, params: dict | None = None) -> list[tuple]:
     with duckdb.connect(str(settings.duckdb_path), read_only=True) as conn:
-        return conn.execute(sql).fetchall()
+        return conn.execute(sql, params or {}).fetchall()
 
 
 def rows_conserved_after(settings: Settings, batch_id: str, tamper_sql: str) -> dg.AssetCheckResult:

@@ -49,6 +49,10 @@ def test_demo_runs_two_batches_end_to_end_in_a_project_local_home_and_is_idempot
     assert "\x1b" not in first.stdout  # a pipe: no ANSI escapes
     assert "Warning" not in first.stderr, first.stderr  # no preview-API noise for a user
     assert "━" not in first.stderr  # no progress bars where nobody watches
+    # but plain progress lines: each long stage of each batch says how far it got
+    for batch in ("b001", "b002"):
+        assert f"  {batch} validate: 300 of 300 lines" in first.stderr, first.stderr
+        assert f"  {batch} recommend: " in first.stderr, first.stderr
     for table in summary_tables(first.stdout):
         assert_aligned(table)
     validation, recommendation = summary(first.stdout)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from pipeline_project.asset_metadata import column_description
+from pipeline_project.core.recommendations import Weights
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources.embeddings import HashingEmbedder
 from pipeline_project.sample_data import generate_batch
@@ -16,9 +17,11 @@ from pipeline_project_tests.helpers import rows
 _SCORE_PARTS_SQL = """
 SELECT count(*) FILTER (WHERE abs(r.predicted_value
                                   - r.confidence * coalesce(a.avg_amount, c.price)) > 1e-6),
-       count(*) FILTER (WHERE abs(r.confidence - (0.5 * r.segment_affinity + r.taste
-                                                  + 0.25 * r.co_purchase
-                                                  + 0.25 * r.similarity_score) / 2.0) > 1e-6
+       count(*) FILTER (WHERE abs(r.confidence - ($segment * r.segment_affinity
+                                                  + $taste * r.taste
+                                                  + $co_purchase * r.co_purchase
+                                                  + $similarity * r.similarity_score) / $total)
+                              > 1e-6
                            OR NOT r.segment_affinity BETWEEN 0 AND 1
                            OR NOT r.taste BETWEEN 0 AND 1
                            OR NOT r.co_purchase BETWEEN 0 AND 1),
@@ -64,7 +67,12 @@ def test_the_column_descriptions_a_number_can_check_hold_on_a_run(settings, ran)
     # predicted_value and confidence: as their descriptions compute them
     assert "average amount" in column_description("recommendations", "predicted_value")
     assert "weighted mean" in column_description("recommendations", "confidence")
-    [(bad_value, bad_confidence, scored)] = rows(settings, _SCORE_PARTS_SQL)
+    weights = Weights()
+    parts = {"segment": weights.segment, "taste": weights.taste,
+             "co_purchase": weights.co_purchase, "similarity": weights.similarity}  # fmt: skip
+    [(bad_value, bad_confidence, scored)] = rows(
+        settings, _SCORE_PARTS_SQL, {**parts, "total": sum(parts.values())}
+    )
     assert (bad_value, bad_confidence) == (0, 0) and scored > 0
 
     # segment_model.weight: a count of the training customers, not a share

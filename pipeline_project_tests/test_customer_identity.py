@@ -15,6 +15,7 @@ import dagster as dg
 import pytest
 
 from pipeline_project.definitions import build_definitions
+from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import HashingEmbedder
 from pipeline_project.sample_data import CATEGORIES, write_catalog
 from pipeline_project.tables import WAREHOUSE_TABLES
@@ -105,13 +106,19 @@ def test_a_customer_who_comes_back_has_one_current_answer_built_from_all_their_h
         " GROUP BY ALL ORDER BY 1",
     )
     assert history == [(uuid_of(n), 4, 4) for n in customers]
-    # the profile is everything known up to the batch: 4 purchases of 30, not b3's one
+    # the profile is everything known up to the batch: 4 shopping trips and 120 spent, not b3's
+    # one purchase; its bands are the batch's quartiles of those
+    from pipeline_project.core.profiles import AS_OF_SQL, profile_cuts
+    from pipeline_project.tables import PRIOR_PURCHASES
+
+    with Warehouse.from_settings(settings.warehouse).get_connection() as conn:
+        [(as_of,)] = conn.execute(AS_OF_SQL, {"batch_id": "b3"}).fetchall()
+        cuts = profile_cuts(conn, "b3", as_of, prior=PRIOR_PURCHASES)
+    assert cuts["trip_cuts"] == [4, 4, 4] and cuts["spend_cuts"] == [120.0] * 3, cuts
     profiles = query(
         settings, "SELECT DISTINCT profile_text FROM customer_embeddings WHERE batch_id = 'b3'"
     )
-    assert profiles and all(
-        "Spend: moderate" in text and "frequency: regular" in text for (text,) in profiles
-    ), profiles
+    assert profiles and all("Shopping trips: occasional" in text for (text,) in profiles), profiles
 
     # one current record and one current list per customer, from the newest batch
     assert query(
@@ -324,9 +331,8 @@ def test_customers_get_top_n_whenever_that_many_products_clear_the_rules(
     lines.append(record(40, everything))  # all but the last two products
     land(settings, "b1", lines)
     load_catalog(defs, instance)
-    # no slack beyond top_n: every customer who bought a candidate is ranked again deeper
-    config = {"ops": {"recommendations": {"config": {"candidate_margin": 0}},
-                      "validated_recommendations": {"config": {"min_confidence": 0.0}}}}  # fmt: skip
+    # every customer is ranked over the whole catalog: what they bought never takes a place
+    config = {"ops": {"validated_recommendations": {"config": {"min_confidence": 0.0}}}}
     result = run_stages(defs, instance, "b1", run_config=config)
     assert result.success
     in_stock = dict(query(settings, "SELECT product_id, in_stock FROM product_catalog"))
@@ -393,7 +399,10 @@ def test_a_retrain_re_scores_the_batches_holding_current_answers_the_same_in_any
     b1 = [row for row in history if row[0] == "b1"]
     after = contents(settings, ["validated_recommendations"])["validated_recommendations"]
     assert [row for row in after if row[0] == "b1"] == b1
-    assert {row[-1] for row in after if row[0] != "b1"} == {2}  # the new model version
+    model_version = WAREHOUSE_TABLES["validated_recommendations"].column_names.index(
+        "model_version"
+    )
+    assert {row[model_version] for row in after if row[0] != "b1"} == {2}  # the new version
     # the same version re-scored in the other order (with the configuration the re-scoring
     # runs had: the defaults) gives the same rows: affinity is the version's, not every
     # batch's purchases as they happen to be

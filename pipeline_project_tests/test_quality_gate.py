@@ -5,6 +5,7 @@ from dataclasses import replace
 from unittest import mock
 
 import numpy as np
+import scipy.sparse as sp
 
 from pipeline_project.core import recommendation_quality, recommendations
 from pipeline_project.definitions import build_definitions
@@ -36,7 +37,7 @@ def customer_blind(score):
             customers,
             profile_vectors=fixed[None, :].astype(customers.profile_vectors.dtype),
             profile_of=np.zeros(len(customers), dtype=np.int64),
-            recency=customers.recency.multiply(0).tocsr(),
+            recency=sp.csr_matrix(customers.recency.shape, dtype=np.float32),
         )
         result = score(blind, inputs, allowed, weights, **kwargs)
         if kwargs.get("exclude_bought", True) and customers.recency.nnz:
@@ -82,8 +83,8 @@ def test_a_scorer_no_better_than_popularity_publishes_nothing_and_the_answer_sta
         mock.patch.object(recommendation_quality, "score_customers", blind),
     ):
         bad = run()
-    assert not bad.success
     check = quality(bad)
+    assert not bad.success, check.description
     assert not check.passed and check.severity.value == "ERROR"
     assert "no better than popularity" in check.description
     assert check.metadata["lead_standard_errors"].value <= 0

@@ -1,5 +1,7 @@
 """Recommendation quality: held-out last purchases, the model's hit rate against popularity."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -48,7 +50,8 @@ def test_a_customer_is_offered_the_best_products_they_may_be_offered_by_every_pa
     allowed = np.array([True, True, True, False])  # P3 out of stock
     # customer 0 bought P0 (recently), customer 1 nothing; both in segment 0 (profile [1, 0])
     customers = _customers([[1.0, 0, 0, 0], [0, 0, 0, 0]])
-    weights = Weights(segment=1.0, taste=0.0, temperature=0.01)
+    weights = Weights(segment=1.0, taste=0.0, co_purchase=0.25, similarity=0.25,
+                      temperature=0.01)  # fmt: skip
     scored = score_customers(customers, inputs, allowed, weights, top_n=2)
     lists = {c: [] for c in range(2)}
     for c, p in zip(scored["customer"], scored["product"], strict=True):
@@ -61,10 +64,15 @@ def test_a_customer_is_offered_the_best_products_they_may_be_offered_by_every_pa
     # each part is 1 for the customer's best product of that part
     assert scored["segment_affinity"][first] == pytest.approx(1.0)
     assert scored["co_purchase"][first] == pytest.approx(1.0)
-    assert scored["confidence"][first] == pytest.approx(1.0)
+    # every product's text alike: no similarity to tell them apart (0); the weighted mean
+    assert scored["similarity_score"][first] == pytest.approx(0.0)
+    assert scored["confidence"][first] == pytest.approx((1.0 + 0.25 * 1.0) / 1.5)
     # without excluding what they bought (the personalization check): P0 again first
     raw = score_customers(customers, inputs, allowed, weights, top_n=1, exclude_bought=False)
     assert raw["product"].tolist() == [0, 0]
+
+
+SEGMENTS_ONLY = Weights(segment=1.0, taste=0.0, co_purchase=0.0, similarity=0.0, temperature=0.01)
 
 
 def test_soft_membership_mixes_the_segments_by_closeness():
@@ -72,8 +80,9 @@ def test_soft_membership_mixes_the_segments_by_closeness():
     allowed = np.array([True, True])
     # a profile nearer segment 1 than segment 0, but not by much
     customers = _customers([[0, 0]], profiles=[[0.6, 0.8]])
-    sharp = score_customers(customers, inputs, allowed, Weights(temperature=0.01), top_n=2)
-    soft = score_customers(customers, inputs, allowed, Weights(temperature=100.0), top_n=2)
+    sharp = score_customers(customers, inputs, allowed, SEGMENTS_ONLY, top_n=2)
+    soft = score_customers(customers, inputs, allowed, replace(SEGMENTS_ONLY, temperature=100.0),
+                           top_n=2)  # fmt: skip
     assert sharp["product"].tolist()[0] == 1 and soft["product"].tolist()[0] == 1
     # sharp: segment 1 only (segment 0's product scores nothing); soft: both count
     assert sharp["segment_affinity"][1] == pytest.approx(0.0, abs=1e-6)

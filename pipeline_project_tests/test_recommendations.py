@@ -8,7 +8,7 @@ import duckdb
 import pytest
 
 from pipeline_project.checks.output_checks import recommendation_check_results
-from pipeline_project.core.recommendations import rule_outcome, stage_business_rules
+from pipeline_project.core.recommendations import Weights, rule_outcome, stage_business_rules
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import LocalE5Embedder
@@ -74,7 +74,7 @@ def rows(settings, sql, params=()):
 
 RECOMMENDATION = (
     "INSERT INTO recommendations VALUES ('b', $line, $customer::UUID, 1, $product, 0,"
-    " $confidence, $value, 0.5, 0.8, 0.5, 1, 0)"
+    " $confidence, $value, 0.5, 0.8, 0.5, 1, 0, 0)"
 )
 
 
@@ -166,8 +166,11 @@ def test_recommendations_are_explainable_confident_and_rematerialize_identically
         "recommendations"
     ]:
         assert 1 <= rank <= 5 and 0.0 <= confidence <= 1.0 and value >= 0
-        # the weighted mean of its parts (weights 0.5, 1, 0.25, 0.25), each part 0..1
-        mean = (0.5 * affinity + taste + 0.25 * co + 0.25 * score) / 2.0
+        # the weighted mean of its parts (the default weights), each part 0..1
+        w = Weights()
+        mean = (
+            w.segment * affinity + w.taste * taste + w.co_purchase * co + w.similarity * score
+        ) / (w.segment + w.taste + w.co_purchase + w.similarity)
         assert confidence == pytest.approx(mean)
         assert all(0.0 <= part <= 1.0 for part in (affinity, taste, co, score))
         assert -1.0 <= similarity <= 1.0
@@ -200,13 +203,16 @@ def test_checks_judge_each_batch_on_its_own_rows(settings, instance, small_catal
         [shopper(20 + i, ["books", "toys"][i % 2]) for i in range(8)],
     )
     rules = {"rejected_share_ceiling": 0.5, "min_confidence": 0.0}  # sparse test data: low scores
-    config = {"ops": {"validated_recommendations": {"config": rules}}}
+    # eight customers say little of most products: the profile's similarity speaks for them
+    scoring = {"recommendations": {"config": {"similarity_weight": 1.0}}}
+    config = {"ops": {"validated_recommendations": {"config": rules}, **scoring}}
     good = run_pipeline(settings, instance, "good", config)
     # the same data, judged against a value ceiling that rejects every recommendation
     bad_rules = {**rules, "max_predicted_value": 0.001}
     bad = run_pipeline(
-        settings, instance, "bad", {"ops": {"validated_recommendations": {"config": bad_rules}}}
-    )
+        settings, instance, "bad",
+        {"ops": {"validated_recommendations": {"config": bad_rules}, **scoring}},
+    )  # fmt: skip
     assert good.success and bad.success  # WARN checks never fail a run
 
     def verdicts(result):
@@ -242,7 +248,7 @@ def test_a_planted_violation_fails_only_its_own_batch(settings, instance, small_
     with warehouse.transaction() as conn:
         conn.execute(
             "INSERT INTO validated_recommendations SELECT * REPLACE (0.01 AS confidence)"
-            " FROM validated_recommendations WHERE batch_id = 'bad' LIMIT 1"
+            " FROM recommendations WHERE batch_id = 'bad' LIMIT 1"
         )
         conn.execute("DELETE FROM rejected_recommendations WHERE batch_id = 'bad'")
         conn.execute(

@@ -436,3 +436,34 @@ def test_an_unknown_rule_to_drop_for_is_refused_with_the_known_ones(tmp_path):
 
     with pytest.raises(Exception, match="do not exist: \\['amount: is zero'\\]"):
         ValidationConfig(drop_purchases_breaking=["amount: is zero"]).drop_rules()
+
+
+def test_long_lines_are_validated_in_smaller_chunks_every_line_once(tmp_path):
+    from pipeline_project.core.validation import chunk_ranges
+
+    # ten records, five of them holding 200 purchases each (long lines)
+    many = [GOOD] * 200
+    lines = [
+        customer(id=f"6f1c2a3b-4d5e-4f60-8a7b-{n:012d}", purchaseHistory=many if n % 2 else [GOOD])
+        for n in range(10)
+    ]
+    summary, errors, customers = validate_lines(tmp_path, lines)
+    assert summary.valid == 10 and not errors
+    warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
+    with warehouse.get_connection() as conn:
+        raw = str(warehouse.raw_file("b1"))
+        [(largest,)] = conn.execute(
+            "SELECT max(byte_length) FROM read_parquet(?)", [raw]
+        ).fetchall()
+        ranges = chunk_ranges(conn, warehouse.raw_file("b1"), 10, chunk_rows=4,
+                              chunk_bytes=2 * largest)  # fmt: skip
+        sizes = [
+            conn.execute(
+                "SELECT sum(byte_length) FROM read_parquet(?) WHERE line_no BETWEEN ? AND ?",
+                [raw, first, last],
+            ).fetchone()[0]
+            for first, last in ranges
+        ]
+    # every line in exactly one range, in order; no range over the budget (lines alike)
+    assert [n for first, last in ranges for n in range(first, last + 1)] == list(range(1, 11))
+    assert len(ranges) > 3 and max(sizes) <= 2 * largest

@@ -96,7 +96,9 @@ class InferenceConfig(dg.Config):
         default=0.002, description="...and at least this cosine distance."
     )
     drift_max_new_profile_share: float = Field(
-        default=0.5, description="Drift: more customers than this with a never-seen profile."
+        default=0.5,
+        description="Drift: more customers than this with a never-seen profile (or, where"
+        " normal batches bring more, than they do plus 25 points).",
     )
     min_vector_spread: float = Field(
         default=1e-3, description="Below this spread the batch's vectors are all alike."

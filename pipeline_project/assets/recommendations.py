@@ -137,6 +137,15 @@ class RecommendationConfig(dg.Config):
     )
 
     def weights(self) -> Weights:
+        parts = (self.segment_weight, self.taste_weight, self.co_purchase_weight,
+                 self.similarity_weight)  # fmt: skip
+        if min(parts) < 0 or sum(parts) <= 0 or self.segment_temperature <= 0:
+            raise dg.Failure(
+                description="recommendations config: the weights must be 0 or more and not all"
+                f" 0, the temperature above 0 (got weights {parts}, temperature"
+                f" {self.segment_temperature})",
+                allow_retries=False,
+            )
         return Weights(self.segment_weight, self.co_purchase_weight, self.similarity_weight,
                        self.segment_temperature, self.recency_days,
                        self.taste_weight)  # fmt: skip

@@ -65,6 +65,10 @@ class DriftLimits:
     min_baselines: int
 
 
+# New profiles may exceed what recent normal batches brought by this share of customers.
+NEW_PROFILE_MARGIN = 0.25
+
+
 def embedding_drift_result(
     drift: EmbeddingDrift | None, baseline_batches: int, limits: DriftLimits
 ) -> Verdict:
@@ -88,17 +92,28 @@ def embedding_drift_result(
         )
     threshold = max(limits.min_distance, limits.factor * drift.typical_distance)
     new_share = drift.new_profile_customer_share
+    # as many new profiles as normal batches bring, and a margin, is no drift
+    new_limit = min(
+        1.0,
+        max(limits.max_new_profile_customer_share,
+            drift.typical_new_profile_customer_share + NEW_PROFILE_MARGIN),
+    )  # fmt: skip
     if drift.mean_distance > threshold:
         reasons.append(f"mean moved {drift.mean_distance:.4f} (limit {threshold:.4f})")
-    if new_share > limits.max_new_profile_customer_share:
-        reasons.append(f"{new_share:.0%} of customers have a profile never seen recently")
+    if new_share > new_limit:
+        usual = drift.typical_new_profile_customer_share
+        reasons.append(
+            f"{new_share:.0%} of customers have a profile never seen recently (limit"
+            f" {new_limit:.0%}; normal batches bring {usual:.0%})"
+        )
     figures |= {
         "mean_distance": round(drift.mean_distance, 6),
         "typical_distance": round(drift.typical_distance, 6),
         "distance_threshold": round(threshold, 6),
         "new_profile_customer_share": round(new_share, 4),
         "new_profile_share": round(drift.new_profile_share, 4),
-        "max_new_profile_customer_share": limits.max_new_profile_customer_share,
+        "typical_new_profile_customer_share": round(drift.typical_new_profile_customer_share, 4),
+        "max_new_profile_customer_share": round(new_limit, 4),
     }
     return _drift(not reasons, {**figures, **_why(reasons)})
 

@@ -147,14 +147,19 @@ def learn_tastes(
     idf = np.log(customers / np.maximum(np.asarray(bought.sum(axis=0)).ravel(), 1.0))
     weighted = _unit_rows(bought @ sp.diags(idf.astype(np.float32)))
     k = min(FACTORS, min(bought.shape) - 1)
-    if k < 1:
-        return
-    _, sigma, vt = randomized_svd(weighted, n_components=k, n_iter=5, random_state=seed)
-    factors = _unit_dense(vt.T * sigma)  # products x k
+    if k >= 1:
+        _, sigma, vt = randomized_svd(weighted, n_components=k, n_iter=5, random_state=seed)
+        factors = _unit_dense(vt.T * sigma)  # products x k
+    else:  # one customer or one product: no purchase vectors, one taste (popular lately)
+        factors = np.zeros((n_products, 1))
     vectors = _unit_dense(np.asarray(bought @ factors))
-    n_tastes = min(tastes, customers)
-    kmeans = KMeans(n_clusters=n_tastes, n_init=4, random_state=seed).fit(vectors)
-    labels = kmeans.labels_
+    # no more tastes than distinct purchase vectors (customers who bought alike share one)
+    n_tastes = min(tastes, len({row.tobytes() for row in vectors.round(6)}))
+    if n_tastes > 1:
+        kmeans = KMeans(n_clusters=n_tastes, n_init=4, random_state=seed).fit(vectors)
+        labels, centres = kmeans.labels_, _unit_dense(kmeans.cluster_centers_)
+    else:
+        labels, centres = np.zeros(customers, dtype=np.int64), np.zeros((1, factors.shape[1]))
     sizes = np.bincount(labels, minlength=n_tastes).astype(float)
     member = sp.csr_matrix(
         (np.ones(customers, np.float32), (labels, np.arange(customers))),
@@ -170,8 +175,7 @@ def learn_tastes(
     _insert(conn, TASTES, pa.table({
         "model_version": pa.array(np.full(n_tastes, version, np.int32)),
         "taste_id": pa.array(np.arange(n_tastes, dtype=np.int32)),
-        "centroid": pa.array(list(_unit_dense(kmeans.cluster_centers_).astype(np.float32)),
-                             pa.list_(pa.float32())),
+        "centroid": pa.array(list(centres.astype(np.float32)), pa.list_(pa.float32())),
         "customers": pa.array(sizes),
     }))  # fmt: skip
     _insert(conn, TASTE_SHARES, pa.table({
@@ -200,10 +204,13 @@ class Tastes:
     centroids: np.ndarray  # (tastes, k) unit length
     share: np.ndarray  # (tastes, products)
 
+    def customer_vectors(self, bought: sp.csr_matrix) -> np.ndarray:
+        """Each customer's (rows of `bought`, customers x products) purchase vector."""
+        return _unit_dense(np.asarray(bought @ self.factors))
+
     def membership_cosine(self, bought: sp.csr_matrix) -> np.ndarray:
-        """Each customer's (rows of `bought`, customers x products) cosine to each taste."""
-        vectors = _unit_dense(np.asarray(bought @ self.factors))
-        return vectors @ self.centroids.T
+        """Each customer's cosine to each taste."""
+        return self.customer_vectors(bought) @ self.centroids.T
 
 
 def load_tastes(conn: duckdb.DuckDBPyConnection, version: int, product_ids: list[str]) -> Tastes:

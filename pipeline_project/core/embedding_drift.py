@@ -8,7 +8,10 @@ with its number of customers. Three figures:
   batch of one profile has no spread to judge;
 - the cosine distance between the batch's mean and the recent batches' pooled mean, against
   the distance each recent batch has from the others (how much normal batches move);
-- the share of the batch's customers whose profile no recent batch had.
+- the share of the batch's customers whose profile no recent batch had, against the share each
+  recent batch had of profiles the others had not (how many new profiles normal batches bring:
+  a handful where customers behave alike, nearly all where every household is its own profile,
+  as in real grocery data).
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class EmbeddingDrift:
     typical_distance: float | None = None  # median distance of a recent batch from the others
     new_profile_customer_share: float | None = None
     new_profile_share: float | None = None
+    # median share of a recent batch's customers with a profile the other recent batches lacked
+    typical_new_profile_customer_share: float | None = None
 
 
 def embedding_drift(current: BatchVectors, baselines: list[BatchVectors]) -> EmbeddingDrift:
@@ -99,10 +104,24 @@ def embedding_drift(current: BatchVectors, baselines: list[BatchVectors]) -> Emb
     )
     seen = set().union(*(b.hashes for b in baselines))
     new = np.array([h not in seen for h in current.hashes])
+    typical_new = float(
+        np.median(
+            [
+                _new_customer_share(b, set().union(*(o.hashes for o in baselines if o is not b)))
+                for b in baselines
+            ]
+        )
+    )
     return EmbeddingDrift(
         spread=current.spread,
         mean_distance=cosine_distance(current.mean, _pooled(baselines)),
         typical_distance=typical,
         new_profile_customer_share=float(current.customers[new].sum() / current.total),
         new_profile_share=float(new.mean()),
+        typical_new_profile_customer_share=typical_new,
     )
+
+
+def _new_customer_share(batch: BatchVectors, seen: set[str]) -> float:
+    new = np.array([h not in seen for h in batch.hashes])
+    return float(batch.customers[new].sum() / batch.total)

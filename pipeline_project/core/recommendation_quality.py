@@ -7,10 +7,12 @@ same profile text, with the batch's bands, as customer_embeddings makes), given 
 their held-out profile and scored with the same code as recommendations (score_customers, the
 same weights, the same products allowed). A hit is a held-out product the customer had not
 bought before among the top N products they are offered. The popularity baseline offers the
-products the same segment model's customers bought most, with the same exclusions, to the same
-customers. The held-out purchases are taken out of the segments' shares and of popularity
-alike: neither may know the answer. (The co-purchase table is learned with the model from up to
-200,000 customers; a sampled customer's own basket is one of them.)
+products popular lately among the same segment model's customers (the tastes' recency-weighted
+shares, every taste alike: what a scorer blind to the customer offers from the same model),
+with the same exclusions, to the same customers. The held-out purchases are taken out of the
+segments' shares: the model may not know the answer. (The co-purchase and taste tables are
+learned with the model from up to 200,000 customers; a sampled customer's own basket may be one
+of them: too little to matter among the 5,000 customers a verdict needs.)
 
 Held-out profiles are looked up in the embedding cache, never sent to the model: a profile
 differs from the customer's only by one basket, so it is almost always a text already embedded.
@@ -184,7 +186,10 @@ def holdout_quality(
             for products in evaluation["new_products"].to_pylist()
         ]
         blind = _without_held_out(inputs, segments, held)
-        popular = np.lexsort((np.arange(len(index)), -blind.popularity))
+        # popular lately: the tastes' recency-weighted shares, the tastes alike (what a scorer
+        # blind to the customer would offer from the same model)
+        trend = inputs.tastes.share.mean(axis=0)
+        popular = np.lexsort((np.arange(len(index)), -trend))
         hits = np.zeros((2, len(held)), dtype=bool)
         step = chunk_size(len(index))
         for start in range(0, evaluation.num_rows, step):

@@ -54,12 +54,16 @@ SCORE_CELLS = 4_000_000
 
 @dataclass(frozen=True)
 class Weights:
-    """How the parts of a score are blended, and how soft segment membership is."""
+    """How the parts of a score are blended, and how soft membership is. The defaults were
+    measured (benchmarks/recommendation_quality.py, README "Segments and recommendations"):
+    on real grocery purchases and on generated batches alike, what customers buy (taste,
+    co-purchase) carries the score; the profile text's segments and similarity lowered the hit
+    rate on both, and stay as parts a team can weigh in."""
 
-    segment: float = 0.5
+    segment: float = 0.0
     co_purchase: float = 0.25
-    similarity: float = 0.25
-    temperature: float = 0.5  # of segment and taste membership (cosines standardised)
+    similarity: float = 0.0
+    temperature: float = 0.1  # of segment and taste membership (cosines standardised)
     recency_days: float = 30.0  # a purchase this many days before the last weighs 1/e
     taste: float = 1.0
 
@@ -124,6 +128,18 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
+def _rescaled(part: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Each row rescaled to 0..1 over the allowed products (min-max): every product but the
+    least similar scores above 0, so a product nothing else speaks for still ranks."""
+    low = np.where(allowed, part, np.inf).min(axis=1, keepdims=True)
+    high = np.where(allowed, part, -np.inf).max(axis=1, keepdims=True)
+    span = high - low
+    ok = np.isfinite(span) & (span > 0)
+    return np.clip(
+        np.divide(part - low, span, out=np.zeros_like(part), where=ok), 0.0, None
+    ).astype(part.dtype)
+
+
 def _scaled(part: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """Each row divided by its maximum over the allowed products (0 where none is above 0)."""
     top = np.where(allowed, part, 0.0).max(axis=1, keepdims=True)
@@ -142,6 +158,23 @@ def soft_membership(cosine: np.ndarray, temperature: float) -> np.ndarray:
     logits = z / temperature
     membership = np.exp(logits - logits.max(axis=1, keepdims=True))
     return membership / membership.sum(axis=1, keepdims=True)
+
+
+# Within the taste part, the purchase vectors' cosine counts this much beside the tastes' shares.
+TASTE_COSINE = 0.25
+
+
+def _taste(customers: Customers, tastes: Tastes, may: np.ndarray, weights: Weights) -> np.ndarray:
+    """What the customer's tastes buy (their soft membership over the tastes' shares) and how
+    close the product's purchase vector is to the customer's, each rescaled by the customer's
+    best product, blended 1 : TASTE_COSINE (0..1)."""
+    bought_once = customers.recency.copy()
+    bought_once.data[:] = 1.0
+    vectors = tastes.customer_vectors(bought_once)
+    membership = soft_membership(vectors @ tastes.centroids.T, weights.temperature)
+    share = _scaled((membership @ tastes.share).astype(np.float32), may)
+    cosine = _scaled(np.maximum(vectors @ tastes.factors.T, 0.0).astype(np.float32), may)
+    return (share + TASTE_COSINE * cosine) / (1.0 + TASTE_COSINE)
 
 
 def score_customers(
@@ -166,16 +199,11 @@ def score_customers(
     membership = soft_membership(profiles @ inputs.centroids.T, weights.temperature)
     segment = _scaled((membership @ inputs.share)[customers.profile_of].astype(np.float32), may)
     cosine = (profiles @ inputs.product_vectors.T)[customers.profile_of].astype(np.float32)
-    similarity = _scaled(np.maximum(cosine, 0.0), may)
+    similarity = _rescaled(cosine, may)
     co_purchase = _scaled(
         np.asarray((customers.recency @ inputs.neighbours).todense(), dtype=np.float32), may
     )
-    bought_once = customers.recency.copy()
-    bought_once.data[:] = 1.0
-    taste_membership = soft_membership(
-        inputs.tastes.membership_cosine(bought_once), weights.temperature
-    )
-    taste = _scaled((taste_membership @ inputs.tastes.share).astype(np.float32), may)
+    taste = _taste(customers, inputs.tastes, may, weights)
     total = weights.segment + weights.taste + weights.co_purchase + weights.similarity
     confidence = (
         weights.segment * segment + weights.taste * taste + weights.co_purchase * co_purchase
@@ -347,6 +375,31 @@ FROM last
 """
 
 
+@dataclass(frozen=True)
+class ProfileVectors:
+    """The unit vectors of some profiles, by text_hash."""
+
+    hashes: pa.Array
+    vectors: np.ndarray
+
+    @classmethod
+    def read(
+        cls, conn: duckdb.DuckDBPyConnection, hashes: pa.Array, model: str, dimensions: int
+    ) -> ProfileVectors:
+        """The vectors of `hashes` from the embedding cache."""
+        conn.register("wanted_profiles", pa.table({"text_hash": pc.unique(hashes)}))
+        try:
+            table = with_vectors(
+                conn, "SELECT text_hash FROM wanted_profiles", model, dimensions
+            ).to_arrow_table()
+        finally:
+            conn.unregister("wanted_profiles")
+        return cls(
+            table["text_hash"].combine_chunks(),
+            _unit(list_column_to_matrix(table, "embedding", dimensions)),
+        )
+
+
 def load_customers(
     conn: duckdb.DuckDBPyConnection,
     customers: pa.Table,  # line_no, text_hash, segment_id (the chunk's, by line)
@@ -355,20 +408,16 @@ def load_customers(
     weights: Weights,
     model: str,
     dimensions: int,
+    profiles: ProfileVectors | None = None,
 ) -> Customers:
-    """The chunk as the scorer sees it: the profile vectors of its distinct profiles (from the
-    embedding cache) and how recently each customer bought each product."""
-    hashes = pc.unique(customers["text_hash"])
-    conn.register("chunk_profiles", pa.table({"text_hash": hashes}))
-    try:
-        vectors = with_vectors(
-            conn, "SELECT text_hash FROM chunk_profiles", model, dimensions
-        ).to_arrow_table()
-    finally:
-        conn.unregister("chunk_profiles")
-    profile_of = pc.index_in(customers["text_hash"], value_set=vectors["text_hash"])
-    if profile_of.null_count:
+    """The chunk as the scorer sees it: the vectors of its distinct profiles (from `profiles`,
+    read for many chunks at once, or from the embedding cache) and how recently each customer
+    bought each product."""
+    profiles = profiles or ProfileVectors.read(conn, customers["text_hash"], model, dimensions)
+    at = pc.index_in(customers["text_hash"], value_set=profiles.hashes)
+    if at.null_count:
         raise ValueError("a segmented customer's profile has no vector in the embedding cache")
+    used, profile_of = np.unique(at.to_numpy(), return_inverse=True)
     row = pc.index_in(bought["line_no"], value_set=customers["line_no"]).fill_null(-1).to_numpy()
     index = pa.array(inputs.product_ids, pa.string())
     col = pc.index_in(bought["product_id"], value_set=index).fill_null(-1).to_numpy()
@@ -379,8 +428,8 @@ def load_customers(
         shape=(customers.num_rows, len(inputs.product_ids)),
     )
     return Customers(
-        _unit(list_column_to_matrix(vectors, "embedding", dimensions)),
-        profile_of.to_numpy(),
+        profiles.vectors[used],
+        profile_of,
         customers["segment_id"].to_numpy(zero_copy_only=False),
         recency,
     )
@@ -442,11 +491,12 @@ def score_batch(
         params = {"batch_id": batch_id, "first": first, "last": first + customer_chunk - 1}
         lines = conn.sql(_CHUNK_CUSTOMERS_SQL, params=params).to_arrow_table()
         bought_all = conn.sql(_CHUNK_BOUGHT_SQL, params=params).to_arrow_table()
+        profiles = ProfileVectors.read(conn, lines["text_hash"], model, dimensions)
         for start in range(0, lines.num_rows, step):
             part = lines.slice(start, step)
             mine = pc.is_in(bought_all["line_no"], value_set=part["line_no"])
             customers = load_customers(conn, part, bought_all.filter(mine), inputs, weights,
-                                       model, dimensions)  # fmt: skip
+                                       model, dimensions, profiles)  # fmt: skip
             result = score_customers(customers, inputs, scoring.allowed, weights, top_n=top_n)
             rows = result["customer"]
             table = pa.table(

@@ -340,13 +340,13 @@ def validate_batch(
     latest = (arrived or datetime.now(UTC)) + limits.date_tolerance
     summary = ValidationSummary()
 
-    def extract(first: int) -> tuple[pyarrow.Table, pyarrow.Table]:
-        build_chunk_tables(conn, raw_path, first, first + chunk_rows - 1, max_line_bytes)
+    def extract(lines: tuple[int, int]) -> tuple[pyarrow.Table, pyarrow.Table]:
+        build_chunk_tables(conn, raw_path, *lines, max_line_bytes)
         return fetch_chunk(conn, max_line_bytes)
 
     # DuckDB extracts the next chunk (in a worker thread, without the GIL) while pandera
     # judges this one; only the worker uses the connection until the loop ends.
-    starts = range(1, last_line + 1, chunk_rows)
+    starts = chunk_ranges(conn, raw_path, last_line, chunk_rows)
     with ThreadPoolExecutor(max_workers=1) as worker:
         pending = worker.submit(extract, starts[0]) if starts else None
         for part in range(len(starts)):
@@ -373,6 +373,37 @@ def validate_batch(
     for table in _CHUNK_TABLES:
         conn.execute(f"DROP TABLE IF EXISTS {table}")
     return summary
+
+
+# At most this many bytes of lines per 2,048 lines of a chunk (DuckDB parses a vector of 2,048
+# lines at once, and a parsed JSON document takes many times its text): real records can be
+# long (a household's year of grocery line items: 44 KB on average, some 300 KB), and 618 such
+# lines (27 MB) in one chunk ran out of DuckDB's 512 MB. Generated records (400 bytes) stay in
+# chunks of chunk_rows lines.
+CHUNK_BYTES = 8 * 1024 * 1024
+_VECTOR = 2048
+
+
+def chunk_ranges(
+    conn: duckdb.DuckDBPyConnection, raw_path: Path, last_line: int, chunk_rows: int,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> list[tuple[int, int]]:  # fmt: skip
+    """The batch's lines in ranges of at most `chunk_rows` lines, a range cut into equal parts
+    where its lines hold more than `chunk_bytes` bytes per 2,048 lines."""
+    sizes = dict(
+        conn.execute(
+            "SELECT (line_no - 1) // $rows, sum(byte_length) FROM read_parquet($path) GROUP BY ALL",
+            {"rows": chunk_rows, "path": str(raw_path)},
+        ).fetchall()
+    )
+    ranges = []
+    for first in range(1, last_line + 1, chunk_rows):
+        last = min(first + chunk_rows - 1, last_line)
+        budget = chunk_bytes * -(-(last - first + 1) // _VECTOR)
+        parts = max(1, -(-int(sizes.get((first - 1) // chunk_rows) or 0) // budget))
+        step = -(-(last - first + 1) // parts)
+        ranges += [(start, min(start + step - 1, last)) for start in range(first, last + 1, step)]
+    return ranges
 
 
 def prepare_batch(conn: duckdb.DuckDBPyConnection) -> None:

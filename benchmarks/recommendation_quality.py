@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import sys
 import tempfile
 import time
@@ -189,6 +190,9 @@ def main() -> None:
                 published(split, root / "warehouse.duckdb", label)),
         )  # fmt: skip
         rates += baselines(split)
+    # every run ran in this process: its peak bounds every step's
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log(f"peak RSS of the whole benchmark process: {peak:,.0f} MiB")
     if args.json:
         print(json.dumps({"stats": stats, "pipeline": outcome,
                           "rates": [r.__dict__ for r in rates]}))  # fmt: skip

@@ -33,7 +33,13 @@ PER_CATEGORY = 4  # a 40-product catalog: P00001-P00004 electronics, P00005-P000
 LIKES = ["books", "toys", "garden"]
 # Customers who buy in one category: affinity elsewhere is 0, so the confidence of the products
 # after their category's is low; the rules keep them (this module is not about confidence).
-ANY_CONFIDENCE = {"ops": {"validated_recommendations": {"config": {"min_confidence": 0.0}}}}
+# Their few purchases say nothing of most products: the profile's similarity speaks for them.
+ANY_CONFIDENCE = {
+    "ops": {
+        "validated_recommendations": {"config": {"min_confidence": 0.0}},
+        "recommendations": {"config": {"similarity_weight": 1.0}},
+    }
+}
 
 
 def product(category: str, k: int) -> str:

@@ -238,18 +238,17 @@ def recommendations(
     if _refused(context, gates):
         yield from judged(gates.verdicts)
         return
-    progress = Progress(context.log, batch_id, "recommend", "customers")
     with warehouse.staged_batch(SCORED_TABLES, batch_id) as (conn, staging):
         scored = score_batch(
             conn, batch_id, model, dimensions, loaded, staging, top_n=config.top_n,
-            weights=config.weights(), customer_chunk=config.customer_chunk, on_chunk=progress,
+            weights=config.weights(), customer_chunk=config.customer_chunk,
+            on_chunk=Progress(context.log, batch_id, "recommend", "customers"),
         )  # fmt: skip
     with warehouse.get_connection() as conn:
         summary = confidence_summary(conn, batch_id)
     context.log.info(
         f"{batch_id}: {scored.customers:,} customers scored in {scored.chunks} chunks against"
-        f" {len(loaded.inputs.product_ids):,} products, {scored.shortfalls:,} customers with"
-        f" fewer than {config.top_n} products to offer"
+        f" {len(loaded.inputs.product_ids):,} products, {scored.shortfalls:,} short of products"
     )
     checks = [*gates.verdicts, *_drift(context, config, checked, summary.histogram)]
     figures = {

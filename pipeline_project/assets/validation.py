@@ -124,8 +124,7 @@ def validated_customers(
     batch_id = context.partition_key
     if not context.selected_asset_keys:  # its checks alone: judged only with its batch
         return
-    started, usage = time.perf_counter(), StepUsage()
-    drop_rules = config.drop_rules()
+    started, usage, drop_rules = time.perf_counter(), StepUsage(), config.drop_rules()
 
     raw_file = _raw_file(warehouse, batch_id)
     lines = pyarrow.parquet.ParquetFile(raw_file).metadata.num_rows
@@ -149,8 +148,7 @@ def validated_customers(
         )  # fmt: skip
         judged.superseded_file = stage_duplicate_ids(conn, staging[CUSTOMERS])
     summary.supersede(*judged.superseded)
-    seconds = time.perf_counter() - started
-    checks = judged.checks
+    seconds, checks = time.perf_counter() - started, judged.checks
     with warehouse.get_connection() as conn:
         failures = failure_report(conn, batch_id)
     # Alerted here, whatever launched the run; the sensor finds it stored for this run.

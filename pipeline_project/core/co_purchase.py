@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from pipeline_project.tables import PRODUCT_FACTORS, PRODUCT_NEIGHBOURS, TASTE_SHARES, TASTES
 
 # Customers a model version learns co-purchases from (a seeded sample of its training customers).
-NEIGHBOUR_SAMPLE = 200_000
+NEIGHBOUR_SAMPLE = 50_000
 _BLOCK = 256  # products whose similarities are computed at once
 
 
@@ -40,36 +40,43 @@ def learn_neighbours(
     `version` scores with: each product's `neighbours` most co-purchased products
     (product_neighbours), and the customers' tastes (learn_tastes). Returns the neighbour
     rows."""
-    pairs = conn.sql(
+    # every purchase of the sample streamed as it comes (no aggregate in DuckDB: memory there
+    # holds no row per customer), folded into one (customer, product, last instant) each here
+    reader = conn.sql(
         f"""
         WITH cur AS ({customers_sql}),
         chosen AS (SELECT * FROM cur ORDER BY hash(customer_id), customer_id LIMIT $sample)
         SELECT c.customer_id::VARCHAR AS customer_id, p.product_id,
-               max(p.purchased_at) AS last_at
+               epoch(p.purchased_at)::BIGINT AS at
         FROM (
             SELECT batch_id, customer_id, product_id, purchased_at FROM customer_purchases
             UNION ALL
             SELECT batch_id, customer_id, product_id, purchased_at FROM prior_purchases
         ) AS p JOIN chosen AS c USING (batch_id, customer_id)
-        GROUP BY ALL
         """,
         params={**params, "sample": sample},
-    ).to_arrow_table()
-    if pairs.num_rows == 0:
+    ).to_arrow_reader(1_000_000)
+    purchases = pa.Table.from_batches(list(reader))
+    if purchases.num_rows == 0:
         return 0
-    customer_codes = pairs["customer_id"].combine_chunks().dictionary_encode()
-    product_codes = pairs["product_id"].combine_chunks().dictionary_encode()
+    customer_codes = purchases["customer_id"].combine_chunks().dictionary_encode()
+    product_codes = purchases["product_id"].combine_chunks().dictionary_encode()
     products = product_codes.dictionary
-    rows = customer_codes.indices.to_numpy()
-    cols = product_codes.indices.to_numpy()
-    bought = sp.csr_matrix(
-        (np.ones(len(rows), np.float32), (rows, cols)),
-        shape=(len(customer_codes.dictionary), len(products)),
+    n_products = len(products)
+    keys = customer_codes.indices.to_numpy().astype(np.int64) * n_products + (
+        product_codes.indices.to_numpy()
     )
-    last = pairs["last_at"].to_numpy().astype("datetime64[s]").astype(np.int64)
-    age_days = (last.max() - last) / 86400.0
+    at = purchases["at"].to_numpy()
+    order = np.lexsort((at, keys))
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = keys[order][1:] != keys[order][:-1]
+    keys, last_at = keys[order][last], at[order][last]
+    rows, cols = keys // n_products, keys % n_products
+    shape = (len(customer_codes.dictionary), n_products)
+    bought = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
+    age_days = (last_at.max() - last_at) / 86400.0
     recent = sp.csr_matrix(
-        (np.exp(-age_days / recency_days).astype(np.float32), (rows, cols)), shape=bought.shape
+        (np.exp(-age_days / recency_days).astype(np.float32), (rows, cols)), shape=shape
     )
     learn_tastes(conn, version, bought, recent, products, tastes=tastes, seed=seed)
     stored = _store_neighbours(conn, version, bought, products, neighbours)

@@ -11,7 +11,7 @@ products popular lately among the same segment model's customers (the tastes' re
 shares, every taste alike: what a scorer blind to the customer offers from the same model),
 with the same exclusions, to the same customers. The held-out purchases are taken out of the
 segments' shares: the model may not know the answer. (The co-purchase and taste tables are
-learned with the model from up to 200,000 customers; a sampled customer's own basket may be one
+learned with the model from up to 50,000 customers; a sampled customer's own basket may be one
 of them: too little to matter among the 5,000 customers a verdict needs.)
 
 Held-out profiles are looked up in the embedding cache, never sent to the model: a profile

@@ -169,9 +169,10 @@ ORDER BY hash(customer_id), customer_id LIMIT {TRAINING_SAMPLE}
 
 # What each segment's customers bought, from the segment of their current profile
 # ($training_segments: text_hash -> segment_id) and their known purchases as of that batch:
-# purchases and average amount per product, and its share: the segment's customers who bought
-# it, each weighted by how recently (exp(-days / $recency_days) before the newest purchase of
-# the sample), over the segment's customers.
+# purchases and average amount per product, and its share: the segment's purchases of it, each
+# weighted by how recently (exp(-days / $recency_days) before the newest purchase of the
+# sample), over the segment's customers. Grouped by segment and product only: memory holds the
+# segments x products, never a row per customer.
 _AFFINITY_SQL = f"""
 WITH seg AS (
     SELECT cur.batch_id, cur.customer_id, t.segment_id
@@ -179,24 +180,20 @@ WITH seg AS (
 ), sizes AS (
     SELECT segment_id, count(*)::DOUBLE AS customers FROM seg GROUP BY segment_id
 ), bought AS (
-    SELECT s.segment_id, s.customer_id, p.product_id, p.amount, 1 AS quantity, p.purchased_at
+    SELECT s.segment_id, p.product_id, p.amount, 1 AS quantity, p.purchased_at
     FROM customer_purchases AS p JOIN seg AS s USING (batch_id, customer_id)
     UNION ALL
-    SELECT s.segment_id, s.customer_id, q.product_id, q.amount, q.quantity, q.purchased_at
+    SELECT s.segment_id, q.product_id, q.amount, q.quantity, q.purchased_at
     FROM prior_purchases AS q JOIN seg AS s USING (batch_id, customer_id)
-), per_customer AS (
-    SELECT segment_id, customer_id, product_id, sum(quantity) AS n,
-           sum(amount * quantity) AS spent, max(purchased_at) AS last_at
-    FROM bought GROUP BY segment_id, customer_id, product_id
 ), newest AS (
-    SELECT max(last_at) AS t_end FROM per_customer
+    SELECT max(purchased_at) AS t_end FROM bought
 )
-SELECT $version AS model_version, segment_id, product_id, sum(n)::DOUBLE AS purchases,
-       sum(spent) / sum(n) AS avg_amount,
-       sum(exp(-date_diff('second', last_at, t_end) / 86400.0 / $recency_days))
+SELECT $version AS model_version, segment_id, product_id, sum(quantity)::DOUBLE AS purchases,
+       sum(amount * quantity) / sum(quantity) AS avg_amount,
+       sum(quantity * exp(-date_diff('second', purchased_at, t_end) / 86400.0 / $recency_days))
            / any_value(z.customers) AS share,
        any_value(z.customers) AS customers
-FROM per_customer JOIN sizes AS z USING (segment_id) CROSS JOIN newest
+FROM bought JOIN sizes AS z USING (segment_id) CROSS JOIN newest
 GROUP BY segment_id, product_id
 """
 

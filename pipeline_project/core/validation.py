@@ -390,6 +390,8 @@ def chunk_ranges(
 ) -> list[tuple[int, int]]:  # fmt: skip
     """The batch's lines in ranges of at most `chunk_rows` lines, a range cut into equal parts
     where its lines hold more than `chunk_bytes` bytes per 2,048 lines."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1 (got {chunk_rows})")
     sizes = dict(
         conn.execute(
             "SELECT (line_no - 1) // $rows, sum(byte_length) FROM read_parquet($path) GROUP BY ALL",

@@ -1,12 +1,9 @@
 """The quality gate in a real run: a scorer no better than popularity publishes nothing, and the
 batch's previous answer stays current."""
 
-from dataclasses import replace
 from unittest import mock
 
-import numpy as np
-import scipy.sparse as sp
-
+from benchmarks.monitor_sensitivity import customer_blind
 from pipeline_project.core import recommendation_quality, recommendations
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources.embeddings import HashingEmbedder
@@ -23,31 +20,6 @@ CONFIG = {
     }
 }
 CURRENT = "SELECT * FROM current_recommendations ORDER BY ALL"
-
-
-def customer_blind(score):
-    """`score` (score_customers) blind to the customer: one fixed profile vector for every
-    customer and none of their purchases (only to take out what they bought), each in their own
-    segment: one list for the whole batch."""
-
-    def scored(customers, inputs, allowed, weights, **kwargs):
-        fixed = inputs.product_vectors.mean(axis=0)
-        fixed = fixed / (np.linalg.norm(fixed) or 1.0)
-        blind = replace(
-            customers,
-            profile_vectors=fixed[None, :].astype(customers.profile_vectors.dtype),
-            profile_of=np.zeros(len(customers), dtype=np.int64),
-            recency=sp.csr_matrix(customers.recency.shape, dtype=np.float32),
-        )
-        result = score(blind, inputs, allowed, weights, **kwargs)
-        if kwargs.get("exclude_bought", True) and customers.recency.nnz:
-            # what the customer bought is still never offered
-            mine = customers.recency.tocsr()
-            bought = np.asarray(mine[result["customer"], result["product"]]).ravel() > 0
-            result = {k: (v if k == "available" else v[~bought]) for k, v in result.items()}
-        return result
-
-    return scored
 
 
 def test_a_scorer_no_better_than_popularity_publishes_nothing_and_the_answer_stays(

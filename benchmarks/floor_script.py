@@ -20,7 +20,7 @@ from pathlib import Path
 
 import duckdb
 
-from pipeline_project.schemas import EMAIL_PATTERN, UUID_PATTERN
+from pipeline_project.contract import EMAIL_PATTERN, UUID_PATTERN
 
 FLOOR_SQL = f"""
 CREATE TABLE typed AS

@@ -1,7 +1,8 @@
 """Seeded anomalies against the monitors: which monitor catches which anomaly, and how often a
 monitor alerts on a normal batch. Figures only, never pass/fail.
 
-    python benchmarks/monitor_sensitivity.py [--rows 3000] [--backend hashing|local] [--small]
+    python benchmarks/monitor_sensitivity.py [--data generated|real] [--rows 3000]
+        [--households N] [--backend hashing|local] [--small]
 
 One batch a day through the production job (`batch_pipeline_job`, in process, a fresh
 warehouse and Dagster instance in a temporary folder). Normal batches: `--rows` customers with
@@ -23,6 +24,17 @@ Between them, one at a time, each followed by normal batches, the anomalies:
 - bad_catalog: a catalog with one product ID twice, loaded before the day's batch;
 - future_date: a tenth of the records with a purchase dated 9999-12-31.
 
+`--data real`: the normal batches from real purchases ("The Complete Journey", the extra
+`real-data`, converted by benchmarks/real_data.py: `--households` of its 2,469, default all,
+shuffled and cut into 4 batches): the 4 real batches as converted first, then each normal day a
+sample of the real households (the real batches' size ±15%, each household with the day's own id
+and email); free items (sales value 0) dropped by the contract's policy
+(`drop_purchases_breaking`), as recommendation_quality.py does. The same anomalies, seeded into
+a day's sample of real households: the volume 2.2x and 0.4x the day's (households drawn again),
+70% of the customers buying only the LAWN AND GARDEN SHOP's products, 15% of the lines broken
+the generator's ways, and the same models, scorer, files, catalogs and date. The plan: 7
+normal batches (the volume check's robust rule needs 7), then each anomaly and a normal batch.
+
 A monitor alerts when its check fails (what `check_results_alert_sensor` and
 `run_failure_alert_sensor` send). For each batch, `published` counts the rows of
 `current_recommendations` it holds (for bad_catalog, the rows scored with that catalog; for
@@ -39,11 +51,14 @@ import argparse
 import csv
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
 import sys
 import tempfile
+import time
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -60,7 +75,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import dagster as dg  # noqa: E402
+import real_data  # noqa: E402  (benchmarks/, this script's folder)
 
+from pipeline_project.checks.output_checks import RECOMMENDATION_QUALITY as QUALITY  # noqa: E402
+from pipeline_project.checks.verdicts import NOT_JUDGED  # noqa: E402
 from pipeline_project.core import recommendation_quality, recommendations  # noqa: E402
 from pipeline_project.core.embedding_client import EmbeddingResponse  # noqa: E402
 from pipeline_project.definitions import build_definitions  # noqa: E402
@@ -70,7 +88,13 @@ from pipeline_project.resources.embeddings import (  # noqa: E402
     HashingEmbedder,
     LocalE5Embedder,
 )
-from pipeline_project.sample_data import CATEGORIES, generate_batch, write_catalog  # noqa: E402
+from pipeline_project.sample_data import (  # noqa: E402
+    BAD_KINDS,
+    CATEGORIES,
+    iter_batch_lines,
+    write_catalog,
+)
+from pipeline_project.sample_data import _break as break_record  # noqa: E402
 from pipeline_project.sensors.alerting import alert_finished_run  # noqa: E402
 from pipeline_project.settings import (  # noqa: E402
     AlertSettings,
@@ -111,6 +135,9 @@ BROKEN_OUTPUTS_ORDER = ["random_model", "customer_blind_scorer", "constant_model
 # The suite's: enough normal batches for every baseline (3), then the anomalies the new
 # monitors are for, each followed by a normal batch.
 SMALL_PLAN = ["normal"] * 4 + [k for anomaly in BROKEN_OUTPUTS_ORDER for k in (anomaly, "normal")]
+# Real data: the 4 real batches, 3 samples of their households (7 batches: the volume check's
+# robust rule), then each anomaly followed by a normal batch.
+REAL_PLAN = ["normal"] * 7 + [k for anomaly in EXPECTED for k in (anomaly, "normal")]
 
 FIRST_DAY = datetime(2026, 11, 2, 6, 0, tzinfo=UTC).timestamp()  # a Monday
 DAY = 86_400
@@ -202,48 +229,147 @@ def volume(day: int, rows: int, rng: np.random.Generator) -> int:
     return round(rows * (0.85 if weekend else 1.0) * rng.uniform(0.85, 1.15))
 
 
-def write_batch(path: Path, kind: str, rows: int, seed: int, catalog) -> list[str]:
-    """The day's landing file; returns the IDs of the customers whose record is poisoned
-    (future_date)."""
+class GeneratedBatches:
+    """The generator's batches: `rows` customers a day with the volume noise, 2% bad lines
+    (15% on error_spike), new customers each day from one customer base."""
+
+    def __init__(self, catalog_path: Path, rows: int) -> None:
+        self.catalog = write_catalog(catalog_path, seed=1)
+        self.rows = rows
+        start, size = self.catalog.category_start[GARDEN], self.catalog.category_size[GARDEN]
+        self.shift_to = self.catalog.product_ids[start : start + size]  # garden
+        self.run_config: dict = {}
+
+    def size(self, day: int, noise: np.random.Generator) -> int:
+        return volume(day, self.rows, noise)
+
+    def name(self, day: int, kind: str) -> str:
+        return f"d{day + 1:02d}-{kind.replace('_', '-')}"
+
+    def lines(self, day: int, kind: str, n: int, seed: int) -> list[str]:
+        bad_rate = 0.15 if kind == "error_spike" else 0.02
+        batch = iter_batch_lines(n, bad_rate, seed, self.catalog, population=POPULATION)
+        return [line for _kind, line in batch]
+
+
+class RealBatches:
+    """The real batches (benchmarks/real_data.py: households shuffled and cut into 4 batches,
+    each household's last basket held out): the first days land them as converted; a later
+    day is a sample of the real households (the real batches' size ±15%, uniform), each with
+    a day's own id and email (new customers each day from one customer base, as generated).
+    Free items (sales value 0) are dropped by the contract's policy, as the quality benchmark
+    does."""
+
+    # the anomaly's products: garden, as generated (118 products)
+    SHIFT_CATEGORY = "LAWN AND GARDEN SHOP"
+
+    def __init__(self, catalog_path: Path, folder: Path, households: int | None) -> None:
+        real_data.convert(folder, households=households)
+        self.batches = [
+            path.read_text().splitlines() for path in sorted((folder / "landing").glob("b*.jsonl"))
+        ]
+        self.pool = [line for batch in self.batches for line in batch]
+        self.rows = round(len(self.pool) / len(self.batches))
+        catalog_path.write_text((folder / "catalog.csv").read_text())
+        with open(catalog_path, newline="") as f:
+            rows = csv.DictReader(f)
+            self.shift_to = [r["product_id"] for r in rows if r["category"] == self.SHIFT_CATEGORY]
+        # the contract's rule, by its text (field: rule), as the run config names it
+        drop = {"drop_purchases_breaking": ["amount: must be a finite number > 0"]}
+        self.run_config = {"ops": {"validated_customers": {"config": drop}}}
+
+    def _as_converted(self, day: int, kind: str) -> bool:
+        return kind == "normal" and day < len(self.batches)
+
+    def size(self, day: int, noise: np.random.Generator) -> int:
+        if day < len(self.batches):
+            return len(self.batches[day])
+        return round(self.rows * noise.uniform(0.85, 1.15))
+
+    def name(self, day: int, kind: str) -> str:
+        real = f"-b{day + 1}" if self._as_converted(day, kind) else ""
+        return f"d{day + 1:02d}-{kind.replace('_', '-')}{real}"
+
+    def lines(self, day: int, kind: str, n: int, seed: int) -> list[str]:
+        if self._as_converted(day, kind):
+            return self.batches[day]
+        rng = np.random.default_rng(seed)
+        picked = rng.choice(len(self.pool), size=n, replace=n > len(self.pool))
+        lines = [_as_new_customer(self.pool[i], day, copy) for copy, i in enumerate(picked)]
+        return _broken(lines, share=0.15, seed=seed) if kind == "error_spike" else lines
+
+
+def _as_new_customer(line: str, day: int, copy: int) -> str:
+    """A real household's record as a new customer of the day: its own id and email."""
+    record = json.loads(line)
+    record["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{record['id']}/day/{day}/{copy}"))
+    local, domain = record["email"].split("@")
+    record["email"] = f"{local}.d{day}.{copy}@{domain}"
+    return json.dumps(record, separators=(",", ":"))
+
+
+def _broken(lines: list[str], share: float, seed: int) -> list[str]:
+    """A `share` of the lines broken the generator's ways (its kinds of bad line in turn)."""
+    rng = np.random.default_rng(seed)
+    out, first_id, broken = [], None, 0
+    for line in lines:
+        if first_id is not None and rng.random() < share:
+            kind = BAD_KINDS[broken % len(BAD_KINDS)]
+            line, broken = break_record(kind, json.loads(line), rng, first_id), broken + 1
+        else:
+            first_id = first_id or json.loads(line)["id"]
+        out.append(line)
+    return out
+
+
+def write_batch(
+    path: Path, kind: str, lines: list[str], seed: int, shift_to: list[str]
+) -> list[str]:
+    """The day's landing file from its `lines`, with the anomaly seeded; returns the IDs of
+    the customers whose record is poisoned (future_date)."""
+    poisoned: list[str] = []
     if kind == "empty_file":
         path.write_bytes(b"")
-        return []
-    plain = path.with_name(path.name.removesuffix(".gz"))
-    generate_batch(
-        plain, rows, 0.15 if kind == "error_spike" else 0.02, seed, catalog, population=POPULATION
-    )
-    if kind == "truncated_file":  # gzipped, then cut in half: the read breaks mid-file
-        packed = gzip.compress(plain.read_bytes())
-        plain.unlink()
-        path.write_bytes(packed[: len(packed) // 2])
-        return []
+        return poisoned
     if kind == "future_date":
-        return _date_far_ahead(plain, share=0.1, seed=seed)
+        lines, poisoned = _date_far_ahead(lines, share=0.1, seed=seed)
     if kind == "category_shift":
-        rng = np.random.default_rng(seed)
-        start, size = catalog.category_start[GARDEN], catalog.category_size[GARDEN]
-        lines = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-                history = record["purchaseHistory"]
-                if rng.random() < 0.7:
-                    for p in history:
-                        p["productId"] = catalog.product_ids[start + int(p["productId"][1:]) % size]
-                line = json.dumps(record, separators=(",", ":"))
-            except (ValueError, KeyError, TypeError):
-                pass  # a bad line stays as it is
-            lines.append(line)
-        path.write_text("\n".join(lines) + "\n")
-    return []
+        lines = _shifted(lines, shift_to, share=0.7, seed=seed)
+    text = "\n".join(lines) + "\n"
+    if kind == "truncated_file":  # gzipped, then cut in half: the read breaks mid-file
+        packed = gzip.compress(text.encode())
+        path.write_bytes(packed[: len(packed) // 2])
+    else:
+        path.write_text(text)
+    return poisoned
 
 
-def _date_far_ahead(path: Path, share: float, seed: int) -> list[str]:
-    """A `share` of the records get a purchase dated 9999-12-31 (a broken export's default
-    date); returns their customer IDs."""
+def _shifted(lines: list[str], shift_to: list[str], share: float, seed: int) -> list[str]:
+    """A `share` of the customers buy only `shift_to`'s products (each purchase's product
+    mapped to one of them by its number)."""
     rng = np.random.default_rng(seed)
-    lines, poisoned = [], []
-    for line in path.read_text().splitlines():
+    out = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            history = record["purchaseHistory"]
+            if rng.random() < share:
+                for p in history:
+                    number = int("".join(c for c in p["productId"] if c.isdigit()) or 0)
+                    p["productId"] = shift_to[number % len(shift_to)]
+            line = json.dumps(record, separators=(",", ":"))
+        except (ValueError, KeyError, TypeError):
+            pass  # a bad line stays as it is
+        out.append(line)
+    return out
+
+
+def _date_far_ahead(lines: list[str], share: float, seed: int) -> tuple[list[str], list[str]]:
+    """A `share` of the records get a purchase dated 9999-12-31 (a broken export's default
+    date); returns the lines and their customer IDs."""
+    rng = np.random.default_rng(seed)
+    out, poisoned = [], []
+    for line in lines:
         try:
             record = json.loads(line)
             if record["purchaseHistory"] and rng.random() < share:
@@ -252,36 +378,46 @@ def _date_far_ahead(path: Path, share: float, seed: int) -> list[str]:
                 line = json.dumps(record, separators=(",", ":"))
         except (ValueError, KeyError, TypeError, IndexError):
             pass  # a bad line stays as it is
-        lines.append(line)
-    path.write_text("\n".join(lines) + "\n")
-    return poisoned
+        out.append(line)
+    return out, poisoned
 
 
 def set_duplicate_product(path: Path, original: str) -> None:
     """The catalog with its first product listed twice (another name)."""
     lines = original.splitlines()
-    first = lines[1].split(",")
-    path.write_text("\n".join([*lines, ",".join([first[0], "A second name", *first[2:]])]) + "\n")
+    first = next(csv.reader(lines[1:2]))
+    second = io.StringIO()
+    csv.writer(second, lineterminator="").writerow([first[0], "A second name", *first[2:]])
+    path.write_text("\n".join([*lines, second.getvalue()]) + "\n")
 
 
 def set_half_out_of_stock(path: Path, original: str) -> None:
+    """Every second product in stock out of stock (the catalog's own spelling of false)."""
     reader = list(csv.DictReader(original.splitlines()))
-    in_stock = [r for r in reader if r["in_stock"] == "True"]
+    in_stock = [r for r in reader if r["in_stock"].lower() == "true"]
     for r in in_stock[::2]:
-        r["in_stock"] = "False"
+        r["in_stock"] = "False" if r["in_stock"] == "True" else "false"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(reader[0]))
         writer.writeheader()
         writer.writerows(reader)
 
 
-def run(plan: list[str], rows: int, backend: str, root: Path, log=print) -> dict:
+def run(
+    plan: list[str], rows: int, backend: str, root: Path, log=print, data: str = "generated",
+    households: int | None = None,
+) -> dict:  # fmt: skip
+    """`plan`'s batches, one a day, from the generator (`data="generated"`, `rows` customers
+    a day) or from the real data (`"real"`, `households` of them: None for all)."""
     settings = Settings(
         warehouse=WarehouseSettings(duckdb_path=root / "warehouse.duckdb"),
         landing=LandingSettings(root / "landing", catalog_path=root / "catalog.csv"),
         alerts=AlertSettings(alerts_duckdb_path=root / "alerts.duckdb"),
     )
-    catalog = write_catalog(settings.landing.catalog_path, seed=1)
+    if data == "real":
+        source = RealBatches(settings.landing.catalog_path, root / "real", households)
+    else:
+        source = GeneratedBatches(settings.landing.catalog_path, rows)
     catalog_text = settings.landing.catalog_path.read_text()
     settings.landing.landing_dir.mkdir(parents=True)
     normal = HashingEmbedder() if backend == "hashing" else LocalE5Embedder()
@@ -290,6 +426,7 @@ def run(plan: list[str], rows: int, backend: str, root: Path, log=print) -> dict
     home.mkdir()
     write_instance_yaml(home)
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    batch_config = {**quiet, **source.run_config}
     noise = np.random.default_rng(20261202)
     batches = []
     with dg.DagsterInstance.from_config(str(home)) as instance:
@@ -318,24 +455,27 @@ def run(plan: list[str], rows: int, backend: str, root: Path, log=print) -> dict
                 else:
                     assert catalog_run.success, f"catalog_job failed before {kind}"
                 loaded_with = (embedder, kind)
-            n = volume(day, rows, noise)
+            n = source.size(day, noise)
             n = {"volume_spike": round(n * 2.2), "volume_drop": round(n * 0.4)}.get(kind, n)
-            batch_id = f"d{day + 1:02d}-{kind.replace('_', '-')}"
+            batch_id = source.name(day, kind)
             suffix = ".jsonl.gz" if kind == "truncated_file" else ".jsonl"
             path = settings.landing.landing_dir / f"{batch_id}{suffix}"
-            poisoned = write_batch(path, kind, n, seed=100 + day, catalog=catalog)
+            lines = [] if kind == "empty_file" else source.lines(day, kind, n, seed=100 + day)
+            poisoned = write_batch(path, kind, lines, seed=100 + day, shift_to=source.shift_to)
             landed = FIRST_DAY + day * DAY
             os.utime(path, (landed, landed))
             instance.add_dynamic_partitions("batches", [batch_id])
             job = defs.resolve_job_def("batch_pipeline_job")
+            started = time.perf_counter()
             with _scorer(kind):
                 result = job.execute_in_process(
-                    partition_key=batch_id, instance=instance, run_config=quiet,
+                    partition_key=batch_id, instance=instance, run_config=batch_config,
                     raise_on_error=False,
                 )  # fmt: skip
             alert_finished_run(instance, result.dagster_run, defs.resources["alerts"], _QUIET)
             outcome = _outcome(batch_id, kind, n, result, _alerted(settings, batch_id))
             outcome["published"] = _published(settings, batch_id, kind, poisoned, versions_before)
+            outcome["seconds"] = round(time.perf_counter() - started, 1)
             if kind == "bad_catalog":
                 outcome["failed"] = sorted({*outcome["failed"], *catalog_failed})
                 outcome["alerted"] = sorted({*outcome["alerted"], *catalog_alerts})
@@ -425,6 +565,11 @@ def _outcome(
         for e in evaluations
         if e.check_name == "recommendation_hit_rate_beats_popularity"
     ]
+    not_judged: dict = {}  # the checks that could not judge, and why (checks/verdicts.py)
+    for event in result.get_asset_materialization_events():
+        metadata = event.step_materialization_data.materialization.metadata
+        if NOT_JUDGED in metadata:
+            not_judged |= metadata[NOT_JUDGED].value
     return {
         "batch": batch_id,
         "kind": kind,
@@ -444,13 +589,16 @@ def _outcome(
             ),
             None,
         ),  # fmt: skip
+        "not_judged": not_judged,
     }
 
 
 def _line(b: dict) -> str:
     rates = f"hit@10 {b['hit_rate']} vs popularity {b['popularity_hit_rate']} (z {b['lead_z']})"
+    if b["hit_rate"] is None and QUALITY in b["not_judged"]:
+        rates = f"quality not judged ({b['not_judged'][QUALITY]})"
     rates += f", one list to {b['most_common_list_share']} of profiles"
-    rates += f", {b.get('published', 0):,} published"
+    rates += f", {b.get('published', 0):,} published, {b.get('seconds')} s"
     run = "" if b["run_succeeded"] else " RUN FAILED"
     alerted = "" if b["alerted"] == b["failed"] else f"  alerted: {b['alerted'] or '-'}"
     return (
@@ -530,7 +678,11 @@ def report(summary: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--data", choices=["generated", "real"], default="generated")
+    parser.add_argument("--rows", type=int, default=3000, help="generated: customers a day")
+    parser.add_argument(
+        "--households", type=int, default=None, help="real: a sample of them (default: all)"
+    )
     parser.add_argument("--backend", choices=["hashing", "local"], default="hashing")
     parser.add_argument("--small", action="store_true", help="the suite's short sequence")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -538,12 +690,12 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
-    plan = SMALL_PLAN if args.small else FULL_PLAN
+    plan = SMALL_PLAN if args.small else REAL_PLAN if args.data == "real" else FULL_PLAN
     log = (lambda _line: None) if args.json else (lambda line: print(line, flush=True))
     with tempfile.TemporaryDirectory(prefix="monitor-sensitivity-") as tmp:
         root = args.keep or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        summary = run(plan, args.rows, args.backend, root, log)
+        summary = run(plan, args.rows, args.backend, root, log, args.data, args.households)
     print(json.dumps(summary) if args.json else report(summary))
 
 

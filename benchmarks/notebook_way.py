@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from pydantic import AwareDatetime, BaseModel, Field, ValidationError
 from sklearn.cluster import MiniBatchKMeans
 
-from pipeline_project.schemas import EMAIL_PATTERN
+from pipeline_project.contract import EMAIL_PATTERN
 
 SEGMENTS, TOP_N, SEGMENT_WEIGHT, MIN_CONFIDENCE = 8, 5, 0.7, 0.3
 

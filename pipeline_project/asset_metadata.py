@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 import duckdb
 
+from pipeline_project.contract import CONTRACT
 from pipeline_project.tables import (
     CUSTOMER_EMBEDDINGS,
     CUSTOMER_PURCHASES,
@@ -37,9 +38,9 @@ if TYPE_CHECKING:
     from pipeline_project.resources import Warehouse
 
 OWNERS = ["team:data"]
-# Assets whose rows hold e-mail addresses (the raw lines hold them too).
+# Assets whose rows hold the contract's personal fields (the raw lines hold them too).
 PII_ASSETS = {RAW_CUSTOMERS, CUSTOMERS, SCHEMA_ERRORS}
-PII_TAG = {"pii": "email"}
+PII_TAG = {"pii": ",".join(CONTRACT.personal_keys)}
 
 _SHARED = {
     "batch_id": "The batch (partition) the row belongs to: the landing file's name.",
@@ -70,6 +71,7 @@ _SHARED = {
     " customer may be offered.",
     "created_at": "When the row was written.",
 }
+KIND_WORDS = {"DOUBLE": "number", "VARCHAR": "string"}
 _BY_TABLE: dict[str, dict[str, str]] = {
     RAW_CUSTOMERS: {
         "raw": "The line's text as landed (invalid UTF-8 replaced), at most max_line_bytes.",
@@ -78,16 +80,15 @@ _BY_TABLE: dict[str, dict[str, str]] = {
         "read_error": "Why the file could not be read past this line, if it could not.",
         "ingested_at": "When the batch was stored.",
     },
+    # the contract's fields: their descriptions (contract.py)
     CUSTOMERS: {
-        "email": "E-mail address (personal data).",
-        "created_at": "`createdAt` of the landing line.",
-        "purchase_count": "Entries of `purchaseHistory`.",
+        **{f.column: f.description for f in CONTRACT.stored_customer},
+        "purchase_count": f"Entries of `{CONTRACT.items}`.",
         "total_spend": "Sum of the purchases' amounts.",
     },
-    "customer_purchases": {
-        "purchase_idx": "Position of the entry in `purchaseHistory`, from 0.",
-        "amount": "Amount paid.",
-        "purchased_at": "`date` of the entry, as an instant (UTC).",
+    CUSTOMER_PURCHASES: {
+        **{f.column: f.description for f in CONTRACT.stored_purchase},
+        "purchase_idx": f"Position of the entry in `{CONTRACT.items}`, from 0.",
     },
     SCHEMA_ERRORS: {
         "raw": "The rejected line's text.",
@@ -96,10 +97,12 @@ _BY_TABLE: dict[str, dict[str, str]] = {
         "detected_at": "When validation rejected the line.",
     },
     DROPPED_PURCHASES: {
-        "purchase_idx": "Position of the entry in `purchaseHistory`, from 0.",
-        "amount": "`amount` of the entry, when it was a number.",
-        "purchased_at": "`date` of the entry as landed, when it was a string.",
-        "reasons": "Every rule it broke, as `purchaseHistory[i].field: message`.",
+        **{
+            f.column: f"`{f.key}` of the entry as landed, when it was a {KIND_WORDS[f.landed_type]}."
+            for f in CONTRACT.stored_purchase
+        },
+        "purchase_idx": f"Position of the entry in `{CONTRACT.items}`, from 0.",
+        "reasons": f"Every rule it broke, as `{CONTRACT.items}[i].field: message`.",
     },
     "product_catalog": {
         "name": "Product name.",

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from pipeline_project.contract import CONTRACT
+
 RAW_CUSTOMERS = "raw_customers"
 CUSTOMERS = "customers"
 CUSTOMER_PURCHASES = "customer_purchases"
@@ -98,6 +100,15 @@ def _c(name: str, type_: str, not_null: bool = True, default: str | None = None)
     return Column(name, type_, not_null, default)
 
 
+def _contract_columns(fields, landed: bool = False) -> tuple[Column, ...]:
+    """The columns of the contract's stored fields (Field.stored_type, NOT NULL when required;
+    `landed`: the values as they came, NULL where broken, see Field.landed_type)."""
+    return tuple(
+        _c(f.column, f.landed_type, False) if landed else _c(f.column, f.stored_type, f.required)
+        for f in fields
+    )
+
+
 # A recommendation and the parts of its score (explainable): confidence = the weighted mean of
 # segment_affinity, co_purchase and similarity_score (core/recommendations.py).
 _RECOMMENDATION_COLUMNS = (
@@ -150,13 +161,13 @@ _TABLES = [
         # NULL: built without a catalog (rebuilt once one is there)
         _c("profile_vocabulary", "VARCHAR", False),
     ),
+    # The valid records and their purchases: a column per stored field of the record's
+    # contract (contract.py), an optional field's NULL for rows where it was absent.
     _table(
         CUSTOMERS,
         _c("batch_id", "VARCHAR"),
         _c("line_no", "BIGINT"),
-        _c("customer_id", "UUID"),
-        _c("email", "VARCHAR"),
-        _c("created_at", "TIMESTAMPTZ"),
+        *_contract_columns(CONTRACT.stored_customer),
         _c("purchase_count", "INTEGER"),
         _c("total_spend", "DOUBLE"),
     ),
@@ -166,9 +177,7 @@ _TABLES = [
         _c("customer_id", "UUID"),
         _c("line_no", "BIGINT"),
         _c("purchase_idx", "INTEGER"),
-        _c("product_id", "VARCHAR"),
-        _c("amount", "DOUBLE"),
-        _c("purchased_at", "TIMESTAMPTZ"),
+        *_contract_columns(CONTRACT.stored_purchase),
     ),
     _table(
         SCHEMA_ERRORS,
@@ -187,9 +196,8 @@ _TABLES = [
         _c("line_no", "BIGINT"),
         _c("purchase_idx", "INTEGER"),
         _c("customer_id", "UUID"),
-        _c("product_id", "VARCHAR", False),
-        _c("amount", "DOUBLE", False),
-        _c("purchased_at", "VARCHAR", False),
+        # the purchase's values as landed (a field that broke its kind: NULL)
+        *_contract_columns(CONTRACT.stored_purchase, landed=True),
         _c("reasons", "VARCHAR[]"),
     ),
     _table(

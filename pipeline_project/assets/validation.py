@@ -24,11 +24,11 @@ from pipeline_project.core.validation import (
     stage_duplicate_ids,
     validate_batch,
 )
+from pipeline_project.contract import CONTRACT
 from pipeline_project.policies import batch_stage, fails_at_once_when_deterministic
 from pipeline_project.progress import report
 from pipeline_project.resources import AlertSink, Warehouse
 from pipeline_project.resources.warehouse import withdraw
-from pipeline_project.schemas import PURCHASE_RULES
 from pipeline_project.sensors.rescore import RESCORE_METADATA
 from pipeline_project.tables import (
     CUSTOMER_PURCHASES,
@@ -61,20 +61,25 @@ class ValidationConfig(dg.Config):
         default=24.0,
         description="A purchase dated later than the batch's arrival plus this is rejected.",
     )
-    drop_purchases_breaking: list[str] = Field(
-        default=[],
+    drop_purchases_breaking: list[str] | None = Field(
+        default=None,
         description="Purchase rules, as 'field: rule' (e.g. 'amount: must be a finite number"
         " > 0'), for which a purchase that breaks only such rules is dropped from the history"
         " (into dropped_purchases, with its reasons) and its record kept; every other rule"
-        " rejects the whole record. Known rules: " + "; ".join(PURCHASE_RULES) + ".",
+        " rejects the whole record. Unset: the rules the record's contract declares dropping"
+        f" ({'; '.join(sorted(CONTRACT.dropping_rules)) or 'none'}). Known rules: "
+        + "; ".join(CONTRACT.purchase_rules)
+        + ".",
     )
 
     def drop_rules(self) -> frozenset[str]:
-        unknown = sorted(set(self.drop_purchases_breaking) - set(PURCHASE_RULES))
+        if self.drop_purchases_breaking is None:
+            return CONTRACT.dropping_rules
+        unknown = sorted(set(self.drop_purchases_breaking) - set(CONTRACT.purchase_rules))
         if unknown:
             raise dg.Failure(
                 description=f"drop_purchases_breaking names rules that do not exist: {unknown};"
-                f" the purchase rules are: {list(PURCHASE_RULES)}",
+                f" the purchase rules are: {list(CONTRACT.purchase_rules)}",
                 allow_retries=False,
             )
         return frozenset(self.drop_purchases_breaking)

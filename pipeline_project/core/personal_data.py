@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import re
 
+from pipeline_project.contract import CONTRACT
+
 MASK = "<masked>"
 # Anything shaped like an e-mail address, even a mistyped one (two @, no dot after it).
 _EMAIL_LIKE = re.compile(r"[^\s'\"<>(),;]*@[^\s'\"<>(),;]*")
-# A validation reason of a personal field: its value after "(got " is masked whatever it is.
-_PERSONAL_FIELD_VALUE = re.compile(r"^(\S*email\S*: .*?\(got ).*(\))$", re.IGNORECASE)
+# A validation reason of a personal field of the contract ("email: ...", "items[2].email: ..."):
+# its value after "(got " is masked whatever it is.
+_PERSONAL = "|".join(re.escape(key) for key in CONTRACT.personal_keys) or "(?!)"
+_PERSONAL_FIELD_VALUE = re.compile(
+    rf"^((?:\S*\.)?(?:{_PERSONAL})(?:\[\d+\])?: .*?\(got ).*(\))$", re.IGNORECASE
+)
 
 
 def mask_personal(text: str) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 
 import duckdb
@@ -19,17 +20,19 @@ import pandera.pyarrow as pa
 import pyarrow
 import pyarrow.compute as pc
 
+from pipeline_project.contract import (
+    CONTRACT,
+    ISO_8601_PATTERN,
+    LATEST,
+    MAX_AMOUNT,
+    Contract,
+    Field,
+)
 from pipeline_project.core.errors import ContractError
 from pipeline_project.core.landing_files import BLANK_LINE_SQL
 from pipeline_project.core.personal_data import mask_personal
 from pipeline_project.core.staging import write_staged
-from pipeline_project.schemas import (
-    ISO_8601_PATTERN,
-    CustomerRecord,
-    PurchaseElement,
-    PurchaseRecord,
-    RawLineRecord,
-)
+from pipeline_project.schemas import PURCHASE_ELEMENT, RAW_LINE, customer_schema, purchase_schema
 
 _JSON_KIND_MACRO = """
 CREATE OR REPLACE TEMP MACRO json_kind(t) AS CASE
@@ -60,13 +63,6 @@ _JSON_TEXT_MACROS = [
 _READABLE = "read_error IS NULL AND utf8_ok AND byte_length <= $max_line_bytes"
 _DOC = f"CASE WHEN {_READABLE} THEN try_cast(raw AS JSON) END"
 
-# One typed parse per line: each field as its JSON text (its kind and string value come from
-# the text, see _JSON_TEXT_MACROS), purchaseHistory as the JSON texts of its entries.
-_TYPED_LINE = (
-    """'{"id": "JSON", "email": "JSON", "createdAt": "JSON", "purchaseHistory": ["JSON"]}'"""
-)
-_TYPED_PURCHASE = """'{"productId": "JSON", "amount": "JSON", "date": "JSON"}'"""
-
 
 # The first key an object repeats (JSON text `j`, an object), else NULL: `{"id": A, "id": B}`
 # would otherwise be read as its first value and the second dropped without a word.
@@ -86,24 +82,11 @@ def _extract(doc: str, names: list[str]) -> str:
     } FROM (SELECT *, json_extract({doc}, [{paths}]) AS f FROM {{source}})"""
 
 
-def _string(name: str) -> str:
-    """The field's JSON kind, and its value when it is a string."""
-    return (
-        f"json_kind({name}__t) AS {name}__type, "
-        f"CASE WHEN {name}__t = 'VARCHAR' THEN {name}__j ->> '$' END AS {name}"
-    )
-
-
-def _iso_instant(value: str) -> str:
+def _iso_instant(text: str) -> str:
     """What DuckDB's TIMESTAMPTZ parser makes of a string of ISO-8601 shape (NULL: not a date).
     The shape comes first: the parser alone turns 'epoch' or '2024-1-5' into instants."""
-    return f"""try_cast(CASE WHEN regexp_full_match({value}, '{ISO_8601_PATTERN}')
-                        THEN {value} END AS TIMESTAMPTZ)"""
-
-
-def _parsed(name: str) -> str:
-    """_iso_instant of a field when it is a string."""
-    return _iso_instant(f"CASE WHEN {name}__t = 'VARCHAR' THEN {name}__j ->> '$' END")
+    return f"""try_cast(CASE WHEN regexp_full_match({text}, '{ISO_8601_PATTERN}')
+                        THEN {text} END AS TIMESTAMPTZ)"""
 
 
 def _instant(name: str) -> str:
@@ -111,148 +94,192 @@ def _instant(name: str) -> str:
     return f"CASE WHEN isfinite({name}__parsed) THEN {name}__parsed END AS {name}__ts"
 
 
-def _timestamp(name: str) -> str:
-    """The string field, and its parsed instant as `<field>__ts` (from `<field>__parsed`)."""
-    return f"{_string(name)}, {_instant(name)}"
+def _kind(f: Field, kind: str) -> str:
+    """A field's kind column from its JSON kind; an optional field's null is 'missing'."""
+    if not f.required:
+        kind = f"coalesce(nullif({kind}, 'null'), 'missing')"
+    return f"{kind} AS {f.key}__type"
 
 
-# The lines the typed parse cannot describe exactly (see _CHUNK_SQL), for the per-field path.
-_RAW_CHUNK = """chunk_lines WHERE line_no IN (SELECT line_no FROM chunk_exact)"""
+# How each field of the contract is read, two ways: from the per-field path (`<key>__j`, `__t`
+# of _extract; `<key>__parsed` for a timestamp) and from the typed parse (`x`, the field's JSON
+# text, NULL when absent; see _JSON_TEXT_MACROS). Both give the same columns: `<key>__type`,
+# `<key>` (a string's text, a number's value) and a timestamp's `<key>__ts`.
+def _field_columns(f: Field) -> str:
+    k = f.key
+    columns = [_kind(f, f"json_kind({k}__t)")]
+    if f.kind in ("string", "timestamp"):
+        columns.append(f"CASE WHEN {k}__t = 'VARCHAR' THEN {k}__j ->> '$' END AS {k}")
+    if f.kind == "number":
+        columns.append(
+            f"CASE WHEN json_kind({k}__t) = 'number' THEN ({k}__j ->> '$')::DOUBLE END AS {k}"
+        )
+    if f.kind == "timestamp":
+        columns.append(_instant(k))
+    return ", ".join(columns)
+
+
+def _field_parsed(f: Field) -> str:
+    return _iso_instant(f"CASE WHEN {f.key}__t = 'VARCHAR' THEN {f.key}__j ->> '$' END")
+
+
+def _typed_columns(f: Field, x: str) -> str:
+    k = f.key
+    if f.kind == "list":  # the typed path reads only lines whose list is one
+        return f"'array' AS {k}__type"
+    columns = [_kind(f, f"coalesce(json_text_kind({x}), 'missing')")]
+    if f.kind in ("string", "timestamp"):
+        columns.append(f"json_text_string({x}) AS {k}")
+    if f.kind == "number":
+        columns.append(
+            f"CASE WHEN json_text_kind({x}) = 'number' THEN {x}::VARCHAR::DOUBLE END AS {k}"
+        )
+    if f.kind == "timestamp":
+        columns.append(_instant(k))
+    return ", ".join(columns)
+
+
+def _typed_parsed(fields: tuple[Field, ...], parent: str) -> str:
+    """`<key>__parsed` of each timestamp field from the typed parse (see _field_parsed)."""
+    return "".join(
+        f", {_iso_instant(f'json_text_string({parent}.{f.key})')} AS {f.key}__parsed"
+        for f in fields if f.kind == "timestamp"
+    )  # fmt: skip
+
+
+def _parsed_of(fields: tuple[Field, ...]) -> str:
+    timestamps = [f for f in fields if f.kind == "timestamp"]
+    return "".join(f", {_field_parsed(f)} AS {f.key}__parsed" for f in timestamps)
+
+
+def _typed_struct(fields: tuple[Field, ...]) -> str:
+    """The typed parse's structure: each field as its JSON text, the list as JSON texts."""
+    kinds = {f.key: '["JSON"]' if f.kind == "list" else '"JSON"' for f in fields}
+    parts = ", ".join(f'"{key}": {kind}' for key, kind in kinds.items())
+    return "'{" + parts + "}'"
+
+
+def _any_absent(parent: str, fields: tuple[Field, ...]) -> str:
+    """SQL: a required field is absent (or null) in the typed parse."""
+    required = [f"{parent}.{f.key} IS NULL" for f in fields if f.required]
+    return " OR ".join(required) or "false"
+
 
 # The `line` kind of a blank line: no record, counted apart and never judged.
 BLANK = "blank"
 
-_LINE_FIELDS = ["id", "email", "createdAt", "purchaseHistory"]
-_LINES_SQL = f"""
-WITH src AS (
-    SELECT line_no, raw, byte_length, utf8_ok, read_error, {_DOC} AS doc FROM {_RAW_CHUNK}
-), fields AS (
-    {_extract("doc", _LINE_FIELDS).format(source="src")}
-), parsed AS (
-    SELECT *, json_type(doc) AS doc__t, {_parsed("createdAt")} AS createdAt__parsed FROM fields
-)
-SELECT
-    parsed.line_no,
-    raw,
-    CASE WHEN {BLANK_LINE_SQL} THEN '{BLANK}'
-         WHEN read_error IS NOT NULL THEN 'an unreadable line (' || read_error || ')'
-         WHEN NOT utf8_ok THEN 'text that is not UTF-8'
-         WHEN byte_length > $max_line_bytes
-             THEN 'a line of ' || byte_length || ' bytes, over the limit of ' || $max_line_bytes
-         WHEN doc IS NULL THEN 'invalid JSON'
-         ELSE json_kind(doc__t) END AS line,
-    CASE WHEN doc__t = 'OBJECT' THEN {_repeated_key("json_keys(doc)")} END AS line__repeated_key,
-    {_string("id")},
-    {_string("email")},
-    {_timestamp("createdAt")},
-    json_kind(purchaseHistory__t) AS purchaseHistory__type
-FROM parsed
-ORDER BY parsed.line_no
-"""
-
-_PURCHASE_FIELDS = ["productId", "amount", "date"]
-_PURCHASES_SQL = f"""
-WITH src AS (
-    SELECT line_no, {_DOC} AS doc FROM {_RAW_CHUNK}
-), lists AS (
-    SELECT line_no, json_extract(doc, '$.purchaseHistory[*]') AS items
-    FROM src
-    WHERE json_type(doc, '$.purchaseHistory') = 'ARRAY'
-), elems AS (
-    SELECT line_no, generate_subscripts(items, 1) - 1 AS purchase_idx, unnest(items) AS e
-    FROM lists
-), fields AS (
-    {_extract("e", _PURCHASE_FIELDS).format(source="elems")}
-), parsed AS (
-    SELECT *, json_type(e) AS e__t, {_parsed("date")} AS date__parsed FROM fields
-)
-SELECT
-    line_no,
-    purchase_idx,
-    json_kind(e__t) AS purchase__type,
-    CASE WHEN e__t = 'OBJECT' THEN {_repeated_key("json_keys(e)")} END AS purchase__repeated_key,
-    {_string("productId")},
-    json_kind(amount__t) AS amount__type,
-    CASE WHEN json_kind(amount__t) = 'number' THEN (amount__j ->> '$')::DOUBLE END AS amount,
-    {_timestamp("date")}
-FROM parsed
-ORDER BY line_no, purchase_idx
-"""
-
-# A chunk in three temp tables. chunk_lines: the raw lines, and for each readable line that
-# starts an object its typed parse `t`. chunk_entries: the purchaseHistory entries of those, each
-# object entry parsed into its fields `f`. chunk_exact: the lines the typed parse cannot describe
-# exactly (unreadable, blank, not an object, a field missing or null: the parse gives NULL for
-# both, and an entry missing a field), whose columns come from the per-field path above instead.
-_CHUNK_SQL = [
-    f"""CREATE OR REPLACE TEMP TABLE chunk_lines AS
-    SELECT line_no, raw, byte_length, utf8_ok, read_error, t,
-           CASE WHEN t IS NOT NULL THEN {_repeated_key("json_keys(raw)")} END AS repeated_key
-    FROM (SELECT *, CASE WHEN {_READABLE} AND starts_with(raw, '{{')
-                         THEN try(json_transform(raw, {_TYPED_LINE})) END AS t
-          FROM read_parquet($raw_path) WHERE line_no BETWEEN $first AND $last)""",
-    f"""CREATE OR REPLACE TEMP TABLE chunk_entries AS
-    SELECT line_no, purchase_idx, e,
-           CASE WHEN json_text_kind(e) = 'object' THEN json_transform(e, {_TYPED_PURCHASE}) END
-               AS f,
-           CASE WHEN json_text_kind(e) = 'object' THEN {_repeated_key("json_keys(e)")} END
-               AS repeated_key
-    FROM (SELECT line_no, generate_subscripts(t.purchaseHistory, 1) - 1 AS purchase_idx,
-                 unnest(t.purchaseHistory) AS e
-          FROM chunk_lines WHERE t.purchaseHistory IS NOT NULL)""",
-    """CREATE OR REPLACE TEMP TABLE chunk_exact AS
-    SELECT line_no FROM chunk_lines
-    WHERE t.id IS NULL OR t.email IS NULL OR t.createdAt IS NULL OR t.purchaseHistory IS NULL
-    UNION
-    SELECT line_no FROM chunk_entries
-    WHERE f IS NOT NULL AND (f.productId IS NULL OR f.amount IS NULL OR f.date IS NULL)""",
-]
+# The lines the typed parse cannot describe exactly (see _ChunkSql), for the per-field path.
+_RAW_CHUNK = """chunk_lines WHERE line_no IN (SELECT line_no FROM chunk_exact)"""
 _CHUNK_TABLES = ["chunk_lines", "chunk_entries", "chunk_exact"]
 
 
-def _typed_string(name: str, json_text: str) -> str:
-    return f"json_text_kind({json_text}) AS {name}__type, json_text_string({json_text}) AS {name}"
+@dataclass(frozen=True)
+class _ChunkSql:
+    """A chunk's SQL, from the contract. `build`: the chunk in three temp tables. chunk_lines:
+    the raw lines, and for each readable line that starts an object its typed parse `t`.
+    chunk_entries: the entries of the list of purchases of those, each object entry parsed into
+    its fields `f`. chunk_exact: the lines the typed parse cannot describe exactly (unreadable,
+    blank, not an object, a required field missing or null: the parse gives NULL for both, and
+    an entry missing a required field), whose columns come from the per-field path instead.
+    `lines`, `purchases`: the columns the schemas judge, for every line of the chunk."""
+
+    build: tuple[str, ...]
+    lines: str
+    purchases: str
 
 
-def _typed_parsed(name: str, json_text: str) -> str:
-    """`<field>__parsed` from the typed parse (see _parsed)."""
-    return f"{_iso_instant(f'json_text_string({json_text})')} AS {name}__parsed"
+@cache
+def chunk_sql(contract: Contract = CONTRACT) -> _ChunkSql:
+    customer, purchase, items = contract.customer, contract.purchase, contract.items
+    keys = [f.key for f in customer]
+    lines_exact = f"""
+    WITH src AS (
+        SELECT line_no, raw, byte_length, utf8_ok, read_error, {_DOC} AS doc FROM {_RAW_CHUNK}
+    ), fields AS (
+        {_extract("doc", keys).format(source="src")}
+    ), parsed AS (
+        SELECT *, json_type(doc) AS doc__t{_parsed_of(customer)} FROM fields
+    )
+    SELECT
+        parsed.line_no,
+        raw,
+        CASE WHEN {BLANK_LINE_SQL} THEN '{BLANK}'
+             WHEN read_error IS NOT NULL THEN 'an unreadable line (' || read_error || ')'
+             WHEN NOT utf8_ok THEN 'text that is not UTF-8'
+             WHEN byte_length > $max_line_bytes
+                 THEN 'a line of ' || byte_length || ' bytes, over the limit of ' || $max_line_bytes
+             WHEN doc IS NULL THEN 'invalid JSON'
+             ELSE json_kind(doc__t) END AS line,
+        CASE WHEN doc__t = 'OBJECT' THEN {_repeated_key("json_keys(doc)")} END
+            AS line__repeated_key,
+        {", ".join(_field_columns(f) for f in customer)}
+    FROM parsed"""
+    purchases_exact = f"""
+    WITH src AS (
+        SELECT line_no, {_DOC} AS doc FROM {_RAW_CHUNK}
+    ), lists AS (
+        SELECT line_no, json_extract(doc, '$.{items}[*]') AS items
+        FROM src
+        WHERE json_type(doc, '$.{items}') = 'ARRAY'
+    ), elems AS (
+        SELECT line_no, generate_subscripts(items, 1) - 1 AS purchase_idx, unnest(items) AS e
+        FROM lists
+    ), fields AS (
+        {_extract("e", [f.key for f in purchase]).format(source="elems")}
+    ), parsed AS (
+        SELECT *, json_type(e) AS e__t{_parsed_of(purchase)} FROM fields
+    )
+    SELECT
+        line_no,
+        purchase_idx,
+        json_kind(e__t) AS purchase__type,
+        CASE WHEN e__t = 'OBJECT' THEN {_repeated_key("json_keys(e)")} END
+            AS purchase__repeated_key,
+        {", ".join(_field_columns(f) for f in purchase)}
+    FROM parsed"""
+    build = (
+        f"""CREATE OR REPLACE TEMP TABLE chunk_lines AS
+        SELECT line_no, raw, byte_length, utf8_ok, read_error, t,
+               CASE WHEN t IS NOT NULL THEN {_repeated_key("json_keys(raw)")} END AS repeated_key
+        FROM (SELECT *, CASE WHEN {_READABLE} AND starts_with(raw, '{{')
+                             THEN try(json_transform(raw, {_typed_struct(customer)})) END AS t
+              FROM read_parquet($raw_path) WHERE line_no BETWEEN $first AND $last)""",
+        f"""CREATE OR REPLACE TEMP TABLE chunk_entries AS
+        SELECT line_no, purchase_idx, e,
+               CASE WHEN json_text_kind(e) = 'object'
+                    THEN json_transform(e, {_typed_struct(purchase)}) END AS f,
+               CASE WHEN json_text_kind(e) = 'object' THEN {_repeated_key("json_keys(e)")} END
+                   AS repeated_key
+        FROM (SELECT line_no, generate_subscripts(t.{items}, 1) - 1 AS purchase_idx,
+                     unnest(t.{items}) AS e
+              FROM chunk_lines WHERE t.{items} IS NOT NULL)""",
+        f"""CREATE OR REPLACE TEMP TABLE chunk_exact AS
+        SELECT line_no FROM chunk_lines WHERE {_any_absent("t", customer)}
+        UNION
+        SELECT line_no FROM chunk_entries
+        WHERE f IS NOT NULL AND ({_any_absent("f", purchase)})""",
+    )
+    lines = f"""
+    SELECT line_no, raw, 'object' AS line, repeated_key AS line__repeated_key,
+           {", ".join(_typed_columns(f, f"t.{f.key}") for f in customer)}
+    FROM (SELECT *{_typed_parsed(customer, "t")} FROM chunk_lines) AS chunk_lines
+    WHERE t.{items} IS NOT NULL AND line_no NOT IN (SELECT line_no FROM chunk_exact)
+    UNION ALL BY NAME
+    ({lines_exact})
+    ORDER BY line_no"""
+    # an entry that is not an object has no fields ('missing', as json_extract gives for it)
+    purchases = f"""
+    SELECT line_no, purchase_idx,
+           coalesce(json_text_kind(e), 'null') AS purchase__type,
+           repeated_key AS purchase__repeated_key,
+           {", ".join(_typed_columns(f, f"f.{f.key}") for f in purchase)}
+    FROM (SELECT *{_typed_parsed(purchase, "f")}
+          FROM chunk_entries WHERE line_no NOT IN (SELECT line_no FROM chunk_exact))
+    UNION ALL BY NAME
+    ({purchases_exact})
+    ORDER BY line_no, purchase_idx"""
+    return _ChunkSql(build, lines, purchases)
 
-
-# The same columns as _LINES_SQL and _PURCHASES_SQL, for every line of the chunk: from the typed
-# parse, and from the per-field path for the lines of chunk_exact.
-_CHUNK_LINES_SQL = f"""
-SELECT line_no, raw, 'object' AS line, repeated_key AS line__repeated_key,
-       {_typed_string("id", "t.id")},
-       {_typed_string("email", "t.email")},
-       {_typed_string("createdAt", "t.createdAt")},
-       {_instant("createdAt")},
-       'array' AS purchaseHistory__type
-FROM (SELECT *, {_typed_parsed("createdAt", "t.createdAt")} FROM chunk_lines) AS chunk_lines
-WHERE t.purchaseHistory IS NOT NULL AND line_no NOT IN (SELECT line_no FROM chunk_exact)
-UNION ALL BY NAME
-({_LINES_SQL})
-ORDER BY line_no
-"""
-
-# An entry that is not an object has no fields ('missing', as json_extract gives for it).
-_CHUNK_PURCHASES_SQL = f"""
-SELECT line_no, purchase_idx,
-       coalesce(json_text_kind(e), 'null') AS purchase__type,
-       repeated_key AS purchase__repeated_key,
-       coalesce(json_text_kind(f.productId), 'missing') AS productId__type,
-       json_text_string(f.productId) AS productId,
-       coalesce(json_text_kind(f.amount), 'missing') AS amount__type,
-       CASE WHEN json_text_kind(f.amount) = 'number' THEN f.amount::VARCHAR::DOUBLE END AS amount,
-       coalesce(json_text_kind(f.date), 'missing') AS date__type,
-       json_text_string(f.date) AS date,
-       {_instant("date")}
-FROM (SELECT *, {_typed_parsed("date", "f.date")}
-      FROM chunk_entries WHERE line_no NOT IN (SELECT line_no FROM chunk_exact))
-UNION ALL BY NAME
-({_PURCHASES_SQL})
-ORDER BY line_no, purchase_idx
-"""
 
 _NO_MESSAGES = pyarrow.table(
     {"line_no": pyarrow.array([], pyarrow.int64()), "message": pyarrow.array([], pyarrow.string())}
@@ -269,7 +296,7 @@ class ChunkResult:
     errors: pyarrow.Table  # line_no, errors (list of "field: message"), raw
     blank_lines: int = 0
     # purchases dropped from kept records (drop_rules): line_no, purchase_idx, fields, reasons
-    dropped: pyarrow.Table = field(default_factory=lambda: _DROPPED_SCHEMA.empty_table())
+    dropped: pyarrow.Table = field(default_factory=lambda: _dropped_schema().empty_table())
 
 
 @dataclass
@@ -297,7 +324,7 @@ class ValidationSummary:
         self.invalid += lines
         self.purchases -= purchases
         if lines:
-            self.errors_by_field["id"] += lines
+            self.errors_by_field[CONTRACT.id_field.key] += lines
 
     @property
     def error_rate(self) -> float:
@@ -323,9 +350,12 @@ def validate_batch(
     max_line_bytes: int,
     limits: Limits = Limits(),
     on_chunk: Callable[[ValidationSummary], None] | None = None,
-    drop_rules: frozenset[str] = frozenset(),
+    drop_rules: frozenset[str] | None = None,
+    contract: Contract = CONTRACT,
 ) -> ValidationSummary:
-    """Validate the batch's raw lines (its raw_customers Parquet file) chunk by chunk.
+    """Validate the batch's raw lines (its raw_customers Parquet file) chunk by chunk, against
+    `contract`; a purchase breaking only `drop_rules` (None: the rules the contract declares
+    dropping) is dropped, not its customer.
 
     Each chunk's valid customers, their purchases and the invalid lines are written as Parquet
     parts into `staging` (the folder of customers, customer_purchases and schema_errors; see
@@ -341,8 +371,8 @@ def validate_batch(
     summary = ValidationSummary()
 
     def extract(lines: tuple[int, int]) -> tuple[pyarrow.Table, pyarrow.Table]:
-        build_chunk_tables(conn, raw_path, *lines, max_line_bytes)
-        return fetch_chunk(conn, max_line_bytes)
+        build_chunk_tables(conn, raw_path, *lines, max_line_bytes, contract)
+        return fetch_chunk(conn, max_line_bytes, contract)
 
     # DuckDB extracts the next chunk (in a worker thread, without the GIL) while pandera
     # judges this one; only the worker uses the connection until the loop ends.
@@ -353,7 +383,9 @@ def validate_batch(
             lines, purchases = pending.result()
             if part + 1 < len(starts):
                 pending = worker.submit(extract, starts[part + 1])
-            result = validate_chunk(lines, purchases, limits.max_amount, latest, drop_rules)
+            result = validate_chunk(
+                lines, purchases, limits.max_amount, latest, drop_rules, contract
+            )
             _stage_chunk(batch_id, result, staging, part)
             summary.rows_in += lines.num_rows
             summary.valid += result.customers.num_rows
@@ -468,7 +500,8 @@ def resolve_duplicate_ids(
         conn.execute(
             f"""INSERT INTO schema_errors BY NAME
             SELECT $batch_id AS batch_id, s.line_no, r.raw,
-                   ['id: {DUPLICATE_ID} (got line ' || s.kept_line || ')'] AS errors,
+                   ['{CONTRACT.id_field.key}: {DUPLICATE_ID} (got line ' || s.kept_line || ')']
+                       AS errors,
                    1 AS error_count, now() AS detected_at
             FROM superseded_lines AS s
             JOIN raw_customers AS r ON r.batch_id = $batch_id AND r.line_no = s.line_no""",
@@ -485,21 +518,23 @@ def resolve_duplicate_ids(
 
 
 def build_chunk_tables(
-    conn: duckdb.DuckDBPyConnection, raw_path: Path, first: int, last: int, max_line_bytes: int
-) -> None:
-    """The chunk's temp tables (_CHUNK_SQL) for lines `first` to `last` of the raw file."""
+    conn: duckdb.DuckDBPyConnection, raw_path: Path, first: int, last: int, max_line_bytes: int,
+    contract: Contract = CONTRACT,
+) -> None:  # fmt: skip
+    """The chunk's temp tables (chunk_sql) for lines `first` to `last` of the raw file."""
     params = {"raw_path": str(raw_path), "first": first, "last": last,
               "max_line_bytes": max_line_bytes}  # fmt: skip
-    for sql in _CHUNK_SQL:
+    for sql in chunk_sql(contract).build:
         conn.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql})
 
 
 def fetch_chunk(
-    conn: duckdb.DuckDBPyConnection, max_line_bytes: int
+    conn: duckdb.DuckDBPyConnection, max_line_bytes: int, contract: Contract = CONTRACT
 ) -> tuple[pyarrow.Table, pyarrow.Table]:
-    """The chunk's lines and purchases (the columns the pandera models judge)."""
+    """The chunk's lines and purchases (the columns the pandera schemas judge)."""
     params = {"max_line_bytes": max_line_bytes}
-    return _fetch(conn, _CHUNK_LINES_SQL, params), _fetch(conn, _CHUNK_PURCHASES_SQL, params)
+    sql = chunk_sql(contract)
+    return _fetch(conn, sql.lines, params), _fetch(conn, sql.purchases, params)
 
 
 def validate_chunk(
@@ -507,25 +542,31 @@ def validate_chunk(
     purchases: pyarrow.Table,
     max_amount: float = Limits.max_amount,
     latest: datetime | None = None,
-    drop_rules: frozenset[str] = frozenset(),
+    drop_rules: frozenset[str] | None = None,
+    contract: Contract = CONTRACT,
 ) -> ChunkResult:
-    """Judge one chunk of extracted lines and their purchases against the pandera models; blank
-    lines are counted, not judged. `max_amount` and `latest` (the latest purchase date
-    accepted; None: no limit) are the contract's limits from configuration. A purchase whose
-    every failure is one of `drop_rules` ("field: rule", schemas.PURCHASE_RULES) is dropped
-    from its record's history (ChunkResult.dropped, with its reasons) instead of rejecting the
-    record; a record rejected anyway keeps every reason, those too."""
+    """Judge one chunk of extracted lines and their purchases against the contract's pandera
+    schemas; blank lines are counted, not judged. `max_amount` and `latest` (the latest
+    purchase date accepted; None: no limit) are the contract's limits from configuration. A
+    purchase whose every failure is one of `drop_rules` ("field: rule",
+    Contract.purchase_rules; None: those the contract declares dropping) is dropped from its
+    record's history (ChunkResult.dropped, with its reasons) instead of rejecting the record; a
+    record rejected anyway keeps every reason, those too. The kept rows carry the contract's
+    warehouse columns (Contract.stored_customer, stored_purchase)."""
+    if drop_rules is None:
+        drop_rules = contract.dropping_rules
     purchases = with_limits(purchases, max_amount, latest)
     blank = pc.equal(lines["line"], BLANK)
     blank_lines = pc.sum(blank).as_py() or 0
     if blank_lines:
         lines = lines.filter(pc.invert(blank))
-    messages = [_line_messages(RawLineRecord, lines)]
+    items = contract.items
+    messages = [_line_messages(RAW_LINE, lines)]
     objects = lines.filter(pc.equal(lines["line"], "object"))
-    messages.append(_line_messages(CustomerRecord, objects))
-    messages.append(_purchase_messages(PurchaseElement, purchases, element_level=True))
+    messages.append(_line_messages(customer_schema(contract), objects))
+    messages.append(_purchase_messages(PURCHASE_ELEMENT, purchases, items, element_level=True))
     object_purchases = purchases.filter(pc.equal(purchases["purchase__type"], "object"))
-    record_messages = _purchase_messages(PurchaseRecord, object_purchases)
+    record_messages = _purchase_messages(purchase_schema(contract), object_purchases, items)
     dropped_keys = _droppable(record_messages, drop_rules)
     droppable = pc.is_in(record_messages["key"], value_set=dropped_keys)
     messages.append(record_messages.filter(pc.invert(droppable)).select(["line_no", "message"]))
@@ -544,18 +585,28 @@ def validate_chunk(
     good_purchases = object_purchases.filter(pc.and_(of_good, pc.invert(dropped)))
     errors = _group_messages(all_messages)
     return ChunkResult(
-        customers=good.select(["line_no", "id", "email", "createdAt__ts"]),
-        purchases=good_purchases.select(
-            ["line_no", "purchase_idx", "productId", "amount", "date__ts"]
-        ),
+        customers=_stored(good, ["line_no"], contract.stored_customer),
+        purchases=_stored(good_purchases, ["line_no", "purchase_idx"], contract.stored_purchase),
         errors=errors.append_column(
             "raw", lines["raw"].take(pc.index_in(errors["line_no"], value_set=lines["line_no"]))
         ),
         blank_lines=blank_lines,
         dropped=_dropped_purchases(
-            object_purchases.filter(pc.and_(of_good, dropped)), record_messages.filter(droppable)
+            object_purchases.filter(pc.and_(of_good, dropped)),
+            record_messages.filter(droppable),
+            contract,
         ),
     )
+
+
+def _stored(table: pyarrow.Table, keys: list[str], fields: tuple[Field, ...]) -> pyarrow.Table:
+    """`keys` and each field's value as its warehouse column (a timestamp's instant; an
+    identifier lower-cased)."""
+    columns = {key: table[key] for key in keys}
+    for f in fields:
+        values = table[f"{f.key}__ts" if f.kind == "timestamp" else f.key]
+        columns[f.column] = pc.utf8_lower(values) if f.lower else values
+    return pyarrow.table(columns)
 
 
 def _purchase_keys(table: pyarrow.Table) -> pyarrow.Array:
@@ -580,50 +631,48 @@ def _droppable(record_messages: pyarrow.Table, drop_rules: frozenset[str]) -> py
     return per_purchase.filter(per_purchase["drop_all"])["key"].combine_chunks()
 
 
-_DROPPED_SCHEMA = pyarrow.schema(
-    [
-        ("line_no", pyarrow.int64()),
-        ("purchase_idx", pyarrow.int64()),
-        ("productId", pyarrow.string()),
-        ("amount", pyarrow.float64()),
-        ("date", pyarrow.string()),
-        ("reasons", pyarrow.list_(pyarrow.string())),
-    ]
-)
+@cache
+def _dropped_schema(contract: Contract = CONTRACT) -> pyarrow.Schema:
+    """A dropped purchase: where it was, its values as landed (a column each), its reasons."""
+    landed = {"DOUBLE": pyarrow.float64(), "VARCHAR": pyarrow.string()}
+    return pyarrow.schema(
+        [("line_no", pyarrow.int64()), ("purchase_idx", pyarrow.int64())]
+        + [(f.column, landed[f.landed_type]) for f in contract.stored_purchase]
+        + [("reasons", pyarrow.list_(pyarrow.string()))]
+    )
 
 
-def _dropped_purchases(purchases: pyarrow.Table, messages: pyarrow.Table) -> pyarrow.Table:
+def _dropped_purchases(
+    purchases: pyarrow.Table, messages: pyarrow.Table, contract: Contract
+) -> pyarrow.Table:
     """The dropped purchases of kept records, each with every reason it was dropped for."""
+    schema = _dropped_schema(contract)
     if purchases.num_rows == 0:
-        return _DROPPED_SCHEMA.empty_table()
+        return schema.empty_table()
     reasons = _group_messages(messages.select(["key", "message"]).rename_columns(
         ["line_no", "message"]
     ))  # fmt: skip
     at = pc.index_in(_purchase_keys(purchases), value_set=reasons["line_no"])
-    return pyarrow.table(
-        {
-            "line_no": purchases["line_no"],
-            "purchase_idx": purchases["purchase_idx"].cast(pyarrow.int64()),
-            "productId": purchases["productId"],
-            "amount": purchases["amount"],
-            "date": purchases["date"],
-            "reasons": reasons["errors"].take(at),
-        },
-        schema=_DROPPED_SCHEMA,
-    )
+    columns = {
+        "line_no": purchases["line_no"],
+        "purchase_idx": purchases["purchase_idx"].cast(pyarrow.int64()),
+    }
+    columns |= {f.column: purchases[f.key] for f in contract.stored_purchase}
+    columns["reasons"] = reasons["errors"].take(at)
+    return pyarrow.table(columns, schema=schema)
 
 
 def with_limits(
     purchases: pyarrow.Table, max_amount: float, latest: datetime | None
 ) -> pyarrow.Table:
     """The purchases with the limits they are judged against, a column each (see
-    PurchaseRecord): the models are fixed classes, the limits configuration."""
+    contract.MAX_AMOUNT, LATEST): the schemas are fixed, the limits configuration."""
     n = purchases.num_rows
     latest = latest or datetime.max.replace(tzinfo=UTC)
     return purchases.append_column(
-        "amount__max", pyarrow.repeat(pyarrow.scalar(float(max_amount)), n)
+        MAX_AMOUNT, pyarrow.repeat(pyarrow.scalar(float(max_amount)), n)
     ).append_column(
-        "date__latest", pyarrow.repeat(pyarrow.scalar(latest, pyarrow.timestamp("us", "UTC")), n)
+        LATEST, pyarrow.repeat(pyarrow.scalar(latest, pyarrow.timestamp("us", "UTC")), n)
     )
 
 
@@ -682,7 +731,7 @@ def failure_report(
     return [FailureCount(*row[:4], mask_personal(row[4])) for row in rows]
 
 
-def _failures(model: type[pa.DataFrameModel], table: pyarrow.Table) -> list[dict]:
+def _failures(model: pa.DataFrameSchema, table: pyarrow.Table) -> list[dict]:
     """pandera's failure cases as dicts (column, check, failure_case, index); [] when all pass."""
     try:
         model.validate(table, lazy=True)
@@ -691,7 +740,7 @@ def _failures(model: type[pa.DataFrameModel], table: pyarrow.Table) -> list[dict
         if any(case["index"] is None for case in cases):
             # A table-level failure (missing column, wrong type) is a bug in the extraction SQL,
             # not bad data: fail loudly instead of rejecting every line.
-            raise ContractError(f"{model.__name__} could not check the chunk: {cases[:5]}") from err
+            raise ContractError(f"{model.name} could not check the chunk: {cases[:5]}") from err
         return cases
     return []
 
@@ -711,7 +760,7 @@ def _field(column: str) -> str:
     return column.split("__", 1)[0]
 
 
-def _line_messages(model: type[pa.DataFrameModel], lines: pyarrow.Table) -> pyarrow.Table:
+def _line_messages(model: pa.DataFrameSchema, lines: pyarrow.Table) -> pyarrow.Table:
     cases = _failures(model, lines)
     if not cases:
         return _NO_MESSAGES
@@ -726,17 +775,18 @@ def _line_messages(model: type[pa.DataFrameModel], lines: pyarrow.Table) -> pyar
 
 
 def _purchase_messages(
-    model: type[pa.DataFrameModel], purchases: pyarrow.Table, element_level: bool = False
+    model: pa.DataFrameSchema, purchases: pyarrow.Table, items: str, element_level: bool = False
 ) -> pyarrow.Table:
-    """line_no and message per failure; of a purchase's fields (not `element_level`) also the
-    purchase's key (_purchase_keys) and the rule as "field: rule" (schemas.PURCHASE_RULES)."""
+    """line_no and message per failure (at `items[i]`, the purchase's place in its list); of a
+    purchase's fields (not `element_level`) also the purchase's key (_purchase_keys) and the
+    rule as "field: rule" (Contract.purchase_rules)."""
     cases = _failures(model, purchases)
     if not cases:
         return _NO_MESSAGES if element_level else _NO_RECORD_MESSAGES
     rows = purchases.select(["line_no", "purchase_idx"]).take([c["index"] for c in cases])
     rendered, rules = [], []
     for case, idx in zip(cases, rows["purchase_idx"].to_pylist(), strict=True):
-        path = f"purchaseHistory[{idx}]"
+        path = f"{items}[{idx}]"
         if not element_level:
             path += "." + _field(case["column"])
         got = _got(case["column"], case["check"], case["failure_case"])
@@ -778,55 +828,34 @@ def _group_messages(messages: pyarrow.Table) -> pyarrow.Table:
 
 
 def _stage_chunk(batch_id: str, result: ChunkResult, staging: dict[str, Path], part: int) -> None:
-    """The chunk's rows of customers, customer_purchases and schema_errors (columns in table
-    order) as Parquet parts; DuckDB casts the id text to UUID when it loads them."""
+    """The chunk's rows of customers, customer_purchases, dropped_purchases and schema_errors
+    as Parquet parts (loaded by column name); DuckDB casts the id text to UUID when it loads
+    them."""
     customers, purchases, errors = result.customers, result.purchases, result.errors
-    customer_ids = pc.utf8_lower(customers["id"])
+    dropped = result.dropped
+    customer_ids = customers["customer_id"]
     per_line = purchases.group_by("line_no", use_threads=False).aggregate(
         [("amount", "count"), ("amount", "sum")]
     )
     at = pc.index_in(customers["line_no"], value_set=per_line["line_no"])
+    batch = pyarrow.scalar(batch_id)
+
+    def of_batch(table: pyarrow.Table) -> pyarrow.Table:
+        return table.add_column(0, "batch_id", pyarrow.repeat(batch, table.num_rows))
+
+    def owned(table: pyarrow.Table) -> pyarrow.Table:
+        """With the customer ID of each row's line."""
+        owner = pc.index_in(table["line_no"], value_set=customers["line_no"])
+        return of_batch(table).append_column("customer_id", customer_ids.take(owner))
+
     count = pc.coalesce(per_line["amount_count"].take(at), 0).cast(pyarrow.int32())
     spend = pc.coalesce(per_line["amount_sum"].take(at), 0.0)
-    owner = pc.index_in(purchases["line_no"], value_set=customers["line_no"])
-    batch = pyarrow.scalar(batch_id)
     tables = {
-        "customers": pyarrow.table(
-            {
-                "batch_id": pyarrow.repeat(batch, customers.num_rows),
-                "line_no": customers["line_no"],
-                "customer_id": customer_ids,
-                "email": customers["email"],
-                "created_at": customers["createdAt__ts"],
-                "purchase_count": count,
-                "total_spend": spend,
-            }
-        ),
-        "customer_purchases": pyarrow.table(
-            {
-                "batch_id": pyarrow.repeat(batch, purchases.num_rows),
-                "customer_id": customer_ids.take(owner),
-                "line_no": purchases["line_no"],
-                "purchase_idx": purchases["purchase_idx"].cast(pyarrow.int32()),
-                "product_id": purchases["productId"],
-                "amount": purchases["amount"],
-                "purchased_at": purchases["date__ts"],
-            }
-        ),
-        "dropped_purchases": pyarrow.table(
-            {
-                "batch_id": pyarrow.repeat(batch, result.dropped.num_rows),
-                "line_no": result.dropped["line_no"],
-                "purchase_idx": result.dropped["purchase_idx"].cast(pyarrow.int32()),
-                "customer_id": customer_ids.take(
-                    pc.index_in(result.dropped["line_no"], value_set=customers["line_no"])
-                ),
-                "product_id": result.dropped["productId"],
-                "amount": result.dropped["amount"],
-                "purchased_at": result.dropped["date"],
-                "reasons": result.dropped["reasons"],
-            }
-        ),
+        "customers": of_batch(customers)
+        .append_column("purchase_count", count)
+        .append_column("total_spend", spend),
+        "customer_purchases": owned(_int32_idx(purchases)),
+        "dropped_purchases": owned(_int32_idx(dropped)),
         "schema_errors": pyarrow.table(
             {
                 "batch_id": pyarrow.repeat(batch, errors.num_rows),
@@ -843,3 +872,8 @@ def _stage_chunk(batch_id: str, result: ChunkResult, staging: dict[str, Path], p
     }
     for table, rows in tables.items():
         write_staged(staging[table], part, rows)
+
+
+def _int32_idx(table: pyarrow.Table) -> pyarrow.Table:
+    at = table.schema.get_field_index("purchase_idx")
+    return table.set_column(at, "purchase_idx", table["purchase_idx"].cast(pyarrow.int32()))

@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow as pa
 from sklearn.cluster import MiniBatchKMeans
 
+from pipeline_project.contract import EMAIL_PATTERN, UUID_PATTERN
 from pipeline_project.core.profiles import AS_OF_SQL, PROFILES_SQL
 from pipeline_project.core.recommendations import ScoringInputs, rules_sql, score_profiles
-from pipeline_project.contract import EMAIL_PATTERN, UUID_PATTERN
 from pipeline_project.tables import PRIOR_PURCHASES, WAREHOUSE_TABLES
 
 SEGMENTS, TOP_N, SEGMENT_WEIGHT = 8, 5, 0.7

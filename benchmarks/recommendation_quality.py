@@ -34,10 +34,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import dagster as dg  # noqa: E402
 import real_data  # noqa: E402
 
+from pipeline_project.contract import AMOUNT_POSITIVE  # noqa: E402
 from pipeline_project.definitions import build_definitions  # noqa: E402
 from pipeline_project.instance import write_instance_yaml  # noqa: E402
 from pipeline_project.resources.embeddings import HashingEmbedder, LocalE5Embedder  # noqa: E402
-from pipeline_project.contract import AMOUNT_POSITIVE  # noqa: E402
 from pipeline_project.settings import (  # noqa: E402
     AlertSettings,
     LandingSettings,

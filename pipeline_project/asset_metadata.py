@@ -98,7 +98,8 @@ _BY_TABLE: dict[str, dict[str, str]] = {
     },
     DROPPED_PURCHASES: {
         **{
-            f.column: f"`{f.key}` of the entry as landed, when it was a {KIND_WORDS[f.landed_type]}."
+            f.column: f"`{f.key}` of the entry as landed, when it was a"
+            f" {KIND_WORDS[f.landed_type]}."
             for f in CONTRACT.stored_purchase
         },
         "purchase_idx": f"Position of the entry in `{CONTRACT.items}`, from 0.",

@@ -56,10 +56,7 @@ def main(root: Path) -> None:
     defs = build_definitions(settings)
     with dg.DagsterInstance.ephemeral() as instance:
         result = run_batch(defs, instance, "b1")
-        checks = {
-            e.check_name: e.passed
-            for e in result.get_asset_check_evaluations()
-        }
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     spec = defs.get_assets_def(dg.AssetKey("customers")).specs_by_key[dg.AssetKey("customers")]
     schema = spec.metadata["dagster/column_schema"]
     db = settings.warehouse.duckdb_path

@@ -13,6 +13,7 @@ from pipeline_project.asset_metadata import table_metadata
 from pipeline_project.checks.input_checks import INPUT_CHECK_SPECS, input_check_results
 from pipeline_project.checks.verdicts import Verdict, not_judged
 from pipeline_project.checks.verdicts import judged as judged_results
+from pipeline_project.contract import CONTRACT
 from pipeline_project.core import batches as batch_register
 from pipeline_project.core.monitoring import StepUsage
 from pipeline_project.core.validation import (
@@ -24,7 +25,6 @@ from pipeline_project.core.validation import (
     stage_duplicate_ids,
     validate_batch,
 )
-from pipeline_project.contract import CONTRACT
 from pipeline_project.policies import batch_stage, fails_at_once_when_deterministic
 from pipeline_project.progress import report
 from pipeline_project.resources import AlertSink, Warehouse

@@ -3,7 +3,8 @@ baselines on the same split, in one run. Figures only, never pass/fail (the suit
 version: pipeline_project_tests/test_real_data.py).
 
     python benchmarks/recommendation_quality.py [--households N] [--batches 4]
-        [--backend local|hashing] [--zero-amounts keep|drop] [--json]
+        [--backend local|hashing] [--zero-amounts keep|drop] [--catalog-products N]
+        [--catalog-reload N] [--json]
 
 The data: "The Complete Journey" (the optional extra `real-data`), converted by
 benchmarks/real_data.py into landing files with each household's last basket held out (see
@@ -13,11 +14,18 @@ it publishes is read from `current_recommendations`. The baselines (most popular
 item-item cosine, user-user cosine with 50 neighbours) recommend the top 5 in stock and never
 bought by the customer. A customer is hit when a product of their held-out basket they never
 bought before is among their (at most 5) recommendations.
+
+A larger catalog: `--catalog-products 100000` pads the real catalog (92,348 products) with
+variants of its products (a real product's name and category, "multipack xK": a text of its
+own, never bought) up to that many; `--catalog-reload N` then adds N more variants and loads
+the catalog again after the batches, which embeds only the texts not in the cache. The catalog
+job's time and texts embedded are printed, and the process's peak RSS bounds every step's.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 import resource
@@ -32,6 +40,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import dagster as dg  # noqa: E402
+import numpy as np  # noqa: E402
 import real_data  # noqa: E402
 
 from pipeline_project.contract import AMOUNT_POSITIVE  # noqa: E402
@@ -46,14 +55,54 @@ from pipeline_project.settings import (  # noqa: E402
 )
 
 
+def pad_catalog(path: Path, products: int = 0, more: int = 0, seed: int = 0) -> int:
+    """Append variants of the catalog's products ("<name> multipack xK", the same category,
+    in stock, never bought) until it holds `products`, or `more` of them; returns how many were
+    added."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    products = max(products, len(rows) + more)
+    rng = np.random.default_rng(seed + len(rows))
+    have = {row[0] for row in rows}
+    added = []
+    for n, at in enumerate(rng.integers(len(rows), size=max(0, products - len(rows)))):
+        _, name, category, price, _ = rows[at]
+        k = 2 + n % 11
+        pid = f"V{len(rows) + n:07d}"
+        assert pid not in have
+        added.append([pid, f"{name} multipack x{k} #{len(rows) + n}", category,
+                      f"{float(price) * k * 0.9:.2f}", "true"])  # fmt: skip
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerows(added)
+    return len(added)
+
+
+def _catalog_run(defs, instance, run_config, outcome: dict, key: str, log) -> None:
+    started = time.perf_counter()
+    result = defs.resolve_job_def("catalog_job").execute_in_process(
+        instance=instance, run_config=run_config, raise_on_error=False
+    )
+    embedded = [
+        m.metadata["texts_embedded"].value
+        for m in result.asset_materializations_for_node("product_embeddings")
+    ]
+    outcome[key] = {
+        "success": result.success,
+        "seconds": round(time.perf_counter() - started, 1),
+        "texts_embedded": embedded[0] if embedded else None,
+    }
+    log(f"{key}: {outcome[key]}")
+
+
 def run_pipeline(
     root: Path, backend: str, log=print, scoring: dict | None = None, retrain: bool = True,
-    measured=None,
+    measured=None, catalog_reload: int = 0,
 ) -> dict:  # fmt: skip
     """catalog_job, then batch_pipeline_job for each landed batch in name order; then (with
     `retrain`) the weekly retrain (segment_model_job) and every batch re-scored with the new
-    model, as rescore_sensor does. `measured(label)` is called after each phase. Returns the
-    failed checks per batch and the runs' outcome."""
+    model, as rescore_sensor does. `measured(label)` is called after each phase. With
+    `catalog_reload`, that many products are added and the catalog loaded again at the end.
+    Returns the failed checks per batch and the runs' outcome."""
     settings = Settings(
         warehouse=WarehouseSettings(duckdb_path=root / "warehouse.duckdb"),
         landing=LandingSettings(root / "landing", catalog_path=root / "catalog.csv"),
@@ -74,13 +123,7 @@ def run_pipeline(
     }  # fmt: skip
     outcome: dict = {"batches": {}}
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        started = time.perf_counter()
-        catalog = defs.resolve_job_def("catalog_job").execute_in_process(
-            instance=instance, run_config=quiet, raise_on_error=False
-        )
-        outcome["catalog_seconds"] = round(time.perf_counter() - started, 1)
-        outcome["catalog_success"] = catalog.success
-        log(f"catalog_job: success={catalog.success} in {outcome['catalog_seconds']} s")
+        _catalog_run(defs, instance, quiet, outcome, "catalog_job", log)
         job = defs.resolve_job_def("batch_pipeline_job")
         paths = sorted(settings.landing.landing_dir.glob("*.jsonl"))
         instance.add_dynamic_partitions("batches", [path.stem for path in paths])
@@ -96,6 +139,9 @@ def run_pipeline(
             _run_batches(job, instance, batch_config, batch_paths, outcome, label, log)
             if measured is not None:
                 measured(label)
+        if catalog_reload:
+            pad_catalog(settings.landing.catalog_path, more=catalog_reload)
+            _catalog_run(defs, instance, quiet, outcome, "catalog_job (reloaded)", log)
     return outcome
 
 
@@ -169,6 +215,18 @@ def main() -> None:
         action="store_true",
         help="measure after the batches only, not after the weekly retrain",
     )
+    parser.add_argument(
+        "--catalog-products",
+        type=int,
+        default=0,
+        help="pad the catalog with variants of its products up to this many",
+    )
+    parser.add_argument(
+        "--catalog-reload",
+        type=int,
+        default=0,
+        help="then add this many and load the catalog again",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -181,6 +239,10 @@ def main() -> None:
         stats = real_data.convert(root, seed=args.seed, batches=args.batches,
                                   households=args.households,
                                   zero_amounts=args.zero_amounts)  # fmt: skip
+        if args.catalog_products:
+            stats["catalog_variants"] = pad_catalog(
+                root / "catalog.csv", args.catalog_products, seed=args.seed
+            )
         log(f"converted in {time.perf_counter() - started:.1f} s: {stats}")
         split = real_data.Split.read(root)
         rates = []
@@ -188,6 +250,7 @@ def main() -> None:
             root, args.backend, log, args.scoring, retrain=not args.no_retrain,
             measured=lambda label: rates.append(
                 published(split, root / "warehouse.duckdb", label)),
+            catalog_reload=args.catalog_reload,
         )  # fmt: skip
         rates += baselines(split)
     # every run ran in this process: its peak bounds every step's

@@ -30,7 +30,7 @@ def build_resources(
     return {
         "warehouse": Warehouse.from_settings(settings.warehouse),
         "landing": LandingZone.from_settings(settings.landing),
-        "alerts": AlertSink.from_settings(settings.alerts, settings.freshness),
+        "alerts": AlertSink.from_settings(settings.alerts, settings.freshness, settings.warehouse),
         "embedder": embedder or build_embedder(settings.embedding),
     }
 

@@ -471,3 +471,7 @@ ALERTS_TABLE = _table(
     _c("webhook_status", "VARCHAR"),
 )
 ALERTS_DDL: dict[str, str] = {ALERTS: ALERTS_TABLE.ddl()}
+# The same table in PostgreSQL (DuckDB's postgres extension passes defaults through as written)
+ALERTS_POSTGRES_DDL: dict[str, str] = {
+    ALERTS: ALERTS_TABLE.ddl().replace("DEFAULT uuid()", "DEFAULT gen_random_uuid()")
+}

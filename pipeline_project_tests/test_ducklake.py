@@ -9,6 +9,7 @@ These run in the scale-out environment (DuckDB 1.5.5 and the extension wheels; s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -430,6 +431,78 @@ def step_span(lake: Lake, run_id: str, step: str) -> tuple[float, float]:
             if e.step_key == step
         }
     return times[dg.DagsterEventType.STEP_START], times[dg.DagsterEventType.STEP_SUCCESS]
+
+
+# One worker raising an alert the moment ROOT/go appears; prints whether it stored it.
+_RAISE_ALERT = """
+import logging, os, sys, time
+from pathlib import Path
+from pipeline_project.definitions import build_resources
+from pipeline_project.resources.embeddings import HashingEmbedder
+from pipeline_project.settings import Settings
+from pipeline_project.resources.alerts import AlertSink
+checked = AlertSink._suppressed
+def slow_check(self, conn, key, run_id):  # a slow look at the history: the others' chance
+    reason = checked(self, conn, key, run_id)
+    time.sleep(1.0)
+    return reason
+AlertSink._suppressed = slow_check
+sink = build_resources(Settings.from_env(), HashingEmbedder(dimensions=32))["alerts"]
+sink = sink.model_copy(update={"postgres_password": os.environ["PIPELINE_DUCKLAKE_PASSWORD"]})
+sink.is_firing("warm-up", logging.getLogger())  # attached, the table made
+root = Path(os.environ["PIPELINE_TEST_ROOT"])
+(root / f"ready-{os.getpid()}").touch()
+go = root / "go"
+while not go.exists():
+    time.sleep(0.01)
+print(sink.emit(severity="error", monitor="drift", key="drift:b1", batch_id="b1",
+                message="drift in b1 (reported by anna@example.com)",
+                log=logging.getLogger()).stored)
+"""
+
+
+def test_alerts_live_in_the_catalogs_postgresql_and_a_key_fires_once_across_workers(
+    lake_factory,
+):
+    """On DuckLake no alerts file is shared: alerts are rows of the catalog's PostgreSQL
+    database, written by any worker; four worker processes raising one key at once store it
+    once."""
+    lake = lake_factory("alerts")
+    lake.root.mkdir(parents=True, exist_ok=True)
+    workers = [
+        subprocess.Popen([sys.executable, "-c", _RAISE_ALERT], env={**os.environ, **lake.env},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]  # fmt: skip
+    assert wait_for(
+        "every worker attached and waiting",
+        lambda: len(list(lake.root.glob("ready-*"))) == 4,
+        timeout=120,
+        interval=0.2,
+    )
+    (lake.root / "go").touch()
+    outputs = [worker.communicate(timeout=120) for worker in workers]
+    stored = [out.strip().splitlines()[-1] if out.strip() else err[-2000:] for out, err in outputs]
+    assert sorted(stored) == ["False", "False", "False", "True"], stored
+    sink = build_resources(lake.settings, HashingEmbedder(dimensions=32))["alerts"]
+    assert sink.postgres == lake.env["PIPELINE_DUCKLAKE_CATALOG"]
+    sink = sink.model_copy(update={"postgres_password": PASSWORD})  # as Dagster resolves it
+    log = logging.getLogger("alerts-test")
+    assert sink.is_firing("drift:b1", log)
+    assert sink.resolve(monitor="drift", key="drift:b1", message="back", log=log).stored
+    catalog = psycopg2.connect(lake.env["PIPELINE_DUCKLAKE_CATALOG"], password=PASSWORD)
+    try:
+        with catalog.cursor() as cur:
+            cur.execute("SELECT alert_key, status, message FROM alerts ORDER BY created_at")
+            rows = cur.fetchall()
+    finally:
+        catalog.close()
+    assert rows == [
+        ("drift:b1", "firing", "drift in b1 (reported by <masked>)"),
+        ("drift:b1", "resolved", "back"),
+    ]
+    assert not Path(lake.env["PIPELINE_ALERTS_DUCKDB_PATH"]).exists()
+    assert PASSWORD not in repr(sink) and all(PASSWORD not in err for _, err in outputs)
 
 
 def test_a_wrong_catalog_password_fails_clearly_and_never_shows_a_password(lake_factory):

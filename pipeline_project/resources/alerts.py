@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,9 +39,9 @@ from pydantic import Field, PrivateAttr
 from tenacity import Retrying, stop_after_attempt, stop_before_delay, wait_exponential_jitter
 
 from pipeline_project.core.personal_data import mask_personal
-from pipeline_project.resources.warehouse import DuckDBStore
-from pipeline_project.settings import AlertSettings, FreshnessSettings
-from pipeline_project.tables import ALERTS_DDL
+from pipeline_project.resources.warehouse import DUCKLAKE, DuckDBStore
+from pipeline_project.settings import AlertSettings, FreshnessSettings, WarehouseSettings
+from pipeline_project.tables import ALERTS_DDL, ALERTS_POSTGRES_DDL
 
 FIRING = "firing"
 RESOLVED = "resolved"
@@ -64,12 +67,64 @@ def error_rate_key(asset: str, batch_id: str | None) -> str:
 
 
 class AlertStore(DuckDBStore):
-    """The DuckDB file that holds the `alerts` table."""
+    """Where the `alerts` table is: a DuckDB file (the embedded default), or, with `postgres`
+    (a libpq string without password), a PostgreSQL database that every worker of a deployment
+    writes (DuckLake's catalog database): DuckDB's postgres extension runs the same SQL there,
+    and PostgreSQL takes any number of writers."""
 
     connect_timeout_seconds: float = 10.0
+    postgres: str = ""
+    postgres_password: str = Field(default="", repr=False)
+
+    @property
+    def database_file(self):
+        return None if self.postgres else super().database_file
 
     def _table_ddl(self) -> Sequence[str]:
-        return tuple(ALERTS_DDL.values())
+        return tuple((ALERTS_POSTGRES_DDL if self.postgres else ALERTS_DDL).values())
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        if not self.postgres:
+            return super()._connect()
+        return _postgres_base(self.postgres, self.postgres_password).cursor()
+
+    def _prepare(self, conn: duckdb.DuckDBPyConnection) -> None:
+        if not self.postgres:
+            super()._prepare(conn)
+            return
+        conn.execute(f"USE {_POSTGRES_ALIAS}")
+        with _POSTGRES_LOCK:  # the table once per process (and per database)
+            if self.postgres not in _POSTGRES_READY:
+                with self.lock("alerts table"):
+                    super()._prepare(conn)
+                _POSTGRES_READY.add(self.postgres)
+
+    def lock(self, name: str) -> AbstractContextManager:
+        """Across processes, on PostgreSQL: a check-then-insert (is this key firing?) is one
+        at a time per key, as the DuckDB file's single writer makes it."""
+        if not self.postgres:
+            return nullcontext()
+        from pipeline_project.resources.lakehouse import catalog_lock
+
+        return catalog_lock(self.postgres, self.postgres_password, f"alerts:{name}")
+
+
+_POSTGRES_ALIAS = "alerts_db"
+# One attached PostgreSQL database per process: each connection is a cursor of it.
+_POSTGRES: dict[str, duckdb.DuckDBPyConnection] = {}
+_POSTGRES_READY: set[str] = set()
+_POSTGRES_LOCK = threading.Lock()
+
+
+def _postgres_base(database: str, password: str) -> duckdb.DuckDBPyConnection:
+    from pipeline_project.resources.lakehouse import attach_postgres
+
+    with _POSTGRES_LOCK:
+        if database not in _POSTGRES:
+            base = duckdb.connect(config={"autoinstall_known_extensions": False})
+            attach_postgres(base, database=database, password=password, alias=_POSTGRES_ALIAS)
+            _POSTGRES[database] = base
+        return _POSTGRES[database]
 
 
 @dataclass(frozen=True)
@@ -132,6 +187,14 @@ class AlertSink(dg.ConfigurableResource):
     """Records, logs and (optionally) posts alerts."""
 
     database: str = Field(description="DuckDB file holding the alerts table.")
+    postgres: str = Field(
+        default="",
+        description="PostgreSQL database (libpq string, no password) holding the alerts table"
+        " instead of the file: with the DuckLake backend, its catalog database.",
+    )
+    postgres_password: str = Field(
+        default="", repr=False, description="Its password (from the environment)."
+    )
     connect_timeout_seconds: float = Field(
         default=10.0, description="How long to wait for another writer of the alerts file."
     )
@@ -166,11 +229,20 @@ class AlertSink(dg.ConfigurableResource):
 
     @classmethod
     def from_settings(
-        cls, settings: AlertSettings, freshness: FreshnessSettings | None = None
+        cls,
+        settings: AlertSettings,
+        freshness: FreshnessSettings | None = None,
+        warehouse: WarehouseSettings | None = None,
     ) -> AlertSink:
+        """With the DuckLake backend, alerts live in its catalog's PostgreSQL database: every
+        worker writes them, and no file is shared."""
         freshness = freshness or FreshnessSettings()
+        lake = warehouse is not None and warehouse.backend == DUCKLAKE
         return cls(
             database=str(settings.alerts_duckdb_path),
+            postgres=warehouse.ducklake_catalog if lake else "",
+            # A secret: Dagster reads it when the resource starts; never shown in the UI.
+            postgres_password=dg.EnvVar("PIPELINE_DUCKLAKE_PASSWORD") if lake else "",
             # A secret: Dagster reads it when the resource starts; never shown in the UI.
             webhook_url=dg.EnvVar(WEBHOOK_URL_VARIABLE) if settings.webhook_configured else "",
             webhook_format=settings.webhook_format,
@@ -186,7 +258,10 @@ class AlertSink(dg.ConfigurableResource):
         # Built here rather than nested as a resource field: a nested resource makes Dagster
         # call a deprecated API (InitResourceContext.dagster_run) while initializing it.
         return AlertStore(
-            database=self.database, connect_timeout_seconds=self.connect_timeout_seconds
+            database=self.database,
+            connect_timeout_seconds=self.connect_timeout_seconds,
+            postgres=self.postgres,
+            postgres_password=self.postgres_password,
         )
 
     def emit(
@@ -210,8 +285,9 @@ class AlertSink(dg.ConfigurableResource):
         alert = _alert(severity, monitor, key, FIRING, message, batch_id, figures, run_id)
         initial = self._initial_webhook_status()
         alert_id = None
+        store = self._store()
         try:
-            with self._store().transaction() as conn:
+            with store.lock(key), store.transaction() as conn:
                 reason = self._suppressed(conn, key, run_id)
                 if reason is None:
                     alert_id = _insert(conn, alert, initial)
@@ -239,8 +315,9 @@ class AlertSink(dg.ConfigurableResource):
         """Record that a firing key's condition cleared (nothing happens if it is not firing)."""
         alert = _alert("info", monitor, key, RESOLVED, message, batch_id, figures, run_id)
         initial = self._initial_webhook_status()
+        store = self._store()
         try:
-            with self._store().transaction() as conn:
+            with store.lock(key), store.transaction() as conn:
                 latest = _latest(conn, key)
                 firing = latest is not None and latest[0] == FIRING
                 alert_id = _insert(conn, alert, initial) if firing else None
@@ -458,11 +535,13 @@ def _latest(conn: duckdb.DuckDBPyConnection, key: str) -> tuple | None:
 
 
 def _insert(conn: duckdb.DuckDBPyConnection, alert: dict, webhook_status: str) -> Any:
-    [(alert_id,)] = conn.execute(
-        f"INSERT INTO alerts ({_ALERT_COLUMNS}, webhook_status)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING alert_id",
-        [alert["severity"], alert["monitor"], alert["key"], alert["status"], alert["batch_id"],
-         alert["message"], json.dumps(alert["figures"], default=str), alert["run_id"],
-         alert["link"], webhook_status],
-    ).fetchall()  # fmt: skip
+    # the id made here: PostgreSQL's tables take no RETURNING through DuckDB
+    alert_id = uuid.uuid4()
+    conn.execute(
+        f"INSERT INTO alerts (alert_id, {_ALERT_COLUMNS}, webhook_status)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [alert_id, alert["severity"], alert["monitor"], alert["key"], alert["status"],
+         alert["batch_id"], alert["message"], json.dumps(alert["figures"], default=str),
+         alert["run_id"], alert["link"], webhook_status],
+    )  # fmt: skip
     return alert_id

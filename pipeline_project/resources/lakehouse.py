@@ -36,25 +36,49 @@ def catalog_fields(catalog: str) -> dict[str, str]:
     return fields
 
 
-def attach_ducklake(
-    conn: duckdb.DuckDBPyConnection, *, catalog: str, password: str, data_path: str
-) -> None:
-    """Load the extensions, then attach the lakehouse as `lake` and make it the default catalog."""
+def _load(conn: duckdb.DuckDBPyConnection, extensions: tuple[str, ...]) -> None:
     from duckdb_extensions import import_extension
 
-    for name in EXTENSIONS:
+    for name in extensions:
         import_extension(name, con=conn)  # INSTALL from the wheel's file; skipped once installed
         conn.execute(f"LOAD {name}")
+
+
+def _postgres_secret(
+    conn: duckdb.DuckDBPyConnection, name: str, catalog: str, password: str
+) -> dict[str, str]:
+    """A DuckDB secret `name` for the PostgreSQL database of the libpq string `catalog`, its
+    password a parameter (never in SQL text); returns the string's fields."""
     fields = catalog_fields(catalog)
     options = [f"{key} '{_quote(fields[libpq])}'" for libpq, key in _SECRET_FIELDS.items()
                if libpq in fields and libpq != "port"]  # fmt: skip
     if "port" in fields:
         options.append(f"PORT {int(fields['port'])}")
     conn.execute(
-        f"CREATE OR REPLACE SECRET pipeline_catalog (TYPE postgres, {', '.join(options)},"
-        " PASSWORD ?)",
+        f"CREATE OR REPLACE SECRET {name} (TYPE postgres, {', '.join(options)}, PASSWORD ?)",
         [password],
     )
+    return fields
+
+
+def attach_postgres(
+    conn: duckdb.DuckDBPyConnection, *, database: str, password: str, alias: str
+) -> None:
+    """Attach the PostgreSQL database of the libpq string `database` as `alias` (DuckDB's
+    postgres extension: DuckDB SQL, run against PostgreSQL's tables and transactions) and make
+    it the default catalog."""
+    _load(conn, ("postgres",))
+    _postgres_secret(conn, f"{alias}_secret", database, password)
+    conn.execute(f"ATTACH IF NOT EXISTS '' AS {alias} (TYPE postgres, SECRET {alias}_secret)")
+    conn.execute(f"USE {alias}")
+
+
+def attach_ducklake(
+    conn: duckdb.DuckDBPyConnection, *, catalog: str, password: str, data_path: str
+) -> None:
+    """Load the extensions, then attach the lakehouse as `lake` and make it the default catalog."""
+    _load(conn, EXTENSIONS)
+    fields = _postgres_secret(conn, "pipeline_catalog", catalog, password)
     conn.execute(
         f"ATTACH IF NOT EXISTS 'ducklake:dbname={_quote(fields['dbname'])}'"
         f" AS {LAKE_ALIAS} (DATA_PATH '{_quote(data_path)}', METADATA_PARAMETERS MAP"

@@ -37,7 +37,7 @@ class WarehouseSettings:
     memory_limit: str = _env("PIPELINE_DUCKDB_MEMORY_LIMIT", "512MB")
     ducklake_catalog: str = _env("PIPELINE_DUCKLAKE_CATALOG", "")
     ducklake_data_path: Path | None = _env("PIPELINE_DUCKLAKE_DATA_PATH", None)
-    commit_attempts: int = _env("PIPELINE_DUCKLAKE_COMMIT_ATTEMPTS", 5)
+    commit_attempts: int = _env("PIPELINE_DUCKLAKE_COMMIT_ATTEMPTS", 10)
 
 
 @dataclass(frozen=True)

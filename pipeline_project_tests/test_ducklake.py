@@ -222,6 +222,41 @@ def test_a_commit_conflict_is_retried_as_a_whole_and_succeeds(lake_factory):
     assert counts == [("b1", 5), ("b2", 5)]
 
 
+def test_a_first_time_batch_appends_without_a_delete_and_commits_beside_another(lake_factory):
+    """A batch's first write deletes nothing: its commit is an append (no DELETE in the
+    lake's snapshot), which commits beside another worker's first write without a retry; a
+    re-run deletes the batch's old rows."""
+    lake = lake_factory("append")
+    warehouse = lake.warehouse()
+    rows = "SELECT $batch, range, uuid(), 'h', 0, 0.0, 1 FROM range(5)"
+    with warehouse.replace_batch([CUSTOMER_SEGMENTS], "b0") as conn:
+        conn.execute(f"INSERT INTO {CUSTOMER_SEGMENTS} {rows}", {"batch": "b0"})
+    tries = []
+    for attempt in warehouse.write_attempts():
+        with attempt, warehouse.replace_batch([CUSTOMER_SEGMENTS], "b1") as conn:
+            conn.execute(f"INSERT INTO {CUSTOMER_SEGMENTS} {rows}", {"batch": "b1"})
+            tries.append(attempt.retry_state.attempt_number)
+            with lake.warehouse().replace_batch([CUSTOMER_SEGMENTS], "b2") as other:
+                other.execute(f"INSERT INTO {CUSTOMER_SEGMENTS} {rows}", {"batch": "b2"})
+    assert tries == [1] and warehouse.commit_retries() == 0
+
+    def deletes() -> int:
+        with warehouse.get_connection() as conn:
+            changes = conn.execute("SELECT changes FROM ducklake_snapshots('lake')").fetchall()
+        # tables_deleted_from, or inlined_delete for rows kept in the catalog (few rows)
+        return sum(any("delete" in kind for kind in change) for (change,) in changes)
+
+    assert deletes() == 0
+    with warehouse.replace_batch([CUSTOMER_SEGMENTS], "b1") as conn:  # a re-run
+        conn.execute(f"INSERT INTO {CUSTOMER_SEGMENTS} {rows}", {"batch": "b1"})
+    assert deletes() == 1
+    with warehouse.get_connection() as conn:
+        counts = conn.execute(
+            f"SELECT batch_id, count(*) FROM {CUSTOMER_SEGMENTS} GROUP BY ALL ORDER BY ALL"
+        ).fetchall()
+    assert counts == [("b0", 5), ("b1", 5), ("b2", 5)]
+
+
 def test_two_workers_embedding_the_same_texts_at_once_leave_one_cache_row_per_text(
     lake_factory,
 ):

@@ -21,7 +21,7 @@ VARIABLES = {
     "PIPELINE_WAREHOUSE_BACKEND": ("warehouse", "backend", "duckdb", "ducklake", "ducklake"),
     "PIPELINE_DUCKLAKE_CATALOG": ("warehouse", "ducklake_catalog", "", "host=db dbname=lake", "host=db dbname=lake"),
     "PIPELINE_DUCKLAKE_DATA_PATH": ("warehouse", "ducklake_data_path", None, "/x/lake", Path("/x/lake")),
-    "PIPELINE_DUCKLAKE_COMMIT_ATTEMPTS": ("warehouse", "commit_attempts", 5, "8", 8),
+    "PIPELINE_DUCKLAKE_COMMIT_ATTEMPTS": ("warehouse", "commit_attempts", 10, "8", 8),
     "PIPELINE_LANDING_DIR": ("landing", "landing_dir", Path("data/landing").resolve(), "in", Path("in").resolve()),
     "PIPELINE_CATALOG_PATH": ("landing", "catalog_path", Path("data/catalog.csv").resolve(), "/x/c.csv", Path("/x/c.csv")),
     "PIPELINE_EMBEDDING_BACKEND": ("embedding", "backend", "local", "openai", "openai"),

@@ -310,7 +310,7 @@ class Warehouse(DuckDBStore):
         default="", description="DuckLake: the folder every worker reaches (data and files)."
     )
     commit_attempts: int = Field(
-        default=5, description="Attempts of a write whose commit conflicts with another writer."
+        default=10, description="Attempts of a write whose commit conflicts with another writer."
     )
     # Writes retried after a commit conflict, in this resource's lifetime (one step).
     _commit_retries: list[str] = PrivateAttr(default_factory=list)
@@ -548,11 +548,18 @@ class Warehouse(DuckDBStore):
         """Delete the batch from `tables` (and the stage's dead letters) and let the caller
         insert it again, in ONE transaction.
 
-        A crash anywhere inside leaves the previous committed state of the batch.
+        A crash anywhere inside leaves the previous committed state of the batch. On DuckLake
+        a table that holds no row of the batch yet (a first-time batch) is not deleted from:
+        its insert is then an append, which never conflicts with another writer's commit (a
+        DELETE conflicts with any concurrent insert into the table).
         """
         _check_tables(tables)
         with self.transaction() as conn:
             for table in tables:
+                if self.is_lakehouse and not conn.execute(
+                    f"SELECT 1 FROM {table} WHERE batch_id = ? LIMIT 1", [batch_id]
+                ).fetchall():
+                    continue
                 conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
             if dead_letter_stage is not None:
                 dead_letters.delete_batch(conn, batch_id, dead_letter_stage)

@@ -12,6 +12,7 @@ from pipeline_project.assets.recommendations import recommendations, validated_r
 from pipeline_project.assets.segmentation import customer_segments, segment_model
 from pipeline_project.assets.validation import validated_customers
 from pipeline_project.checks.schema_checks import COLUMN_SCHEMA_CHECKS
+from pipeline_project.maintenance import warehouse_maintenance_job
 
 INGESTION_ASSETS = [raw_customers, validated_customers]
 BATCH_ASSETS = [
@@ -77,6 +78,7 @@ JOBS = [
     catalog_job,
     segment_model_job,
     pipeline_health_job,
+    warehouse_maintenance_job,
 ]
 
 
@@ -102,7 +104,13 @@ weekly_segment_model_retrain = _running_schedule(
     "0 3 * * 1",
     "Mondays 03:00 UTC: retrain segments on the week's data.",
 )
-SCHEDULES = [weekly_segment_model_retrain, hourly_pipeline_health]
+daily_warehouse_maintenance = _running_schedule(
+    "daily_warehouse_maintenance",
+    warehouse_maintenance_job,
+    "30 2 * * *",
+    "02:30 UTC: expire old snapshots, merge small files, delete files nothing references.",
+)
+SCHEDULES = [weekly_segment_model_retrain, hourly_pipeline_health, daily_warehouse_maintenance]
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "pipeline_automation_sensor",

@@ -15,8 +15,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
@@ -27,6 +29,7 @@ import yaml
 
 from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.resources.embeddings import HashingEmbedder
+from pipeline_project.resources.warehouse import MaintenancePolicy
 from pipeline_project.sample_data import generate_batch, write_catalog
 from pipeline_project.settings import Settings
 from pipeline_project.tables import (
@@ -255,6 +258,62 @@ def test_a_first_time_batch_appends_without_a_delete_and_commits_beside_another(
             f"SELECT batch_id, count(*) FROM {CUSTOMER_SEGMENTS} GROUP BY ALL ORDER BY ALL"
         ).fetchall()
     assert counts == [("b0", 5), ("b1", 5), ("b2", 5)]
+
+
+def test_the_maintenance_job_brings_storage_back_near_one_runs_and_changes_no_row(
+    lake_factory,
+):
+    """Re-runs of a batch leave files behind (DuckLake never deletes one by itself); the
+    maintenance job deletes what no kept snapshot needs, and every table reads the same."""
+    lake = lake_factory("maintain")
+    write_batches(lake.settings.landing_dir, lake.settings.catalog_path, ["b001"], rows=400)
+    warehouse = lake.warehouse()
+    with lake.instance() as instance:
+        run_in_process(lake.settings, instance, ["b001"])
+        one_run = warehouse.storage()
+        job = defs_for(lake).resolve_job_def("batch_pipeline_job")
+        for _ in range(3):
+            assert job.execute_in_process(partition_key="b001", instance=instance).success
+        grown = warehouse.storage()
+        before = table_contents(warehouse)
+        maintained = defs_for(lake).resolve_job_def("warehouse_maintenance_job").execute_in_process(
+            instance=instance,
+            run_config={"ops": {"maintain_warehouse": {"config": {"keep_snapshots_hours": 0,
+                                                                  "grace_hours": 0}}}},
+        )  # fmt: skip
+    assert maintained.success
+    after = warehouse.storage()
+    assert grown[1] > 2.5 * one_run[1], (one_run, grown)
+    assert after[1] < 1.5 * one_run[1], (one_run, grown, after)
+    assert table_contents(warehouse) == before
+
+
+def test_the_maintenance_waits_for_a_writer_and_no_write_starts_beside_it(lake_factory):
+    lake = lake_factory("maintain_lock")
+    writer, maintenance = lake.warehouse(), lake.warehouse()
+    release, ended = threading.Event(), []
+
+    def write() -> None:
+        with writer.transaction() as conn:
+            conn.execute(f"INSERT INTO {CUSTOMER_SEGMENTS} SELECT 'b1', range, uuid(), 'h', 0,"
+                         " 0.0, 1 FROM range(50)")  # fmt: skip
+            release.wait(60)
+        ended.append("write")
+
+    def maintain() -> None:
+        maintenance.maintain(MaintenancePolicy())
+        ended.append("maintenance")
+
+    with ThreadPoolExecutor(2) as pool:
+        pending = pool.submit(write)
+        time.sleep(1.0)  # the write holds its share of the lock
+        maintaining = pool.submit(maintain)
+        time.sleep(3.0)
+        assert ended == []  # the maintenance waits for the write
+        release.set()
+        pending.result(timeout=60)
+        maintaining.result(timeout=120)
+    assert ended == ["write", "maintenance"]
 
 
 def test_two_workers_embedding_the_same_texts_at_once_leave_one_cache_row_per_text(

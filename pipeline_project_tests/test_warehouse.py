@@ -93,3 +93,31 @@ def test_a_killed_run_s_staging_folder_is_removed_by_the_next_write_of_its_batch
     with warehouse.scratch_folder("b1") as folder:
         assert folder.is_dir() and not left_behind.exists()
     assert other.exists()  # another batch's folder ("b1-x") is not touched
+
+
+def test_the_maintenance_job_checkpoints_the_file_and_reports_its_storage(tmp_path):
+    """On the file backend the maintenance job checkpoints the DuckDB file (the WAL into it)
+    and reports the files and bytes before and after; a policy it cannot follow is refused."""
+    from pipeline_project.definitions import build_definitions
+    from pipeline_project_tests.helpers import settings_in
+
+    settings = settings_in(tmp_path)
+    warehouse = Warehouse(database=str(settings.duckdb_path))
+    with warehouse.transaction() as conn:
+        conn.execute(
+            "INSERT INTO customer_segments SELECT 'b1', range, uuid(), 'h', 0, 0.0, 1"
+            " FROM range(50000)"
+        )
+    job = build_definitions(settings).resolve_job_def("warehouse_maintenance_job")
+    result = job.execute_in_process()
+    assert result.success
+    [output] = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+    figures = {k: v.value for k, v in output.event_specific_data.metadata.items()}
+    assert figures["files_after"] == 1 and figures["bytes_after"] > 0  # no WAL left
+    refused = job.execute_in_process(
+        run_config={"ops": {"maintain_warehouse": {"config": {"orphan_age_hours": 0}}}},
+        raise_on_error=False,
+    )
+    assert not refused.success
+    [failure] = [e for e in refused.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "orphan_age_hours at least 1" in str(failure.event_specific_data.error)

@@ -88,20 +88,22 @@ def attach_ducklake(
 
 
 @contextmanager
-def catalog_lock(catalog: str, password: str, name: str) -> Iterator[None]:
+def catalog_lock(catalog: str, password: str, name: str, shared: bool = False) -> Iterator[None]:
     """A PostgreSQL advisory lock on the catalog database, held until the body ends.
 
     DuckLake enforces no UNIQUE key, and two appends of the same row do not conflict: a write
     that must stay unique across workers (a cache entry, the first segment model) takes this
     lock, looks again, and writes only what is still missing. A worker that dies releases it
-    with its session.
+    with its session. `shared`: any number of holders at once, none beside an exclusive one
+    (every writer shares the maintenance lock; the maintenance holds it alone).
     """
     import psycopg2
 
     session = psycopg2.connect(catalog, password=password)
     try:
         with session.cursor() as cur:
-            cur.execute("SELECT pg_advisory_lock(hashtext(%s))", [name])
+            function = "pg_advisory_lock_shared" if shared else "pg_advisory_lock"
+            cur.execute(f"SELECT {function}(hashtext(%s))", [name])
         yield
     finally:
         session.close()

@@ -18,6 +18,8 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import ClassVar
 
@@ -282,6 +284,24 @@ RAW_FILE_NAME = "lines.parquet"
 
 
 DUCKDB, DUCKLAKE = "duckdb", "ducklake"
+# Held shared by every write to a lakehouse, alone by its maintenance.
+MAINTENANCE_LOCK = "lake maintenance"
+
+
+@dataclass(frozen=True)
+class MaintenancePolicy:
+    """What the lake's maintenance keeps: snapshots for `keep_snapshots` (time travel, and
+    readers of an old snapshot), files no snapshot references for `grace` more, and files of
+    no snapshot at all (a writer's until it commits) for `orphan_age`: far longer than any
+    write takes. Files whose rows are deleted beyond `rewrite_delete_threshold` are
+    rewritten."""
+
+    keep_snapshots: timedelta = timedelta(days=7)
+    grace: timedelta = timedelta(hours=1)
+    orphan_age: timedelta = timedelta(days=3)
+    rewrite_delete_threshold: float = 0.3
+
+
 # One attached lakehouse per process and configuration: attaching costs about a second (the
 # extensions load, the catalog is read), so each connection is a cursor of this one.
 _LAKES: dict[tuple, duckdb.DuckDBPyConnection] = {}
@@ -407,6 +427,10 @@ class Warehouse(DuckDBStore):
         conn.execute(f"USE {LAKE_ALIAS}")
         return conn
 
+    def _lake_data_path(self) -> str:
+        """Where DuckLake keeps the tables' files."""
+        return str(Path(self.ducklake_data_path) / "tables") + "/"
+
     def _lake(self) -> duckdb.DuckDBPyConnection:
         from pipeline_project.resources.lakehouse import attach_ducklake
 
@@ -431,7 +455,7 @@ class Warehouse(DuckDBStore):
                         base,
                         catalog=self.ducklake_catalog,
                         password=self.ducklake_password,
-                        data_path=str(Path(self.ducklake_data_path) / "tables") + "/",
+                        data_path=self._lake_data_path(),
                     )
                     from pipeline_project.schema import ensure_schema
 
@@ -453,6 +477,80 @@ class Warehouse(DuckDBStore):
         """A transaction under `lock(name)`: for appends that must stay unique (see lock)."""
         with self.lock(name), self.transaction() as conn:
             yield conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """BEGIN ... COMMIT; on DuckLake under the maintenance lock, shared with every other
+        writer: the lake's maintenance never runs beside a write (see maintain)."""
+        with self._writing(), super().transaction() as conn:
+            yield conn
+
+    def _writing(self) -> AbstractContextManager:
+        if not self.is_lakehouse:
+            return nullcontext()
+        from pipeline_project.resources.lakehouse import catalog_lock
+
+        return catalog_lock(
+            self.ducklake_catalog, self.ducklake_password, MAINTENANCE_LOCK, shared=True
+        )
+
+    def storage(self) -> tuple[int, int]:
+        """Files and bytes the tables take: the DuckDB file (and its WAL), or every file under
+        the lake's data folder (referenced or not)."""
+        if not self.is_lakehouse:
+            paths = [Path(self.database), Path(f"{self.database}.wal")]
+            sizes = [p.stat().st_size for p in paths if p.exists()]
+            return len(sizes), sum(sizes)
+        with self.get_connection() as conn:
+            [(files, size)] = conn.execute(
+                "SELECT count(*), coalesce(sum(size), 0) FROM read_blob(?)",
+                [self._lake_data_path() + "**"],
+            ).fetchall()
+        return int(files), int(size)
+
+    def maintain(self, policy: MaintenancePolicy) -> dict[str, int]:
+        """Keep storage from growing with every re-run, replay and retrain (DuckLake never
+        deletes a file on its own): expire the snapshots older than the policy keeps, rewrite
+        the files mostly deleted, merge small adjacent files, delete the files no snapshot
+        references any more (once `policy.grace` has passed, for readers still on them), and
+        files of no snapshot at all left by writers that died (only after `policy.orphan_age`:
+        a writer's files are orphans until it commits). Under the maintenance lock alone: no
+        write runs meanwhile, none starts until it ends. The DuckDB file: a checkpoint (its
+        WAL into the file; the file reuses its free blocks). Returns what each step did."""
+        if not self.is_lakehouse:
+            with self.get_connection() as conn:
+                conn.execute("CHECKPOINT")
+            return {}
+        from pipeline_project.resources.lakehouse import LAKE_ALIAS, catalog_lock
+
+        lake = f"'{LAKE_ALIAS}'"
+        # each step's ages from the moment it runs: a file the step before scheduled for
+        # deletion is as old as the grace allows only then
+        steps = {
+            "inlined_rows_flushed": (f"ducklake_flush_inlined_data({lake})", {}),
+            "snapshots_expired": (
+                f"ducklake_expire_snapshots({lake}, older_than => $age)", policy.keep_snapshots
+            ),
+            "files_rewritten": (
+                f"ducklake_rewrite_data_files({lake}, delete_threshold => $threshold)",
+                {"threshold": policy.rewrite_delete_threshold},
+            ),
+            "files_merged": (f"ducklake_merge_adjacent_files({lake})", {}),
+            "old_files_deleted": (
+                f"ducklake_cleanup_old_files({lake}, older_than => $age)", policy.grace
+            ),
+            "orphan_files_deleted": (
+                f"ducklake_delete_orphaned_files({lake}, older_than => $age)", policy.orphan_age
+            ),
+        }
+        done = {}
+        alone = catalog_lock(self.ducklake_catalog, self.ducklake_password, MAINTENANCE_LOCK)
+        with alone, self.get_connection() as conn:
+            for name, (call, params) in steps.items():
+                if isinstance(params, timedelta):
+                    params = {"age": datetime.now(UTC) - params}
+                done[name] = len(conn.execute(f"CALL {call}", params).fetchall())
+        return done
 
     def write_attempts(self) -> Retrying:
         """Attempts of one whole write transaction: a commit that conflicts with another
@@ -556,9 +654,12 @@ class Warehouse(DuckDBStore):
         _check_tables(tables)
         with self.transaction() as conn:
             for table in tables:
-                if self.is_lakehouse and not conn.execute(
-                    f"SELECT 1 FROM {table} WHERE batch_id = ? LIMIT 1", [batch_id]
-                ).fetchall():
+                if (
+                    self.is_lakehouse
+                    and not conn.execute(
+                        f"SELECT 1 FROM {table} WHERE batch_id = ? LIMIT 1", [batch_id]
+                    ).fetchall()
+                ):
                     continue
                 conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
             if dead_letter_stage is not None:

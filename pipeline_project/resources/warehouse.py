@@ -529,7 +529,8 @@ class Warehouse(DuckDBStore):
         steps = {
             "inlined_rows_flushed": (f"ducklake_flush_inlined_data({lake})", {}),
             "snapshots_expired": (
-                f"ducklake_expire_snapshots({lake}, older_than => $age)", policy.keep_snapshots
+                f"ducklake_expire_snapshots({lake}, older_than => $age)",
+                policy.keep_snapshots,
             ),
             "files_rewritten": (
                 f"ducklake_rewrite_data_files({lake}, delete_threshold => $threshold)",
@@ -537,10 +538,12 @@ class Warehouse(DuckDBStore):
             ),
             "files_merged": (f"ducklake_merge_adjacent_files({lake})", {}),
             "old_files_deleted": (
-                f"ducklake_cleanup_old_files({lake}, older_than => $age)", policy.grace
+                f"ducklake_cleanup_old_files({lake}, older_than => $age)",
+                policy.grace,
             ),
             "orphan_files_deleted": (
-                f"ducklake_delete_orphaned_files({lake}, older_than => $age)", policy.orphan_age
+                f"ducklake_delete_orphaned_files({lake}, older_than => $age)",
+                policy.orphan_age,
             ),
         }
         done = {}

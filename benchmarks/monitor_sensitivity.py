@@ -60,6 +60,7 @@ import tempfile
 import time
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -366,20 +367,23 @@ def _shifted(lines: list[str], shift_to: list[str], share: float, seed: int) -> 
 
 def _date_far_ahead(lines: list[str], share: float, seed: int) -> tuple[list[str], list[str]]:
     """A `share` of the records get a purchase dated 9999-12-31 (a broken export's default
-    date); returns the lines and their customer IDs."""
+    date); returns the lines and their customers' IDs (an ID that another line holds too, a
+    bad line's duplicate of a valid customer's, is not the poisoned record's alone: left
+    out)."""
     rng = np.random.default_rng(seed)
-    out, poisoned = [], []
+    out, poisoned, held = [], [], Counter()
     for line in lines:
         try:
             record = json.loads(line)
+            held[str(record.get("id"))] += 1
             if record["purchaseHistory"] and rng.random() < share:
                 record["purchaseHistory"][0]["date"] = "9999-12-31T00:00:00Z"
                 poisoned.append(record["id"])
                 line = json.dumps(record, separators=(",", ":"))
-        except (ValueError, KeyError, TypeError, IndexError):
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             pass  # a bad line stays as it is
         out.append(line)
-    return out, poisoned
+    return out, [i for i in poisoned if held[str(i)] == 1]
 
 
 def set_duplicate_product(path: Path, original: str) -> None:

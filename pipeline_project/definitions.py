@@ -31,7 +31,7 @@ def build_resources(
         "warehouse": Warehouse.from_settings(settings.warehouse),
         "landing": LandingZone.from_settings(settings.landing),
         "alerts": AlertSink.from_settings(settings.alerts, settings.freshness, settings.warehouse),
-        "embedder": embedder or build_embedder(settings.embedding),
+        "embedder": embedder or build_embedder(settings.embedding, settings.warehouse),
     }
 
 

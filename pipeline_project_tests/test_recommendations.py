@@ -1,5 +1,6 @@
 """Recommendations: scored with their parts, filtered by the business rules, checked per batch."""
 
+import logging
 import math
 from datetime import UTC, datetime
 
@@ -11,7 +12,7 @@ from pipeline_project.checks.output_checks import recommendation_check_results
 from pipeline_project.core.recommendations import Weights, rule_outcome, stage_business_rules
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources import Warehouse
-from pipeline_project.resources.embeddings import LocalE5Embedder
+from pipeline_project.resources.embeddings import HashingEmbedder, LocalE5Embedder
 from pipeline_project.sample_data import CATEGORIES, write_catalog
 from pipeline_project_tests.helpers import customer, settle, write_lines
 
@@ -484,6 +485,47 @@ def test_a_catalog_that_fails_a_blocking_check_is_never_committed(
     assert "product_catalog" not in {
         e.asset_key.path[-1] for e in result.get_asset_materialization_events()
     }
+
+
+def test_a_catalog_with_far_fewer_products_in_stock_loads_and_warns(settings, instance, catalog):
+    """Half the shop out of stock at once: the catalog loads (the recommendations stay right,
+    only products in stock are ranked) but its in-stock check warns and alerts; the first
+    catalog has nothing to compare with and is not judged (never a pass)."""
+    from pipeline_project.sensors.alerting import alert_finished_run
+
+    defs = build_definitions(settings, embedder=HashingEmbedder())
+    first = defs.resolve_job_def("catalog_job").execute_in_process(instance=instance)
+    assert "in_stock_share_within_expected_range" not in {
+        e.check_name for e in first.get_asset_check_evaluations()
+    }
+    [loaded] = first.asset_materializations_for_node("product_catalog")
+    assert "no previous catalog" in str(loaded.metadata["not_judged"].value)
+    header, *products = settings.catalog_path.read_text().splitlines()
+    in_stock = [i for i, line in enumerate(products) if line.endswith(",True")]
+    for i in in_stock[: len(in_stock) // 2]:
+        products[i] = products[i].removesuffix(",True") + ",False"
+    settings.catalog_path.write_text("\n".join([header, *products]) + "\n")
+    second = defs.resolve_job_def("catalog_job").execute_in_process(instance=instance)
+    assert second.success  # loaded
+    [check] = [
+        e for e in second.get_asset_check_evaluations()
+        if e.check_name == "in_stock_share_within_expected_range"
+    ]  # fmt: skip
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert (
+        check.metadata["in_stock_share"].value
+        < 0.8 * check.metadata["previous_in_stock_share"].value
+    )
+    alert_finished_run(instance, second.dagster_run, defs.resources["alerts"], logging.getLogger())
+    with duckdb.connect(str(settings.alerts_duckdb_path)) as conn:
+        monitors = [m for (m,) in conn.execute("SELECT monitor FROM alerts").fetchall()]
+    assert "in_stock_share_within_expected_range" in monitors
+    third = defs.resolve_job_def("catalog_job").execute_in_process(instance=instance)
+    [again] = [
+        e for e in third.get_asset_check_evaluations()
+        if e.check_name == "in_stock_share_within_expected_range"
+    ]  # fmt: skip
+    assert again.passed  # the same catalog again: the share held
 
 
 def test_scoring_tolerates_a_catalog_table_that_holds_a_product_twice(

@@ -7,7 +7,12 @@ import duckdb
 
 from pipeline_project.asset_metadata import one_table_metadata
 from pipeline_project.assets.inference import InferenceConfig, cache_writer
-from pipeline_project.checks.catalog_checks import CATALOG_CHECK_SPECS, catalog_check_results
+from pipeline_project.checks.catalog_checks import (
+    CATALOG_CHECK_SPECS,
+    catalog_check_results,
+    in_stock_share_verdict,
+)
+from pipeline_project.checks.verdicts import judged, not_judged
 from pipeline_project.core.catalog import record_version
 from pipeline_project.core.embedding_cache import missing_texts
 from pipeline_project.core.inference import CircuitBreakerOpen, embed_into_cache
@@ -51,6 +56,8 @@ class _Refused(Exception):
         )
     ],
     check_specs=CATALOG_CHECK_SPECS,
+    # a check with too little data to judge yields no result (checks/verdicts.py)
+    can_subset=True,
     pool=DUCKDB_WRITER_POOL,
     retry_policy=STAGE_RETRY_POLICY,
 )
@@ -66,6 +73,9 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
     try:
         for attempt in warehouse.write_attempts():
             with attempt, warehouse.transaction() as conn:
+                [(previous,)] = conn.execute(
+                    f"SELECT avg(in_stock::INT) FROM {PRODUCT_CATALOG}"
+                ).fetchall()
                 conn.execute(f"DELETE FROM {PRODUCT_CATALOG}")
                 conn.execute(_LOAD_SQL, [str(path)])
                 [(rows, categories, in_stock)] = conn.execute(
@@ -89,6 +99,7 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
             allow_retries=False,
         ) from None
     context.log.info(f"catalog: {rows} products in {categories} categories")
+    verdicts = [in_stock_share_verdict(previous, in_stock or 0.0)]
     yield dg.MaterializeResult(
         asset_key=PRODUCT_CATALOG,
         metadata={
@@ -98,9 +109,11 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
             "new_catalog_version": new_version,
             "in_stock_share": round(in_stock or 0.0, 4),
             "catalog_fingerprint": fingerprint,
+            **not_judged(verdicts, context.log),
         },
     )
     yield from checks
+    yield from judged(verdicts)
 
 
 @dg.asset(

@@ -1,10 +1,12 @@
 """raw_customers and the validation step as Dagster assets: idempotent, transactional, checked."""
 
 import itertools
+import logging
 import subprocess
 import sys
 
 import dagster as dg
+import duckdb
 import pytest
 
 from pipeline_project.assets.ingestion import raw_customers
@@ -14,6 +16,7 @@ from pipeline_project.core.landing_files import iter_raw_line_chunks, store_raw_
 from pipeline_project.core.staging import write_staged
 from pipeline_project.resources import Warehouse
 from pipeline_project.sample_data import generate_batch
+from pipeline_project.sensors.alerting import alert_finished_run
 from pipeline_project.tables import CUSTOMERS
 from pipeline_project_tests.helpers import (
     customer,
@@ -275,6 +278,34 @@ def test_half_a_gzip_file_stops_at_validation_naming_the_file_and_the_line(
         "landing_file_read_to_the_end_with_records"
         in (not_judged(result)["record_count_within_expected_range"])
     )
+
+
+def test_a_small_cut_file_raises_one_failure_and_one_alert_not_an_error_rate_too(
+    settings, defs, instance, catalog
+):
+    """Half of a small gzip: its cut line is no bad record, so the error rate (one line in
+    fifteen) is not judged and the error-rate alert not raised; the file check fails and is
+    the one alert."""
+    whole = settings.landing_dir / "whole.jsonl.gz"
+    generate_batch(whole, 30, 0.0, 1, catalog)
+    data = whole.read_bytes()
+    whole.unlink()
+    (settings.landing_dir / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    result = run_batch(defs, instance, "cut")
+    assert not result.success and not _file_check(result).passed
+    unjudged = not_judged(result)
+    for check in ("schema_error_rate_below_threshold", "schema_error_rate_below_hard_ceiling"):
+        assert "not read to its end" in unjudged[check]
+    [customers] = [
+        m for m in result.asset_materializations_for_node("validated_customers")
+        if m.asset_key.to_user_string() == "customers"
+    ]  # fmt: skip
+    assert customers.metadata["error_rate"].value > 0.05  # what would have alerted
+    assert "error_rate_threshold" not in customers.metadata  # nothing for the sensor to judge
+    alert_finished_run(instance, result.dagster_run, defs.resources["alerts"], logging.getLogger())
+    with duckdb.connect(str(settings.alerts_duckdb_path)) as conn:
+        monitors = sorted(m for (m,) in conn.execute("SELECT monitor FROM alerts").fetchall())
+    assert monitors == ["landing_file_read_to_the_end_with_records"]
 
 
 @pytest.mark.parametrize("content", [b"", b" \n" * 150], ids=["empty", "blank lines"])

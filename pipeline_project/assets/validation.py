@@ -10,7 +10,11 @@ import pyarrow.parquet
 from pydantic import Field
 
 from pipeline_project.asset_metadata import table_metadata
-from pipeline_project.checks.input_checks import INPUT_CHECK_SPECS, input_check_results
+from pipeline_project.checks.input_checks import (
+    INPUT_CHECK_SPECS,
+    input_check_results,
+    is_cut,
+)
 from pipeline_project.checks.verdicts import Verdict, not_judged
 from pipeline_project.checks.verdicts import judged as judged_results
 from pipeline_project.contract import CONTRACT
@@ -157,14 +161,19 @@ def validated_customers(
     with warehouse.get_connection() as conn:
         failures = failure_report(conn, batch_id)
     # Alerted here, whatever launched the run; the sensor finds it stored for this run.
-    # One threshold, the check's: the alert fires exactly when the check fails.
-    alerts.alert_error_rate(asset=CUSTOMERS, batch_id=batch_id, rate=summary.error_rate,
-                            threshold=config.error_rate_threshold, log=context.log,
-                            run_id=context.run.run_id)  # fmt: skip
+    # One threshold, the check's: the alert fires exactly when the check fails (never on a
+    # file cut short: its file check fails and alerts, and its error rate is not judged).
+    cut = is_cut(checks)
+    if not cut:
+        alerts.alert_error_rate(asset=CUSTOMERS, batch_id=batch_id, rate=summary.error_rate,
+                                threshold=config.error_rate_threshold, log=context.log,
+                                run_id=context.run.run_id)  # fmt: skip
     selected = {key.to_user_string() for key in context.selected_asset_keys}
     for result in _materializations(
         summary, seconds, usage, warehouse.commit_retries(), warehouse, failures, judged.stale,
-        {**not_judged(checks, context.log), "error_rate_threshold": config.error_rate_threshold},
+        # no threshold recorded for a cut file: the error-rate sensor judges nothing of it
+        {**not_judged(checks, context.log),
+         **({} if cut else {"error_rate_threshold": config.error_rate_threshold})},
     ):  # fmt: skip
         if result.asset_key.to_user_string() in selected:
             yield result

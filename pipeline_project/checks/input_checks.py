@@ -124,8 +124,10 @@ def input_check_results(
         "invalid_rows": invalid,
         "error_rate": rate,
     }
+    complete = file_complete_result(conn, batch_id, records)
+    cut = "read_error" in complete.metadata  # what stops it is the file check
     return [
-        file_complete_result(conn, batch_id, records),
+        complete,
         dg.AssetCheckResult(
             asset_key="customers",
             check_name=ROWS_CONSERVED,
@@ -133,18 +135,33 @@ def input_check_results(
             severity=dg.AssetCheckSeverity.ERROR,
             metadata={**figures, "lines_not_placed_exactly_once": misplaced},
         ),
-        *_error_rate(records, rate, figures, ERROR_RATE_BELOW_THRESHOLD, threshold, "threshold"),
-        *_error_rate(records, rate, figures, ERROR_RATE_BELOW_HARD_CEILING, ceiling, "ceiling"),
-    ]
+        *_error_rate(records, rate, figures, ERROR_RATE_BELOW_THRESHOLD, threshold, "threshold",
+                     cut),
+        *_error_rate(records, rate, figures, ERROR_RATE_BELOW_HARD_CEILING, ceiling, "ceiling",
+                     cut),
+    ]  # fmt: skip
+
+
+def is_cut(verdicts: list[Verdict]) -> bool:
+    """The batch's landing file could not be read to its end (its file check says so)."""
+    return any(
+        isinstance(v, dg.AssetCheckResult) and v.check_name == FILE_COMPLETE
+        and "read_error" in v.metadata
+        for v in verdicts
+    )  # fmt: skip
 
 
 def _error_rate(
-    records: int, rate: float, figures: dict, check_name: str, limit: float, name: str
-) -> list[Verdict]:
-    """The error rate against `limit`; no verdict on a batch without a record (what stops it
-    is landing_file_read_to_the_end_with_records)."""
+    records: int, rate: float, figures: dict, check_name: str, limit: float, name: str,
+    cut: bool = False,
+) -> list[Verdict]:  # fmt: skip
+    """The error rate against `limit`; no verdict on a batch without a record, or on a file
+    that could not be read to its end (its cut line is no bad record: what stops such a batch
+    is landing_file_read_to_the_end_with_records, one failure and one alert)."""
     if records == 0:
         return [NotJudged(check_name, "the batch holds no record: no error rate")]
+    if cut:
+        return [NotJudged(check_name, "the landing file was not read to its end: no error rate")]
     ceiling = check_name == ERROR_RATE_BELOW_HARD_CEILING
     return [
         dg.AssetCheckResult(

@@ -73,9 +73,7 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
     try:
         for attempt in warehouse.write_attempts():
             with attempt, warehouse.transaction() as conn:
-                [(previous,)] = conn.execute(
-                    f"SELECT avg(in_stock::INT) FROM {PRODUCT_CATALOG}"
-                ).fetchall()
+                previous = _in_stock_share(conn)  # the catalog it replaces (None: none)
                 conn.execute(f"DELETE FROM {PRODUCT_CATALOG}")
                 conn.execute(_LOAD_SQL, [str(path)])
                 [(rows, categories, in_stock)] = conn.execute(
@@ -114,6 +112,11 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
     )
     yield from checks
     yield from judged(verdicts)
+
+
+def _in_stock_share(conn) -> float | None:
+    [(share,)] = conn.execute(f"SELECT avg(in_stock::INT) FROM {PRODUCT_CATALOG}").fetchall()
+    return share
 
 
 @dg.asset(

@@ -160,24 +160,29 @@ def validated_customers(
     seconds, checks = time.perf_counter() - started, judged.checks
     with warehouse.get_connection() as conn:
         failures = failure_report(conn, batch_id)
-    # Alerted here, whatever launched the run; the sensor finds it stored for this run.
-    # One threshold, the check's: the alert fires exactly when the check fails (never on a
-    # file cut short: its file check fails and alerts, and its error rate is not judged).
-    cut = is_cut(checks)
-    if not cut:
-        alerts.alert_error_rate(asset=CUSTOMERS, batch_id=batch_id, rate=summary.error_rate,
-                                threshold=config.error_rate_threshold, log=context.log,
-                                run_id=context.run.run_id)  # fmt: skip
+    threshold = _alert_error_rate(context, alerts, config, summary, checks)
     selected = {key.to_user_string() for key in context.selected_asset_keys}
     for result in _materializations(
         summary, seconds, usage, warehouse.commit_retries(), warehouse, failures, judged.stale,
-        # no threshold recorded for a cut file: the error-rate sensor judges nothing of it
-        {**not_judged(checks, context.log),
-         **({} if cut else {"error_rate_threshold": config.error_rate_threshold})},
+        {**not_judged(checks, context.log), **threshold},
     ):  # fmt: skip
         if result.asset_key.to_user_string() in selected:
             yield result
     yield from judged_results(checks)
+
+
+def _alert_error_rate(context, alerts: AlertSink, config: ValidationConfig,
+                      summary: ValidationSummary, checks: list[Verdict]) -> dict:  # fmt: skip
+    """Alerted here, whatever launched the run; the sensor finds it stored for this run. One
+    threshold, the check's: the alert fires exactly when the check fails; never on a file cut
+    short (its file check fails and alerts, its error rate is not judged, and no threshold is
+    recorded for the error-rate sensor). Returns the threshold for the metadata."""
+    if is_cut(checks):
+        return {}
+    alerts.alert_error_rate(asset=CUSTOMERS, batch_id=context.partition_key,
+                            rate=summary.error_rate, threshold=config.error_rate_threshold,
+                            log=context.log, run_id=context.run.run_id)  # fmt: skip
+    return {"error_rate_threshold": config.error_rate_threshold}
 
 
 def _limits(config: ValidationConfig) -> Limits:

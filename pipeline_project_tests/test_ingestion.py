@@ -253,14 +253,19 @@ def _file_check(result) -> dg.AssetCheckEvaluation:
     return check
 
 
+def _half_a_gzip(settings, catalog, batch_id: str, records: int) -> None:
+    """The first half of the bytes of a gzipped batch of `records` as batch `batch_id`."""
+    whole = settings.landing_dir / "whole.jsonl.gz"
+    generate_batch(whole, records, 0.0, 1, catalog)
+    data = whole.read_bytes()
+    whole.unlink()
+    (settings.landing_dir / f"{batch_id}.jsonl.gz").write_bytes(data[: len(data) // 2])
+
+
 def test_half_a_gzip_file_stops_at_validation_naming_the_file_and_the_line(
     settings, defs, instance, catalog
 ):
-    whole = settings.landing_dir / "whole.jsonl.gz"
-    generate_batch(whole, 2000, 0.0, 1, catalog)
-    data = whole.read_bytes()
-    whole.unlink()
-    (settings.landing_dir / "half.jsonl.gz").write_bytes(data[: len(data) // 2])
+    _half_a_gzip(settings, catalog, "half", 2000)
     result = run_batch(defs, instance, "half")
     assert not result.success  # a blocking check: nothing downstream, no answer published
     check = _file_check(result)
@@ -286,11 +291,7 @@ def test_a_small_cut_file_raises_one_failure_and_one_alert_not_an_error_rate_too
     """Half of a small gzip: its cut line is no bad record, so the error rate (one line in
     fifteen) is not judged and the error-rate alert not raised; the file check fails and is
     the one alert."""
-    whole = settings.landing_dir / "whole.jsonl.gz"
-    generate_batch(whole, 30, 0.0, 1, catalog)
-    data = whole.read_bytes()
-    whole.unlink()
-    (settings.landing_dir / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    _half_a_gzip(settings, catalog, "cut", 30)
     result = run_batch(defs, instance, "cut")
     assert not result.success and not _file_check(result).passed
     unjudged = not_judged(result)

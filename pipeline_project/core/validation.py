@@ -105,38 +105,38 @@ def _kind(f: Field, kind: str) -> str:
 # of _extract; `<key>__parsed` for a timestamp) and from the typed parse (`x`, the field's JSON
 # text, NULL when absent; see _JSON_TEXT_MACROS). Both give the same columns: `<key>__type`,
 # `<key>` (a string's text, a number's value) and a timestamp's `<key>__ts`.
+def _columns_of(f: Field, kind: str, text: str, number: str) -> str:
+    """A field's columns from the SQL of its JSON kind, its string's text, its number."""
+    columns = [_kind(f, kind)]
+    if f.kind in ("string", "timestamp"):
+        columns.append(f"{text} AS {f.key}")
+    if f.kind == "number":
+        columns.append(f"{number} AS {f.key}")
+    if f.kind == "timestamp":
+        columns.append(_instant(f.key))
+    return ", ".join(columns)
+
+
+def _field_text(key: str) -> str:
+    return f"CASE WHEN {key}__t = 'VARCHAR' THEN {key}__j ->> '$' END"
+
+
 def _field_columns(f: Field) -> str:
     k = f.key
-    columns = [_kind(f, f"json_kind({k}__t)")]
-    if f.kind in ("string", "timestamp"):
-        columns.append(f"CASE WHEN {k}__t = 'VARCHAR' THEN {k}__j ->> '$' END AS {k}")
-    if f.kind == "number":
-        columns.append(
-            f"CASE WHEN json_kind({k}__t) = 'number' THEN ({k}__j ->> '$')::DOUBLE END AS {k}"
-        )
-    if f.kind == "timestamp":
-        columns.append(_instant(k))
-    return ", ".join(columns)
+    number = f"CASE WHEN json_kind({k}__t) = 'number' THEN ({k}__j ->> '$')::DOUBLE END"
+    return _columns_of(f, f"json_kind({k}__t)", _field_text(k), number)
 
 
 def _field_parsed(f: Field) -> str:
-    return _iso_instant(f"CASE WHEN {f.key}__t = 'VARCHAR' THEN {f.key}__j ->> '$' END")
+    return _iso_instant(_field_text(f.key))
 
 
 def _typed_columns(f: Field, x: str) -> str:
-    k = f.key
     if f.kind == "list":  # the typed path reads only lines whose list is one
-        return f"'array' AS {k}__type"
-    columns = [_kind(f, f"coalesce(json_text_kind({x}), 'missing')")]
-    if f.kind in ("string", "timestamp"):
-        columns.append(f"json_text_string({x}) AS {k}")
-    if f.kind == "number":
-        columns.append(
-            f"CASE WHEN json_text_kind({x}) = 'number' THEN {x}::VARCHAR::DOUBLE END AS {k}"
-        )
-    if f.kind == "timestamp":
-        columns.append(_instant(k))
-    return ", ".join(columns)
+        return f"'array' AS {f.key}__type"
+    number = f"CASE WHEN json_text_kind({x}) = 'number' THEN {x}::VARCHAR::DOUBLE END"
+    kind = f"coalesce(json_text_kind({x}), 'missing')"
+    return _columns_of(f, kind, f"json_text_string({x})", number)
 
 
 def _typed_parsed(fields: tuple[Field, ...], parent: str) -> str:

@@ -54,6 +54,8 @@ setup(
             "pgserver==0.1.4",
             "dagster-postgres==0.29.27",
             "dagster-docker==0.29.27",
+            # A real S3-compatible server on 127.0.0.1 for the object-storage tests.
+            "moto[server]==5.2.6",
         ],
         # DuckLake with its catalog in PostgreSQL, Dagster's state in PostgreSQL, runs as
         # containers or Kubernetes jobs. The extensions ship in wheels: nothing is downloaded.

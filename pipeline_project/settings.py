@@ -44,6 +44,12 @@ class WarehouseSettings:
 class LandingSettings:
     landing_dir: Path = _env("PIPELINE_LANDING_DIR", Path("data/landing"))
     catalog_path: Path = _env("PIPELINE_CATALOG_PATH", Path("data/catalog.csv"))
+    # Batch files landing on object storage instead (s3://bucket/prefix), on AWS or any
+    # S3-compatible server; its keys are secrets: PIPELINE_S3_ACCESS_KEY_ID and
+    # PIPELINE_S3_SECRET_ACCESS_KEY, read by Dagster (dg.EnvVar).
+    s3_prefix: str = _env("PIPELINE_LANDING_S3_PREFIX", "")
+    s3_endpoint: str = _env("PIPELINE_S3_ENDPOINT", "")
+    s3_region: str = _env("PIPELINE_S3_REGION", "us-east-1")
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,8 @@ READ_BY_DAGSTER = (
     "PIPELINE_OPENAI_API_KEY",
     "PIPELINE_DUCKLAKE_PASSWORD",
     "PIPELINE_ALERT_WEBHOOK_URL",
+    "PIPELINE_S3_ACCESS_KEY_ID",
+    "PIPELINE_S3_SECRET_ACCESS_KEY",
     "PIPELINE_DAGSTER_PG_HOST",
     "PIPELINE_DAGSTER_PG_PORT",
     "PIPELINE_DAGSTER_PG_USER",

@@ -2,7 +2,6 @@
 
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
@@ -171,28 +170,30 @@ def _ingest(
 
     digest = content_digest()
     chunks = iter_raw_line_chunks(
-        landing_file.path, config.chunk_rows, config.max_line_bytes, digest=digest
+        landing_file.path,
+        config.chunk_rows,
+        config.max_line_bytes,
+        digest=digest,
+        filesystem=landing.filesystem(),
     )
     with warehouse.replacing_raw_file(batch_id) as writer:
         stored = store_raw_lines(writer, chunks, on_chunk=progress)
         # Before the new file replaces the old one: the register records the new content and,
         # when it differs, withdraws what the old content gave (a crash in between keeps both).
         registered, stale = _register(
-            context, warehouse, landing_file.path.name, digest.hexdigest(), stored.lines
+            context, warehouse, landing_file.name, digest.hexdigest(), stored.lines
         )
     seconds = time.perf_counter() - started
     if stored.read_errors:
-        context.log.warning(
-            f"{batch_id}: {landing_file.path.name} ends early: {stored.read_errors[0]}"
-        )
+        context.log.warning(f"{batch_id}: {landing_file.name} ends early: {stored.read_errors[0]}")
     return {
         **one_table_metadata(warehouse, RAW_CUSTOMERS, stored.lines),
         "raw_file": dg.MetadataValue.path(str(warehouse.raw_file(batch_id))),
         # the landing file's time: its weekday is the batch's, for the volume's seasonality
-        "volume": dg.MetadataValue.json(_volume(stored.lines, landing_file.path)),
+        "volume": dg.MetadataValue.json(_volume(stored.lines, landing_file.mtime_ns)),
         "blank_lines": stored.blank_lines,
         "records": stored.lines - stored.blank_lines - len(stored.read_errors),
-        "landing_file": landing_file.path.name,
+        "landing_file": landing_file.name,
         "landing_fingerprint": landing_file.fingerprint,
         "content_digest": digest.hexdigest(),
         "content_changed": registered.changed,
@@ -236,7 +237,7 @@ def _register(
     return registered, stale
 
 
-def _volume(rows: int, path: Path) -> dict:
-    landed_at = path.stat().st_mtime
+def _volume(rows: int, mtime_ns: int) -> dict:
+    landed_at = mtime_ns / 1e9
     weekday = datetime.fromtimestamp(landed_at, tz=UTC).weekday()
     return {"rows": rows, "weekday": weekday, "landed_at": landed_at}

@@ -44,16 +44,23 @@ BLANK_LINE_SQL = f"""(read_error IS NULL AND utf8_ok AND byte_length = strlen(ra
     AND regexp_full_match(raw, '{BLANK_LINE_PATTERN}'))"""
 
 
-def open_landing_file(path: Path) -> BinaryIO:
-    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
+def open_landing_file(path: Path | str, filesystem=None) -> BinaryIO:
+    """The landing file's bytes as a stream (decompressed when gzipped): a local file, or with
+    `filesystem` (a pyarrow FileSystem, e.g. S3) the object at `path` on it, streamed."""
+    name = str(path)
+    if filesystem is not None:
+        raw = filesystem.open_input_stream(name, compression=None)  # gzip is read below
+        return gzip.GzipFile(fileobj=raw, mode="rb") if name.endswith(".gz") else raw
+    return gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")  # noqa: SIM115
 
 
 def iter_raw_line_chunks(
-    path: Path,
+    path: Path | str,
     chunk_rows: int,
     max_line_bytes: int,
     block_bytes: int = BLOCK_BYTES,
     digest: Digest | None = None,
+    filesystem=None,
 ) -> Iterator[pa.Table]:
     """Every line of the file, numbered from 1, in chunks of at most `chunk_rows` lines.
 
@@ -67,7 +74,7 @@ def iter_raw_line_chunks(
     """
     if chunk_rows < 1 or max_line_bytes < 1:
         raise ValueError("chunk_rows and max_line_bytes must be positive")
-    for table in _iter_blocks_as_lines(path, max_line_bytes, block_bytes, digest):
+    for table in _iter_blocks_as_lines(path, max_line_bytes, block_bytes, digest, filesystem):
         for start in range(0, table.num_rows, chunk_rows):
             yield table.slice(start, chunk_rows)
 
@@ -83,14 +90,15 @@ def content_digest() -> xxhash.xxh3_128:
 
 
 def _iter_blocks_as_lines(
-    path: Path, max_line_bytes: int, block_bytes: int, digest: Digest | None = None
-) -> Iterator[pa.Table]:
+    path: Path | str, max_line_bytes: int, block_bytes: int, digest: Digest | None = None,
+    filesystem=None,
+) -> Iterator[pa.Table]:  # fmt: skip
     line_no = 0
     carry = b""  # the start of a line whose newline has not been read yet
     long_head: bytes | None = None  # an over-long line being skipped: its kept head ...
     long_length = 0  # ... its length so far ...
     long_last = b""  # ... and its last byte read (a \r there belongs to the line end)
-    with open_landing_file(path) as f:
+    with open_landing_file(path, filesystem) as f:
         start, error = _read_block(f, len(UTF8_BOM))
         if digest is not None:
             digest.update(start)

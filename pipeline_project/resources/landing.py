@@ -1,10 +1,13 @@
-"""The landing folder: batch files arrive here, one file per batch."""
+"""The landing folder: batch files arrive here, one file per batch; a local folder, or an
+`s3://bucket/prefix` on object storage (any S3-compatible server), listed and streamed through
+pyarrow's S3 filesystem, its credentials from the environment as secrets (dg.EnvVar)."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dagster as dg
 from pydantic import Field
@@ -20,9 +23,13 @@ from pipeline_project.settings import LandingSettings
 @dataclass(frozen=True)
 class LandingFile:
     batch_id: str
-    path: Path
+    path: Path  # on the landing filesystem: a local path, or bucket/key on S3
     size: int
     mtime_ns: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
     @property
     def fingerprint(self) -> str:
@@ -48,10 +55,86 @@ class LandingZone(dg.ConfigurableResource):
 
     path: str = Field(description="Landing folder; PIPELINE_LANDING_DIR.")
     catalog_path: str = Field(description="Product catalog CSV; PIPELINE_CATALOG_PATH.")
+    s3_prefix: str = Field(
+        default="",
+        description="s3://bucket/prefix the batch files land under instead of the folder;"
+        " PIPELINE_LANDING_S3_PREFIX.",
+    )
+    s3_endpoint: str = Field(
+        default="", description="S3-compatible server (empty: AWS); PIPELINE_S3_ENDPOINT."
+    )
+    s3_region: str = Field(default="us-east-1", description="PIPELINE_S3_REGION.")
+    s3_access_key_id: str = Field(default="", repr=False, description="A secret (dg.EnvVar).")
+    s3_secret_access_key: str = Field(default="", repr=False, description="A secret.")
 
     @classmethod
     def from_settings(cls, settings: LandingSettings) -> LandingZone:
-        return cls(path=str(settings.landing_dir), catalog_path=str(settings.catalog_path))
+        s3 = bool(settings.s3_prefix)
+        return cls(
+            path=str(settings.landing_dir),
+            catalog_path=str(settings.catalog_path),
+            s3_prefix=settings.s3_prefix,
+            s3_endpoint=settings.s3_endpoint,
+            s3_region=settings.s3_region,
+            # Secrets: Dagster reads them when the resource starts; never shown in the UI.
+            s3_access_key_id=dg.EnvVar("PIPELINE_S3_ACCESS_KEY_ID") if s3 else "",
+            s3_secret_access_key=dg.EnvVar("PIPELINE_S3_SECRET_ACCESS_KEY") if s3 else "",
+        )
+
+    @property
+    def where(self) -> str:
+        """Where batch files land, for messages."""
+        return self.s3_prefix or self.path
+
+    def filesystem(self):
+        """The pyarrow filesystem of the landing files: None for the local folder."""
+        if not self.s3_prefix:
+            return None
+        from pyarrow.fs import S3FileSystem
+
+        endpoint = urlsplit(self.s3_endpoint) if self.s3_endpoint else None
+        return S3FileSystem(
+            access_key=self.s3_access_key_id or None,
+            secret_key=self.s3_secret_access_key or None,
+            region=self.s3_region,
+            endpoint_override=endpoint.netloc if endpoint else None,
+            scheme=endpoint.scheme if endpoint else "https",
+        )
+
+    def _s3_root(self) -> str:
+        """bucket/prefix of the S3 prefix, as pyarrow names it."""
+        return self.s3_prefix.removeprefix("s3://").rstrip("/")
+
+    def _entries(self) -> list[tuple[str, Path, int, int, str]]:
+        """(name, path, size, mtime_ns, kind) of each entry of the landing place; kind is
+        "file", "link" (a symbolic link: never read) or "other" (a folder)."""
+        fs = self.filesystem()
+        if fs is None:
+            root = Path(self.path)
+            if not root.is_dir():
+                return []
+            found = []
+            with os.scandir(root) as entries:
+                for entry in entries:
+                    stat = entry.stat(follow_symlinks=False)
+                    kind = (
+                        "link"
+                        if entry.is_symlink()
+                        else "file"
+                        if entry.is_file(follow_symlinks=False)
+                        else "other"
+                    )
+                    found.append((entry.name, Path(entry.path), stat.st_size,
+                                  stat.st_mtime_ns, kind))  # fmt: skip
+            return found
+        from pyarrow.fs import FileSelector, FileType
+
+        infos = fs.get_file_info(FileSelector(self._s3_root(), allow_not_found=True))
+        return [
+            (Path(i.path).name, Path(i.path), i.size or 0, i.mtime_ns or 0,
+             "file" if i.type == FileType.File else "other")
+            for i in infos
+        ]  # fmt: skip
 
     def catalog_fingerprint(self) -> str | None:
         """Size and modification time of the catalog file, or None when it is missing."""
@@ -63,32 +146,23 @@ class LandingZone(dg.ConfigurableResource):
 
     def scan(self) -> LandingScan:
         """List batch files with a stat each; file contents are never read here."""
-        root = Path(self.path)
-        if not root.is_dir():
-            return LandingScan(files={}, rejected=[])
         candidates: dict[str, list[LandingFile]] = {}
         rejected: list[RejectedFile] = []
-        with os.scandir(root) as entries:
-            for entry in entries:
-                # Dot-files are uploads in progress by convention (write, then rename into place).
-                if entry.name.startswith("."):
-                    continue
-                stat = entry.stat(follow_symlinks=False)
-                fingerprint = f"{stat.st_size}-{stat.st_mtime_ns}"
-                if entry.is_symlink():
-                    rejected.append(RejectedFile(entry.name, _SYMLINK, fingerprint))
-                    continue
-                if not entry.is_file(follow_symlinks=False):
-                    continue
-                batch_id = batch_id_for_file_name(entry.name)
-                if batch_id is None:
-                    rejected.append(
-                        RejectedFile(entry.name, _name_problem(entry.name), fingerprint)
-                    )
-                    continue
-                candidates.setdefault(batch_id, []).append(
-                    LandingFile(batch_id, Path(entry.path), stat.st_size, stat.st_mtime_ns)
-                )
+        for name, path, size, mtime_ns, kind in self._entries():
+            # Dot-files are uploads in progress by convention (write, then rename into place).
+            if name.startswith("."):
+                continue
+            fingerprint = f"{size}-{mtime_ns}"
+            if kind == "link":
+                rejected.append(RejectedFile(name, _SYMLINK, fingerprint))
+                continue
+            if kind != "file":
+                continue
+            batch_id = batch_id_for_file_name(name)
+            if batch_id is None:
+                rejected.append(RejectedFile(name, _name_problem(name), fingerprint))
+                continue
+            candidates.setdefault(batch_id, []).append(LandingFile(batch_id, path, size, mtime_ns))
         files: dict[str, LandingFile] = {}
         for batch_id, found in sorted(candidates.items()):
             if len(found) == 1:
@@ -103,22 +177,25 @@ class LandingZone(dg.ConfigurableResource):
         """The one landing file of a batch; a clear error when it is missing or ambiguous."""
         if not is_valid_batch_id(batch_id):
             raise ValueError(f"invalid batch id {batch_id!r}")
+        names = {f"{batch_id}{suffix}" for suffix in BATCH_FILE_SUFFIXES}
         found = []
-        for suffix in BATCH_FILE_SUFFIXES:
-            path = Path(self.path) / f"{batch_id}{suffix}"
-            if path.is_symlink():
+        for name, path, size, mtime_ns, kind in self._entries():
+            if name not in names:
+                continue
+            if kind == "link":
                 raise ValueError(f"{path}: {_SYMLINK}")
-            if path.is_file():
-                stat = path.stat()
-                found.append(LandingFile(batch_id, path, stat.st_size, stat.st_mtime_ns))
+            if kind == "file":
+                found.append(LandingFile(batch_id, path, size, mtime_ns))
         if not found:
             raise FileNotFoundError(
-                f"no landing file for batch {batch_id!r} in {self.path} "
+                f"no landing file for batch {batch_id!r} in {self.where} "
                 f"(expected {batch_id}.jsonl or {batch_id}.jsonl.gz)"
             )
         if len(found) > 1:
-            names = ", ".join(f.path.name for f in found)
-            raise FileExistsError(f"batch {batch_id!r} has more than one landing file: {names}")
+            names_found = ", ".join(sorted(f.name for f in found))
+            raise FileExistsError(
+                f"batch {batch_id!r} has more than one landing file: {names_found}"
+            )
         return found[0]
 
 

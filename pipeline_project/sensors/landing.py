@@ -67,7 +67,7 @@ def build_landing_batches_sensor(
                 dg.RunRequest(
                     partition_key=batch_id,
                     run_key=f"{batch_id}:{fingerprint}",
-                    tags={"pipeline/landing_file": landing_file.path.name},
+                    tags={"pipeline/landing_file": landing_file.name},
                 )
             )
             seen[batch_id] = fingerprint

@@ -105,35 +105,33 @@ class LandingZone(dg.ConfigurableResource):
         """bucket/prefix of the S3 prefix, as pyarrow names it."""
         return self.s3_prefix.removeprefix("s3://").rstrip("/")
 
-    def _entries(self) -> list[tuple[str, Path, int, int, str]]:
-        """(name, path, size, mtime_ns, kind) of each entry of the landing place; kind is
-        "file", "link" (a symbolic link: never read) or "other" (a folder)."""
+    def _entries(self, names: list[str] | None = None) -> list[tuple[str, Path, int, int, str]]:
+        """(name, path, size, mtime_ns, kind) of each entry of the landing place, or of the
+        ones of `names` that exist (a stat each, no listing); kind is "file", "link" (a
+        symbolic link: never read) or "other" (a folder)."""
         fs = self.filesystem()
         if fs is None:
             root = Path(self.path)
-            if not root.is_dir():
-                return []
-            found = []
-            with os.scandir(root) as entries:
-                for entry in entries:
-                    stat = entry.stat(follow_symlinks=False)
-                    kind = (
-                        "link"
-                        if entry.is_symlink()
-                        else "file"
-                        if entry.is_file(follow_symlinks=False)
-                        else "other"
-                    )
-                    found.append((entry.name, Path(entry.path), stat.st_size,
-                                  stat.st_mtime_ns, kind))  # fmt: skip
-            return found
+            if names is not None:
+                paths = [root / name for name in names if (root / name).is_symlink()
+                         or (root / name).exists()]  # fmt: skip
+            elif root.is_dir():
+                with os.scandir(root) as entries:
+                    paths = [Path(entry.path) for entry in entries]
+            else:
+                paths = []
+            return [_local_entry(path) for path in paths]
         from pyarrow.fs import FileSelector, FileType
 
-        infos = fs.get_file_info(FileSelector(self._s3_root(), allow_not_found=True))
+        root = self._s3_root()
+        infos = fs.get_file_info(
+            FileSelector(root, allow_not_found=True) if names is None
+            else [f"{root}/{name}" for name in names]
+        )  # fmt: skip
         return [
             (Path(i.path).name, Path(i.path), i.size or 0, i.mtime_ns or 0,
              "file" if i.type == FileType.File else "other")
-            for i in infos
+            for i in infos if i.type != FileType.NotFound
         ]  # fmt: skip
 
     def catalog_fingerprint(self) -> str | None:
@@ -177,11 +175,9 @@ class LandingZone(dg.ConfigurableResource):
         """The one landing file of a batch; a clear error when it is missing or ambiguous."""
         if not is_valid_batch_id(batch_id):
             raise ValueError(f"invalid batch id {batch_id!r}")
-        names = {f"{batch_id}{suffix}" for suffix in BATCH_FILE_SUFFIXES}
         found = []
-        for name, path, size, mtime_ns, kind in self._entries():
-            if name not in names:
-                continue
+        names = [f"{batch_id}{suffix}" for suffix in BATCH_FILE_SUFFIXES]
+        for _, path, size, mtime_ns, kind in self._entries(names):
             if kind == "link":
                 raise ValueError(f"{path}: {_SYMLINK}")
             if kind == "file":
@@ -197,6 +193,12 @@ class LandingZone(dg.ConfigurableResource):
                 f"batch {batch_id!r} has more than one landing file: {names_found}"
             )
         return found[0]
+
+
+def _local_entry(path: Path) -> tuple[str, Path, int, int, str]:
+    stat = path.lstat()
+    kind = "link" if path.is_symlink() else "file" if path.is_file() else "other"
+    return path.name, path, stat.st_size, stat.st_mtime_ns, kind
 
 
 # A link could point anywhere on the machine: only regular files in the folder are read.

@@ -117,15 +117,16 @@ class _OpenAIClient:
         self._shared_tokens = _shared_limit(resource, "tokens", resource.tokens_per_minute)
 
     def embed(self, texts: Sequence[str]) -> EmbeddingResponse:
+        # Tokens are only known after the call: ~4 characters per token is the usual rule.
+        tokens = max(1, sum(math.ceil(len(t) / 4) for t in texts))
         if self._shared_requests is not None:
             self._shared_requests.acquire(1)
         if self._shared_tokens is not None:
-            self._shared_tokens.acquire(max(1, sum(math.ceil(len(t) / 4) for t in texts)))
+            self._shared_tokens.acquire(tokens)
         if self._requests is not None:
             self._requests.try_acquire("requests", weight=1, blocking=True)
         if self._tokens is not None:
-            # Tokens are only known after the call: ~4 characters per token is the usual rule.
-            remaining = max(1, sum(math.ceil(len(t) / 4) for t in texts))
+            remaining = tokens
             per_second = math.ceil(self._resource.tokens_per_minute / 60)
             while remaining > 0:  # in pieces no larger than one second's allowance
                 piece = min(remaining, per_second)

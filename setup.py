@@ -63,6 +63,8 @@ setup(
             "duckdb==1.5.5",
             "duckdb-extension-ducklake==1.5.5",
             "duckdb-extension-postgres==1.5.5",
+            # s3:// for the lake's data (any S3-compatible server)
+            "duckdb-extension-httpfs==1.5.5",
             "duckdb-extensions==1.5.5",
             "dagster-postgres==0.29.27",
             "dagster-docker==0.29.27",

@@ -2,6 +2,7 @@
 1, 2 and 4 runs at once, on the same batch files. Figures only, never pass/fail.
 
     .venv-lake/bin/python benchmarks/scale_out.py [--batches 8] [--rows 250000] [--runs 1,2,4]
+        [--replays 0]
 
 Run it with the scale-out environment's Python (DuckDB 1.5.5 and the extension wheels, see
 README "Scaling out"); the file backend runs with `--file-python` (default `.venv/bin/python`,
@@ -10,7 +11,10 @@ DuckDB 2.0.1), as each backend is deployed. Every batch is one run in its own wo
 backend is `hashing` (the model's time out), and PostgreSQL 16 comes from the `pgserver` wheel
 on 127.0.0.1 (catalog and Dagster's state). Prints per configuration the wall time, batches per
 minute, the mean run, the largest run process's peak RSS, the ratio to the file backend, and a
-projection for several worker machines from the measured per-batch cost.
+projection for several worker machines from the measured per-batch cost. `--replays R` then
+re-runs every batch R times with the most runs at once (replays: deletes that conflict with
+the other writers' inserts) and prints how many commits were retried and the most for one
+step.
 """
 
 from __future__ import annotations
@@ -74,6 +78,28 @@ def run_config(python: str, env: dict, batch_ids: list[str], runs: int) -> dict:
     }
 
 
+def replays(python: str, env: dict, batch_ids: list[str], rounds: int, runs: int) -> dict:
+    """Every batch re-run `rounds` times, `runs` at once: each re-run deletes its batch's rows
+    and inserts them again, which conflicts with any other writer's insert into the same table;
+    the conflicting commits are retried as whole transactions (commit_retries per step)."""
+    outcomes = []
+    started = time.perf_counter()
+    with ThreadPoolExecutor(runs) as pool:
+        jobs = [b for _ in range(rounds) for b in batch_ids]
+        outcomes = list(pool.map(lambda b: worker(python, env, "pipeline", b), jobs))
+    steps = [n for o in outcomes for n in o["commit_retries"].values()]
+    return {
+        "wall": time.perf_counter() - started,
+        "runs": len(outcomes),
+        "succeeded": sum(o["success"] for o in outcomes),
+        "steps": len(steps),
+        "steps_retried": sum(1 for n in steps if n),
+        "commit_retries": sum(steps),
+        "most_for_one_step": max(steps, default=0),
+        "failures": [o["failures"] for o in outcomes if not o["success"]],
+    }
+
+
 def shared(root: Path, landing: Path, catalog: Path) -> dict:
     (root / "home").mkdir(parents=True)
     return {
@@ -92,6 +118,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=250_000)
     parser.add_argument("--runs", default="1,2,4", help="DuckLake runs at once")
     parser.add_argument("--file-python", default=str(REPO / ".venv" / "bin" / "python"))
+    parser.add_argument(
+        "--replays", type=int, default=0,
+        help="then re-run every batch this many times, as many at once as the most --runs",
+    )  # fmt: skip
     args = parser.parse_args()
     base = Path(tempfile.mkdtemp(prefix="scale_out_"))
     landing, catalog_path = base / "landing", base / "catalog.csv"
@@ -130,6 +160,9 @@ def main() -> None:
             )
             results[f"DuckLake, {runs} at once"] = run_config(sys.executable, env, batch_ids, runs)
             print(f"DuckLake {runs}: {results[f'DuckLake, {runs} at once']}", flush=True)
+            if args.replays and runs == max(int(r) for r in args.runs.split(",")):
+                replayed = replays(sys.executable, env, batch_ids, args.replays, runs)
+                print(f"\nreplays, {runs} at once: {replayed}", flush=True)
 
     file_wall = results["file backend, serialized"]["wall"]
     print(f"\n{args.batches} batches of {args.rows:,} rows, {os.cpu_count()} cores")

@@ -28,8 +28,8 @@ def build_resources(
 ) -> dict[str, dg.ConfigurableResource]:
     """The embedded defaults and production differ only here, in resource configuration."""
     return {
-        "warehouse": Warehouse.from_settings(settings.warehouse),
-        "landing": LandingZone.from_settings(settings.landing),
+        "warehouse": Warehouse.from_settings(settings.warehouse, settings.object_storage),
+        "landing": LandingZone.from_settings(settings.landing, settings.object_storage),
         "alerts": AlertSink.from_settings(settings.alerts, settings.freshness, settings.warehouse),
         "embedder": embedder or build_embedder(settings.embedding, settings.warehouse),
     }

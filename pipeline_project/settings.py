@@ -36,20 +36,28 @@ class WarehouseSettings:
     duckdb_path: Path = _env("PIPELINE_DUCKDB_PATH", Path("data/warehouse.duckdb"))
     memory_limit: str = _env("PIPELINE_DUCKDB_MEMORY_LIMIT", "512MB")
     ducklake_catalog: str = _env("PIPELINE_DUCKLAKE_CATALOG", "")
-    ducklake_data_path: Path | None = _env("PIPELINE_DUCKLAKE_DATA_PATH", None)
+    # a folder, or s3://bucket/prefix (see ObjectStorageSettings)
+    ducklake_data_path: Path | str | None = _env("PIPELINE_DUCKLAKE_DATA_PATH", None)
     commit_attempts: int = _env("PIPELINE_DUCKLAKE_COMMIT_ATTEMPTS", 10)
 
 
 @dataclass(frozen=True)
 class LandingSettings:
     landing_dir: Path = _env("PIPELINE_LANDING_DIR", Path("data/landing"))
-    catalog_path: Path = _env("PIPELINE_CATALOG_PATH", Path("data/catalog.csv"))
-    # Batch files landing on object storage instead (s3://bucket/prefix), on AWS or any
-    # S3-compatible server; its keys are secrets: PIPELINE_S3_ACCESS_KEY_ID and
-    # PIPELINE_S3_SECRET_ACCESS_KEY, read by Dagster (dg.EnvVar).
+    # a file, or s3://bucket/key (see ObjectStorageSettings)
+    catalog_path: Path | str = _env("PIPELINE_CATALOG_PATH", Path("data/catalog.csv"))
+    # Batch files landing on object storage instead (s3://bucket/prefix)
     s3_prefix: str = _env("PIPELINE_LANDING_S3_PREFIX", "")
-    s3_endpoint: str = _env("PIPELINE_S3_ENDPOINT", "")
-    s3_region: str = _env("PIPELINE_S3_REGION", "us-east-1")
+
+
+@dataclass(frozen=True)
+class ObjectStorageSettings:
+    """AWS S3 or any S3-compatible server, for every `s3://` setting (landing files, the
+    catalog file, the lake's data); its keys are secrets: PIPELINE_S3_ACCESS_KEY_ID and
+    PIPELINE_S3_SECRET_ACCESS_KEY, read by Dagster (dg.EnvVar)."""
+
+    endpoint: str = _env("PIPELINE_S3_ENDPOINT", "")
+    region: str = _env("PIPELINE_S3_REGION", "us-east-1")
 
 
 @dataclass(frozen=True)
@@ -97,6 +105,7 @@ class FreshnessSettings:
 class Settings:
     warehouse: WarehouseSettings = field(default_factory=WarehouseSettings)
     landing: LandingSettings = field(default_factory=LandingSettings)
+    object_storage: ObjectStorageSettings = field(default_factory=ObjectStorageSettings)
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     freshness: FreshnessSettings = field(default_factory=FreshnessSettings)
@@ -123,7 +132,7 @@ class Settings:
 
     @property
     def catalog_path(self) -> Path:
-        return self.landing.catalog_path
+        return Path(self.landing.catalog_path)
 
 
 def _section_from_env(section: type, env: Mapping[str, str]) -> Any:
@@ -140,6 +149,8 @@ def _section_from_env(section: type, env: Mapping[str, str]) -> Any:
 
 
 def _parse(name: str, raw: str, kind: Any) -> Any:
+    if Path in typing.get_args(kind) and str in typing.get_args(kind) and "://" in raw:
+        return raw  # a location on object storage: a URI, not a local path
     # `int | None` reads as an int
     base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
     if base is bool:

@@ -70,9 +70,14 @@ def run_stages(batch_id: str, selection: list[str] | None) -> dict:
                 if e.event_type == dg.DagsterEventType.RUN_FAILURE
             ]
         )
+        retries: dict[str, int] = {}  # writes retried after a commit conflict, per step
+        for e in result.get_asset_materialization_events():
+            value = e.materialization.metadata.get("commit_retries")
+            if value is not None:
+                retries[e.step_key] = max(retries.get(e.step_key, 0), int(value.value))
         return {"success": result.success, "start": started, "end": time.time(),
                 "run_id": result.run_id, "peak_rss_mib": _peak_rss_mib(),
-                "failures": failures}  # fmt: skip
+                "failures": failures, "commit_retries": retries}  # fmt: skip
 
 
 def run_catalog() -> dict:

@@ -19,17 +19,19 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 import duckdb
 import psycopg2
+import pyarrow as pa
 import pytest
 import yaml
 
 from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.resources.embeddings import HashingEmbedder
-from pipeline_project.resources.warehouse import MaintenancePolicy
+from pipeline_project.resources.warehouse import RAW_FILE_SCHEMA, MaintenancePolicy
 from pipeline_project.sample_data import generate_batch, write_catalog
 from pipeline_project.settings import Settings
 from pipeline_project.tables import (
@@ -42,6 +44,7 @@ from pipeline_project.tables import (
 from pipeline_project_tests.dagster_dev import running_ui, wait_for
 from pipeline_project_tests.helpers import INFERENCE_STAGES, warehouse_contents
 from pipeline_project_tests.postgres_server import PASSWORD, PostgresServer, postgres_server
+from pipeline_project_tests.s3_server import KEY_ID, SECRET, moto_server, object_keys, s3_client
 
 pytestmark = pytest.mark.ducklake
 
@@ -63,8 +66,9 @@ class Lake:
     """One scale-out deployment in a folder: a lake database and a Dagster database on the
     PostgreSQL server, the environment a run worker gets, and the deploy instance file."""
 
-    def __init__(self, root: Path, server: PostgresServer, name: str):
+    def __init__(self, root: Path, server: PostgresServer, name: str, s3: str | None = None):
         self.root = root
+        self.s3 = s3
         self.home = root / "dagster_home"
         self.home.mkdir(parents=True)
         shutil.copy(REPO / "deploy" / "dagster.yaml", self.home / "dagster.yaml")
@@ -85,7 +89,32 @@ class Lake:
             "DAGSTER_HOME": str(self.home),
             "PIPELINE_TEST_ROOT": str(root),
         }
+        if s3 is not None:  # nothing shared but PostgreSQL and object storage
+            self.bucket = name.replace("_", "-").lower()
+            s3_client(s3).create_bucket(Bucket=self.bucket)
+            self.env |= {
+                "PIPELINE_DUCKLAKE_DATA_PATH": f"s3://{self.bucket}/lake",
+                "PIPELINE_LANDING_S3_PREFIX": f"s3://{self.bucket}/landing",
+                "PIPELINE_CATALOG_PATH": f"s3://{self.bucket}/catalog.csv",
+                "PIPELINE_S3_ENDPOINT": s3,
+                "PIPELINE_S3_ACCESS_KEY_ID": KEY_ID,
+                "PIPELINE_S3_SECRET_ACCESS_KEY": SECRET,
+            }
         self.settings = Settings.from_env(self.env)
+
+    def write_batches(self, batch_ids: list[str], rows: int = 300) -> None:
+        """The catalog and the batches' landing files, in the folder or on object storage."""
+        local = self.root / "local"
+        write_batches(local / "landing", local / "catalog.csv", batch_ids, rows)
+        if self.s3 is None:
+            shutil.copytree(local / "landing", self.settings.landing_dir, dirs_exist_ok=True)
+            self.settings.catalog_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(local / "catalog.csv", self.settings.catalog_path)
+            return
+        client = s3_client(self.s3)
+        client.upload_file(str(local / "catalog.csv"), self.bucket, "catalog.csv")
+        for path in (local / "landing").iterdir():
+            client.upload_file(str(path), self.bucket, f"landing/{path.name}")
 
     def instance(self) -> dg.DagsterInstance:
         """The deploy instance file on this deployment's Dagster database (the file reads its
@@ -96,20 +125,30 @@ class Lake:
     def warehouse(self):
         """The resource as a step gets it: Dagster resolves the password's EnvVar at start."""
         resource = build_resources(self.settings, HashingEmbedder(dimensions=32))["warehouse"]
-        return resource.model_copy(
-            update={"ducklake_password": self.env["PIPELINE_DUCKLAKE_PASSWORD"]}
-        )
+        secrets = {"ducklake_password": self.env["PIPELINE_DUCKLAKE_PASSWORD"]}
+        if self.s3 is not None:
+            secrets |= {"s3_access_key_id": KEY_ID, "s3_secret_access_key": SECRET}
+        return resource.model_copy(update=secrets)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture
-def lake_factory(tmp_path, postgres, monkeypatch):
-    # In-process runs resolve the password's EnvVar from this process's environment.
+def lake_factory(tmp_path, postgres, s3, monkeypatch):
+    # In-process runs resolve the secrets' EnvVars from this process's environment.
     monkeypatch.setenv("PIPELINE_DUCKLAKE_PASSWORD", postgres.password)
+    monkeypatch.setenv("PIPELINE_S3_ACCESS_KEY_ID", KEY_ID)
+    monkeypatch.setenv("PIPELINE_S3_SECRET_ACCESS_KEY", SECRET)
     for key in ("HOST", "PORT", "USER", "PASSWORD", "DB"):
         monkeypatch.setenv(f"PIPELINE_DAGSTER_PG_{key}", "")  # restored afterwards
 
-    def make(name: str) -> Lake:
-        return Lake(tmp_path / name, postgres, f"{name}_{uuid.uuid4().hex[:8]}")
+    def make(name: str, on_s3: bool = False) -> Lake:
+        return Lake(tmp_path / name, postgres, f"{name}_{uuid.uuid4().hex[:8]}",
+                    s3 if on_s3 else None)  # fmt: skip
 
     return make
 
@@ -177,11 +216,12 @@ def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[dict]:
     return outcomes
 
 
+@pytest.mark.parametrize("storage", ["folder", "s3"])
 def test_the_pipeline_on_ducklake_gives_the_same_rows_as_the_file_backend(
-    lake_factory, settings, instance
+    lake_factory, settings, instance, storage
 ):
-    lake = lake_factory("lake")
-    write_batches(lake.settings.landing_dir, lake.settings.catalog_path, ["b001", "b002"])
+    lake = lake_factory("lake", on_s3=storage == "s3")
+    lake.write_batches(["b001", "b002"])
     write_batches(settings.landing_dir, settings.catalog_path, ["b001", "b002"])
     with lake.instance() as instance:
         lake_results = run_in_process(lake.settings, instance, ["b001", "b002"])
@@ -191,15 +231,61 @@ def test_the_pipeline_on_ducklake_gives_the_same_rows_as_the_file_backend(
     for table in TABLES:
         assert on_lake[table] == on_file[table], table
     assert len(on_lake["customers"]) > 500 and len(on_lake["validated_recommendations"]) > 0
-    # the data are Parquet files under the shared data path, the batch's raw file too
-    assert list((Path(lake.env["PIPELINE_DUCKLAKE_DATA_PATH"]) / "tables").rglob("*.parquet"))
-    assert lake.warehouse().raw_file("b001").exists()
+    # the data are the lake's Parquet files, the raw lines too: in the folder, or on S3 with
+    # nothing of the lake on the worker's disk
+    if storage == "s3":
+        keys = object_keys(lake.s3, lake.bucket)
+        assert [k for k in keys if k.startswith("lake/tables/main/raw_customers/")]
+        assert {k.split("/")[0] for k in keys} == {"lake", "landing", "catalog.csv"}
+        assert not [p for p in (lake.root / "shared").rglob("*") if p.is_file()]
+    else:
+        tables = Path(lake.env["PIPELINE_DUCKLAKE_DATA_PATH"]) / "tables"
+        assert list((tables / "main" / RAW_CUSTOMERS).rglob("*.parquet"))
+    assert not list(lake.warehouse().files_dir.glob("staging/b00*"))  # no scratch left
     assert not Path(lake.env["PIPELINE_DUCKDB_PATH"]).exists()  # no local warehouse file
-    # the password is in no log line, no metadata value, no stored event
+    # the secrets are in no log line, no metadata value, no stored event
     for result in lake_results:
         with lake.instance() as instance:
             for record in instance.all_logs(result.run_id):
                 assert PASSWORD not in str(record)
+                assert SECRET not in str(record) and KEY_ID not in str(record)
+
+
+def _raw_lines(n: int, text: str) -> pa.Table:
+    now = datetime.now(UTC)
+    return pa.Table.from_pylist(
+        [{"line_no": i + 1, "raw": f'{{"v": "{text}"}}', "byte_length": 12, "utf8_ok": True,
+          "read_error": None, "ingested_at": now} for i in range(n)],
+        schema=RAW_FILE_SCHEMA,
+    )  # fmt: skip
+
+
+def test_a_batchs_raw_lines_on_object_storage_become_visible_at_its_commit(lake_factory):
+    warehouse = lake_factory("visible", on_s3=True).warehouse()
+    raw = f"SELECT count(*), min(raw) FROM {RAW_CUSTOMERS} WHERE batch_id = 'b1'"
+    with warehouse.replacing_raw_file("b1") as writer:
+        writer.write_table(_raw_lines(3, "old"))
+    seen = {}
+
+    def before_swap(conn):  # inside the swap: the new lines are in, not yet committed
+        seen["writer"] = conn.execute(raw).fetchall()
+        with warehouse.get_connection() as other:  # another worker's transaction
+            seen["reader"] = other.execute(raw).fetchall()
+
+    with warehouse.replacing_raw_file("b1", before_swap=before_swap) as writer:
+        writer.write_table(_raw_lines(5, "new"))
+    assert seen == {"writer": [(5, '{"v": "new"}')], "reader": [(3, '{"v": "old"}')]}
+    with warehouse.get_connection() as conn:
+        assert conn.execute(raw).fetchall() == [(5, '{"v": "new"}')]
+
+    def crash(conn):
+        raise RuntimeError("killed before the commit")
+
+    with pytest.raises(RuntimeError), warehouse.replacing_raw_file("b1", crash) as writer:
+        writer.write_table(_raw_lines(7, "lost"))
+    with warehouse.get_connection() as conn:
+        assert conn.execute(raw).fetchall() == [(5, '{"v": "new"}')]
+    assert not list(warehouse.files_dir.glob("staging/b1.*"))  # the scratch file is gone
 
 
 def test_a_commit_conflict_is_retried_as_a_whole_and_succeeds(lake_factory):
@@ -369,9 +455,11 @@ def test_four_batches_at_once_as_four_processes_overlap_and_equal_a_sequential_r
     lake_factory,
 ):
     batch_ids = ["b1", "b2", "b3", "b4"]
-    parallel, sequential = lake_factory("parallel"), lake_factory("sequential")
+    # four workers that share nothing but PostgreSQL and object storage
+    parallel = lake_factory("parallel", on_s3=True)
+    sequential = lake_factory("sequential", on_s3=True)
     for lake in (parallel, sequential):
-        write_batches(lake.settings.landing_dir, lake.settings.catalog_path, ["b0", *batch_ids])
+        lake.write_batches(["b0", *batch_ids])
         with lake.instance() as instance:
             # the catalog and a first batch (which trains the segment model) on both
             run_in_process(lake.settings, instance, ["b0"])

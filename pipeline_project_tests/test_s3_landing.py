@@ -5,10 +5,6 @@ from a local folder, and the keys never shown."""
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
-import time
-import urllib.request
 
 import dagster as dg
 import pytest
@@ -16,39 +12,18 @@ import pytest
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources.embeddings import HashingEmbedder
 from pipeline_project.sample_data import generate_batch, write_catalog
-from pipeline_project_tests.helpers import free_port, run_batch, settings_in, table_rows
-
-KEY_ID, SECRET = "AKIAPIPELINETEST", "s3-Secret-41d9-never-logged"
+from pipeline_project_tests.helpers import run_batch, settings_in, table_rows
+from pipeline_project_tests.s3_server import KEY_ID, SECRET, moto_server, s3_client
 
 
 @pytest.fixture(scope="module")
 def s3_server():
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "moto did not start"
-            time.sleep(0.2)
-    try:
+    with moto_server() as url:
         yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _bucket(url: str):
-    import boto3
-
-    client = boto3.client("s3", endpoint_url=url, aws_access_key_id=KEY_ID,
-                          aws_secret_access_key=SECRET, region_name="us-east-1")  # fmt: skip
+    client = s3_client(url)
     client.create_bucket(Bucket="landing")
     return client
 
@@ -67,28 +42,34 @@ def test_batches_landing_on_s3_are_listed_and_streamed_into_the_same_rows(
         client.upload_file(str(path), "landing", f"in/{path.name}")
     client.put_object(Bucket="landing", Key="in/.b3.jsonl.partial", Body=b"{}")  # uploading
     client.put_object(Bucket="landing", Key="in/notes.txt", Body=b"x")
+    client.upload_file(str(local.catalog_path), "landing", "products/catalog.csv")
     on_s3 = settings_in(tmp_path / "s3")
     on_s3 = dataclasses.replace(
         on_s3,
         landing=dataclasses.replace(
-            on_s3.landing, s3_prefix="s3://landing/in/", s3_endpoint=s3_server
-        ),  # fmt: skip
-    )
-    write_catalog(on_s3.catalog_path, seed=3)
+            on_s3.landing, s3_prefix="s3://landing/in/",
+            catalog_path="s3://landing/products/catalog.csv",
+        ),
+        object_storage=dataclasses.replace(on_s3.object_storage, endpoint=s3_server),
+    )  # fmt: skip
     outcomes = {}
     for name, settings in (("local", local), ("s3", on_s3)):
         defs = build_definitions(settings, embedder=HashingEmbedder(dimensions=32))
         with dg.build_resources({"landing": defs.resources["landing"]}) as resources:
             scan = resources.landing.scan()
+            assert resources.landing.catalog_fingerprint() is not None, name
         assert sorted(scan.files) == ["b1", "b2"], name
         with dg.DagsterInstance.ephemeral() as instance:
+            catalog = defs.resolve_job_def("catalog_job").execute_in_process(instance=instance)
+            assert catalog.success, name
             results = [run_batch(defs, instance, batch) for batch in ("b1", "b2")]
             assert all(r.success for r in results), name
-            logs = "".join(str(e) for r in results for e in instance.all_logs(r.run_id))
+            logs = "".join(str(e) for r in [catalog, *results] for e in instance.all_logs(r.run_id))
         outcomes[name] = {
             table: table_rows(settings.duckdb_path, table)
-            for table in ("raw_customers", "customers", "customer_purchases", "schema_errors")
-        }
+            for table in ("raw_customers", "customers", "customer_purchases", "schema_errors",
+                          "product_catalog")
+        }  # fmt: skip
         if name == "s3":
             assert [r.name for r in scan.rejected] == ["notes.txt"]
             assert SECRET not in logs and KEY_ID not in logs
@@ -100,3 +81,4 @@ def test_batches_landing_on_s3_are_listed_and_streamed_into_the_same_rows(
             }
     assert outcomes["s3"] == outcomes["local"]
     assert len(outcomes["s3"]["raw_customers"]) == 700
+    assert len(outcomes["s3"]["product_catalog"]) > 0

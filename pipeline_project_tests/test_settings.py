@@ -25,8 +25,8 @@ VARIABLES = {
     "PIPELINE_LANDING_DIR": ("landing", "landing_dir", Path("data/landing").resolve(), "in", Path("in").resolve()),
     "PIPELINE_CATALOG_PATH": ("landing", "catalog_path", Path("data/catalog.csv").resolve(), "/x/c.csv", Path("/x/c.csv")),
     "PIPELINE_LANDING_S3_PREFIX": ("landing", "s3_prefix", "", "s3://b/in", "s3://b/in"),
-    "PIPELINE_S3_ENDPOINT": ("landing", "s3_endpoint", "", "http://127.0.0.1:9", "http://127.0.0.1:9"),
-    "PIPELINE_S3_REGION": ("landing", "s3_region", "us-east-1", "eu-west-1", "eu-west-1"),
+    "PIPELINE_S3_ENDPOINT": ("object_storage", "endpoint", "", "http://127.0.0.1:9", "http://127.0.0.1:9"),
+    "PIPELINE_S3_REGION": ("object_storage", "region", "us-east-1", "eu-west-1", "eu-west-1"),
     "PIPELINE_EMBEDDING_BACKEND": ("embedding", "backend", "local", "openai", "openai"),
     "PIPELINE_EMBEDDING_MODEL": ("embedding", "model", None, "e5", "e5"),
     "PIPELINE_EMBEDDING_DIMENSIONS": ("embedding", "dimensions", None, "8", 8),
@@ -104,6 +104,25 @@ def test_the_webhook_url_is_a_secret_the_settings_only_know_is_set():
         settings = Settings.from_env(unset)
         assert settings.alerts.webhook_configured is False
         assert build_resources(settings)["alerts"].webhook_url == ""
+
+
+def test_s3_locations_stay_uris_and_their_keys_are_secrets_the_resources_ask_dagster_for():
+    settings = Settings.from_env({
+        "PIPELINE_WAREHOUSE_BACKEND": "ducklake",
+        "PIPELINE_DUCKLAKE_CATALOG": "host=db dbname=lake",
+        "PIPELINE_DUCKLAKE_DATA_PATH": "s3://bucket/lake",
+        "PIPELINE_CATALOG_PATH": "s3://bucket/in/catalog.csv",
+        "PIPELINE_S3_ENDPOINT": "http://127.0.0.1:9",
+    })  # fmt: skip
+    assert settings.warehouse.ducklake_data_path == "s3://bucket/lake"  # not folded to s3:/
+    assert settings.landing.catalog_path == "s3://bucket/in/catalog.csv"
+    resources = build_resources(settings)
+    for name in ("warehouse", "landing"):
+        assert resources[name].s3_access_key_id == dg.EnvVar("PIPELINE_S3_ACCESS_KEY_ID")
+        assert resources[name].s3_secret_access_key == dg.EnvVar("PIPELINE_S3_SECRET_ACCESS_KEY")
+        assert resources[name].s3_endpoint == "http://127.0.0.1:9"
+    local = build_resources(Settings.from_env({}))
+    assert local["warehouse"].s3_access_key_id == "" and local["landing"].s3_access_key_id == ""
 
 
 IMPORT_EVERY_MODULE_BUT_DEFINITIONS = """

@@ -1,5 +1,6 @@
 """DuckDB stores: wait out another process's write lock, release it on every exit."""
 
+import shutil
 import subprocess
 import sys
 import time
@@ -93,6 +94,43 @@ def test_a_killed_run_s_staging_folder_is_removed_by_the_next_write_of_its_batch
     with warehouse.scratch_folder("b1") as folder:
         assert folder.is_dir() and not left_behind.exists()
     assert other.exists()  # another batch's folder ("b1-x") is not touched
+
+
+def test_a_scratch_folder_in_use_is_never_taken_for_a_killed_runs(tmp_path):
+    """Validation holds the raw lines' copy in one scratch folder while its staged parts go to
+    another of the same batch: opening the second must not remove the first."""
+    warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
+    with warehouse.scratch_folder("b1") as outer:
+        (outer / "lines.parquet").write_bytes(b"x")
+        with warehouse.scratch_folder("b1") as inner:
+            assert inner != outer and (outer / "lines.parquet").exists()
+
+
+def test_staged_parts_that_vanished_commit_nothing_not_an_empty_batch(tmp_path):
+    warehouse = Warehouse(database=str(tmp_path / "w.duckdb"))
+    with warehouse.transaction() as conn:
+        conn.execute(f"INSERT INTO customers VALUES ('b1', 1, '{uuid.uuid4()}', 'x', now(), 0, 0)")
+    with (
+        pytest.raises(FileNotFoundError, match="staged parts of customers"),
+        warehouse.staged_batch(["customers"], "b1") as (_, staging),
+    ):
+        shutil.rmtree(staging["customers"])  # e.g. removed by another process's cleanup
+    with warehouse.get_connection() as conn:
+        assert conn.execute("SELECT count(*) FROM customers").fetchall() == [(1,)]
+
+
+def test_each_lakehouse_has_its_own_scratch_folder_on_a_worker():
+    def lake(catalog: str, data: str) -> Warehouse:
+        return Warehouse(database="", backend="ducklake", ducklake_catalog=catalog,
+                         ducklake_data_path=data)  # fmt: skip
+
+    folders = {
+        lake("dbname=a", "s3://x/lake").files_dir,
+        lake("dbname=b", "s3://x/lake").files_dir,
+        lake("dbname=a", "s3://y/lake").files_dir,
+    }
+    assert len(folders) == 3
+    assert lake("dbname=a", "s3://x/lake").files_dir in folders  # stable
 
 
 def test_the_maintenance_job_checkpoints_the_file_and_reports_its_storage(tmp_path):

@@ -66,33 +66,26 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
     """Replaces the whole catalog table from the catalog CSV in one transaction, judged before
     it commits: a catalog that fails a blocking check is rolled back (the old catalog and every
     recommendation stay as they were) and the run fails with the reason."""
-    path = Path(landing.catalog_path)
+    name = Path(landing.catalog_path).name
     fingerprint = landing.catalog_fingerprint()
     if fingerprint is None:
-        raise dg.Failure(description=f"catalog file {path} not found", allow_retries=False)
+        raise dg.Failure(
+            description=f"catalog file {landing.catalog_path} not found", allow_retries=False
+        )
     try:
-        for attempt in warehouse.write_attempts():
-            with attempt, warehouse.transaction() as conn:
-                previous = _in_stock_share(conn)  # the catalog it replaces (None: none)
-                conn.execute(f"DELETE FROM {PRODUCT_CATALOG}")
-                conn.execute(_LOAD_SQL, [str(path)])
-                [(rows, categories, in_stock)] = conn.execute(
-                    "SELECT count(*), count(DISTINCT category), avg(in_stock::INT)"
-                    " FROM product_catalog"
-                ).fetchall()
-                checks = catalog_check_results(conn)
-                if any(not check.passed for check in checks):  # every catalog check blocks
-                    raise _Refused(checks)
-                version, new_version = record_version(conn)
+        with landing.local_catalog() as path:
+            previous, rows, categories, in_stock, version, new_version, checks = _load(
+                warehouse, path
+            )
     except duckdb.ConversionException as err:
         raise dg.Failure(
-            description=f"catalog file {path.name} is malformed: {err}", allow_retries=False
+            description=f"catalog file {name} is malformed: {err}", allow_retries=False
         ) from err
     except _Refused as refused:
         yield from refused.checks
         reasons = "; ".join(c.description for c in refused.checks if not c.passed)
         raise dg.Failure(
-            description=f"catalog file {path.name} not loaded ({reasons}): the previous catalog"
+            description=f"catalog file {name} not loaded ({reasons}): the previous catalog"
             " and every recommendation stay as they were",
             allow_retries=False,
         ) from None
@@ -112,6 +105,23 @@ def product_catalog(context: dg.AssetExecutionContext, landing: LandingZone, war
     )
     yield from checks
     yield from judged(verdicts)
+
+
+def _load(warehouse: Warehouse, path: Path) -> tuple:
+    """The catalog file replaces the table in one transaction, judged before it commits."""
+    for attempt in warehouse.write_attempts():
+        with attempt, warehouse.transaction() as conn:
+            previous = _in_stock_share(conn)  # the catalog it replaces (None: none)
+            conn.execute(f"DELETE FROM {PRODUCT_CATALOG}")
+            conn.execute(_LOAD_SQL, [str(path)])
+            [(rows, categories, in_stock)] = conn.execute(
+                "SELECT count(*), count(DISTINCT category), avg(in_stock::INT) FROM product_catalog"
+            ).fetchall()
+            checks = catalog_check_results(conn)
+            if any(not check.passed for check in checks):  # every catalog check blocks
+                raise _Refused(checks)
+            version, new_version = record_version(conn)
+    return previous, rows, categories, in_stock, version, new_version, checks
 
 
 def _in_stock_share(conn) -> float | None:

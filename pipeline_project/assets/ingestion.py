@@ -176,19 +176,18 @@ def _ingest(
         digest=digest,
         filesystem=landing.filesystem(),
     )
-    with warehouse.replacing_raw_file(batch_id) as writer:
+    registration = _Registration(context, landing_file.name, digest)
+    with warehouse.replacing_raw_file(batch_id, before_swap=registration) as writer:
         stored = store_raw_lines(writer, chunks, on_chunk=progress)
-        # Before the new file replaces the old one: the register records the new content and,
-        # when it differs, withdraws what the old content gave (a crash in between keeps both).
-        registered, stale = _register(
-            context, warehouse, landing_file.name, digest.hexdigest(), stored.lines
-        )
+        registration.lines = stored.lines
+    registered, stale = registration.registered, registration.stale
+    registration.log(context)
     seconds = time.perf_counter() - started
     if stored.read_errors:
         context.log.warning(f"{batch_id}: {landing_file.name} ends early: {stored.read_errors[0]}")
     return {
         **one_table_metadata(warehouse, RAW_CUSTOMERS, stored.lines),
-        "raw_file": dg.MetadataValue.path(str(warehouse.raw_file(batch_id))),
+        **warehouse.raw_metadata(batch_id),
         # the landing file's time: its weekday is the batch's, for the volume's seasonality
         "volume": dg.MetadataValue.json(_volume(stored.lines, landing_file.mtime_ns)),
         "blank_lines": stored.blank_lines,
@@ -202,39 +201,43 @@ def _ingest(
         RESCORE_METADATA: dg.MetadataValue.json(stale),
         "file_bytes": landing_file.size,
         "chunks": stored.chunks,
+        "commit_retries": warehouse.commit_retries(),
         "read_error": stored.read_errors[0] if stored.read_errors else "",
         "seconds": round(seconds, 3),
         "rows_per_second": round(stored.lines / seconds) if seconds else 0,
     }
 
 
-def _register(
-    context: dg.AssetExecutionContext,
-    warehouse: Warehouse,
-    landing_file: str,
-    digest: str,
-    lines: int,
-) -> tuple[batch_register.Registered, list[str]]:
-    """The batch's content in the register; when it changed, everything its old content gave
-    is withdrawn (no old answer stays live) and the later batches that read it are named."""
-    batch_id = context.partition_key
-    order = context.instance.get_dynamic_partitions(batches.name)
-    for attempt in warehouse.write_attempts():
-        with attempt, warehouse.transaction() as conn:
-            registered = batch_register.register(
-                conn, batch_id, registered_order=order, landing_file=landing_file,
-                content_digest=digest, lines=lines,
-            )  # fmt: skip
-            stale: list[str] = []
-            if registered.changed and not registered.new:
-                stale = batch_register.later_batches_sharing_customers(conn, batch_id)
-                withdraw(conn, batch_id, "validation")
-    if registered.changed and not registered.new:
-        context.log.info(
-            f"{batch_id}: new content; what the old content gave is withdrawn"
-            + (f", {len(stale)} later batches to re-profile" if stale else "")
-        )
-    return registered, stale
+class _Registration:
+    """The batch's content in the register, written in the transaction that swaps the raw lines
+    in (see Warehouse.replacing_raw_file); when the content changed, everything its old content
+    gave is withdrawn (no old answer stays live) and the later batches that read it are
+    named."""
+
+    def __init__(self, context: dg.AssetExecutionContext, landing_file: str, digest) -> None:
+        self.batch_id = context.partition_key
+        self.order = context.instance.get_dynamic_partitions(batches.name)
+        self.landing_file, self.digest, self.lines = landing_file, digest, 0
+        self.registered: batch_register.Registered | None = None
+        self.stale: list[str] = []
+
+    def __call__(self, conn) -> None:
+        self.registered = batch_register.register(
+            conn, self.batch_id, registered_order=self.order, landing_file=self.landing_file,
+            content_digest=self.digest.hexdigest(), lines=self.lines,
+        )  # fmt: skip
+        self.stale = []
+        if self.registered.changed and not self.registered.new:
+            self.stale = batch_register.later_batches_sharing_customers(conn, self.batch_id)
+            withdraw(conn, self.batch_id, "validation")
+
+    def log(self, context: dg.AssetExecutionContext) -> None:
+        if self.registered.changed and not self.registered.new:
+            stale = self.stale
+            context.log.info(
+                f"{self.batch_id}: new content; what the old content gave is withdrawn"
+                + (f", {len(stale)} later batches to re-profile" if stale else "")
+            )
 
 
 def _volume(rows: int, mtime_ns: int) -> dict:

@@ -1,6 +1,8 @@
 """Validation: raw lines become `customers` + `customer_purchases`, or `schema_errors`."""
 
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -135,27 +137,27 @@ def validated_customers(
         return
     started, usage, drop_rules = time.perf_counter(), StepUsage(), config.drop_rules()
 
-    raw_file = _raw_file(warehouse, batch_id)
-    lines = pyarrow.parquet.ParquetFile(raw_file).metadata.num_rows
-
-    def progress(summary: ValidationSummary) -> None:
-        context.log.info(
-            f"{batch_id}: chunk {summary.chunks} done, {summary.rows_in:,} of {lines:,} lines,"
-            f" {summary.invalid:,} invalid, {summary.blank_lines:,} blank"
-        )
-        report(batch_id, "validate", summary.rows_in, lines, "lines")
-
     judged = _Judged(batch_id, config)
-    with warehouse.staged_batch(VALIDATED_TABLES, batch_id, before_commit=judged) as (
-        conn,
-        staging,
-    ):
-        summary = validate_batch(
-            conn, batch_id, raw_file, staging, chunk_rows=config.chunk_rows,
-            max_line_bytes=config.max_line_bytes, limits=_limits(config), on_chunk=progress,
-            drop_rules=drop_rules,
-        )  # fmt: skip
-        judged.superseded_file = stage_duplicate_ids(conn, staging[CUSTOMERS])
+    with _raw_lines(warehouse, batch_id) as raw_file:
+        lines = pyarrow.parquet.ParquetFile(raw_file).metadata.num_rows
+
+        def progress(summary: ValidationSummary) -> None:
+            context.log.info(
+                f"{batch_id}: chunk {summary.chunks} done, {summary.rows_in:,} of {lines:,}"
+                f" lines, {summary.invalid:,} invalid, {summary.blank_lines:,} blank"
+            )
+            report(batch_id, "validate", summary.rows_in, lines, "lines")
+
+        with warehouse.staged_batch(VALIDATED_TABLES, batch_id, before_commit=judged) as (
+            conn,
+            staging,
+        ):
+            summary = validate_batch(
+                conn, batch_id, raw_file, staging, chunk_rows=config.chunk_rows,
+                max_line_bytes=config.max_line_bytes, limits=_limits(config),
+                on_chunk=progress, drop_rules=drop_rules,
+            )  # fmt: skip
+            judged.superseded_file = stage_duplicate_ids(conn, staging[CUSTOMERS])
     summary.supersede(*judged.superseded)
     seconds, checks = time.perf_counter() - started, judged.checks
     with warehouse.get_connection() as conn:
@@ -216,15 +218,18 @@ class _Judged:
             self.stale = batch_register.later_batches_sharing_customers(conn, batch_id)
 
 
-def _raw_file(warehouse: Warehouse, batch_id: str) -> Path:
-    raw_file = warehouse.raw_file(batch_id)
-    if not raw_file.exists():
-        raise dg.Failure(
-            description=f"{batch_id}: no raw_customers file ({raw_file}); materialize"
-            " raw_customers for this batch first",
-            allow_retries=False,
-        )
-    return raw_file
+@contextmanager
+def _raw_lines(warehouse: Warehouse, batch_id: str) -> Iterator[Path]:
+    """The batch's raw lines as a local Parquet file; a clear failure when there are none."""
+    with ExitStack() as stack:
+        try:
+            raw_file = stack.enter_context(warehouse.raw_lines_file(batch_id))
+        except FileNotFoundError as err:
+            raise dg.Failure(
+                description=f"{batch_id}: {err}; materialize raw_customers for this batch first",
+                allow_retries=False,
+            ) from err
+        yield raw_file
 
 
 def _materializations(

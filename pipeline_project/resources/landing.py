@@ -5,19 +5,22 @@ pyarrow's S3 filesystem, its credentials from the environment as secrets (dg.Env
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import dagster as dg
 from pydantic import Field
 
+from pipeline_project.core.object_storage import S3Access, is_uri, pyarrow_path
 from pipeline_project.partitions import (
     BATCH_FILE_SUFFIXES,
     batch_id_for_file_name,
     is_valid_batch_id,
 )
-from pipeline_project.settings import LandingSettings
+from pipeline_project.settings import LandingSettings, ObjectStorageSettings
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,17 @@ class LandingZone(dg.ConfigurableResource):
     s3_secret_access_key: str = Field(default="", repr=False, description="A secret.")
 
     @classmethod
-    def from_settings(cls, settings: LandingSettings) -> LandingZone:
-        s3 = bool(settings.s3_prefix)
+    def from_settings(
+        cls, settings: LandingSettings, storage: ObjectStorageSettings | None = None
+    ) -> LandingZone:
+        storage = storage or ObjectStorageSettings()
+        s3 = bool(settings.s3_prefix) or is_uri(settings.catalog_path)
         return cls(
             path=str(settings.landing_dir),
             catalog_path=str(settings.catalog_path),
             s3_prefix=settings.s3_prefix,
-            s3_endpoint=settings.s3_endpoint,
-            s3_region=settings.s3_region,
+            s3_endpoint=storage.endpoint,
+            s3_region=storage.region,
             # Secrets: Dagster reads them when the resource starts; never shown in the UI.
             s3_access_key_id=dg.EnvVar("PIPELINE_S3_ACCESS_KEY_ID") if s3 else "",
             s3_secret_access_key=dg.EnvVar("PIPELINE_S3_SECRET_ACCESS_KEY") if s3 else "",
@@ -86,24 +92,19 @@ class LandingZone(dg.ConfigurableResource):
         """Where batch files land, for messages."""
         return self.s3_prefix or self.path
 
+    @property
+    def s3_access(self) -> S3Access:
+        return S3Access(
+            self.s3_endpoint, self.s3_region, self.s3_access_key_id, self.s3_secret_access_key
+        )
+
     def filesystem(self):
         """The pyarrow filesystem of the landing files: None for the local folder."""
-        if not self.s3_prefix:
-            return None
-        from pyarrow.fs import S3FileSystem
-
-        endpoint = urlsplit(self.s3_endpoint) if self.s3_endpoint else None
-        return S3FileSystem(
-            access_key=self.s3_access_key_id or None,
-            secret_key=self.s3_secret_access_key or None,
-            region=self.s3_region,
-            endpoint_override=endpoint.netloc if endpoint else None,
-            scheme=endpoint.scheme if endpoint else "https",
-        )
+        return self.s3_access.filesystem() if self.s3_prefix else None
 
     def _s3_root(self) -> str:
         """bucket/prefix of the S3 prefix, as pyarrow names it."""
-        return self.s3_prefix.removeprefix("s3://").rstrip("/")
+        return pyarrow_path(self.s3_prefix)
 
     def _entries(self, names: list[str] | None = None) -> list[tuple[str, Path, int, int, str]]:
         """(name, path, size, mtime_ns, kind) of each entry of the landing place, or of the
@@ -136,11 +137,33 @@ class LandingZone(dg.ConfigurableResource):
 
     def catalog_fingerprint(self) -> str | None:
         """Size and modification time of the catalog file, or None when it is missing."""
+        if is_uri(self.catalog_path):
+            from pyarrow.fs import FileType
+
+            info = self.s3_access.filesystem().get_file_info(pyarrow_path(self.catalog_path))
+            if info.type != FileType.File:
+                return None
+            return f"{info.size}-{info.mtime_ns}"
         try:
             stat = Path(self.catalog_path).stat()
         except FileNotFoundError:
             return None
         return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+    @contextmanager
+    def local_catalog(self) -> Iterator[Path]:
+        """The catalog file as a local path: the file itself, or a private copy of the object
+        (removed afterwards) when the catalog is on object storage."""
+        if not is_uri(self.catalog_path):
+            yield Path(self.catalog_path)
+            return
+        from pyarrow.fs import copy_files
+
+        with tempfile.TemporaryDirectory(prefix="pipeline-catalog.") as folder:
+            local = Path(folder) / Path(pyarrow_path(self.catalog_path)).name
+            copy_files(pyarrow_path(self.catalog_path), str(local),
+                       source_filesystem=self.s3_access.filesystem())  # fmt: skip
+            yield local
 
     def scan(self) -> LandingScan:
         """List batch files with a stat each; file contents are never read here."""

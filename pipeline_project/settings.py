@@ -162,8 +162,9 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
 
 
 # Read by Dagster itself, never by the settings: secrets (`dg.EnvVar`, never shown in the UI),
-# the scale-out instance file's PostgreSQL connection (deploy/dagster.yaml), and the writer
-# pool's limit, which the deploy's init job gives the instance (`dagster instance concurrency`).
+# the scale-out instance file's PostgreSQL connection and compute logs' bucket
+# (deploy/dagster.yaml), and the pools' limits, which the deploy's init job gives the instance
+# (`dagster instance concurrency`).
 READ_BY_DAGSTER = (
     "PIPELINE_WRITER_POOL_LIMIT",
     "PIPELINE_INFERENCE_POOL_LIMIT",
@@ -177,6 +178,7 @@ READ_BY_DAGSTER = (
     "PIPELINE_DAGSTER_PG_USER",
     "PIPELINE_DAGSTER_PG_PASSWORD",
     "PIPELINE_DAGSTER_PG_DB",
+    "PIPELINE_COMPUTE_LOGS_BUCKET",
 )
 
 # Every environment variable the settings read, with its default (secrets, of which the

@@ -30,6 +30,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -144,9 +146,10 @@ def main() -> None:
         for runs in [int(r) for r in args.runs.split(",")]:
             root = base / f"lake_{runs}"
             env = shared(root, landing, catalog_path)
-            shutil.copy(
-                REPO / "deploy" / "dagster.yaml", Path(env["DAGSTER_HOME"]) / "dagster.yaml"
-            )
+            # the deploy instance, its compute logs (on S3 there) kept in the Dagster home
+            instance = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
+            del instance["compute_logs"]
+            (Path(env["DAGSTER_HOME"]) / "dagster.yaml").write_text(yaml.safe_dump(instance))
             env.update(
                 PIPELINE_WAREHOUSE_BACKEND="ducklake",
                 PIPELINE_DUCKLAKE_CATALOG=pg.dsn(pg.create_database(f"lake_{runs}")),

@@ -56,6 +56,10 @@ VALIDATED = ["customers", "customer_purchases", "schema_errors"]
 BATCH_TABLES = [RAW_CUSTOMERS, *VALIDATED, "customer_embeddings", "dead_letter"]
 
 
+# What the deploy instance's compute log manager reads from the environment.
+COMPUTE_LOGS = ("PIPELINE_COMPUTE_LOGS_BUCKET", "PIPELINE_S3_REGION")
+
+
 @pytest.fixture(scope="module")
 def postgres():
     with postgres_server() as server:
@@ -66,9 +70,11 @@ class Lake:
     """One scale-out deployment in a folder: a lake database and a Dagster database on the
     PostgreSQL server, the environment a run worker gets, and the deploy instance file."""
 
-    def __init__(self, root: Path, server: PostgresServer, name: str, s3: str | None = None):
+    def __init__(self, root: Path, server: PostgresServer, name: str, s3: str, on_s3: bool):
         self.root = root
-        self.s3 = s3
+        self.s3 = s3 if on_s3 else None
+        self.bucket = name.replace("_", "-").lower()
+        s3_client(s3).create_bucket(Bucket=self.bucket)
         self.home = root / "dagster_home"
         self.home.mkdir(parents=True)
         shutil.copy(REPO / "deploy" / "dagster.yaml", self.home / "dagster.yaml")
@@ -88,10 +94,14 @@ class Lake:
             "PIPELINE_DAGSTER_PG_DB": server.create_database(f"{name}_dagster"),
             "DAGSTER_HOME": str(self.home),
             "PIPELINE_TEST_ROOT": str(root),
+            # the deploy instance's compute logs, on the S3 server
+            "PIPELINE_COMPUTE_LOGS_BUCKET": self.bucket,
+            "PIPELINE_S3_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": s3,
+            "AWS_ACCESS_KEY_ID": KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": SECRET,
         }
-        if s3 is not None:  # nothing shared but PostgreSQL and object storage
-            self.bucket = name.replace("_", "-").lower()
-            s3_client(s3).create_bucket(Bucket=self.bucket)
+        if on_s3:  # nothing shared but PostgreSQL and object storage
             self.env |= {
                 "PIPELINE_DUCKLAKE_DATA_PATH": f"s3://{self.bucket}/lake",
                 "PIPELINE_LANDING_S3_PREFIX": f"s3://{self.bucket}/landing",
@@ -119,7 +129,8 @@ class Lake:
     def instance(self) -> dg.DagsterInstance:
         """The deploy instance file on this deployment's Dagster database (the file reads its
         connection from the environment, as in a container)."""
-        os.environ.update({k: v for k, v in self.env.items() if "DAGSTER_PG" in k})
+        os.environ.update({k: v for k, v in self.env.items()
+                           if "DAGSTER_PG" in k or k.startswith("AWS_") or k in COMPUTE_LOGS})  # fmt: skip
         return dg.DagsterInstance.from_config(str(self.home))
 
     def warehouse(self):
@@ -145,10 +156,12 @@ def lake_factory(tmp_path, postgres, s3, monkeypatch):
     monkeypatch.setenv("PIPELINE_S3_SECRET_ACCESS_KEY", SECRET)
     for key in ("HOST", "PORT", "USER", "PASSWORD", "DB"):
         monkeypatch.setenv(f"PIPELINE_DAGSTER_PG_{key}", "")  # restored afterwards
+    for name in (*COMPUTE_LOGS, "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY"):  # fmt: skip
+        monkeypatch.setenv(name, "")  # Lake.instance() sets them; restored afterwards
 
     def make(name: str, on_s3: bool = False) -> Lake:
-        return Lake(tmp_path / name, postgres, f"{name}_{uuid.uuid4().hex[:8]}",
-                    s3 if on_s3 else None)  # fmt: skip
+        return Lake(tmp_path / name, postgres, f"{name}_{uuid.uuid4().hex[:8]}", s3, on_s3)
 
     return make
 

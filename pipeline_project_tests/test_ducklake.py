@@ -249,7 +249,8 @@ def test_the_pipeline_on_ducklake_gives_the_same_rows_as_the_file_backend(
     if storage == "s3":
         keys = object_keys(lake.s3, lake.bucket)
         assert [k for k in keys if k.startswith("lake/tables/main/raw_customers/")]
-        assert {k.split("/")[0] for k in keys} == {"lake", "landing", "catalog.csv"}
+        # the lake, the landing files, the catalog and the compute logs: nothing else
+        assert {k.split("/")[0] for k in keys} == {"lake", "landing", "catalog.csv", "compute-logs"}
         assert not [p for p in (lake.root / "shared").rglob("*") if p.is_file()]
     else:
         tables = Path(lake.env["PIPELINE_DUCKLAKE_DATA_PATH"]) / "tables"

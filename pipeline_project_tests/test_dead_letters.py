@@ -47,7 +47,8 @@ def test_replayed_dead_letters_stop_being_pending(conn):
 
 
 def test_pending_payloads_leave_out_records_without_one(conn):
-    rows = dead_letters.pending_payloads(conn, "b1", "inference").fetchall()
+    table = dead_letters.pending_payloads(conn, "b1", "inference")
+    rows = [tuple(row.values()) for row in table.to_pylist()]
     assert sorted(rows) == [("k1", "p1"), ("k2", "p2")]
 
 

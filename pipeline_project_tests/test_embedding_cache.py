@@ -70,9 +70,10 @@ def test_only_rows_whose_text_is_cached_are_inserted(conn):
 
 def test_rows_come_with_their_vector_in_the_asked_order(conn):
     add(conn, "a", "b")
-    rows = embedding_cache.with_vectors(
+    table = embedding_cache.with_vectors(
         conn, "SELECT text_hash, n FROM texts", MODEL, DIMS, order_by="n"
-    ).fetchall()
+    )
+    rows = [tuple(row.values()) for row in table.to_pylist()]
     assert rows == [("a", 1, [1.0] * 3), ("a", 2, [1.0] * 3), ("b", 3, [2.0] * 3)]
 
 

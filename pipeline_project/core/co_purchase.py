@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
+from pipeline_project.core.arrow_results import arrow_reader, arrow_table
 from pipeline_project.tables import PRODUCT_FACTORS, PRODUCT_NEIGHBOURS, TASTE_SHARES, TASTES
 
 # Customers a model version learns co-purchases from (a seeded sample of its training customers).
@@ -42,7 +43,8 @@ def learn_neighbours(
     rows."""
     # every purchase of the sample streamed as it comes (no aggregate in DuckDB: memory there
     # holds no row per customer), folded into one (customer, product, last instant) each here
-    reader = conn.sql(
+    reader = arrow_reader(
+        conn,
         f"""
         WITH cur AS ({customers_sql}),
         chosen AS (SELECT * FROM cur ORDER BY hash(customer_id), customer_id LIMIT $sample)
@@ -54,8 +56,9 @@ def learn_neighbours(
             SELECT batch_id, customer_id, product_id, purchased_at FROM prior_purchases
         ) AS p JOIN chosen AS c USING (batch_id, customer_id)
         """,
-        params={**params, "sample": sample},
-    ).to_arrow_reader(1_000_000)
+        {**params, "sample": sample},
+        1_000_000,
+    )
     purchases = pa.Table.from_batches(list(reader))
     if purchases.num_rows == 0:
         return 0
@@ -223,14 +226,14 @@ class Tastes:
 def load_tastes(conn: duckdb.DuckDBPyConnection, version: int, product_ids: list[str]) -> Tastes:
     """Model `version`'s tastes over `product_ids` (none learned: one empty taste)."""
     index = pa.array(product_ids, pa.string())
-    factors_table = conn.sql(
-        f"SELECT product_id, factor FROM {PRODUCT_FACTORS} WHERE model_version = $v",
-        params={"v": version},
-    ).to_arrow_table()
-    centroids_table = conn.sql(
-        f"SELECT centroid FROM {TASTES} WHERE model_version = $v ORDER BY taste_id",
-        params={"v": version},
-    ).to_arrow_table()
+    factors_table = arrow_table(
+        conn, f"SELECT product_id, factor FROM {PRODUCT_FACTORS} WHERE model_version = $v",
+        {"v": version},
+    )  # fmt: skip
+    centroids_table = arrow_table(
+        conn, f"SELECT centroid FROM {TASTES} WHERE model_version = $v ORDER BY taste_id",
+        {"v": version},
+    )  # fmt: skip
     if factors_table.num_rows == 0 or centroids_table.num_rows == 0:
         return Tastes(np.zeros((len(product_ids), 1)), np.zeros((1, 1)),
                       np.zeros((1, len(product_ids))))  # fmt: skip
@@ -240,10 +243,10 @@ def load_tastes(conn: duckdb.DuckDBPyConnection, version: int, product_ids: list
     values = np.asarray(factors_table["factor"].to_pylist(), dtype=np.float32)
     factors[at[at >= 0]] = values[at >= 0]
     centroids = np.asarray(centroids_table["centroid"].to_pylist(), dtype=np.float32)
-    shares = conn.sql(
-        f"SELECT taste_id, product_id, share FROM {TASTE_SHARES} WHERE model_version = $v",
-        params={"v": version},
-    ).to_arrow_table()
+    shares = arrow_table(
+        conn, f"SELECT taste_id, product_id, share FROM {TASTE_SHARES} WHERE model_version = $v",
+        {"v": version},
+    )  # fmt: skip
     share = np.zeros((len(centroids), len(product_ids)))
     col = pc.index_in(shares["product_id"], value_set=index).fill_null(-1).to_numpy()
     taste = shares["taste_id"].to_numpy()
@@ -256,11 +259,12 @@ def neighbour_matrix(
 ) -> sp.csr_matrix:
     """Model `version`'s neighbours as a sparse products x products matrix over `index` (the
     scored products; neighbours outside it are left out)."""
-    table = conn.sql(
+    table = arrow_table(
+        conn,
         f"SELECT product_id, neighbour_id, similarity FROM {PRODUCT_NEIGHBOURS}"
         " WHERE model_version = $version",
-        params={"version": version},
-    ).to_arrow_table()
+        {"version": version},
+    )
     size = len(index)
     if table.num_rows == 0:
         return sp.csr_matrix((size, size), dtype=np.float32)

@@ -11,6 +11,9 @@ from collections.abc import Mapping
 from datetime import datetime
 
 import duckdb
+import pyarrow as pa
+
+from pipeline_project.core.arrow_results import arrow_table
 
 # The pending dead letters (not replayed yet) of batch $batch_id and stage $stage, for queries
 # that compose them with other tables (the conservation check).
@@ -81,13 +84,12 @@ def pending_by_stage(conn: duckdb.DuckDBPyConnection) -> dict[str, int]:
     )
 
 
-def pending_payloads(
-    conn: duckdb.DuckDBPyConnection, batch_id: str, stage: str
-) -> duckdb.DuckDBPyRelation:
+def pending_payloads(conn: duckdb.DuckDBPyConnection, batch_id: str, stage: str) -> pa.Table:
     """The batch's pending dead letters of the stage that have a payload: record_key, payload."""
-    return conn.sql(
+    return arrow_table(
+        conn,
         f"SELECT record_key, payload FROM ({PENDING_SQL}) WHERE payload IS NOT NULL",
-        params={"batch_id": batch_id, "stage": stage},
+        {"batch_id": batch_id, "stage": stage},
     )
 
 

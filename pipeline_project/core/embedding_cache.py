@@ -13,6 +13,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from pipeline_project.core.arrow_results import arrow_table
 from pipeline_project.core.vectors import matrix_to_list_array
 
 # Whether the row `s` of a source has a vector for $model and $dimensions.
@@ -107,11 +108,11 @@ def with_vectors(
     dimensions: int,
     params: Mapping[str, object] | None = None,
     order_by: str | None = "text_hash",
-) -> duckdb.DuckDBPyRelation:
+) -> pa.Table:
     """The rows of `source` (with a text_hash column) that have a vector for the model, with it
     as `embedding`, ordered by `order_by` (a column of `source`, named in the code; None:
-    unordered, streamed without a sort of the wide rows)."""
-    return conn.sql(vectors_sql(source, order_by), params=_params(model, dimensions, params))
+    unordered, without a sort of the wide rows)."""
+    return arrow_table(conn, vectors_sql(source, order_by), _params(model, dimensions, params))
 
 
 def vectors_sql(source: str, order_by: str | None = "text_hash") -> str:

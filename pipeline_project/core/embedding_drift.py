@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import duckdb
 import numpy as np
 
+from pipeline_project.core.arrow_results import arrow_table
 from pipeline_project.core.embedding_cache import vectors_sql
 from pipeline_project.core.vectors import list_column_to_matrix
 
@@ -55,9 +56,9 @@ def batch_vectors(
     conn: duckdb.DuckDBPyConnection, batch_id: str, model: str, dimensions: int
 ) -> BatchVectors | None:
     """The batch's profile vectors; None when it has none for this model."""
-    table = conn.sql(
-        _PROFILES_SQL, params={"batch_id": batch_id, "model": model, "dimensions": dimensions}
-    ).to_arrow_table()
+    table = arrow_table(
+        conn, _PROFILES_SQL, {"batch_id": batch_id, "model": model, "dimensions": dimensions}
+    )
     if table.num_rows == 0:
         return None
     vectors = list_column_to_matrix(table, "embedding", dimensions).astype(np.float64)

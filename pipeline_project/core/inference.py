@@ -26,6 +26,7 @@ import pyarrow as pa
 from tenacity import Retrying, stop_after_attempt, wait_exponential_jitter
 
 from pipeline_project.core import dead_letters, embedding_cache
+from pipeline_project.core.arrow_results import arrow_table
 from pipeline_project.core.embedding_client import EmbeddingClient
 from pipeline_project.progress import report
 from pipeline_project.tables import CUSTOMER_EMBEDDINGS
@@ -336,16 +337,17 @@ def replay_candidates(
     """The batch's dead-lettered customers waiting for a replay, with the profile they had
     (line_no, customer_id, profile_text, text_hash), and those texts the model has no vector
     for yet."""
-    pending = dead_letters.pending_payloads(conn, batch_id, stage).to_arrow_table()
+    pending = dead_letters.pending_payloads(conn, batch_id, stage)
     conn.register("pending_dead_letters", pending)
     try:
-        replay = conn.sql(
+        replay = arrow_table(
+            conn,
             "SELECT c.line_no, c.customer_id, d.payload AS profile_text,"
             " md5(d.payload) AS text_hash FROM pending_dead_letters AS d"
             " JOIN customers AS c ON c.customer_id::VARCHAR = d.record_key"
             " WHERE c.batch_id = $batch_id",
-            params={"batch_id": batch_id},
-        ).to_arrow_table()
+            {"batch_id": batch_id},
+        )
     finally:
         conn.unregister("pending_dead_letters")
     conn.register("replay", replay)

@@ -174,7 +174,7 @@ def holdout_quality(
         )
         evaluation = with_vectors(
             conn, "SELECT * FROM quality_evaluation", model, dimensions, order_by="line_no"
-        ).to_arrow_table()
+        )
         inputs = scoring.inputs
         index = {p: i for i, p in enumerate(inputs.product_ids)}
         vectors = list_column_to_matrix(evaluation, "embedding", dimensions)

@@ -41,6 +41,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
+from pipeline_project.core.arrow_results import arrow_table
 from pipeline_project.core.catalog import PRODUCTS
 from pipeline_project.core.co_purchase import Tastes, load_tastes, neighbour_matrix
 from pipeline_project.core.embedding_cache import with_vectors
@@ -312,9 +313,7 @@ def load_scoring_inputs(
     versions = conn.execute(
         "SELECT DISTINCT model_version FROM customer_segments WHERE batch_id = ?", [batch_id]
     ).fetchall()
-    products = with_vectors(
-        conn, _PRODUCTS_SQL, model, dimensions, order_by="product_id"
-    ).to_arrow_table()
+    products = with_vectors(conn, _PRODUCTS_SQL, model, dimensions, order_by="product_id")
     if not versions or products.num_rows == 0:
         return None
     [(version,)] = versions
@@ -325,14 +324,14 @@ def _batch_scoring(
     conn: duckdb.DuckDBPyConnection, version: int, model: str, dimensions: int, products: pa.Table
 ) -> BatchScoring:
     centroids = list_column_to_matrix(
-        conn.sql(_CENTROIDS_SQL, params={"version": version, "model": model}).to_arrow_table(),
+        arrow_table(conn, _CENTROIDS_SQL, {"version": version, "model": model}),
         "centroid",
         dimensions,
     )
     product_ids = products["product_id"].to_pylist()
     share, expected_value, counts, sizes = segment_tables(
         len(centroids), product_ids, products["price"].to_numpy(),
-        conn.sql(_AFFINITY_SQL, params={"version": version}).to_arrow_table(),
+        arrow_table(conn, _AFFINITY_SQL, {"version": version}),
     )  # fmt: skip
     inputs = ScoringInputs(
         product_ids,
@@ -389,9 +388,7 @@ class ProfileVectors:
         """The vectors of `hashes` from the embedding cache."""
         conn.register("wanted_profiles", pa.table({"text_hash": pc.unique(hashes)}))
         try:
-            table = with_vectors(
-                conn, "SELECT text_hash FROM wanted_profiles", model, dimensions
-            ).to_arrow_table()
+            table = with_vectors(conn, "SELECT text_hash FROM wanted_profiles", model, dimensions)
         finally:
             conn.unregister("wanted_profiles")
         return cls(
@@ -489,8 +486,8 @@ def score_batch(
     shortfalls = chunks = scored = 0
     for first in range(1, last_line + 1, customer_chunk):
         params = {"batch_id": batch_id, "first": first, "last": first + customer_chunk - 1}
-        lines = conn.sql(_CHUNK_CUSTOMERS_SQL, params=params).to_arrow_table()
-        bought_all = conn.sql(_CHUNK_BOUGHT_SQL, params=params).to_arrow_table()
+        lines = arrow_table(conn, _CHUNK_CUSTOMERS_SQL, params)
+        bought_all = arrow_table(conn, _CHUNK_BOUGHT_SQL, params)
         profiles = ProfileVectors.read(conn, lines["text_hash"], model, dimensions)
         for start in range(0, lines.num_rows, step):
             part = lines.slice(start, step)
@@ -569,9 +566,9 @@ def list_spread(
     sample: int = 2_000,
 ) -> ListSpread:
     """The top-N lists of a seeded sample of the batch's customers, counted."""
-    lines = conn.sql(
-        _SPREAD_SAMPLE_SQL, params={"batch_id": batch_id, "sample": sample}
-    ).to_arrow_table().sort_by("line_no")  # fmt: skip
+    lines = arrow_table(conn, _SPREAD_SAMPLE_SQL, {"batch_id": batch_id, "sample": sample}).sort_by(
+        "line_no"
+    )
     counts: Counter = Counter()
     products: set[int] = set()
     step = chunk_size(len(scoring.inputs.product_ids))
@@ -579,13 +576,14 @@ def list_spread(
         part = lines.slice(start, step)
         conn.register("spread_lines", part.select(["line_no"]))
         try:
-            bought = conn.sql(
+            bought = arrow_table(
+                conn,
                 _CHUNK_BOUGHT_SQL.replace(
                     "line_no BETWEEN $first AND $last",
                     "line_no IN (SELECT line_no FROM spread_lines)",
                 ),
-                params={"batch_id": batch_id},
-            ).to_arrow_table()
+                {"batch_id": batch_id},
+            )
         finally:
             conn.unregister("spread_lines")
         customers = load_customers(conn, part, bought, scoring.inputs, weights, model, dimensions)

@@ -21,6 +21,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans, MiniBatchKMeans
 from sklearn.metrics import silhouette_score
 
+from pipeline_project.core.arrow_results import arrow_table
 from pipeline_project.core.embedding_cache import vectors_sql, with_vectors
 from pipeline_project.core.vectors import list_column_to_matrix, matrix_to_list_array
 
@@ -222,9 +223,7 @@ def latest_segment_model(
     conn: duckdb.DuckDBPyConnection, model: str, dimensions: int
 ) -> tuple[int, np.ndarray] | None:
     """The newest segment model's version and centroids for the embedding model, if any."""
-    table = conn.sql(
-        _LATEST_MODEL_SQL, params={"model": model, "dimensions": dimensions}
-    ).to_arrow_table()
+    table = arrow_table(conn, _LATEST_MODEL_SQL, {"model": model, "dimensions": dimensions})
     if table.num_rows == 0:
         return None
     return int(table["model_version"][0].as_py()), list_column_to_matrix(
@@ -481,9 +480,7 @@ def assign_batch(
     """Each embedded customer of the batch into customer_segments: its profile's nearest
     centroid of model `version` and the distance to it."""
     params = {"batch_id": batch_id, "model": model, "dimensions": dimensions}
-    profiles = with_vectors(
-        conn, _BATCH_PROFILES_SQL, model, dimensions, {"batch_id": batch_id}
-    ).to_arrow_table()
+    profiles = with_vectors(conn, _BATCH_PROFILES_SQL, model, dimensions, {"batch_id": batch_id})
     segment, distance = assign_segments(
         list_column_to_matrix(profiles, "embedding", dimensions), centroids
     )

@@ -28,6 +28,7 @@ from pipeline_project.contract import (
     Contract,
     Field,
 )
+from pipeline_project.core.arrow_results import arrow_table
 from pipeline_project.core.errors import ContractError
 from pipeline_project.core.landing_files import BLANK_LINE_SQL
 from pipeline_project.core.personal_data import mask_personal
@@ -679,7 +680,7 @@ def with_limits(
 def _fetch(conn: duckdb.DuckDBPyConnection, sql: str, params: dict) -> pyarrow.Table:
     """Run an extraction query; timestamps are relabelled to UTC (instants are unchanged), so
     the models see one type whatever time zone the DuckDB session reports."""
-    table = conn.sql(sql, params=params).to_arrow_table()
+    table = arrow_table(conn, sql, params)
     for i, column in enumerate(table.schema):
         if pyarrow.types.is_timestamp(column.type) and column.type.tz is not None:
             table = table.set_column(i, column.name, table[i].cast(pyarrow.timestamp("us", "UTC")))

@@ -11,7 +11,10 @@ DuckDB 2.0.1), as each backend is deployed. Every batch is one run in its own wo
 backend is `hashing` (the model's time out), and PostgreSQL 16 comes from the `pgserver` wheel
 on 127.0.0.1 (catalog and Dagster's state). Prints per configuration the wall time, batches per
 minute, the mean run, the largest run process's peak RSS, the ratio to the file backend, and a
-projection for several worker machines from the measured per-batch cost. `--replays R` then
+projection for several worker machines from the measured per-batch cost. The file backend
+and DuckLake one run at a time are measured alternately, batch by batch (file first on odd
+batches, DuckLake first on even ones), so that a machine busier in one half of the run does not
+decide the ratio; the per-batch ratio is printed for wall time and for CPU. `--replays R` then
 re-runs every batch R times with the most runs at once (replays: deletes that conflict with
 the other writers' inserts) and prints how many commits were retried and the most for one
 step.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -41,13 +45,22 @@ from pipeline_project_tests.postgres_server import postgres_server  # noqa: E402
 
 
 def worker(python: str, env: dict, mode: str, arg: str) -> dict:
+    started, cpu = time.perf_counter(), _children_cpu()
     out = subprocess.run(
         [python, "-m", "pipeline_project_tests.lake_child", mode, arg],
         env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     if out.returncode != 0:
         raise SystemExit(f"{mode} {arg} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    # the process's wall and CPU (meaningful one process at a time: children's CPU is summed)
+    return {**result, "process_wall": time.perf_counter() - started,
+            "process_cpu": _children_cpu() - cpu}  # fmt: skip
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def add_partitions(python: str, env: dict, batch_ids: list[str], writer_slots: int) -> None:
@@ -61,23 +74,45 @@ def add_partitions(python: str, env: dict, batch_ids: list[str], writer_slots: i
     subprocess.run([python, "-c", script], env={**os.environ, **env}, check=True, cwd=REPO)
 
 
-def run_config(python: str, env: dict, batch_ids: list[str], runs: int) -> dict:
-    """The catalog, then every batch as its own run, at most `runs` at once."""
+def prepare(python: str, env: dict, batch_ids: list[str], runs: int) -> None:
+    """The batches as partitions, the writer slots, and the catalog loaded."""
     Path(env["PIPELINE_TEST_ROOT"], "go").touch()
     add_partitions(python, env, batch_ids, writer_slots=runs)
     worker(python, env, "catalog", "-")
-    started = time.perf_counter()
-    with ThreadPoolExecutor(runs) as pool:
-        outcomes = list(pool.map(lambda b: worker(python, env, "pipeline", b), batch_ids))
-    wall = time.perf_counter() - started
+
+
+def summary(outcomes: list[dict], wall: float) -> dict:
     failed = [o["failures"] for o in outcomes if not o["success"]]
     if failed:
         raise SystemExit(f"runs failed: {failed}")
     return {
         "wall": wall,
         "mean_run": sum(o["end"] - o["start"] for o in outcomes) / len(outcomes),
+        "cpu": sum(o["process_cpu"] for o in outcomes),
         "peak_rss_mib": max(o["peak_rss_mib"] for o in outcomes),
     }
+
+
+def alternated(configs: dict[str, tuple[str, dict]], batch_ids: list[str]) -> dict:
+    """Every batch one run at a time on each configuration in turn, the order reversed on every
+    other batch; per configuration the sum of its runs' process wall times."""
+    outcomes: dict[str, list[dict]] = {name: [] for name in configs}
+    for n, batch_id in enumerate(batch_ids):
+        order = list(configs) if n % 2 == 0 else list(reversed(configs))
+        for name in order:
+            python, env = configs[name]
+            outcomes[name].append(worker(python, env, "pipeline", batch_id))
+    return {
+        name: summary(runs, sum(o["process_wall"] for o in runs)) for name, runs in outcomes.items()
+    }
+
+
+def run_config(python: str, env: dict, batch_ids: list[str], runs: int) -> dict:
+    """Every batch as its own run, at most `runs` at once."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(runs) as pool:
+        outcomes = list(pool.map(lambda b: worker(python, env, "pipeline", b), batch_ids))
+    return summary(outcomes, time.perf_counter() - started)
 
 
 def replays(python: str, env: dict, batch_ids: list[str], rounds: int, runs: int) -> dict:
@@ -114,6 +149,26 @@ def shared(root: Path, landing: Path, catalog: Path) -> dict:
     }
 
 
+def lake_env(pg, root: Path, landing: Path, catalog_path: Path, runs: int) -> dict:
+    env = shared(root, landing, catalog_path)
+    # the deploy instance, its compute logs (on S3 there) kept in the Dagster home
+    instance = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
+    del instance["compute_logs"]
+    (Path(env["DAGSTER_HOME"]) / "dagster.yaml").write_text(yaml.safe_dump(instance))
+    env.update(
+        PIPELINE_WAREHOUSE_BACKEND="ducklake",
+        PIPELINE_DUCKLAKE_CATALOG=pg.dsn(pg.create_database(f"lake_{runs}")),
+        PIPELINE_DUCKLAKE_PASSWORD=pg.password,
+        PIPELINE_DUCKLAKE_DATA_PATH=str(root / "lake"),
+        PIPELINE_DAGSTER_PG_HOST=pg.host,
+        PIPELINE_DAGSTER_PG_PORT=str(pg.port),
+        PIPELINE_DAGSTER_PG_USER=pg.user,
+        PIPELINE_DAGSTER_PG_PASSWORD=pg.password,
+        PIPELINE_DAGSTER_PG_DB=pg.create_database(f"dagster_{runs}"),
+    )
+    return env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, default=8)
@@ -135,37 +190,34 @@ def main() -> None:
     print(f"generated {args.batches} batches of {args.rows:,} rows in "
           f"{time.perf_counter() - started:.1f} s under {base}")  # fmt: skip
 
-    results = {}
-    env = shared(base / "file", landing, catalog_path)
-    shutil.copy(INSTANCE_TEMPLATE, Path(env["DAGSTER_HOME"]) / "dagster.yaml")
-    env["PIPELINE_DUCKDB_PATH"] = str(base / "file" / "warehouse.duckdb")
-    results["file backend, serialized"] = run_config(args.file_python, env, batch_ids, runs=1)
-    print(f"file backend: {results['file backend, serialized']}", flush=True)
+    file_env = shared(base / "file", landing, catalog_path)
+    shutil.copy(INSTANCE_TEMPLATE, Path(file_env["DAGSTER_HOME"]) / "dagster.yaml")
+    file_env["PIPELINE_DUCKDB_PATH"] = str(base / "file" / "warehouse.duckdb")
+    prepare(args.file_python, file_env, batch_ids, runs=1)
+    counts = [int(r) for r in args.runs.split(",")]
 
     with postgres_server() as pg:
-        for runs in [int(r) for r in args.runs.split(",")]:
-            root = base / f"lake_{runs}"
-            env = shared(root, landing, catalog_path)
-            # the deploy instance, its compute logs (on S3 there) kept in the Dagster home
-            instance = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
-            del instance["compute_logs"]
-            (Path(env["DAGSTER_HOME"]) / "dagster.yaml").write_text(yaml.safe_dump(instance))
-            env.update(
-                PIPELINE_WAREHOUSE_BACKEND="ducklake",
-                PIPELINE_DUCKLAKE_CATALOG=pg.dsn(pg.create_database(f"lake_{runs}")),
-                PIPELINE_DUCKLAKE_PASSWORD=pg.password,
-                PIPELINE_DUCKLAKE_DATA_PATH=str(root / "lake"),
-                PIPELINE_DAGSTER_PG_HOST=pg.host,
-                PIPELINE_DAGSTER_PG_PORT=str(pg.port),
-                PIPELINE_DAGSTER_PG_USER=pg.user,
-                PIPELINE_DAGSTER_PG_PASSWORD=pg.password,
-                PIPELINE_DAGSTER_PG_DB=pg.create_database(f"dagster_{runs}"),
+        envs = {runs: lake_env(pg, base / f"lake_{runs}", landing, catalog_path, runs)
+                for runs in counts}  # fmt: skip
+        for runs, env in envs.items():
+            prepare(sys.executable, env, batch_ids, runs)
+        configs = {"file backend, serialized": (args.file_python, file_env)}
+        if 1 in envs:
+            configs["DuckLake, 1 at once"] = (sys.executable, envs[1])
+        results = alternated(configs, batch_ids)
+        for name, r in results.items():
+            print(f"{name}: {r}", flush=True)
+        for runs in counts:
+            if runs == 1:
+                continue
+            results[f"DuckLake, {runs} at once"] = run_config(
+                sys.executable, envs[runs], batch_ids, runs
             )
-            results[f"DuckLake, {runs} at once"] = run_config(sys.executable, env, batch_ids, runs)
             print(f"DuckLake {runs}: {results[f'DuckLake, {runs} at once']}", flush=True)
-            if args.replays and runs == max(int(r) for r in args.runs.split(",")):
-                replayed = replays(sys.executable, env, batch_ids, args.replays, runs)
-                print(f"\nreplays, {runs} at once: {replayed}", flush=True)
+        if args.replays:
+            most = max(counts)
+            replayed = replays(sys.executable, envs[most], batch_ids, args.replays, most)
+            print(f"\nreplays, {most} at once: {replayed}", flush=True)
 
     file_wall = results["file backend, serialized"]["wall"]
     print(f"\n{args.batches} batches of {args.rows:,} rows, {os.cpu_count()} cores")
@@ -178,8 +230,11 @@ def main() -> None:
     one = results.get("DuckLake, 1 at once")
     if one:
         per_batch = one["wall"] / args.batches
-        print(f"\nDuckLake per batch, one run at a time: {per_batch:.1f} s "
-              f"(file backend {file_wall / args.batches:.1f} s)")  # fmt: skip
+        file_cpu = results["file backend, serialized"]["cpu"]
+        print(f"\nDuckLake per batch, one run at a time, alternated with the file backend: "
+              f"{per_batch:.1f} s wall, {one['cpu'] / args.batches:.1f} s CPU (file backend "
+              f"{file_wall / args.batches:.1f} s, {file_cpu / args.batches:.1f} s CPU): "
+              f"{one['wall'] / file_wall:.2f}x wall, {one['cpu'] / file_cpu:.2f}x CPU")  # fmt: skip
         print("projection, if the catalog keeps up (one run per core, the measured cost):")
         for machines in (1, 2, 4, 8):
             rate = machines * 2 * 60 / per_batch

@@ -79,11 +79,6 @@ def attach_ducklake(
     """Load the extensions, then attach the lakehouse as `lake` and make it the default catalog."""
     _load(conn, EXTENSIONS)
     fields = _postgres_secret(conn, "pipeline_catalog", catalog, password)
-    # The catalog's pooled connections are not checked each time one returns to the pool
-    # (`SELECT 1`, then `DISCARD ALL`: two of the ten or so round trips of every DuckLake
-    # transaction, about 860 of 3,100 per batch of 250k rows); a connection that died is still
-    # replaced when a query on it fails, and one idle for a minute is closed.
-    conn.execute("SET pg_pool_health_check_query = ''")
     conn.execute(
         f"ATTACH IF NOT EXISTS 'ducklake:dbname={_quote(fields['dbname'])}'"
         f" AS {LAKE_ALIAS} (DATA_PATH '{_quote(data_path)}', METADATA_PARAMETERS MAP"

@@ -13,6 +13,7 @@ from pipeline_project.assets.segmentation import customer_segments, segment_mode
 from pipeline_project.assets.validation import validated_customers
 from pipeline_project.checks.schema_checks import COLUMN_SCHEMA_CHECKS
 from pipeline_project.maintenance import warehouse_maintenance_job
+from pipeline_project.retention import daily_retention, retention_job
 
 INGESTION_ASSETS = [raw_customers, validated_customers]
 BATCH_ASSETS = [
@@ -79,6 +80,7 @@ JOBS = [
     segment_model_job,
     pipeline_health_job,
     warehouse_maintenance_job,
+    retention_job,
 ]
 
 
@@ -110,7 +112,12 @@ daily_warehouse_maintenance = _running_schedule(
     "30 2 * * *",
     "02:30 UTC: expire old snapshots, merge small files, delete files nothing references.",
 )
-SCHEDULES = [weekly_segment_model_retrain, hourly_pipeline_health, daily_warehouse_maintenance]
+SCHEDULES = [
+    weekly_segment_model_retrain,
+    hourly_pipeline_health,
+    daily_warehouse_maintenance,
+    daily_retention,
+]
 
 automation_sensor = dg.AutomationConditionSensorDefinition(
     "pipeline_automation_sensor",

@@ -19,7 +19,7 @@ from pipeline_project.core.validation import (
     validate_batch,
 )
 from pipeline_project.definitions import build_definitions
-from pipeline_project.resources import Warehouse
+from pipeline_project.resources import AlertSink, Warehouse
 from pipeline_project.resources.embeddings import OpenAIEmbedder
 from pipeline_project.sample_data import CATEGORIES
 from pipeline_project.settings import AlertSettings, LandingSettings, Settings, WarehouseSettings
@@ -217,6 +217,18 @@ def warehouse_of(settings: Settings) -> Warehouse:
         password = os.environ["PIPELINE_DUCKLAKE_PASSWORD"]
         warehouse = warehouse.model_copy(update={"ducklake_password": password})
     return warehouse
+
+
+def alerts_of(settings: Settings) -> AlertSink:
+    """The alert sink as a step gets it (the DuckLake password's EnvVar read here)."""
+    import os
+
+    sink = AlertSink.from_settings(settings.alerts, warehouse=settings.warehouse)
+    if sink.postgres:
+        sink = sink.model_copy(
+            update={"postgres_password": os.environ["PIPELINE_DUCKLAKE_PASSWORD"]}
+        )
+    return sink
 
 
 def query(settings: Settings, sql: str, params=None) -> list[tuple]:

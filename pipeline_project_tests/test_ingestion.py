@@ -188,7 +188,8 @@ def test_validating_a_batch_that_was_never_ingested_fails_at_once_with_the_reaso
     )  # fmt: skip
     assert not result.success
     [failure] = result.get_step_failure_events()
-    assert "b405: no raw_customers file" in failure.event_specific_data.error.message
+    message = failure.event_specific_data.error.message
+    assert "b405: its raw lines are not stored (no raw_customers file" in message
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
 
 

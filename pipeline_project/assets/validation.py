@@ -226,7 +226,9 @@ def _raw_lines(warehouse: Warehouse, batch_id: str) -> Iterator[Path]:
             raw_file = stack.enter_context(warehouse.raw_lines_file(batch_id))
         except FileNotFoundError as err:
             raise dg.Failure(
-                description=f"{batch_id}: {err}; materialize raw_customers for this batch first",
+                description=f"{batch_id}: its raw lines are not stored ({err}): never ingested,"
+                " or deleted by retention (retention_job's raw_lines_days). Land the batch's"
+                " file again if needed and materialize raw_customers for this batch first",
                 allow_retries=False,
             ) from err
         yield raw_file

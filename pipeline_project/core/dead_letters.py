@@ -151,3 +151,30 @@ def records(
         f" FROM dead_letter WHERE batch_id = ?{pending} ORDER BY record_key LIMIT ?",
         [batch_id, limit],
     ).fetchall()
+
+
+def delete_naming(conn: duckdb.DuckDBPyConnection, ids: list[str], pattern: str) -> int:
+    """Delete the dead letters of the customers `ids` (lower-case UUID texts): keyed by one, or
+    whose payload matches `pattern` (their IDs, lower-cased); how many (an erasure)."""
+    [(found,)] = conn.execute(
+        "SELECT count(*) FROM dead_letter WHERE list_contains($ids, lower(record_key))"
+        " OR regexp_matches(lower(coalesce(payload, '')), $pattern)",
+        {"ids": ids, "pattern": pattern},
+    ).fetchall()
+    if found:
+        conn.execute(
+            "DELETE FROM dead_letter WHERE list_contains($ids, lower(record_key))"
+            " OR regexp_matches(lower(coalesce(payload, '')), $pattern)",
+            {"ids": ids, "pattern": pattern},
+        )
+    return found
+
+
+def delete_replayed_before(conn: duckdb.DuckDBPyConnection, cutoff: datetime) -> int:
+    """Delete the dead letters replayed before `cutoff` (pending ones never); how many."""
+    [(deleted,)] = conn.execute(
+        "SELECT count(*) FROM dead_letter WHERE replayed_at < ?", [cutoff]
+    ).fetchall()
+    if deleted:
+        conn.execute("DELETE FROM dead_letter WHERE replayed_at < ?", [cutoff])
+    return deleted

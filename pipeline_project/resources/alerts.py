@@ -25,8 +25,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -398,6 +398,56 @@ class AlertSink(dg.ConfigurableResource):
             delivered += 1
         return delivered, len(rows) - delivered
 
+    def delete_older_than(self, cutoff: datetime) -> int:
+        """Delete the alerts raised before `cutoff` (the retention); how many. Unlike raising
+        an alert, a store that fails raises: a purge that did not happen must not look done.
+        A key whose firing alert is deleted counts as not firing: it fires again if its
+        condition still holds."""
+        with self._store().transaction() as conn:
+            [(deleted,)] = conn.execute(
+                "SELECT count(*) FROM alerts WHERE created_at < ?", [cutoff]
+            ).fetchall()
+            if deleted:
+                conn.execute("DELETE FROM alerts WHERE created_at < ?", [cutoff])
+        return deleted
+
+    def delete_mentioning(self, texts: Sequence[str]) -> int:
+        """Delete the alerts whose message, alert_key or figures contain any of `texts`, case
+        insensitively (to erase a customer: their ID); how many. The figures are compared as
+        their values read (a JSON text escapes characters beyond ASCII). An empty text, which
+        every alert contains, is refused. A store that fails raises."""
+        if isinstance(texts, str):  # its characters would each be a text to look for
+            raise TypeError("delete_mentioning takes a sequence of texts, not one string")
+        needles = [text.casefold() for text in texts]
+        if any(not needle.strip() for needle in needles):
+            raise ValueError("an empty text would match every alert: none was deleted")
+        if not needles:
+            return 0
+        with self._store().transaction() as conn:
+            rows = conn.execute("SELECT alert_id, message, alert_key, figures FROM alerts")
+            found = [
+                alert_id for alert_id, *fields in rows.fetchall() if _mentions(fields, needles)
+            ]
+            for alert_id in found:
+                conn.execute("DELETE FROM alerts WHERE alert_id = ?", [alert_id])
+        return len(found)
+
+    def delete_batch(self, batch_id: str) -> int:
+        """Delete the alerts about batch `batch_id` (a batch deleted as if it never arrived);
+        how many. A store that fails raises."""
+        with self._store().transaction() as conn:
+            [(deleted,)] = conn.execute(
+                "SELECT count(*) FROM alerts WHERE batch_id = ?", [batch_id]
+            ).fetchall()
+            if deleted:
+                conn.execute("DELETE FROM alerts WHERE batch_id = ?", [batch_id])
+        return deleted
+
+    def compact(self) -> None:
+        """The alerts file rewritten without the deleted rows' bytes (see DuckDBStore.compact);
+        nothing for alerts in PostgreSQL."""
+        self._store().compact()
+
     def _suppressed(self, conn: duckdb.DuckDBPyConnection, key: str, run_id: str | None):
         """Why the key must not fire now, or None."""
         latest = _latest(conn, key)
@@ -523,6 +573,32 @@ def _alert(severity, monitor, key, status, message, batch_id, figures, run_id) -
 def _alert_from_row(severity, monitor, key, status, batch_id, message, figures, run_id, link):
     alert = _alert(severity, monitor, key, status, message, batch_id, None, run_id)
     return {**alert, "figures": json.loads(figures) if figures else {}, "link": link}
+
+
+def _mentions(fields: Sequence[Any], needles: Sequence[str]) -> bool:
+    """Whether an alert's message, key or figures (a JSON text) contain one of `needles`
+    (case-folded): the figures as stored, and each of their keys and values as read."""
+    message, key, figures = (field or "" for field in fields)
+    texts = [str(message), str(key), str(figures)]
+    decoded = figures
+    if isinstance(figures, str):
+        with suppress(ValueError):  # not JSON: compared as stored
+            decoded = json.loads(figures)
+    texts.extend(_json_texts(decoded))
+    return any(needle in text.casefold() for text in texts for needle in needles)
+
+
+def _json_texts(value: Any) -> Iterator[str]:
+    """Every key and scalar value of a decoded JSON value, as text."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _json_texts(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _json_texts(item)
+    elif value is not None:
+        yield str(value)
 
 
 def _latest(conn: duckdb.DuckDBPyConnection, key: str) -> tuple | None:

@@ -603,5 +603,104 @@ def dlq_replay(batch_id: str) -> None:
     )
 
 
+def _run_lifecycle_job(job_name: str, op_name: str, config: dict) -> dg.ExecuteInProcessResult:
+    """Run one of the lifecycle jobs in this process, recorded in the Dagster instance."""
+    from pipeline_project.instance import ensure_dagster_home
+
+    ensure_dagster_home()
+    import dagster as dg
+
+    from pipeline_project.definitions import build_definitions
+
+    with dg.DagsterInstance.get() as instance:
+        return (
+            build_definitions()
+            .resolve_job_def(job_name)
+            .execute_in_process(
+                run_config={"ops": {op_name: {"config": config}}},
+                instance=instance,
+                raise_on_error=False,
+            )
+        )
+
+
+def _output_metadata(result, node: str) -> dict:
+    """The metadata of the op `node`'s output."""
+    for event in result.all_node_events:
+        if event.is_successful_output and event.node_handle.name == node:
+            return {k: v.value for k, v in event.step_output_data.metadata.items()}
+    return {}
+
+
+def _failure(result) -> str:
+    """Why the run failed, as its step said (never data: the lifecycle ops fail with counts)."""
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data.error is not None:
+            return event.step_failure_data.error.message.strip().splitlines()[0]
+    return f"see the run {result.run_id} in the UI"
+
+
+@main.command()
+@click.option(
+    "--customer-id", "customer_ids", multiple=True, required=True,
+    help="A customer to erase (repeat for several).",
+)  # fmt: skip
+def erase(customer_ids: tuple[str, ...]) -> None:
+    """Erase customers everywhere: every table of every batch, raw lines (tombstones), dead
+    letters, alerts, cached vectors; then rewrite storage so nothing is recoverable. Only the
+    IDs' SHA-256 reach Dagster's run history and the erasure log."""
+    from pipeline_project.core.erasure import NotACustomerId, requested_hashes
+    from pipeline_project.lifecycle import ERASE_CUSTOMERS_JOB
+
+    try:
+        hashes = requested_hashes(customer_ids)
+    except NotACustomerId as err:
+        click.echo(f"erase: {err}", err=True)
+        sys.exit(2)
+    result = _run_lifecycle_job(ERASE_CUSTOMERS_JOB, "erase_customer_rows", {"customers": hashes})
+    if not result.success:
+        click.echo(f"erase failed: {_failure(result)}", err=True)
+        sys.exit(1)
+    figures = _output_metadata(result, "erase_customer_rows")
+    click.echo(
+        f"erased {figures['customers_found']} of {figures['customers_requested']} customers:"
+        f" {figures['raw_lines']:,} raw lines in {len(figures['batches'])} batches,"
+        f" {figures['rows_removed']:,} rows, {figures['alerts_removed']} alerts"
+        " (recorded in erasure_log)"
+    )
+    if figures["landing_files_holding_them"]:
+        click.echo(
+            "the landing files still hold their lines (the sender's copies): "
+            + ", ".join(figures["landing_files_holding_them"])
+        )
+
+
+@main.group()
+def batch() -> None:
+    """Batches: delete one that should never have been loaded."""
+
+
+@batch.command("delete")
+@click.argument("batch_ids", nargs=-1, required=True)
+def batch_delete(batch_ids: tuple[str, ...]) -> None:
+    """Delete BATCH_IDS as if they never arrived: rows, raw and landing files, partitions."""
+    from pipeline_project.lifecycle import DELETE_BATCHES_JOB
+
+    result = _run_lifecycle_job(
+        DELETE_BATCHES_JOB, "delete_batch_rows", {"batch_ids": list(batch_ids)}
+    )
+    if not result.success:
+        click.echo(f"batch delete failed: {_failure(result)}", err=True)
+        sys.exit(1)
+    done = _output_metadata(result, "delete_batch_rows")["batches"]
+    for batch_id, figures in done.items():
+        stale = figures["stale"]
+        click.echo(
+            f"{batch_id}: deleted {sum(figures['rows_removed'].values()):,} rows, landing files:"
+            f" {', '.join(figures['landing_files']) or 'none'}"
+            + (f"; {len(stale)} later batches will be re-profiled" if stale else "")
+        )
+
+
 if __name__ == "__main__":
     main()

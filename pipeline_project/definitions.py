@@ -10,7 +10,7 @@ import warnings
 
 import dagster as dg
 
-from pipeline_project import jobs
+from pipeline_project import jobs, lifecycle
 from pipeline_project.asset_metadata import described
 from pipeline_project.checks.schema_checks import COLUMN_SCHEMA_CHECKS
 from pipeline_project.policies import FRESHNESS_MONITORED, freshness_policy
@@ -66,7 +66,7 @@ def build_definitions(
     return dg.Definitions(
         assets=assets,
         asset_checks=COLUMN_SCHEMA_CHECKS,
-        jobs=jobs.JOBS,
+        jobs=[*jobs.JOBS, lifecycle.erase_customers_job, lifecycle.delete_batches_job],
         schedules=jobs.SCHEDULES,
         sensors=[
             build_landing_batches_sensor(jobs.batch_ingestion_job),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import traceback
 from collections.abc import Sequence
 from datetime import timedelta
 
@@ -16,6 +17,7 @@ import dagster as dg
 import duckdb
 
 from pipeline_project.core.errors import ContractError
+from pipeline_project.core.personal_data import mask_personal
 from pipeline_project.partitions import batches
 from pipeline_project.tables import RAW_CUSTOMERS, VALIDATED_RECOMMENDATIONS
 
@@ -53,9 +55,15 @@ def fails_at_once_when_deterministic(fn):
     errors (IO, lock, network, a commit conflict) are retried as before."""
 
     def failure(err: BaseException) -> dg.Failure:
+        # An error may quote the value it failed on (a customer's e-mail): its text and its
+        # traceback reach the event log masked, and the original is not chained (Dagster would
+        # record its text as the cause).
+        trace = "".join(traceback.format_exception(err)[-6:])
         return dg.Failure(
-            description=f"{type(err).__name__}: {str(err)[:2000]} (not retried: the same"
-            " inputs would fail the same way)",
+            description=mask_personal(
+                f"{type(err).__name__}: {str(err)[:2000]} (not retried: the same inputs would"
+                f" fail the same way)\n{trace[-4000:]}"
+            ),
             allow_retries=False,
         )
 
@@ -66,7 +74,7 @@ def fails_at_once_when_deterministic(fn):
             try:
                 yield from fn(*args, **kwargs)
             except DETERMINISTIC_ERRORS as err:
-                raise failure(err) from err
+                raise failure(err) from None
 
         return stage
 
@@ -75,7 +83,7 @@ def fails_at_once_when_deterministic(fn):
         try:
             return fn(*args, **kwargs)
         except DETERMINISTIC_ERRORS as err:
-            raise failure(err) from err
+            raise failure(err) from None
 
     return single
 

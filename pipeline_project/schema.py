@@ -33,7 +33,7 @@ from pipeline_project.tables import (
     lakehouse_ddl,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class WarehouseSchemaError(dg.Failure):
@@ -216,6 +216,10 @@ def _to_v4(conn: duckdb.DuckDBPyConnection) -> None:
         store_affinity(conn, model_version)
 
 
+def _to_v5(conn: duckdb.DuckDBPyConnection) -> None:
+    """Version 5: the erasure log (created above); nothing was erased before it existed."""
+
+
 MIGRATIONS: dict[int, Callable[[duckdb.DuckDBPyConnection], None]] = {
-    2: _to_v2, 3: _to_v3, 4: _to_v4,
+    2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5,
 }  # fmt: skip

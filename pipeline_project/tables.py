@@ -39,6 +39,7 @@ REJECTED_RECOMMENDATIONS = "rejected_recommendations"
 BATCHES = "batches"
 BATCH_PUBLICATIONS = "batch_publications"
 WAREHOUSE_SCHEMA = "warehouse_schema"
+ERASURE_LOG = "erasure_log"
 ALERTS = "alerts"
 
 
@@ -373,6 +374,19 @@ _TABLES = [
         _c("catalog_version", "INTEGER", False),
         _c("customers", "BIGINT"),
         _c("recommendations", "BIGINT"),
+    ),
+    # What each erasure of a customer did (core/lifecycle.py): the customer's ID hashed (never
+    # the ID), when, the batches and raw lines it touched and the rows it removed per table. No
+    # personal data. A later delivery of a batch that held the customer is ingested with their
+    # lines already erased (their ID's hash is here).
+    _table(
+        ERASURE_LOG,
+        _c("erasure_id", "UUID"),
+        _c("customer_hash", "VARCHAR"),
+        _c("erased_at", "TIMESTAMPTZ"),
+        _c("batches", "INTEGER"),
+        _c("raw_lines", "INTEGER"),
+        _c("rows_removed", "JSON"),
     ),
     # The warehouse's schema version, one row per migration applied (see schema.py).
     _table(

@@ -222,3 +222,39 @@ def test_dlq_list_show_and_replay_through_the_cli_against_a_real_openai_server(t
     assert "no pending dead letters" in cli("dlq", "show", "b1", cwd=tmp_path, env=env).stdout
     db = tmp_path / "data" / "warehouse.duckdb"
     assert len(table_rows(db, "customer_embeddings", "b1")) == 8
+
+
+def test_erase_and_batch_delete_through_the_cli(tmp_path):
+    env = {"PIPELINE_EMBEDDING_BACKEND": "hashing"}
+    demo = cli("demo", "--rows", "40", cwd=tmp_path, env=env)
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    db = tmp_path / "data" / "warehouse.duckdb"
+    with duckdb.connect(str(db), read_only=True) as conn:
+        [(target, email)] = conn.execute(
+            "SELECT customer_id::VARCHAR, email FROM customers WHERE batch_id = 'b001'"
+            " ORDER BY line_no LIMIT 1"
+        ).fetchall()
+
+    refused = cli("erase", "--customer-id", "ada@example.com", cwd=tmp_path, env=env)
+    assert refused.returncode == 2 and "not" in refused.stderr and "UUID" in refused.stderr
+    assert "ada@example.com" not in refused.stderr  # a mistyped ID may be personal data
+
+    erased = cli("erase", "--customer-id", target.upper(), cwd=tmp_path, env=env)
+    assert erased.returncode == 0, erased.stdout + erased.stderr
+    assert "erased 1 of 1 customers" in erased.stdout and "b001.jsonl" in erased.stdout
+    assert target not in erased.stdout + erased.stderr and email not in erased.stdout
+    with duckdb.connect(str(db), read_only=True) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM customers WHERE customer_id = ?::UUID", [target]
+        ).fetchall() == [(0,)]
+        assert conn.execute("SELECT count(*) FROM erasure_log").fetchall() == [(1,)]
+    with dg.DagsterInstance.from_config(str(tmp_path / ".dagster_home")) as i:
+        [record] = i.get_run_records(dg.RunsFilter(job_name="erase_customers"))
+        assert target not in repr(record.dagster_run.run_config)  # only its SHA-256
+
+    deleted = cli("batch", "delete", "b002", cwd=tmp_path, env=env)
+    assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+    assert "b002: deleted" in deleted.stdout and "b002.jsonl" in deleted.stdout
+    assert not (tmp_path / "data" / "landing" / "b002.jsonl").exists()
+    missing = cli("batch", "delete", "nope", cwd=tmp_path, env=env)
+    assert missing.returncode == 1 and "no batch 'nope'" in missing.stderr

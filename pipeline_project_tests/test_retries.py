@@ -85,3 +85,17 @@ def test_the_wrapper_lets_other_errors_through_for_the_retry_policy():
         broken()
     assert failed.value.allow_retries is False and "IndexError" in failed.value.description
     assert issubclass(IndexError, DETERMINISTIC_ERRORS)
+
+
+def test_a_deterministic_error_quoting_an_e_mail_fails_with_it_masked_and_not_chained():
+    @fails_at_once_when_deterministic
+    def stage():
+        raise ValueError("Could not convert string 'ada.lovelace@example.com' to UUID")
+        yield
+
+    with pytest.raises(dg.Failure) as failed:
+        list(stage())
+    assert "ada.lovelace@example.com" not in failed.value.description
+    assert "Could not convert string '<masked>' to UUID" in failed.value.description
+    assert "raise ValueError" in failed.value.description  # where it came from, still
+    assert failed.value.__cause__ is None and failed.value.__suppress_context__

@@ -122,3 +122,27 @@ def vectors_sql(source: str, order_by: str | None = "text_hash") -> str:
         " ON c.model = $model AND c.dimensions = $dimensions AND c.text_hash = s.text_hash"
         + (f" ORDER BY s.{order_by}" if order_by else "")
     )
+
+
+_UNUSED = """FROM embedding_cache AS c
+WHERE (model, dimensions, text_hash) IN (
+          SELECT unnest($models), unnest($dimensions), unnest($hashes))
+  AND NOT EXISTS (SELECT 1 FROM customer_embeddings AS e
+                  WHERE e.model = c.model AND e.dimensions = c.dimensions
+                    AND e.text_hash = c.text_hash)
+  AND NOT EXISTS (SELECT 1 FROM product_embeddings AS p
+                  WHERE p.model = c.model AND p.dimensions = c.dimensions
+                    AND p.text_hash = c.text_hash)"""
+
+
+def delete_unused(conn: duckdb.DuckDBPyConnection, texts: list[tuple[str, int, str]]) -> int:
+    """Delete the cached vectors of `texts` (model, dimensions, text_hash) that no customer's
+    profile and no product uses any more (an erased customer's own texts); how many."""
+    if not texts:
+        return 0
+    params = {"models": [m for m, _, _ in texts], "dimensions": [d for _, d, _ in texts],
+              "hashes": [h for _, _, h in texts]}  # fmt: skip
+    [(found,)] = conn.execute(f"SELECT count(*) {_UNUSED}", params).fetchall()
+    if found:
+        conn.execute(f"DELETE {_UNUSED}", params)
+    return found

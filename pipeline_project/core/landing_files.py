@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -239,7 +239,8 @@ def is_blank_line(chunk: pa.Table) -> pa.ChunkedArray:
 @dataclass
 class StoredLines:
     lines: int = 0
-    blank_lines: int = 0
+    blank_lines: int = 0  # tombstones of erased customers included
+    erased_lines: int = 0
     chunks: int = 0
     read_errors: list[str] = field(default_factory=list)
 
@@ -253,11 +254,17 @@ def store_raw_lines(
     writer: pq.ParquetWriter,
     chunks: Iterator[pa.Table],
     on_chunk: Callable[[StoredLines], None] | None = None,
+    erased: Sequence[str] = (),
 ) -> StoredLines:
-    """Write line chunks to the batch's raw_customers file."""
+    """Write line chunks to the batch's raw_customers file; a line that names an erased
+    customer's ID (its hash among `erased`, see core/erasure.py) is stored as a tombstone."""
+    from pipeline_project.core.erasure import tombstone_erased
+
     stored = StoredLines()
     ingested_at = pa.scalar(datetime.now(UTC), pa.timestamp("us", tz="UTC"))
     for chunk in chunks:
+        chunk, erased_lines = tombstone_erased(chunk, erased)
+        stored.erased_lines += erased_lines
         writer.write_table(
             chunk.append_column("ingested_at", pa.repeat(ingested_at, chunk.num_rows)),
             row_group_size=RAW_ROW_GROUP_ROWS,

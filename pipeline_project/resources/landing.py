@@ -217,6 +217,29 @@ class LandingZone(dg.ConfigurableResource):
             )
         return found[0]
 
+    def batch_file_names(self, batch_id: str) -> list[str]:
+        """The names of the batch's landing files that exist (none, one, or several)."""
+        if not is_valid_batch_id(batch_id):
+            raise ValueError(f"invalid batch id {batch_id!r}")
+        names = [f"{batch_id}{suffix}" for suffix in BATCH_FILE_SUFFIXES]
+        return sorted(name for name, *_ in self._entries(names))
+
+    def delete_batch_files(self, batch_id: str) -> list[str]:
+        """Delete the batch's landing files (every name it may have: `.jsonl`, `.jsonl.gz`);
+        the names of those deleted. A symbolic link is removed, never what it points to."""
+        if not is_valid_batch_id(batch_id):
+            raise ValueError(f"invalid batch id {batch_id!r}")
+        names = [f"{batch_id}{suffix}" for suffix in BATCH_FILE_SUFFIXES]
+        fs = self.filesystem()
+        deleted = []
+        for name, path, *_ in self._entries(names):
+            if fs is None:
+                Path(path).unlink(missing_ok=True)
+            else:
+                fs.delete_file(str(path))
+            deleted.append(name)
+        return deleted
+
 
 def _local_entry(path: Path) -> tuple[str, Path, int, int, str]:
     stat = path.lstat()

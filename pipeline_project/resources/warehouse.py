@@ -27,6 +27,7 @@ from typing import ClassVar
 import dagster as dg
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
@@ -239,6 +240,38 @@ class DuckDBStore(DuckDBResource):
             return self._not_a_database(f"DuckDB: {text}")
         return None
 
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the database file with only what it holds now: deleted rows stay in a DuckDB
+        file's free blocks (a CHECKPOINT or VACUUM does not clear them) until the file is
+        written anew. The database is copied into a new file beside it (COPY FROM DATABASE:
+        tables, views, in table order), which then replaces it by a rename. Writes meanwhile
+        would be lost: the caller holds the writer pool. Returns the file's bytes before and
+        after (0, 0 for a store that is not a file)."""
+        path = self.database_file
+        if path is None or not path.exists():
+            return 0, 0
+        with self.get_connection() as conn:
+            conn.execute("CHECKPOINT")  # the WAL into the file: the copy reads the file alone
+        before = path.stat().st_size
+        fresh = path.with_name(f".{path.name}.{uuid.uuid4().hex}.compact")
+        try:
+            copier = duckdb.connect(config=dict(self.connection_config))
+            try:
+                copier.execute(f"ATTACH '{_quote(str(path))}' AS compact_from (READ_ONLY)")
+                copier.execute(f"ATTACH '{_quote(str(fresh))}' AS compact_to")
+                copier.execute("COPY FROM DATABASE compact_from TO compact_to")
+                copier.execute("DETACH compact_to")
+                copier.execute("DETACH compact_from")
+            finally:
+                copier.close()
+            with open(fresh, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(fresh, path)
+        finally:
+            fresh.unlink(missing_ok=True)
+            Path(f"{fresh}.wal").unlink(missing_ok=True)
+        return before, path.stat().st_size
+
     def _table_ddl(self) -> Sequence[str]:
         return ()
 
@@ -430,7 +463,7 @@ class Warehouse(DuckDBStore):
 
     def raw_file(self, batch_id: str) -> Path:
         """The batch's raw lines file (the file backend; DuckLake keeps them in a table)."""
-        _check_batch_id(batch_id)
+        check_batch_id(batch_id)
         if self.is_lakehouse:
             raise ValueError("on DuckLake the raw lines are the table raw_customers")
         return self.raw_dir / f"batch_id={batch_id}" / RAW_FILE_NAME
@@ -454,9 +487,13 @@ class Warehouse(DuckDBStore):
             yield path
             return
         with self.scratch_folder(batch_id) as folder, self.get_connection() as conn:
+            # registered with its lines, and they are still there (retention deletes them;
+            # an empty file has none to keep)
             if not conn.execute(
-                f"SELECT 1 FROM {BATCHES} WHERE batch_id = ? AND content_digest IS NOT NULL",
-                [batch_id],
+                f"SELECT 1 FROM {BATCHES} WHERE batch_id = $b AND content_digest IS NOT NULL"
+                f" AND (coalesce(lines, 0) = 0"
+                f"      OR EXISTS (SELECT 1 FROM {RAW_CUSTOMERS} WHERE batch_id = $b))",
+                {"b": batch_id},
             ).fetchall():
                 raise FileNotFoundError(f"no raw lines of batch {batch_id} in {RAW_CUSTOMERS}")
             path = folder / RAW_FILE_NAME
@@ -620,6 +657,70 @@ class Warehouse(DuckDBStore):
                 if isinstance(params, timedelta):
                     params = {"age": datetime.now(UTC) - params}
                 done[name] = len(conn.execute(f"CALL {call}", params).fetchall())
+        return done
+
+    def tombstone_raw_lines(self, batch_id: str, line_nos: Sequence[int]) -> int:
+        """The file backend: the batch's raw lines `line_nos` become tombstones (an empty line,
+        see core/erasure.py) in a new file that replaces the batch's by a rename; streamed a row
+        group at a time. Returns the lines replaced (0 when the batch has no raw file)."""
+        from pipeline_project.core.erasure import tombstoned
+
+        path = self.raw_file(batch_id)
+        if not path.exists() or not line_nos:
+            return 0
+        wanted = pa.array(sorted(set(line_nos)), pa.int64())
+        tmp = path.with_name(f".{RAW_FILE_NAME}.{uuid.uuid4().hex}.tmp")
+        replaced = 0
+        try:
+            source = pq.ParquetFile(path)
+            with pq.ParquetWriter(
+                tmp, source.schema_arrow, compression="none", use_dictionary=False
+            ) as writer:
+                for group in range(source.num_row_groups):
+                    lines = source.read_row_group(group)
+                    erased = pc.is_in(lines["line_no"], value_set=wanted)
+                    replaced += pc.sum(erased).as_py() or 0
+                    writer.write_table(tombstoned(lines, erased))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return replaced
+
+    def clear_staging(self, batch_ids: Sequence[str]) -> None:
+        """Remove what killed runs of these batches left in the staging folder (never a
+        folder of this process's steps in use)."""
+        staging_root = self.files_dir / "staging"
+        for batch_id in batch_ids:
+            check_batch_id(batch_id)
+            for stale in staging_root.glob(f"{batch_id}.*"):
+                if stale not in _SCRATCH_IN_USE:
+                    shutil.rmtree(stale, ignore_errors=True)
+
+    def forget_deleted_rows(self) -> dict[str, int]:
+        """Make rows deleted so far unrecoverable from storage. DuckLake: under the maintenance
+        lock alone, flush the rows inlined in the catalog, rewrite every file that holds deleted
+        rows, expire every snapshot but the newest (no time travel back to them), delete the
+        files no snapshot references (no grace: nothing may read them any more). The DuckDB
+        file: written anew (compact). Returns what each step did."""
+        if not self.is_lakehouse:
+            before, after = self.compact()
+            return {"bytes_before": before, "bytes_after": after}
+        from pipeline_project.resources.lakehouse import LAKE_ALIAS, catalog_lock
+
+        lake = f"'{LAKE_ALIAS}'"
+        steps = {
+            "inlined_rows_flushed": f"ducklake_flush_inlined_data({lake})",
+            "files_rewritten": f"ducklake_rewrite_data_files({lake}, delete_threshold => 0)",
+            "snapshots_expired": f"ducklake_expire_snapshots({lake}, older_than => now())",
+            "old_files_deleted": f"ducklake_cleanup_old_files({lake}, older_than => now())",
+        }
+        done = {}
+        alone = catalog_lock(self.ducklake_catalog, self.ducklake_password, MAINTENANCE_LOCK)
+        with alone, self.get_connection() as conn:
+            for name, call in steps.items():
+                done[name] = len(conn.execute(f"CALL {call}").fetchall())
         return done
 
     def write_attempts(self) -> Retrying:
@@ -806,7 +907,7 @@ class Warehouse(DuckDBStore):
     @contextmanager
     def scratch_folder(self, batch_id: str) -> Iterator[Path]:
         """A private folder for a step's intermediate Parquet files, removed afterwards."""
-        _check_batch_id(batch_id)
+        check_batch_id(batch_id)
         staging_root = self.files_dir / "staging"
         what = f"the staged files of batch {batch_id}"
         kept = "Nothing of the batch was committed: its previous rows are kept."
@@ -852,7 +953,7 @@ def _quote(text: str) -> str:
     return text.replace("'", "''")
 
 
-def _check_batch_id(batch_id: str) -> None:
+def check_batch_id(batch_id: str) -> None:
     """Batch IDs go into file names: only safe ones are accepted."""
     if not is_valid_batch_id(batch_id):
         raise ValueError(f"{batch_id!r} is not a valid batch ID")

@@ -4,8 +4,9 @@ A batch's recommendations read more than its own partition: its customers' purch
 earlier batches (history), the segment model version and the catalog. The steps that change one
 of those name, in their materialization's `rescore_batches` metadata, the batches that read it:
 
-- an earlier batch's content or acceptance changed (re-delivered, late, withdrawn): named by
-  raw_customers and customers, re-run from customer_embeddings (the profiles);
+- an earlier batch's content or acceptance changed (re-delivered, late, withdrawn, deleted):
+  named by raw_customers and customers (a deleted batch: by the delete_batches job's
+  observation of raw_customers), re-run from customer_embeddings (the profiles);
 - a new segment model version: named by segment_model, re-run from customer_segments;
 - a new catalog version: named by product_embeddings, re-run from recommendations; and when
   its vocabulary (the products' categories) differs from the one a batch's profiles were
@@ -42,6 +43,8 @@ RESCORE_METADATA = "rescore_batches"
 # ...and the batches whose profiles it makes stale: re-run from customer_embeddings.
 REPROFILE_METADATA = "reprofile_batches"
 RESCORE_TAG = "pipeline/rescore"
+# The cursor's key for the observations of deleted batches.
+DELETIONS = "deleted batches"
 
 # The batch stages in order, and where a change of each watched asset makes a batch start over.
 BATCH_STAGES = [
@@ -70,15 +73,19 @@ def rescore_requests(
     start: dict[str, int] = {}  # batch -> index in BATCH_STAGES
     causes: dict[str, list[str]] = {}
     cursor = dict(cursor)
-    for asset, stage in RESCORE_FROM.items():
-        result = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), after_storage_id=cursor.get(asset)),
+    watched = [(asset, stage, asset, instance.fetch_materializations)
+               for asset, stage in RESCORE_FROM.items()]  # fmt: skip
+    # a deleted batch: the delete_batches job observes raw_customers (its partition is gone)
+    watched.append((RAW_CUSTOMERS, CUSTOMER_EMBEDDINGS, DELETIONS, instance.fetch_observations))
+    for asset, stage, key, fetch in watched:
+        result = fetch(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), after_storage_id=cursor.get(key)),
             limit=PAGE,
             ascending=True,
         )
         for record in result.records:
-            cursor[asset] = record.storage_id
-            metadata = record.asset_materialization.metadata
+            cursor[key] = record.storage_id
+            metadata = record.asset_event.metadata
             for key, from_stage in ((RESCORE_METADATA, stage),
                                     (REPROFILE_METADATA, CUSTOMER_EMBEDDINGS)):  # fmt: skip
                 entry = metadata.get(key)

@@ -1,0 +1,223 @@
+"""Erasing a customer everywhere (GDPR art. 17): every table of every batch, raw lines as
+tombstones, storage rewritten so that no byte of them is left, a log without personal data; the
+other customers' answers unchanged. On the DuckDB file and on DuckLake (catalog in PostgreSQL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline_project.checks.input_checks import FILE_COMPLETE, ROWS_CONSERVED
+from pipeline_project.core.erasure import customer_hash
+from pipeline_project.definitions import build_definitions
+from pipeline_project.resources.embeddings import HashingEmbedder
+from pipeline_project.sample_data import CATEGORIES, write_catalog
+from pipeline_project_tests.helpers import query, run_stages, warehouse_of, write_lines
+from pipeline_project_tests.test_customer_identity import (
+    ANY_CONFIDENCE,
+    PER_CATEGORY,
+    bought,
+    record,
+    uuid_of,
+)
+
+ERASED = 7  # the customer erased: in b1, b2 (twice: one line rejected as a duplicate) and b3
+ERASED_EMAIL = "erase.me.7f3a9c@example.com"
+OTHERS = [n for n in range(12) if n != ERASED]
+
+
+def erased_record(ks: range) -> str:
+    return record(ERASED, bought(ERASED, ks), email=ERASED_EMAIL)
+
+
+BATCHES = {
+    "b1": [record(n, bought(n, range(2))) for n in range(0, 6)] + [erased_record(range(2))],
+    # the erased customer's first line is rejected (its ID comes again later in the file)
+    "b2": [
+        erased_record(range(1)),
+        *[record(n, bought(n, range(2, 4))) for n in range(3, 12) if n != ERASED],
+        erased_record(range(2, 4)),
+    ],  # fmt: skip
+    "b3": [record(n, bought(n, range(1, 5))) for n in (0, 1, 6, 8, 9, 10, 11)]
+    + [erased_record(range(4, 5))],
+}
+
+
+def forms(customer_id: str, email: str) -> dict[str, bytes]:
+    """Every way the customer's ID and e-mail are written in the files: as text, as a UUID's 16
+    bytes (Parquet), as DuckDB stores a UUID (a 128-bit integer, its top bit flipped, little
+    endian)."""
+    raw = uuid.UUID(customer_id).bytes
+    upper = int.from_bytes(raw[:8], "big") ^ (1 << 63)
+    lower = int.from_bytes(raw[8:], "big")
+    return {
+        "e-mail": email.encode(),
+        "id as text": customer_id.encode(),
+        "id as UUID bytes": raw,
+        "id as DuckDB stores it": lower.to_bytes(8, "little") + upper.to_bytes(8, "little"),
+    }
+
+
+def files_under(*roots: Path) -> list[Path]:
+    """The files among `roots` and under those that are folders."""
+    found = [root for root in roots if root.is_file()]
+    return found + [p for root in roots if root.is_dir() for p in root.rglob("*") if p.is_file()]
+
+
+def found_in(paths: list[Path], patterns: dict[str, bytes]) -> dict[str, list[str]]:
+    """Which of the patterns each file holds."""
+    hits: dict[str, list[str]] = {}
+    for path in paths:
+        data = path.read_bytes()
+        for name, pattern in patterns.items():
+            if pattern in data:
+                hits.setdefault(name, []).append(str(path))
+    return hits
+
+
+def catalog_dump(settings) -> bytes:
+    """DuckLake: everything its catalog database holds (the rows inlined in it, the column
+    statistics, the alerts), as pg_dump writes it."""
+    from pgserver.postgres_server import POSTGRES_BIN_PATH
+
+    fields = dict(part.split("=", 1) for part in settings.warehouse.ducklake_catalog.split())
+    return subprocess.run(
+        [str(POSTGRES_BIN_PATH / "pg_dump"), "-h", fields["host"], "-p", fields["port"],
+         "-U", fields["user"], "--data-only", fields["dbname"]],
+        env={**os.environ, "PGPASSWORD": os.environ["PIPELINE_DUCKLAKE_PASSWORD"]},
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+
+
+@pytest.fixture
+def uncompressed(monkeypatch):
+    """DuckDB files written without compression in this process, so that a scan for a
+    customer's bytes can find them (compressed, a stored value need not appear as such); the
+    lake's Parquet files are set uncompressed in the test."""
+    import duckdb
+
+    connect = duckdb.connect
+
+    def uncompressed_connect(*args, config=None, **kwargs):
+        return connect(*args, config={**(config or {}), "force_compression": "uncompressed"},
+                       **kwargs)  # fmt: skip
+
+    monkeypatch.setattr(duckdb, "connect", uncompressed_connect)
+
+
+def test_an_erased_customer_leaves_no_byte_in_the_warehouse_and_nothing_else_changes(
+    backend_settings, instance, uncompressed, tmp_path
+):
+    settings = backend_settings
+    lake = settings.warehouse.backend == "ducklake"
+    write_catalog(settings.catalog_path, n_products=len(CATEGORIES) * PER_CATEGORY, seed=2)
+    for batch_id, lines in BATCHES.items():
+        write_lines(settings.landing_dir / f"{batch_id}.jsonl", lines)
+    defs = build_definitions(settings, embedder=HashingEmbedder(dimensions=32))
+    warehouse = warehouse_of(settings)
+    if lake:
+        with warehouse.get_connection() as conn:
+            conn.execute("CALL lake.set_option('parquet_compression', 'uncompressed')")
+    assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
+    for batch_id in BATCHES:
+        assert run_stages(defs, instance, batch_id, run_config=ANY_CONFIDENCE).success, batch_id
+
+    target = uuid_of(ERASED)
+    patterns = forms(target, ERASED_EMAIL)
+    storage = [warehouse.files_dir]
+    storage += [Path(str(settings.warehouse.ducklake_data_path))] if lake else [
+        settings.duckdb_path, Path(f"{settings.duckdb_path}.wal")]  # fmt: skip
+    dagster_storage = Path(instance.root_directory)
+
+    def everywhere() -> dict[str, list[str]]:
+        hits = found_in(files_under(*storage) + files_under(dagster_storage), patterns)
+        if lake:
+            dump = catalog_dump(settings)
+            for name in ("e-mail", "id as text"):
+                if patterns[name] in dump:
+                    hits.setdefault(name, []).append("the catalog database")
+        return hits
+
+    # the scan finds the customer before (it can fail), in the warehouse's own files
+    before = everywhere()
+    assert "e-mail" in before and "id as text" in before, before
+    assert any(form.startswith("id as") and form != "id as text" for form in before), before
+    rows_of = "SELECT count(*) FROM {} WHERE customer_id = ?::UUID"
+    assert query(settings, rows_of.format("customers"), [target]) == [(3,)]
+    others_before = _answers(settings, target)
+    assert others_before["current"], "the other customers have recommendations to compare"
+
+    result = defs.resolve_job_def("erase_customers").execute_in_process(
+        instance=instance,
+        run_config={
+            "ops": {"erase_customer_rows": {"config": {"customers": [customer_hash(target)]}}}
+        },  # fmt: skip
+    )
+    assert result.success
+    figures = _output_metadata(result, "erase_customer_rows")
+    assert figures["customers_found"] == 1 and figures["batches"] == ["b1", "b2", "b3"]
+    assert figures["raw_lines"] == 4  # three records and the rejected duplicate
+    assert figures["landing_files_holding_them"] == ["b1.jsonl", "b2.jsonl", "b3.jsonl"]
+
+    # no byte of them anywhere: the warehouse's files, its staging, Dagster's storage
+    assert everywhere() == {}
+    for table in ("customers", "customer_purchases", "customer_embeddings", "prior_purchases",
+                  "customer_segments", "validated_recommendations", "recommendations"):  # fmt: skip
+        assert query(settings, rows_of.format(table), [target]) == [(0,)], table
+    # the other customers' answers are what they were
+    assert _answers(settings, target) == others_before
+    # the log: the ID's hash, counts per table, nothing personal
+    [(logged_hash, batches, raw_lines, removed)] = query(
+        settings, "SELECT customer_hash, batches, raw_lines, rows_removed FROM erasure_log"
+    )
+    assert (logged_hash, batches, raw_lines) == (customer_hash(target), 3, 4)
+    removed = json.loads(removed)
+    assert removed["customers"] == 3 and removed["schema_errors"] == 1, removed
+    assert removed["raw_customers"] == 4 and removed["validated_recommendations"] > 0, removed
+
+    # every line still ends in exactly one place: validated again, b2's tombstones are blank
+    again = run_stages(defs, instance, "b2", selection=["raw_customers", "customers",
+                       "customer_purchases", "schema_errors"], run_config=ANY_CONFIDENCE)  # fmt: skip
+    assert again.success
+    checks = {e.check_name: e.passed for e in again.get_asset_check_evaluations()}
+    assert checks[ROWS_CONSERVED] and checks[FILE_COMPLETE], checks
+    raw = _materialization(again, "raw_customers")
+    assert raw["erased_lines"] == 2 and raw["blank_lines"] == 2  # the landing file still has them
+    assert query(settings, rows_of.format("customers"), [target]) == [(0,)]
+    assert query(settings, "SELECT count(*) FROM customers WHERE batch_id = 'b2'") == [(8,)]
+    assert everywhere() == {}
+
+
+def _answers(settings, erased: str) -> dict[str, list[tuple]]:
+    """The other customers' current and historical recommendations."""
+    columns = "batch_id, customer_id::VARCHAR, rank, product_id, round(confidence, 9)"
+    return {
+        name: query(
+            settings,
+            f"SELECT {columns} FROM {view} WHERE customer_id <> ?::UUID ORDER BY ALL",
+            [erased],
+        )
+        for name, view in (
+            ("current", "current_recommendations"),
+            ("history", "validated_recommendations"),
+        )  # fmt: skip
+    }
+
+
+def _output_metadata(result, node: str) -> dict:
+    [output] = [e for e in result.all_node_events
+                if e.is_successful_output and e.node_handle.name == node]  # fmt: skip
+    return {k: v.value for k, v in output.step_output_data.metadata.items()}
+
+
+def _materialization(result, asset: str) -> dict:
+    [materialization] = [
+        m for m in result.get_asset_materialization_events()
+        if m.asset_key.to_user_string() == asset
+    ]  # fmt: skip
+    return {k: v.value for k, v in materialization.materialization.metadata.items()}

@@ -5,6 +5,7 @@ other customers' answers unchanged. On the DuckDB file and on DuckLake (catalog 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import uuid
@@ -17,11 +18,18 @@ from pipeline_project.core.erasure import customer_hash
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources.embeddings import HashingEmbedder
 from pipeline_project.sample_data import CATEGORIES, write_catalog
-from pipeline_project_tests.helpers import query, run_stages, warehouse_of, write_lines
+from pipeline_project_tests.helpers import (
+    alerts_of,
+    query,
+    run_stages,
+    warehouse_of,
+    write_lines,
+)
 from pipeline_project_tests.test_customer_identity import (
     ANY_CONFIDENCE,
     PER_CATEGORY,
     bought,
+    product,
     record,
     uuid_of,
 )
@@ -43,8 +51,15 @@ BATCHES = {
         *[record(n, bought(n, range(2, 4))) for n in range(3, 12) if n != ERASED],
         erased_record(range(2, 4)),
     ],  # fmt: skip
+    # in b3 they also buy in a second category: a profile text of theirs alone
     "b3": [record(n, bought(n, range(1, 5))) for n in (0, 1, 6, 8, 9, 10, 11)]
-    + [erased_record(range(4, 5))],
+    + [
+        record(
+            ERASED,
+            [*bought(ERASED, range(4, 5)), (product("garden", 0), 30.0, "2025-09-09T10:00:00Z")],
+            email=ERASED_EMAIL,
+        )
+    ],  # fmt: skip
 }
 
 
@@ -131,7 +146,8 @@ def test_an_erased_customer_leaves_no_byte_in_the_warehouse_and_nothing_else_cha
     patterns = forms(target, ERASED_EMAIL)
     storage = [warehouse.files_dir]
     storage += [Path(str(settings.warehouse.ducklake_data_path))] if lake else [
-        settings.duckdb_path, Path(f"{settings.duckdb_path}.wal")]  # fmt: skip
+        settings.duckdb_path, Path(f"{settings.duckdb_path}.wal"),
+        settings.alerts_duckdb_path, Path(f"{settings.alerts_duckdb_path}.wal")]  # fmt: skip
     dagster_storage = Path(instance.root_directory)
 
     def everywhere() -> dict[str, list[str]]:
@@ -142,6 +158,46 @@ def test_an_erased_customer_leaves_no_byte_in_the_warehouse_and_nothing_else_cha
                 if patterns[name] in dump:
                     hits.setdefault(name, []).append("the catalog database")
         return hits
+
+    # a dead letter and an alert about them, and about someone else (which stay)
+    other = uuid_of(OTHERS[0])
+    with warehouse.transaction() as conn:
+        for key in (target, other):
+            conn.execute(
+                "INSERT INTO dead_letter BY NAME SELECT 'b3' AS batch_id, 'inference' AS stage,"
+                " ? AS record_key, 'inference_failed' AS reason, 'e' AS error, 3 AS attempts,"
+                " ? AS payload, now() AS created_at",
+                [key, f"profile of {key}"],
+            )
+    sink = alerts_of(settings)
+    for key in (target, other):
+        sink.emit(
+            severity="warning",
+            monitor="test",
+            key=f"about:{key}",
+            message=f"customer {key} looked odd",
+            log=logging.getLogger(__name__),
+        )
+    # the embedding cache: their profile texts that nobody else uses go, the rest stays
+    cache = "SELECT model, dimensions, text_hash FROM embedding_cache ORDER BY ALL"
+    cache_before = query(settings, cache)
+    theirs_alone = query(
+        settings,
+        "SELECT DISTINCT model, dimensions, text_hash FROM customer_embeddings AS e"
+        " WHERE customer_id = ?::UUID AND NOT EXISTS (SELECT 1 FROM customer_embeddings AS o"
+        "   WHERE o.text_hash = e.text_hash AND o.customer_id <> e.customer_id)"
+        " AND NOT EXISTS (SELECT 1 FROM product_embeddings AS p WHERE p.text_hash = e.text_hash)"
+        " ORDER BY ALL",
+        [target],
+    )
+    shared = query(
+        settings,
+        "SELECT count(DISTINCT text_hash) FROM customer_embeddings AS e WHERE customer_id ="
+        " ?::UUID AND EXISTS (SELECT 1 FROM customer_embeddings AS o"
+        "   WHERE o.text_hash = e.text_hash AND o.customer_id <> e.customer_id)",
+        [target],
+    )
+    assert theirs_alone and shared != [(0,)], "a text of theirs alone, and one shared"
 
     # the scan finds the customer before (it can fail), in the warehouse's own files
     before = everywhere()
@@ -171,6 +227,13 @@ def test_an_erased_customer_leaves_no_byte_in_the_warehouse_and_nothing_else_cha
         assert query(settings, rows_of.format(table), [target]) == [(0,)], table
     # the other customers' answers are what they were
     assert _answers(settings, target) == others_before
+    assert query(settings, "SELECT record_key FROM dead_letter") == [(other,)]
+    with sink._store().get_connection() as conn:
+        assert conn.execute("SELECT alert_key FROM alerts WHERE monitor = 'test'").fetchall() == [
+            (f"about:{other}",)
+        ]
+    gone = set(cache_before) - set(query(settings, cache))
+    assert gone == set(theirs_alone), "only their own texts left the cache"
     # the log: the ID's hash, counts per table, nothing personal
     [(logged_hash, batches, raw_lines, removed)] = query(
         settings, "SELECT customer_hash, batches, raw_lines, rows_removed FROM erasure_log"

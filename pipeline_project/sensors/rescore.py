@@ -77,18 +77,20 @@ def rescore_requests(
                for asset, stage in RESCORE_FROM.items()]  # fmt: skip
     # a deleted batch: the delete_batches job observes raw_customers (its partition is gone)
     watched.append((RAW_CUSTOMERS, CUSTOMER_EMBEDDINGS, DELETIONS, instance.fetch_observations))
-    for asset, stage, key, fetch in watched:
+    for asset, stage, cursor_key, fetch in watched:
         result = fetch(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), after_storage_id=cursor.get(key)),
+            dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey(asset), after_storage_id=cursor.get(cursor_key)
+            ),
             limit=PAGE,
             ascending=True,
         )
         for record in result.records:
-            cursor[key] = record.storage_id
+            cursor[cursor_key] = record.storage_id
             metadata = record.asset_event.metadata
-            for key, from_stage in ((RESCORE_METADATA, stage),
-                                    (REPROFILE_METADATA, CUSTOMER_EMBEDDINGS)):  # fmt: skip
-                entry = metadata.get(key)
+            for name, from_stage in ((RESCORE_METADATA, stage),
+                                     (REPROFILE_METADATA, CUSTOMER_EMBEDDINGS)):  # fmt: skip
+                entry = metadata.get(name)
                 for batch_id in entry.value if entry is not None else []:
                     at = BATCH_STAGES.index(from_stage)
                     start[batch_id] = min(start.get(batch_id, at), at)

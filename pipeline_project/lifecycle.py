@@ -97,34 +97,30 @@ def erase_customer_rows(
 def erase_customers(
     instance: dg.DagsterInstance, warehouse: Warehouse, alerts: AlertSink, hashes: list[str]
 ) -> dict:
-    """Erase the customers whose IDs hash to `hashes` (see the op's description); a customer
-    the warehouse does not hold is still logged (found: 0). Safe to run again."""
+    """Erase the customers whose IDs hash to `hashes` (see the op's description). The rows go
+    in one transaction with the erasure log's rows: from that commit on, every ingestion
+    tombstones their lines and every write that read before it starts over. What follows (the
+    raw files' tombstones, leftovers, alerts, storage rewritten) is done on every run, so that
+    running it again after a failure finishes it; a customer the warehouse no longer holds is
+    still logged (found: 0)."""
     with warehouse.get_connection() as conn:
         ids = erasure.resolve_ids(conn, hashes)
-        found = erasure.find(conn, ids) if ids else erasure.Found()
+        found = erasure.find(conn, ids)
         landing_files = _landing_files(conn, found.batches)
     _refuse_while_running(instance, found.batches, "erase_customers")
     removed: dict[str, int] = {}
-    if ids:
-        for attempt in warehouse.write_attempts():
-            with attempt, warehouse.transaction() as conn:
-                found = erasure.find(conn, ids)
-                removed = erasure.delete_rows(conn, ids, found, warehouse.is_lakehouse)
-        if not warehouse.is_lakehouse:
-            tombstoned = sum(
-                warehouse.tombstone_raw_lines(batch_id, found.lines[batch_id])
-                for batch_id in found.batches
-            )
-            if tombstoned:
-                removed[RAW_CUSTOMERS] = tombstoned
-    warehouse.clear_staging(found.batches)
-    alerts_removed = alerts.delete_mentioning(ids) if ids else 0
-    storage = warehouse.forget_deleted_rows() if ids else {}
-    if alerts_removed:
-        alerts.compact()
     for attempt in warehouse.write_attempts():
-        with attempt, warehouse.transaction() as conn:
+        with attempt, warehouse.transaction(check_erasures=False) as conn:
+            found = erasure.find(conn, ids)
+            removed = erasure.delete_rows(conn, ids, found, warehouse.is_lakehouse)
             erasure.log(conn, hashes, found, removed)
+    if not warehouse.is_lakehouse:
+        for batch_id in found.batches:
+            warehouse.tombstone_raw_lines(batch_id, found.lines[batch_id])
+    warehouse.clear_leftovers()
+    alerts_removed = alerts.delete_naming_customers(hashes)
+    storage = warehouse.forget_deleted_rows()
+    alerts.compact()
     return {
         "customers_found": len(ids),
         "batches": found.batches,
@@ -192,35 +188,61 @@ def delete_batch_rows(
     landing: LandingZone,
     alerts: AlertSink,
 ):
-    for batch_id in config.batch_ids:
+    partitions = context.instance.get_dynamic_partitions(batches.name)
+    for batch_id in config.batch_ids:  # every one first: all deleted, or none
         try:
             check_batch_id(batch_id)
         except ValueError as err:
             raise dg.Failure(description=str(err), allow_retries=False) from err
+        if not _exists(warehouse, landing, partitions, batch_id):
+            raise NoSuchBatch(batch_id)
     results = {}
-    for batch_id in config.batch_ids:
-        done = delete_batch(context.instance, warehouse, landing, alerts, batch_id)
-        context.log.info(
-            f"{batch_id}: deleted {sum(done['rows_removed'].values()):,} rows,"
-            f" landing files {done['landing_files'] or 'none'};"
-            f" {len(done['stale'])} later batches to re-profile"
-        )
-        results[batch_id] = done
-        # what the rescore_sensor reads: the later batches whose history held this batch
-        yield dg.AssetObservation(
-            asset_key=RAW_CUSTOMERS,
-            metadata={
-                "deleted_batch": batch_id,
-                RESCORE_METADATA: dg.MetadataValue.json(done["stale"]),
-            },
-        )
-    storage = warehouse.forget_deleted_rows() if config.forget_deleted_rows else {}
+    try:
+        for batch_id in config.batch_ids:
+            # recorded before the rows go, so that a deletion that fails halfway still has
+            # the later batches that read this one's purchases re-profiled
+            with warehouse.get_connection() as conn:
+                stale = batch_register.later_batches_sharing_customers(conn, batch_id)
+            yield dg.AssetObservation(
+                asset_key=RAW_CUSTOMERS,
+                metadata={
+                    "deleted_batch": batch_id,
+                    RESCORE_METADATA: dg.MetadataValue.json(stale),
+                },
+            )
+            done = delete_batch(context.instance, warehouse, landing, alerts, batch_id)
+            done["stale"] = stale
+            context.log.info(
+                f"{batch_id}: deleted {sum(done['rows_removed'].values()):,} rows,"
+                f" landing files {done['landing_files'] or 'none'};"
+                f" {len(done['stale'])} later batches to re-profile"
+            )
+            results[batch_id] = done
+    finally:  # what was deleted is forgotten, even when a later batch failed
+        storage = warehouse.forget_deleted_rows() if results and config.forget_deleted_rows else {}
+        if results:
+            alerts.compact()
     yield dg.Output(
         None,
         metadata={
             "batches": dg.MetadataValue.json(results),
             "storage": dg.MetadataValue.json(storage),
         },
+    )
+
+
+def _exists(warehouse: Warehouse, landing: LandingZone, partitions: list[str], batch_id: str):
+    """Whether anything of the batch is known: a partition, the register, raw lines, a file."""
+    with warehouse.get_connection() as conn:
+        [(registered,)] = conn.execute(
+            f"SELECT count(*) FROM {BATCHES} WHERE batch_id = ?", [batch_id]
+        ).fetchall()
+    raw_file = None if warehouse.is_lakehouse else warehouse.raw_file(batch_id)
+    return bool(
+        batch_id in partitions
+        or registered
+        or landing.batch_file_names(batch_id)
+        or (raw_file is not None and raw_file.exists())
     )
 
 
@@ -233,22 +255,14 @@ def delete_batch(
 ) -> dict:
     """Remove the batch as if it never arrived: its rows in every table (the register and raw
     lines included), its raw file, its landing files, its alerts and its partition. Returns
-    rows removed per table, the landing files deleted and the later batches made stale."""
-    partitions = instance.get_dynamic_partitions(batches.name)
-    with warehouse.get_connection() as conn:
-        registered = conn.execute(
-            f"SELECT count(*) FROM {BATCHES} WHERE batch_id = ?", [batch_id]
-        ).fetchall()[0][0]
-    landed = landing.batch_file_names(batch_id)
-    raw_file = None if warehouse.is_lakehouse else warehouse.raw_file(batch_id)
-    if not (batch_id in partitions or registered or landed or (raw_file and raw_file.exists())):
+    rows removed per table and the landing files deleted. Safe to run again."""
+    if not _exists(warehouse, landing, instance.get_dynamic_partitions(batches.name), batch_id):
         raise NoSuchBatch(batch_id)
+    raw_file = None if warehouse.is_lakehouse else warehouse.raw_file(batch_id)
     _refuse_while_running(instance, [batch_id], "delete_batches")
     removed: dict[str, int] = {}
-    stale: list[str] = []
     for attempt in warehouse.write_attempts():
-        with attempt, warehouse.transaction() as conn:
-            stale = batch_register.later_batches_sharing_customers(conn, batch_id)
+        with attempt, warehouse.transaction(check_erasures=False) as conn:
             removed = {}
             tables = [t for stage in BATCH_TABLES_BY_STAGE.values() for t in stage]
             if warehouse.is_lakehouse:
@@ -267,16 +281,15 @@ def delete_batch(
         for path in raw_file.parent.iterdir():
             path.unlink()
         raw_file.parent.rmdir()
-    warehouse.clear_staging([batch_id])
+    warehouse.clear_leftovers([batch_id])
     deleted_files = landing.delete_batch_files(batch_id)
     alerts_removed = alerts.delete_batch(batch_id)
-    if batch_id in partitions:
+    if batch_id in instance.get_dynamic_partitions(batches.name):
         instance.delete_dynamic_partition(batches.name, batch_id)
     return {
         "rows_removed": {t: n for t, n in removed.items() if n},
         "landing_files": deleted_files,
         "alerts_removed": alerts_removed,
-        "stale": stale,
     }
 
 

@@ -16,6 +16,7 @@ from pydantic import Field
 from pipeline_project.core import retention
 from pipeline_project.policies import DUCKDB_WRITER_POOL
 from pipeline_project.resources import AlertSink, Warehouse
+from pipeline_project.tables import DEAD_LETTER, RAW_CUSTOMERS, SCHEMA_ERRORS
 
 # What each retention applies to, by its config field (for messages and metadata).
 KINDS = {
@@ -242,6 +243,15 @@ def purge_expired_data(
         )
         counts |= {"runs_deleted": runs.deleted, "runs_kept_holding_latest": runs.kept_latest,
                    "runs_left_for_next_time": runs.left_for_next_time}  # fmt: skip
+    # DuckLake: the files that held purged rows are rewritten without them; the old files go
+    # when the daily maintenance expires the snapshots before (keep_snapshots_hours)
+    purged = {RAW_CUSTOMERS: counts.get("raw_lines_deleted"),
+              SCHEMA_ERRORS: counts.get("schema_errors_deleted"),
+              DEAD_LETTER: counts.get("dead_letters_deleted")}  # fmt: skip
+    if warehouse.is_lakehouse:
+        counts["files_rewritten"] = warehouse.rewrite_files_with_deletes(
+            [table for table, deleted in purged.items() if deleted]
+        )
     kept_for_ever = [KINDS[name] for name, cutoff in cutoffs.items() if cutoff is None]
     context.log.info(
         "retention: "

@@ -10,7 +10,14 @@ import pytest
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources.embeddings import HashingEmbedder
 from pipeline_project.sample_data import CATEGORIES, write_catalog
-from pipeline_project_tests.helpers import contents, query, run_stages, settle, write_lines
+from pipeline_project_tests.helpers import (
+    contents,
+    query,
+    run_batch,
+    run_stages,
+    settle,
+    write_lines,
+)
 from pipeline_project_tests.test_customer_identity import COMPARED, ORDER_BATCHES, PER_CATEGORY
 
 # The arrival order differs by construction: without b2, b3 arrives third.
@@ -96,3 +103,17 @@ def test_a_batch_id_that_is_no_batch_id_is_refused(settings, instance, batch_id)
     assert not result.success
     [failure] = [e for e in result.all_events if e.is_step_failure]
     assert "not a valid batch ID" in failure.step_failure_data.error.message
+
+
+def test_a_deletion_naming_one_batch_that_does_not_exist_deletes_none(settings, instance):
+    settings.landing_dir.mkdir(parents=True, exist_ok=True)
+    write_lines(settings.landing_dir / "b1.jsonl", ORDER_BATCHES["b1"])
+    defs = build_definitions(settings, embedder=HashingEmbedder(dimensions=32))
+    assert run_batch(defs, instance, "b1").success
+    result = _delete(defs, instance, "b1", "b9")
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    assert "no batch 'b9'" in failure.step_failure_data.error.message
+    assert query(settings, "SELECT count(*) FROM customers WHERE batch_id = 'b1'") == [(6,)]
+    assert (settings.landing_dir / "b1.jsonl").exists()
+    assert "b1" in instance.get_dynamic_partitions("batches")

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from pipeline_project.checks.input_checks import FILE_COMPLETE, ROWS_CONSERVED
-from pipeline_project.core.erasure import customer_hash
+from pipeline_project.core.erasure import ErasedMeanwhile, customer_hash
 from pipeline_project.definitions import build_definitions
+from pipeline_project.resources import Warehouse
 from pipeline_project.resources.embeddings import HashingEmbedder
 from pipeline_project.sample_data import CATEGORIES, write_catalog
 from pipeline_project_tests.helpers import (
@@ -284,3 +285,66 @@ def _materialization(result, asset: str) -> dict:
         if m.asset_key.to_user_string() == asset
     ]  # fmt: skip
     return {k: v.value for k, v in materialization.materialization.metadata.items()}
+
+
+def test_an_erasure_that_fails_halfway_already_holds_and_running_it_again_finishes_it(
+    backend_settings, instance, uncompressed
+):
+    settings = backend_settings
+    write_catalog(settings.catalog_path, n_products=len(CATEGORIES) * PER_CATEGORY, seed=2)
+    write_lines(settings.landing_dir / "b1.jsonl", BATCHES["b1"])
+    defs = build_definitions(settings, embedder=HashingEmbedder(dimensions=32))
+    assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
+    assert run_stages(defs, instance, "b1", run_config=ANY_CONFIDENCE).success
+    target = uuid_of(ERASED)
+    config = {"ops": {"erase_customer_rows": {"config": {"customers": [customer_hash(target)]}}}}
+    erase = defs.resolve_job_def("erase_customers")
+
+    # storage cannot be rewritten (a lock held too long, a full disk): the run fails...
+    def broken(self):
+        raise OSError("no room left on the device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Warehouse, "forget_deleted_rows", broken)
+        failed = erase.execute_in_process(instance=instance, run_config=config,
+                                          raise_on_error=False)  # fmt: skip
+    assert not failed.success
+    # ...but the rows are gone and the erasure holds: a re-delivery comes in tombstoned
+    rows_of = "SELECT count(*) FROM customers WHERE customer_id = ?::UUID"
+    assert query(settings, rows_of, [target]) == [(0,)]
+    again = run_stages(defs, instance, "b1", run_config=ANY_CONFIDENCE)
+    assert again.success and _materialization(again, "raw_customers")["erased_lines"] == 1
+    assert query(settings, rows_of, [target]) == [(0,)]
+
+    # running it again finishes it: the storage rewritten, nothing of them left
+    result = erase.execute_in_process(instance=instance, run_config=config)
+    assert result.success
+    assert _output_metadata(result, "erase_customer_rows")["customers_found"] == 0
+    storage = [warehouse_of(settings).files_dir]
+    storage += [Path(str(settings.warehouse.ducklake_data_path))] if (
+        settings.warehouse.backend == "ducklake") else [settings.duckdb_path]  # fmt: skip
+    assert found_in(files_under(*storage), forms(target, ERASED_EMAIL)) == {}
+    assert query(settings, "SELECT count(*) FROM erasure_log") == [(2,)]  # both runs
+
+
+def test_a_write_holding_rows_read_before_an_erasure_is_refused_and_retried(backend_settings):
+    settings = backend_settings
+    step = warehouse_of(settings)  # a step's resource: it reads, then writes
+    with step.get_connection() as conn:
+        conn.execute("SELECT count(*) FROM customers").fetchall()
+    with warehouse_of(settings).transaction(check_erasures=False) as conn:  # the erasure
+        conn.execute(
+            "INSERT INTO erasure_log BY NAME SELECT uuid() AS erasure_id, ? AS customer_hash,"
+            " now() AS erased_at, 0 AS batches, 0 AS raw_lines, '{}'::JSON AS rows_removed",
+            [customer_hash(uuid_of(ERASED))],
+        )
+    with pytest.raises(ErasedMeanwhile), step.transaction() as conn:
+        conn.execute("INSERT INTO batch_publications BY NAME SELECT 'bx' AS batch_id,"
+                     " now() AS published_at, 1 AS segment_model_version,"
+                     " 0 AS customers, 0 AS recommendations")  # fmt: skip
+    assert query(settings, "SELECT count(*) FROM batch_publications") == [(0,)]  # rolled back
+    with step.transaction() as conn:  # the retry has read what the erasure left
+        conn.execute("INSERT INTO batch_publications BY NAME SELECT 'bx' AS batch_id,"
+                     " now() AS published_at, 1 AS segment_model_version,"
+                     " 0 AS customers, 0 AS recommendations")  # fmt: skip
+    assert query(settings, "SELECT count(*) FROM batch_publications") == [(1,)]

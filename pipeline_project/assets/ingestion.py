@@ -11,7 +11,7 @@ from pipeline_project.batch_history import failed_flag, failed_flags, recent_bat
 from pipeline_project.checks.input_checks import FILE_COMPLETE
 from pipeline_project.checks.verdicts import NotJudged, Verdict, judged, not_judged
 from pipeline_project.core import batches as batch_register
-from pipeline_project.core.erasure import ErasedMeanwhile, erased_hashes
+from pipeline_project.core.erasure import erased_hashes
 from pipeline_project.core.landing_files import (
     StoredLines,
     content_digest,
@@ -179,7 +179,8 @@ def _ingest(
     )
     with warehouse.get_connection() as conn:
         erased = erased_hashes(conn)
-    registration = _Registration(context, landing_file.name, digest, erasures=len(erased))
+    # a customer erased after this read fails the swap's transaction (Warehouse.transaction)
+    registration = _Registration(context, landing_file.name, digest)
     with warehouse.replacing_raw_file(batch_id, before_swap=registration) as writer:
         stored = store_raw_lines(writer, chunks, on_chunk=progress, erased=erased)
         registration.lines = stored.lines
@@ -219,22 +220,14 @@ class _Registration:
     gave is withdrawn (no old answer stays live) and the later batches that read it are
     named."""
 
-    def __init__(
-        self, context: dg.AssetExecutionContext, landing_file: str, digest, erasures: int
-    ) -> None:
+    def __init__(self, context: dg.AssetExecutionContext, landing_file: str, digest) -> None:
         self.batch_id = context.partition_key
-        self.erasures = erasures  # the erasure log's customers when the lines were read
         self.order = context.instance.get_dynamic_partitions(batches.name)
         self.landing_file, self.digest, self.lines = landing_file, digest, 0
         self.registered: batch_register.Registered | None = None
         self.stale: list[str] = []
 
     def __call__(self, conn) -> None:
-        if len(erased_hashes(conn)) != self.erasures:
-            raise ErasedMeanwhile(
-                f"{self.batch_id}: a customer was erased while its lines were read; the batch"
-                " is read again (nothing of this attempt was stored)"
-            )
         self.registered = batch_register.register(
             conn, self.batch_id, registered_order=self.order, landing_file=self.landing_file,
             content_digest=self.digest.hexdigest(), lines=self.lines,

@@ -182,7 +182,10 @@ class Found:
 
 def find(conn: duckdb.DuckDBPyConnection, ids: Sequence[str]) -> Found:
     """The raw lines (per batch) that are the customers' records or name their IDs, and the
-    profile texts of theirs that the embedding cache holds."""
+    profile texts of theirs that the embedding cache holds. Nothing for no ID (an empty
+    pattern would match every line)."""
+    if not ids:
+        return Found()
     params = {"ids": list(ids), "pattern": "|".join(ids)}
     rows = conn.execute(
         f"""SELECT batch_id, line_no FROM {CUSTOMERS} WHERE customer_id IN ({_IDS})
@@ -209,7 +212,10 @@ def delete_rows(
 ) -> dict[str, int]:
     """Delete the customers' rows (inside the caller's transaction); with `tombstone_raw` (the
     raw lines are a table: DuckLake) make their raw lines tombstones too. Rows removed per
-    table."""
+    table (their raw lines under raw_customers, made tombstones here or by the caller). Nothing
+    for no ID (an empty pattern would match every row)."""
+    if not ids:
+        return {}
     params = {"ids": list(ids), "pattern": "|".join(ids)}
     removed: dict[str, int] = {}
     for table in CUSTOMER_TABLES:
@@ -226,14 +232,13 @@ def delete_rows(
     # a cached vector of one of their profile texts that no one else's profile (nor a product)
     # still uses: profile texts of customers who behave alike are shared
     removed[EMBEDDING_CACHE] = embedding_cache.delete_unused(conn, found.texts)
-    if tombstone_raw:
-        removed[RAW_CUSTOMERS] = len(lines["lines"])
-        if lines["lines"]:
-            conn.execute(
-                f"UPDATE {RAW_CUSTOMERS} SET raw = '', byte_length = 0, utf8_ok = true,"
-                f" read_error = NULL WHERE {_LINES}",
-                lines,
-            )
+    removed[RAW_CUSTOMERS] = len(lines["lines"])
+    if tombstone_raw and lines["lines"]:
+        conn.execute(
+            f"UPDATE {RAW_CUSTOMERS} SET raw = '', byte_length = 0, utf8_ok = true,"
+            f" read_error = NULL WHERE {_LINES}",
+            lines,
+        )
     return {table: n for table, n in removed.items() if n}
 
 

@@ -432,6 +432,31 @@ class AlertSink(dg.ConfigurableResource):
                 conn.execute("DELETE FROM alerts WHERE alert_id = ?", [alert_id])
         return len(found)
 
+    def delete_naming_customers(self, hashes: Sequence[str]) -> int:
+        """Delete the alerts whose message, key or figures name a customer ID whose SHA-256 is
+        among `hashes` (an erasure: the IDs themselves are not needed); how many. Matched in
+        SQL, an alert at a time never held in Python. A store that fails raises."""
+        from pipeline_project.core.erasure import UUID_PATTERN
+
+        if not hashes:
+            return 0
+        text = "lower(concat_ws(' ', message, alert_key, figures::VARCHAR))"
+        with self._store().transaction() as conn:
+            found = [
+                alert_id
+                for (alert_id,) in conn.execute(
+                    "SELECT alert_id FROM alerts WHERE list_has_any(list_transform("
+                    f"regexp_extract_all({text}, $pattern), lambda x: sha256(x)), $hashes)",
+                    {"pattern": UUID_PATTERN, "hashes": list(hashes)},
+                ).fetchall()
+            ]
+            if found:
+                conn.execute(
+                    "DELETE FROM alerts WHERE list_contains($ids, alert_id::VARCHAR)",
+                    {"ids": [str(a) for a in found]},
+                )
+        return len(found)
+
     def delete_batch(self, batch_id: str) -> int:
         """Delete the alerts about batch `batch_id` (a batch deleted as if it never arrived);
         how many. A store that fails raises."""

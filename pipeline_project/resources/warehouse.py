@@ -42,12 +42,14 @@ from tenacity import (
 )
 
 from pipeline_project.core import dead_letters
+from pipeline_project.core.erasure import ErasedMeanwhile
 from pipeline_project.core.object_storage import S3Access, is_uri, join
 from pipeline_project.partitions import is_valid_batch_id
 from pipeline_project.settings import ObjectStorageSettings, WarehouseSettings
 from pipeline_project.tables import (
     BATCH_TABLES_BY_STAGE,
     BATCHES,
+    ERASURE_LOG,
     RAW_CUSTOMERS,
     RAW_CUSTOMERS_COLUMNS,
     WAREHOUSE_TABLES,
@@ -243,31 +245,29 @@ class DuckDBStore(DuckDBResource):
     def compact(self) -> tuple[int, int]:
         """Rewrite the database file with only what it holds now: deleted rows stay in a DuckDB
         file's free blocks (a CHECKPOINT or VACUUM does not clear them) until the file is
-        written anew. The database is copied into a new file beside it (COPY FROM DATABASE:
-        tables, views, in table order), which then replaces it by a rename. Writes meanwhile
-        would be lost: the caller holds the writer pool. Returns the file's bytes before and
-        after (0, 0 for a store that is not a file)."""
+        written anew. One connection holds the file's lock from the checkpoint to the rename, so
+        no other process writes meanwhile (it waits, as for any writer): the database is copied
+        into a new file beside it (COPY FROM DATABASE: tables, views, constraints), which then
+        replaces it. Returns the file's bytes before and after (0, 0 for a store that is not a
+        file)."""
         path = self.database_file
         if path is None or not path.exists():
             return 0, 0
-        with self.get_connection() as conn:
-            conn.execute("CHECKPOINT")  # the WAL into the file: the copy reads the file alone
-        before = path.stat().st_size
         fresh = path.with_name(f".{path.name}.{uuid.uuid4().hex}.compact")
+        conn = self._connect()
         try:
-            copier = duckdb.connect(config=dict(self.connection_config))
-            try:
-                copier.execute(f"ATTACH '{_quote(str(path))}' AS compact_from (READ_ONLY)")
-                copier.execute(f"ATTACH '{_quote(str(fresh))}' AS compact_to")
-                copier.execute("COPY FROM DATABASE compact_from TO compact_to")
-                copier.execute("DETACH compact_to")
-                copier.execute("DETACH compact_from")
-            finally:
-                copier.close()
+            with said_clearly(duckdb.Error, self.store_file_error):
+                conn.execute("CHECKPOINT")  # the WAL into the file: nothing left to write
+                before = path.stat().st_size
+                [(name,)] = conn.execute("SELECT current_database()").fetchall()
+                conn.execute(f"ATTACH '{_quote(str(fresh))}' AS compact_to")
+                conn.execute(f'COPY FROM DATABASE "{name}" TO compact_to')
+                conn.execute("DETACH compact_to")
             with open(fresh, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(fresh, path)
         finally:
+            conn.close()
             fresh.unlink(missing_ok=True)
             Path(f"{fresh}.wal").unlink(missing_ok=True)
         return before, path.stat().st_size
@@ -378,6 +378,9 @@ class Warehouse(DuckDBStore):
     )
     # Writes retried after a commit conflict, in this resource's lifetime (one step).
     _commit_retries: list[str] = PrivateAttr(default_factory=list)
+    # The customers erased (erasure_log) when this resource first read the warehouse: a write
+    # after another erasure may hold rows read before it (see transaction).
+    _erasures_seen: int | None = PrivateAttr(default=None)
     path_setting: ClassVar[str] = "PIPELINE_DUCKDB_PATH"
     memory_setting: ClassVar[str] = "PIPELINE_DUCKDB_MEMORY_LIMIT"
 
@@ -514,6 +517,8 @@ class Warehouse(DuckDBStore):
 
             ensure_schema(conn, lakehouse=False, where=self.location)
             self._ensure_raw_view(conn)
+        if self._erasures_seen is None:
+            self._erasures_seen = self._erasures(conn)
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         if not self.is_lakehouse:
@@ -583,11 +588,30 @@ class Warehouse(DuckDBStore):
             yield conn
 
     @contextmanager
-    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+    def transaction(self, check_erasures: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
         """BEGIN ... COMMIT; on DuckLake under the maintenance lock, shared with every other
-        writer: the lake's maintenance never runs beside a write (see maintain)."""
+        writer: the lake's maintenance never runs beside a write (see maintain).
+
+        A customer erased since this resource first read the warehouse fails the write before
+        its commit (ErasedMeanwhile, retried): it may hold their rows, read before. The retry
+        reads again. Not for the erasure's own writes (`check_erasures`)."""
         with self._writing(), super().transaction() as conn:
             yield conn
+            if check_erasures:
+                self._check_erasures(conn)
+
+    def _erasures(self, conn: duckdb.DuckDBPyConnection) -> int:
+        [(erased,)] = conn.execute(f"SELECT count(*) FROM {ERASURE_LOG}").fetchall()
+        return erased
+
+    def _check_erasures(self, conn: duckdb.DuckDBPyConnection) -> None:
+        erased = self._erasures(conn)
+        if self._erasures_seen is not None and erased != self._erasures_seen:
+            self._erasures_seen = erased  # the retry reads what the erasure left
+            raise ErasedMeanwhile(
+                "a customer was erased while this step held rows it had read before: nothing"
+                " was written, the step is run again"
+            )
 
     def _writing(self) -> AbstractContextManager:
         if not self.is_lakehouse:
@@ -688,15 +712,42 @@ class Warehouse(DuckDBStore):
             tmp.unlink(missing_ok=True)
         return replaced
 
-    def clear_staging(self, batch_ids: Sequence[str]) -> None:
-        """Remove what killed runs of these batches left in the staging folder (never a
-        folder of this process's steps in use)."""
+    def clear_leftovers(self, batch_ids: Sequence[str] | None = None) -> None:
+        """Remove what killed runs left of these batches (None: of every batch): staging
+        folders, and on the file backend raw files half written. Never a folder of this
+        process's steps in use; the caller holds the writer pool."""
         staging_root = self.files_dir / "staging"
-        for batch_id in batch_ids:
+        patterns = [f"{b}.*" for b in batch_ids] if batch_ids is not None else ["*"]
+        for batch_id in batch_ids or []:
             check_batch_id(batch_id)
-            for stale in staging_root.glob(f"{batch_id}.*"):
+        for pattern in patterns:
+            for stale in staging_root.glob(pattern):
                 if stale not in _SCRATCH_IN_USE:
                     shutil.rmtree(stale, ignore_errors=True)
+        if not self.is_lakehouse:
+            folders = ([self.raw_file(b).parent for b in batch_ids] if batch_ids is not None
+                       else self.raw_dir.glob("batch_id=*"))  # fmt: skip
+            for folder in folders:
+                for stale in Path(folder).glob(f".{RAW_FILE_NAME}.*.tmp"):
+                    stale.unlink(missing_ok=True)
+
+    def rewrite_files_with_deletes(self, tables: Sequence[str]) -> int:
+        """DuckLake: rewrite the files of `tables` that hold deleted rows, so that the rows
+        leave storage once the snapshots before expire (the daily maintenance); files
+        rewritten. The DuckDB file: nothing (its free blocks are reused, or compact)."""
+        if not self.is_lakehouse:
+            return 0
+        from pipeline_project.resources.lakehouse import LAKE_ALIAS
+
+        check_tables([t for t in tables if t != RAW_CUSTOMERS])  # a lake table, too
+        rewritten = 0
+        with self.get_connection() as conn:
+            for table in tables:
+                rewritten += len(conn.execute(
+                    f"CALL ducklake_rewrite_data_files('{LAKE_ALIAS}', '{table}',"
+                    " delete_threshold => 0)"
+                ).fetchall())  # fmt: skip
+        return rewritten
 
     def forget_deleted_rows(self) -> dict[str, int]:
         """Make rows deleted so far unrecoverable from storage. DuckLake: under the maintenance
@@ -852,7 +903,7 @@ class Warehouse(DuckDBStore):
         its insert is then an append, which never conflicts with another writer's commit (a
         DELETE conflicts with any concurrent insert into the table).
         """
-        _check_tables(tables)
+        check_tables(tables)
         with self.transaction() as conn:
             for table in tables:
                 if self.is_lakehouse:
@@ -881,7 +932,7 @@ class Warehouse(DuckDBStore):
         swap transaction once the rows are in: it may judge them, and raise to keep the
         previous state.
         """
-        _check_tables(tables)
+        check_tables(tables)
         with self.scratch_folder(batch_id) as root:
             staging = {table: root / table for table in tables}
             for folder in staging.values():
@@ -959,7 +1010,7 @@ def check_batch_id(batch_id: str) -> None:
         raise ValueError(f"{batch_id!r} is not a valid batch ID")
 
 
-def _check_tables(tables: Sequence[str]) -> None:
+def check_tables(tables: Sequence[str]) -> None:
     """Table names go into SQL text: only the warehouse's own tables are accepted."""
     for table in tables:
         if table not in WAREHOUSE_TABLES:

@@ -50,14 +50,14 @@ def install_at(point: str, action: Callable[..., None]) -> None:
 
         store = ingestion.store_raw_lines
 
-        def store_then_act(writer, chunks, on_chunk=None):
+        def store_then_act(writer, chunks, on_chunk=None, **kwargs):
             def counted(summary):
                 if on_chunk is not None:
                     on_chunk(summary)
                 if summary.chunks == 2:
                     action()
 
-            return store(writer, chunks, on_chunk=counted)
+            return store(writer, chunks, on_chunk=counted, **kwargs)
 
         ingestion.store_raw_lines = store_then_act
     elif point == "staged_chunk":

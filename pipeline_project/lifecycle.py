@@ -12,6 +12,7 @@ from pydantic import Field
 
 from pipeline_project.core import batches as batch_register
 from pipeline_project.core import erasure
+from pipeline_project.core.deletes import delete_where
 from pipeline_project.partitions import batches
 from pipeline_project.policies import DUCKDB_WRITER_POOL
 from pipeline_project.resources import AlertSink, LandingZone, Warehouse
@@ -268,14 +269,7 @@ def delete_batch(
             if warehouse.is_lakehouse:
                 tables.append(RAW_CUSTOMERS)
             for table in [*tables, DEAD_LETTER, BATCHES]:
-                # no DELETE where there is no row: on DuckLake a DELETE conflicts with every
-                # other writer's insert into the table
-                [(rows,)] = conn.execute(
-                    f"SELECT count(*) FROM {table} WHERE batch_id = ?", [batch_id]
-                ).fetchall()
-                if rows:
-                    conn.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
-                removed[table] = rows
+                removed[table] = delete_where(conn, table, "batch_id = ?", [batch_id])
     if raw_file is not None and raw_file.parent.exists():
         removed[RAW_CUSTOMERS] = _raw_lines(raw_file)
         for path in raw_file.parent.iterdir():

@@ -14,6 +14,7 @@ import duckdb
 import pyarrow as pa
 
 from pipeline_project.core.arrow_results import arrow_table
+from pipeline_project.core.deletes import delete_where
 
 # The pending dead letters (not replayed yet) of batch $batch_id and stage $stage, for queries
 # that compose them with other tables (the conservation check).
@@ -156,25 +157,15 @@ def records(
 def delete_naming(conn: duckdb.DuckDBPyConnection, ids: list[str], pattern: str) -> int:
     """Delete the dead letters of the customers `ids` (lower-case UUID texts): keyed by one, or
     whose payload matches `pattern` (their IDs, lower-cased); how many (an erasure)."""
-    [(found,)] = conn.execute(
-        "SELECT count(*) FROM dead_letter WHERE list_contains($ids, lower(record_key))"
+    return delete_where(
+        conn,
+        "dead_letter",
+        "list_contains($ids, lower(record_key))"
         " OR regexp_matches(lower(coalesce(payload, '')), $pattern)",
         {"ids": ids, "pattern": pattern},
-    ).fetchall()
-    if found:
-        conn.execute(
-            "DELETE FROM dead_letter WHERE list_contains($ids, lower(record_key))"
-            " OR regexp_matches(lower(coalesce(payload, '')), $pattern)",
-            {"ids": ids, "pattern": pattern},
-        )
-    return found
+    )
 
 
 def delete_replayed_before(conn: duckdb.DuckDBPyConnection, cutoff: datetime) -> int:
     """Delete the dead letters replayed before `cutoff` (pending ones never); how many."""
-    [(deleted,)] = conn.execute(
-        "SELECT count(*) FROM dead_letter WHERE replayed_at < ?", [cutoff]
-    ).fetchall()
-    if deleted:
-        conn.execute("DELETE FROM dead_letter WHERE replayed_at < ?", [cutoff])
-    return deleted
+    return delete_where(conn, "dead_letter", "replayed_at < ?", [cutoff])

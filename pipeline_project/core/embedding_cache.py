@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline_project.core.arrow_results import arrow_table
+from pipeline_project.core.deletes import delete_where
 from pipeline_project.core.vectors import matrix_to_list_array
 
 # Whether the row `s` of a source has a vector for $model and $dimensions.
@@ -124,8 +125,7 @@ def vectors_sql(source: str, order_by: str | None = "text_hash") -> str:
     )
 
 
-_UNUSED = """FROM embedding_cache AS c
-WHERE (model, dimensions, text_hash) IN (
+_UNUSED = """(model, dimensions, text_hash) IN (
           SELECT unnest($models), unnest($dimensions), unnest($hashes))
   AND NOT EXISTS (SELECT 1 FROM customer_embeddings AS e
                   WHERE e.model = c.model AND e.dimensions = c.dimensions
@@ -142,7 +142,4 @@ def delete_unused(conn: duckdb.DuckDBPyConnection, texts: list[tuple[str, int, s
         return 0
     params = {"models": [m for m, _, _ in texts], "dimensions": [d for _, d, _ in texts],
               "hashes": [h for _, _, h in texts]}  # fmt: skip
-    [(found,)] = conn.execute(f"SELECT count(*) {_UNUSED}", params).fetchall()
-    if found:
-        conn.execute(f"DELETE {_UNUSED}", params)
-    return found
+    return delete_where(conn, "embedding_cache AS c", _UNUSED, params)

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline_project.core import dead_letters, embedding_cache
+from pipeline_project.core.deletes import delete_where
 from pipeline_project.tables import (
     CUSTOMER_EMBEDDINGS,
     CUSTOMER_PURCHASES,
@@ -219,10 +220,10 @@ def delete_rows(
     params = {"ids": list(ids), "pattern": "|".join(ids)}
     removed: dict[str, int] = {}
     for table in CUSTOMER_TABLES:
-        removed[table] = _delete(conn, table, f"customer_id IN ({_IDS})", {"ids": list(ids)})
+        removed[table] = delete_where(conn, table, f"customer_id IN ({_IDS})", {"ids": list(ids)})
     lines = {"batches": [b for b, numbers in found.lines.items() for _ in numbers],
              "lines": [n for numbers in found.lines.values() for n in numbers]}  # fmt: skip
-    removed[SCHEMA_ERRORS] = _delete(
+    removed[SCHEMA_ERRORS] = delete_where(
         conn,
         SCHEMA_ERRORS,
         f"regexp_matches(lower(raw), $pattern) OR {_LINES}",
@@ -255,12 +256,3 @@ def log(
             " ?::JSON AS rows_removed",
             [digest, len(found.lines), lines, json.dumps(removed)],
         )
-
-
-def _delete(conn: duckdb.DuckDBPyConnection, table: str, where: str, params: dict) -> int:
-    """Delete the rows of `table` that match `where`; how many. No DELETE where no row matches:
-    on DuckLake a DELETE conflicts with every other writer's insert into the table."""
-    [(found,)] = conn.execute(f"SELECT count(*) FROM {table} WHERE {where}", params).fetchall()
-    if found:
-        conn.execute(f"DELETE FROM {table} WHERE {where}", params)
-    return found

@@ -18,6 +18,7 @@ import duckdb
 import pyarrow.parquet as pq
 
 from pipeline_project.core import dead_letters
+from pipeline_project.core.deletes import delete_where
 from pipeline_project.tables import BATCHES, RAW_CUSTOMERS, SCHEMA_ERRORS
 
 if TYPE_CHECKING:  # the resource imports Dagster; the core does not
@@ -111,12 +112,7 @@ def _purge_lake_raw_lines(
     ingested anew meanwhile."""
     if not _still_expired(conn, batch_id, cutoff):
         return None
-    [(lines,)] = conn.execute(
-        f"SELECT count(*) FROM {RAW_CUSTOMERS} WHERE batch_id = ?", [batch_id]
-    ).fetchall()
-    if lines:  # a DELETE conflicts with any concurrent insert into the table: only if needed
-        conn.execute(f"DELETE FROM {RAW_CUSTOMERS} WHERE batch_id = ?", [batch_id])
-    return lines
+    return delete_where(conn, RAW_CUSTOMERS, "batch_id = ?", [batch_id])
 
 
 def purge_schema_errors(warehouse: Warehouse, cutoff: datetime) -> int:
@@ -124,11 +120,7 @@ def purge_schema_errors(warehouse: Warehouse, cutoff: datetime) -> int:
     how many."""
     for attempt in warehouse.write_attempts():
         with attempt, warehouse.transaction() as conn:
-            [(deleted,)] = conn.execute(
-                f"SELECT count(*) FROM {SCHEMA_ERRORS} WHERE detected_at < ?", [cutoff]
-            ).fetchall()
-            if deleted:
-                conn.execute(f"DELETE FROM {SCHEMA_ERRORS} WHERE detected_at < ?", [cutoff])
+            deleted = delete_where(conn, SCHEMA_ERRORS, "detected_at < ?", [cutoff])
     return deleted
 
 

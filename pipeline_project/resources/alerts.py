@@ -38,6 +38,7 @@ import requests
 from pydantic import Field, PrivateAttr
 from tenacity import Retrying, stop_after_attempt, stop_before_delay, wait_exponential_jitter
 
+from pipeline_project.core.deletes import delete_where
 from pipeline_project.core.personal_data import mask_personal
 from pipeline_project.resources.warehouse import DUCKLAKE, DuckDBStore
 from pipeline_project.settings import AlertSettings, FreshnessSettings, WarehouseSettings
@@ -404,12 +405,7 @@ class AlertSink(dg.ConfigurableResource):
         A key whose firing alert is deleted counts as not firing: it fires again if its
         condition still holds."""
         with self._store().transaction() as conn:
-            [(deleted,)] = conn.execute(
-                "SELECT count(*) FROM alerts WHERE created_at < ?", [cutoff]
-            ).fetchall()
-            if deleted:
-                conn.execute("DELETE FROM alerts WHERE created_at < ?", [cutoff])
-        return deleted
+            return delete_where(conn, "alerts", "created_at < ?", [cutoff])
 
     def delete_mentioning(self, texts: Sequence[str]) -> int:
         """Delete the alerts whose message, alert_key or figures contain any of `texts`, case
@@ -461,12 +457,7 @@ class AlertSink(dg.ConfigurableResource):
         """Delete the alerts about batch `batch_id` (a batch deleted as if it never arrived);
         how many. A store that fails raises."""
         with self._store().transaction() as conn:
-            [(deleted,)] = conn.execute(
-                "SELECT count(*) FROM alerts WHERE batch_id = ?", [batch_id]
-            ).fetchall()
-            if deleted:
-                conn.execute("DELETE FROM alerts WHERE batch_id = ?", [batch_id])
-        return deleted
+            return delete_where(conn, "alerts", "batch_id = ?", [batch_id])
 
     def compact(self) -> None:
         """The alerts file rewritten without the deleted rows' bytes (see DuckDBStore.compact);

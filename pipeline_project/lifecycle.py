@@ -73,6 +73,13 @@ def erase_customer_rows(
         hashes = erasure.requested_hashes(config.customers)
     except erasure.NotACustomerId as err:
         raise dg.Failure(description=str(err), allow_retries=False) from err
+    plain = sum(1 for entry in config.customers if not erasure.is_hash(entry))
+    if plain:
+        context.log.warning(
+            f"{plain} of the customers were given as IDs, not as their SHA-256: this run's"
+            " configuration keeps them in Dagster's run history until retention deletes the"
+            " run. Give their SHA-256 next time (pipeline-project erase does)."
+        )
     done = erase_customers(context.instance, warehouse, alerts, hashes)
     context.log.info(
         f"erased {done['customers_found']} of {len(hashes)} customers: {done['raw_lines']} raw"

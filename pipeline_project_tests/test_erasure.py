@@ -348,3 +348,28 @@ def test_a_write_holding_rows_read_before_an_erasure_is_refused_and_retried(back
                      " now() AS published_at, 1 AS segment_model_version,"
                      " 0 AS customers, 0 AS recommendations")  # fmt: skip
     assert query(settings, "SELECT count(*) FROM batch_publications") == [(1,)]
+
+
+def test_an_erasure_given_a_plain_id_warns_that_the_run_keeps_it_and_never_logs_it(
+    settings, instance
+):
+    settings.landing_dir.mkdir(parents=True, exist_ok=True)
+    defs = build_definitions(settings, embedder=HashingEmbedder(dimensions=32))
+    target = uuid_of(ERASED)
+    result = defs.resolve_job_def("erase_customers").execute_in_process(
+        instance=instance,
+        run_config={"ops": {"erase_customer_rows": {"config": {"customers": [target]}}}},
+    )
+    assert result.success
+    logs = [e.user_message for e in instance.all_logs(result.run_id) if e.user_message]
+    assert any("1 of the customers were given as IDs" in m for m in logs), logs
+    assert not any(target in m for m in logs)
+    [(logged,)] = query(settings, "SELECT customer_hash FROM erasure_log")
+    assert logged == customer_hash(target)  # nothing was held, the request is logged
+    refused = defs.resolve_job_def("erase_customers").execute_in_process(
+        instance=instance, raise_on_error=False,
+        run_config={"ops": {"erase_customer_rows": {"config": {"customers": ["ada@x.org"]}}}},
+    )  # fmt: skip
+    [failure] = [e for e in refused.all_events if e.is_step_failure]
+    message = failure.step_failure_data.error.message
+    assert "neither a customer ID" in message and "ada@x.org" not in message

@@ -79,6 +79,11 @@ class NotACustomerId(ValueError):
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def is_hash(entry: str) -> bool:
+    """Whether an entry to erase is the SHA-256 of an ID (not the ID itself)."""
+    return bool(_SHA256.fullmatch(str(entry).strip().lower()))
+
+
 def requested_hashes(entries: Iterable[str]) -> list[str]:
     """The customers to erase as the hashes of their IDs, each once, in order. An entry is a
     customer ID (a UUID, as in the landing files' `id` field) or the SHA-256 of its canonical
@@ -87,7 +92,7 @@ def requested_hashes(entries: Iterable[str]) -> list[str]:
     hashes: list[str] = []
     for n, raw in enumerate(entries, start=1):
         text = str(raw).strip().lower()
-        if _SHA256.fullmatch(text):
+        if is_hash(text):
             digest = text
         else:
             try:

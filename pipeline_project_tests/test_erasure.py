@@ -373,3 +373,27 @@ def test_an_erasure_given_a_plain_id_warns_that_the_run_keeps_it_and_never_logs_
     [failure] = [e for e in refused.all_events if e.is_step_failure]
     message = failure.step_failure_data.error.message
     assert "neither a customer ID" in message and "ada@x.org" not in message
+
+
+def test_a_line_naming_an_erased_id_in_any_case_or_field_or_broken_becomes_a_tombstone():
+    import pyarrow as pa
+
+    from pipeline_project.core.erasure import tombstone_erased
+
+    erased, kept = uuid_of(ERASED), uuid_of(OTHERS[0])
+    raw = [
+        f'{{"id": "{erased.upper()}", "email": "{ERASED_EMAIL}"}}',
+        f'{{"id": "{kept}", "referredBy": "{erased}"}}',
+        f'{{"id": "{erased}", "email": ',  # cut: it would be a schema error
+        f'{{"id": "{kept}"}}',
+    ]
+    chunk = pa.table({
+        "line_no": pa.array(range(1, 5), pa.int64()), "raw": raw,
+        "byte_length": pa.array([len(r) for r in raw], pa.int64()),
+        "utf8_ok": [True] * 4, "read_error": pa.array([None] * 4, pa.string()),
+    })  # fmt: skip
+    lines, count = tombstone_erased(chunk, [customer_hash(erased)])
+    assert count == 3
+    assert lines["raw"].to_pylist() == ["", "", "", raw[3]]
+    assert lines["byte_length"].to_pylist() == [0, 0, 0, len(raw[3])]
+    assert tombstone_erased(chunk, []) == (chunk, 0)  # nothing erased: the chunk as it was

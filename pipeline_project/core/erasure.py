@@ -63,7 +63,8 @@ _IDS = "SELECT unnest($ids::UUID[])"
 _LINES = "(batch_id, line_no) IN (SELECT unnest($batches), unnest($lines))"
 # A UUID anywhere in a line, as text (lower case): a line that names an erased customer's ID is
 # about them, whatever field holds it and whether it parses.
-UUID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+# Either case: the tokens are lower-cased, not the lines (a sixth of the cost).
+UUID_PATTERN = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
 
 
 class ErasedMeanwhile(RuntimeError):
@@ -116,7 +117,7 @@ def resolve_ids(conn: duckdb.DuckDBPyConnection, hashes: Sequence[str]) -> list[
         f"""SELECT DISTINCT customer_id::VARCHAR FROM {CUSTOMERS}
             WHERE sha256(customer_id::VARCHAR) IN (SELECT unnest($hashes))
         UNION SELECT id FROM (
-            SELECT unnest(regexp_extract_all(lower(raw), $pattern)) AS id
+            SELECT lower(unnest(regexp_extract_all(raw, $pattern))) AS id
             FROM (SELECT raw FROM {RAW_CUSTOMERS} WHERE raw <> ''
                   UNION ALL SELECT raw FROM {SCHEMA_ERRORS}))
             WHERE sha256(id) IN (SELECT unnest($hashes))
@@ -147,7 +148,7 @@ def tombstone_erased(chunk: pa.Table, hashes: Sequence[str]) -> tuple[pa.Table, 
         conn.register("chunk", chunk.select(["line_no", "raw"]))
         named = conn.execute(
             "SELECT line_no FROM chunk WHERE list_has_any(list_transform(regexp_extract_all("
-            "lower(raw), $pattern), lambda x: sha256(x)), $hashes)",
+            "raw, $pattern), lambda x: sha256(lower(x))), $hashes)",
             {"pattern": UUID_PATTERN, "hashes": list(hashes)},
         ).fetchall()
     finally:

@@ -436,13 +436,13 @@ class AlertSink(dg.ConfigurableResource):
 
         if not hashes:
             return 0
-        text = "lower(concat_ws(' ', message, alert_key, figures::VARCHAR))"
+        text = "concat_ws(' ', message, alert_key, figures::VARCHAR)"
         with self._store().transaction() as conn:
             found = [
                 alert_id
                 for (alert_id,) in conn.execute(
                     "SELECT alert_id FROM alerts WHERE list_has_any(list_transform("
-                    f"regexp_extract_all({text}, $pattern), lambda x: sha256(x)), $hashes)",
+                    f"regexp_extract_all({text}, $pattern), lambda x: sha256(lower(x))), $hashes)",
                     {"pattern": UUID_PATTERN, "hashes": list(hashes)},
                 ).fetchall()
             ]

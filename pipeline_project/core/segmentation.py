@@ -17,9 +17,6 @@ from typing import Protocol
 import duckdb
 import numpy as np
 import pyarrow as pa
-from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from sklearn.metrics import silhouette_score
 
 from pipeline_project.core.arrow_results import arrow_table
 from pipeline_project.core.embedding_cache import vectors_sql, with_vectors
@@ -51,6 +48,10 @@ def train_segments(
     `chunks` is called once per pass and yields (vectors, weights). With fewer distinct
     vectors than `n_segments`, there are fewer segments.
     """
+    # Imported here: scikit-learn takes 0.6 s to import, and only the steps that train need it
+    # (every step process loads the whole code location).
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
     sample, sample_weights = _random_sample(chunks(), sample_size, seed)
     if len(sample) == 0:
         raise ValueError("no embeddings to learn segments from")
@@ -122,6 +123,8 @@ def stable_order(previous: np.ndarray | None, new: np.ndarray) -> np.ndarray:
     """
     if previous is None or len(previous) == 0 or previous.shape[1] != new.shape[1]:
         return np.arange(len(new))
+    from scipy.optimize import linear_sum_assignment  # a retrain's only (see train_segments)
+
     cost = np.linalg.norm(previous[:, None, :] - new[None, :, :], axis=2)
     old_ids, new_ids = linear_sum_assignment(cost)
     order = list(new_ids[np.argsort(old_ids)])
@@ -140,6 +143,8 @@ def _silhouette(sample: np.ndarray, centroids: np.ndarray, seed: int) -> float |
     # On at most 1,000 of the sample: pairwise distances grow with its square (3,089 profiles
     # took longer than assigning 2M customers).
     size = min(len(sample), SILHOUETTE_SAMPLE)
+    from sklearn.metrics import silhouette_score  # a training's only (see train_segments)
+
     return float(silhouette_score(sample, labels, sample_size=size, random_state=seed))
 
 

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import pyarrow
 import pyarrow.compute as pc
-from pandera.api.pyarrow.types import PyArrowData
+
+if TYPE_CHECKING:  # annotations only: pandera loads where a chunk is judged
+    from pandera.api.pyarrow.types import PyArrowData
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 EMAIL_PATTERN = r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$"

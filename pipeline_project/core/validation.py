@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import duckdb
-import pandera.pyarrow as pa
 import pyarrow
 import pyarrow.compute as pc
 
@@ -33,7 +33,9 @@ from pipeline_project.core.errors import ContractError
 from pipeline_project.core.landing_files import BLANK_LINE_SQL
 from pipeline_project.core.personal_data import mask_personal
 from pipeline_project.core.staging import write_staged
-from pipeline_project.schemas import PURCHASE_ELEMENT, RAW_LINE, customer_schema, purchase_schema
+
+if TYPE_CHECKING:  # pandera is imported where a chunk is judged: only validation needs it
+    import pandera.pyarrow as pa
 
 _JSON_KIND_MACRO = """
 CREATE OR REPLACE TEMP MACRO json_kind(t) AS CASE
@@ -561,6 +563,13 @@ def validate_chunk(
     blank_lines = pc.sum(blank).as_py() or 0
     if blank_lines:
         lines = lines.filter(pc.invert(blank))
+    from pipeline_project.schemas import (
+        PURCHASE_ELEMENT,
+        RAW_LINE,
+        customer_schema,
+        purchase_schema,
+    )
+
     items = contract.items
     messages = [_line_messages(RAW_LINE, lines)]
     objects = lines.filter(pc.equal(lines["line"], "object"))
@@ -734,6 +743,8 @@ def failure_report(
 
 def _failures(model: pa.DataFrameSchema, table: pyarrow.Table) -> list[dict]:
     """pandera's failure cases as dicts (column, check, failure_case, index); [] when all pass."""
+    import pandera.pyarrow as pa
+
     try:
         model.validate(table, lazy=True)
     except pa.errors.SchemaErrors as err:

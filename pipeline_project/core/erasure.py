@@ -23,6 +23,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline_project.contract import UUID_PATTERN as CONTRACT_UUID_PATTERN
 from pipeline_project.core import dead_letters, embedding_cache
 from pipeline_project.core.deletes import delete_where
 from pipeline_project.tables import (
@@ -61,10 +62,10 @@ CUSTOMER_TABLES = (
 _IDS = "SELECT unnest($ids::UUID[])"
 # The raw lines found (parameters $batches and $lines, the same length)
 _LINES = "(batch_id, line_no) IN (SELECT unnest($batches), unnest($lines))"
-# A UUID anywhere in a line, as text (lower case): a line that names an erased customer's ID is
-# about them, whatever field holds it and whether it parses.
-# Either case: the tokens are lower-cased, not the lines (a sixth of the cost).
-UUID_PATTERN = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+# A UUID anywhere in a line (the contract's ID pattern, unanchored; either case: the tokens are
+# lower-cased, not the lines): a line that names an erased customer's ID is about them,
+# whatever field holds it and whether it parses.
+UUID_PATTERN = CONTRACT_UUID_PATTERN.removeprefix("^").removesuffix("$")
 
 
 class ErasedMeanwhile(RuntimeError):

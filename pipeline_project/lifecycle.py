@@ -266,7 +266,6 @@ def delete_batch(
     rows removed per table and the landing files deleted. Safe to run again."""
     if not _exists(warehouse, landing, instance.get_dynamic_partitions(batches.name), batch_id):
         raise NoSuchBatch(batch_id)
-    raw_file = None if warehouse.is_lakehouse else warehouse.raw_file(batch_id)
     _refuse_while_running(instance, [batch_id], "delete_batches")
     removed: dict[str, int] = {}
     for attempt in warehouse.write_attempts():
@@ -277,11 +276,8 @@ def delete_batch(
                 tables.append(RAW_CUSTOMERS)
             for table in [*tables, DEAD_LETTER, BATCHES]:
                 removed[table] = delete_where(conn, table, "batch_id = ?", [batch_id])
-    if raw_file is not None and raw_file.parent.exists():
-        removed[RAW_CUSTOMERS] = _raw_lines(raw_file)
-        for path in raw_file.parent.iterdir():
-            path.unlink()
-        raw_file.parent.rmdir()
+            if not warehouse.is_lakehouse:
+                removed[RAW_CUSTOMERS] = warehouse.delete_raw_file(batch_id, conn) or 0
     warehouse.clear_leftovers([batch_id])
     deleted_files = landing.delete_batch_files(batch_id)
     alerts_removed = alerts.delete_batch(batch_id)
@@ -292,12 +288,6 @@ def delete_batch(
         "landing_files": deleted_files,
         "alerts_removed": alerts_removed,
     }
-
-
-def _raw_lines(path) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
 
 
 @dg.job(

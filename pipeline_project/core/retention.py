@@ -8,14 +8,12 @@ can run again at any time (what is gone stays gone, nothing younger is touched).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import duckdb
-import pyarrow.parquet as pq
 
 from pipeline_project.core import dead_letters
 from pipeline_project.core.deletes import delete_where
@@ -86,14 +84,9 @@ def _purge_raw_file(
 ) -> int | None:
     """The batch's raw file and folder deleted (the lines it held), or None when it had none.
     Inside the transaction: the file backend's one writer holds the database meanwhile."""
-    folder = _raw_folder(warehouse, batch_id)
-    if folder is None or not _still_expired(conn, batch_id, cutoff):
+    if _raw_folder(warehouse, batch_id) is None or not _still_expired(conn, batch_id, cutoff):
         return None
-    path = warehouse.raw_file(batch_id)
-    lines = pq.ParquetFile(path).metadata.num_rows if path.is_file() else 0
-    shutil.rmtree(folder)
-    warehouse._ensure_raw_view(conn)  # over the files left; empty when there is none
-    return lines
+    return warehouse.delete_raw_file(batch_id, conn)
 
 
 def _raw_folder(warehouse: Warehouse, batch_id: str) -> Path | None:

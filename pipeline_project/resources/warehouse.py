@@ -712,6 +712,19 @@ class Warehouse(DuckDBStore):
             tmp.unlink(missing_ok=True)
         return replaced
 
+    def delete_raw_file(self, batch_id: str, conn: duckdb.DuckDBPyConnection) -> int | None:
+        """The file backend: delete the batch's raw file and its folder (a killed run's
+        temporary files with it) and rebuild the raw_customers view over the files left, in the
+        caller's transaction `conn`; the lines it held, or None when it had no folder."""
+        folder = self.raw_file(batch_id).parent
+        if not folder.is_dir():
+            return None
+        path = folder / RAW_FILE_NAME
+        lines = pq.ParquetFile(path).metadata.num_rows if path.is_file() else 0
+        shutil.rmtree(folder)
+        self._ensure_raw_view(conn)  # over the files left; empty when there is none
+        return lines
+
     def clear_leftovers(self, batch_ids: Sequence[str] | None = None) -> None:
         """Remove what killed runs left of these batches (None: of every batch): staging
         folders, and on the file backend raw files half written. Never a folder of this

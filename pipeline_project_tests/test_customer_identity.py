@@ -393,13 +393,12 @@ def test_a_retrain_re_scores_the_batches_holding_current_answers_the_same_in_any
     settings = backend_settings
     _three_batches(settings, defs, instance)
     history = contents(settings, ["validated_recommendations"])["validated_recommendations"]
-    retrain = defs.resolve_job_def("segment_model_job").execute_in_process(
-        instance=instance, run_config={"ops": {"segment_model": {"config": {"seed": 3}}}}
-    )
-    assert retrain.success
-    [trained] = retrain.asset_materializations_for_node("segment_model")
+    # another seed: other centroids (a tolerance of 1e-6: any move beyond rounding is a new version)
+    trained = _retrain(defs, instance, seed=3, unchanged_tolerance=1e-6)
+    assert trained.metadata["new_version"].value is True
     # b1's customers all came back in b2: b1 is history and keeps the answer it gave
     assert trained.metadata["rescore_batches"].value == ["b2", "b3"]
+    assert trained.metadata["live_batches_left_on_older_versions"].value == 0
     rescored = sorted(settle(defs, instance))
     assert rescored == ["b2", "b3"]
     b1 = [row for row in history if row[0] == "b1"]
@@ -418,6 +417,28 @@ def test_a_retrain_re_scores_the_batches_holding_current_answers_the_same_in_any
                                        "validated_recommendations", "rejected_recommendations"],
         ).success  # fmt: skip
     assert contents(settings, ["validated_recommendations"])["validated_recommendations"] == after
+
+    # the same data and seed again: the same model, no new version, nothing re-scored
+    same = _retrain(defs, instance, seed=3, unchanged_tolerance=1e-6)
+    assert same.metadata["new_version"].value is False, same.metadata["why"].value
+    assert same.metadata["model_version"].value == 2
+    assert same.metadata["centroid_shift"].value < 1e-6
+    assert same.metadata["rescore_batches"].value == []
+    # a new version (one segment: this data has three profiles, each a centroid of v2)
+    # re-scores the newest batches holding current answers and counts the others
+    newer = _retrain(defs, instance, seed=3, n_segments=1, rescore_newest_batches=1)
+    assert newer.metadata["model_version"].value == 3, newer.metadata["why"].value
+    assert newer.metadata["rescore_batches"].value == ["b3"]
+    assert newer.metadata["live_batches_left_on_older_versions"].value == 1
+
+
+def _retrain(defs, instance, **config) -> dg.AssetMaterialization:
+    retrain = defs.resolve_job_def("segment_model_job").execute_in_process(
+        instance=instance, run_config={"ops": {"segment_model": {"config": config}}}
+    )
+    assert retrain.success
+    [trained] = retrain.asset_materializations_for_node("segment_model")
+    return trained
 
 
 def test_a_new_catalog_re_scores_the_batches_holding_current_answers(

@@ -4,7 +4,13 @@ import dagster as dg
 import duckdb
 import numpy as np
 
-from pipeline_project.core.segmentation import assign_segments, stable_order, train_segments
+from pipeline_project.core.segmentation import (
+    VERSIONED_TABLES,
+    assign_segments,
+    centroid_shift,
+    stable_order,
+    train_segments,
+)
 from pipeline_project.definitions import build_definitions
 from pipeline_project.resources.embeddings import HashingEmbedder, LocalE5Embedder
 from pipeline_project_tests.helpers import buyer, not_judged, write_lines
@@ -125,23 +131,61 @@ def test_first_batch_bootstraps_the_model_and_ids_stay_stable_for_the_next(
     assert len({segment for segment, _ in b1.values()}) > 1
 
 
-def test_retrain_makes_a_new_version_and_keeps_segment_ids(settings, instance, catalog):
+def test_retrain_makes_a_new_version_only_when_the_model_moved_and_keeps_segment_ids(
+    settings, instance, catalog
+):
     lines = [buyer(i, CATEGORY_MIX[i % 6], purchases=1 + i % 4) for i in range(24)]
     write_lines(settings.landing_dir / "b1.jsonl", lines)
     defs, _ = materialize(settings, instance, "b1")
     before = segments_by_profile(settings, "b1")
 
-    retrain = defs.resolve_job_def("segment_model_job").execute_in_process(instance=instance)
-    assert retrain.success
-    [meta] = retrain.asset_materializations_for_node("segment_model")
-    assert meta.metadata["model_version"].value == 2
-    for key in ("inertia", "silhouette", "segment_sizes", "n_segments"):
-        assert key in meta.metadata
+    def retrain(**config) -> dg.AssetMaterialization:
+        result = defs.resolve_job_def("segment_model_job").execute_in_process(
+            instance=instance, run_config={"ops": {"segment_model": {"config": config}}}
+        )
+        assert result.success
+        [meta] = result.asset_materializations_for_node("segment_model")
+        return meta
 
+    # the same data: the same centroids and product shares, no new version
+    same = retrain()
+    assert same.metadata["model_version"].value == 1
+    assert same.metadata["new_version"].value is False
+    assert same.metadata["centroid_shift"].value < 1e-6
+    assert same.metadata["affinity_shift"].value < 1e-6
+    assert "v1 kept" in same.metadata["why"].value
+    # a second batch of other tastes moves the model beyond the default tolerance
+    other = [buyer(100 + i, CATEGORY_MIX[i % 2], purchases=4) for i in range(48)]
+    write_lines(settings.landing_dir / "b2.jsonl", other)
+    materialize(settings, instance, "b2")
+    # with a tolerance above the move, the version is kept
+    assert retrain(unchanged_tolerance=10.0).metadata["model_version"].value == 1
+    moved = retrain()
+    assert moved.metadata["model_version"].value == 2, moved.metadata["why"].value
+    assert moved.metadata["new_version"].value is True
+    shifts = (moved.metadata["centroid_shift"].value, moved.metadata["affinity_shift"].value)
+    assert max(shifts) > 0.05, shifts
+    for key in ("inertia", "silhouette", "segment_sizes", "n_segments"):
+        assert key in moved.metadata
+    # b1 segmented again by v2: the segment IDs of its profiles stay where the model did not
+    # move them (stable_order), and every customer is on v2
     materialize(settings, instance, "b1", stages=["customer_segments"])
     after = segments_by_profile(settings, "b1")
-    assert {h: s for h, (s, _) in after.items()} == {h: s for h, (s, _) in before.items()}
     assert {v for _, v in after.values()} == {2}
+    kept = sum(after[h][0] == s for h, (s, _) in before.items())
+    assert kept >= len(before) // 2, (before, after)
+    with duckdb.connect(str(settings.duckdb_path), read_only=True) as conn:
+        for table in VERSIONED_TABLES:  # nothing left of the versions not kept
+            versions = {v for (v,) in conn.execute(f"SELECT model_version FROM {table}").fetchall()}
+            assert versions <= {1, 2}, table
+            if table in ("segment_model", "segment_affinity"):
+                assert versions == {1, 2}, table
+
+
+def test_centroid_shift_is_relative_and_zero_for_the_same_centroids():
+    old = np.array([[3.0, 4.0], [0.0, 5.0]])
+    assert centroid_shift(old, old.copy()) == 0.0
+    assert abs(centroid_shift(old, old + [[0.5, 0.0], [0.0, 0.0]]) - 0.1) < 1e-12
 
 
 def test_a_second_embedding_model_gets_a_segment_model_of_its_own_version(

@@ -22,6 +22,7 @@ from pipeline_project.core.segmentation import (
     SegmentModel,
     assign_batch,
     latest_segment_model,
+    retrain,
     segment_model_figures,
     stale_reason,
     train_and_store,
@@ -76,10 +77,28 @@ class SegmentModelConfig(dg.Config):
     min_training_batches: int = Field(
         default=0, description="Likewise for the batches it was trained on (0: off)."
     )
+    unchanged_tolerance: float = Field(
+        default=0.05,
+        ge=0.0,
+        description="A retrain whose centroids moved at most this much (relative to their"
+        " length) and whose segments' product shares moved at most this much (total variation)"
+        " makes no new version: the current one goes on scoring and nothing is re-scored.",
+    )
+    rescore_newest_batches: int | None = Field(
+        default=30,
+        ge=1,
+        description="A new version re-scores the newest this many batches that hold current"
+        " answers (arrival order); older answers keep the version that scored them, and the"
+        " materialization counts them (null: re-score every batch holding a current answer).",
+    )
 
 
 def segment_model_metadata(
-    conn: duckdb.DuckDBPyConnection, version: int, trained: SegmentModel, model: str
+    conn: duckdb.DuckDBPyConnection,
+    version: int,
+    trained: SegmentModel,
+    model: str,
+    rescore_newest: int | None = None,
 ) -> dict:
     """The trained model's figures and segment sizes, the segment_model table's, and the
     batches it makes stale."""
@@ -90,7 +109,7 @@ def segment_model_metadata(
     return {
         **table_figures(conn, SEGMENT_MODEL, None),
         **segment_model_figures(version, trained, model),
-        **_stale_after(conn, version),
+        **_stale_after(conn, version, rescore_newest),
         "segment_sizes": dg.MetadataValue.table(
             records=sizes,
             schema=dg.TableSchema(
@@ -115,20 +134,48 @@ def segment_model(
     embedder: Embedder,
 ) -> dg.MaterializeResult:
     """Segment centroids learned from the embeddings of all batches (mini-batch k-means,
-    streamed, weighted by customers per profile). Retrain on purpose: IDs stay stable."""
+    streamed, weighted by customers per profile). Retrain on purpose: IDs stay stable; a model
+    within `unchanged_tolerance` of the current one makes no new version."""
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
     with warehouse.locked_transaction(SEGMENT_MODEL) as conn:
-        version, trained = train_and_store(conn, model, dimensions, config)
-        metadata = segment_model_metadata(conn, version, trained, model)
-    context.log.info(f"segment model v{version}: {len(trained.centroids)} segments")
-    return dg.MaterializeResult(metadata=metadata)
+        outcome = retrain(conn, model, dimensions, config, config.unchanged_tolerance)
+        metadata = segment_model_metadata(
+            conn, outcome.version, outcome.model, model, config.rescore_newest_batches
+        )
+    shifts = {
+        name: value
+        for name, value in (
+            ("centroid_shift", outcome.centroid_shift),
+            ("affinity_shift", outcome.affinity_shift),
+        )  # fmt: skip
+        if value is not None
+    }
+    context.log.info(
+        f"segment model v{outcome.version}"
+        f" ({'new' if outcome.new_version else 'unchanged'}): {outcome.why}"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            **metadata,
+            **shifts,
+            "new_version": outcome.new_version,
+            "why": outcome.why,
+            "unchanged_tolerance": config.unchanged_tolerance,
+        }
+    )
 
 
-def _stale_after(conn: duckdb.DuckDBPyConnection, version: int) -> dict:
-    """The batches holding current answers that another model version scored: re-scored
-    (rescore_sensor)."""
-    stale = live_batches(conn, f"segment_model_version <> {int(version)}")
-    return {RESCORE_METADATA: dg.MetadataValue.json(stale)}
+def _stale_after(conn: duckdb.DuckDBPyConnection, version: int, newest: int | None) -> dict:
+    """The batches holding current answers that another model version scored: the newest
+    `newest` of them re-scored (rescore_sensor), the others counted (their answers keep the
+    version that scored them)."""
+    older = f"segment_model_version <> {int(version)}"
+    stale = live_batches(conn, older, newest)
+    left = len(live_batches(conn, older)) - len(stale)
+    return {
+        RESCORE_METADATA: dg.MetadataValue.json(stale),
+        "live_batches_left_on_older_versions": left,
+    }
 
 
 # A multi_asset that can be subset: its drift check may be left without a result (not judged,
@@ -240,7 +287,12 @@ def _train_in_step(
         dg.AssetMaterialization(
             asset_key=SEGMENT_MODEL_KEY,
             description=f"trained by customer_segments for batch {context.partition_key}: {reason}",
-            metadata={**segment_model_metadata(conn, version, trained, model), "why": reason},
+            metadata={
+                **segment_model_metadata(
+                    conn, version, trained, model, config.rescore_newest_batches
+                ),
+                "why": reason,
+            },
         )
     )
     return version, trained.centroids

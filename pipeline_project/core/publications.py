@@ -40,13 +40,18 @@ SELECT DISTINCT batch_id FROM (
 """
 
 
-def live_batches(conn: duckdb.DuckDBPyConnection, where: str = "true") -> list[str]:
+def live_batches(
+    conn: duckdb.DuckDBPyConnection, where: str = "true", newest: int | None = None
+) -> list[str]:
     """The batches holding a current answer whose publication matches `where` (a condition on
-    batch_publications' columns, from the code): what a new model or catalog must re-score."""
-    return [
+    batch_publications' columns, from the code): what a new model or catalog must re-score;
+    with `newest`, only the newest that many of them (arrival order)."""
+    limit = "" if newest is None else f" LIMIT {int(newest)}"
+    return sorted(
         b
         for (b,) in conn.execute(
             f"SELECT batch_id FROM ({_LIVE_SQL}) JOIN {BATCH_PUBLICATIONS} USING (batch_id)"
-            f" WHERE {where} ORDER BY batch_id"
+            f" JOIN (SELECT batch_id, arrival_seq FROM batches) USING (batch_id)"
+            f" WHERE {where} ORDER BY arrival_seq DESC{limit}"
         ).fetchall()
-    ]
+    )

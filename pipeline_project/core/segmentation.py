@@ -428,6 +428,94 @@ def train_and_store(
     return version, trained
 
 
+# The tables holding one segment model version's rows (the model, what its segments buy, the
+# products bought together, the tastes).
+VERSIONED_TABLES = (
+    "segment_model", "segment_affinity", "product_neighbours", "product_factors", "tastes",
+    "taste_shares",
+)  # fmt: skip
+
+# Per segment, how far the products' shares of the segment's purchases (each segment's shares
+# summing to 1) moved between two versions: the total variation distance, the largest segment's.
+_AFFINITY_SHIFT_SQL = """
+WITH a AS (
+    SELECT segment_id, product_id, share / sum(share) OVER (PARTITION BY segment_id) AS p
+    FROM segment_affinity WHERE model_version = $old
+), b AS (
+    SELECT segment_id, product_id, share / sum(share) OVER (PARTITION BY segment_id) AS p
+    FROM segment_affinity WHERE model_version = $new
+)
+SELECT coalesce(max(tv), 0.0) FROM (
+    SELECT segment_id, 0.5 * sum(abs(coalesce(a.p, 0) - coalesce(b.p, 0))) AS tv
+    FROM a FULL JOIN b USING (segment_id, product_id) GROUP BY segment_id)
+"""
+
+
+@dataclass(frozen=True)
+class Retrained:
+    """A retrain's outcome: the version that scores from now on (a new one, or the previous one
+    when the new model is within the tolerance of it), the model trained, and how far it moved
+    from the previous version (None: nothing to compare with, or it is not comparable)."""
+
+    version: int
+    model: SegmentModel
+    new_version: bool
+    centroid_shift: float | None
+    affinity_shift: float | None
+    why: str
+
+
+def centroid_shift(old: np.ndarray, new: np.ndarray) -> float:
+    """How far the furthest centroid moved (segment IDs matched, see stable_order), relative
+    to the old centroids' root-mean-square length."""
+    scale = float(np.sqrt(np.mean(np.sum(old.astype(np.float64) ** 2, axis=1)))) or 1.0
+    return float(np.max(np.linalg.norm(new.astype(np.float64) - old, axis=1)) / scale)
+
+
+def retrain(
+    conn: duckdb.DuckDBPyConnection,
+    model: str,
+    dimensions: int,
+    settings: TrainingSettings,
+    tolerance: float,
+) -> Retrained:
+    """Train a new segment model (train_and_store) and keep it only if it differs from the
+    previous version: a centroid moved more than `tolerance` (relative, centroid_shift) or a
+    segment's product shares did (total variation, _AFFINITY_SHIFT_SQL), or the segments or
+    the catalog vocabulary changed. Otherwise its rows are dropped in the same transaction and
+    the previous version goes on scoring: a retrain on the same data, or on data that changes
+    nothing the segments say, makes no version and so re-scores nothing."""
+    previous = latest_segment_model(conn, model, dimensions)
+    version, trained = train_and_store(conn, model, dimensions, settings)
+    if previous is None:
+        return Retrained(version, trained, True, None, None, "no earlier model")
+    old_version, old_centroids = previous
+    [(old_vocabulary, new_vocabulary)] = conn.execute(
+        "SELECT any_value(vocabulary) FILTER (WHERE model_version = $old),"
+        " any_value(vocabulary) FILTER (WHERE model_version = $new) FROM segment_model",
+        {"old": old_version, "new": version},
+    ).fetchall()
+    if old_centroids.shape != trained.centroids.shape or old_vocabulary != new_vocabulary:
+        return Retrained(
+            version, trained, True, None, None, "the segments or the catalog vocabulary changed"
+        )
+    moved = centroid_shift(old_centroids, trained.centroids)
+    [(shares_moved,)] = conn.execute(
+        _AFFINITY_SHIFT_SQL, {"old": old_version, "new": version}
+    ).fetchall()
+    shift = f"centroids moved {moved:.4f}, product shares {shares_moved:.4f}"
+    if moved > tolerance or shares_moved > tolerance:
+        return Retrained(
+            version, trained, True, moved, shares_moved, f"{shift} (tolerance {tolerance})"
+        )
+    for table in VERSIONED_TABLES:
+        conn.execute(f"DELETE FROM {table} WHERE model_version = ?", [version])
+    return Retrained(
+        old_version, trained, False, moved, shares_moved,
+        f"{shift}, within the tolerance {tolerance}: v{old_version} kept",
+    )  # fmt: skip
+
+
 def _stage_training_segments(
     conn: duckdb.DuckDBPyConnection, chunks: Chunks, centroids: np.ndarray
 ) -> None:

@@ -538,7 +538,7 @@ def dlq_list() -> None:
     """Dead letters per batch, stage and reason: pending (not replayed yet) and replayed."""
     from pipeline_project.core import dead_letters
 
-    with _warehouse().get_connection() as conn:
+    with _warehouse().read_connection() as conn:  # read-only: beside other readers
         rows = dead_letters.summary(conn)
     if not rows:
         click.echo("the dead-letter queue is empty")
@@ -559,7 +559,7 @@ def dlq_show(batch_id: str, limit: int, show_all: bool) -> None:
     """One batch's dead letters: record, reason, error, attempts, payload."""
     from pipeline_project.core import dead_letters
 
-    with _warehouse().get_connection() as conn:
+    with _warehouse().read_connection() as conn:
         rows = dead_letters.records(conn, batch_id, limit, pending_only=not show_all)
     if not rows:
         click.echo(f"{batch_id}: no {'' if show_all else 'pending '}dead letters")

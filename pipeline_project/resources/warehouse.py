@@ -56,7 +56,7 @@ from pipeline_project.tables import (
 )
 
 
-def _is_lock_conflict(err: BaseException) -> bool:
+def is_lock_conflict(err: BaseException) -> bool:
     """Another process holds the file: worth waiting for. Other IO errors are not (nor "failed
     to read block", a damaged file)."""
     return isinstance(err, duckdb.IOException) and "could not set lock" in str(err).lower()
@@ -302,17 +302,20 @@ class DuckDBStore(DuckDBResource):
                 raise
             conn.commit()
 
-    def _connect(self) -> duckdb.DuckDBPyConnection:
+    def _connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        """Opened read-write, or `read_only`; either waits out another process's conflicting
+        lock (a writer excludes every other process, a reader excludes writers) for up to
+        connect_timeout_seconds."""
         self.check_database_file()
         connect = retry(
-            retry=retry_if_exception(_is_lock_conflict),
+            retry=retry_if_exception(is_lock_conflict),
             wait=wait_exponential_jitter(multiplier=0.05, max=5.0),
             stop=stop_after_delay(self.connect_timeout_seconds),
             reraise=True,
         )(duckdb.connect)
         with said_clearly(duckdb.Error, self.store_file_error):
             return connect(
-                database=self.database, read_only=False, config=dict(self.connection_config)
+                database=self.database, read_only=read_only, config=dict(self.connection_config)
             )
 
 
@@ -520,9 +523,59 @@ class Warehouse(DuckDBStore):
         if self._erasures_seen is None:
             self._erasures_seen = self._erasures(conn)
 
-    def _connect(self) -> duckdb.DuckDBPyConnection:
+    @contextmanager
+    def read_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for reads only, always closed. On the DuckDB file it is opened
+        read-only: readers in several processes share the file (a writer still excludes them,
+        and they a writer), and it waits out a conflicting lock as long as get_connection does
+        (a lock conflict after connect_timeout_seconds: see is_lock_conflict). A warehouse that
+        does not exist yet or whose schema must be migrated first is opened by get_connection
+        instead (that write is the migration's). DuckLake has no file lock (a reader reads a
+        snapshot and blocks no writer): get_connection's connection."""
+        conn = self._reader()
+        if conn is None:
+            with self.get_connection() as conn:
+                yield conn
+            return
+        try:
+            with said_clearly(duckdb.Error, self.store_file_error):
+                yield conn
+        finally:
+            conn.close()
+
+    def _reader(self) -> duckdb.DuckDBPyConnection | None:
+        """A read-only connection to the file, prepared as _prepare does without writing;
+        None when only a writer can open the warehouse (not a file, missing, to be migrated) or
+        this process has it open read-write already (DuckDB refuses a second configuration of
+        one file in a process)."""
+        from pipeline_project.schema import SCHEMA_VERSION, found_version
+
+        path = self.database_file
+        if path is None or not path.exists():
+            return None
+        try:
+            conn = self._connect(read_only=True)
+        except duckdb.ConnectionException as err:
+            if "different configuration" in str(err):
+                return None
+            raise
+        try:
+            with said_clearly(duckdb.Error, self.store_file_error):
+                conn.execute("SET TimeZone = 'UTC'")
+                if found_version(conn) != SCHEMA_VERSION:  # older: migrated; newer: refused
+                    conn.close()
+                    return None
+                self._ensure_raw_view(conn, read_only=True)
+                if self._erasures_seen is None:
+                    self._erasures_seen = self._erasures(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
         if not self.is_lakehouse:
-            return super()._connect()
+            return super()._connect(read_only)
         from pipeline_project.resources.lakehouse import LAKE_ALIAS
 
         conn = self._lake().cursor()
@@ -805,9 +858,10 @@ class Warehouse(DuckDBStore):
         """How many writes of this step were retried after a commit conflict (for metadata)."""
         return len(self._commit_retries)
 
-    def _ensure_raw_view(self, conn: duckdb.DuckDBPyConnection) -> None:
+    def _ensure_raw_view(self, conn: duckdb.DuckDBPyConnection, read_only: bool = False) -> None:
         """The raw_customers view reads every batch's file, or is empty while there is none.
-        Replaced only when that changes, so connections do not rewrite the catalog each time."""
+        Replaced only when that changes, so connections do not rewrite the catalog each time;
+        a `read_only` connection, which cannot, gets a view of its own (TEMP) instead."""
         has_files = any(self.raw_dir.glob(f"*/{RAW_FILE_NAME}"))
         columns = ", ".join(RAW_CUSTOMERS_COLUMNS)
         if has_files:
@@ -835,7 +889,9 @@ class Warehouse(DuckDBStore):
             "SELECT sql FROM duckdb_views() WHERE view_name = ? AND NOT internal", [RAW_CUSTOMERS]
         ).fetchall()
         if not current or current[0][0].rstrip(";") != sql.replace("CREATE OR REPLACE", "CREATE"):
-            conn.execute(sql)
+            conn.execute(
+                sql.replace("OR REPLACE VIEW", "OR REPLACE TEMP VIEW") if read_only else sql
+            )
 
     @contextmanager
     def replacing_raw_file(

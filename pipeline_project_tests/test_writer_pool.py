@@ -1,0 +1,125 @@
+"""Readers open the warehouse file read-only: beside other readers, waiting out a writer."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from pipeline_project.core import dead_letters
+from pipeline_project.resources import Warehouse
+from pipeline_project.resources.warehouse import RAW_FILE_SCHEMA
+from pipeline_project.settings import Settings
+
+CLI = Path(sys.executable).parent / "pipeline-project"
+DEAD_LETTERS = (
+    "SELECT * FROM (VALUES ('k1', 'inference_failed', 'timeout', 3, 'p1'),"
+    " ('k2', 'inference_failed', 'timeout', 3, 'p2'), ('k3', 'invalid_output', 'NaN', 1, 'p3'))"
+    " AS t(record_key, reason, error, attempts, payload)"
+)
+HOLD = """
+import duckdb, sys
+conn = duckdb.connect(sys.argv[1], read_only=sys.argv[2] == "read_only")
+print("holding", flush=True)
+sys.stdin.read()  # until the test closes stdin
+conn.close()
+"""
+
+
+@contextmanager
+def held(db: Path, mode: str = "read_write") -> Iterator[subprocess.Popen]:
+    """Another process holds the DuckDB file open (`read_write` or `read_only`) until the
+    block ends, or until the test closes the process's stdin."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(db), mode],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        yield proc
+    finally:
+        if not proc.stdin.closed:
+            proc.stdin.close()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+
+
+def warehouse_with_dead_letters(settings: Settings, timeout: float = 120.0) -> Warehouse:
+    warehouse = Warehouse(database=str(settings.duckdb_path), connect_timeout_seconds=timeout)
+    with warehouse.transaction() as conn:
+        dead_letters.add(conn, "b1", "inference", DEAD_LETTERS)
+    return warehouse
+
+
+def test_a_read_connection_is_read_only_and_shares_the_file_with_other_readers(settings):
+    warehouse = warehouse_with_dead_letters(settings)
+    with held(settings.duckdb_path, "read_only"), warehouse.read_connection() as conn:
+        assert dead_letters.pending_by_stage(conn) == {"inference": 3}
+        with pytest.raises(duckdb.Error, match="read-only"):
+            conn.execute("DELETE FROM dead_letter")
+
+
+def test_a_read_connection_inside_a_write_of_the_same_process_shares_its_connection(settings):
+    warehouse = warehouse_with_dead_letters(settings)
+    with warehouse.get_connection(), warehouse.read_connection() as conn:
+        assert dead_letters.pending_by_stage(conn) == {"inference": 3}
+
+
+def test_a_read_connection_waits_out_a_writer_like_a_write_does(settings):
+    warehouse = warehouse_with_dead_letters(settings, timeout=30.0)
+    with held(settings.duckdb_path) as holder:
+        threading.Timer(1.5, holder.stdin.close).start()
+        started = time.monotonic()
+        with warehouse.read_connection() as conn:
+            waited = time.monotonic() - started
+            assert dead_letters.pending_by_stage(conn) == {"inference": 3}
+    assert 1.0 < waited < 20
+
+
+def test_a_read_connection_sees_the_raw_files_written_since_the_raw_view_was(settings):
+    warehouse = Warehouse(database=str(settings.duckdb_path))
+    with warehouse.get_connection():
+        pass  # the warehouse, its raw_customers view over no file
+    lines = [{"line_no": n, "raw": "{}", "byte_length": 2, "utf8_ok": True} for n in (1, 2)]
+    with warehouse.replacing_raw_file("b1") as writer:  # no write to the warehouse itself
+        writer.write_table(pa.Table.from_pylist(lines, schema=RAW_FILE_SCHEMA))
+    with warehouse.read_connection() as conn:
+        assert conn.execute("SELECT batch_id, count(*) FROM raw_customers GROUP BY ALL").fetchall(
+        ) == [("b1", 2)]  # fmt: skip
+
+
+def test_a_read_connection_creates_a_missing_warehouse_as_a_write_would(tmp_path):
+    with Warehouse(database=str(tmp_path / "new.duckdb")).read_connection() as conn:
+        assert dead_letters.pending_by_stage(conn) == {}
+        assert conn.execute("SELECT count(*) FROM raw_customers").fetchall() == [(0,)]
+
+
+def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "DAGSTER_"))}
+    return subprocess.run(
+        [str(CLI), *args], env={**base, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_dlq_list_and_show_read_beside_another_reader_and_change_nothing(settings):
+    warehouse_with_dead_letters(settings)
+    db = settings.duckdb_path
+    before = db.read_bytes()
+    env = {"PIPELINE_DUCKDB_PATH": str(db)}
+    # a read-write open would wait for this reader for 120 s and fail
+    with held(db, "read_only"):
+        listed = cli("dlq", "list", env=env)
+        shown = cli("dlq", "show", "b1", env=env)
+    assert listed.returncode == 0, listed.stderr
+    [row] = [ln.split() for ln in listed.stdout.splitlines() if ln.startswith("b1 ")][:1]
+    assert row[:5] == ["b1", "inference", "inference_failed", "2", "0"]
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.count("attempts=3  pending") == 2 and "invalid_output" in shown.stdout
+    assert db.read_bytes() == before and not Path(f"{db}.wal").exists()

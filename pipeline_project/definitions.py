@@ -12,6 +12,8 @@ import dagster as dg
 
 from pipeline_project import jobs, lifecycle
 from pipeline_project.asset_metadata import described
+from pipeline_project.assets.health import pipeline_health_for
+from pipeline_project.assets.inference import customer_embeddings_for
 from pipeline_project.checks.schema_checks import COLUMN_SCHEMA_CHECKS
 from pipeline_project.policies import FRESHNESS_MONITORED, freshness_policy
 from pipeline_project.resources import AlertSink, LandingZone, Warehouse
@@ -33,6 +35,23 @@ def build_resources(
         "alerts": AlertSink.from_settings(settings.alerts, settings.freshness, settings.warehouse),
         "embedder": embedder or build_embedder(settings.embedding, settings.warehouse),
     }
+
+
+# The stages whose pool depends on the warehouse's backend (see policies.warehouse_pool), by
+# op name: each built for the deployment's backend in place of its module's default.
+BUILT_FOR_BACKEND = {
+    "customer_embeddings": customer_embeddings_for,
+    "pipeline_health": pipeline_health_for,
+}
+
+
+def assets_for(backend: str) -> list[dg.AssetsDefinition]:
+    """Every asset of jobs.ASSETS, those of BUILT_FOR_BACKEND built for `backend`."""
+    return [
+        BUILT_FOR_BACKEND[a.node_def.name](backend) if a.node_def.name in BUILT_FOR_BACKEND
+        else a
+        for a in jobs.ASSETS
+    ]  # fmt: skip
 
 
 def build_definitions(
@@ -57,7 +76,7 @@ def build_definitions(
             return spec.replace_attributes(freshness_policy=fresh)
         return spec
 
-    assets = dg.map_asset_specs(spec_of_deployment, jobs.ASSETS)
+    assets = dg.map_asset_specs(spec_of_deployment, assets_for(settings.warehouse.backend))
     with warnings.catch_warnings():
         # Beta, and the only way to the UI's link from each asset to its source; its warning
         # says nothing a user can act on.

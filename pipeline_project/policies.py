@@ -19,6 +19,7 @@ import duckdb
 from pipeline_project.core.errors import ContractError
 from pipeline_project.core.personal_data import mask_personal
 from pipeline_project.partitions import batches
+from pipeline_project.resources.warehouse import DUCKDB
 from pipeline_project.tables import RAW_CUSTOMERS, VALIDATED_RECOMMENDATIONS
 
 # Transient trouble (a lock held past the connect timeout, a file still being replaced, a
@@ -93,6 +94,15 @@ DUCKDB_WRITER_POOL = "duckdb_writer"
 # One inference step at a time across all runs: the local model uses every core, and an API's
 # rate limit is shared by every request this deployment sends.
 MODEL_INFERENCE_POOL = "model_inference"
+
+
+def warehouse_pool(backend: str, on_ducklake: str | None) -> str | None:
+    """The pool of a stage that opens the warehouse but needs the writer pool only on the
+    DuckDB file: one process at a time may open it (a reader too, while a writer has it open),
+    and a lock wait given up fails the step. DuckLake has no file lock and its writer pool may
+    have several slots: there the stage takes `on_ducklake` (None: no pool)."""
+    return DUCKDB_WRITER_POOL if backend == DUCKDB else on_ducklake
+
 
 # The assets whose freshness says "a new batch arrived": the first and the last stage.
 FRESHNESS_MONITORED = (RAW_CUSTOMERS, VALIDATED_RECOMMENDATIONS)

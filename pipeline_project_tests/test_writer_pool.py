@@ -1,5 +1,6 @@
-"""Readers open the warehouse file read-only: beside other readers, waiting out a writer."""
+"""Every process that writes the warehouse file takes the writer pool; readers open it read-only."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -9,16 +10,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import pyarrow as pa
 import pytest
 
 from pipeline_project.core import dead_letters
+from pipeline_project.definitions import build_definitions
+from pipeline_project.policies import DUCKDB_WRITER_POOL, MODEL_INFERENCE_POOL
 from pipeline_project.resources import Warehouse
 from pipeline_project.resources.warehouse import RAW_FILE_SCHEMA
 from pipeline_project.settings import Settings
 
 CLI = Path(sys.executable).parent / "pipeline-project"
+# The steps that need the warehouse but not the writer pool, and why. On the DuckDB file none:
+# one process at a time may open it, a reader too while a writer has it open.
+OUTSIDE_THE_WRITER_POOL_ON_THE_FILE: dict[str, str] = {}
+# On DuckLake (no file lock, several writer slots): its own pool, or none.
+OUTSIDE_THE_WRITER_POOL_ON_DUCKLAKE = {
+    "customer_embeddings": MODEL_INFERENCE_POOL,  # an API's rate limit, shared by all workers
+    "pipeline_health": None,  # reads a snapshot: waits for nobody, blocks nobody
+}
 DEAD_LETTERS = (
     "SELECT * FROM (VALUES ('k1', 'inference_failed', 'timeout', 3, 'p1'),"
     " ('k2', 'inference_failed', 'timeout', 3, 'p2'), ('k3', 'invalid_output', 'NaN', 1, 'p3'))"
@@ -49,6 +61,53 @@ def held(db: Path, mode: str = "read_write") -> Iterator[subprocess.Popen]:
             proc.stdin.close()
         proc.wait(timeout=30)
         proc.stdout.close()
+
+
+def warehouse_steps(defs: dg.Definitions) -> dict[str, str | None]:
+    """Every op, asset or check that requires the warehouse resource, and its pool."""
+    steps = {}
+    for job in defs.resolve_all_job_defs():
+        for op in job.graph.iterate_op_defs():
+            if "warehouse" in op.required_resource_keys:
+                steps[op.name] = op.pool
+    for assets_def in defs.resolve_asset_graph().assets_defs:
+        for op in assets_def.node_def.iterate_op_defs() if assets_def.is_executable else ():
+            if "warehouse" in op.required_resource_keys:
+                steps[op.name] = op.pool
+    return steps
+
+
+def lake_settings(settings: Settings, root: Path) -> Settings:
+    """DuckLake settings (nothing connects to the catalog while definitions are built)."""
+    lake = dataclasses.replace(
+        settings.warehouse, backend="ducklake", ducklake_catalog="host=db dbname=lake",
+        ducklake_data_path=root / "lake",
+    )  # fmt: skip
+    return dataclasses.replace(settings, warehouse=lake)
+
+
+def test_every_step_that_opens_the_warehouse_file_takes_the_writer_pool(defs):
+    steps = warehouse_steps(defs)
+    assert {"customer_embeddings", "pipeline_health", "validated_customers",
+            "maintain_warehouse", "purge_expired_data", "erase_customer_rows"} <= set(steps)  # fmt: skip
+    outside = {
+        name: pool
+        for name, pool in steps.items()
+        if pool != DUCKDB_WRITER_POOL and name not in OUTSIDE_THE_WRITER_POOL_ON_THE_FILE
+    }
+    assert not outside, f"steps that open the warehouse outside the writer pool: {outside}"
+    # a sensor takes no pool: none may open the warehouse
+    for sensor in defs.sensors:
+        assert "warehouse" not in sensor.required_resource_keys, sensor.name
+
+
+def test_on_ducklake_inference_keeps_its_pool_and_the_health_summary_needs_none(settings, tmp_path):
+    steps = warehouse_steps(build_definitions(lake_settings(settings, tmp_path)))
+    assert {n: steps[n] for n in OUTSIDE_THE_WRITER_POOL_ON_DUCKLAKE} == (
+        OUTSIDE_THE_WRITER_POOL_ON_DUCKLAKE
+    )
+    others = {n: p for n, p in steps.items() if n not in OUTSIDE_THE_WRITER_POOL_ON_DUCKLAKE}
+    assert len(others) >= 10 and set(others.values()) == {DUCKDB_WRITER_POOL}, others
 
 
 def warehouse_with_dead_letters(settings: Settings, timeout: float = 120.0) -> Warehouse:

@@ -13,7 +13,9 @@ from pipeline_project.core.health import (
     health_figures,
     health_markdown,
 )
+from pipeline_project.policies import warehouse_pool
 from pipeline_project.resources import Warehouse
+from pipeline_project.resources.warehouse import DUCKDB
 from pipeline_project.tables import CUSTOMER_EMBEDDINGS, CUSTOMERS, RAW_CUSTOMERS
 
 _STEP_EVENTS = {dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}
@@ -48,12 +50,20 @@ def _count_steps(instance: dg.DagsterInstance, runs: list, activity: RecentActiv
             (activity.steps_ok if succeeded else activity.steps_failed)[event.step_key] += 1
 
 
-@dg.asset(
-    group_name="monitoring",
-    kinds={"duckdb"},
-    description="Last 24 hours: batches, runs, step failures, error rates, dead letters, latency.",
-)
-def pipeline_health(
+def pipeline_health_for(backend: str) -> dg.AssetsDefinition:
+    """pipeline_health for the warehouse's backend: in the writer pool on the DuckDB file, in
+    no pool on DuckLake, where its reads wait for nobody (see policies.warehouse_pool)."""
+    return dg.asset(
+        name="pipeline_health",
+        group_name="monitoring",
+        kinds={"duckdb"},
+        description="Last 24 hours: batches, runs, step failures, error rates, dead letters,"
+        " latency.",
+        pool=warehouse_pool(backend, on_ducklake=None),
+    )(_pipeline_health)
+
+
+def _pipeline_health(
     context: dg.AssetExecutionContext, config: PipelineHealthConfig, warehouse: Warehouse
 ) -> dg.MaterializeResult:
     """Summary of the pipeline's recent health (runs, steps, batches, errors, dead letters)."""
@@ -84,8 +94,12 @@ def pipeline_health(
     )
     activity.run_status.update(r.dagster_run.status.value for r in runs)
     _count_steps(instance, runs, activity)
-    with warehouse.get_connection() as conn:
+    with warehouse.read_connection() as conn:
         activity.dead_letters = dead_letters.pending_by_stage(conn)
     figures = health_figures(activity)
     markdown = health_markdown(activity, figures, config.window_hours)
     return dg.MaterializeResult(metadata={**figures, "summary": dg.MetadataValue.md(markdown)})
+
+
+# The default backend's; build_definitions builds it for the deployment's (see jobs.ASSETS).
+pipeline_health = pipeline_health_for(DUCKDB)

@@ -49,9 +49,11 @@ from pipeline_project.policies import (
     batch_stage,
     fails_at_once_when_deterministic,
     per_batch_automation,
+    warehouse_pool,
 )
 from pipeline_project.resources import AlertSink, Warehouse
 from pipeline_project.resources.embeddings import Embedder
+from pipeline_project.resources.warehouse import DUCKDB
 from pipeline_project.tables import (
     BATCHES,
     CUSTOMER_EMBEDDINGS,
@@ -108,26 +110,34 @@ class InferenceConfig(dg.Config):
     )
 
 
-# A multi_asset that can be subset: a check may be left without a result (not judged, see
-# checks/verdicts.py), and a model that fails its probes yields nothing but that failure.
-@dg.multi_asset(
-    specs=[
-        dg.AssetSpec(
-            CUSTOMER_EMBEDDINGS,
-            deps=[CUSTOMERS, CUSTOMER_PURCHASES, PRODUCT_CATALOG],
-            description="Each valid customer's profile text and the key of its embedding in"
-            " embedding_cache; customers whose embedding failed are in dead_letter instead.",
-            kinds={"duckdb"},
-            automation_condition=per_batch_automation(ignore=[PRODUCT_CATALOG]),
-            skippable=True,
-        )
-    ],
-    check_specs=EMBEDDING_CHECK_SPECS,
-    can_subset=True,
-    **batch_stage("inference", pool=MODEL_INFERENCE_POOL),
-)
+def customer_embeddings_for(backend: str) -> dg.AssetsDefinition:
+    """customer_embeddings for the warehouse's backend: in the writer pool on the DuckDB file
+    (its cache flushes and its batch write open the file), in the model_inference pool on
+    DuckLake (see policies.warehouse_pool).
+
+    A multi_asset that can be subset: a check may be left without a result (not judged, see
+    checks/verdicts.py), and a model that fails its probes yields nothing but that failure."""
+    return dg.multi_asset(
+        name=CUSTOMER_EMBEDDINGS,
+        specs=[
+            dg.AssetSpec(
+                CUSTOMER_EMBEDDINGS,
+                deps=[CUSTOMERS, CUSTOMER_PURCHASES, PRODUCT_CATALOG],
+                description="Each valid customer's profile text and the key of its embedding in"
+                " embedding_cache; customers whose embedding failed are in dead_letter instead.",
+                kinds={"duckdb"},
+                automation_condition=per_batch_automation(ignore=[PRODUCT_CATALOG]),
+                skippable=True,
+            )
+        ],
+        check_specs=EMBEDDING_CHECK_SPECS,
+        can_subset=True,
+        **batch_stage("inference", pool=warehouse_pool(backend, MODEL_INFERENCE_POOL)),
+    )(_customer_embeddings)
+
+
 @fails_at_once_when_deterministic
-def customer_embeddings(
+def _customer_embeddings(
     context: dg.AssetExecutionContext,
     config: InferenceConfig,
     warehouse: Warehouse,
@@ -175,6 +185,10 @@ def customer_embeddings(
     figures["error_rate_threshold"] = config.dead_letter_threshold
     yield _materialized(context, alerts, warehouse, figures, checks)
     yield from judged(checks)
+
+
+# The default backend's; build_definitions builds it for the deployment's (see jobs.ASSETS).
+customer_embeddings = customer_embeddings_for(DUCKDB)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,23 @@ def test_markdown_lists_the_figures_and_a_row_per_failing_step():
     assert health_markdown(RecentActivity(), {}, 1.5).endswith("| (none) | | |")
 
 
+def test_dead_letters_not_read_are_not_available_never_zero_and_the_summary_says_why():
+    recent = activity()
+    recent.dead_letters, recent.dead_letters_not_read = None, "the file was locked"
+    figures = health_figures(recent)
+    assert figures["dead_letter_total"] is None
+    assert {k: v for k, v in figures.items() if k != "dead_letter_total"} == {
+        k: v for k, v in health_figures(activity()).items() if k != "dead_letter_total"
+    }  # the other figures are read as before
+    markdown = health_markdown(recent, figures, window_hours=24.0)
+    assert markdown.startswith(
+        "### Pipeline health, last 24 h\n\n> **Dead letters not read**: the file was locked.\n\n"
+    )
+    assert "- **dead letter total**: not available\n" in markdown
+    assert "- **dead letters by stage**: not available (the file was locked)\n" in markdown
+    assert "dead letter total**: 0" not in markdown
+
+
 @pytest.mark.parametrize("hours, shown", [(24.0, "24 h"), (0.5, "0.5 h")])
 def test_markdown_names_the_window(hours, shown):
     assert f"last {shown}\n" in health_markdown(RecentActivity(), {}, hours)

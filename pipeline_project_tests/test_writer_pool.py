@@ -1,4 +1,5 @@
-"""Every process that writes the warehouse file takes the writer pool; readers open it read-only."""
+"""Every process that writes the warehouse file takes the writer pool; readers open it read-only;
+the hourly health summary never fails because another process holds the file."""
 
 import dataclasses
 import os
@@ -158,6 +159,54 @@ def test_a_read_connection_creates_a_missing_warehouse_as_a_write_would(tmp_path
     with Warehouse(database=str(tmp_path / "new.duckdb")).read_connection() as conn:
         assert dead_letters.pending_by_stage(conn) == {}
         assert conn.execute("SELECT count(*) FROM raw_customers").fetchall() == [(0,)]
+
+
+def with_lock_wait(defs: dg.Definitions, seconds: float) -> dg.Definitions:
+    """The deployment's definitions, its warehouse waiting `seconds` for a lock, not 120."""
+    configured = defs.resources["warehouse"]
+    fields = {name: getattr(configured, name) for name in Warehouse.model_fields}
+    warehouse = Warehouse(**{**fields, "connect_timeout_seconds": seconds})
+    return dg.Definitions(
+        assets=defs.assets, asset_checks=defs.asset_checks, jobs=defs.jobs,
+        resources={**defs.resources, "warehouse": warehouse},
+    )  # fmt: skip
+
+
+def health_run(defs: dg.Definitions, instance):
+    result = defs.resolve_job_def("pipeline_health_job").execute_in_process(
+        instance=instance, raise_on_error=False
+    )
+    assert result.success
+    [materialization] = result.asset_materializations_for_node("pipeline_health")
+    return result, {k: v.value for k, v in materialization.metadata.items()}
+
+
+def test_health_succeeds_while_another_process_holds_the_file_past_the_lock_wait(
+    settings, defs, instance
+):
+    defs = with_lock_wait(defs, 2.0)
+    warehouse_with_dead_letters(settings)
+    with held(settings.duckdb_path):  # outside Dagster's pools, as a CLI would
+        started = time.monotonic()
+        result, figures = health_run(defs, instance)
+        waited = time.monotonic() - started
+    assert waited >= 2.0  # it waited for the lock before going on without it
+    assert figures["dead_letter_total"] is None  # not available: never 0
+    assert "lock wait (2 s)" in figures["dead_letters_not_read"]
+    summary = figures["summary"]
+    assert "**Dead letters not read**: another process held the warehouse file" in summary
+    assert "- **dead letter total**: not available\n" in summary
+    assert "- **dead letters by stage**: not available (" in summary
+    warnings = [
+        e.user_message
+        for e in instance.all_logs(result.run_id)
+        if e.level == 30 and "dead letters not read" in e.user_message  # logging.WARNING
+    ]
+    assert len(warnings) == 1, warnings
+
+    _, figures = health_run(defs, instance)  # the holder is gone: read again
+    assert figures["dead_letter_total"] == 3 and "dead_letters_not_read" not in figures
+    assert "- **dead letters by stage**: {'inference': 3}" in figures["summary"]
 
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:

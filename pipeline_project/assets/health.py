@@ -1,9 +1,11 @@
 """pipeline_health: the last hours of the pipeline in one place, as Markdown and plotted numbers."""
 
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import dagster as dg
+import duckdb
 from pydantic import Field
 
 from pipeline_project.core import dead_letters
@@ -15,7 +17,7 @@ from pipeline_project.core.health import (
 )
 from pipeline_project.policies import warehouse_pool
 from pipeline_project.resources import Warehouse
-from pipeline_project.resources.warehouse import DUCKDB
+from pipeline_project.resources.warehouse import DUCKDB, is_lock_conflict
 from pipeline_project.tables import CUSTOMER_EMBEDDINGS, CUSTOMERS, RAW_CUSTOMERS
 
 _STEP_EVENTS = {dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}
@@ -48,6 +50,26 @@ def _count_steps(instance: dg.DagsterInstance, runs: list, activity: RecentActiv
         for event in instance.all_logs(record.dagster_run.run_id, of_type=_STEP_EVENTS):
             succeeded = event.dagster_event_type == dg.DagsterEventType.STEP_SUCCESS
             (activity.steps_ok if succeeded else activity.steps_failed)[event.step_key] += 1
+
+
+def _pending_dead_letters(
+    warehouse: Warehouse, log: dg.DagsterLogManager
+) -> tuple[Mapping[str, int] | None, str]:
+    """The pending dead letters per stage, read on a read-only connection; (None, why) when
+    another process held the warehouse file past the lock wait (a CLI, a step outside the
+    writer pool): the summary is still worth having, without them."""
+    try:
+        with warehouse.read_connection() as conn:
+            return dead_letters.pending_by_stage(conn), ""
+    except duckdb.IOException as err:
+        if not is_lock_conflict(err):
+            raise
+        why = (
+            "another process held the warehouse file for longer than the lock wait"
+            f" ({warehouse.connect_timeout_seconds:g} s): {str(err).splitlines()[0]}"
+        )
+        log.warning(f"pipeline_health: dead letters not read, {why}")
+        return None, why
 
 
 def pipeline_health_for(backend: str) -> dg.AssetsDefinition:
@@ -94,11 +116,15 @@ def _pipeline_health(
     )
     activity.run_status.update(r.dagster_run.status.value for r in runs)
     _count_steps(instance, runs, activity)
-    with warehouse.read_connection() as conn:
-        activity.dead_letters = dead_letters.pending_by_stage(conn)
+    activity.dead_letters, activity.dead_letters_not_read = _pending_dead_letters(
+        warehouse, context.log
+    )
     figures = health_figures(activity)
     markdown = health_markdown(activity, figures, config.window_hours)
-    return dg.MaterializeResult(metadata={**figures, "summary": dg.MetadataValue.md(markdown)})
+    metadata = {**figures, "summary": dg.MetadataValue.md(markdown)}
+    if activity.dead_letters is None:
+        metadata["dead_letters_not_read"] = activity.dead_letters_not_read
+    return dg.MaterializeResult(metadata=metadata)
 
 
 # The default backend's; build_definitions builds it for the deployment's (see jobs.ASSETS).

@@ -23,7 +23,10 @@ class RecentActivity:
     latency_p95_seconds: list[float] = field(default_factory=list)
     estimated_costs: list[float] = field(default_factory=list)
     costs_saved_by_cache: list[float] = field(default_factory=list)
-    dead_letters: Mapping[str, int] = field(default_factory=dict)  # pending, per stage
+    # Pending, per stage; None when they could not be read (why: dead_letters_not_read). Not
+    # read is never "none pending": its figures are None, shown as not available.
+    dead_letters: Mapping[str, int] | None = field(default_factory=dict)
+    dead_letters_not_read: str = ""
 
 
 def end_to_end_times(runs: Iterable[tuple[str | None, float | None, float | None]]) -> list[float]:
@@ -36,8 +39,9 @@ def end_to_end_times(runs: Iterable[tuple[str | None, float | None, float | None
     return [max(s) - min(s) for s in spans.values()]
 
 
-def health_figures(activity: RecentActivity) -> dict[str, int | float]:
-    """The headline figures: batches, runs, failures, worst error rates and latency."""
+def health_figures(activity: RecentActivity) -> dict[str, int | float | None]:
+    """The headline figures: batches, runs, failures, worst error rates and latency; None for
+    a figure that could not be read."""
     failed_steps = sum(activity.steps_failed.values())
     total_steps = sum(activity.steps_ok.values()) + failed_steps
     end_to_end = activity.end_to_end_seconds
@@ -51,16 +55,27 @@ def health_figures(activity: RecentActivity) -> dict[str, int | float]:
         "latency_p95_seconds_max": round(max(activity.latency_p95_seconds, default=0.0), 4),
         "end_to_end_seconds_p50": round(float(np.median(end_to_end)), 2) if end_to_end else 0.0,
         "end_to_end_seconds_max": round(max(end_to_end, default=0.0), 2),
-        "dead_letter_total": sum(activity.dead_letters.values()),
+        "dead_letter_total": (
+            None if activity.dead_letters is None else sum(activity.dead_letters.values())
+        ),
         "estimated_cost": round(sum(activity.estimated_costs), 6),
         "cost_saved_by_cache": round(sum(activity.costs_saved_by_cache), 6),
     }
 
 
+NOT_AVAILABLE = "not available"
+
+
 def health_markdown(
-    activity: RecentActivity, figures: Mapping[str, int | float], window_hours: float
+    activity: RecentActivity, figures: Mapping[str, int | float | None], window_hours: float
 ) -> str:
-    """The figures, runs by status, dead letters by stage and a table of the failing steps."""
+    """The figures, runs by status, dead letters by stage and a table of the failing steps; a
+    figure that could not be read says so, and why, first."""
+    if activity.dead_letters is None:
+        unread = f"> **Dead letters not read**: {activity.dead_letters_not_read}.\n\n"
+        by_stage = f"{NOT_AVAILABLE} ({activity.dead_letters_not_read})"
+    else:
+        unread, by_stage = "", str(dict(activity.dead_letters))
     failing = (
         "\n".join(
             f"| {step} | {activity.steps_ok[step]} | {n} |"
@@ -70,9 +85,13 @@ def health_markdown(
     )
     return (
         f"### Pipeline health, last {window_hours:g} h\n\n"
-        + "\n".join(f"- **{k.replace('_', ' ')}**: {v}" for k, v in figures.items())
+        + unread
+        + "\n".join(
+            f"- **{k.replace('_', ' ')}**: {NOT_AVAILABLE if v is None else v}"
+            for k, v in figures.items()
+        )
         + f"\n- **runs by status**: {dict(activity.run_status)}\n"
-        + f"- **dead letters by stage**: {dict(activity.dead_letters) or {}}\n\n"
+        + f"- **dead letters by stage**: {by_stage}\n\n"
         + "| step | succeeded | failed |\n|---|---|---|\n"
         + failing
     )

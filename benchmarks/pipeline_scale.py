@@ -81,6 +81,12 @@ def run_pipeline(rows: int, bad_rate: float, root: Path) -> dict:
         ) as result:
             wall = time.perf_counter() - started
             success = result.success
+            # a failed step by its error's first line: the table says which stage and why
+            failed = {
+                e.step_key: e.step_failure_data.error.message.strip().splitlines()[0][:300]
+                for e in result.all_events
+                if e.event_type_value == "STEP_FAILURE" and e.step_failure_data.error
+            }
         meta = {}
         for _, asset in STAGES:
             event = instance.get_latest_materialization_event(dg.AssetKey(asset))
@@ -91,7 +97,8 @@ def run_pipeline(rows: int, bad_rate: float, root: Path) -> dict:
                     for k, v in m.metadata.items()
                     if isinstance(v.value, int | float | str | bool)  # plain figures only
                 }
-    return {"rows": rows, "wall": wall, "success": success, "meta": meta, "file": batch_file}
+    return {"rows": rows, "wall": wall, "success": success, "meta": meta, "file": batch_file,
+            "failed": failed}  # fmt: skip
 
 
 RESULT_MARK = "pipeline_scale result: "
@@ -120,7 +127,13 @@ def print_stages(run: dict) -> None:
     rows = run["rows"]
     print(f"\n{'stage':<28}{'seconds':>9}{'rows/s':>12}{'cpu s':>8}{'peak RSS MiB':>14}")
     total = 0.0
-    for _, asset in STAGES:
+    for step, asset in STAGES:
+        if step in run.get("failed", {}):
+            print(f"{asset:<28}  FAILED: {run['failed'][step]}")
+            continue
+        if asset not in run["meta"]:
+            print(f"{asset:<28}  not run")
+            continue
         m = run["meta"].get(asset, {})
         seconds = m.get("step_seconds", 0.0)
         total += seconds

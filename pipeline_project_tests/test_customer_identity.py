@@ -430,6 +430,12 @@ def test_a_retrain_re_scores_the_batches_holding_current_answers_the_same_in_any
     assert newer.metadata["model_version"].value == 3, newer.metadata["why"].value
     assert newer.metadata["rescore_batches"].value == ["b3"]
     assert newer.metadata["live_batches_left_on_older_versions"].value == 1
+    assert settle(defs, instance) == ["b3"]
+    # asked again, it re-scores nothing more: b2 stays on v2 (not the next older one each time)
+    again = _retrain(defs, instance, seed=3, n_segments=1, rescore_newest_batches=1)
+    assert again.metadata["new_version"].value is False
+    assert again.metadata["rescore_batches"].value == []
+    assert again.metadata["live_batches_left_on_older_versions"].value == 1
 
 
 def _retrain(defs, instance, **config) -> dg.AssetMaterialization:

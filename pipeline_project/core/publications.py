@@ -45,13 +45,14 @@ def live_batches(
 ) -> list[str]:
     """The batches holding a current answer whose publication matches `where` (a condition on
     batch_publications' columns, from the code): what a new model or catalog must re-score;
-    with `newest`, only the newest that many of them (arrival order)."""
-    limit = "" if newest is None else f" LIMIT {int(newest)}"
+    with `newest`, only among the newest that many batches holding a current answer (arrival
+    order), so that the older ones stay as they are however often this is asked."""
+    limit = "" if newest is None else f" ORDER BY arrival_seq DESC LIMIT {int(newest)}"
     return sorted(
         b
         for (b,) in conn.execute(
-            f"SELECT batch_id FROM ({_LIVE_SQL}) JOIN {BATCH_PUBLICATIONS} USING (batch_id)"
-            f" JOIN (SELECT batch_id, arrival_seq FROM batches) USING (batch_id)"
-            f" WHERE {where} ORDER BY arrival_seq DESC{limit}"
+            f"SELECT batch_id FROM (SELECT * FROM ({_LIVE_SQL})"
+            f" JOIN (SELECT batch_id, arrival_seq FROM batches) USING (batch_id){limit})"
+            f" JOIN {BATCH_PUBLICATIONS} USING (batch_id) WHERE {where}"
         ).fetchall()
     )

@@ -62,6 +62,7 @@ def build_definitions(
     for path in (settings.warehouse.duckdb_path, settings.alerts.alerts_duckdb_path):
         path.parent.mkdir(parents=True, exist_ok=True)
     fresh = freshness_policy(settings.freshness.warn_hours, settings.freshness.fail_hours)
+    interval = settings.sensors.interval_seconds
     resources = build_resources(settings, embedder)
     warehouse: Warehouse = resources["warehouse"]
 
@@ -88,10 +89,10 @@ def build_definitions(
         jobs=[*jobs.JOBS, lifecycle.erase_customers_job, lifecycle.delete_batches_job],
         schedules=jobs.SCHEDULES,
         sensors=[
-            build_landing_batches_sensor(jobs.batch_ingestion_job),
-            build_catalog_file_sensor(jobs.catalog_job),
-            jobs.automation_sensor,
-            build_rescore_sensor(jobs.batch_pipeline_job),
+            build_landing_batches_sensor(jobs.batch_ingestion_job, interval),
+            build_catalog_file_sensor(jobs.catalog_job, interval),
+            jobs.build_automation_sensor(interval),
+            build_rescore_sensor(jobs.batch_pipeline_job, interval),
             *build_alerting_sensors(settings.alerts),
         ],
         resources=resources,

@@ -119,13 +119,17 @@ SCHEDULES = [
     daily_retention,
 ]
 
-automation_sensor = dg.AutomationConditionSensorDefinition(
-    "pipeline_automation_sensor",
-    target=dg.AssetSelection.all(),
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
-    description="Runs each batch's downstream stages once its upstream has landed and passed.",
-    # One run per batch, launched in the tick; a backfill would wait for the backfill daemon's
-    # next pass (up to 30 s more per stage of latency).
-    emit_backfills=False,
-)
+
+def build_automation_sensor(
+    minimum_interval_seconds: int = 30,
+) -> dg.AutomationConditionSensorDefinition:
+    return dg.AutomationConditionSensorDefinition(
+        "pipeline_automation_sensor",
+        target=dg.AssetSelection.all(),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        minimum_interval_seconds=minimum_interval_seconds,
+        description="Runs each batch's downstream stages once its upstream has landed and passed.",
+        # One run per batch, launched in the tick; a backfill would wait for the backfill
+        # daemon's next pass (up to an interval more per stage of latency).
+        emit_backfills=False,
+    )

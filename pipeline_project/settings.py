@@ -102,6 +102,15 @@ class FreshnessSettings:
 
 
 @dataclass(frozen=True)
+class SensorSettings:
+    """How often the sensors that start work look: new landing files, the catalog file, the
+    automation of each batch's stages, the re-scoring of what changed (the alerting sensors
+    have their own, PIPELINE_ALERT_SENSOR_INTERVAL_SECONDS)."""
+
+    interval_seconds: int = _env("PIPELINE_SENSOR_INTERVAL_SECONDS", 30)
+
+
+@dataclass(frozen=True)
 class Settings:
     warehouse: WarehouseSettings = field(default_factory=WarehouseSettings)
     landing: LandingSettings = field(default_factory=LandingSettings)
@@ -109,6 +118,7 @@ class Settings:
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     freshness: FreshnessSettings = field(default_factory=FreshnessSettings)
+    sensors: SensorSettings = field(default_factory=SensorSettings)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -261,9 +261,10 @@ CLI = BIN / "pipeline-project"
 
 
 def _environment(env: dict[str, str]) -> dict[str, str]:
-    """This environment without any PIPELINE_ or DAGSTER_ variable, then `env`."""
+    """This environment without any PIPELINE_ or DAGSTER_ variable, the sensors looking every
+    5 s (not 30: the waits are configuration, not sleeps), then `env`."""
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PIPELINE_", "DAGSTER_"))}
-    return {**base, **env}
+    return {**base, "PIPELINE_SENSOR_INTERVAL_SECONDS": "5", **env}
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import pytest
 from pipeline_project.definitions import build_definitions, build_resources
 from pipeline_project.policies import FRESHNESS_MONITORED
 from pipeline_project.resources.embeddings import HashingEmbedder, OpenAIEmbedder, build_embedder
-from pipeline_project.settings import EmbeddingSettings, FreshnessSettings
+from pipeline_project.settings import EmbeddingSettings, FreshnessSettings, SensorSettings
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTING_SENSOR_NAMES = ("run_failure_alert_sensor", "check_results_alert_sensor",
@@ -74,14 +74,20 @@ def test_definitions_wire_every_stage_job_sensor_and_resource(defs):
 
 
 def test_build_definitions_takes_sensor_interval_and_freshness_windows_from_settings(settings):
+    default = build_definitions(settings).resolve_sensor_def("rescore_sensor")
+    assert default.minimum_interval_seconds == 30
     settings = replace(
         settings,
         alerts=replace(settings.alerts, sensor_interval_seconds=7),
         freshness=FreshnessSettings(warn_hours=1.0, fail_hours=2.0),
+        sensors=SensorSettings(interval_seconds=4),
     )
     defs = build_definitions(settings)
     for sensor in ALERTING_SENSOR_NAMES:
         assert defs.resolve_sensor_def(sensor).minimum_interval_seconds == 7
+    for sensor in ("landing_batches_sensor", "catalog_file_sensor", "pipeline_automation_sensor",
+                   "rescore_sensor"):  # fmt: skip
+        assert defs.resolve_sensor_def(sensor).minimum_interval_seconds == 4
     for asset in FRESHNESS_MONITORED:
         assert freshness_windows(defs, asset) == (timedelta(hours=1), timedelta(hours=2))
     assert freshness_windows(defs, "customers") is None

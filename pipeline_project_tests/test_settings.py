@@ -46,6 +46,7 @@ VARIABLES = {
     "PIPELINE_DLQ_GROWTH_BATCHES": ("alerts", "dlq_growth_batches", 3, "5", 5),
     "PIPELINE_FRESHNESS_WARN_HOURS": ("freshness", "warn_hours", 36.0, "1.5", 1.5),
     "PIPELINE_FRESHNESS_FAIL_HOURS": ("freshness", "fail_hours", 72.0, "48", 48.0),
+    "PIPELINE_SENSOR_INTERVAL_SECONDS": ("sensors", "interval_seconds", 30, "5", 5),
 }  # fmt: skip
 
 

@@ -1,5 +1,7 @@
 """Segments: streaming k-means, stable IDs, bootstrap, retrain."""
 
+import json
+
 import dagster as dg
 import duckdb
 import numpy as np
@@ -163,7 +165,9 @@ def test_retrain_makes_a_new_version_only_when_the_model_moved_and_keeps_segment
     moved = retrain()
     assert moved.metadata["model_version"].value == 2, moved.metadata["why"].value
     assert moved.metadata["new_version"].value is True
-    shifts = (moved.metadata["centroid_shift"].value, moved.metadata["affinity_shift"].value)
+    # the product shares are compared only when the centroids stayed within the tolerance
+    shifts = [moved.metadata[k].value for k in ("centroid_shift", "affinity_shift")
+              if k in moved.metadata]  # fmt: skip
     assert max(shifts) > 0.05, shifts
     for key in ("inertia", "silhouette", "segment_sizes", "n_segments"):
         assert key in moved.metadata
@@ -180,6 +184,34 @@ def test_retrain_makes_a_new_version_only_when_the_model_moved_and_keeps_segment
             assert versions <= {1, 2}, table
             if table in ("segment_model", "segment_affinity"):
                 assert versions == {1, 2}, table
+
+
+def test_a_retrain_whose_segments_buy_other_products_makes_a_new_version(
+    settings, instance, catalog
+):
+    """The same profiles (so the same centroids) whose customers now also buy the category's
+    next product: the segments' product shares moved, and that is a new version."""
+
+    def lines(first: int, product_offset: int) -> list[str]:
+        out = []
+        for i in range(24):
+            line = json.loads(buyer(first + i, CATEGORY_MIX[i % 6], purchases=1 + i % 4))
+            for purchase in line["purchaseHistory"]:
+                number = int(purchase["productId"][1:]) + product_offset
+                purchase["productId"] = f"P{number:05d}"
+            out.append(json.dumps(line))
+        return out
+
+    write_lines(settings.landing_dir / "b1.jsonl", lines(0, 0))
+    defs, _ = materialize(settings, instance, "b1")
+    write_lines(settings.landing_dir / "b2.jsonl", lines(100, 1))
+    materialize(settings, instance, "b2")
+    result = defs.resolve_job_def("segment_model_job").execute_in_process(instance=instance)
+    [meta] = result.asset_materializations_for_node("segment_model")
+    why = meta.metadata["why"].value
+    assert meta.metadata["centroid_shift"].value <= 0.05, why
+    assert meta.metadata["affinity_shift"].value > 0.05, why
+    assert meta.metadata["new_version"].value is True and meta.metadata["model_version"].value == 2
 
 
 def test_centroid_shift_is_relative_and_zero_for_the_same_centroids():

@@ -22,7 +22,6 @@ from pipeline_project.core.segmentation import (
     SegmentModel,
     assign_batch,
     latest_segment_model,
-    retrain,
     segment_model_figures,
     stale_reason,
     train_and_store,
@@ -138,7 +137,9 @@ def segment_model(
     within `unchanged_tolerance` of the current one makes no new version."""
     model, dimensions = embedder.model_id(), embedder.output_dimensions()
     with warehouse.locked_transaction(SEGMENT_MODEL) as conn:
-        outcome = retrain(conn, model, dimensions, config, config.unchanged_tolerance)
+        outcome = train_and_store(
+            conn, model, dimensions, config, keep_within=config.unchanged_tolerance
+        )
         metadata = segment_model_metadata(
             conn, outcome.version, outcome.model, model, config.rescore_newest_batches
         )
@@ -281,7 +282,8 @@ def _train_in_step(
     """A segment model trained by the batch that needs it (the first one, or one whose model
     is not fit: `reason`), reported as a materialization of segment_model; rescore_sensor
     then re-scores the batches another version scored."""
-    version, trained = train_and_store(conn, model, dimensions, config)
+    outcome = train_and_store(conn, model, dimensions, config)
+    version, trained = outcome.version, outcome.model
     context.log.info(f"segment model v{version} trained for {context.partition_key}: {reason}")
     context.log_event(
         dg.AssetMaterialization(

@@ -10,6 +10,7 @@ Below the model: training and storing it (segment_model), and assigning a batch'
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -357,10 +358,21 @@ def stale_reason(
 
 
 def train_and_store(
-    conn: duckdb.DuckDBPyConnection, model: str, dimensions: int, settings: TrainingSettings
-) -> tuple[int, SegmentModel]:
+    conn: duckdb.DuckDBPyConnection,
+    model: str,
+    dimensions: int,
+    settings: TrainingSettings,
+    keep_within: float | None = None,
+) -> Retrained:
     """Train on the current profile vectors of every customer (one per customer, weighted by
-    how many share it) and store the model as a new version, with its segments' affinity."""
+    how many share it) and store the model as a new version, with its segments' affinity.
+
+    With `keep_within`, a model that did not move from the previous version is not stored:
+    a centroid moved at most that much (relative, centroid_shift) and each segment's product
+    shares at most that much (total variation, _AFFINITY_SHIFT_SQL), with the same segments and
+    catalog vocabulary. Nothing is written then (the comparison reads a temporary affinity), and
+    the previous version goes on scoring: a retrain on the same data, or on data that changes
+    nothing the segments say, makes no version and so re-scores nothing."""
 
     # The distinct profiles with their vectors, found once (a pass of every batch's
     # customer_embeddings): the training reads them five times.
@@ -377,20 +389,16 @@ def train_and_store(
             if batch.num_rows:
                 vectors = list_column_to_matrix(batch, "embedding", dimensions)
                 weights = batch.column("customers").to_numpy()
-                yield (
-                    (vectors, weights, batch.column("text_hash"))
-                    if with_hashes
-                    else (
-                        vectors,
-                        weights,
-                    )
-                )
+                if with_hashes:
+                    yield vectors, weights, batch.column("text_hash")
+                else:
+                    yield vectors, weights
 
+    previous = latest_segment_model(conn, model, dimensions)
     try:
         trained = train_segments(
             chunks, settings.n_segments, epochs=settings.epochs, seed=settings.seed
         )
-        previous = latest_segment_model(conn, model, dimensions)
         order = stable_order(previous[1] if previous else None, trained.centroids)
         trained = SegmentModel(
             trained.centroids[order], trained.weights[order], trained.inertia, trained.silhouette
@@ -398,6 +406,17 @@ def train_and_store(
         _stage_training_segments(conn, chunks, trained.centroids)
     finally:
         conn.execute("DROP TABLE IF EXISTS training_profiles")
+    basis = training_basis(conn, model, dimensions)
+    change = (
+        _change(
+            conn, model, dimensions, previous, trained, basis.vocabulary, settings, keep_within
+        )  # fmt: skip
+        if keep_within is not None and previous is not None
+        else Retrained(0, trained, True, None, None, "no earlier model to compare with")
+    )
+    if not change.new_version:
+        conn.execute("DROP TABLE IF EXISTS training_segments")
+        return change
     # versions count across embedding models: a version names one segment model, so the
     # batches segmented with it (affinity, popularity) never mix two models' segments
     [(newest,)] = conn.execute("SELECT max(model_version) FROM segment_model").fetchall()
@@ -409,7 +428,6 @@ def train_and_store(
             "weight": pa.array(trained.weights),
         }
     )
-    basis = training_basis(conn, model, dimensions)
     conn.register("new_segments", rows)
     conn.execute(
         "INSERT INTO segment_model BY NAME SELECT $version AS model_version, segment_id,"
@@ -425,7 +443,7 @@ def train_and_store(
         conn, version, recency_days=settings.recency_days, neighbours=settings.neighbours,
         tastes=settings.tastes,
     )  # fmt: skip
-    return version, trained
+    return dataclasses.replace(change, version=version)
 
 
 # The tables holding one segment model version's rows (the model, what its segments buy, the
@@ -436,14 +454,15 @@ VERSIONED_TABLES = (
 )  # fmt: skip
 
 # Per segment, how far the products' shares of the segment's purchases (each segment's shares
-# summing to 1) moved between two versions: the total variation distance, the largest segment's.
+# summing to 1) moved between the previous version and the model being trained (the temp
+# table candidate_affinity): the total variation distance, the largest segment's.
 _AFFINITY_SHIFT_SQL = """
 WITH a AS (
     SELECT segment_id, product_id, share / sum(share) OVER (PARTITION BY segment_id) AS p
     FROM segment_affinity WHERE model_version = $old
 ), b AS (
     SELECT segment_id, product_id, share / sum(share) OVER (PARTITION BY segment_id) AS p
-    FROM segment_affinity WHERE model_version = $new
+    FROM candidate_affinity
 )
 SELECT coalesce(max(tv), 0.0) FROM (
     SELECT segment_id, 0.5 * sum(abs(coalesce(a.p, 0) - coalesce(b.p, 0))) AS tv
@@ -453,9 +472,9 @@ SELECT coalesce(max(tv), 0.0) FROM (
 
 @dataclass(frozen=True)
 class Retrained:
-    """A retrain's outcome: the version that scores from now on (a new one, or the previous one
-    when the new model is within the tolerance of it), the model trained, and how far it moved
-    from the previous version (None: nothing to compare with, or it is not comparable)."""
+    """A training's outcome: the version that scores from now on (a new one, or the previous
+    one when the new model is within the tolerance of it), the model trained, and how far it
+    moved from the previous version (None: nothing to compare with, or not comparable)."""
 
     version: int
     model: SegmentModel
@@ -472,46 +491,43 @@ def centroid_shift(old: np.ndarray, new: np.ndarray) -> float:
     return float(np.max(np.linalg.norm(new.astype(np.float64) - old, axis=1)) / scale)
 
 
-def retrain(
+def _change(
     conn: duckdb.DuckDBPyConnection,
     model: str,
     dimensions: int,
+    previous: tuple[int, np.ndarray],
+    trained: SegmentModel,
+    vocabulary: str | None,
     settings: TrainingSettings,
     tolerance: float,
 ) -> Retrained:
-    """Train a new segment model (train_and_store) and keep it only if it differs from the
-    previous version: a centroid moved more than `tolerance` (relative, centroid_shift) or a
-    segment's product shares did (total variation, _AFFINITY_SHIFT_SQL), or the segments or
-    the catalog vocabulary changed. Otherwise its rows are dropped in the same transaction and
-    the previous version goes on scoring: a retrain on the same data, or on data that changes
-    nothing the segments say, makes no version and so re-scores nothing."""
-    previous = latest_segment_model(conn, model, dimensions)
-    version, trained = train_and_store(conn, model, dimensions, settings)
-    if previous is None:
-        return Retrained(version, trained, True, None, None, "no earlier model")
+    """How far the model being trained (its profiles' segments in the temp table
+    training_segments) is from the previous version, and whether that makes a new version."""
     old_version, old_centroids = previous
-    [(old_vocabulary, new_vocabulary)] = conn.execute(
-        "SELECT any_value(vocabulary) FILTER (WHERE model_version = $old),"
-        " any_value(vocabulary) FILTER (WHERE model_version = $new) FROM segment_model",
-        {"old": old_version, "new": version},
+    [(old_vocabulary,)] = conn.execute(
+        "SELECT any_value(vocabulary) FROM segment_model WHERE model_version = ?", [old_version]
     ).fetchall()
-    if old_centroids.shape != trained.centroids.shape or old_vocabulary != new_vocabulary:
+    if old_centroids.shape != trained.centroids.shape or old_vocabulary != vocabulary:
         return Retrained(
-            version, trained, True, None, None, "the segments or the catalog vocabulary changed"
+            0, trained, True, None, None, "the segments or the catalog vocabulary changed"
         )
     moved = centroid_shift(old_centroids, trained.centroids)
-    [(shares_moved,)] = conn.execute(
-        _AFFINITY_SHIFT_SQL, {"old": old_version, "new": version}
-    ).fetchall()
-    shift = f"centroids moved {moved:.4f}, product shares {shares_moved:.4f}"
-    if moved > tolerance or shares_moved > tolerance:
+    if moved > tolerance:
         return Retrained(
-            version, trained, True, moved, shares_moved, f"{shift} (tolerance {tolerance})"
+            0, trained, True, moved, None, f"centroids moved {moved:.4f} (tolerance {tolerance})"
         )
-    for table in VERSIONED_TABLES:
-        conn.execute(f"DELETE FROM {table} WHERE model_version = ?", [version])
+    params = {"model": model, "dimensions": dimensions, "version": 0,
+              "recency_days": settings.recency_days}  # fmt: skip
+    conn.execute(f"CREATE OR REPLACE TEMP TABLE candidate_affinity AS {_AFFINITY_SQL}", params)
+    try:
+        [(shares,)] = conn.execute(_AFFINITY_SHIFT_SQL, {"old": old_version}).fetchall()
+    finally:
+        conn.execute("DROP TABLE IF EXISTS candidate_affinity")
+    shift = f"centroids moved {moved:.4f}, product shares {shares:.4f}"
+    if shares > tolerance:
+        return Retrained(0, trained, True, moved, shares, f"{shift} (tolerance {tolerance})")
     return Retrained(
-        old_version, trained, False, moved, shares_moved,
+        old_version, trained, False, moved, shares,
         f"{shift}, within the tolerance {tolerance}: v{old_version} kept",
     )  # fmt: skip
 

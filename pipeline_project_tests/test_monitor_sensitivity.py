@@ -1,15 +1,11 @@
 """The seeded-anomaly benchmark's small version: the monitors for a wrong model catch it, and
-no normal batch alerts (benchmarks/monitor_sensitivity.py --small), on generated batches and on
-real ones (the extra `real-data`)."""
+no normal batch alerts (benchmarks/monitor_sensitivity.py --small), on generated batches (on
+real ones: test_monitor_sensitivity_real.py)."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
-
-from pipeline_project_tests.test_real_data import _real_data_installed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,21 +49,3 @@ def test_each_broken_output_publishes_nothing_and_alerts_and_normal_batches_stay
     _each_broken_output_caught_and_normal_batches_quiet(summary)
     # 3,000 rows evaluate fewer customers than the quality gate needs: not judged, never passed
     assert all(b["hit_rate"] is None for b in summary["batches"])
-
-
-@pytest.mark.slow
-def test_on_real_batches_each_broken_output_is_caught_and_the_real_batches_stay_quiet():
-    _real_data_installed()
-    # 100 households a batch: half a gzip holds about 40 lines and its cut one (200: 19, and
-    # the cut line alone broke the 5% error rate: a second alert on the truncated file)
-    summary = _small_run("--data", "real", "--households", "400")
-    _each_broken_output_caught_and_normal_batches_quiet(summary)
-    # the four real batches first, as converted; the quality gate says why it did not judge
-    assert [b["batch"] for b in summary["batches"][:4]] == [
-        f"d0{day}-normal-b{day}" for day in range(1, 5)
-    ]
-    assert all(
-        "fewer than" in b["not_judged"]["recommendation_hit_rate_beats_popularity"]
-        for b in summary["batches"]
-        if b["hit_rate"] is None and b["published"]
-    )

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.project_instance import project_instance  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +42,6 @@ def main() -> None:
     )
     from pipeline_project.core.erasure import customer_hash
     from pipeline_project.definitions import build_definitions
-    from pipeline_project.instance import INSTANCE_TEMPLATE
     from pipeline_project.resources import Warehouse
     from pipeline_project.sample_data import generate_batch, write_catalog
     from pipeline_project.settings import Settings
@@ -50,11 +50,8 @@ def main() -> None:
     batch_ids = [f"b{n:03d}" for n in range(1, args.batches + 1)]
     for n, batch_id in enumerate(batch_ids):
         generate_batch(root / "landing" / f"{batch_id}.jsonl", args.rows, 0.01, n + 1, catalog)
-    home = root / "dagster_home"
-    home.mkdir()
-    overrides = yaml.safe_load(INSTANCE_TEMPLATE.read_text())
     warehouse = Warehouse.from_settings(Settings.from_env().warehouse)
-    with dg.instance_for_test(temp_dir=str(home), overrides=overrides) as instance:
+    with project_instance(root) as instance:
         defs = build_definitions()
         assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
         instance.add_dynamic_partitions("batches", batch_ids)

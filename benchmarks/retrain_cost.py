@@ -28,10 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import dagster as dg
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.project_instance import project_instance  # noqa: E402
 
 WEEK = 7
 
@@ -57,7 +56,6 @@ def history(days: int, rows: int, backend: str) -> None:
     )
     from pipeline_project.core.publications import live_batches
     from pipeline_project.definitions import build_definitions
-    from pipeline_project.instance import INSTANCE_TEMPLATE
     from pipeline_project.resources import Warehouse
     from pipeline_project.sample_data import BatchSpec, generate_batch, write_catalog
     from pipeline_project.settings import Settings
@@ -72,11 +70,8 @@ def history(days: int, rows: int, backend: str) -> None:
         generate_batch(root / "landing" / f"{batch_id}.jsonl", rows, 0.01, n + 1, catalog,
                        population=population, returning=0.3, previous=previous)  # fmt: skip
         previous = BatchSpec(rows, 0.01, n + 1, population)
-    home = root / "dagster_home"
-    home.mkdir()
-    overrides = yaml.safe_load(INSTANCE_TEMPLATE.read_text())
     warehouse = Warehouse.from_settings(Settings.from_env().warehouse)
-    with dg.instance_for_test(temp_dir=str(home), overrides=overrides) as instance:
+    with project_instance(root) as instance:
         defs = build_definitions()
         assert defs.resolve_job_def("catalog_job").execute_in_process(instance=instance).success
         pipeline = defs.resolve_job_def("batch_pipeline_job")

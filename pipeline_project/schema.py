@@ -204,14 +204,14 @@ def _to_v4(conn: duckdb.DuckDBPyConnection) -> None:
     bought together (product_neighbours), learned with the model: the newest model of each
     embedding model learns them again from the customers it segmented (the other versions
     assign no batch any more)."""
-    from pipeline_project.core.segmentation import store_affinity
+    from pipeline_project.core.segmentation import VERSIONED_TABLES, store_affinity
 
     latest = conn.execute(
         f"SELECT embedding_model, max(model_version) FROM {SEGMENT_MODEL} GROUP BY ALL"
     ).fetchall()
+    learned = [table for table in VERSIONED_TABLES if table != SEGMENT_MODEL]
     for _, model_version in latest:
-        conn.execute("DELETE FROM segment_affinity WHERE model_version = ?", [model_version])
-        for table in ("product_neighbours", "product_factors", "tastes", "taste_shares"):
+        for table in learned:  # what store_affinity learns again; the centroids stay
             conn.execute(f"DELETE FROM {table} WHERE model_version = ?", [model_version])
         store_affinity(conn, model_version)
 

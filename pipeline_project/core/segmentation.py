@@ -447,7 +447,7 @@ def train_and_store(
 
 
 # The tables holding one segment model version's rows (the model, what its segments buy, the
-# products bought together, the tastes).
+# products bought together, the tastes): what a migration relearns (schema._to_v4).
 VERSIONED_TABLES = (
     "segment_model", "segment_affinity", "product_neighbours", "product_factors", "tastes",
     "taste_shares",

@@ -511,17 +511,23 @@ class Warehouse(DuckDBStore):
             )
             yield path
 
-    def _prepare(self, conn: duckdb.DuckDBPyConnection) -> None:
-        # Every connection in UTC: a timestamp without an offset is the same instant on any
-        # host (DuckDB takes the host's time zone otherwise).
+    def _prepare(self, conn: duckdb.DuckDBPyConnection, read_only: bool = False) -> bool:
+        """Every connection in UTC, on the current schema, with the raw view; whether it could
+        be prepared (a `read_only` one cannot migrate the file: False when it must be)."""
+        # UTC: a timestamp without an offset is the same instant on any host (DuckDB takes the
+        # host's time zone otherwise).
         conn.execute("SET TimeZone = 'UTC'")
         if not self.is_lakehouse:  # the lakehouse's schema is checked once per process
-            from pipeline_project.schema import ensure_schema
+            from pipeline_project.schema import SCHEMA_VERSION, ensure_schema, found_version
 
-            ensure_schema(conn, lakehouse=False, where=self.location)
-            self._ensure_raw_view(conn)
+            if not read_only:
+                ensure_schema(conn, lakehouse=False, where=self.location)
+            elif found_version(conn) != SCHEMA_VERSION:  # older: migrated; newer: refused
+                return False
+            self._ensure_raw_view(conn, read_only=read_only)
         if self._erasures_seen is None:
             self._erasures_seen = self._erasures(conn)
+        return True
 
     @contextmanager
     def read_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -548,8 +554,6 @@ class Warehouse(DuckDBStore):
         None when only a writer can open the warehouse (not a file, missing, to be migrated) or
         this process has it open read-write already (DuckDB refuses a second configuration of
         one file in a process)."""
-        from pipeline_project.schema import SCHEMA_VERSION, found_version
-
         path = self.database_file
         if path is None or not path.exists():
             return None
@@ -561,16 +565,13 @@ class Warehouse(DuckDBStore):
             raise
         try:
             with said_clearly(duckdb.Error, self.store_file_error):
-                conn.execute("SET TimeZone = 'UTC'")
-                if found_version(conn) != SCHEMA_VERSION:  # older: migrated; newer: refused
-                    conn.close()
-                    return None
-                self._ensure_raw_view(conn, read_only=True)
-                if self._erasures_seen is None:
-                    self._erasures_seen = self._erasures(conn)
+                prepared = self._prepare(conn, read_only=True)
         except BaseException:
             conn.close()
             raise
+        if not prepared:
+            conn.close()
+            return None
         return conn
 
     def _connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
